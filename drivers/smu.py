@@ -1,0 +1,120 @@
+"""Source-measure units used as single-channel battery cyclers."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+from drivers.errors import InstrumentError, ProtocolError
+from drivers.transport import Transport
+
+OVERFLOW = 9.9e37
+_ERROR_RE = re.compile(r'^\s*([+-]?\d+)\s*,\s*"([^"]*)"')
+MAX_QUEUED_ERRORS = 32
+
+
+@dataclass(frozen=True)
+class Reading:
+    """One simultaneous reading: terminal voltage and current (positive = into the cell)."""
+
+    voltage: float
+    current: float
+
+
+class Keithley2450:
+    """Keithley 2450 SourceMeter, native SCPI command set."""
+
+    model = "Keithley 2450"
+
+    def __init__(self, transport: Transport) -> None:
+        self._io = transport
+        self._source = "VOLT"
+
+    @property
+    def name(self) -> str:
+        return self._io.name
+
+    async def identify(self) -> str:
+        return await self._io.query("*IDN?")
+
+    async def setup(self) -> str:
+        """Make sure it speaks SCPI, clear its errors, open the output relay when off; return *IDN?."""
+        language = await self._io.query("*LANG?")
+        if language.strip().upper() != "SCPI":
+            raise InstrumentError(
+                self.name, [f"command set is {language!r}; switch the instrument to SCPI"], "*LANG?"
+            )
+        await self._io.write("*CLS")
+        await self._configure(":OUTP:CURR:SMOD HIMP;:OUTP:VOLT:SMOD HIMP;:SENS:VOLT:RSEN ON;:SENS:CURR:RSEN ON")
+        return await self.identify()
+
+    async def source_current(self, amps: float, *, voltage_limit: float) -> None:
+        """Source a constant current (positive = into the cell), clamped at voltage_limit."""
+        await self._configure(
+            f':SOUR:FUNC CURR;:SOUR:CURR:VLIM {voltage_limit:g};:SOUR:CURR {amps:g};:SENS:FUNC "VOLT"'
+        )
+        self._source = "CURR"
+
+    async def source_voltage(self, volts: float, *, current_limit: float) -> None:
+        """Source a constant voltage, the current clamped at ±current_limit."""
+        await self._configure(
+            f':SOUR:FUNC VOLT;:SOUR:VOLT:ILIM {current_limit:g};:SOUR:VOLT {volts:g};:SENS:FUNC "CURR"'
+        )
+        self._source = "VOLT"
+
+    async def output(self, on: bool) -> None:
+        await self._configure(f":OUTP {'ON' if on else 'OFF'}")
+
+    async def output_is_on(self) -> bool:
+        return self._parse_bool(":OUTP?", await self._io.query(":OUTP?"))
+
+    async def measure(self) -> Reading:
+        """The sense reading and the source readback, taken together."""
+        command = ':READ? "defbuffer1", READ, SOUR'
+        reply = await self._io.query(command)
+        values = self._parse_floats(command, reply, 2)
+        measured, sourced = values
+        if self._source == "CURR":
+            return Reading(voltage=measured, current=sourced)
+        return Reading(voltage=sourced, current=measured)
+
+    async def measure_voltage(self) -> float:
+        return self._parse_floats(":MEAS:VOLT?", await self._io.query(":MEAS:VOLT?"), 1)[0]
+
+    async def measure_current(self) -> float:
+        return self._parse_floats(":MEAS:CURR?", await self._io.query(":MEAS:CURR?"), 1)[0]
+
+    async def errors(self) -> list[str]:
+        """Drain the error queue; each entry as '<code>: <text>'."""
+        found: list[str] = []
+        for _ in range(MAX_QUEUED_ERRORS):
+            reply = await self._io.query(":SYST:ERR?")
+            m = _ERROR_RE.match(reply)
+            if not m:
+                raise ProtocolError(self.name, ":SYST:ERR?", reply, 'an error entry like 0,"No error"')
+            code, text = int(m.group(1)), m.group(2).split(";")[0]
+            if code == 0:
+                break
+            found.append(f"{code}: {text}")
+        return found
+
+    async def _configure(self, command: str) -> None:
+        await self._io.write(command)
+        if errors := await self.errors():
+            raise InstrumentError(self.name, errors, command)
+
+    def _parse_floats(self, command: str, reply: str, count: int) -> list[float]:
+        parts = reply.split(",")
+        try:
+            values = [float(p) for p in parts]
+        except ValueError:
+            values = []
+        if len(values) != count:
+            raise ProtocolError(self.name, command, reply, f"{count} comma-separated numbers")
+        return [math.nan if abs(v) >= OVERFLOW else v for v in values]
+
+    def _parse_bool(self, command: str, reply: str) -> bool:
+        if reply.strip() in ("0", "1"):
+            return reply.strip() == "1"
+        raise ProtocolError(self.name, command, reply, "0 or 1")

@@ -1,0 +1,320 @@
+"""Transports: a line-oriented, locked, resynchronising channel to one instrument.
+
+Made from a VISA resource string. ``TCPIP::host::port::SOCKET`` and ``ASRL<device>::INSTR``
+go through a native asyncio path by default (no thread, and fast-forwardable on the virtual
+clock); everything, those included with ``backend="visa"``, can go through pyvisa with the
+pyvisa-py backend, each session on its own worker thread because pyvisa blocks.
+
+Every transport holds one lock, so a command and its reply never interleave with another
+caller's. A query that times out leaves a reply owed; before the next exchange the transport
+waits (up to its timeout) for that late reply and discards it, then drops anything buffered, so
+a late answer never answers the next question.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+from abc import ABC, abstractmethod
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+from drivers.errors import ConnectionLost, InstrumentTimeout
+
+log = logging.getLogger(__name__)
+
+Backend = Literal["auto", "native", "visa"]
+
+
+class Transport(Protocol):
+    """What a driver needs from the wire."""
+
+    name: str
+    resource: str
+
+    async def write(self, command: str) -> None: ...
+
+    async def query(self, command: str) -> str: ...
+
+    async def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class Resource:
+    """A parsed VISA resource string."""
+
+    text: str
+    interface: str  # TCPIP, ASRL, GPIB, USB
+    host: str = ""
+    port: int = 0
+    device: str = ""
+    resource_class: str = "INSTR"
+
+    @property
+    def is_socket(self) -> bool:
+        return self.interface == "TCPIP" and self.resource_class == "SOCKET"
+
+
+_TCPIP_SOCKET = re.compile(r"^TCPIP\d*::([^:]+)::(\d+)::SOCKET$", re.IGNORECASE)
+_ASRL = re.compile(r"^ASRL(.+?)(?:::INSTR)?$", re.IGNORECASE)
+
+
+def parse_resource(text: str) -> Resource:
+    """Split a resource string into its parts; raise ValueError naming what is wrong."""
+    t = text.strip()
+    if m := _TCPIP_SOCKET.match(t):
+        return Resource(t, "TCPIP", host=m.group(1), port=int(m.group(2)), resource_class="SOCKET")
+    if m := _ASRL.match(t):
+        return Resource(t, "ASRL", device=m.group(1))
+    head = t.split("::", 1)[0].upper().rstrip("0123456789")
+    if head in ("TCPIP", "GPIB", "USB", "VXI", "PXI"):
+        return Resource(t, head, resource_class=t.rsplit("::", 1)[-1].upper())
+    raise ValueError(
+        f"{text!r} is not a VISA resource string (expected e.g. TCPIP::127.0.0.1::5025::SOCKET, "
+        "ASRL/dev/ttyUSB0::INSTR, GPIB0::24::INSTR)"
+    )
+
+
+def serial_device(device: str) -> str:
+    """The OS path of an ASRL device part: ``/dev/pts/7`` stays, ``3`` becomes COM3 / /dev/ttyS2."""
+    if device.startswith(("/", "COM", "com")):
+        return device
+    if device.isdigit():
+        import sys
+
+        return f"COM{device}" if sys.platform.startswith("win") else f"/dev/ttyS{int(device) - 1}"
+    return device
+
+
+class LineTransport(ABC):
+    """The lock, the timeout and the resynchronisation, shared by every wire."""
+
+    def __init__(
+        self,
+        name: str,
+        resource: str,
+        *,
+        timeout: float = 5.0,
+        read_termination: str = "\n",
+        write_termination: str = "\n",
+    ) -> None:
+        self.name = name
+        self.resource = resource
+        self.timeout = timeout
+        self.read_termination = read_termination.encode()
+        self.write_termination = write_termination.encode()
+        self._lock = asyncio.Lock()
+        self._owed = 0  # replies of timed-out queries that may still arrive
+
+    async def write(self, command: str) -> None:
+        async with self._lock:
+            await self._resync()
+            await self._send(command.encode("ascii") + self.write_termination)
+
+    async def query(self, command: str) -> str:
+        async with self._lock:
+            await self._resync()
+            await self._send(command.encode("ascii") + self.write_termination)
+            try:
+                line = await self._receive(self.timeout)
+            except TimeoutError:
+                self._owed += 1
+                raise InstrumentTimeout(self.name, command, self.timeout, self._partial()) from None
+            return line.decode("ascii", errors="replace").strip()
+
+    async def _resync(self) -> None:
+        while self._owed:
+            try:
+                late = await self._receive(self.timeout)
+            except TimeoutError:
+                log.warning("%s: a late reply never came; the session is taken as clear", self.name)
+                self._owed = 0
+                break
+            log.info("%s: discarded a late reply %r", self.name, late)
+            self._owed -= 1
+        if self._owed == 0:
+            await self._discard_buffered()
+
+    @abstractmethod
+    async def _send(self, data: bytes) -> None: ...
+
+    @abstractmethod
+    async def _receive(self, timeout: float) -> bytes:
+        """One reply without its terminator; TimeoutError when it does not complete in time."""
+
+    @abstractmethod
+    def _partial(self) -> bytes: ...
+
+    @abstractmethod
+    async def _discard_buffered(self) -> None: ...
+
+    @abstractmethod
+    async def close(self) -> None: ...
+
+    async def __aenter__(self) -> LineTransport:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+class StreamTransport(LineTransport):
+    """Native asyncio streams: a TCP socket or a serial line (pyserial-asyncio-fast)."""
+
+    def __init__(
+        self, name: str, resource: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, **kw: object
+    ) -> None:
+        super().__init__(name, resource, **kw)  # type: ignore[arg-type]
+        self._reader, self._writer = reader, writer
+        self._buf = bytearray()
+
+    async def _send(self, data: bytes) -> None:
+        try:
+            self._writer.write(data)
+            await self._writer.drain()
+        except (ConnectionError, OSError) as exc:
+            raise ConnectionLost(self.name, f"write failed: {exc}") from exc
+
+    async def _receive(self, timeout: float) -> bytes:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        term = self.read_termination
+        while (end := self._buf.find(term)) < 0:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise TimeoutError
+            try:
+                chunk = await asyncio.wait_for(self._reader.read(4096), remaining)
+            except (ConnectionError, OSError) as exc:
+                raise ConnectionLost(self.name, f"read failed: {exc}") from exc
+            if not chunk:
+                raise ConnectionLost(self.name, "the instrument closed the connection")
+            self._buf += chunk
+        line = bytes(self._buf[:end])
+        del self._buf[: end + len(term)]
+        return line
+
+    def _partial(self) -> bytes:
+        return bytes(self._buf)
+
+    async def _discard_buffered(self) -> None:
+        self._buf.clear()
+        await asyncio.sleep(0)  # let bytes that already arrived reach the stream's buffer
+        pending = len(getattr(self._reader, "_buffer", b""))  # what is there now is stale too
+        if pending:
+            await self._reader.read(pending)
+
+    async def close(self) -> None:
+        self._writer.close()
+        with contextlib.suppress(Exception):
+            await self._writer.wait_closed()
+
+
+class VisaTransport(LineTransport):
+    """pyvisa + pyvisa-py, the session confined to one worker thread."""
+
+    def __init__(self, name: str, resource: str, *, baud_rate: int | None = None, **kw: object) -> None:
+        super().__init__(name, resource, **kw)  # type: ignore[arg-type]
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"visa-{name}")
+        self._baud_rate = baud_rate
+        self._session: object | None = None
+
+    async def _call(self, fn: object, *args: object) -> object:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)  # type: ignore[arg-type]
+
+    async def open(self) -> VisaTransport:
+        import pyvisa
+
+        def _open() -> object:
+            rm = pyvisa.ResourceManager("@py")
+            kwargs: dict[str, object] = {
+                "read_termination": self.read_termination.decode(),
+                "write_termination": "",
+                "timeout": int(self.timeout * 1000),
+            }
+            if self._baud_rate:
+                kwargs["baud_rate"] = self._baud_rate
+            return rm.open_resource(self.resource, **kwargs)
+
+        try:
+            self._session = await self._call(_open)
+        except Exception as exc:
+            raise ConnectionLost(self.name, f"cannot open {self.resource}: {exc}") from exc
+        return self
+
+    async def _send(self, data: bytes) -> None:
+        try:
+            await self._call(self._session.write_raw, data)  # type: ignore[union-attr]
+        except Exception as exc:
+            raise ConnectionLost(self.name, f"write failed: {exc}") from exc
+
+    async def _receive(self, timeout: float) -> bytes:
+        import pyvisa
+
+        def _read() -> bytes:
+            session = self._session
+            session.timeout = max(1, int(timeout * 1000))  # type: ignore[union-attr]
+            return session.read_raw()  # type: ignore[union-attr]
+
+        try:
+            data = await self._call(_read)
+        except pyvisa.errors.VisaIOError as exc:
+            if exc.error_code == pyvisa.constants.StatusCode.error_timeout:
+                raise TimeoutError from exc
+            raise ConnectionLost(self.name, f"read failed: {exc}") from exc
+        assert isinstance(data, bytes)
+        return data.removesuffix(self.read_termination)
+
+    def _partial(self) -> bytes:
+        return b""
+
+    async def _discard_buffered(self) -> None:
+        with contextlib.suppress(TimeoutError, ConnectionLost):
+            while True:
+                await self._receive(0.02)
+
+    async def close(self) -> None:
+        if self._session is not None:
+            with contextlib.suppress(Exception):
+                await self._call(self._session.close)  # type: ignore[union-attr]
+            self._session = None
+        self._executor.shutdown(wait=False)
+
+
+async def open_transport(
+    resource: str,
+    *,
+    name: str | None = None,
+    timeout: float = 5.0,
+    read_termination: str = "\n",
+    write_termination: str = "\n",
+    backend: Backend = "auto",
+    baud_rate: int = 9600,
+) -> LineTransport:
+    """Open the wire named by a VISA resource string."""
+    res = parse_resource(resource)
+    label = name or resource
+    kw = {"timeout": timeout, "read_termination": read_termination, "write_termination": write_termination}
+    native = backend == "native" or (backend == "auto" and (res.is_socket or res.interface == "ASRL"))
+    if native and res.is_socket:
+        try:
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(res.host, res.port), timeout)
+        except (OSError, TimeoutError) as exc:
+            raise ConnectionLost(label, f"cannot connect to {res.host}:{res.port}: {exc}") from exc
+        return StreamTransport(label, resource, reader, writer, **kw)
+    if native and res.interface == "ASRL":
+        import serial_asyncio_fast
+
+        try:
+            reader, writer = await serial_asyncio_fast.open_serial_connection(
+                url=serial_device(res.device), baudrate=baud_rate
+            )
+        except Exception as exc:
+            raise ConnectionLost(label, f"cannot open serial port {res.device}: {exc}") from exc
+        return StreamTransport(label, resource, reader, writer, **kw)
+    if native:
+        raise ValueError(f"{resource}: no native transport for {res.interface}; use backend 'visa'")
+    return await VisaTransport(label, resource, baud_rate=baud_rate if res.interface == "ASRL" else None, **kw).open()

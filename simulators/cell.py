@@ -1,0 +1,188 @@
+"""Equivalent-circuit model of a sulfide solid-state cell with a lithium-metal anode.
+
+V = OCV(SOC, T) + I·R0 + V_rc, current positive on charge (the Battery Data Format's sign).
+R0 is the electrolyte (Arrhenius in T) plus contact (power law in stack pressure); the RC pair
+is the interfacial charge-transfer resistance of both electrodes (Arrhenius and pressure law)
+with the cathode double layer. Charge is counted coulombically; capacity fades with throughput,
+faster under low stack pressure; plating above the critical current density grows a dendrite
+that ends in an internal short. The model is deterministic: no randomness lives here.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from dataclasses import dataclass
+
+from simulators.parameters import (
+    DUDT_MV_PER_K,
+    DUDT_SOC,
+    OCV_SOC,
+    OCV_V,
+    PELLET,
+    CellParameters,
+)
+
+BOLTZMANN_EV = 8.617333262e-5
+KELVIN = 273.15
+# Beyond the tabulated window the OCV is continued steeply so over-charge and over-discharge
+# show as a voltage run-away rather than a flat line.
+OVERRUN_SLOPE_V = 10.0
+
+
+def interpolate(xs: tuple[float, ...], ys: tuple[float, ...], x: float) -> float:
+    """Piecewise-linear interpolation, clamped at the ends."""
+    if x <= xs[0]:
+        return ys[0]
+    if x >= xs[-1]:
+        return ys[-1]
+    k = bisect.bisect_right(xs, x)
+    x0, x1, y0, y1 = xs[k - 1], xs[k], ys[k - 1], ys[k]
+    return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+
+
+def arrhenius(ea_ev: float, temperature_k: float, t_ref_k: float) -> float:
+    """Factor by which a thermally activated resistance changes from t_ref to temperature."""
+    return math.exp(ea_ev / BOLTZMANN_EV * (1.0 / temperature_k - 1.0 / t_ref_k))
+
+
+@dataclass
+class CellState:
+    soc: float
+    v_rc: float = 0.0
+    capacity_ah: float = 0.0
+    throughput_ah: float = 0.0
+    dendrite_mah_cm2: float = 0.0
+    short_ohm: float | None = None
+    voltage: float = 0.0
+    current: float = 0.0
+
+
+class SolidStateCell:
+    """One simulated cell; its environment (temperature, stack pressure) is set from outside."""
+
+    def __init__(
+        self,
+        params: CellParameters = PELLET,
+        *,
+        soc: float = 0.0,
+        temperature_c: float = 25.0,
+        pressure_mpa: float | None = None,
+    ) -> None:
+        self.params = params
+        self.temperature_c = temperature_c
+        self.pressure_mpa = params.p_ref_mpa if pressure_mpa is None else pressure_mpa
+        self.state = CellState(soc=soc, capacity_ah=params.capacity_ah)
+        self.state.voltage = self.ocv()
+
+    # --- what the cell is ------------------------------------------------------------------
+    @property
+    def capacity_ah(self) -> float:
+        return self.state.capacity_ah
+
+    @property
+    def soc(self) -> float:
+        return self.state.soc
+
+    @property
+    def shorted(self) -> bool:
+        return self.state.short_ohm is not None
+
+    def ocv(self) -> float:
+        """Open-circuit voltage at the present SOC and temperature."""
+        soc = self.state.soc
+        v = interpolate(OCV_SOC, OCV_V, soc)
+        if soc < 0.0:
+            v += OVERRUN_SLOPE_V * soc
+        elif soc > 1.0:
+            v += OVERRUN_SLOPE_V * (soc - 1.0)
+        dudt = interpolate(DUDT_SOC, DUDT_MV_PER_K, soc) * 1e-3
+        return v + dudt * (self.temperature_c - (self.params.t_ref_k - KELVIN))
+
+    def _pressure_factor(self) -> float:
+        p = max(self.pressure_mpa, self.params.p_floor_mpa)
+        return (p / self.params.p_ref_mpa) ** self.params.pressure_exponent
+
+    def ohmic_resistance(self) -> float:
+        """Electrolyte plus contact resistance in ohms."""
+        p, t_k = self.params, self.temperature_c + KELVIN
+        r_se = p.r_se_ohm_cm2 * arrhenius(p.ea_se_ev, t_k, p.t_ref_k)
+        r_contact = p.r_contact_ohm_cm2 * self._pressure_factor()
+        return (r_se + r_contact) / p.area_cm2
+
+    def interfacial_resistance(self) -> float:
+        """Charge-transfer resistance of the cathode and lithium interfaces in ohms."""
+        p, t_k = self.params, self.temperature_c + KELVIN
+        r_cat = p.r_ct_cathode_ohm_cm2 * arrhenius(p.ea_ct_cathode_ev, t_k, p.t_ref_k)
+        r_li = p.r_ct_li_ohm_cm2 * arrhenius(p.ea_ct_li_ev, t_k, p.t_ref_k)
+        return (r_cat + r_li) * self._pressure_factor() / p.area_cm2
+
+    def dc_resistance(self) -> float:
+        """Steady-state resistance seen by a constant current."""
+        return self.ohmic_resistance() + self.interfacial_resistance()
+
+    def critical_current_density(self) -> float:
+        """Current density (mA/cm²) above which plating grows dendrites."""
+        p, t_k = self.params, self.temperature_c + KELVIN
+        pressure = min(max(self.pressure_mpa, 1.0), p.p_ref_mpa)
+        return p.ccd_ma_cm2 / arrhenius(p.ccd_ea_ev, t_k, p.t_ref_k) * pressure / p.p_ref_mpa
+
+    # --- dynamics --------------------------------------------------------------------------
+    def _rc_decay(self, dt: float) -> float:
+        r_ct = self.interfacial_resistance()
+        tau = r_ct * self.params.c_dl_f_cm2 * self.params.area_cm2
+        return math.exp(-dt / tau) if tau > 0 else 0.0
+
+    def thevenin(self, dt: float) -> tuple[float, float]:
+        """(E, R) such that the terminal voltage over the next dt is E + I·R for external current I."""
+        a = self._rc_decay(dt)
+        e = self.ocv() + self.state.v_rc * a
+        r = self.ohmic_resistance() + self.interfacial_resistance() * (1.0 - a)
+        if self.state.short_ohm is not None:
+            k = 1.0 + r / self.state.short_ohm
+            e, r = e / k, r / k
+        return e, r
+
+    def apply_current(self, current: float, dt: float) -> float:
+        """Pass an external current (A, + = charge) for dt seconds; return the terminal voltage."""
+        e, r = self.thevenin(dt)
+        voltage = e + current * r
+        internal = current
+        if self.state.short_ohm is not None:
+            internal -= voltage / self.state.short_ohm
+        a = self._rc_decay(dt)
+        st = self.state
+        st.v_rc = st.v_rc * a + internal * self.interfacial_resistance() * (1.0 - a)
+        ah = internal * dt / 3600.0
+        st.soc += ah / st.capacity_ah
+        self._age(abs(ah))
+        self._grow_dendrite(internal, dt)
+        st.voltage, st.current = voltage, current
+        return voltage
+
+    def _age(self, ah: float) -> float:
+        """Capacity loss with throughput: 20 % over cycles_to_80pct equivalent full cycles."""
+        p = self.params
+        per_ah = 0.1 / p.cycles_to_80pct  # an equivalent full cycle passes 2 × capacity
+        stress = max(1.0, self._pressure_factor())  # lost contact speeds fade
+        loss = per_ah * stress * ah
+        self.state.capacity_ah = max(self.state.capacity_ah - loss, 1e-3 * p.capacity_ah)
+        self.state.throughput_ah += ah
+        return loss
+
+    def _grow_dendrite(self, current: float, dt: float) -> None:
+        if current <= 0 or self.shorted:
+            return  # lithium plates on the anode while the cell charges
+        j = current * 1e3 / self.params.area_cm2
+        excess = j - self.critical_current_density()
+        if excess > 0:
+            self.state.dendrite_mah_cm2 += excess * dt / 3600.0
+            if self.state.dendrite_mah_cm2 >= self.params.dendrite_capacity_mah_cm2:
+                self.inject_short(self.params.short_ohm_cm2 / self.params.area_cm2)
+
+    def inject_short(self, resistance_ohm: float) -> None:
+        """A lithium filament bridges the electrolyte: an internal resistance across the cell."""
+        self.state.short_ohm = resistance_ohm
+
+    def rest(self, dt: float) -> float:
+        return self.apply_current(0.0, dt)

@@ -1,0 +1,104 @@
+"""Serve a simulated line-protocol instrument over a real transport (TCP on loopback).
+
+The server owns the wire; the instrument only turns a received line into a reply line.
+Faults that a real bench sees are injected here, where they happen on a real instrument:
+silence, slow replies, garbage, a dropped connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass
+from typing import Protocol
+
+log = logging.getLogger(__name__)
+
+
+class LineInstrument(Protocol):
+    """What a simulator offers the server: one reply (or none) per received line."""
+
+    name: str
+
+    def handle(self, line: str) -> str | None: ...
+
+
+@dataclass
+class Faults:
+    """Misbehaviour to inject; every field off means a healthy instrument."""
+
+    silent: bool = False  # swallow commands, never answer
+    delay: float = 0.0  # seconds before each reply
+    garbage: bool = False  # answer with bytes that are not the reply
+    drop: bool = False  # close the connection on the next line
+
+
+class SimServer:
+    """A running TCP server for one simulated instrument."""
+
+    def __init__(
+        self, instrument: LineInstrument, *, read_termination: bytes = b"\n", write_termination: bytes = b"\n"
+    ) -> None:
+        self.instrument = instrument
+        self.faults = Faults()
+        self._read_term = read_termination
+        self._write_term = write_termination
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+        self.host = "127.0.0.1"
+        self.port = 0
+
+    @property
+    def resource(self) -> str:
+        """The VISA resource string a client uses to reach this instrument."""
+        return f"TCPIP::{self.host}::{self.port}::SOCKET"
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> SimServer:
+        self._server = await asyncio.start_server(self._serve, host, port)
+        self.host, self.port = self._server.sockets[0].getsockname()[:2]
+        return self
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            for writer in list(self._writers):
+                writer.close()
+            with contextlib.suppress(Exception):
+                await self._server.wait_closed()
+            self._server = None
+
+    async def __aenter__(self) -> SimServer:
+        return self if self._server else await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def serve_forever(self) -> None:
+        assert self._server is not None
+        await self._server.serve_forever()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writers.add(writer)
+        try:
+            while True:
+                try:
+                    raw = await reader.readuntil(self._read_term)
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    return
+                line = raw[: -len(self._read_term)].decode("ascii", errors="replace").strip("\r\n")
+                if self.faults.drop:
+                    return
+                reply = self.instrument.handle(line)
+                if reply is None or self.faults.silent:
+                    continue
+                if self.faults.delay:
+                    await asyncio.sleep(self.faults.delay)
+                payload = b"\x8f\x00#garbage" if self.faults.garbage else reply.encode("ascii")
+                writer.write(payload + self._write_term)
+                await writer.drain()
+        except ConnectionError:
+            return
+        finally:
+            self._writers.discard(writer)
+            writer.close()
