@@ -1,0 +1,128 @@
+"""Read a profile file: YAML with line numbers, validated by the schema, errors as file:line: field: why."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+from ruamel.yaml import YAML
+from ruamel.yaml.comments import CommentedMap, CommentedSeq
+from ruamel.yaml.error import MarkedYAMLError
+
+from profiles.schema import Profile
+
+Path_ = tuple[str | int, ...]
+
+
+class ProfileError(ValueError):
+    """A profile that cannot run; each problem names its file, line and field."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+def load_yaml(text: str, source: str) -> tuple[Any, dict[Path_, int]]:
+    """Parse YAML into plain Python plus a map from each node's path to its 1-based line."""
+    try:
+        doc = YAML(typ="rt").load(text)
+    except MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark else 0
+        problem = exc.problem or exc.context or "invalid YAML"
+        raise ProfileError([f"{source}:{line}: YAML syntax: {problem}"]) from None
+    lines: dict[Path_, int] = {(): 1}
+    return _plain(doc, (), lines), lines
+
+
+def _plain(node: Any, path: Path_, lines: dict[Path_, int]) -> Any:
+    if isinstance(node, CommentedMap):
+        out = {}
+        for key, value in node.items():
+            line = node.lc.key(key)[0] + 1
+            lines[(*path, str(key))] = line
+            out[str(key)] = _plain(value, (*path, str(key)), lines)
+        return out
+    if isinstance(node, CommentedSeq):
+        items = []
+        for i, value in enumerate(node):
+            lines[(*path, i)] = node.lc.item(i)[0] + 1
+            items.append(_plain(value, (*path, i), lines))
+        return items
+    if isinstance(node, str):
+        return str(node)
+    return node
+
+
+def data_path(data: Any, loc: tuple[Any, ...]) -> Path_:
+    """The longest walk through the data that the error location spells (union tags skipped)."""
+    if not loc:
+        return ()
+    head, rest = loc[0], loc[1:]
+    best = data_path(data, rest)  # head may be a tag or a validator's name: skip it
+    child: Any = None
+    if isinstance(data, dict) and head in data:
+        child = data[head]
+    elif isinstance(data, list) and isinstance(head, int) and 0 <= head < len(data):
+        child = data[head]
+    else:
+        return best
+    inner = (head, *data_path(child, rest))
+    return inner if len(inner) >= len(best) else best
+
+
+def format_path(path: Path_) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def explain(exc: ValidationError, data: Any, lines: dict[Path_, int], source: str) -> list[str]:
+    """Turn pydantic's errors into 'file:line: field: message' lines, one per problem."""
+    problems = []
+    for err in exc.errors(include_url=False):
+        path = data_path(data, err["loc"])
+        line_path = path
+        key = (err.get("ctx") or {}).get("key")
+        if key is not None and (*path, key) in lines:
+            line_path = (*path, key)
+        line = lines.get(line_path) or _nearest_line(line_path, lines)
+        message = err["msg"]
+        if err["type"] == "missing":
+            missing = err["loc"][-1]
+            message = f"'{missing}' is required"
+        elif err["type"] == "extra_forbidden":
+            message = f"unknown key '{err['loc'][-1]}'"
+        elif message.startswith("Value error, "):
+            message = message.removeprefix("Value error, ")
+        problems.append(f"{source}:{line}: {format_path(path)}: {message}")
+    return sorted(set(problems), key=problems.index)
+
+
+def _nearest_line(path: Path_, lines: dict[Path_, int]) -> int:
+    while path and path not in lines:
+        path = path[:-1]
+    return lines.get(path, 1)
+
+
+def parse_profile(text: str, source: str = "<profile>") -> Profile:
+    """Validate profile text; raise ProfileError listing every problem with its line."""
+    data, lines = load_yaml(text, source)
+    if not isinstance(data, dict):
+        raise ProfileError([f"{source}:1: a profile is a mapping with at least 'name' and 'steps'"])
+    try:
+        return Profile.model_validate(data)
+    except ValidationError as exc:
+        raise ProfileError(explain(exc, data, lines, source)) from None
+
+
+def load_profile(path: str | Path) -> tuple[Profile, str]:
+    """Read and validate a profile file; return the profile and its text (recorded with the run)."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ProfileError([f"{p}: cannot read the profile: {exc.strerror}"]) from None
+    return parse_profile(text, p.name), text

@@ -1,0 +1,113 @@
+"""Quantities with units, as people write them in profiles: "4.3 V", "30 min", "350 uA", "C/20".
+
+pint does the unit arithmetic. A C-rate ("C/20", "0.5C", "2 C") is ours: in a battery profile
+a number followed by C is a rate against the cell's capacity, never coulombs.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from functools import cache
+from typing import Annotated, Any
+
+import pint
+from pydantic import BeforeValidator, PlainSerializer
+from pydantic_core import PydanticCustomError
+
+_C_RATE = re.compile(r"^\s*([+-])?\s*(?:(\d+(?:\.\d*)?|\.\d+)\s*)?C(?:\s*/\s*(\d+(?:\.\d*)?))?\s*$")
+
+
+@cache
+def registry() -> pint.UnitRegistry:
+    return pint.UnitRegistry(autoconvert_offset_to_baseunit=True)
+
+
+@dataclass(frozen=True)
+class CurrentSpec:
+    """A current as written: absolute amps, or a multiple of the cell's capacity per hour."""
+
+    amps: float | None = None
+    c_rate: float | None = None
+
+    def resolve(self, capacity_ah: float) -> float:
+        """The current in amps for a cell of the given capacity."""
+        if self.amps is not None:
+            return self.amps
+        assert self.c_rate is not None
+        return self.c_rate * capacity_ah
+
+    def __neg__(self) -> CurrentSpec:
+        return CurrentSpec(
+            None if self.amps is None else -self.amps, None if self.c_rate is None else -self.c_rate
+        )
+
+    def __abs__(self) -> CurrentSpec:
+        return CurrentSpec(
+            None if self.amps is None else abs(self.amps), None if self.c_rate is None else abs(self.c_rate)
+        )
+
+    def __str__(self) -> str:
+        if self.c_rate is not None:
+            return f"{self.c_rate:g}C"
+        return f"{self.amps:g} A"
+
+
+def parse_c_rate(text: str) -> float | None:
+    """The rate of "C/20", "0.5C", "-2C", or None when the text is not a C-rate."""
+    m = _C_RATE.match(text)
+    if not m or (m.group(2) is None and m.group(3) is None and text.strip().lstrip("+-").strip() != "C"):
+        return None
+    sign = -1.0 if m.group(1) == "-" else 1.0
+    value = float(m.group(2)) if m.group(2) else 1.0
+    if m.group(3):
+        value /= float(m.group(3))
+    return sign * value
+
+
+def to_si(value: Any, unit: str, what: str) -> float:
+    """Convert "4.3 V" (or a pint quantity) to a float in ``unit``; raise a message naming ``what``."""
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise PydanticCustomError("quantity", "{value!r} is not {what}", {"value": value, "what": what})
+    if isinstance(value, (int, float)):
+        raise PydanticCustomError(
+            "quantity_unit",
+            "{value} has no unit: {what} needs one, e.g. '{example}'",
+            {"value": value, "what": what.split(" (")[0], "example": f"{value} {unit}"},
+        )
+    try:
+        quantity = registry().Quantity(value.strip())
+        return float(quantity.to(unit).magnitude)
+    except (pint.errors.PintError, AttributeError, TypeError, ValueError, AssertionError):
+        raise PydanticCustomError("quantity", "'{value}' is not {what}", {"value": value, "what": what}) from None
+
+
+def kind_of(text: str) -> str | None:
+    """Which kind of quantity a string is: voltage, time, current, or None."""
+    if parse_c_rate(text) is not None:
+        return "current"
+    try:
+        quantity = registry().Quantity(text.strip())
+    except Exception:
+        return None
+    for kind, unit in (("voltage", "V"), ("time", "s"), ("current", "A")):
+        if quantity.check(registry().parse_units(unit).dimensionality):
+            return kind
+    return None
+
+
+def _current(value: Any) -> CurrentSpec:
+    if isinstance(value, CurrentSpec):
+        return value
+    if isinstance(value, str) and (rate := parse_c_rate(value)) is not None:
+        return CurrentSpec(c_rate=rate)
+    return CurrentSpec(amps=to_si(value, "A", "a current (e.g. '2 mA' or 'C/10')"))
+
+
+def _si(unit: str, what: str) -> BeforeValidator:
+    return BeforeValidator(lambda v: to_si(v, unit, what))
+
+
+Voltage = Annotated[float, _si("V", "a voltage (e.g. '4.3 V')")]
+Duration = Annotated[float, _si("s", "a duration (e.g. '30 min')")]
+Current = Annotated[CurrentSpec, BeforeValidator(_current), PlainSerializer(str)]
