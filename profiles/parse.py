@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.error import MarkedYAMLError
@@ -13,10 +13,11 @@ from ruamel.yaml.error import MarkedYAMLError
 from profiles.schema import Profile
 
 Path_ = tuple[str | int, ...]
+M = TypeVar("M", bound=BaseModel)
 
 
-class ProfileError(ValueError):
-    """A profile that cannot run; each problem names its file, line and field."""
+class InputError(ValueError):
+    """A profile or bench file that cannot be used; each problem names its file, line and field."""
 
     def __init__(self, problems: list[str]) -> None:
         self.problems = problems
@@ -31,7 +32,7 @@ def load_yaml(text: str, source: str) -> tuple[Any, dict[Path_, int]]:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark else 0
         problem = exc.problem or exc.context or "invalid YAML"
-        raise ProfileError([f"{source}:{line}: YAML syntax: {problem}"]) from None
+        raise InputError([f"{source}:{line}: YAML syntax: {problem}"]) from None
     lines: dict[Path_, int] = {(): 1}
     return _plain(doc, (), lines), lines
 
@@ -107,15 +108,20 @@ def _nearest_line(path: Path_, lines: dict[Path_, int]) -> int:
     return lines.get(path, 1)
 
 
-def parse_profile(text: str, source: str = "<profile>") -> Profile:
-    """Validate profile text; raise ProfileError listing every problem with its line."""
+def validate_yaml(text: str, source: str, model: type[M]) -> M:
+    """Parse YAML text into a pydantic model; raise InputError listing every problem with its line."""
     data, lines = load_yaml(text, source)
     if not isinstance(data, dict):
-        raise ProfileError([f"{source}:1: a profile is a mapping with at least 'name' and 'steps'"])
+        raise InputError([f"{source}:1: expected a mapping of keys to values at the top level"])
     try:
-        return Profile.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as exc:
-        raise ProfileError(explain(exc, data, lines, source)) from None
+        raise InputError(explain(exc, data, lines, source)) from None
+
+
+def parse_profile(text: str, source: str = "<profile>") -> Profile:
+    """Validate profile text; raise InputError listing every problem with its line."""
+    return validate_yaml(text, source, Profile)
 
 
 def load_profile(path: str | Path) -> tuple[Profile, str]:
@@ -124,5 +130,5 @@ def load_profile(path: str | Path) -> tuple[Profile, str]:
     try:
         text = p.read_text(encoding="utf-8")
     except OSError as exc:
-        raise ProfileError([f"{p}: cannot read the profile: {exc.strerror}"]) from None
+        raise InputError([f"{p}: cannot read the profile: {exc.strerror}"]) from None
     return parse_profile(text, p.name), text

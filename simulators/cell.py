@@ -27,7 +27,7 @@ BOLTZMANN_EV = 8.617333262e-5
 KELVIN = 273.15
 # Beyond the tabulated window the OCV is continued steeply so over-charge and over-discharge
 # show as a voltage run-away rather than a flat line.
-OVERRUN_SLOPE_V = 10.0
+OVERRUN_SLOPE_V = 100.0
 
 
 def interpolate(xs: tuple[float, ...], ys: tuple[float, ...], x: float) -> float:
@@ -73,6 +73,8 @@ class SolidStateCell:
         self.temperature_c = temperature_c
         self.pressure_mpa = params.p_ref_mpa if pressure_mpa is None else pressure_mpa
         self.state = CellState(soc=soc, capacity_ah=params.capacity_ah)
+        self._r_key: tuple[float, float] | None = None
+        self._r = (0.0, 0.0)
         self.state.voltage = self.ocv()
 
     # --- what the cell is ------------------------------------------------------------------
@@ -103,23 +105,30 @@ class SolidStateCell:
         p = max(self.pressure_mpa, self.params.p_floor_mpa)
         return (p / self.params.p_ref_mpa) ** self.params.pressure_exponent
 
+    def _resistances(self) -> tuple[float, float]:
+        """(ohmic, interfacial) in ohms, recomputed only when temperature or pressure change."""
+        key = (self.temperature_c, self.pressure_mpa)
+        if self._r_key != key:
+            p, t_k = self.params, self.temperature_c + KELVIN
+            r_se = p.r_se_ohm_cm2 * arrhenius(p.ea_se_ev, t_k, p.t_ref_k)
+            r_contact = p.r_contact_ohm_cm2 * self._pressure_factor()
+            r_cat = p.r_ct_cathode_ohm_cm2 * arrhenius(p.ea_ct_cathode_ev, t_k, p.t_ref_k)
+            r_li = p.r_ct_li_ohm_cm2 * arrhenius(p.ea_ct_li_ev, t_k, p.t_ref_k)
+            self._r = ((r_se + r_contact) / p.area_cm2, (r_cat + r_li) * self._pressure_factor() / p.area_cm2)
+            self._r_key = key
+        return self._r
+
     def ohmic_resistance(self) -> float:
         """Electrolyte plus contact resistance in ohms."""
-        p, t_k = self.params, self.temperature_c + KELVIN
-        r_se = p.r_se_ohm_cm2 * arrhenius(p.ea_se_ev, t_k, p.t_ref_k)
-        r_contact = p.r_contact_ohm_cm2 * self._pressure_factor()
-        return (r_se + r_contact) / p.area_cm2
+        return self._resistances()[0]
 
     def interfacial_resistance(self) -> float:
         """Charge-transfer resistance of the cathode and lithium interfaces in ohms."""
-        p, t_k = self.params, self.temperature_c + KELVIN
-        r_cat = p.r_ct_cathode_ohm_cm2 * arrhenius(p.ea_ct_cathode_ev, t_k, p.t_ref_k)
-        r_li = p.r_ct_li_ohm_cm2 * arrhenius(p.ea_ct_li_ev, t_k, p.t_ref_k)
-        return (r_cat + r_li) * self._pressure_factor() / p.area_cm2
+        return self._resistances()[1]
 
     def dc_resistance(self) -> float:
         """Steady-state resistance seen by a constant current."""
-        return self.ohmic_resistance() + self.interfacial_resistance()
+        return sum(self._resistances())
 
     def critical_current_density(self) -> float:
         """Current density (mA/cm²) above which plating grows dendrites."""
@@ -129,15 +138,15 @@ class SolidStateCell:
 
     # --- dynamics --------------------------------------------------------------------------
     def _rc_decay(self, dt: float) -> float:
-        r_ct = self.interfacial_resistance()
-        tau = r_ct * self.params.c_dl_f_cm2 * self.params.area_cm2
+        tau = self.interfacial_resistance() * self.params.c_dl_f_cm2 * self.params.area_cm2
         return math.exp(-dt / tau) if tau > 0 else 0.0
 
     def thevenin(self, dt: float) -> tuple[float, float]:
         """(E, R) such that the terminal voltage over the next dt is E + I·R for external current I."""
+        r0, r_ct = self._resistances()
         a = self._rc_decay(dt)
         e = self.ocv() + self.state.v_rc * a
-        r = self.ohmic_resistance() + self.interfacial_resistance() * (1.0 - a)
+        r = r0 + r_ct * (1.0 - a)
         if self.state.short_ohm is not None:
             k = 1.0 + r / self.state.short_ohm
             e, r = e / k, r / k

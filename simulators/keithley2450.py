@@ -16,7 +16,7 @@ from simulators.scpi import ScpiError, ScpiTree, Setting, format_number, unquote
 IDN = "KEITHLEY INSTRUMENTS,MODEL 2450,SIM0001,1.7.12b"
 MAX_CURRENT = 1.05
 MAX_VOLTAGE = 210.0
-MAX_SUBSTEP = 1.0  # s of cell time per integration step
+MAX_SUBSTEP = 5.0  # s of cell time per integration step (the RC settles in ms; SOC moves slowly)
 OVERFLOW = 9.9e37
 
 

@@ -1,0 +1,101 @@
+"""Bench configuration (bench.yaml): the instruments by resource string, the cells, and the channels binding them.
+
+    name: bench-a
+    instruments:
+      smu1: {driver: keithley2450, resource: "TCPIP::127.0.0.1::5025::SOCKET", timeout: 5 s}
+    cells:
+      pellet-01: {capacity: 3.5 mAh, voltage_min: 2.5 V, voltage_max: 4.3 V, area: 1 cm^2}
+    channels:
+      ch1: {cycler: smu1, cell: pellet-01}
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, ClassVar, Literal
+
+from pydantic import BeforeValidator, Field, model_validator
+from pydantic_core import PydanticCustomError
+
+from profiles.parse import InputError, validate_yaml
+from profiles.schema import Strict
+from profiles.units import Duration, Voltage, to_si
+
+Capacity = Annotated[float, BeforeValidator(lambda v: to_si(v, "A*h", "a capacity (e.g. '3.5 mAh')"))]
+Area = Annotated[float, BeforeValidator(lambda v: to_si(v, "cm**2", "an area (e.g. '1 cm^2')"))]
+Length = Annotated[float, BeforeValidator(lambda v: to_si(v, "mm", "a length (e.g. '10 mm')"))]
+
+DRIVERS = ("keithley2450",)
+
+
+class CellConfig(Strict):
+    """The cell on a channel: what the profile's C-rates and the safety limits refer to."""
+
+    what: ClassVar[str] = "cell key"
+    chemistry: str = "NMC811 | Li6PS5Cl | Li metal"
+    capacity: Capacity = Field(description="nominal capacity in Ah")
+    voltage_min: Voltage
+    voltage_max: Voltage
+    area: Area = 1.0
+    dimensions: tuple[Length, Length, Length] | None = None
+
+    @property
+    def volume_cm3(self) -> float | None:
+        if self.dimensions is None:
+            return None
+        x, y, z = self.dimensions
+        return x * y * z / 1000.0
+
+    @model_validator(mode="after")
+    def _window(self) -> CellConfig:
+        if self.voltage_min >= self.voltage_max:
+            raise PydanticCustomError("window", "voltage_min must be below voltage_max", {})
+        return self
+
+
+class InstrumentConfig(Strict):
+    what: ClassVar[str] = "instrument key"
+    driver: Literal["keithley2450"]
+    resource: str
+    backend: Literal["auto", "native", "visa"] = "auto"
+    timeout: Duration = 5.0
+
+
+class ChannelConfig(Strict):
+    what: ClassVar[str] = "channel key"
+    cycler: str
+    cell: str
+
+
+class BenchConfig(Strict):
+    what: ClassVar[str] = "bench key"
+    name: str = "bench"
+    instruments: dict[str, InstrumentConfig]
+    cells: dict[str, CellConfig]
+    channels: dict[str, ChannelConfig] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _references(self) -> BenchConfig:
+        for name, ch in self.channels.items():
+            if ch.cycler not in self.instruments:
+                raise PydanticCustomError(
+                    "reference",
+                    "channel '{ch}' names cycler '{ref}', which is not among the instruments ({known})",
+                    {"ch": name, "ref": ch.cycler, "known": ", ".join(self.instruments) or "none"},
+                )
+            if ch.cell not in self.cells:
+                raise PydanticCustomError(
+                    "reference",
+                    "channel '{ch}' names cell '{ref}', which is not among the cells ({known})",
+                    {"ch": name, "ref": ch.cell, "known": ", ".join(self.cells) or "none"},
+                )
+        return self
+
+
+def load_bench(path: str | Path) -> BenchConfig:
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise InputError([f"{p}: cannot read the bench file: {exc.strerror}"]) from None
+    return validate_yaml(text, p.name, BenchConfig)
