@@ -182,7 +182,9 @@ def _known_step(value: Any) -> Any:
     if isinstance(value, dict) and step_kind(value) is None:
         keys = ", ".join(f"'{k}'" for k in value) or "nothing"
         raise PydanticCustomError(
-            "step", "unknown step {keys} (expected one of: {expected})", {"keys": keys, "expected": ", ".join(STEP_KINDS)}
+            "step",
+            "unknown step {keys} (expected one of: {expected})",
+            {"keys": keys, "expected": ", ".join(STEP_KINDS)},
         )
     if not isinstance(value, (dict, BaseModel)):
         raise PydanticCustomError(
