@@ -34,6 +34,7 @@ from profiles.schema import (
 log = logging.getLogger(__name__)
 
 VOLTAGE_TOLERANCE = 1e-3  # V: a reading this close to a voltage limit counts as reaching it
+MIN_INTERVAL = 1.0  # s: the shortest sample interval when closing in on a voltage limit
 SAFE_MARGIN_LOW, SAFE_MARGIN_HIGH = 0.2, 0.1  # V outside the cell's window that stop the run
 
 
@@ -204,6 +205,7 @@ class Engine:
         await cycler.output(True)
 
         previous: tuple[float, Reading] | None = None
+        previous_for_slope: tuple[float, Reading] | None = None
         next_sample = step_start
         deadline = step_start + ctl.until_time if ctl.until_time is not None else math.inf
         while True:
@@ -219,7 +221,25 @@ class Engine:
             if reason:
                 self.store.step_ended(self._step_count, now - self._start, reason)
                 return
-            next_sample = now + self.profile.sample_period
+            next_sample = now + self._next_interval(ctl, reading, previous_for_slope, now)
+            previous_for_slope = (now, reading)
+
+    def _next_interval(
+        self, ctl: _Control, r: Reading, before: tuple[float, Reading] | None, now: float
+    ) -> float:
+        """The sample period, shortened while the voltage closes in on a voltage limit.
+
+        The interval halves towards the crossing the last two samples predict (never below
+        MIN_INTERVAL), so a steep end-of-discharge knee is caught within a second, not a period.
+        """
+        period = self.profile.sample_period
+        if ctl.until_voltage is None or before is None or now <= before[0]:
+            return period
+        slope = (r.voltage - before[1].voltage) / (now - before[0])
+        gap = ctl.until_voltage - r.voltage
+        if slope == 0 or gap / slope <= 0:
+            return period
+        return min(period, max(MIN_INTERVAL, gap / slope / 2))
 
     def _cv_charges(self, volts: float) -> bool:
         return self._last is not None and volts > self._last.voltage

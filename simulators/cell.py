@@ -52,6 +52,8 @@ class CellState:
     v_rc: float = 0.0
     capacity_ah: float = 0.0
     throughput_ah: float = 0.0
+    charged_ah: float = 0.0  # external charge passed in, the model's own coulomb count
+    discharged_ah: float = 0.0  # external charge taken out
     dendrite_mah_cm2: float = 0.0
     short_ohm: float | None = None
     voltage: float = 0.0
@@ -99,7 +101,8 @@ class SolidStateCell:
         elif soc > 1.0:
             v += OVERRUN_SLOPE_V * (soc - 1.0)
         dudt = interpolate(DUDT_SOC, DUDT_MV_PER_K, soc) * 1e-3
-        return v + dudt * (self.temperature_c - (self.params.t_ref_k - KELVIN))
+        v += dudt * (self.temperature_c - (self.params.t_ref_k - KELVIN))
+        return max(v, 0.0)  # an emptied (or shorted) cell sits at 0 V; it does not reverse
 
     def _pressure_factor(self) -> float:
         p = max(self.pressure_mpa, self.params.p_floor_mpa)
@@ -166,6 +169,10 @@ class SolidStateCell:
         st.soc += ah / st.capacity_ah
         self._age(abs(ah))
         self._grow_dendrite(internal, dt)
+        if current > 0:
+            st.charged_ah += current * dt / 3600.0
+        else:
+            st.discharged_ah -= current * dt / 3600.0
         st.voltage, st.current = voltage, current
         return voltage
 

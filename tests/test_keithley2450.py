@@ -1,0 +1,108 @@
+"""The 2450 driver: exact wire traffic against a script, and real behaviour over real wires."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from drivers.errors import InstrumentError, ProtocolError
+from drivers.smu import Keithley2450
+from drivers.transport import open_transport
+from simulators.server import SimServer
+from tests.conftest import scripted
+
+NO_ERROR = '0,"No error;0;0 0"'
+
+
+async def test_source_current_arms_the_voltage_limit_before_the_level() -> None:
+    async with scripted(
+        (':SOUR:FUNC CURR;:SOUR:CURR:VLIM 4.3;:SOUR:CURR 0.001;:SENS:FUNC "VOLT"', None),
+        (":SYST:ERR?", NO_ERROR),
+    ) as io:
+        await Keithley2450(io).source_current(0.001, voltage_limit=4.3)
+
+
+async def test_source_voltage_arms_the_current_limit_before_the_level() -> None:
+    async with scripted(
+        (':SOUR:FUNC VOLT;:SOUR:VOLT:ILIM 0.0005;:SOUR:VOLT 4.2;:SENS:FUNC "CURR"', None),
+        (":SYST:ERR?", NO_ERROR),
+    ) as io:
+        await Keithley2450(io).source_voltage(4.2, current_limit=5e-4)
+
+
+async def test_configuring_raises_the_instruments_own_error_text() -> None:
+    async with scripted(
+        (":OUTP ON", None),
+        (":SYST:ERR?", '-222,"Data out of range;1;2026/01/01 00:00:00.000"'),
+        (":SYST:ERR?", NO_ERROR),
+    ) as io:
+        with pytest.raises(InstrumentError, match="-222: Data out of range") as info:
+            await Keithley2450(io).output(True)
+    assert info.value.command == ":OUTP ON"
+
+
+async def test_setup_refuses_an_instrument_in_tsp_mode() -> None:
+    async with scripted(("*LANG?", "TSP")) as io:
+        with pytest.raises(InstrumentError, match="switch the instrument to SCPI"):
+            await Keithley2450(io).setup()
+
+
+async def test_a_reading_that_does_not_parse_names_the_reply() -> None:
+    async with scripted((':READ? "defbuffer1", READ, SOUR', "3.9,oops")) as io:
+        with pytest.raises(ProtocolError, match="3.9,oops"):
+            await Keithley2450(io).measure()
+
+
+@pytest.mark.parametrize("backend", ["native", "visa"])
+async def test_cc_charge_over_the_wire_turns_into_cv_at_the_voltage_limit(
+    smu_sim: SimServer, backend: str
+) -> None:
+    io = await open_transport(smu_sim.resource, name="smu", timeout=2.0, backend=backend)
+    smu = Keithley2450(io)
+    try:
+        assert (await smu.setup()).startswith("KEITHLEY INSTRUMENTS,MODEL 2450,")
+        cell = smu_sim.instrument.cell  # type: ignore[attr-defined]
+        ocv = cell.ocv()
+        # 1 mA into the half-charged pellet: V = OCV + I·R, well below the limit
+        await smu.source_current(1e-3, voltage_limit=4.3)
+        await smu.output(True)
+        await asyncio.sleep(0.2)  # the interfacial RC (20 ms) settles
+        r = await smu.measure()
+        assert r.current == pytest.approx(1e-3)
+        assert r.voltage == pytest.approx(ocv + 1e-3 * cell.dc_resistance(), abs=2e-3)
+        # a voltage limit just above OCV: the source stops at it and the current falls
+        await smu.source_current(1e-3, voltage_limit=round(ocv + 0.02, 3))
+        await asyncio.sleep(0.2)  # the interfacial RC (20 ms) settles
+        r = await smu.measure()
+        assert r.voltage == pytest.approx(round(ocv + 0.02, 3), abs=1e-6)
+        assert 0 < r.current < 1e-3
+        assert await io.query(":SOUR:CURR:VLIM:TRIP?") == "1"
+        await smu.output(False)
+        assert not await smu.output_is_on()
+    finally:
+        await io.close()
+
+
+async def test_voltage_source_stops_at_its_current_limit(smu_sim: SimServer) -> None:
+    io = await open_transport(smu_sim.resource, name="smu", timeout=2.0)
+    smu = Keithley2450(io)
+    try:
+        await smu.setup()
+        await smu.source_voltage(2.8, current_limit=2e-4)  # far below OCV: would sink a lot
+        await smu.output(True)
+        await asyncio.sleep(0.2)  # the interfacial RC (20 ms) settles
+        r = await smu.measure()
+        assert r.current == pytest.approx(-2e-4)
+        assert r.voltage > 2.8
+        assert await smu.measure_current() == pytest.approx(-2e-4)
+    finally:
+        await io.close()
+
+
+async def test_a_raw_socket_client_gets_scpi_replies(smu_sim: SimServer) -> None:
+    reader, writer = await asyncio.open_connection(smu_sim.host, smu_sim.port)
+    writer.write(b"*idn?;:syst:err?\n")
+    line = await asyncio.wait_for(reader.readline(), 2)
+    writer.close()
+    assert line.decode().strip() == 'KEITHLEY INSTRUMENTS,MODEL 2450,SIM0001,1.7.12b;0,"No error;0;0 0"'
