@@ -188,6 +188,8 @@ class StreamTransport(LineTransport):
                 raise TimeoutError
             try:
                 chunk = await asyncio.wait_for(self._reader.read(4096), remaining)
+            except TimeoutError:  # (a subclass of OSError: it must be let through first)
+                raise
             except (ConnectionError, OSError) as exc:
                 raise ConnectionLost(self.name, f"read failed: {exc}") from exc
             if not chunk:

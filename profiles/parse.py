@@ -77,7 +77,7 @@ def format_path(path: Path_) -> str:
     out = ""
     for part in path:
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out or "(top level)"
+    return out
 
 
 def explain(exc: ValidationError, data: Any, lines: dict[Path_, int], source: str) -> list[str]:
@@ -98,7 +98,8 @@ def explain(exc: ValidationError, data: Any, lines: dict[Path_, int], source: st
             message = f"unknown key '{err['loc'][-1]}'"
         elif message.startswith("Value error, "):
             message = message.removeprefix("Value error, ")
-        problems.append(f"{source}:{line}: {format_path(path)}: {message}")
+        where = f"{format_path(path)}: " if path else ""
+        problems.append(f"{source}:{line}: {where}{message}")
     return sorted(set(problems), key=problems.index)
 
 

@@ -46,6 +46,7 @@ class SimServer:
         self._write_term = write_termination
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
+        self._handlers: set[asyncio.Task[None]] = set()
         self.host = "127.0.0.1"
         self.port = 0
 
@@ -64,6 +65,9 @@ class SimServer:
             self._server.close()
             for writer in list(self._writers):
                 writer.close()
+            for task in list(self._handlers):
+                task.cancel()
+            await asyncio.gather(*self._handlers, return_exceptions=True)
             with contextlib.suppress(Exception):
                 await self._server.wait_closed()
             self._server = None
@@ -80,6 +84,9 @@ class SimServer:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._writers.add(writer)
+        task = asyncio.current_task()
+        if task is not None:
+            self._handlers.add(task)
         try:
             while True:
                 try:
@@ -97,8 +104,9 @@ class SimServer:
                 payload = b"\x8f\x00#garbage" if self.faults.garbage else reply.encode("ascii")
                 writer.write(payload + self._write_term)
                 await writer.drain()
-        except ConnectionError:
+        except (ConnectionError, asyncio.CancelledError):
             return
         finally:
+            self._handlers.discard(task)  # type: ignore[arg-type]
             self._writers.discard(writer)
             writer.close()

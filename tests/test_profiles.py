@@ -1,0 +1,131 @@
+"""The profile language: what reads aloud parses, and every mistake is named with file, line and field."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from bench.cli import app
+from profiles.library import library_names, library_path
+from profiles.parse import InputError, load_profile, parse_profile
+from profiles.schema import ChargeStep, DischargeStep, HoldStep, RepeatStep, RestStep
+
+
+def problems(text: str, name: str = "cycle.yaml") -> list[str]:
+    with pytest.raises(InputError) as info:
+        parse_profile(textwrap.dedent(text), name)
+    return info.value.problems
+
+
+def test_a_profile_that_reads_aloud_parses_into_steps() -> None:
+    profile = parse_profile(
+        textwrap.dedent(
+            """\
+            name: formation
+            sample_period: 10 s
+            steps:
+              - rest: 30 min
+              - charge: {current: C/20, until: 4.3 V}
+              - hold: {voltage: 4.3 V, until: C/50}
+              - repeat: 2
+                steps:
+                  - discharge: {current: 350 uA, until: [2.5 V, 12 h]}
+                  - cc: {current: -C/10, until: {voltage: 2.5 V}}
+            """
+        )
+    )
+    rest, charge, hold, loop = profile.steps
+    assert isinstance(rest, RestStep) and rest.rest == 1800
+    assert isinstance(charge, ChargeStep) and charge.current().resolve(3.5e-3) == pytest.approx(1.75e-4)
+    assert charge.cc.until.voltage == 4.3
+    assert isinstance(hold, HoldStep) and hold.cv.until.current.c_rate == pytest.approx(0.02)
+    assert isinstance(loop, RepeatStep) and loop.repeat == 2
+    discharge = loop.steps[0]
+    assert isinstance(discharge, DischargeStep)
+    assert discharge.current().resolve(1.0) == pytest.approx(-350e-6)  # discharge is negative current
+    assert (discharge.cc.until.voltage, discharge.cc.until.time) == (2.5, 43200)
+    assert loop.steps[1].current().c_rate == pytest.approx(-0.1)
+    assert profile.sample_period == 10
+    assert profile.executed_step_count() == 3 + 2 * 2
+
+
+def test_an_unknown_limit_is_named_with_its_line_and_the_known_ones() -> None:
+    assert problems(
+        """\
+        name: x
+        steps:
+          - rest: 1 h
+          - charge: {current: C/20, until: 4.3 V}
+          - hold: {voltage: 4.3 V, until: C/50}
+          - cc:
+              current: 1 mA
+              until: {volt: 4.2 V}
+        """
+    ) == ["cycle.yaml:8: steps[3].cc.until: unknown limit 'volt' (expected one of: voltage, time)"]
+
+
+def test_every_problem_is_reported_not_just_the_first() -> None:
+    found = problems(
+        """\
+        name: x
+        steps:
+          - rset: 1 h
+          - rest: 1
+          - charge: {current: 4 parsecs, until: 4.3 V}
+          - hold: {voltage: 4.3 V}
+          - cv: {voltage: 4.2 V, until: 3 V}
+        """
+    )
+    assert found == [
+        "cycle.yaml:3: steps[0]: unknown step 'rset' (expected one of: charge, discharge, hold, rest, cc, cv, repeat)",
+        "cycle.yaml:4: steps[1].rest: 1 has no unit: a duration needs one, e.g. '1 s'",
+        "cycle.yaml:5: steps[2].charge.current: '4 parsecs' is not a current (e.g. '2 mA' or 'C/10')",
+        "cycle.yaml:6: steps[3].hold: 'until' is required",
+        "cycle.yaml:7: steps[4].cv.until: '3 V' is a voltage limit, which this step cannot end on "
+        "(expected one of: current, time)",
+    ]
+
+
+def test_unknown_top_level_keys_and_missing_steps() -> None:
+    assert problems("name: x\nstep:\n  - rest: 1 h\n") == [
+        "cycle.yaml:2: unknown profile key 'step' (expected one of: name, description, cell, "
+        "sample_period, steps, format)"
+    ]
+    assert problems("name: x\n") == ["cycle.yaml:1: steps: 'steps' is required"]
+
+
+def test_a_repeat_needs_a_positive_count() -> None:
+    found = problems("name: x\nsteps:\n  - repeat: 0\n    steps:\n      - rest: 1 h\n")
+    assert found == ["cycle.yaml:3: steps[0].repeat: Input should be greater than or equal to 1"]
+
+
+def test_yaml_syntax_errors_point_at_the_line() -> None:
+    assert problems("name: x\nsteps:\n  - rest: [1 h\n  - rest: 2 h\n")[0].startswith("cycle.yaml:4: YAML syntax:")
+
+
+def test_a_missing_file_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="cannot read the profile"):
+        load_profile(tmp_path / "nope.yaml")
+
+
+def test_every_library_profile_is_valid() -> None:
+    assert "formation-and-cycling" in library_names()
+    for name in library_names():
+        profile, text = load_profile(library_path(name))
+        assert profile.name and text
+
+
+def test_cellbench_validate_prints_the_steps_or_the_errors_without_a_traceback(tmp_path: Path) -> None:
+    runner = CliRunner()
+    ok = runner.invoke(app, ["validate", str(library_path("formation-and-cycling"))])
+    assert ok.exit_code == 0, ok.output
+    assert "repeat × 3" in ok.output and "valid" in ok.output
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nsteps:\n  - charge: {current: C/20, until: {volt: 4.2 V}}\n")
+    result = runner.invoke(app, ["validate", str(bad)])
+    assert result.exit_code == 2
+    assert "bad.yaml:3: steps[0].charge.until: unknown limit 'volt'" in result.output.replace("\n", "")
+    assert "Traceback" not in result.output

@@ -1,0 +1,101 @@
+"""Transports under the faults a bench meets: silence, late replies, garbage, drops, concurrent callers."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from drivers.errors import ConnectionLost, InstrumentTimeout, ProtocolError
+from drivers.smu import Keithley2450
+from drivers.transport import open_transport, parse_resource
+from simulators.server import SimServer
+
+
+def test_resource_strings_parse_into_their_parts() -> None:
+    r = parse_resource("TCPIP0::127.0.0.1::5025::SOCKET")
+    assert (r.interface, r.host, r.port, r.is_socket) == ("TCPIP", "127.0.0.1", 5025, True)
+    assert parse_resource("ASRL/dev/pts/7::INSTR").device == "/dev/pts/7"
+    assert parse_resource("GPIB0::24::INSTR").interface == "GPIB"
+    with pytest.raises(ValueError, match="not a VISA resource string"):
+        parse_resource("http://example")
+
+
+@pytest.mark.parametrize("backend", ["native", "visa"])
+async def test_an_instrument_that_stops_answering_raises_a_timeout_naming_it_and_the_command(
+    smu_sim: SimServer, backend: str
+) -> None:
+    io = await open_transport(smu_sim.resource, name="cycler-3", timeout=0.3, backend=backend)
+    try:
+        assert "2450" in await io.query("*IDN?")
+        smu_sim.faults.silent = True
+        with pytest.raises(InstrumentTimeout) as info:
+            await io.query(":MEAS:VOLT?")
+        message = str(info.value)
+        assert "cycler-3" in message and ":MEAS:VOLT?" in message and "got nothing" in message
+        smu_sim.faults.silent = False
+        assert "2450" in await io.query("*IDN?")  # and the session still works after
+    finally:
+        await io.close()
+
+
+@pytest.mark.parametrize("backend", ["native", "visa"])
+async def test_a_late_reply_never_answers_the_next_query(smu_sim: SimServer, backend: str) -> None:
+    io = await open_transport(smu_sim.resource, name="smu", timeout=0.3, backend=backend)
+    try:
+        smu_sim.faults.delay = 0.5
+        with pytest.raises(InstrumentTimeout):
+            await io.query("*IDN?")  # its reply arrives 0.2 s after we gave up on it
+        smu_sim.faults.delay = 0.0
+        assert await io.query(":SOUR:FUNC?") == "VOLT"
+        assert await io.query("*OPC?") == "1"
+    finally:
+        await io.close()
+
+
+async def test_garbage_is_a_protocol_error_with_the_offending_line(smu_sim: SimServer) -> None:
+    io = await open_transport(smu_sim.resource, name="smu", timeout=0.5)
+    try:
+        smu_sim.faults.garbage = True
+        with pytest.raises(ProtocolError, match="garbage"):
+            await Keithley2450(io).measure()
+    finally:
+        await io.close()
+
+
+async def test_a_dropped_connection_is_reported_as_lost(smu_sim: SimServer) -> None:
+    io = await open_transport(smu_sim.resource, name="smu", timeout=0.5)
+    try:
+        smu_sim.faults.drop = True
+        with pytest.raises(ConnectionLost, match="closed the connection"):
+            await io.query("*IDN?")
+    finally:
+        await io.close()
+
+
+async def test_nobody_listening_is_reported_with_the_address() -> None:
+    server = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    server.close()
+    await server.wait_closed()
+    with pytest.raises(ConnectionLost, match=f"127.0.0.1:{port}"):
+        await open_transport(f"TCPIP::127.0.0.1::{port}::SOCKET", timeout=0.5)
+
+
+async def test_concurrent_callers_never_get_each_others_replies(smu_sim: SimServer) -> None:
+    io = await open_transport(smu_sim.resource, name="smu", timeout=2.0)
+    try:
+        await io.write(":SOUR:CURR:VLIM 4.2")
+
+        async def ask(command: str, expected: str) -> None:
+            for _ in range(20):
+                assert await io.query(command) == expected
+
+        await asyncio.gather(
+            ask("*IDN?", smu_sim.instrument.idn),  # type: ignore[attr-defined]
+            ask(":SOUR:CURR:VLIM?", "4.200000E+00"),
+            ask("*OPC?", "1"),
+            ask(":SYST:ERR?", '0,"No error;0;0 0"'),
+        )
+    finally:
+        await io.close()
