@@ -94,7 +94,7 @@ def test_unknown_top_level_keys_and_missing_steps() -> None:
         "cycle.yaml:2: unknown profile key 'step' (expected one of: name, description, cell, "
         "sample_period, steps, format)"
     ]
-    assert problems("name: x\n") == ["cycle.yaml:1: steps: 'steps' is required"]
+    assert problems("name: x\n") == ["cycle.yaml:1: 'steps' is required"]
 
 
 def test_a_repeat_needs_a_positive_count() -> None:
