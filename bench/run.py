@@ -110,6 +110,63 @@ def cell_config(params: CellParameters) -> CellConfig:
     )
 
 
+class SimulatedBench:
+    """A bench of simulated instruments: a 2450 simulator on loopback TCP with a simulated cell.
+
+    Everything goes through the real wire, so the run is the same code path as on real hardware.
+    """
+
+    def __init__(
+        self, params: CellParameters = PELLET, *, initial_soc: float = 0.0, seed: int = 0, noise: bool = True
+    ) -> None:
+        self.params = params
+        self.initial_soc = initial_soc
+        self.seed = seed
+        self.cell = SolidStateCell(params, soc=initial_soc)
+        self.noise = noise
+        self.sim: Keithley2450Sim | None = None
+        self.server: SimServer | None = None
+
+    async def __aenter__(self) -> SimulatedBench:
+        loop = asyncio.get_running_loop()
+        self.sim = Keithley2450Sim(
+            self.cell, loop.time, noise_v=20e-6 if self.noise else 0.0, noise_i=2e-9 if self.noise else 0.0,
+            seed=self.seed,
+        )
+        self.server = await SimServer(self.sim).start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self.server is not None:
+            await self.server.close()
+
+    @property
+    def config(self) -> BenchConfig:
+        assert self.server is not None, "use the bench inside 'async with'"
+        return BenchConfig(
+            name="simulated",
+            instruments={"smu1": InstrumentConfig(driver="keithley2450", resource=self.server.resource)},
+            cells={self.params.name: cell_config(self.params)},
+            channels={"ch1": ChannelConfig(cycler="smu1", cell=self.params.name)},
+        )
+
+    async def run(
+        self,
+        profile: Profile,
+        profile_text: str,
+        clock: Clock,
+        *,
+        runs_dir: Path = Path("runs"),
+        on_progress: ProgressCallback | None = None,
+    ) -> ChannelResult:
+        simulation = {"seed": self.seed, "initial_soc": self.initial_soc, "cell": self.params.model_dump()}
+        results = await run_bench(
+            self.config, profile, profile_text, clock, runs_dir=runs_dir, on_progress=on_progress,
+            extra_metadata={"simulation": simulation},
+        )
+        return results[0]
+
+
 async def run_simulated(
     profile: Profile,
     profile_text: str,
@@ -122,21 +179,7 @@ async def run_simulated(
     runs_dir: Path = Path("runs"),
     on_progress: ProgressCallback | None = None,
 ) -> tuple[ChannelResult, SolidStateCell]:
-    """Run a profile on a simulated bench: a 2450 simulator over loopback TCP with a simulated cell."""
-    cell = SolidStateCell(params, soc=initial_soc)
-    loop = asyncio.get_running_loop()
-    sim = Keithley2450Sim(
-        cell, loop.time, noise_v=20e-6 if noise else 0.0, noise_i=2e-9 if noise else 0.0, seed=seed
-    )
-    async with SimServer(sim) as server:
-        bench = BenchConfig(
-            name="simulated",
-            instruments={"smu1": InstrumentConfig(driver="keithley2450", resource=server.resource)},
-            cells={params.name: cell_config(params)},
-            channels={"ch1": ChannelConfig(cycler="smu1", cell=params.name)},
-        )
-        results = await run_bench(
-            bench, profile, profile_text, clock, runs_dir=runs_dir, on_progress=on_progress,
-            extra_metadata={"simulation": {"seed": seed, "initial_soc": initial_soc, "cell": params.model_dump()}},
-        )
-    return results[0], cell
+    """Run a profile on a fresh simulated bench; return the result and the simulated cell."""
+    async with SimulatedBench(params, initial_soc=initial_soc, seed=seed, noise=noise) as bench:
+        result = await bench.run(profile, profile_text, clock, runs_dir=runs_dir, on_progress=on_progress)
+    return result, bench.cell

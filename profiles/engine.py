@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 VOLTAGE_TOLERANCE = 1e-3  # V: a reading this close to a voltage limit counts as reaching it
 MIN_INTERVAL = 1.0  # s: the shortest sample interval when closing in on a voltage limit
+APPROACH_WINDOW = 0.05  # V: closer than this to a voltage limit, sample at MIN_INTERVAL
 SAFE_MARGIN_LOW, SAFE_MARGIN_HIGH = 0.2, 0.1  # V outside the cell's window that stop the run
 
 
@@ -229,8 +230,9 @@ class Engine:
     ) -> float:
         """The sample period, shortened while the voltage closes in on a voltage limit.
 
-        The interval halves towards the crossing the last two samples predict (never below
-        MIN_INTERVAL), so a steep end-of-discharge knee is caught within a second, not a period.
+        The interval shrinks to a quarter of the time to the crossing the last two samples predict,
+        and to MIN_INTERVAL inside the approach window, so a steep end-of-discharge knee is caught
+        within a second, not a period.
         """
         period = self.profile.sample_period
         if ctl.until_voltage is None or before is None or now <= before[0]:
@@ -239,7 +241,9 @@ class Engine:
         gap = ctl.until_voltage - r.voltage
         if slope == 0 or gap / slope <= 0:
             return period
-        return min(period, max(MIN_INTERVAL, gap / slope / 2))
+        if abs(gap) < APPROACH_WINDOW:  # a knee can steepen tenfold between two samples
+            return min(period, MIN_INTERVAL)
+        return min(period, max(MIN_INTERVAL, gap / slope / 4))
 
     def _cv_charges(self, volts: float) -> bool:
         return self._last is not None and volts > self._last.voltage
