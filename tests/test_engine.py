@@ -1,4 +1,4 @@
-"""The engine end to end: profile -> driver -> TCP -> simulated 2450 -> simulated cell -> store, on the virtual clock."""
+"""The engine end to end: profile, driver, TCP, simulated 2450 and cell, store; on the virtual clock."""
 
 from __future__ import annotations
 
@@ -153,7 +153,7 @@ def test_an_instrument_that_goes_silent_ends_the_run_with_a_fault_event(tmp_path
         assert b.server is not None
         b.server.faults.silent = True
 
-    bench, db, result = run_with(tmp_path, silence, after=3600)
+    _, db, result = run_with(tmp_path, silence, after=3600)
     assert result.outcome.reason.startswith("instrument fault: smu1: no reply to")  # type: ignore[attr-defined]
     with open_run(db) as store:
         events = store.events()

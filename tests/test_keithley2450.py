@@ -50,7 +50,7 @@ async def test_setup_refuses_an_instrument_in_tsp_mode() -> None:
 
 async def test_a_reading_that_does_not_parse_names_the_reply() -> None:
     async with scripted((':READ? "defbuffer1", READ, SOUR', "3.9,oops")) as io:
-        with pytest.raises(ProtocolError, match="3.9,oops"):
+        with pytest.raises(ProtocolError, match=r"3\.9,oops"):
             await Keithley2450(io).measure()
 
 
