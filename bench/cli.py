@@ -36,7 +36,7 @@ DEMO_PROFILE = "formation-and-cycling"
 
 def _fail(problems: list[str] | str, code: int = 2) -> typer.Exit:
     for line in [problems] if isinstance(problems, str) else problems:
-        err.print(f"[red]{line}[/red]", highlight=False)
+        err.print(f"[red]{line}[/red]", highlight=False, soft_wrap=True)
     return typer.Exit(code)
 
 

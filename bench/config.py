@@ -74,22 +74,19 @@ class BenchConfig(Strict):
     cells: dict[str, CellConfig]
     channels: dict[str, ChannelConfig] = Field(min_length=1)
 
-    @model_validator(mode="after")
-    def _references(self) -> BenchConfig:
+    def reference_problems(self) -> list[tuple[tuple[str | int, ...], str]]:
+        """Channels that name an instrument or a cell the bench does not have."""
+        problems: list[tuple[tuple[str | int, ...], str]] = []
         for name, ch in self.channels.items():
-            if ch.cycler not in self.instruments:
-                raise PydanticCustomError(
-                    "reference",
-                    "channel '{ch}' names cycler '{ref}', which is not among the instruments ({known})",
-                    {"ch": name, "ref": ch.cycler, "known": ", ".join(self.instruments) or "none"},
-                )
-            if ch.cell not in self.cells:
-                raise PydanticCustomError(
-                    "reference",
-                    "channel '{ch}' names cell '{ref}', which is not among the cells ({known})",
-                    {"ch": name, "ref": ch.cell, "known": ", ".join(self.cells) or "none"},
-                )
-        return self
+            for key, ref, known, what in (
+                ("cycler", ch.cycler, self.instruments, "instruments"),
+                ("cell", ch.cell, self.cells, "cells"),
+            ):
+                if ref not in known:
+                    problems.append(
+                        (("channels", name, key), f"'{ref}' is not among the {what} ({', '.join(known) or 'none'})")
+                    )
+        return problems
 
 
 def load_bench(path: str | Path) -> BenchConfig:
@@ -98,4 +95,4 @@ def load_bench(path: str | Path) -> BenchConfig:
         text = p.read_text(encoding="utf-8")
     except OSError as exc:
         raise InputError([f"{p}: cannot read the bench file: {exc.strerror}"]) from None
-    return validate_yaml(text, p.name, BenchConfig)
+    return validate_yaml(text, p.name, BenchConfig, BenchConfig.reference_problems)

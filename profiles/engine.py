@@ -250,7 +250,7 @@ class Engine:
 
     def _ended(self, ctl: _Control, r: Reading, elapsed: float) -> str | None:
         if ctl.until_time is not None and elapsed >= ctl.until_time - 1e-9:
-            return f"time {elapsed:g} s"
+            return f"time {ctl.until_time:g} s"
         if ctl.until_voltage is not None:
             rising = ctl.setpoint > 0 if ctl.mode == "current" else True
             if rising and r.voltage >= ctl.until_voltage - VOLTAGE_TOLERANCE:

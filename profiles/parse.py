@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -109,15 +110,27 @@ def _nearest_line(path: Path_, lines: dict[Path_, int]) -> int:
     return lines.get(path, 1)
 
 
-def validate_yaml(text: str, source: str, model: type[M]) -> M:
-    """Parse YAML text into a pydantic model; raise InputError listing every problem with its line."""
+def validate_yaml(
+    text: str, source: str, model: type[M], checks: Callable[[M], list[tuple[Path_, str]]] | None = None
+) -> M:
+    """Parse YAML text into a pydantic model; raise InputError listing every problem with its line.
+
+    ``checks`` sees the valid model and returns further problems as (path in the data, message),
+    for rules that span fields (a channel naming an instrument that is not there).
+    """
     data, lines = load_yaml(text, source)
     if not isinstance(data, dict):
         raise InputError([f"{source}:1: expected a mapping of keys to values at the top level"])
     try:
-        return model.model_validate(data)
+        result = model.model_validate(data)
     except ValidationError as exc:
         raise InputError(explain(exc, data, lines, source)) from None
+    problems = checks(result) if checks else []
+    if problems:
+        raise InputError(
+            [f"{source}:{_nearest_line(path, lines)}: {format_path(path)}: {message}" for path, message in problems]
+        )
+    return result
 
 
 def parse_profile(text: str, source: str = "<profile>") -> Profile:

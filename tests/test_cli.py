@@ -1,0 +1,127 @@
+"""The command line as people use it: sim serve for any client, run against it, and the demo."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import pyvisa
+from typer.testing import CliRunner
+
+from bench.cli import app
+from bench.store import open_run
+
+
+@pytest.fixture
+def served() -> Iterator[str]:
+    """`cellbench sim serve keithley2450 --port 0` as its own process; yields its resource string."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bench.cli", "sim", "serve", "keithley2450", "--port", "0", "--soc", "0.5"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200"},
+    )
+    try:
+        deadline = time.monotonic() + 30
+        resource = None
+        assert proc.stdout is not None
+        while resource is None and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            if m := re.search(r"(TCPIP::127\.0\.0\.1::\d+::SOCKET)", line):
+                resource = m.group(1)
+        assert resource, "sim serve did not announce its resource"
+        yield resource
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_a_plain_pyvisa_client_can_drive_the_served_simulator(served: str) -> None:
+    rm = pyvisa.ResourceManager("@py")
+    inst = rm.open_resource(served, read_termination="\n", write_termination="\n", timeout=3000)
+    try:
+        assert inst.query("*IDN?").startswith("KEITHLEY INSTRUMENTS,MODEL 2450,")
+        inst.write(":SOUR:FUNC CURR;:SOUR:CURR:VLIM 4.3;:SOUR:CURR -0.0005;:SENS:FUNC 'VOLT';:OUTP ON")
+        volts, amps = (float(x) for x in inst.query(':READ? "defbuffer1", READ, SOUR').split(","))
+        assert 3.7 < volts < 3.81 and amps == pytest.approx(-5e-4)
+        assert inst.query(":SYST:ERR?") == '0,"No error;0;0 0"'
+        inst.write(":OUTP OFF")
+    finally:
+        inst.close()
+        rm.close()
+
+
+def test_cellbench_run_drives_a_served_simulator_in_real_time(served: str, tmp_path: Path) -> None:
+    bench = tmp_path / "bench.yaml"
+    bench.write_text(
+        textwrap.dedent(
+            f"""\
+            name: desk
+            instruments:
+              smu1: {{driver: keithley2450, resource: "{served}", timeout: 2 s}}
+            cells:
+              pellet-01: {{capacity: 3.5 mAh, voltage_min: 2.5 V, voltage_max: 4.3 V, area: 1 cm^2}}
+            channels:
+              ch1: {{cycler: smu1, cell: pellet-01}}
+            """
+        )
+    )
+    profile = tmp_path / "quick.yaml"
+    profile.write_text(
+        "name: quick\nsample_period: 0.25 s\nsteps:\n"
+        "  - charge: {current: C/10, until: 1 s}\n  - rest: 1 s\n  - discharge: {current: C/10, until: 1 s}\n"
+    )
+    result = CliRunner().invoke(app, ["run", str(profile), "--bench", str(bench), "--runs-dir", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "per-cycle summary" in result.output
+    (db,) = tmp_path.glob("*-ch1.sqlite")
+    with open_run(db) as store:
+        samples = store.samples()
+        assert [st["end_reason"] for st in store.steps()] == ["time 1 s"] * 3
+    assert {s.step_type for s in samples} == {"CC Charge", "Rest", "CC Discharge"}
+    assert max(s.charge_ah for s in samples) == pytest.approx(3.5e-4 / 3600, rel=0.05)
+
+
+def test_cellbench_run_names_a_bad_bench_file_line(tmp_path: Path) -> None:
+    bench = tmp_path / "bench.yaml"
+    bench.write_text(
+        "instruments:\n  smu1: {driver: keithley2450, resource: 'TCPIP::127.0.0.1::1::SOCKET'}\n"
+        "cells:\n  c1: {capacity: 3.5 mAh, voltage_min: 2.5 V, voltage_max: 4.3 V}\n"
+        "channels:\n  ch1: {cycler: smu2, cell: c1}\n"
+    )
+    profile = tmp_path / "p.yaml"
+    profile.write_text("name: p\nsteps:\n  - rest: 1 s\n")
+    result = CliRunner().invoke(app, ["run", str(profile), "--bench", str(bench)])
+    assert result.exit_code == 2
+    assert "bench.yaml:6: channels.ch1.cycler: 'smu2' is not among the instruments (smu1)" in result.output
+
+
+def test_cellbench_run_reports_an_unreachable_instrument(tmp_path: Path) -> None:
+    bench = tmp_path / "bench.yaml"
+    bench.write_text(
+        "instruments:\n  smu1: {driver: keithley2450, resource: 'TCPIP::127.0.0.1::9::SOCKET', timeout: 1 s}\n"
+        "cells:\n  c1: {capacity: 3.5 mAh, voltage_min: 2.5 V, voltage_max: 4.3 V}\n"
+        "channels:\n  ch1: {cycler: smu1, cell: c1}\n"
+    )
+    profile = tmp_path / "p.yaml"
+    profile.write_text("name: p\nsteps:\n  - rest: 1 s\n")
+    result = CliRunner().invoke(app, ["run", str(profile), "--bench", str(bench), "--runs-dir", str(tmp_path)])
+    assert result.exit_code == 1
+    assert "smu1: cannot connect to 127.0.0.1:9" in result.output.replace("\n", "")
+
+
+def test_cellbench_demo_prints_the_cycle_table(tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["demo", "--runs-dir", str(tmp_path)], env={"COLUMNS": "120"})
+    assert result.exit_code == 0, result.output
+    rows = re.findall(r"│\s+(\d)\s+│\s+([\d.]+)\s+│\s+([\d.]+)\s+│\s+([\d.]+)\s+│", result.output)
+    assert [r[0] for r in rows] == ["1", "2", "3", "4"]
+    assert all(99.0 < float(r[3]) < 101.0 for r in rows)  # coulombic efficiency, %
+    assert "run database:" in result.output

@@ -1,0 +1,62 @@
+"""The run store: Battery Data Format columns, WAL, batched commits that survive a crash."""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+from bench.store import COLUMNS, RunStore, Sample, open_run
+
+
+def sample(t: float, cycle: int = 1) -> Sample:
+    return Sample(t, 1.7e9 + t, 3.7, 1e-3, cycle, 1, 1, "CC Charge", 0.0, 0.0, 0.0, 0.0)
+
+
+def test_columns_carry_battery_data_format_labels(tmp_path: Path) -> None:
+    with RunStore(tmp_path / "run.sqlite") as store:
+        store.add(sample(0.0), 0.0)
+    db = sqlite3.connect(tmp_path / "run.sqlite")
+    names = [row[1] for row in db.execute("PRAGMA table_info(samples)")]
+    assert names[:4] == ["Test Time / s", "Unix Time / s", "Voltage / V", "Current / A"]
+    assert "Charging Capacity / Ah" in names and "Discharging Energy / Wh" in names
+    assert names == [label for _, label, _ in COLUMNS]
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_samples_metadata_steps_and_events_read_back(tmp_path: Path) -> None:
+    with RunStore(tmp_path / "run.sqlite", durable=False) as store:
+        store.set_metadata(cell={"capacity": 3.5e-3}, profile_text="name: x")
+        store.step_started(1, 1, "CC Charge", "0", 1, 0.0)
+        for i in range(5):
+            store.add(sample(float(i)), float(i))
+        store.step_ended(1, 4.0, "time 4 s")
+        store.event("end", "completed", 4.0, 1.7e9 + 4)
+    with open_run(tmp_path / "run.sqlite") as store:
+        assert [s.test_time for s in store.samples()] == [0.0, 1.0, 2.0, 3.0, 4.0]
+        assert store.metadata()["cell"] == {"capacity": 3.5e-3}
+        assert store.steps()[0]["end_reason"] == "time 4 s"
+        assert store.events()[0]["message"] == "completed"
+
+
+def test_a_crash_loses_at_most_the_batch_in_progress(tmp_path: Path) -> None:
+    path = tmp_path / "run.sqlite"
+    script = textwrap.dedent(
+        f"""
+        import os
+        from bench.store import RunStore, Sample
+        store = RunStore({str(path)!r}, flush_interval=1.0)
+        for i in range(10):
+            t = i * 0.5
+            store.add(Sample(t, t, 3.7, 0.001, 1, 1, 1, "Rest", 0, 0, 0, 0), t)
+        os._exit(3)  # the process dies: no close, no final flush
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert proc.returncode == 3, proc.stderr
+    with open_run(path) as store:
+        times = [s.test_time for s in store.samples()]
+    # batches were committed at t = 1, 2, 3, 4; the sample at 4.5 was still in the buffer
+    assert times == [i * 0.5 for i in range(9)]
