@@ -1,9 +1,12 @@
 """The profile engine: runs one profile on one channel.
 
-For every step it arms the instrument's limits before the output goes on, samples at the
-profile's period (and exactly at a step's time limit), ends the step when one of its limits is
-crossed, counts steps and cycles, integrates charge and energy per cycle, and records it all.
-The output goes off at the end, on any error, and on cancellation.
+It walks the compiled program (steps, loops, jumps). For every step it arms the instrument's
+limit with the setpoint before the output goes on, samples at the step's period (exactly at time
+limits and pulse edges, every second near a voltage limit), ends the step on the first limit
+crossed and goes where that limit says, counts steps and cycles, integrates charge and energy
+per step and per cycle, records by the step's record rule, and checks every reading against the
+cell's window and the profile's safety limits. The output goes off at the end, on any error,
+and on cancellation.
 """
 
 from __future__ import annotations
@@ -12,24 +15,17 @@ import asyncio
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from pathlib import Path
 
 from bench.channel import Channel
 from bench.clock import Clock
 from bench.store import RunStore, Sample
 from drivers.errors import InstrumentFault
 from drivers.smu import Reading
-from profiles.schema import (
-    CCStep,
-    ChargeStep,
-    CVStep,
-    DischargeStep,
-    HoldStep,
-    Profile,
-    RepeatStep,
-    RestStep,
-)
+from profiles.controls import PULSE_SETTLE, Control, build_control
+from profiles.program import END, Program, compile_profile
+from profiles.schema import Limit, Profile, RecordRule, body_of
 
 log = logging.getLogger(__name__)
 
@@ -63,32 +59,25 @@ class Outcome:
     cycles: int
 
 
-@dataclass(frozen=True)
-class _Control:
-    """What the instrument does during a step and what ends it."""
+@dataclass
+class _Budget:
+    """A loop's (or the profile's) time budget: when it runs out the running step ends."""
 
-    step_type: str
-    mode: str  # "current" | "voltage"
-    setpoint: float
-    limit: float  # the instrument's compliance: V for a current source, A for a voltage source
-    until_voltage: float | None = None
-    until_current: float | None = None
-    until_time: float | None = None
+    deadline: float
+    target: int  # pc to go to
+    name: str
+    loop_pc: int  # -1 for the profile
 
 
-def leaf_indices(steps: list[Any], path: tuple[int, ...] = ()) -> dict[tuple[int, ...], int]:
-    """Number every non-loop step of a profile 1, 2, ... in reading order (the Step Index)."""
-    out: dict[tuple[int, ...], int] = {}
-
-    def walk(items: list[Any], prefix: tuple[int, ...]) -> None:
-        for i, step in enumerate(items):
-            if isinstance(step, RepeatStep):
-                walk(step.steps, (*prefix, i))
-            else:
-                out[(*prefix, i)] = len(out) + 1
-
-    walk(steps, path)
-    return out
+@dataclass
+class _StepState:
+    start: float
+    charge_ah: float = 0.0
+    discharge_ah: float = 0.0
+    charge_wh: float = 0.0
+    discharge_wh: float = 0.0
+    last_recorded: tuple[float, Reading] | None = None
+    history: list[tuple[float, Reading]] = field(default_factory=list)  # the last two samples
 
 
 class Engine:
@@ -102,29 +91,37 @@ class Engine:
         clock: Clock,
         *,
         on_progress: Callable[[Progress], None] | None = None,
+        base_dir: Path = Path("."),
     ) -> None:
         self.profile = profile
         self.channel = channel
         self.store = store
         self.clock = clock
         self.on_progress = on_progress
-        self._index = leaf_indices(profile.steps)
+        self.base_dir = base_dir
+        self.program: Program = compile_profile(profile)
         self._total = profile.executed_step_count()
         self._start = 0.0
         self._step_count = 0
         self._cycle = 1
+        self._cycle_has_run = False
         self._discharged = False  # whether this cycle has had a discharge yet
-        self._acc = [0.0, 0.0, 0.0, 0.0]  # charge Ah, discharge Ah, charge Wh, discharge Wh
+        self._acc = [0.0, 0.0, 0.0, 0.0]  # cycle charge Ah, discharge Ah, charge Wh, discharge Wh
         self._last_cc_current: float | None = None
+        self._measured_capacity: float | None = None
         self._last: Reading | None = None
+        self._budgets: list[_Budget] = []
 
     # --- the run ---------------------------------------------------------------------------
     async def run(self) -> Outcome:
         self._start = self.clock.start()
         self._event("start", f"profile '{self.profile.name}' on channel '{self.channel.name}'")
+        if self.profile.time_limit is not None:
+            self._budgets.append(_Budget(self._start + self.profile.time_limit, END, "the profile's time limit", -1))
         completed, reason = False, "completed"
         try:
-            await self._run_steps(self.profile.steps, ())
+            self._last = await self.channel.cycler.measure()
+            await self._execute()
             completed = True
         except asyncio.CancelledError:
             reason = "cancelled"
@@ -142,6 +139,35 @@ class Engine:
             self.store.flush()
         return Outcome(completed, reason, self._elapsed(), self._step_count, self._cycle)
 
+    async def _execute(self) -> None:
+        prog = self.program.instrs
+        counters: dict[int, int] = {}
+        pc = 0
+        while 0 <= pc < len(prog):
+            ins = prog[pc]
+            if ins.op == "loop":
+                counters[pc] = 0
+                if ins.node.time_limit is not None:
+                    then = ins.node.then
+                    target = self.program.after_loop(pc) if then == "next" else self.program.target(pc, then)
+                    name = f"the time limit of the repeat at steps{_dotted(ins.path)}"
+                    self._budgets.append(_Budget(self.clock.now() + ins.node.time_limit, target, name, pc))
+                pc += 1
+            elif ins.op == "endloop":
+                counters[ins.loop_start] += 1
+                if counters[ins.loop_start] < ins.node.repeat:
+                    pc = ins.loop_start + 1
+                else:
+                    self._budgets = [b for b in self._budgets if b.loop_pc != ins.loop_start]
+                    pc += 1
+            else:
+                pc = await self._run_step(pc)
+                # budgets of loops that the jump left are over
+                self._budgets = [
+                    b for b in self._budgets
+                    if b.loop_pc < 0 or (pc != END and b.loop_pc < pc <= prog[b.loop_pc].loop_end)
+                ]
+
     async def _output_off(self) -> None:
         try:
             await self.channel.cycler.output(False)
@@ -149,117 +175,197 @@ class Engine:
             log.error("%s: could not turn the output off: %s", self.channel.name, exc)
             self._event("fault", f"could not turn the output off: {exc}")
 
-    async def _run_steps(self, steps: list[Any], path: tuple[int, ...]) -> None:
-        for i, step in enumerate(steps):
-            here = (*path, i)
-            if isinstance(step, RepeatStep):
-                for _ in range(step.repeat):
-                    await self._run_steps(step.steps, here)
-            else:
-                await self._run_control(self._control(step), here)
-
     # --- one step --------------------------------------------------------------------------
-    def _control(self, step: Any) -> _Control:
-        cell = self.channel.cell
-        if isinstance(step, (CCStep, ChargeStep, DischargeStep)):
-            cc = step.cc
-            amps = step.current().resolve(cell.capacity)
-            self._last_cc_current = abs(amps)
-            v_limit = cc.voltage_limit
-            if v_limit is None:
-                charging_to = cc.until.voltage if amps > 0 else None
-                v_limit = charging_to if charging_to is not None else cell.voltage_max
-            kind = "CC Charge" if amps > 0 else "CC Discharge" if amps < 0 else "Rest"
-            return _Control(kind, "current", amps, v_limit, cc.until.voltage, None, cc.until.time)
-        if isinstance(step, (CVStep, HoldStep)):
-            cv = step.cv
-            if cv.current_limit is not None:
-                i_limit = abs(cv.current_limit.resolve(cell.capacity))
-            else:
-                i_limit = self._last_cc_current or cell.capacity  # the CC before it, else 1C
-            end_current = abs(cv.until.current.resolve(cell.capacity)) if cv.until.current else None
-            return _Control("CV", "voltage", cv.voltage, i_limit, None, end_current, cv.until.time)
-        if isinstance(step, RestStep):
-            return _Control("Rest", "current", 0.0, cell.voltage_max, until_time=step.rest)
-        raise TypeError(f"no control for step {step!r}")
+    def _capacity(self) -> float:
+        if self.profile.c_rate_basis == "measured" and self._measured_capacity:
+            return self._measured_capacity
+        return self.channel.cell.capacity
 
-    async def _run_control(self, ctl: _Control, path: tuple[int, ...]) -> None:
-        cycler = self.channel.cycler
-        charging = ctl.setpoint > 0 if ctl.mode == "current" else self._cv_charges(ctl.setpoint)
-        if charging and self._discharged:
+    async def _run_step(self, pc: int) -> int:
+        ins = self.program.instrs[pc]
+        body = body_of(ins.node)
+        cell = self.channel.cell
+        assert self._last is not None
+        ctl = build_control(
+            ins.node, capacity=self._capacity(), v_min=cell.voltage_min, v_max=cell.voltage_max,
+            last_voltage=self._last.voltage, last_cc_current=self._last_cc_current, base_dir=self.base_dir,
+        )
+        if ctl.step_type.startswith("CC"):
+            self._last_cc_current = abs(ctl.setpoint(0.0, self._last.voltage))
+        self._advance_cycle(ctl, body.new_cycle)
+        self._step_count += 1
+        state = _StepState(start=self.clock.now())
+        self.store.step_started(
+            self._step_count, ins.index, ctl.step_type, _dotted(ins.path), self._cycle, state.start - self._start
+        )
+        await self._apply(ctl, 0.0, self._last.voltage)
+        await self.channel.cycler.output(True)
+        period = body.sample_period or self.profile.sample_period
+        rule = body.record or self.profile.record
+        limits = self._resolve_limits(ctl)
+        edges = list(ctl.edges)
+        next_sample = state.start
+        while True:
+            deadline = self._next_deadline(ctl, limits, state.start)
+            edge_at = state.start + edges[0] if edges else math.inf
+            await self.clock.sleep_until(min(next_sample, deadline, edge_at))
+            now = self.clock.now()
+            reading = await self.channel.cycler.measure()
+            t_step = now - state.start
+            self._take(state, now, reading)
+            self._check_safe(reading)
+            ended = self._ended(ctl, limits, state, reading, t_step) or self._budget_ended(now)
+            at_edge = bool(edges) and now >= edge_at - 1e-9
+            self._maybe_record(state, now, reading, ctl, ins.index, rule, force=bool(ended) or at_edge)
+            if ended:
+                reason, target = ended
+                self.store.step_ended(self._step_count, now - self._start, reason)
+                self._after_step(ctl, reason)
+                return self.program.target(pc, target) if isinstance(target, str) else target
+            if at_edge:
+                edges.pop(0)
+                await self._apply(ctl, t_step, reading.voltage)
+                next_sample = now + PULSE_SETTLE
+                continue
+            if ctl.dynamic:
+                await self._apply(ctl, t_step, reading.voltage)
+            next_sample = now + self._next_interval(period, limits, ctl, state)
+
+    async def _apply(self, ctl: Control, t_step: float, voltage: float) -> None:
+        value = ctl.setpoint(t_step, voltage)
+        if ctl.mode == "current":
+            await self.channel.cycler.source_current(value, voltage_limit=ctl.compliance)
+        else:
+            await self.channel.cycler.source_voltage(value, current_limit=ctl.compliance)
+
+    def _advance_cycle(self, ctl: Control, explicit: bool) -> None:
+        if self.profile.cycle_counting == "explicit":
+            starts = explicit
+        else:
+            starts = ctl.direction > 0 and self._discharged and not ctl.step_type.startswith("Rest")
+        if starts and self._cycle_has_run:
             self._cycle += 1
             self._discharged = False
             self._acc = [0.0, 0.0, 0.0, 0.0]
-        if ctl.mode == "current" and ctl.setpoint < 0:
+        self._cycle_has_run = True
+        if ctl.direction < 0:
             self._discharged = True
-        self._step_count += 1
-        index = self._index[path]
-        step_start = self.clock.now()
-        self.store.step_started(
-            self._step_count, index, ctl.step_type, ".".join(map(str, path)), self._cycle, step_start - self._start
-        )
-        # Arm the limit with the setpoint, then turn the output on.
-        if ctl.mode == "current":
-            await cycler.source_current(ctl.setpoint, voltage_limit=ctl.limit)
-        else:
-            await cycler.source_voltage(ctl.setpoint, current_limit=ctl.limit)
-        await cycler.output(True)
 
-        previous: tuple[float, Reading] | None = None
-        previous_for_slope: tuple[float, Reading] | None = None
-        next_sample = step_start
-        deadline = step_start + ctl.until_time if ctl.until_time is not None else math.inf
-        while True:
-            await self.clock.sleep_until(min(next_sample, deadline))
-            now = self.clock.now()
-            reading = await cycler.measure()
-            self._check_safe(reading)
-            if previous is not None:
-                self._integrate(previous, (now, reading))
-            previous = (now, reading)
-            self._record(now, reading, ctl, index)
-            reason = self._ended(ctl, reading, now - step_start)
-            if reason:
-                self.store.step_ended(self._step_count, now - self._start, reason)
-                return
-            next_sample = now + self._next_interval(ctl, reading, previous_for_slope, now)
-            previous_for_slope = (now, reading)
+    def _after_step(self, ctl: Control, reason: str) -> None:
+        if ctl.step_type == "CC Discharge" and reason.startswith("voltage"):
+            self._measured_capacity = self._acc[1] or self._measured_capacity
 
-    def _next_interval(
-        self, ctl: _Control, r: Reading, before: tuple[float, Reading] | None, now: float
-    ) -> float:
+    # --- limits ----------------------------------------------------------------------------
+    def _resolve_limits(self, ctl: Control) -> list[Limit]:
+        """C-rates in amps, and each voltage limit's direction made explicit."""
+        out = []
+        assert self._last is not None
+        for lim in ctl.limits:
+            if lim.kind == "current" and lim.c_rate is not None:
+                lim = lim.model_copy(update={"value": lim.c_rate * self._capacity()})
+            if lim.op is None:
+                if lim.kind == "voltage":
+                    rising = ctl.direction > 0 or (ctl.direction == 0 and self._last.voltage < lim.value)
+                    op = ">=" if rising else "<="
+                else:
+                    op = "<=" if lim.kind in ("current", "dvdt", "didt") else ">="
+                lim = lim.model_copy(update={"op": op})
+            out.append(lim)
+        if ctl.duration is not None:
+            out.append(Limit(kind="time", op=">=", value=ctl.duration))
+        return out
+
+    def _ended(
+        self, ctl: Control, limits: list[Limit], st: _StepState, r: Reading, t_step: float
+    ) -> tuple[str, str | int] | None:
+        for lim in limits:
+            value = self._observe(lim.kind, ctl, st, r, t_step)
+            if value is None:
+                continue
+            tol = VOLTAGE_TOLERANCE if lim.kind == "voltage" else 1e-9 if lim.kind == "time" else 0.0
+            if (lim.op == ">=" and value >= lim.value - tol) or (lim.op == "<=" and value <= lim.value + tol):
+                return lim.describe() if lim.kind != "time" else f"time {lim.value:g} s", lim.then
+        return None
+
+    def _observe(self, kind: str, ctl: Control, st: _StepState, r: Reading, t_step: float) -> float | None:
+        if kind == "voltage":
+            return r.voltage
+        if kind == "current":
+            return abs(r.current)
+        if kind == "time":
+            return t_step
+        if kind == "step_capacity":
+            return max(st.charge_ah, st.discharge_ah)
+        if kind == "step_energy":
+            return max(st.charge_wh, st.discharge_wh)
+        if kind == "cycle_capacity":
+            return self._acc[0] if ctl.direction > 0 else self._acc[1]
+        if kind == "cycle_energy":
+            return self._acc[2] if ctl.direction > 0 else self._acc[3]
+        if kind in ("dvdt", "didt") and len(st.history) == 2:
+            (t0, a), (t1, b) = st.history
+            if t1 <= t0:
+                return None
+            delta = (b.voltage - a.voltage) if kind == "dvdt" else (b.current - a.current)
+            return abs(delta) / (t1 - t0)
+        return None  # temperature and pressure need auxiliary instruments on the channel
+
+    def _budget_ended(self, now: float) -> tuple[str, str | int] | None:
+        for b in self._budgets:
+            if now >= b.deadline - 1e-9:
+                return f"{b.name} ran out", b.target
+        return None
+
+    def _next_deadline(self, ctl: Control, limits: list[Limit], start: float) -> float:
+        times = [start + lim.value for lim in limits if lim.kind == "time"]
+        return min([*times, *(b.deadline for b in self._budgets)], default=math.inf)
+
+    def _next_interval(self, period: float, limits: list[Limit], ctl: Control, st: _StepState) -> float:
         """The sample period, shortened while the voltage closes in on a voltage limit.
 
         The interval shrinks to a quarter of the time to the crossing the last two samples predict,
         and to MIN_INTERVAL inside the approach window, so a steep end-of-discharge knee is caught
         within a second, not a period.
         """
-        period = self.profile.sample_period
-        if ctl.until_voltage is None or before is None or now <= before[0]:
+        if len(st.history) < 2:
             return period
-        slope = (r.voltage - before[1].voltage) / (now - before[0])
-        gap = ctl.until_voltage - r.voltage
-        if slope == 0 or gap / slope <= 0:
+        (t0, a), (t1, b) = st.history
+        if t1 <= t0:
             return period
-        if abs(gap) < APPROACH_WINDOW:  # a knee can steepen tenfold between two samples
-            return min(period, MIN_INTERVAL)
-        return min(period, max(MIN_INTERVAL, gap / slope / 4))
+        slope = (b.voltage - a.voltage) / (t1 - t0)
+        interval = period
+        for lim in limits:
+            if lim.kind != "voltage":
+                continue
+            gap = lim.value - b.voltage
+            if slope == 0 or gap / slope <= 0:
+                continue
+            if abs(gap) < APPROACH_WINDOW:  # a knee can steepen tenfold between two samples
+                interval = min(interval, MIN_INTERVAL)
+            else:
+                interval = min(interval, max(MIN_INTERVAL, gap / slope / 4))
+        return interval
 
-    def _cv_charges(self, volts: float) -> bool:
-        return self._last is not None and volts > self._last.voltage
-
-    def _ended(self, ctl: _Control, r: Reading, elapsed: float) -> str | None:
-        if ctl.until_time is not None and elapsed >= ctl.until_time - 1e-9:
-            return f"time {ctl.until_time:g} s"
-        if ctl.until_voltage is not None:
-            rising = ctl.setpoint > 0 if ctl.mode == "current" else True
-            if rising and r.voltage >= ctl.until_voltage - VOLTAGE_TOLERANCE:
-                return f"voltage >= {ctl.until_voltage:g} V"
-            if not rising and r.voltage <= ctl.until_voltage + VOLTAGE_TOLERANCE:
-                return f"voltage <= {ctl.until_voltage:g} V"
-        if ctl.until_current is not None and abs(r.current) <= ctl.until_current:
-            return f"|current| <= {ctl.until_current:g} A"
-        return None
+    # --- samples ---------------------------------------------------------------------------
+    def _take(self, st: _StepState, now: float, r: Reading) -> None:
+        """Integrate charge and energy since the previous sample of this step."""
+        if st.history:
+            t0, r0 = st.history[-1]
+            hours = (now - t0) / 3600.0
+            ah = (r0.current + r.current) / 2 * hours
+            wh = (r0.current * r0.voltage + r.current * r.voltage) / 2 * hours
+            if ah >= 0:
+                st.charge_ah += ah
+                st.charge_wh += max(wh, 0.0)
+                self._acc[0] += ah
+                self._acc[2] += max(wh, 0.0)
+            else:
+                st.discharge_ah -= ah
+                st.discharge_wh -= min(wh, 0.0)
+                self._acc[1] -= ah
+                self._acc[3] -= min(wh, 0.0)
+        st.history = [*st.history[-1:], (now, r)]
+        self._last = r
 
     def _check_safe(self, r: Reading) -> None:
         cell = self.channel.cell
@@ -268,21 +374,22 @@ class Engine:
         low, high = cell.voltage_min - SAFE_MARGIN_LOW, cell.voltage_max + SAFE_MARGIN_HIGH
         if not low <= r.voltage <= high:
             raise SafetyStop(f"cell voltage {r.voltage:.4f} V is outside the safe window {low:g} to {high:g} V")
+        safety = self.profile.safety
+        if safety and safety.voltage and not safety.voltage[0] <= r.voltage <= safety.voltage[1]:
+            lo, hi = safety.voltage
+            raise SafetyStop(f"cell voltage {r.voltage:.4f} V is outside the profile's safety range {lo:g} to {hi:g} V")
+        if safety and safety.current:
+            lo, hi = (c.resolve(self.channel.cell.capacity) for c in safety.current)
+            if not lo <= r.current <= hi:
+                raise SafetyStop(f"current {r.current:.6g} A is outside the profile's safety range {lo:g} to {hi:g} A")
 
-    def _integrate(self, a: tuple[float, Reading], b: tuple[float, Reading]) -> None:
-        (t0, r0), (t1, r1) = a, b
-        hours = (t1 - t0) / 3600.0
-        ah = (r0.current + r1.current) / 2 * hours
-        wh = (r0.current * r0.voltage + r1.current * r1.voltage) / 2 * hours
-        if ah >= 0:
-            self._acc[0] += ah
-            self._acc[2] += max(wh, 0.0)
-        else:
-            self._acc[1] -= ah
-            self._acc[3] -= min(wh, 0.0)
-
-    def _record(self, now: float, r: Reading, ctl: _Control, index: int) -> None:
-        self._last = r
+    def _maybe_record(
+        self, st: _StepState, now: float, r: Reading, ctl: Control, index: int, rule: RecordRule | None, force: bool
+    ) -> None:
+        last = st.last_recorded
+        if not (force or last is None or rule is None or _rule_due(rule, last, now, r)):
+            return
+        st.last_recorded = (now, r)
         t = now - self._start
         sample = Sample(
             t, self.clock.unix(now), r.voltage, r.current, self._cycle, self._step_count, index,
@@ -300,3 +407,16 @@ class Engine:
     def _event(self, kind: str, message: str) -> None:
         now = self.clock.now()
         self.store.event(kind, message, now - self._start, self.clock.unix(now))
+
+
+def _rule_due(rule: RecordRule, last: tuple[float, Reading], now: float, r: Reading) -> bool:
+    t0, r0 = last
+    return (
+        (rule.every is not None and now - t0 >= rule.every - 1e-9)
+        or (rule.voltage is not None and abs(r.voltage - r0.voltage) >= rule.voltage)
+        or (rule.current is not None and abs(r.current - r0.current) >= rule.current)
+    )
+
+
+def _dotted(path: tuple[int, ...]) -> str:
+    return "".join(f"[{i}]" if k == 0 else f".steps[{i}]" for k, i in enumerate(path))

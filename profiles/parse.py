@@ -133,9 +133,11 @@ def validate_yaml(
     return result
 
 
-def parse_profile(text: str, source: str = "<profile>") -> Profile:
+def parse_profile(text: str, source: str = "<profile>", base_dir: Path | None = None) -> Profile:
     """Validate profile text; raise InputError listing every problem with its line."""
-    return validate_yaml(text, source, Profile)
+    from profiles.checks import profile_checks
+
+    return validate_yaml(text, source, Profile, profile_checks(base_dir or Path(".")))
 
 
 def load_profile(path: str | Path) -> tuple[Profile, str]:
@@ -145,4 +147,4 @@ def load_profile(path: str | Path) -> tuple[Profile, str]:
         text = p.read_text(encoding="utf-8")
     except OSError as exc:
         raise InputError([f"{p}: cannot read the profile: {exc.strerror}"]) from None
-    return parse_profile(text, p.name), text
+    return parse_profile(text, p.name, p.parent), text

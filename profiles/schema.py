@@ -1,26 +1,57 @@
 """The profile language as pydantic models: what a test profile may say, checked before any instrument moves.
 
-A profile is a list of steps; each step is a one-key mapping naming its kind:
+A profile is a list of steps; each step is a one-key mapping naming its kind, or a PyBaMM
+experiment string:
 
     - rest: 30 min
-    - charge: {current: C/20, until: 4.3 V}        # cc with positive (charging) current
-    - hold: {voltage: 4.3 V, until: C/50}          # cv
-    - discharge: {current: C/10, until: 2.5 V}     # cc with negative current
-    - cc: {current: -2 mA, until: [2.5 V, 10 h]}   # any of several limits ends the step
+    - charge: {current: C/20, until: 4.3 V}            # constant current (positive = charge)
+    - hold: {voltage: 4.3 V, until: C/50}              # constant voltage until the current falls
+    - cccv: {current: C/3, voltage: 4.3 V, until: C/50}
+    - discharge: {power: 2 mW, until: [2.5 V, 10 h]}   # constant power; any limit ends the step
+    - discharge: {resistance: 1 kohm, until: 2.5 V}    # constant load resistance
+    - ramp: {current: [0 A, 1 mA], over: 10 min}
+    - drive: {file: us06.csv, quantity: current}       # a current or power series from a CSV file
+    - pulse: {segments: [{current: -1C, for: 10 s}, {current: 0 A, for: 40 s}]}
     - repeat: 3
       steps: [...]
+    - Discharge at C/3 until 2.5 V                     # PyBaMM's grammar
 
-Current is positive on charge, as the Battery Data Format counts it.
+Every leaf step takes `label`, `until` (limits, each with an optional `then`: next, end, break
+or a label), `sample_period`, `record` and `new_cycle`. Current is positive on charge, as the
+Battery Data Format counts it.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
-from profiles.units import Current, CurrentSpec, Duration, Voltage, kind_of
+from profiles.pybamm import pybamm_step
+from profiles.units import (
+    SI_UNIT,
+    Current,
+    Duration,
+    Power,
+    Pressure,
+    Resistance,
+    Temperature,
+    Voltage,
+    kind_of,
+    parse_c_rate,
+    to_si,
+)
 
 
 class Strict(BaseModel):
@@ -44,141 +75,319 @@ class Strict(BaseModel):
         return data
 
 
-def _limits_by_kind(allowed: tuple[str, ...]) -> BeforeValidator:
-    """Let `until` be one quantity or a list of them; the unit says which limit each is."""
+# --- limits ------------------------------------------------------------------------------------
+LIMIT_KINDS = (
+    "voltage", "current", "time", "step_capacity", "cycle_capacity", "step_energy", "cycle_energy",
+    "dvdt", "didt", "temperature", "pressure",
+)
+_OP = re.compile(r"^\s*(>=|<=|>|<)?\s*(.*)$")
+ACTIONS = ("next", "end", "break")
 
-    def normalise(value: Any) -> Any:
-        if isinstance(value, dict) or value is None:
-            return value
-        items = value if isinstance(value, list) else [value]
-        out: dict[str, Any] = {}
-        for item in items:
-            kind = kind_of(item) if isinstance(item, str) else None
+
+class Limit(Strict):
+    """One end condition: a quantity crossing a value. `then` says where the profile goes next."""
+
+    what: ClassVar[str] = "limit key"
+    kind: str
+    op: Literal[">=", "<="] | None = None  # None: the direction the step is heading
+    value: float = 0.0
+    c_rate: float | None = None  # a current limit written as a C-rate
+    then: str = "next"
+
+    def describe(self) -> str:
+        unit = SI_UNIT.get(self.kind, "")
+        value = f"{self.c_rate:g}C" if self.c_rate is not None else f"{self.value:g} {unit}"
+        return f"{self.kind} {self.op or 'reaches'} {value}"
+
+
+def _limit(kind: str, text: Any, then: str, allowed: tuple[str, ...]) -> dict[str, Any]:
+    if kind not in allowed:
+        raise PydanticCustomError(
+            "unknown_key", "unknown limit '{key}' (expected one of: {expected})",
+            {"key": kind, "expected": ", ".join(allowed)},
+        )
+    raw, op = text, None
+    if isinstance(raw, str):
+        m = _OP.match(raw)
+        assert m
+        op = {">": ">=", "<": "<="}.get(m.group(1) or "", m.group(1) or None)
+        raw = m.group(2)
+    out: dict[str, Any] = {"kind": kind, "op": op, "then": then}
+    if kind == "current" and isinstance(raw, str) and (rate := parse_c_rate(raw)) is not None:
+        out["c_rate"] = abs(rate)
+        return out
+    out["value"] = to_si(raw, SI_UNIT[kind], f"a {kind.replace('_', ' ')} limit")
+    return out
+
+
+def normalise_limits(value: Any, allowed: tuple[str, ...]) -> list[dict[str, Any]]:
+    """`until` as one quantity, a list of them, or mappings {kind: value, then: where}."""
+    if value is None:
+        return []
+    items = value if isinstance(value, list) else [value]
+    out: list[dict[str, Any]] = []
+    for item in items:
+        if isinstance(item, dict):
+            then = str(item.get("then", "next"))
+            kinds = [k for k in item if k != "then"]
+            if not kinds:
+                raise PydanticCustomError("limit", "a limit needs a quantity besides 'then'", {})
+            pairs = [(k, item[k]) for k in kinds]
+        elif isinstance(item, str):
+            kind = kind_of(_OP.match(item).group(2))  # type: ignore[union-attr]
             if kind is None:
                 raise PydanticCustomError(
                     "limit",
                     "{item!r} is not a limit (expected a quantity with a unit for one of: {allowed})",
                     {"item": item, "allowed": ", ".join(allowed)},
                 )
-            if kind not in allowed:
+            pairs, then = [(kind, item)], "next"
+        else:
+            raise PydanticCustomError(
+                "limit", "{item!r} is not a limit (write it with a unit, e.g. '4.3 V')", {"item": item}
+            )
+        for kind, text in pairs:
+            if kind in LIMIT_KINDS and kind not in allowed:
                 raise PydanticCustomError(
                     "limit",
                     "'{item}' is a {kind} limit, which this step cannot end on (expected one of: {allowed})",
-                    {"item": item, "kind": kind, "allowed": ", ".join(allowed)},
+                    {"item": text, "kind": kind, "allowed": ", ".join(allowed)},
                 )
-            out[kind] = item
-        return out
-
-    return BeforeValidator(normalise)
+            out.append(_limit(kind, text, then, allowed))
+    return out
 
 
-class _Until(Strict):
-    what: ClassVar[str] = "limit"
+class RecordRule(Strict):
+    """Record a sample when any of these has changed since the last one recorded."""
+
+    what: ClassVar[str] = "record rule"
+    every: Duration | None = None
+    voltage: Voltage | None = None
+    current: Annotated[float, BeforeValidator(lambda v: to_si(v, "A", "a current change (e.g. '0.1 mA')"))] | None = (
+        None
+    )
+
+
+# --- leaf steps ----------------------------------------------------------------------------------
+ALL_BUT = {k: tuple(x for x in LIMIT_KINDS if x != k) for k in ("voltage", "current")}
+
+
+class StepBody(Strict):
+    """What every leaf step may say besides its control."""
+
+    what: ClassVar[str] = "setting"
+    limit_kinds: ClassVar[tuple[str, ...]] = LIMIT_KINDS
+    label: str | None = None
+    until: list[Limit] = Field(default_factory=list)
+    sample_period: Duration | None = Field(default=None, gt=0)
+    record: RecordRule | None = None
+    new_cycle: bool = False
+
+    @field_validator("until", mode="before")
+    @classmethod
+    def _normalise_until(cls, value: Any) -> Any:
+        return normalise_limits(value, cls.limit_kinds)
+
+
+class CurrentBody(StepBody):
+    """Constant current, power or load resistance (exactly one)."""
+
+    current: Current | None = None
+    power: Power | None = None
+    resistance: Resistance | None = Field(default=None, gt=0)
+    voltage_limit: Voltage | None = None
 
     @model_validator(mode="after")
-    def _at_least_one(self) -> _Until:
-        if all(getattr(self, name) is None for name in type(self).model_fields):
-            raise PydanticCustomError("limit", "a step needs at least one limit, or it never ends", {})
+    def _one_control(self) -> CurrentBody:
+        given = [k for k in ("current", "power", "resistance") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise PydanticCustomError(
+                "control", "say exactly one of current, power or resistance (got {n})",
+                {"n": ", ".join(given) or "none"},
+            )
+        if not self.until:
+            raise PydanticCustomError("limit", "a step needs at least one limit in 'until', or it never ends", {})
         return self
 
 
-class CurrentUntil(_Until):
-    voltage: Voltage | None = None
-    time: Duration | None = None
-
-
-class VoltageUntil(_Until):
-    current: Current | None = None
-    time: Duration | None = None
-
-
-class CurrentControl(Strict):
-    """Constant current until a voltage or a time; the instrument clamps at voltage_limit."""
-
-    what: ClassVar[str] = "setting"
-    current: Current
-    until: Annotated[CurrentUntil, _limits_by_kind(("voltage", "time"))]
-    voltage_limit: Voltage | None = None
-
-
-class VoltageControl(Strict):
-    """Constant voltage until the current falls to a value, or a time; clamped at current_limit."""
-
-    what: ClassVar[str] = "setting"
+class VoltageBody(StepBody):
+    limit_kinds: ClassVar[tuple[str, ...]] = ALL_BUT["voltage"]
     voltage: Voltage
-    until: Annotated[VoltageUntil, _limits_by_kind(("current", "time"))]
     current_limit: Current | None = None
 
+    @model_validator(mode="after")
+    def _ends(self) -> VoltageBody:
+        if not self.until:
+            raise PydanticCustomError("limit", "a step needs at least one limit in 'until', or it never ends", {})
+        return self
 
-class CCStep(Strict):
-    what: ClassVar[str] = "step"
-    cc: CurrentControl
 
-    def current(self) -> CurrentSpec:
-        return self.cc.current
+class CCCVBody(StepBody):
+    """Constant current up to a voltage, then that voltage held; `until` usually ends it on current."""
+
+    current: Current
+    voltage: Voltage
+
+    @model_validator(mode="after")
+    def _ends(self) -> CCCVBody:
+        if not self.until:
+            raise PydanticCustomError("limit", "a cccv step needs an end, e.g. until: C/50", {})
+        return self
+
+
+class RestBody(StepBody):
+    duration: Duration | None = Field(default=None, alias="for")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, data: Any) -> Any:
+        return {"for": data} if isinstance(data, (str, int, float)) else data
+
+    @model_validator(mode="after")
+    def _ends(self) -> RestBody:
+        if self.duration is None and not self.until:
+            raise PydanticCustomError("limit", "a rest needs a duration ('rest: 1 h') or a limit", {})
+        return self
+
+
+class RampBody(StepBody):
+    current: tuple[Current, Current] | None = None
+    voltage: tuple[Voltage, Voltage] | None = None
+    over: Duration = Field(gt=0)
+    voltage_limit: Voltage | None = None
+    current_limit: Current | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> RampBody:
+        if (self.current is None) == (self.voltage is None):
+            raise PydanticCustomError("control", "a ramp is of current or of voltage: say exactly one", {})
+        return self
+
+
+class DriveBody(StepBody):
+    """A current or power series from a CSV file of time (s) and value (A or W), charge positive."""
+
+    file: str
+    quantity: Literal["current", "power"] = "current"
+    interpolation: Literal["linear", "step"] = "linear"
+    repeat: bool = False
+    voltage_limit: Voltage | None = None
+    times: tuple[float, ...] = ()  # filled in from the file when the profile is loaded
+    values: tuple[float, ...] = ()
+
+
+class Segment(Strict):
+    what: ClassVar[str] = "segment key"
+    current: Current | None = None
+    power: Power | None = None
+    duration: Duration = Field(alias="for", gt=0)
+
+    @model_validator(mode="after")
+    def _one(self) -> Segment:
+        if (self.current is None) == (self.power is None):
+            raise PydanticCustomError("control", "a segment has a current or a power: say exactly one", {})
+        return self
+
+
+class PulseBody(StepBody):
+    """Back-to-back segments (HPPC); a sample is taken just before and just after every edge."""
+
+    segments: list[Segment] = Field(min_length=1)
+    voltage_limit: Voltage | None = None
 
 
 class ChargeStep(Strict):
     what: ClassVar[str] = "step"
-    charge: CurrentControl
-
-    @property
-    def cc(self) -> CurrentControl:
-        return self.charge
-
-    def current(self) -> CurrentSpec:
-        return abs(self.charge.current)
+    kind: ClassVar[str] = "charge"
+    charge: CurrentBody
 
 
 class DischargeStep(Strict):
     what: ClassVar[str] = "step"
-    discharge: CurrentControl
-
-    @property
-    def cc(self) -> CurrentControl:
-        return self.discharge
-
-    def current(self) -> CurrentSpec:
-        return -abs(self.discharge.current)
+    kind: ClassVar[str] = "discharge"
+    discharge: CurrentBody
 
 
-class CVStep(Strict):
+class CCStep(Strict):
     what: ClassVar[str] = "step"
-    cv: VoltageControl
+    kind: ClassVar[str] = "cc"
+    cc: CurrentBody
 
 
 class HoldStep(Strict):
     what: ClassVar[str] = "step"
-    hold: VoltageControl
+    kind: ClassVar[str] = "hold"
+    hold: VoltageBody
 
-    @property
-    def cv(self) -> VoltageControl:
-        return self.hold
+
+class CVStep(Strict):
+    what: ClassVar[str] = "step"
+    kind: ClassVar[str] = "cv"
+    cv: VoltageBody
+
+
+class CCCVStep(Strict):
+    what: ClassVar[str] = "step"
+    kind: ClassVar[str] = "cccv"
+    cccv: CCCVBody
 
 
 class RestStep(Strict):
     what: ClassVar[str] = "step"
-    rest: Duration
+    kind: ClassVar[str] = "rest"
+    rest: RestBody
+
+
+class RampStep(Strict):
+    what: ClassVar[str] = "step"
+    kind: ClassVar[str] = "ramp"
+    ramp: RampBody
+
+
+class DriveStep(Strict):
+    what: ClassVar[str] = "step"
+    kind: ClassVar[str] = "drive"
+    drive: DriveBody
+
+
+class PulseStep(Strict):
+    what: ClassVar[str] = "step"
+    kind: ClassVar[str] = "pulse"
+    pulse: PulseBody
 
 
 class RepeatStep(Strict):
     what: ClassVar[str] = "key of a repeat"
+    kind: ClassVar[str] = "repeat"
     repeat: int = Field(ge=1, description="how many times the steps run")
     steps: list[Step] = Field(min_length=1)
+    label: str | None = None
+    time_limit: Duration | None = Field(default=None, gt=0, description="a time budget for the whole loop")
+    then: str = "next"  # where to go when the time budget runs out
 
 
-STEP_KINDS = ("charge", "discharge", "hold", "rest", "cc", "cv", "repeat")
+LEAF_STEPS: tuple[type[Strict], ...] = (
+    ChargeStep, DischargeStep, CCStep, HoldStep, CVStep, CCCVStep, RestStep, RampStep, DriveStep, PulseStep,
+)
+STEP_KINDS = (*(c.kind for c in LEAF_STEPS), "repeat")  # type: ignore[attr-defined]
+
+
+def body_of(step: BaseModel) -> StepBody:
+    """The body of a leaf step (what follows its kind)."""
+    return getattr(step, step.kind)  # type: ignore[attr-defined]
 
 
 def step_kind(value: Any) -> str | None:
     if isinstance(value, BaseModel):
-        return next(k for k in STEP_KINDS if k in type(value).model_fields)
+        return value.kind  # type: ignore[attr-defined]
     if isinstance(value, dict):
         return next((k for k in STEP_KINDS if k in value), None)
     return None
 
 
 def _known_step(value: Any) -> Any:
+    if isinstance(value, str):
+        return pybamm_step(value)
     if isinstance(value, dict) and step_kind(value) is None:
         keys = ", ".join(f"'{k}'" for k in value) or "nothing"
         raise PydanticCustomError(
@@ -188,7 +397,7 @@ def _known_step(value: Any) -> Any:
         )
     if not isinstance(value, (dict, BaseModel)):
         raise PydanticCustomError(
-            "step", "a step is a mapping such as 'rest: 1 h', not {value!r}", {"value": value}
+            "step", "a step is a mapping such as 'rest: 1 h' or a PyBaMM string, not {value!r}", {"value": value}
         )
     return value
 
@@ -196,14 +405,28 @@ def _known_step(value: Any) -> Any:
 Step = Annotated[
     Annotated[ChargeStep, Tag("charge")]
     | Annotated[DischargeStep, Tag("discharge")]
-    | Annotated[HoldStep, Tag("hold")]
-    | Annotated[RestStep, Tag("rest")]
     | Annotated[CCStep, Tag("cc")]
+    | Annotated[HoldStep, Tag("hold")]
     | Annotated[CVStep, Tag("cv")]
+    | Annotated[CCCVStep, Tag("cccv")]
+    | Annotated[RestStep, Tag("rest")]
+    | Annotated[RampStep, Tag("ramp")]
+    | Annotated[DriveStep, Tag("drive")]
+    | Annotated[PulseStep, Tag("pulse")]
     | Annotated[RepeatStep, Tag("repeat")],
     Discriminator(step_kind),
     BeforeValidator(_known_step),
 ]
+
+
+class Range(Strict):
+    """Profile-level safety limits: readings outside end the test in the safe state."""
+
+    what: ClassVar[str] = "safety limit"
+    voltage: tuple[Voltage, Voltage] | None = None
+    current: tuple[Current, Current] | None = None
+    temperature: tuple[Temperature, Temperature] | None = None
+    pressure: tuple[Pressure, Pressure] | None = None
 
 
 class Profile(Strict):
@@ -214,11 +437,16 @@ class Profile(Strict):
     description: str = ""
     cell: str | None = None
     sample_period: Duration = Field(default=1.0, gt=0)
+    record: RecordRule | None = None
+    safety: Range | None = None
+    time_limit: Duration | None = Field(default=None, gt=0)
+    c_rate_basis: Literal["nominal", "measured"] = "nominal"
+    cycle_counting: Literal["auto", "explicit"] = "auto"
     steps: list[Step] = Field(min_length=1)
     format: Literal[1] = 1
 
     def executed_step_count(self) -> int:
-        """How many steps a run of this profile starts, loops unrolled."""
+        """How many steps a run of this profile starts, loops unrolled and no limit jumping."""
         return _count(self.steps)
 
 

@@ -82,15 +82,34 @@ def to_si(value: Any, unit: str, what: str) -> float:
         raise PydanticCustomError("quantity", "'{value}' is not {what}", {"value": value, "what": what}) from None
 
 
+# What a quantity is, by its unit: the kinds a step limit can be written in, in checking order.
+UNIT_KINDS: tuple[tuple[str, str], ...] = (
+    ("voltage", "V"),
+    ("time", "s"),
+    ("current", "A"),
+    ("step_capacity", "A*h"),
+    ("step_energy", "W*h"),
+    ("dvdt", "V/s"),
+    ("didt", "A/s"),
+    ("temperature", "degC"),
+    ("pressure", "Pa"),
+    ("power", "W"),
+    ("resistance", "ohm"),
+)
+SI_UNIT = dict(UNIT_KINDS) | {"cycle_capacity": "A*h", "cycle_energy": "W*h"}
+
+
 def kind_of(text: str) -> str | None:
-    """Which kind of quantity a string is: voltage, time, current, or None."""
+    """Which kind of quantity a string is (voltage, time, current, ...), or None."""
     if parse_c_rate(text) is not None:
         return "current"
     try:
         quantity = registry().Quantity(text.strip())
     except Exception:
         return None
-    for kind, unit in (("voltage", "V"), ("time", "s"), ("current", "A")):
+    if not isinstance(quantity, pint.Quantity):
+        return None
+    for kind, unit in UNIT_KINDS:
         if quantity.check(registry().parse_units(unit).dimensionality):
             return kind
     return None
@@ -109,5 +128,9 @@ def _si(unit: str, what: str) -> BeforeValidator:
 
 
 Voltage = Annotated[float, _si("V", "a voltage (e.g. '4.3 V')")]
+Power = Annotated[float, _si("W", "a power (e.g. '2 mW')")]
+Resistance = Annotated[float, _si("ohm", "a resistance (e.g. '100 ohm')")]
+Temperature = Annotated[float, _si("degC", "a temperature (e.g. '25 degC')")]
+Pressure = Annotated[float, _si("Pa", "a pressure (e.g. '5 MPa')")]
 Duration = Annotated[float, _si("s", "a duration (e.g. '30 min')")]
 Current = Annotated[CurrentSpec, BeforeValidator(_current), PlainSerializer(str)]

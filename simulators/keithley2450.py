@@ -125,33 +125,38 @@ class Keithley2450Sim:
             self._step(dt)
             self._t += dt
 
-    def _step(self, dt: float) -> None:
+    def _solve(self, dt: float) -> tuple[float, float, bool]:
+        """(current, voltage, in compliance) of the source on the cell over the next dt (0: this instant)."""
         v = self.tree.values
         e, r = self.cell.thevenin(dt)
-        current, self.tripped = 0.0, False
-        if v["output"]:
-            if v["source"] == "CURR":
-                current = v["i_set"]
-                voltage = e + current * r
-                if abs(voltage) > v["v_lim"]:
-                    target = v["v_lim"] if voltage > 0 else -v["v_lim"]
-                    current = max(-MAX_CURRENT, min(MAX_CURRENT, (target - e) / r))
-                    self.tripped = True
-            else:
-                current = (v["v_set"] - e) / r
-                if abs(current) > v["i_lim"]:
-                    current = v["i_lim"] if current > 0 else -v["i_lim"]
-                    self.tripped = True
+        if not v["output"]:
+            return 0.0, e, False
+        if v["source"] == "CURR":
+            current = v["i_set"]
+            voltage = e + current * r
+            if abs(voltage) <= v["v_lim"]:
+                return current, voltage, False
+            target = v["v_lim"] if voltage > 0 else -v["v_lim"]
+            current = max(-MAX_CURRENT, min(MAX_CURRENT, (target - e) / r))
+            return current, e + current * r, True
+        current = (v["v_set"] - e) / r
+        if abs(current) <= v["i_lim"]:
+            return current, v["v_set"], False
+        current = v["i_lim"] if current > 0 else -v["i_lim"]
+        return current, e + current * r, True
+
+    def _step(self, dt: float) -> None:
+        current, _, self.tripped = self._solve(dt)
         self.cell.apply_current(current, dt)
 
     def _reading(self, function: str) -> float:
-        state = self.cell.state
+        """What the meter reads now: the source's present state on the cell, plus noise."""
+        current, voltage, _ = self._solve(0.0)
         if function.startswith("VOLT"):
-            return state.voltage + self._rng.gauss(0.0, self.noise_v) if self.noise_v else state.voltage
+            return voltage + self._rng.gauss(0.0, self.noise_v) if self.noise_v else voltage
         if function.startswith("CURR"):
-            return state.current + self._rng.gauss(0.0, self.noise_i) if self.noise_i else state.current
-        current = state.current
-        return state.voltage / current if current else OVERFLOW
+            return current + self._rng.gauss(0.0, self.noise_i) if self.noise_i else current
+        return voltage / current if current else OVERFLOW
 
     def _measure(self, function: str) -> str:
         self.tree.values["sense"] = function

@@ -38,16 +38,15 @@ def test_a_profile_that_reads_aloud_parses_into_steps() -> None:
         )
     )
     rest, charge, hold, loop = profile.steps
-    assert isinstance(rest, RestStep) and rest.rest == 1800
-    assert isinstance(charge, ChargeStep) and charge.current().resolve(3.5e-3) == pytest.approx(1.75e-4)
-    assert charge.cc.until.voltage == 4.3
-    assert isinstance(hold, HoldStep) and hold.cv.until.current.c_rate == pytest.approx(0.02)
+    assert isinstance(rest, RestStep) and rest.rest.duration == 1800
+    assert isinstance(charge, ChargeStep) and charge.charge.current.resolve(3.5e-3) == pytest.approx(1.75e-4)
+    assert [(lim.kind, lim.value) for lim in charge.charge.until] == [("voltage", 4.3)]
+    assert isinstance(hold, HoldStep) and hold.hold.until[0].c_rate == pytest.approx(0.02)
     assert isinstance(loop, RepeatStep) and loop.repeat == 2
     discharge = loop.steps[0]
     assert isinstance(discharge, DischargeStep)
-    assert discharge.current().resolve(1.0) == pytest.approx(-350e-6)  # discharge is negative current
-    assert (discharge.cc.until.voltage, discharge.cc.until.time) == (2.5, 43200)
-    assert loop.steps[1].current().c_rate == pytest.approx(-0.1)
+    assert [(lim.kind, lim.value) for lim in discharge.discharge.until] == [("voltage", 2.5), ("time", 43200)]
+    assert loop.steps[1].cc.current.c_rate == pytest.approx(-0.1)
     assert profile.sample_period == 10
     assert profile.executed_step_count() == 3 + 2 * 2
 
@@ -64,7 +63,10 @@ def test_an_unknown_limit_is_named_with_its_line_and_the_known_ones() -> None:
               current: 1 mA
               until: {volt: 4.2 V}
         """
-    ) == ["cycle.yaml:8: steps[3].cc.until: unknown limit 'volt' (expected one of: voltage, time)"]
+    ) == [
+        "cycle.yaml:8: steps[3].cc.until: unknown limit 'volt' (expected one of: voltage, current, time, "
+        "step_capacity, cycle_capacity, step_energy, cycle_energy, dvdt, didt, temperature, pressure)"
+    ]
 
 
 def test_every_problem_is_reported_not_just_the_first() -> None:
@@ -80,19 +82,21 @@ def test_every_problem_is_reported_not_just_the_first() -> None:
         """
     )
     assert found == [
-        "cycle.yaml:3: steps[0]: unknown step 'rset' (expected one of: charge, discharge, hold, rest, cc, cv, repeat)",
+        "cycle.yaml:3: steps[0]: unknown step 'rset' (expected one of: charge, discharge, cc, hold, cv, cccv, "
+        "rest, ramp, drive, pulse, repeat)",
         "cycle.yaml:4: steps[1].rest: 1 has no unit: a duration needs one, e.g. '1 s'",
         "cycle.yaml:5: steps[2].charge.current: '4 parsecs' is not a current (e.g. '2 mA' or 'C/10')",
-        "cycle.yaml:6: steps[3].hold: 'until' is required",
+        "cycle.yaml:6: steps[3].hold: a step needs at least one limit in 'until', or it never ends",
         "cycle.yaml:7: steps[4].cv.until: '3 V' is a voltage limit, which this step cannot end on "
-        "(expected one of: current, time)",
+        "(expected one of: current, time, step_capacity, cycle_capacity, step_energy, cycle_energy, dvdt, didt, "
+        "temperature, pressure)",
     ]
 
 
 def test_unknown_top_level_keys_and_missing_steps() -> None:
     assert problems("name: x\nstep:\n  - rest: 1 h\n") == [
-        "cycle.yaml:2: unknown profile key 'step' (expected one of: name, description, cell, "
-        "sample_period, steps, format)"
+        "cycle.yaml:2: unknown profile key 'step' (expected one of: name, description, cell, sample_period, "
+        "record, safety, time_limit, c_rate_basis, cycle_counting, steps, format)"
     ]
     assert problems("name: x\n") == ["cycle.yaml:1: 'steps' is required"]
 

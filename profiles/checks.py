@@ -1,0 +1,68 @@
+"""Checks that need more than one field: flow, files a profile names, and the cell it will run on."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from profiles.controls import load_series
+from profiles.program import _path_key, compile_profile, flow_problems
+from profiles.schema import Profile, body_of
+
+Problem = tuple[tuple[str | int, ...], str]
+UNSUPPORTED_LIMITS = {"temperature": "a temperature chamber", "pressure": "a stack-pressure press"}
+
+
+def profile_checks(base_dir: Path) -> Callable[[Profile], list[Problem]]:
+    """The checks of a profile file read from base_dir (drive files are relative to it)."""
+
+    def check(profile: Profile) -> list[Problem]:
+        problems = flow_problems(profile)
+        for ins in compile_profile(profile).instrs:
+            if ins.op != "step":
+                continue
+            where = _path_key(ins.path)
+            body = body_of(ins.node)
+            for lim in body.until:
+                if lim.kind in UNSUPPORTED_LIMITS:
+                    problems.append(
+                        ((*where, ins.node.kind, "until"),
+                         f"a {lim.kind} limit needs {UNSUPPORTED_LIMITS[lim.kind]} on the channel, "
+                         "which this bench version cannot drive yet")
+                    )
+            if ins.node.kind == "drive":
+                try:
+                    load_series((base_dir / body.file).resolve())
+                except (OSError, ValueError) as exc:
+                    problems.append(((*where, "drive", "file"), f"cannot use drive file: {exc}"))
+        if profile.safety and (profile.safety.temperature or profile.safety.pressure):
+            problems.append((("safety",), "temperature and pressure safety limits need a chamber and a press, "
+                                          "which this bench version cannot drive yet"))
+        return problems
+
+    return check
+
+
+def cell_problems(profile: Profile, v_min: float, v_max: float) -> list[Problem]:
+    """Voltages the profile asks for that the cell must never see."""
+    problems: list[Problem] = []
+    for ins in compile_profile(profile).instrs:
+        if ins.op != "step":
+            continue
+        where = (*_path_key(ins.path), ins.node.kind)
+        body = body_of(ins.node)
+        asked: list[tuple[str, Any]] = []
+        for name in ("voltage", "voltage_limit"):
+            value = getattr(body, name, None)
+            if isinstance(value, float):
+                asked.append((name, value))
+            elif isinstance(value, tuple):
+                asked.extend((name, v) for v in value)
+        asked.extend(("until voltage", lim.value) for lim in body.until if lim.kind == "voltage")
+        for name, volts in asked:
+            if volts > v_max + 1e-9:
+                problems.append((where, f"{name} {volts:g} V is above the cell's maximum {v_max:g} V"))
+            elif volts < v_min - 1e-9:
+                problems.append((where, f"{name} {volts:g} V is below the cell's minimum {v_min:g} V"))
+    return problems
