@@ -16,13 +16,14 @@ from rich.tree import Tree
 from bench.analysis import cycle_table
 from bench.clock import RealClock, VirtualClock
 from bench.config import load_bench
-from bench.run import ChannelResult, run_bench, run_simulated
+from bench.run import ChannelResult, estimate_duration, run_bench, run_simulated
 from bench.store import open_run
 from drivers.errors import InstrumentFault
 from profiles import engine
 from profiles.library import library_path
 from profiles.parse import InputError, load_profile
-from profiles.schema import Profile, RepeatStep
+from profiles.schema import Profile, RepeatStep, body_of
+from profiles.units import format_quantity, human_duration
 from simulators.parameters import PRESETS
 
 app = typer.Typer(help="Hardware-in-the-loop test bench for solid-state battery cells.", no_args_is_help=True)
@@ -94,34 +95,76 @@ def _show_results(results: list[ChannelResult]) -> None:
         console.print(f"run database: [bold]{res.database}[/bold]")
 
 
+def _simulate(
+    path: Path, *, seed: int, runs_dir: Path, cell: str, soc: float, temperature: float
+) -> ChannelResult:
+    prof, text = _load(path)
+    if cell not in PRESETS:
+        raise _fail(f"unknown cell '{cell}' (expected one of: {', '.join(PRESETS)})")
+    console.print(
+        f"[bold]{prof.name}[/bold] on a simulated Keithley 2450 with a simulated {cell} cell "
+        f"({PRESETS[cell].chemistry}) at {temperature:g} degC, on the virtual clock"
+    )
+    clock = VirtualClock()
+    try:
+        with _progress_bar() as progress:
+            result, _ = clock.run(
+                run_simulated(
+                    prof, text, clock, params=PRESETS[cell], initial_soc=soc, seed=seed, temperature_c=temperature,
+                    runs_dir=runs_dir, on_progress=_reporter(progress, prof), profile_source=path.name,
+                    base_dir=path.parent,
+                )
+            )
+    except InputError as exc:
+        raise _fail(exc.problems) from None
+    _show_results([result])
+    return result
+
+
+SeedOption = Annotated[int, typer.Option(help="seed of the simulated measurement noise")]
+RunsOption = Annotated[Path, typer.Option(help="where run databases go")]
+CellOption = Annotated[str, typer.Option(help=f"simulated cell: {', '.join(PRESETS)}")]
+SocOption = Annotated[float, typer.Option(help="initial state of charge of the simulated cell, 0 to 1")]
+TempOption = Annotated[float, typer.Option(help="temperature of the simulated cell, degC")]
+
+
 @app.command()
 def demo(
-    seed: Annotated[int, typer.Option(help="seed of the simulated measurement noise")] = 0,
-    runs_dir: Annotated[Path, typer.Option(help="where run databases go")] = Path("runs"),
+    seed: SeedOption = 0,
+    runs_dir: RunsOption = Path("runs"),
     profile: Annotated[Path | None, typer.Option(help="a profile file instead of the bundled demo")] = None,
 ) -> None:
     """Run the bundled formation-and-cycling profile on a simulated bench, faster than real time."""
-    path = profile or library_path(DEMO_PROFILE)
-    prof, text = _load(path)
-    console.print(f"[bold]{prof.name}[/bold] on a simulated Keithley 2450 with an NMC811 | Li6PS5Cl | Li cell")
-    clock = VirtualClock()
-    with _progress_bar() as progress:
-        result, _ = clock.run(
-            run_simulated(prof, text, clock, seed=seed, runs_dir=runs_dir, on_progress=_reporter(progress, prof))
-        )
-    _show_results([result])
+    result = _simulate(
+        profile or library_path(DEMO_PROFILE), seed=seed, runs_dir=runs_dir, cell="pellet", soc=0.0, temperature=25.0
+    )
     if not result.outcome.completed:
         raise typer.Exit(1)
 
 
 @app.command()
 def run(
-    profile: Annotated[Path, typer.Argument(help="the profile YAML file")],
-    bench: Annotated[Path, typer.Option("--bench", help="the bench YAML file naming instruments and cells")],
-    runs_dir: Annotated[Path, typer.Option(help="where run databases go")] = Path("runs"),
+    profile: Annotated[Path, typer.Argument(help="the profile YAML file, or the name of a library profile")],
+    bench: Annotated[Path | None, typer.Option("--bench", help="the bench YAML file naming instruments")] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="run on the simulated cell on the virtual clock, recorded as a real run")
+    ] = False,
+    runs_dir: RunsOption = Path("runs"),
+    seed: SeedOption = 0,
+    cell: CellOption = "pellet",
+    soc: SocOption = 0.0,
+    temperature: TempOption = 25.0,
 ) -> None:
-    """Run a profile on every channel of a bench, in real time."""
-    prof, text = _load(profile)
+    """Run a profile on every channel of a bench in real time, or with --dry-run on a simulated bench."""
+    path = _profile_path(profile)
+    if dry_run:
+        result = _simulate(path, seed=seed, runs_dir=runs_dir, cell=cell, soc=soc, temperature=temperature)
+        if not result.outcome.completed:
+            raise typer.Exit(1)
+        return
+    if bench is None:
+        raise _fail("say which bench to run on with --bench BENCH.yaml, or use --dry-run")
+    prof, text = _load(path)
     try:
         cfg = load_bench(bench)
     except InputError as exc:
@@ -130,8 +173,11 @@ def run(
     try:
         with _progress_bar() as progress:
             results = clock.run(
-                run_bench(cfg, prof, text, clock, runs_dir=runs_dir, on_progress=_reporter(progress, prof))
+                run_bench(cfg, prof, text, clock, runs_dir=runs_dir, on_progress=_reporter(progress, prof),
+                          profile_source=path.name, base_dir=path.parent)
             )
+    except InputError as exc:
+        raise _fail(exc.problems) from None
     except InstrumentFault as exc:
         raise _fail(str(exc), 1) from None
     except KeyboardInterrupt:
@@ -141,23 +187,67 @@ def run(
         raise typer.Exit(1)
 
 
+def _profile_path(profile: Path) -> Path:
+    if profile.exists() or profile.suffix:
+        return profile
+    try:
+        return library_path(str(profile))
+    except FileNotFoundError as exc:
+        raise _fail(str(exc)) from None
+
+
 @app.command()
-def validate(profile: Annotated[Path, typer.Argument(help="the profile YAML file")]) -> None:
-    """Check a profile without touching any instrument, and show its steps."""
-    prof, _ = _load(profile)
+def validate(
+    profile: Annotated[Path, typer.Argument(help="the profile YAML file, or the name of a library profile")],
+    estimate: Annotated[bool, typer.Option(help="estimate the duration by a dry run on the simulated cell")] = True,
+    cell: CellOption = "pellet",
+    temperature: TempOption = 25.0,
+) -> None:
+    """Check a profile without touching any instrument, show its steps and estimate how long it runs."""
+    path = _profile_path(profile)
+    prof, text = _load(path)
+    params = PRESETS.get(cell, PRESETS["pellet"])
+    try:
+        from profiles.checks import cell_problems
+        from profiles.parse import locate
+
+        problems = cell_problems(prof, params.v_min, params.v_max)
+        if problems:
+            raise InputError(locate(text, path.name, [(p, f"{m} (simulated {cell} cell)") for p, m in problems]))
+    except InputError as exc:
+        raise _fail(exc.problems) from None
     tree = Tree(f"[bold]{prof.name}[/bold] (sample every {prof.sample_period:g} s)")
     _add_steps(tree, prof.steps)
     console.print(tree)
-    console.print(f"[green]valid[/green]: {prof.executed_step_count()} steps when run")
+    console.print(f"[green]valid[/green]: {prof.executed_step_count()} steps when run without jumps")
+    if estimate:
+        seconds, complete = estimate_duration(prof, text, params=params, temperature_c=temperature,
+                                              base_dir=path.parent)
+        bound = "" if complete else "more than "
+        console.print(
+            f"estimated duration on a simulated {cell} cell at {temperature:g} degC: "
+            f"{bound}{seconds / 3600:.1f} h"
+        )
 
 
 def _add_steps(tree: Tree, steps: list[Any]) -> None:
     for step in steps:
         if isinstance(step, RepeatStep):
-            _add_steps(tree.add(f"repeat × {step.repeat}"), step.steps)
+            budget = f", at most {human_duration(step.time_limit)}" if step.time_limit else ""
+            label = f" [{step.label}]" if step.label else ""
+            _add_steps(tree.add(f"repeat × {step.repeat}{budget}{label}"), step.steps)
         else:
-            (kind, body), = step.model_dump(mode="json").items()
-            tree.add(f"{kind}: {body}")
+            tree.add(_describe(step))
+
+
+def _describe(step: Any) -> str:
+    body = body_of(step)
+    shown = body.model_dump(exclude_defaults=True, exclude={"until", "label", "check"}).keys()
+    text = ", ".join(f"{k}: {format_quantity(k, getattr(body, k))}" for k in shown)
+    ends = " or ".join(lim.describe() + ("" if lim.then == "next" else f" → {lim.then}") for lim in body.until)
+    label = f"[{body.label}] " if body.label else ""
+    checks = "".join(f"; afterwards if {c.kind} {c.op} {c.value:g} → {c.then}" for c in body.check)
+    return f"{label}{step.kind}: {text}" + (f" until {ends}" if ends else "") + checks
 
 
 @sim_app.command("serve")

@@ -14,7 +14,9 @@ from bench.channel import Channel, connect_cycler
 from bench.clock import Clock
 from bench.config import BenchConfig, CellConfig, ChannelConfig, InstrumentConfig
 from bench.store import RunStore
+from profiles.checks import cell_problems
 from profiles.engine import Engine, Outcome, Progress
+from profiles.parse import InputError, locate
 from profiles.schema import Profile
 from simulators.cell import SolidStateCell
 from simulators.keithley2450 import Keithley2450Sim
@@ -52,12 +54,25 @@ async def run_bench(
     runs_dir: Path = Path("runs"),
     on_progress: ProgressCallback | None = None,
     extra_metadata: dict[str, object] | None = None,
+    profile_source: str = "<profile>",
+    base_dir: Path = Path("."),
 ) -> list[ChannelResult]:
-    """Run the profile on every channel of the bench at once; one database per channel."""
+    """Run the profile on every channel of the bench at once; one database per channel.
+
+    Raises InputError, before any instrument is touched, when the profile asks a cell for
+    voltages outside its window.
+    """
+    problems = []
+    for ch in bench.channels.values():
+        cell = bench.cells[ch.cell]
+        found = cell_problems(profile, cell.voltage_min, cell.voltage_max)
+        problems += [(path, f"{message} (cell '{ch.cell}')") for path, message in found]
+    if problems:
+        raise InputError(locate(profile_text, profile_source, problems))
     rid = run_id(profile)
     jobs = [
         _run_channel(bench, name, ch, profile, profile_text, clock, runs_dir / f"{rid}-{name}.sqlite",
-                     on_progress, extra_metadata or {})
+                     on_progress, extra_metadata or {}, base_dir)
         for name, ch in bench.channels.items()
     ]
     return list(await asyncio.gather(*jobs))
@@ -73,6 +88,7 @@ async def _run_channel(
     path: Path,
     on_progress: ProgressCallback | None,
     extra: dict[str, object],
+    base_dir: Path,
 ) -> ChannelResult:
     cell = bench.cells[ch.cell]
     cycler, transport, identity = await connect_cycler(ch.cycler, bench.instruments[ch.cycler])
@@ -92,7 +108,8 @@ async def _run_channel(
             )
             channel = Channel(name, cell, cycler, {ch.cycler: identity})
             progress = (lambda p: on_progress(name, p)) if on_progress else None
-            outcome = await Engine(profile, channel, store, clock, on_progress=progress).run()
+            engine = Engine(profile, channel, store, clock, on_progress=progress, base_dir=base_dir)
+            outcome = await engine.run()
     finally:
         await transport.close()
     return ChannelResult(name, path, outcome)
@@ -117,12 +134,18 @@ class SimulatedBench:
     """
 
     def __init__(
-        self, params: CellParameters = PELLET, *, initial_soc: float = 0.0, seed: int = 0, noise: bool = True
+        self,
+        params: CellParameters = PELLET,
+        *,
+        initial_soc: float = 0.0,
+        seed: int = 0,
+        noise: bool = True,
+        temperature_c: float = 25.0,
     ) -> None:
         self.params = params
         self.initial_soc = initial_soc
         self.seed = seed
-        self.cell = SolidStateCell(params, soc=initial_soc)
+        self.cell = SolidStateCell(params, soc=initial_soc, temperature_c=temperature_c)
         self.noise = noise
         self.sim: Keithley2450Sim | None = None
         self.server: SimServer | None = None
@@ -158,11 +181,16 @@ class SimulatedBench:
         *,
         runs_dir: Path = Path("runs"),
         on_progress: ProgressCallback | None = None,
+        profile_source: str = "<profile>",
+        base_dir: Path = Path("."),
     ) -> ChannelResult:
-        simulation = {"seed": self.seed, "initial_soc": self.initial_soc, "cell": self.params.model_dump()}
+        simulation = {
+            "seed": self.seed, "initial_soc": self.initial_soc, "temperature_c": self.cell.temperature_c,
+            "cell": self.params.model_dump(),
+        }
         results = await run_bench(
             self.config, profile, profile_text, clock, runs_dir=runs_dir, on_progress=on_progress,
-            extra_metadata={"simulation": simulation},
+            extra_metadata={"simulation": simulation}, profile_source=profile_source, base_dir=base_dir,
         )
         return results[0]
 
@@ -176,10 +204,56 @@ async def run_simulated(
     initial_soc: float = 0.0,
     seed: int = 0,
     noise: bool = True,
+    temperature_c: float = 25.0,
     runs_dir: Path = Path("runs"),
     on_progress: ProgressCallback | None = None,
+    profile_source: str = "<profile>",
+    base_dir: Path = Path("."),
 ) -> tuple[ChannelResult, SolidStateCell]:
     """Run a profile on a fresh simulated bench; return the result and the simulated cell."""
-    async with SimulatedBench(params, initial_soc=initial_soc, seed=seed, noise=noise) as bench:
-        result = await bench.run(profile, profile_text, clock, runs_dir=runs_dir, on_progress=on_progress)
+    bench = SimulatedBench(params, initial_soc=initial_soc, seed=seed, noise=noise, temperature_c=temperature_c)
+    async with bench:
+        result = await bench.run(
+            profile, profile_text, clock, runs_dir=runs_dir, on_progress=on_progress,
+            profile_source=profile_source, base_dir=base_dir,
+        )
     return result, bench.cell
+
+
+class _OutOfTime(Exception):
+    pass
+
+
+def estimate_duration(
+    profile: Profile,
+    profile_text: str,
+    *,
+    params: CellParameters = PELLET,
+    temperature_c: float = 25.0,
+    base_dir: Path = Path("."),
+    wall_budget: float = 30.0,
+) -> tuple[float, bool]:
+    """Test time of a dry run on the simulated cell: (seconds, True), or (seconds so far, False) when
+    the dry run needed more than wall_budget seconds of wall time."""
+    import tempfile
+
+    from bench.clock import VirtualClock
+
+    began = time.perf_counter()
+    reached = [0.0]
+
+    def watch(channel: str, p: Progress) -> None:
+        reached[0] = p.test_time
+        if time.perf_counter() - began > wall_budget:
+            raise _OutOfTime
+
+    clock = VirtualClock()
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            result, _ = clock.run(
+                run_simulated(profile, profile_text, clock, params=params, temperature_c=temperature_c,
+                              noise=False, runs_dir=Path(tmp), on_progress=watch, base_dir=base_dir)
+            )
+        except _OutOfTime:
+            return reached[0], False
+    return result.outcome.test_time, True

@@ -109,6 +109,7 @@ class Engine:
         self._acc = [0.0, 0.0, 0.0, 0.0]  # cycle charge Ah, discharge Ah, charge Wh, discharge Wh
         self._last_cc_current: float | None = None
         self._measured_capacity: float | None = None
+        self._reference_capacity: float | None = None
         self._last: Reading | None = None
         self._budgets: list[_Budget] = []
 
@@ -213,15 +214,23 @@ class Engine:
             reading = await self.channel.cycler.measure()
             t_step = now - state.start
             self._take(state, now, reading)
-            self._check_safe(reading)
             ended = self._ended(ctl, limits, state, reading, t_step) or self._budget_ended(now)
+            unsafe = self._unsafe(reading)
+            planned_end = ended is not None and self._resolve(pc, ended[1]) == END
+            if unsafe and not planned_end:  # a limit that ends the test on this reading was planned for it
+                raise SafetyStop(unsafe)
             at_edge = bool(edges) and now >= edge_at - 1e-9
             self._maybe_record(state, now, reading, ctl, ins.index, rule, force=bool(ended) or at_edge)
             if ended:
                 reason, target = ended
+                for check in body.check:
+                    value = self._check_value(check.kind, ctl, state)
+                    if value is not None and _holds(check.op, value, check.value):
+                        reason, target = f"{reason}; then {check.kind} {check.op} {check.value:g}", check.then
+                        break
                 self.store.step_ended(self._step_count, now - self._start, reason)
-                self._after_step(ctl, reason)
-                return self.program.target(pc, target) if isinstance(target, str) else target
+                self._after_step(ctl, reason, state)
+                return self._resolve(pc, target)
             if at_edge:
                 edges.pop(0)
                 await self._apply(ctl, t_step, reading.voltage)
@@ -251,9 +260,24 @@ class Engine:
         if ctl.direction < 0:
             self._discharged = True
 
-    def _after_step(self, ctl: Control, reason: str) -> None:
-        if ctl.step_type == "CC Discharge" and reason.startswith("voltage"):
-            self._measured_capacity = self._acc[1] or self._measured_capacity
+    def _after_step(self, ctl: Control, reason: str, st: _StepState) -> None:
+        """A discharge that reached its voltage limit measures the capacity (the first is the reference)."""
+        if ctl.step_type == "CC Discharge" and reason.startswith("voltage") and st.discharge_ah > 0:
+            self._measured_capacity = st.discharge_ah
+            if self._reference_capacity is None:
+                self._reference_capacity = st.discharge_ah
+
+    def _resolve(self, pc: int, target: str | int) -> int:
+        return self.program.target(pc, target) if isinstance(target, str) else target
+
+    def _check_value(self, kind: str, ctl: Control, st: _StepState) -> float | None:
+        if kind == "retention":
+            if not self._reference_capacity or ctl.direction >= 0:
+                return None
+            return st.discharge_ah / self._reference_capacity
+        if kind == "step_capacity":
+            return max(st.charge_ah, st.discharge_ah)
+        return self._acc[0] if ctl.direction > 0 else self._acc[1]
 
     # --- limits ----------------------------------------------------------------------------
     def _resolve_limits(self, ctl: Control) -> list[Limit]:
@@ -367,21 +391,23 @@ class Engine:
         st.history = [*st.history[-1:], (now, r)]
         self._last = r
 
-    def _check_safe(self, r: Reading) -> None:
+    def _unsafe(self, r: Reading) -> str | None:
+        """Why a reading is outside what the cell may see, or None."""
         cell = self.channel.cell
         if math.isnan(r.voltage) or math.isnan(r.current):
-            raise SafetyStop(f"the cycler returned an overflow reading ({r.voltage}, {r.current})")
+            return f"the cycler returned an overflow reading ({r.voltage}, {r.current})"
         low, high = cell.voltage_min - SAFE_MARGIN_LOW, cell.voltage_max + SAFE_MARGIN_HIGH
         if not low <= r.voltage <= high:
-            raise SafetyStop(f"cell voltage {r.voltage:.4f} V is outside the safe window {low:g} to {high:g} V")
+            return f"cell voltage {r.voltage:.4f} V is outside the safe window {low:g} to {high:g} V"
         safety = self.profile.safety
         if safety and safety.voltage and not safety.voltage[0] <= r.voltage <= safety.voltage[1]:
             lo, hi = safety.voltage
-            raise SafetyStop(f"cell voltage {r.voltage:.4f} V is outside the profile's safety range {lo:g} to {hi:g} V")
+            return f"cell voltage {r.voltage:.4f} V is outside the profile's safety range {lo:g} to {hi:g} V"
         if safety and safety.current:
             lo, hi = (c.resolve(self.channel.cell.capacity) for c in safety.current)
             if not lo <= r.current <= hi:
-                raise SafetyStop(f"current {r.current:.6g} A is outside the profile's safety range {lo:g} to {hi:g} A")
+                return f"current {r.current:.6g} A is outside the profile's safety range {lo:g} to {hi:g} A"
+        return None
 
     def _maybe_record(
         self, st: _StepState, now: float, r: Reading, ctl: Control, index: int, rule: RecordRule | None, force: bool
@@ -407,6 +433,10 @@ class Engine:
     def _event(self, kind: str, message: str) -> None:
         now = self.clock.now()
         self.store.event(kind, message, now - self._start, self.clock.unix(now))
+
+
+def _holds(op: str, value: float, bound: float) -> bool:
+    return value >= bound if op == ">=" else value <= bound
 
 
 def _rule_due(rule: RecordRule, last: tuple[float, Reading], now: float, r: Reading) -> bool:

@@ -127,10 +127,14 @@ def validate_yaml(
         raise InputError(explain(exc, data, lines, source)) from None
     problems = checks(result) if checks else []
     if problems:
-        raise InputError(
-            [f"{source}:{_nearest_line(path, lines)}: {format_path(path)}: {message}" for path, message in problems]
-        )
+        raise InputError(locate(text, source, problems))
     return result
+
+
+def locate(text: str, source: str, problems: list[tuple[Path_, str]]) -> list[str]:
+    """Problems found on a valid model, as 'file:line: field: message' against its YAML text."""
+    _, lines = load_yaml(text, source)
+    return [f"{source}:{_nearest_line(path, lines)}: {format_path(path)}: {message}" for path, message in problems]
 
 
 def parse_profile(text: str, source: str = "<profile>", base_dir: Path | None = None) -> Profile:

@@ -109,7 +109,8 @@ def flow_problems(profile: Profile) -> list[tuple[tuple[str | int, ...], str]]:
 
 def _thens(ins: Instr) -> list[str]:
     if ins.op == "step":
-        return [lim.then for lim in body_of(ins.node).until]
+        body = body_of(ins.node)
+        return [lim.then for lim in body.until] + [c.then for c in body.check]
     if ins.op == "loop" and ins.node.time_limit is not None:
         return [ins.node.then]
     return []
@@ -126,7 +127,7 @@ def _successors(program: Program, pc: int) -> set[int]:
             out.add(program.after_loop(pc) if then == "next" else program.target(pc, then))
         return out
     body = body_of(ins.node)
-    out = {program.target(pc, lim.then) for lim in body.until}
+    out = {program.target(pc, lim.then) for lim in body.until} | {program.target(pc, c.then) for c in body.check}
     if not body.until or any(lim.then == "next" for lim in body.until) or _implicitly_ends(ins.node):
         out.add(pc + 1)
     for loop_pc in ins.enclosing:  # a loop's time budget can end any step inside it

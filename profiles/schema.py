@@ -48,6 +48,7 @@ from profiles.units import (
     Resistance,
     Temperature,
     Voltage,
+    human_duration,
     kind_of,
     parse_c_rate,
     to_si,
@@ -95,8 +96,12 @@ class Limit(Strict):
     then: str = "next"
 
     def describe(self) -> str:
-        unit = SI_UNIT.get(self.kind, "")
-        value = f"{self.c_rate:g}C" if self.c_rate is not None else f"{self.value:g} {unit}"
+        if self.c_rate is not None:
+            value = f"{self.c_rate:g}C"
+        elif self.kind == "time":
+            value = human_duration(self.value)
+        else:
+            value = f"{self.value:g} {SI_UNIT.get(self.kind, '')}"
         return f"{self.kind} {self.op or 'reaches'} {value}"
 
 
@@ -157,6 +162,46 @@ def normalise_limits(value: Any, allowed: tuple[str, ...]) -> list[dict[str, Any
     return out
 
 
+CHECK_KINDS = ("retention", "step_capacity", "cycle_capacity")
+
+
+class Check(Strict):
+    """A condition looked at once, when the step has ended: where the profile goes if it holds.
+
+    `retention` is this step's discharge capacity over the reference (the first discharge that
+    ended on its voltage limit), e.g. ``{retention: "< 80 %", then: end}``.
+    """
+
+    what: ClassVar[str] = "check key"
+    kind: str
+    op: Literal[">=", "<="]
+    value: float
+    then: str
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_mapping(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or "kind" in data:
+            return data
+        if "then" not in data:
+            raise PydanticCustomError("check", "a check needs 'then': where to go when it holds", {})
+        kinds = [k for k in data if k != "then"]
+        if len(kinds) != 1 or kinds[0] not in CHECK_KINDS:
+            raise PydanticCustomError(
+                "check", "a check names one of: {expected} (got {got})",
+                {"expected": ", ".join(CHECK_KINDS), "got": ", ".join(kinds) or "none"},
+            )
+        kind, text = kinds[0], data[kinds[0]]
+        m = _OP.match(str(text))
+        assert m
+        op = {">": ">=", "<": "<="}.get(m.group(1) or "", m.group(1))
+        if op is None:
+            raise PydanticCustomError("check", "say which way the check goes, e.g. '< 80 %'", {})
+        unit = "percent" if kind == "retention" else "A*h"
+        value = to_si(m.group(2), unit, "a percentage (e.g. '80 %')" if kind == "retention" else "a capacity")
+        return {"kind": kind, "op": op, "value": value / 100 if kind == "retention" else value, "then": data["then"]}
+
+
 class RecordRule(Strict):
     """Record a sample when any of these has changed since the last one recorded."""
 
@@ -182,6 +227,12 @@ class StepBody(Strict):
     sample_period: Duration | None = Field(default=None, gt=0)
     record: RecordRule | None = None
     new_cycle: bool = False
+    check: list[Check] = Field(default_factory=list)
+
+    @field_validator("check", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return [value] if isinstance(value, dict) else value
 
     @field_validator("until", mode="before")
     @classmethod

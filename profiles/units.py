@@ -134,3 +134,25 @@ Temperature = Annotated[float, _si("degC", "a temperature (e.g. '25 degC')")]
 Pressure = Annotated[float, _si("Pa", "a pressure (e.g. '5 MPa')")]
 Duration = Annotated[float, _si("s", "a duration (e.g. '30 min')")]
 Current = Annotated[CurrentSpec, BeforeValidator(_current), PlainSerializer(str)]
+
+
+def human_duration(seconds: float) -> str:
+    """30 min, 1.5 h, 45 s: the largest unit that keeps the number readable."""
+    for unit, size in (("d", 86400.0), ("h", 3600.0), ("min", 60.0)):
+        if seconds >= size and (seconds % size == 0 or seconds >= 10 * size):
+            return f"{seconds / size:g} {unit}"
+    return f"{seconds:g} s"
+
+
+def format_quantity(name: str, value: Any) -> str:
+    """A profile value as a person writes it back: durations in h/min, voltages in V, and so on."""
+    if isinstance(value, CurrentSpec):
+        return str(value)
+    if isinstance(value, (tuple, list)):
+        return "[" + ", ".join(format_quantity(name, v) for v in value) + "]"
+    if not isinstance(value, float):
+        return str(value)
+    if name in ("duration", "over", "sample_period", "time", "every", "time_limit"):
+        return human_duration(value)
+    unit = {"voltage": "V", "voltage_limit": "V", "power": "W", "resistance": "ohm", "current": "A"}.get(name)
+    return f"{value:g} {unit}" if unit else f"{value:g}"
