@@ -108,8 +108,16 @@ def _current_control(
     if body.current is not None:
         amps = _sign(kind, body.current.resolve(capacity))
         name = "CC Charge" if amps > 0 else "CC Discharge" if amps < 0 else "Rest"
+        floor = max((lim.value for lim in limits if lim.kind == "voltage" and lim.op != ">="), default=None)
+        if amps < 0 and floor is not None and body.voltage_limit is None and last_voltage > floor + 1e-3:
+            # Discharging to a cut-off: a voltage source at the cut-off, its current limit the discharge
+            # current. The instrument sinks that current and can never take the cell below the cut-off,
+            # however steep the end-of-discharge knee and however slow the sampling.
+            return Control(name, "voltage", lambda t, v: floor, abs(amps), limits, -1)
         # Charging to a voltage: the instrument's own limit is that voltage (CC turns into CV there).
-        to_voltage = next((lim.value for lim in limits if lim.kind == "voltage" and amps > 0), None)
+        to_voltage = next(
+            (lim.value for lim in limits if lim.kind == "voltage" and lim.op != "<=" and amps > 0), None
+        )
         compliance = body.voltage_limit or (min(to_voltage, v_max) if to_voltage else v_max)
         return Control(name, "current", lambda t, v: amps, compliance, limits, 1 if amps > 0 else -1 if amps else 0)
     if body.power is not None:

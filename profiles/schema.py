@@ -48,6 +48,7 @@ from profiles.units import (
     Resistance,
     Temperature,
     Voltage,
+    compact,
     human_duration,
     kind_of,
     parse_c_rate,
@@ -101,7 +102,7 @@ class Limit(Strict):
         elif self.kind == "time":
             value = human_duration(self.value)
         else:
-            value = f"{self.value:g} {SI_UNIT.get(self.kind, '')}"
+            value = compact(self.value, SI_UNIT[self.kind])
         return f"{self.kind} {self.op or 'reaches'} {value}"
 
 

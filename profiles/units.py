@@ -50,7 +50,7 @@ class CurrentSpec:
     def __str__(self) -> str:
         if self.c_rate is not None:
             return f"{self.c_rate:g}C"
-        return f"{self.amps:g} A"
+        return compact(self.amps, "A")  # type: ignore[arg-type]
 
 
 def parse_c_rate(text: str) -> float | None:
@@ -155,4 +155,15 @@ def format_quantity(name: str, value: Any) -> str:
     if name in ("duration", "over", "sample_period", "time", "every", "time_limit"):
         return human_duration(value)
     unit = {"voltage": "V", "voltage_limit": "V", "power": "W", "resistance": "ohm", "current": "A"}.get(name)
-    return f"{value:g} {unit}" if unit else f"{value:g}"
+    return compact(value, unit) if unit else f"{value:g}"
+
+
+def compact(value: float, unit: str) -> str:
+    """350 µA rather than 0.00035 A."""
+    if value == 0:
+        return f"0 {unit}"
+    if unit in ("A*h", "W*h"):  # the lab writes mAh and mWh, not h·mA
+        small = abs(value) < 1
+        return f"{value * 1e3 if small else value:.4g} {'m' if small else ''}{unit.replace('*', '')}"
+    q = registry().Quantity(value, unit).to_compact()
+    return f"{q.magnitude:.4g} {q.units:~P}"

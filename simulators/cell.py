@@ -27,7 +27,7 @@ BOLTZMANN_EV = 8.617333262e-5
 KELVIN = 273.15
 # Beyond the tabulated window the OCV is continued steeply so over-charge and over-discharge
 # show as a voltage run-away rather than a flat line.
-OVERRUN_SLOPE_V = 100.0
+OVERRUN_SLOPE_V = 100.0  # V per unit SOC: the cathode cannot take more lithium than at SOC 0
 
 
 def interpolate(xs: tuple[float, ...], ys: tuple[float, ...], x: float) -> float:
