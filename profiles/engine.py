@@ -112,6 +112,7 @@ class Engine:
         self._reference_capacity: float | None = None
         self._last: Reading | None = None
         self._budgets: list[_Budget] = []
+        self._held: float | None = None  # the current a current source holds since the last setpoint
 
     # --- the run ---------------------------------------------------------------------------
     async def run(self) -> Outcome:
@@ -214,7 +215,7 @@ class Engine:
             reading = await self.channel.cycler.measure()
             t_step = now - state.start
             self._take(state, now, reading)
-            ended = self._ended(ctl, limits, state, reading, t_step) or self._budget_ended(now)
+            ended = self._budget_ended(now) or self._ended(ctl, limits, state, reading, t_step)
             unsafe = self._unsafe(reading)
             planned_end = ended is not None and self._resolve(pc, ended[1]) == END
             if unsafe and not planned_end:  # a limit that ends the test on this reading was planned for it
@@ -236,16 +237,24 @@ class Engine:
                 await self._apply(ctl, t_step, reading.voltage)
                 next_sample = now + PULSE_SETTLE
                 continue
+            interval = self._next_interval(period, limits, ctl, state)
             if ctl.dynamic:
-                await self._apply(ctl, t_step, reading.voltage)
-            next_sample = now + self._next_interval(period, limits, ctl, state)
+                # hold the value of the middle of the coming interval: a ramp or a linear drive is
+                # then followed with its charge exact, as by the midpoint rule
+                t_apply = t_step + interval / 2
+                if edges:
+                    t_apply = min(t_apply, edges[0] - 1e-6)
+                await self._apply(ctl, t_apply, reading.voltage)
+            next_sample = now + interval
 
     async def _apply(self, ctl: Control, t_step: float, voltage: float) -> None:
         value = ctl.setpoint(t_step, voltage)
         if ctl.mode == "current":
             await self.channel.cycler.source_current(value, voltage_limit=ctl.compliance)
+            self._held = value
         else:
             await self.channel.cycler.source_voltage(value, current_limit=ctl.compliance)
+            self._held = None
 
     def _advance_cycle(self, ctl: Control, explicit: bool) -> None:
         if self.profile.cycle_counting == "explicit":
@@ -372,12 +381,23 @@ class Engine:
 
     # --- samples ---------------------------------------------------------------------------
     def _take(self, st: _StepState, now: float, r: Reading) -> None:
-        """Integrate charge and energy since the previous sample of this step."""
+        """Integrate charge and energy since the previous sample of this step.
+
+        While a current source holds its setpoint the current was that value all interval long
+        (readings are taken under the held source), so the interval counts at the reading's
+        current; otherwise (a voltage source, or a current source in compliance) the current
+        moved, and the trapezoid rule counts it.
+        """
         if st.history:
             t0, r0 = st.history[-1]
             hours = (now - t0) / 3600.0
-            ah = (r0.current + r.current) / 2 * hours
-            wh = (r0.current * r0.voltage + r.current * r.voltage) / 2 * hours
+            held = self._held
+            if held is not None and abs(r.current - held) <= max(1e-8, 1e-3 * abs(held)):
+                ah = r.current * hours
+                wh = r.current * (r0.voltage + r.voltage) / 2 * hours
+            else:
+                ah = (r0.current + r.current) / 2 * hours
+                wh = (r0.current * r0.voltage + r.current * r.voltage) / 2 * hours
             if ah >= 0:
                 st.charge_ah += ah
                 st.charge_wh += max(wh, 0.0)

@@ -52,7 +52,7 @@ def pybamm_step(text: str) -> dict[str, Any]:
     m = _STEP.match(text)
     if not m:
         raise PydanticCustomError(
-            "pybamm", "{text!r} is not a PyBaMM experiment step (expected e.g. {example})",
+            "pybamm", "'{text}' is not a PyBaMM experiment step (expected e.g. {example})",
             {"text": text, "example": EXAMPLE},
         )
     verb = m.group("verb").lower()
@@ -66,15 +66,15 @@ def pybamm_step(text: str) -> dict[str, Any]:
         body["sample_period"] = m.group("period").strip()
     if verb == "rest":
         if m.group("value"):
-            raise PydanticCustomError("pybamm", "{text!r}: a rest has no 'at' value", {"text": text})
+            raise PydanticCustomError("pybamm", "'{text}': a rest has no 'at' value", {"text": text})
         return {"rest": {"for": until[0], **({"until": until[1:]} if until[1:] else {}), **body}}
     value = m.group("value")
     if value is None:
-        raise PydanticCustomError("pybamm", "{text!r}: say what to {verb} at, e.g. {example}",
+        raise PydanticCustomError("pybamm", "'{text}': say what to {verb} at, e.g. {example}",
                                   {"text": text, "verb": verb, "example": EXAMPLE})
     value = _unit_fix(value)
     if not until:
-        raise PydanticCustomError("pybamm", "{text!r} never ends: add 'for ...' or 'until ...'", {"text": text})
+        raise PydanticCustomError("pybamm", "'{text}' never ends: add 'for ...' or 'until ...'", {"text": text})
     if verb == "hold":
         return {"hold": {"voltage": value, "until": until, **body}}
     key = _quantity_key(value)

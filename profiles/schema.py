@@ -144,13 +144,13 @@ def normalise_limits(value: Any, allowed: tuple[str, ...]) -> list[dict[str, Any
             if kind is None:
                 raise PydanticCustomError(
                     "limit",
-                    "{item!r} is not a limit (expected a quantity with a unit for one of: {allowed})",
+                    "'{item}' is not a limit (expected a quantity with a unit for one of: {allowed})",
                     {"item": item, "allowed": ", ".join(allowed)},
                 )
             pairs, then = [(kind, item)], "next"
         else:
             raise PydanticCustomError(
-                "limit", "{item!r} is not a limit (write it with a unit, e.g. '4.3 V')", {"item": item}
+                "limit", "'{item}' is not a limit (write it with a unit, e.g. '4.3 V')", {"item": item}
             )
         for kind, text in pairs:
             if kind in LIMIT_KINDS and kind not in allowed:
@@ -449,7 +449,7 @@ def _known_step(value: Any) -> Any:
         )
     if not isinstance(value, (dict, BaseModel)):
         raise PydanticCustomError(
-            "step", "a step is a mapping such as 'rest: 1 h' or a PyBaMM string, not {value!r}", {"value": value}
+            "step", "a step is a mapping such as 'rest: 1 h' or a PyBaMM string, not '{value}'", {"value": value}
         )
     return value
 

@@ -68,7 +68,7 @@ def parse_c_rate(text: str) -> float | None:
 def to_si(value: Any, unit: str, what: str) -> float:
     """Convert "4.3 V" (or a pint quantity) to a float in ``unit``; raise a message naming ``what``."""
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-        raise PydanticCustomError("quantity", "{value!r} is not {what}", {"value": value, "what": what})
+        raise PydanticCustomError("quantity", "'{value}' is not {what}", {"value": value, "what": what})
     if isinstance(value, (int, float)):
         raise PydanticCustomError(
             "quantity_unit",

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import textwrap
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -55,3 +59,47 @@ async def smu_sim() -> AsyncIterator[SimServer]:
     sim = Keithley2450Sim(SolidStateCell(soc=0.5), loop.time)
     async with SimServer(sim) as server:
         yield server
+
+
+@dataclass
+class DryRun:
+    """A profile run on the simulated bench (real TCP, virtual clock), read back from its database."""
+
+    outcome: Any
+    samples: list[Any]
+    steps: list[dict[str, Any]]
+    events: list[dict[str, Any]]
+    bench: Any
+
+    def step_samples(self, step_count: int) -> list[Any]:
+        return [s for s in self.samples if s.step_count == step_count]
+
+    @property
+    def sequence(self) -> list[tuple[str, str]]:
+        return [(st["step_type"], st["end_reason"]) for st in self.steps]
+
+
+def dry_run(
+    text: str, tmp_path: Path, *, soc: float = 0.5, temperature: float = 25.0, seed: int = 0,
+    params: Any = None, noise: bool = True, capacity_factor: float = 1.0,
+) -> DryRun:
+    from bench.clock import VirtualClock
+    from bench.run import SimulatedBench
+    from bench.store import open_run
+    from profiles.parse import parse_profile
+    from simulators.parameters import PELLET
+
+    text = textwrap.dedent(text)
+    profile = parse_profile(text, "test.yaml", tmp_path)
+    clock = VirtualClock()
+    bench = SimulatedBench(params or PELLET, initial_soc=soc, seed=seed, noise=noise, temperature_c=temperature)
+    bench.cell.state.capacity_ah *= capacity_factor
+    runs = tmp_path / f"runs-{len(list(tmp_path.glob('runs-*')))}"
+
+    async def main() -> Any:
+        async with bench:
+            return await bench.run(profile, text, clock, runs_dir=runs, base_dir=tmp_path)
+
+    result = clock.run(main())
+    with open_run(result.database) as store:
+        return DryRun(result.outcome, store.samples(), store.steps(), store.events(), bench)
