@@ -103,3 +103,13 @@ def dry_run(
     result = clock.run(main())
     with open_run(result.database) as store:
         return DryRun(result.outcome, store.samples(), store.steps(), store.events(), bench)
+
+
+def _half_cell_resistances() -> tuple[float, float]:
+    from simulators.cell import SolidStateCell
+
+    cell = SolidStateCell(soc=0.5)
+    return cell.ohmic_resistance(), cell.dc_resistance()
+
+
+HALF_CELL_R = _half_cell_resistances()  # (ohmic, DC) of the pellet at 25 degC and 5 MPa

@@ -125,3 +125,29 @@ def test_cellbench_demo_prints_the_cycle_table(tmp_path: Path) -> None:
     assert [r[0] for r in rows] == ["1", "2", "3", "4"]
     assert all(99.0 < float(r[3]) < 101.0 for r in rows)  # coulombic efficiency, %
     assert "run database:" in result.output
+
+
+def test_validate_estimates_the_duration_by_a_dry_run() -> None:
+    result = CliRunner().invoke(app, ["validate", "formation-and-cycling"], env={"COLUMNS": "160"})
+    assert result.exit_code == 0, result.output
+    m = re.search(r"estimated duration on a simulated pellet cell at 25 degC: ([\d.]+) h", result.output)
+    assert m and 120 < float(m.group(1)) < 150
+
+
+def test_run_dry_run_records_like_a_real_run(tmp_path: Path) -> None:
+    result = CliRunner().invoke(
+        app, ["run", "hppc", "--dry-run", "--runs-dir", str(tmp_path), "--soc", "0.9"], env={"COLUMNS": "160"}
+    )
+    assert result.exit_code == 0, result.output
+    (db,) = tmp_path.glob("*-hppc-dcir-ch1.sqlite")
+    with open_run(db) as store:
+        meta = store.metadata()
+        assert meta["clock"] == "virtual" and meta["simulation"]["initial_soc"] == 0.9
+        assert meta["profile_name"] == "HPPC / DCIR"
+        assert len(store.steps()) > 10 and store.samples()
+
+
+def test_run_without_a_bench_says_what_to_do() -> None:
+    result = CliRunner().invoke(app, ["run", "hppc"])
+    assert result.exit_code == 2
+    assert "--bench BENCH.yaml" in result.output

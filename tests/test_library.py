@@ -1,0 +1,72 @@
+"""Every library profile runs on the simulated bench and its recorded data says what the test is for."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from bench.analysis import cycle_table
+from profiles.library import library_path
+from simulators.parameters import PELLET
+from tests.conftest import HALF_CELL_R, dry_run
+
+
+def library(name: str) -> str:
+    return library_path(name).read_text()
+
+
+def test_formation_at_60_degc(tmp_path: Path) -> None:
+    run = dry_run(library("formation"), tmp_path, soc=0.0, temperature=60.0)
+    assert run.outcome.completed
+    rows = cycle_table(run.samples)
+    assert [r.cycle for r in rows] == [1, 2]
+    assert rows[1].coulombic_efficiency == pytest.approx(1.0, abs=0.005)
+    assert rows[1].discharge_ah == pytest.approx(3.5e-3, rel=0.03)
+
+
+def test_rate_capability_loses_capacity_as_the_rate_rises(tmp_path: Path) -> None:
+    run = dry_run(library("rate-capability"), tmp_path, soc=0.0)
+    assert run.outcome.completed
+    capacities = [r.discharge_ah for r in cycle_table(run.samples)]
+    assert len(capacities) == 5  # C/20, C/10, C/5, C/2, 1C
+    assert capacities == sorted(capacities, reverse=True)
+    assert capacities[-1] > 0.95 * capacities[0]
+    energies = [r.discharge_wh for r in cycle_table(run.samples)]
+    assert energies[-1] < 0.97 * energies[0]  # the IR drop costs energy at 1C
+
+
+def test_cycle_life_ends_at_the_first_reference_test_below_80_percent(tmp_path: Path) -> None:
+    fast_ageing = PELLET.model_copy(update={"cycles_to_80pct": 8.0})  # a cell that ages in days, not months
+    run = dry_run(library("cycle-life"), tmp_path, soc=0.0, temperature=60.0, params=fast_ageing)
+    assert run.outcome.completed
+    rpt_steps = [st for st in run.steps if st["step_type"] == "CC Discharge" and st["path"].endswith("steps[3]")]
+    capacities = [run.step_samples(st["step_count"])[-1].discharge_ah for st in rpt_steps]
+    assert len(capacities) >= 2
+    assert capacities[-1] < 0.8 * capacities[0] <= capacities[-2]
+    assert run.steps[-1]["end_reason"].endswith("then retention <= 0.8")
+    assert run.steps[-1]["step_count"] == rpt_steps[-1]["step_count"]  # nothing ran after it
+
+
+def test_hppc_gives_a_dcir_at_every_state_of_charge(tmp_path: Path) -> None:
+    run = dry_run(library("hppc"), tmp_path, soc=0.0, noise=False)
+    assert run.outcome.completed
+    pulses = [st for st in run.steps if st["step_type"] == "Pulse"]
+    assert len(pulses) == 9
+    r0, r_total = HALF_CELL_R
+    for st in pulses:
+        at = {round(s.test_time - st["start_time"], 3): s for s in run.step_samples(st["step_count"])}
+        before, after = at[10.0], at[10.01]  # the end of the 1C discharge pulse
+        dcir = (after.voltage - before.voltage) / (after.current - before.current)
+        assert r0 < dcir < r_total
+
+
+def test_critical_current_density_is_found_where_the_lithium_shorts(tmp_path: Path) -> None:
+    run = dry_run(library("critical-current-density"), tmp_path, soc=0.0)
+    assert run.outcome.completed  # the short is the planned end of this test
+    last = run.steps[-1]
+    assert (last["step_type"], last["end_reason"]) == ("CC Charge", "voltage <= 3.5 V")
+    ccd_ma_cm2 = run.step_samples(last["step_count"])[1].current * 1e3 / PELLET.area_cm2
+    assert ccd_ma_cm2 == pytest.approx(0.4, rel=1e-4)
+    assert ccd_ma_cm2 > PELLET.ccd_ma_cm2  # plating above the model's CCD shorted it, below did not
+    assert run.bench.cell.shorted
