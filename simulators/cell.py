@@ -73,6 +73,7 @@ class SolidStateCell:
     ) -> None:
         self.params = params
         self.temperature_c = temperature_c
+        self.ambient_c = temperature_c  # the air around the cell; a chamber sets it
         self.pressure_mpa = params.p_ref_mpa if pressure_mpa is None else pressure_mpa
         self.state = CellState(soc=soc, capacity_ah=params.capacity_ah)
         self._r_key: tuple[float, float] | None = None
@@ -110,7 +111,7 @@ class SolidStateCell:
 
     def _resistances(self) -> tuple[float, float]:
         """(ohmic, interfacial) in ohms, recomputed only when temperature or pressure change."""
-        key = (self.temperature_c, self.pressure_mpa)
+        key = (round(self.temperature_c, 2), round(self.pressure_mpa, 4))
         if self._r_key != key:
             p, t_k = self.params, self.temperature_c + KELVIN
             r_se = p.r_se_ohm_cm2 * arrhenius(p.ea_se_ev, t_k, p.t_ref_k)
@@ -169,6 +170,7 @@ class SolidStateCell:
         st.soc += ah / st.capacity_ah
         self._age(abs(ah))
         self._grow_dendrite(internal, dt)
+        self._heat(voltage, internal, dt)
         if current > 0:
             st.charged_ah += current * dt / 3600.0
         else:
@@ -195,6 +197,20 @@ class SolidStateCell:
             self.state.dendrite_mah_cm2 += excess * dt / 3600.0
             if self.state.dendrite_mah_cm2 >= self.params.dendrite_capacity_mah_cm2:
                 self.inject_short(self.params.short_ohm_cm2 / self.params.area_cm2)
+
+    def _heat(self, voltage: float, current: float, dt: float) -> None:
+        """Follow the surrounding air with the cell's own lag, warmed by its losses (I·(V - OCV))."""
+        p = self.params
+        losses = abs(current * (voltage - self.ocv()))
+        if self.state.short_ohm is not None:
+            losses += voltage**2 / self.state.short_ohm
+        rate = (p.heat_transfer_w_k * (self.ambient_c - self.temperature_c) + losses) / p.heat_capacity_j_k
+        self.temperature_c += rate * dt
+
+    def thickness_change_um(self) -> float:
+        """Swelling of the stack against its thickness at SOC 0: lithium plates on charge."""
+        areal_mah = self.state.soc * self.state.capacity_ah * 1e3 / self.params.area_cm2
+        return areal_mah * self.params.swell_um_per_mah_cm2
 
     def inject_short(self, resistance_ohm: float) -> None:
         """A lithium filament bridges the electrolyte: an internal resistance across the cell."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
+from typing import Protocol
 
 from simulators.cell import SolidStateCell
 from simulators.scpi import ScpiError, ScpiTree, Setting, format_number, unquote
@@ -18,6 +19,12 @@ MAX_CURRENT = 1.05
 MAX_VOLTAGE = 210.0
 MAX_SUBSTEP = 5.0  # s of cell time per integration step (the RC settles in ms; SOC moves slowly)
 OVERFLOW = 9.9e37
+
+
+class Surroundings(Protocol):
+    """A simulated instrument whose physics the cell feels (a chamber's air, a press's force)."""
+
+    def advance(self, t: float | None = None) -> None: ...
 
 
 class Keithley2450Sim:
@@ -44,6 +51,7 @@ class Keithley2450Sim:
         self.idn = IDN.replace("SIM0001", serial)
         self.tripped = False
         self.tree = ScpiTree(self._commands())
+        self.surroundings: list[Surroundings] = []  # chamber and press acting on the same cell
 
     def _commands(self) -> dict[str, object]:
         src, sense = ":SOURce[1]", ":SENSe[1]"
@@ -122,6 +130,8 @@ class Keithley2450Sim:
         now = self._now()
         while self._t < now:
             dt = min(MAX_SUBSTEP, now - self._t)
+            for part in self.surroundings:
+                part.advance(self._t)
             self._step(dt)
             self._t += dt
 

@@ -56,6 +56,12 @@ class CellParameters(BaseModel):
     ccd_ea_ev: float = 0.35
     dendrite_capacity_mah_cm2: float = 0.05  # Li plated above the CCD before a short forms (est.)
     short_ohm_cm2: float = 20.0  # resistance of a dendrite short (est.)
+    # Thermal: the pellet's die dominates (cell-parameters.md §Thermal): tau = C/hA ~ 2000 s.
+    heat_capacity_j_k: float = 500.0
+    heat_transfer_w_k: float = 0.25
+    # Thickness change with state of charge: Li plating 4.85 µm per mAh/cm² (M/rho of Li), the
+    # NMC811 composite shrinking about 0.4 µm per mAh/cm² on charge (Koerver EES 2018, est.).
+    swell_um_per_mah_cm2: float = 4.85 - 0.4
 
     @property
     def volume_cm3(self) -> float:
@@ -74,6 +80,8 @@ POUCH = CellParameters(
     r_contact_ohm_cm2=12.0,  # contact plus cathode ionic resistance, 10 + 2 Ω·cm² (est.)
     cycles_to_80pct=450.0,  # protected Li, 25 degC (SK On + Hanyang, ACS Energy Lett. 2025)
     ccd_ma_cm2=1.0,  # protected Li assumed (est.)
+    heat_capacity_j_k=48.0,  # 50 g × 0.95 J/g/K
+    heat_transfer_w_k=0.11,  # bare pouch, tau ~ 440 s
 )
 
 PRESETS: dict[str, CellParameters] = {"pellet": PELLET, "pouch": POUCH}

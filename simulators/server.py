@@ -73,7 +73,7 @@ class SimServer:
             self._server = None
 
     async def __aenter__(self) -> SimServer:
-        return self if self._server else await self.start()
+        return await self.start()
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
@@ -81,6 +81,15 @@ class SimServer:
     async def serve_forever(self) -> None:
         assert self._server is not None
         await self._server.serve_forever()
+
+    def reply_to(self, raw: bytes) -> bytes | None:
+        """What the instrument sends back for one received line (faults applied), or None."""
+        line = raw.decode("ascii", errors="replace").strip("\r\n")
+        reply = self.instrument.handle(line)
+        if reply is None or self.faults.silent:
+            return None
+        payload = b"\x8f\x00#garbage" if self.faults.garbage else reply.encode("ascii")
+        return payload + self._write_term
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._writers.add(writer)
@@ -93,16 +102,14 @@ class SimServer:
                     raw = await reader.readuntil(self._read_term)
                 except (asyncio.IncompleteReadError, ConnectionError):
                     return
-                line = raw[: -len(self._read_term)].decode("ascii", errors="replace").strip("\r\n")
                 if self.faults.drop:
                     return
-                reply = self.instrument.handle(line)
-                if reply is None or self.faults.silent:
+                reply = self.reply_to(raw[: -len(self._read_term)])
+                if reply is None:
                     continue
                 if self.faults.delay:
                     await asyncio.sleep(self.faults.delay)
-                payload = b"\x8f\x00#garbage" if self.faults.garbage else reply.encode("ascii")
-                writer.write(payload + self._write_term)
+                writer.write(reply)
                 await writer.drain()
         except (ConnectionError, asyncio.CancelledError):
             return
@@ -110,3 +117,65 @@ class SimServer:
             self._handlers.discard(task)  # type: ignore[arg-type]
             self._writers.discard(writer)
             writer.close()
+
+
+class PtySimServer(SimServer):
+    """The same instrument on a pseudo-terminal: a real serial line for pyserial and VISA ASRL clients."""
+
+    def __init__(self, instrument: LineInstrument, **kw: bytes) -> None:
+        super().__init__(instrument, **kw)
+        self._master = -1
+        self._slave = -1
+        self.device = ""
+        self._buffer = b""
+        self._pending: set[asyncio.Task[None]] = set()
+
+    @property
+    def resource(self) -> str:
+        return f"ASRL{self.device}::INSTR"
+
+    async def start(self, host: str = "", port: int = 0) -> PtySimServer:
+        import os
+        import tty
+
+        self._master, self._slave = os.openpty()
+        tty.setraw(self._slave)  # no echo, no line editing: bytes pass as on a serial cable
+        self.device = os.ttyname(self._slave)
+        os.set_blocking(self._master, False)
+        asyncio.get_running_loop().add_reader(self._master, self._readable)
+        return self
+
+    def _readable(self) -> None:
+        import os
+
+        try:
+            data = os.read(self._master, 4096)
+        except (BlockingIOError, OSError):
+            return
+        self._buffer += data
+        while (end := self._buffer.find(self._read_term)) >= 0:
+            raw, self._buffer = self._buffer[:end], self._buffer[end + len(self._read_term):]
+            reply = self.reply_to(raw)
+            if reply is not None:
+                task = asyncio.ensure_future(self._send(reply))
+                self._pending.add(task)
+                task.add_done_callback(self._pending.discard)
+
+    async def _send(self, reply: bytes) -> None:
+        import os
+
+        if self.faults.delay:
+            await asyncio.sleep(self.faults.delay)
+        with contextlib.suppress(OSError):
+            os.write(self._master, reply)
+
+    async def close(self) -> None:
+        import os
+
+        if self._master >= 0:
+            asyncio.get_running_loop().remove_reader(self._master)
+            for task in list(self._pending):
+                task.cancel()
+            os.close(self._master)
+            os.close(self._slave)
+            self._master = self._slave = -1
