@@ -1,0 +1,138 @@
+"""Stack-pressure presses: Modbus devices on the register map of docs/protocols/press.md."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
+from pymodbus.exceptions import ModbusException
+
+from drivers.errors import ConnectionLost, InstrumentError, InstrumentTimeout
+from drivers.transport import parse_resource, serial_device
+
+FORCE_SETPOINT, FORCE, POSITION, RAMP, MODE, COMMAND, STATUS = 0, 2, 4, 6, 8, 9, 10
+DISPLACEMENT, FORCE_LIMIT, PLATEN_T = 11, 13, 15
+ENABLE, STOP, TARE, CLEAR_FAULT = 1, 2, 3, 4
+EXCEPTIONS = {1: "illegal function", 2: "illegal data address", 3: "illegal data value", 4: "device failure"}
+
+
+@dataclass(frozen=True)
+class PressStatus:
+    enabled: bool
+    at_setpoint: bool
+    over_force: bool
+    fault: bool
+
+
+class StackPress:
+    """A press holding a cell stack at a pressure; works in MPa over the cell's active area."""
+
+    model = "Modbus stack press"
+
+    def __init__(self, client: AsyncModbusTcpClient | AsyncModbusSerialClient, *, name: str, area_cm2: float,
+                 device_id: int = 1, timeout: float = 2.0) -> None:
+        self._client = client
+        self.name = name
+        self.area_cm2 = area_cm2
+        self.device_id = device_id
+        self.timeout = timeout
+        self._lock = asyncio.Lock()
+
+    @classmethod
+    async def open(cls, resource: str, *, name: str, area_cm2: float, device_id: int = 1,
+                   timeout: float = 2.0, baud_rate: int = 19200) -> StackPress:
+        """Connect over Modbus TCP (TCPIP::host::port::SOCKET) or RTU (ASRL<device>::INSTR)."""
+        res = parse_resource(resource)
+        client: AsyncModbusTcpClient | AsyncModbusSerialClient
+        if res.is_socket:
+            client = AsyncModbusTcpClient(res.host, port=res.port, timeout=timeout, retries=0, reconnect_delay=0)
+        elif res.interface == "ASRL":
+            client = AsyncModbusSerialClient(serial_device(res.device), baudrate=baud_rate, timeout=timeout,
+                                             retries=0, reconnect_delay=0)
+        else:
+            raise ValueError(f"{resource}: a press is reached by Modbus TCP or RTU (TCPIP ... SOCKET or ASRL)")
+        if not await client.connect():
+            client.close()
+            raise ConnectionLost(name, f"cannot connect to the press at {resource}")
+        return cls(client, name=name, area_cm2=area_cm2, device_id=device_id, timeout=timeout)
+
+    async def close(self) -> None:
+        self._client.close()
+
+    async def identify(self) -> str:
+        return f"{self.model}, Modbus device {self.device_id}"
+
+    # --- in the lab's units ----------------------------------------------------------------
+    def force_for(self, mpa: float) -> float:
+        return mpa * self.area_cm2 / 10.0
+
+    async def set_pressure(self, mpa: float, *, ramp_mpa_per_s: float | None = None) -> None:
+        """Hold the stack at a pressure (force hold), enabling the press."""
+        if ramp_mpa_per_s is not None:
+            await self._write_float(RAMP, self.force_for(ramp_mpa_per_s))
+        await self._write_float(FORCE_SETPOINT, self.force_for(mpa))
+        await self._write_word(MODE, 1)
+        await self._write_word(COMMAND, ENABLE)
+
+    async def pressure(self) -> float:
+        return await self._read_float(FORCE) * 10.0 / self.area_cm2
+
+    async def force(self) -> float:
+        return await self._read_float(FORCE)
+
+    async def displacement_um(self) -> float:
+        return await self._read_float(DISPLACEMENT)
+
+    async def platen_temperature(self) -> float:
+        return await self._read_float(PLATEN_T)
+
+    async def set_force_limit(self, kn: float) -> None:
+        await self._write_float(FORCE_LIMIT, kn)
+
+    async def status(self) -> PressStatus:
+        bits = (await self._read(STATUS, 1))[0]
+        return PressStatus(bool(bits & 1), bool(bits & 2), bool(bits & 4), bool(bits & 8))
+
+    async def stop(self) -> None:
+        await self._write_word(COMMAND, STOP)
+
+    async def tare(self) -> None:
+        await self._write_word(COMMAND, TARE)
+
+    async def clear_fault(self) -> None:
+        await self._write_word(COMMAND, CLEAR_FAULT)
+
+    # --- registers -------------------------------------------------------------------------
+    async def _read(self, address: int, count: int) -> list[int]:
+        rr = await self._call(f"read {count} registers at {address}",
+                              self._client.read_holding_registers(address, count=count, device_id=self.device_id))
+        return list(rr.registers)
+
+    async def _read_float(self, address: int) -> float:
+        words = await self._read(address, 2)
+        return float(self._client.convert_from_registers(words, self._client.DATATYPE.FLOAT32))
+
+    async def _write_float(self, address: int, value: float) -> None:
+        words = self._client.convert_to_registers(float(value), self._client.DATATYPE.FLOAT32)
+        await self._call(f"write {value:g} at {address}",
+                         self._client.write_registers(address, words, device_id=self.device_id))
+
+    async def _write_word(self, address: int, value: int) -> None:
+        await self._call(f"write {value} at {address}",
+                         self._client.write_register(address, value, device_id=self.device_id))
+
+    async def _call(self, what: str, request: object) -> object:
+        async with self._lock:
+            try:
+                rr = await asyncio.wait_for(request, self.timeout + 0.5)  # type: ignore[arg-type]
+            except TimeoutError:
+                raise InstrumentTimeout(self.name, what, self.timeout, b"") from None
+            except ModbusException as exc:
+                if "timeout" in str(exc).lower() or "no response" in str(exc).lower():
+                    raise InstrumentTimeout(self.name, what, self.timeout, b"") from None
+                raise ConnectionLost(self.name, f"{what}: {exc}") from exc
+        if rr.isError():  # type: ignore[attr-defined]
+            code = getattr(rr, "exception_code", 0)
+            raise InstrumentError(self.name, [f"Modbus exception {code}: {EXCEPTIONS.get(code, 'error')}"], what)
+        return rr

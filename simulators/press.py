@@ -1,0 +1,259 @@
+"""Simulated stack-pressure press: the Modbus register map of docs/protocols/press.md over a real wire.
+
+The force follows its setpoint at the ramp rate and then with the controller's lag; the cells in
+the stack feel it as pressure (force over their area), and the press sees their swelling as
+displacement. pymodbus serves the registers (TCP, or RTU on a serial line).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import struct
+from collections.abc import Callable, Sequence
+
+from pymodbus.constants import ExcCodes
+from pymodbus.datastore import ModbusServerContext
+from pymodbus.framer import FramerType
+from pymodbus.server import ModbusSerialServer, ModbusTcpServer
+
+from simulators.cell import SolidStateCell
+
+FORCE_SETPOINT, FORCE, POSITION, RAMP, MODE, COMMAND, STATUS = 0, 2, 4, 6, 8, 9, 10
+DISPLACEMENT, FORCE_LIMIT, PLATEN_T, POSITION_SETPOINT = 11, 13, 15, 17
+FLOATS = {FORCE_SETPOINT, FORCE, POSITION, RAMP, DISPLACEMENT, FORCE_LIMIT, PLATEN_T, POSITION_SETPOINT}
+WRITABLE = {FORCE_SETPOINT, FORCE_SETPOINT + 1, RAMP, RAMP + 1, MODE, COMMAND, FORCE_LIMIT, FORCE_LIMIT + 1,
+            POSITION_SETPOINT, POSITION_SETPOINT + 1}
+MAP_SIZE = 19
+ENABLED, AT_SETPOINT, OVER_FORCE, FAULT = 1, 2, 4, 8
+READ_FUNCTIONS, WRITE_FUNCTIONS = {3}, {6, 16}
+MAX_SUBSTEP = 1.0
+
+
+def float_to_words(value: float) -> list[int]:
+    hi, lo = struct.unpack(">HH", struct.pack(">f", value))
+    return [hi, lo]
+
+
+def words_to_float(words: Sequence[int]) -> float:
+    return struct.unpack(">f", struct.pack(">HH", words[0], words[1]))[0]
+
+
+class PressSim:
+    """The press: its registers and its mechanics, acting on the cells in its stack."""
+
+    name = "press"
+
+    def __init__(
+        self,
+        now: Callable[[], float],
+        cells: list[SolidStateCell] | None = None,
+        *,
+        area_cm2: float = 1.0,
+        lag_s: float = 2.0,
+        stiffness_kn_per_mm: float = 50.0,
+    ) -> None:
+        self._now = now
+        self._t = now()
+        self.cells = list(cells or [])
+        self.area_cm2 = area_cm2
+        self.lag = lag_s
+        self.stiffness = stiffness_kn_per_mm
+        self.setpoint_kn = 0.0
+        self.force_kn = 0.0
+        self.command_kn = 0.0
+        self.ramp_kn_s = 0.1
+        self.limit_kn = 5.0
+        self.position_setpoint_mm = 10.0
+        self.mode = 0
+        self.enabled = False
+        self.fault = False
+        self.over_force = False
+        self._tare_um = self._stack_um()
+
+    # --- mechanics ------------------------------------------------------------------------
+    def _stack_um(self) -> float:
+        return sum(c.thickness_change_um() for c in self.cells) / max(len(self.cells), 1)
+
+    def advance(self, t: float | None = None) -> None:
+        t = self._now() if t is None else t
+        while self._t < t:
+            dt = min(MAX_SUBSTEP, t - self._t)
+            target = self.setpoint_kn if self.enabled and self.mode == 1 and not self.fault else 0.0
+            # the ramp limits the commanded force; the measured force follows the command with a lag
+            step = max(-self.ramp_kn_s * dt, min(self.ramp_kn_s * dt, target - self.command_kn))
+            self.command_kn += step
+            self.force_kn += (self.command_kn - self.force_kn) * (1 - math.exp(-dt / self.lag))
+            self._t += dt
+            if self.force_kn > self.limit_kn:
+                self.over_force = self.fault = True
+                self.enabled = False
+        for cell in self.cells:
+            cell.pressure_mpa = self.pressure_mpa
+
+    @property
+    def pressure_mpa(self) -> float:
+        return self.force_kn * 10.0 / self.area_cm2
+
+    def displacement_um(self) -> float:
+        return self._stack_um() - self._tare_um
+
+    def _status(self) -> int:
+        at = self.enabled and abs(self.force_kn - self.setpoint_kn) <= max(0.01, 0.01 * self.setpoint_kn)
+        return (ENABLED * self.enabled) | (AT_SETPOINT * at) | (OVER_FORCE * self.over_force) | (FAULT * self.fault)
+
+    def _value(self, address: int) -> float | int:
+        return {
+            FORCE_SETPOINT: self.setpoint_kn,
+            FORCE: self.force_kn,
+            POSITION: 10.0 + self.displacement_um() / 1000.0 - self.force_kn / self.stiffness,
+            RAMP: self.ramp_kn_s,
+            MODE: self.mode,
+            COMMAND: 0,
+            STATUS: self._status(),
+            DISPLACEMENT: self.displacement_um(),
+            FORCE_LIMIT: self.limit_kn,
+            PLATEN_T: self.cells[0].temperature_c if self.cells else 25.0,
+            POSITION_SETPOINT: self.position_setpoint_mm,
+        }[address]
+
+    # --- registers ------------------------------------------------------------------------
+    def read(self, address: int, count: int) -> list[int] | ExcCodes:
+        self.advance()
+        if address < 0 or address + count > MAP_SIZE:
+            return ExcCodes.ILLEGAL_ADDRESS
+        words: list[int] = []
+        a = 0
+        while a < MAP_SIZE:
+            if a in FLOATS:
+                words += float_to_words(float(self._value(a)))
+                a += 2
+            else:
+                words.append(int(self._value(a)))
+                a += 1
+        return words[address:address + count]
+
+    def write(self, address: int, values: Sequence[int]) -> ExcCodes | None:
+        self.advance()
+        span = range(address, address + len(values))
+        if not all(a in WRITABLE for a in span):
+            return ExcCodes.ILLEGAL_ADDRESS
+        regs = dict(zip(span, values, strict=True))
+        for a in sorted(regs):
+            if a in FLOATS:
+                if a + 1 not in regs:
+                    return ExcCodes.ILLEGAL_ADDRESS  # half a float
+                rc = self._set_float(a, words_to_float([regs[a], regs[a + 1]]))
+            elif a in (MODE, COMMAND):
+                rc = self._set_word(a, regs[a])
+            else:
+                continue
+            if rc is not None:
+                return rc
+        return None
+
+    def _set_float(self, address: int, value: float) -> ExcCodes | None:
+        if math.isnan(value) or value < 0 or (address == RAMP and value == 0):
+            return ExcCodes.ILLEGAL_VALUE
+        if address == FORCE_SETPOINT:
+            if self.enabled and value > self.limit_kn:
+                return ExcCodes.ILLEGAL_VALUE
+            self.setpoint_kn = value
+        elif address == RAMP:
+            self.ramp_kn_s = value
+        elif address == FORCE_LIMIT:
+            self.limit_kn = value
+        elif address == POSITION_SETPOINT:
+            self.position_setpoint_mm = value
+        return None
+
+    def _set_word(self, address: int, value: int) -> ExcCodes | None:
+        if address == MODE:
+            if value not in (0, 1, 2):
+                return ExcCodes.ILLEGAL_VALUE
+            self.mode = value
+            return None
+        if value == 1:  # enable
+            if self.fault:
+                return ExcCodes.DEVICE_FAILURE
+            if self.setpoint_kn > self.limit_kn:
+                return ExcCodes.ILLEGAL_VALUE
+            self.enabled = True
+        elif value == 2:  # stop
+            self.enabled = False
+        elif value == 3:  # tare
+            self._tare_um = self._stack_um()
+        elif value == 4:  # clear fault
+            self.fault = self.over_force = False
+        else:
+            return ExcCodes.ILLEGAL_VALUE
+        return None
+
+
+class _PressContext(ModbusServerContext):
+    """pymodbus's datastore interface, answered by the press model."""
+
+    def __init__(self, press: PressSim, device_id: int) -> None:  # no super(): nothing of the default store
+        self.press = press
+        self.device_id = device_id
+        self.old_simulator = True
+        self.simdevices = []
+
+    def device_ids(self) -> list[int]:
+        return [self.device_id]
+
+    async def async_getValues(self, device_id: int, func_code: int, address: int, count: int = 1):  # type: ignore[override]
+        if func_code not in READ_FUNCTIONS | WRITE_FUNCTIONS:
+            return ExcCodes.ILLEGAL_FUNCTION
+        return self.press.read(address, count)
+
+    async def async_setValues(self, device_id: int, func_code: int, address: int, values):  # type: ignore[override]
+        if func_code not in WRITE_FUNCTIONS:
+            return ExcCodes.ILLEGAL_FUNCTION
+        return self.press.write(address, values)
+
+
+class PressServer:
+    """The simulated press on Modbus TCP (loopback) or Modbus RTU (a serial device such as a pty)."""
+
+    def __init__(self, press: PressSim, *, device_id: int = 1) -> None:
+        self.press = press
+        self.device_id = device_id
+        self.host, self.port, self.serial_port = "127.0.0.1", 0, ""
+        self._server: ModbusTcpServer | ModbusSerialServer | None = None
+
+    @property
+    def resource(self) -> str:
+        if self.serial_port:
+            return f"ASRL{self.serial_port}::INSTR"
+        return f"TCPIP::{self.host}::{self.port}::SOCKET"
+
+    async def start_tcp(self, host: str = "127.0.0.1", port: int = 0) -> PressServer:
+        if port == 0:
+            port = _free_port(host)
+        self.host, self.port = host, port
+        ctx = _PressContext(self.press, self.device_id)
+        self._server = ModbusTcpServer(ctx, framer=FramerType.SOCKET, address=(host, port))
+        await self._server.serve_forever(background=True)
+        return self
+
+    async def start_rtu(self, device: str, baudrate: int = 19200) -> PressServer:
+        self.serial_port = device
+        ctx = _PressContext(self.press, self.device_id)
+        self._server = ModbusSerialServer(ctx, framer=FramerType.RTU, port=device, baudrate=baudrate)
+        await self._server.serve_forever(background=True)
+        return self
+
+    async def close(self) -> None:
+        if self._server is not None:
+            await self._server.shutdown()
+            self._server = None
+            await asyncio.sleep(0)
+
+
+def _free_port(host: str) -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])

@@ -1,0 +1,88 @@
+"""The stack-pressure press: its Modbus register map over TCP and over an RTU serial line, and its mechanics."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from bench.clock import VirtualClock
+from drivers.errors import InstrumentError
+from drivers.press import StackPress
+from drivers.smu import Keithley2450
+from drivers.transport import open_transport
+from simulators.cell import SolidStateCell
+from simulators.keithley2450 import Keithley2450Sim
+from simulators.press import PressServer, PressSim
+from simulators.serial_link import NullModem
+from simulators.server import SimServer
+
+
+@pytest.mark.parametrize("wire", ["tcp", "rtu"])
+async def test_the_press_holds_a_pressure_over_the_real_wire(wire: str) -> None:
+    loop = asyncio.get_running_loop()
+    cell = SolidStateCell(soc=0.5)
+    press = PressSim(loop.time, [cell], area_cm2=1.0, lag_s=0.05)
+    async with NullModem() as cable:
+        server = PressServer(press)
+        if wire == "tcp":
+            await server.start_tcp()
+            resource = server.resource
+        else:
+            await server.start_rtu(cable.ends[0])
+            resource = f"ASRL{cable.ends[1]}::INSTR"
+        driver = await StackPress.open(resource, name="press", area_cm2=1.0)
+        try:
+            await driver.set_force_limit(2.0)
+            await driver.set_pressure(5.0, ramp_mpa_per_s=50.0)  # 0.5 kN at 5 kN/s on 1 cm²
+            await asyncio.sleep(0.6)
+            assert await driver.pressure() == pytest.approx(5.0, rel=0.02)
+            assert cell.pressure_mpa == pytest.approx(5.0, rel=0.02)
+            status = await driver.status()
+            assert status.enabled and status.at_setpoint and not status.fault
+            with pytest.raises(InstrumentError, match="illegal data address"):
+                await driver._write_float(2, 1.0)  # the measured force is read-only
+            with pytest.raises(InstrumentError, match="illegal data value"):
+                await driver._write_word(8, 7)  # no mode 7
+        finally:
+            await driver.close()
+            await server.close()
+
+
+def test_stack_pressure_changes_polarisation_and_swelling_shows_as_displacement() -> None:
+    clock = VirtualClock()
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        cell = SolidStateCell(soc=0.2, temperature_c=60.0)
+        press = PressSim(loop.time, [cell], area_cm2=1.0)
+        smu = Keithley2450Sim(cell, loop.time)
+        smu.surroundings.append(press)
+        server = await PressServer(press).start_tcp()
+        async with SimServer(smu) as ss:
+            driver = await StackPress.open(server.resource, name="press", area_cm2=1.0)
+            k = Keithley2450(await open_transport(ss.resource))
+            await k.setup()
+            polarisation = {}
+            for mpa in (1.0, 5.0, 20.0):
+                await driver.set_pressure(mpa, ramp_mpa_per_s=1.0)
+                await asyncio.sleep(120)
+                await k.source_current(-0.5e-3, voltage_limit=4.3)
+                await k.output(True)
+                await asyncio.sleep(5)
+                reading = await k.measure()
+                polarisation[mpa] = cell.ocv() - reading.voltage
+                await k.output(False)
+                assert await driver.pressure() == pytest.approx(mpa, rel=0.02)
+            assert polarisation[1.0] > polarisation[5.0] > polarisation[20.0]
+            await driver.tare()
+            await k.source_current(1e-3, voltage_limit=4.3)  # charge: lithium plates, the stack swells
+            await k.output(True)
+            await asyncio.sleep(3600)
+            await k.measure()
+            swelling = await driver.displacement_um()
+            assert swelling == pytest.approx(1.0 * (4.85 - 0.4), rel=0.02)  # 1 mAh/cm² plated
+            await driver.close()
+        await server.close()
+
+    clock.run(main())
