@@ -217,6 +217,11 @@ def validate(
     except InputError as exc:
         raise _fail(exc.problems) from None
     tree = Tree(f"[bold]{prof.name}[/bold] (sample every {prof.sample_period:g} s)")
+    if prof.conditions:
+        track = tree.add("conditions, alongside the steps")
+        for cond in prof.conditions:
+            (kind, body), = cond.model_dump(by_alias=True).items()
+            track.add(f"{kind}: {body}" if not isinstance(body, float) else f"{kind}: {human_duration(body)}")
     _add_steps(tree, prof.steps)
     console.print(tree)
     console.print(f"[green]valid[/green]: {prof.executed_step_count()} steps when run without jumps")

@@ -25,9 +25,6 @@ Capacity = Annotated[float, BeforeValidator(lambda v: to_si(v, "A*h", "a capacit
 Area = Annotated[float, BeforeValidator(lambda v: to_si(v, "cm**2", "an area (e.g. '1 cm^2')"))]
 Length = Annotated[float, BeforeValidator(lambda v: to_si(v, "mm", "a length (e.g. '10 mm')"))]
 
-DRIVERS = ("keithley2450",)
-
-
 class CellConfig(Strict):
     """The cell on a channel: what the profile's C-rates and the safety limits refer to."""
 
@@ -53,18 +50,34 @@ class CellConfig(Strict):
         return self
 
 
+DRIVER_ROLES = {"keithley2450": "cycler", "espec": "chamber", "modbus-press": "press"}
+
+
 class InstrumentConfig(Strict):
+    """One instrument by its resource string: VISA-style for all, the wire chosen from it."""
+
     what: ClassVar[str] = "instrument key"
-    driver: Literal["keithley2450"]
+    driver: Literal["keithley2450", "espec", "modbus-press"]
     resource: str
     backend: Literal["auto", "native", "visa"] = "auto"
     timeout: Duration = 5.0
+    baud_rate: int = Field(default=19200, gt=0)
+    address: int | None = Field(default=None, ge=0, description="RS-485 address of an ESPEC chamber")
+    device_id: int = Field(default=1, ge=0, le=247, description="Modbus unit id of a press")
+
+    @property
+    def role(self) -> str:
+        return DRIVER_ROLES[self.driver]
 
 
 class ChannelConfig(Strict):
+    """A cell and the instruments acting on it; several channels may share a chamber or a press."""
+
     what: ClassVar[str] = "channel key"
     cycler: str
     cell: str
+    chamber: str | None = None
+    press: str | None = None
 
 
 class BenchConfig(Strict):
@@ -75,16 +88,25 @@ class BenchConfig(Strict):
     channels: dict[str, ChannelConfig] = Field(min_length=1)
 
     def reference_problems(self) -> list[tuple[tuple[str | int, ...], str]]:
-        """Channels that name an instrument or a cell the bench does not have."""
+        """Channels that name an instrument or a cell the bench does not have, or one of the wrong kind."""
         problems: list[tuple[tuple[str | int, ...], str]] = []
         for name, ch in self.channels.items():
-            for key, ref, known, what in (
-                ("cycler", ch.cycler, self.instruments, "instruments"),
-                ("cell", ch.cell, self.cells, "cells"),
-            ):
-                if ref not in known:
+            if ch.cell not in self.cells:
+                problems.append(
+                    (("channels", name, "cell"),
+                     f"'{ch.cell}' is not among the cells ({', '.join(self.cells) or 'none'})")
+                )
+            for role in ("cycler", "chamber", "press"):
+                ref = getattr(ch, role)
+                if ref is None:
+                    continue
+                if ref not in self.instruments:
+                    known = ", ".join(self.instruments) or "none"
+                    problems.append(((("channels", name, role)), f"'{ref}' is not among the instruments ({known})"))
+                elif self.instruments[ref].role != role:
                     problems.append(
-                        (("channels", name, key), f"'{ref}' is not among the {what} ({', '.join(known) or 'none'})")
+                        (("channels", name, role),
+                         f"'{ref}' is a {self.instruments[ref].role} ({self.instruments[ref].driver}), not a {role}")
                     )
         return problems
 

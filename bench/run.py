@@ -10,17 +10,19 @@ from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from bench.channel import Channel, connect_cycler
+from bench.channel import Channel, Instruments
 from bench.clock import Clock
 from bench.config import BenchConfig, CellConfig, ChannelConfig, InstrumentConfig
 from bench.store import RunStore
-from profiles.checks import cell_problems
+from profiles.checks import cell_problems, instrument_problems
 from profiles.engine import Engine, Outcome, Progress
 from profiles.parse import InputError, locate
 from profiles.schema import Profile
 from simulators.cell import SolidStateCell
+from simulators.espec import EspecChamberSim
 from simulators.keithley2450 import Keithley2450Sim
 from simulators.parameters import PELLET, CellParameters
+from simulators.press import PressServer, PressSim
 from simulators.server import SimServer
 
 ProgressCallback = Callable[[str, Progress], None]
@@ -63,25 +65,26 @@ async def run_bench(
     voltages outside its window.
     """
     problems = []
-    for ch in bench.channels.values():
+    for name, ch in bench.channels.items():
         cell = bench.cells[ch.cell]
         found = cell_problems(profile, cell.voltage_min, cell.voltage_max)
         problems += [(path, f"{message} (cell '{ch.cell}')") for path, message in found]
+        found = instrument_problems(profile, has_chamber=ch.chamber is not None, has_press=ch.press is not None)
+        problems += [(path, f"{message} (channel '{name}')") for path, message in found]
     if problems:
         raise InputError(locate(profile_text, profile_source, problems))
     rid = run_id(profile)
-    jobs = [
-        _run_channel(bench, name, ch, profile, profile_text, clock, runs_dir / f"{rid}-{name}.sqlite",
-                     on_progress, extra_metadata or {}, base_dir)
-        for name, ch in bench.channels.items()
-    ]
-    return list(await asyncio.gather(*jobs))
+    async with Instruments(bench) as instruments:
+        jobs = [
+            _run_channel(instruments.channel(name), profile, profile_text, clock, runs_dir / f"{rid}-{name}.sqlite",
+                         on_progress, {"bench": bench.model_dump(mode="json"), **(extra_metadata or {})}, base_dir)
+            for name in bench.channels
+        ]
+        return list(await asyncio.gather(*jobs))
 
 
 async def _run_channel(
-    bench: BenchConfig,
-    name: str,
-    ch: ChannelConfig,
+    channel: Channel,
     profile: Profile,
     profile_text: str,
     clock: Clock,
@@ -90,29 +93,23 @@ async def _run_channel(
     extra: dict[str, object],
     base_dir: Path,
 ) -> ChannelResult:
-    cell = bench.cells[ch.cell]
-    cycler, transport, identity = await connect_cycler(ch.cycler, bench.instruments[ch.cycler])
-    try:
-        with RunStore(path, durable=not clock.virtual) as store:
-            store.set_metadata(
-                cellbench_version=cellbench_version(),
-                run_id=path.stem,
-                channel=name,
-                bench=bench.model_dump(mode="json"),
-                cell={"name": ch.cell, **cell.model_dump(mode="json"), "volume_cm3": cell.volume_cm3},
-                instruments={ch.cycler: identity},
-                profile_name=profile.name,
-                profile_text=profile_text,
-                clock="virtual" if clock.virtual else "real",
-                **extra,
-            )
-            channel = Channel(name, cell, cycler, {ch.cycler: identity})
-            progress = (lambda p: on_progress(name, p)) if on_progress else None
-            engine = Engine(profile, channel, store, clock, on_progress=progress, base_dir=base_dir)
-            outcome = await engine.run()
-    finally:
-        await transport.close()
-    return ChannelResult(name, path, outcome)
+    cell = channel.cell
+    with RunStore(path, durable=not clock.virtual) as store:
+        store.set_metadata(
+            cellbench_version=cellbench_version(),
+            run_id=path.stem,
+            channel=channel.name,
+            cell={**cell.model_dump(mode="json"), "volume_cm3": cell.volume_cm3},
+            instruments=channel.identity,
+            profile_name=profile.name,
+            profile_text=profile_text,
+            clock="virtual" if clock.virtual else "real",
+            **extra,
+        )
+        progress = (lambda p: on_progress(channel.name, p)) if on_progress else None
+        engine = Engine(profile, channel, store, clock, on_progress=progress, base_dir=base_dir)
+        outcome = await engine.run()
+    return ChannelResult(channel.name, path, outcome)
 
 
 def cell_config(params: CellParameters) -> CellConfig:
@@ -128,7 +125,8 @@ def cell_config(params: CellParameters) -> CellConfig:
 
 
 class SimulatedBench:
-    """A bench of simulated instruments: a 2450 simulator on loopback TCP with a simulated cell.
+    """A bench of simulated instruments on real wires: a 2450 simulator (TCP) with a simulated cell,
+    and, unless left out, an ESPEC chamber (TCP) around it and a Modbus press (TCP) holding its stack.
 
     Everything goes through the real wire, so the run is the same code path as on real hardware.
     """
@@ -141,14 +139,23 @@ class SimulatedBench:
         seed: int = 0,
         noise: bool = True,
         temperature_c: float = 25.0,
+        pressure_mpa: float | None = None,
+        chamber: bool = True,
+        press: bool = True,
     ) -> None:
         self.params = params
         self.initial_soc = initial_soc
         self.seed = seed
-        self.cell = SolidStateCell(params, soc=initial_soc, temperature_c=temperature_c)
+        self.pressure_mpa = params.p_ref_mpa if pressure_mpa is None else pressure_mpa
+        self.cell = SolidStateCell(params, soc=initial_soc, temperature_c=temperature_c, pressure_mpa=self.pressure_mpa)
         self.noise = noise
+        self.with_chamber, self.with_press = chamber, press
         self.sim: Keithley2450Sim | None = None
+        self.chamber: EspecChamberSim | None = None
+        self.press: PressSim | None = None
         self.server: SimServer | None = None
+        self.chamber_server: SimServer | None = None
+        self.press_server: PressServer | None = None
 
     async def __aenter__(self) -> SimulatedBench:
         loop = asyncio.get_running_loop()
@@ -157,20 +164,41 @@ class SimulatedBench:
             seed=self.seed,
         )
         self.server = await SimServer(self.sim).start()
+        if self.with_chamber:
+            t = self.cell.temperature_c
+            self.chamber = EspecChamberSim(loop.time, [self.cell], room_c=t)
+            self.chamber.mode, self.chamber.setpoint_c = "CONSTANT", t
+            self.sim.surroundings.append(self.chamber)
+            self.chamber_server = await SimServer(self.chamber, read_termination=b"\r\n",
+                                                  write_termination=b"\r\n").start()
+        if self.with_press:
+            self.press = PressSim(loop.time, [self.cell], area_cm2=self.params.area_cm2,
+                                  holding_mpa=self.pressure_mpa)
+            self.sim.surroundings.append(self.press)
+            self.press_server = await PressServer(self.press).start_tcp()
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        if self.server is not None:
-            await self.server.close()
+        for server in (self.server, self.chamber_server, self.press_server):
+            if server is not None:
+                await server.close()
 
     @property
     def config(self) -> BenchConfig:
         assert self.server is not None, "use the bench inside 'async with'"
+        instruments = {"smu1": InstrumentConfig(driver="keithley2450", resource=self.server.resource)}
+        channel: dict[str, str] = {"cycler": "smu1", "cell": self.params.name}
+        if self.chamber_server is not None:
+            instruments["chamber1"] = InstrumentConfig(driver="espec", resource=self.chamber_server.resource)
+            channel["chamber"] = "chamber1"
+        if self.press_server is not None:
+            instruments["press1"] = InstrumentConfig(driver="modbus-press", resource=self.press_server.resource)
+            channel["press"] = "press1"
         return BenchConfig(
             name="simulated",
-            instruments={"smu1": InstrumentConfig(driver="keithley2450", resource=self.server.resource)},
+            instruments=instruments,
             cells={self.params.name: cell_config(self.params)},
-            channels={"ch1": ChannelConfig(cycler="smu1", cell=self.params.name)},
+            channels={"ch1": ChannelConfig(**channel)},
         )
 
     async def run(

@@ -28,6 +28,10 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("discharge_ah", "Discharging Capacity / Ah", "REAL"),
     ("charge_wh", "Charging Energy / Wh", "REAL"),
     ("discharge_wh", "Discharging Energy / Wh", "REAL"),
+    ("ambient_c", "Ambient Temperature / degC", "REAL"),
+    ("t1_c", "Surface Temperature T1 / degC", "REAL"),
+    ("pressure_pa", "Applied Pressure / Pa", "REAL"),
+    ("displacement_um", "Displacement / um", "REAL"),  # not a Battery Data Format label: declared on export
 )
 LABELS = {attr: label for attr, label, _ in COLUMNS}
 
@@ -48,6 +52,10 @@ class Sample:
     discharge_ah: float
     charge_wh: float
     discharge_wh: float
+    ambient_c: float | None = None  # chamber air, when the channel has a chamber
+    t1_c: float | None = None  # the cell (the press's platen thermocouple), when it has a press
+    pressure_pa: float | None = None
+    displacement_um: float | None = None
 
 
 assert [f.name for f in fields(Sample)] == [c[0] for c in COLUMNS]

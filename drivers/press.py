@@ -18,6 +18,14 @@ EXCEPTIONS = {1: "illegal function", 2: "illegal data address", 3: "illegal data
 
 
 @dataclass(frozen=True)
+class PressSnapshot:
+    force_kn: float
+    pressure_mpa: float
+    displacement_um: float
+    platen_c: float
+
+
+@dataclass(frozen=True)
 class PressStatus:
     enabled: bool
     at_setpoint: bool
@@ -86,6 +94,13 @@ class StackPress:
 
     async def platen_temperature(self) -> float:
         return await self._read_float(PLATEN_T)
+
+    async def snapshot(self) -> PressSnapshot:
+        """Force, pressure, displacement and platen temperature in one Modbus read."""
+        words = await self._read(0, 17)
+        f = [float(self._client.convert_from_registers(words[a:a + 2], self._client.DATATYPE.FLOAT32))
+             for a in (FORCE, DISPLACEMENT, PLATEN_T)]
+        return PressSnapshot(f[0], f[0] * 10.0 / self.area_cm2, f[1], f[2])
 
     async def set_force_limit(self, kn: float) -> None:
         await self._write_float(FORCE_LIMIT, kn)

@@ -11,7 +11,7 @@ from profiles.program import _path_key, compile_profile, flow_problems
 from profiles.schema import Profile, body_of
 
 Problem = tuple[tuple[str | int, ...], str]
-UNSUPPORTED_LIMITS = {"temperature": "a temperature chamber", "pressure": "a stack-pressure press"}
+NEEDS = {"temperature": "a chamber", "pressure": "a press"}
 
 
 def profile_checks(base_dir: Path) -> Callable[[Profile], list[Problem]]:
@@ -24,21 +24,11 @@ def profile_checks(base_dir: Path) -> Callable[[Profile], list[Problem]]:
                 continue
             where = _path_key(ins.path)
             body = body_of(ins.node)
-            for lim in body.until:
-                if lim.kind in UNSUPPORTED_LIMITS:
-                    problems.append(
-                        ((*where, ins.node.kind, "until"),
-                         f"a {lim.kind} limit needs {UNSUPPORTED_LIMITS[lim.kind]} on the channel, "
-                         "which this bench version cannot drive yet")
-                    )
             if ins.node.kind == "drive":
                 try:
                     load_series((base_dir / body.file).resolve())
                 except (OSError, ValueError) as exc:
                     problems.append(((*where, "drive", "file"), f"cannot use drive file: {exc}"))
-        if profile.safety and (profile.safety.temperature or profile.safety.pressure):
-            problems.append((("safety",), "temperature and pressure safety limits need a chamber and a press, "
-                                          "which this bench version cannot drive yet"))
         return problems
 
     return check
@@ -65,4 +55,32 @@ def cell_problems(profile: Profile, v_min: float, v_max: float) -> list[Problem]
                 problems.append((where, f"{name} {volts:g} V is above the cell's maximum {v_max:g} V"))
             elif volts < v_min - 1e-9:
                 problems.append((where, f"{name} {volts:g} V is below the cell's minimum {v_min:g} V"))
+    return problems
+
+
+def instrument_problems(profile: Profile, *, has_chamber: bool, has_press: bool) -> list[Problem]:
+    """What the profile reads or sets that the channel has no instrument for."""
+    have = {"temperature": has_chamber, "pressure": has_press}
+    problems: list[Problem] = []
+    for i, cond in enumerate(profile.conditions):
+        body = next(iter(cond.model_dump(by_alias=True).values()))
+        for quantity in ("temperature", "pressure"):
+            if isinstance(body, dict) and body.get(quantity) is not None and not have[quantity]:
+                problems.append((("conditions", i), f"sets a {quantity}, but the channel has no {NEEDS[quantity][2:]}"))
+    for ins in compile_profile(profile).instrs:
+        if ins.op != "step":
+            continue
+        body = body_of(ins.node)
+        asked = {lim.kind for lim in body.until} | {
+            q for q in ("temperature", "pressure")
+            if ins.node.kind in ("wait", "set") and getattr(body, q, None) is not None
+        }
+        for quantity in ("temperature", "pressure"):
+            if quantity in asked and not have[quantity]:
+                problems.append((_path_key(ins.path), f"needs a {quantity} reading, but the channel has no "
+                                                       f"{NEEDS[quantity][2:]}"))
+    safety = profile.safety
+    for quantity in ("temperature", "pressure"):
+        if safety and getattr(safety, quantity) is not None and not have[quantity]:
+            problems.append((("safety", quantity), f"a {quantity} safety range needs {NEEDS[quantity]} on the channel"))
     return problems

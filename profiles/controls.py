@@ -93,6 +93,8 @@ def build_control(
         return Control(name, "voltage", lambda t, v: body.voltage, amps, limits, direction)
     if kind == "rest":
         return Control("Rest", "current", lambda t, v: 0.0, v_max, limits, 0, duration=body.duration)
+    if kind == "wait":  # at rest while the conditions settle; the engine ends it on stability
+        return Control("Rest", "current", lambda t, v: 0.0, v_max, limits, 0)
     if kind == "ramp":
         return _ramp(body, limits, capacity, v_max)
     if kind == "drive":

@@ -18,14 +18,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.channel import Channel
+from bench.channel import Channel, Conditions
 from bench.clock import Clock
 from bench.store import RunStore, Sample
 from drivers.errors import InstrumentFault
 from drivers.smu import Reading
+from profiles.conditions import SetBody, WaitBody
 from profiles.controls import PULSE_SETTLE, Control, build_control
 from profiles.program import END, Program, compile_profile
 from profiles.schema import Limit, Profile, RecordRule, body_of
+from profiles.track import ProfileFailed, Track, out_of_tolerance
+from profiles.units import human_duration
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +81,7 @@ class _StepState:
     discharge_wh: float = 0.0
     last_recorded: tuple[float, Reading] | None = None
     history: list[tuple[float, Reading]] = field(default_factory=list)  # the last two samples
+    stable_since: float | None = None  # a wait step: since when the conditions have been in tolerance
 
 
 class Engine:
@@ -112,6 +116,8 @@ class Engine:
         self._reference_capacity: float | None = None
         self._last: Reading | None = None
         self._budgets: list[_Budget] = []
+        self._cond = Conditions()
+        self._track = Track(channel, clock, self._event)
         self._held: float | None = None  # the current a current source holds since the last setpoint
 
     # --- the run ---------------------------------------------------------------------------
@@ -123,8 +129,11 @@ class Engine:
         completed, reason = False, "completed"
         try:
             self._last = await self.channel.cycler.measure()
-            await self._execute()
+            await self._run_with_track()
             completed = True
+        except ProfileFailed as exc:
+            reason = f"failed: {exc}"
+            self._event("failed", str(exc))
         except asyncio.CancelledError:
             reason = "cancelled"
             self._event("cancelled", "the run was cancelled")
@@ -140,6 +149,25 @@ class Engine:
             self._event("end", reason)
             self.store.flush()
         return Outcome(completed, reason, self._elapsed(), self._step_count, self._cycle)
+
+    async def _run_with_track(self) -> None:
+        """The electrical steps, with the pressure-temperature track running alongside."""
+        if not self.profile.conditions:
+            await self._execute()
+            return
+        steps = asyncio.ensure_future(self._execute())
+        track = asyncio.ensure_future(self._track.run(self.profile.conditions))
+        try:
+            done, _ = await asyncio.wait({steps, track}, return_when=asyncio.FIRST_EXCEPTION)
+            if track in done and track.exception() is not None:
+                steps.cancel()
+                await asyncio.gather(steps, return_exceptions=True)
+                raise track.exception()  # type: ignore[misc]
+            await steps  # the track may still be holding: the steps decide when the test is over
+        finally:
+            for task in (steps, track):
+                task.cancel()
+            await asyncio.gather(steps, track, return_exceptions=True)
 
     async def _execute(self) -> None:
         prog = self.program.instrs
@@ -186,6 +214,8 @@ class Engine:
     async def _run_step(self, pc: int) -> int:
         ins = self.program.instrs[pc]
         body = body_of(ins.node)
+        if ins.node.kind == "set":
+            return await self._run_set(pc, body)
         cell = self.channel.cell
         assert self._last is not None
         ctl = build_control(
@@ -213,9 +243,15 @@ class Engine:
             await self.clock.sleep_until(min(next_sample, deadline, edge_at))
             now = self.clock.now()
             reading = await self.channel.cycler.measure()
+            if self.channel.chamber or self.channel.press:
+                self._cond = await self.channel.conditions()
             t_step = now - state.start
             self._take(state, now, reading)
-            ended = self._budget_ended(now) or self._ended(ctl, limits, state, reading, t_step)
+            ended = (
+                self._budget_ended(now)
+                or self._ended(ctl, limits, state, reading, t_step)
+                or (self._stable(body, state, now) if ins.node.kind == "wait" else None)
+            )
             unsafe = self._unsafe(reading)
             planned_end = ended is not None and self._resolve(pc, ended[1]) == END
             if unsafe and not planned_end:  # a limit that ends the test on this reading was planned for it
@@ -246,6 +282,20 @@ class Engine:
                     t_apply = min(t_apply, edges[0] - 1e-6)
                 await self._apply(ctl, t_apply, reading.voltage)
             next_sample = now + interval
+
+    async def _run_set(self, pc: int, body: SetBody) -> int:
+        """New temperature and pressure setpoints, in sequence with the steps; takes no time."""
+        ins = self.program.instrs[pc]
+        self._step_count += 1
+        now = self.clock.now()
+        self.store.step_started(self._step_count, ins.index, "Set", _dotted(ins.path), self._cycle, now - self._start)
+        if body.temperature is not None:
+            await self._track.set_temperature(body.temperature)
+        if body.pressure is not None:
+            await self._track.set_pressure(body.pressure / 1e6)
+        self._event("conditions", f"set {self._track.describe()}")
+        self.store.step_ended(self._step_count, now - self._start, f"set {self._track.describe()}")
+        return pc + 1
 
     async def _apply(self, ctl: Control, t_step: float, voltage: float) -> None:
         value = ctl.setpoint(t_step, voltage)
@@ -341,7 +391,33 @@ class Engine:
                 return None
             delta = (b.voltage - a.voltage) if kind == "dvdt" else (b.current - a.current)
             return abs(delta) / (t1 - t0)
-        return None  # temperature and pressure need auxiliary instruments on the channel
+        if kind == "temperature":
+            return self._temperature()
+        if kind == "pressure" and self._cond.pressure_mpa is not None:
+            return self._cond.pressure_mpa * 1e6
+        return None
+
+    def _temperature(self) -> float | None:
+        """The cell's temperature where it has a thermocouple, the chamber air otherwise."""
+        return self._cond.cell_c if self._cond.cell_c is not None else self._cond.ambient_c
+
+    def _stable(self, body: WaitBody, st: _StepState, now: float) -> tuple[str, str] | None:
+        """A wait step: ended once temperature and pressure have been within tolerance long enough."""
+        tol_t, tol_p = body.tolerances()
+        off = out_of_tolerance(
+            self._cond, temperature=body.temperature, temperature_tol=tol_t,
+            pressure_mpa=None if body.pressure is None else body.pressure / 1e6, pressure_tol_mpa=tol_p / 1e6,
+        )
+        if off:
+            st.stable_since = None
+            if now - st.start >= body.timeout - 1e-9:
+                raise ProfileFailed(f"waited {human_duration(body.timeout)}: " + "; ".join(off))
+            return None
+        if st.stable_since is None:
+            st.stable_since = now
+        if now - st.stable_since >= body.duration - 1e-9:
+            return f"stable for {human_duration(body.duration)}", "next"
+        return None
 
     def _budget_ended(self, now: float) -> tuple[str, str | int] | None:
         for b in self._budgets:
@@ -427,6 +503,15 @@ class Engine:
             lo, hi = (c.resolve(self.channel.cell.capacity) for c in safety.current)
             if not lo <= r.current <= hi:
                 return f"current {r.current:.6g} A is outside the profile's safety range {lo:g} to {hi:g} A"
+        temperature, pressure = self._temperature(), self._cond.pressure_mpa
+        if safety and safety.temperature and temperature is not None:
+            lo, hi = safety.temperature
+            if not lo <= temperature <= hi:
+                return f"temperature {temperature:.2f} degC is outside the profile's safety range {lo:g} to {hi:g} degC"
+        if safety and safety.pressure and pressure is not None:
+            lo, hi = (x / 1e6 for x in safety.pressure)
+            if not lo <= pressure <= hi:
+                return f"stack pressure {pressure:.3f} MPa is outside the profile's safety range {lo:g} to {hi:g} MPa"
         return None
 
     def _maybe_record(
@@ -437,9 +522,11 @@ class Engine:
             return
         st.last_recorded = (now, r)
         t = now - self._start
+        c = self._cond
         sample = Sample(
             t, self.clock.unix(now), r.voltage, r.current, self._cycle, self._step_count, index,
-            ctl.step_type, *self._acc,
+            ctl.step_type, *self._acc, c.ambient_c, c.cell_c,
+            None if c.pressure_mpa is None else c.pressure_mpa * 1e6, c.displacement_um,
         )
         self.store.add(sample, now)
         if self.on_progress:

@@ -29,7 +29,6 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import (
     BaseModel,
     BeforeValidator,
-    ConfigDict,
     Discriminator,
     Field,
     Tag,
@@ -38,6 +37,8 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from profiles.base import Strict
+from profiles.conditions import Condition, SetBody, WaitBody
 from profiles.pybamm import pybamm_step
 from profiles.units import (
     SI_UNIT,
@@ -54,28 +55,6 @@ from profiles.units import (
     parse_c_rate,
     to_si,
 )
-
-
-class Strict(BaseModel):
-    """A model whose unknown keys are errors that name the key and list the known ones."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
-    what: ClassVar[str] = "field"
-
-    @model_validator(mode="before")
-    @classmethod
-    def _known_keys(cls, data: Any) -> Any:
-        if isinstance(data, dict):
-            known = [f.alias or name for name, f in cls.model_fields.items()]
-            for key in data:
-                if key not in known and key not in cls.model_fields:
-                    raise PydanticCustomError(
-                        "unknown_key",
-                        "unknown {what} '{key}' (expected one of: {expected})",
-                        {"what": cls.what, "key": key, "expected": ", ".join(known)},
-                    )
-        return data
-
 
 # --- limits ------------------------------------------------------------------------------------
 LIMIT_KINDS = (
@@ -101,6 +80,8 @@ class Limit(Strict):
             value = f"{self.c_rate:g}C"
         elif self.kind == "time":
             value = human_duration(self.value)
+        elif self.kind == "temperature":
+            value = f"{self.value:g} degC"
         else:
             value = compact(self.value, SI_UNIT[self.kind])
         return f"{self.kind} {self.op or 'reaches'} {value}"
@@ -408,6 +389,18 @@ class PulseStep(Strict):
     pulse: PulseBody
 
 
+class WaitStep(Strict):
+    what: ClassVar[str] = "step"
+    kind: ClassVar[str] = "wait"
+    wait: WaitBody
+
+
+class SetStep(Strict):
+    what: ClassVar[str] = "step"
+    kind: ClassVar[str] = "set"
+    set: SetBody
+
+
 class RepeatStep(Strict):
     what: ClassVar[str] = "key of a repeat"
     kind: ClassVar[str] = "repeat"
@@ -420,6 +413,7 @@ class RepeatStep(Strict):
 
 LEAF_STEPS: tuple[type[Strict], ...] = (
     ChargeStep, DischargeStep, CCStep, HoldStep, CVStep, CCCVStep, RestStep, RampStep, DriveStep, PulseStep,
+    WaitStep, SetStep,
 )
 STEP_KINDS = (*(c.kind for c in LEAF_STEPS), "repeat")  # type: ignore[attr-defined]
 
@@ -465,6 +459,8 @@ Step = Annotated[
     | Annotated[RampStep, Tag("ramp")]
     | Annotated[DriveStep, Tag("drive")]
     | Annotated[PulseStep, Tag("pulse")]
+    | Annotated[WaitStep, Tag("wait")]
+    | Annotated[SetStep, Tag("set")]
     | Annotated[RepeatStep, Tag("repeat")],
     Discriminator(step_kind),
     BeforeValidator(_known_step),
@@ -494,6 +490,7 @@ class Profile(Strict):
     time_limit: Duration | None = Field(default=None, gt=0)
     c_rate_basis: Literal["nominal", "measured"] = "nominal"
     cycle_counting: Literal["auto", "explicit"] = "auto"
+    conditions: list[Condition] = Field(default_factory=list)
     steps: list[Step] = Field(min_length=1)
     format: Literal[1] = 1
 

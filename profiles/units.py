@@ -154,7 +154,10 @@ def format_quantity(name: str, value: Any) -> str:
         return str(value)
     if name in ("duration", "over", "sample_period", "time", "every", "time_limit"):
         return human_duration(value)
-    unit = {"voltage": "V", "voltage_limit": "V", "power": "W", "resistance": "ohm", "current": "A"}.get(name)
+    if name == "temperature":
+        return f"{value:g} degC"
+    unit = {"voltage": "V", "voltage_limit": "V", "power": "W", "resistance": "ohm", "current": "A",
+            "pressure": "Pa"}.get(name)
     return compact(value, unit) if unit else f"{value:g}"
 
 

@@ -53,6 +53,9 @@ class EspecChamberSim:
         while self._t < t:
             dt = min(MAX_SUBSTEP, t - self._t)
             target = self.setpoint_c if self.powered and self.mode == "CONSTANT" else self.room_c
+            if abs(target - self.air_c) < 1e-6:
+                self.air_c, self._t = target, t  # settled
+                break
             tau = self.tau if self.mode == "CONSTANT" else 4 * self.tau  # no active control: slower
             rate = max(-self.max_rate, min(self.max_rate, (target - self.air_c) / tau))
             self.air_c += rate * dt

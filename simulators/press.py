@@ -52,6 +52,7 @@ class PressSim:
         area_cm2: float = 1.0,
         lag_s: float = 2.0,
         stiffness_kn_per_mm: float = 50.0,
+        holding_mpa: float | None = None,
     ) -> None:
         self._now = now
         self._t = now()
@@ -70,6 +71,9 @@ class PressSim:
         self.fault = False
         self.over_force = False
         self._tare_um = self._stack_um()
+        if holding_mpa is not None:  # assembled under pressure: enabled and holding already
+            self.setpoint_kn = self.force_kn = self.command_kn = holding_mpa * area_cm2 / 10.0
+            self.mode, self.enabled = 1, True
 
     # --- mechanics ------------------------------------------------------------------------
     def _stack_um(self) -> float:
@@ -80,6 +84,9 @@ class PressSim:
         while self._t < t:
             dt = min(MAX_SUBSTEP, t - self._t)
             target = self.setpoint_kn if self.enabled and self.mode == 1 and not self.fault else 0.0
+            if abs(target - self.command_kn) < 1e-12 and abs(self.command_kn - self.force_kn) < 1e-9:
+                self.force_kn, self._t = self.command_kn, t  # settled: nothing moves until a new command
+                break
             # the ramp limits the commanded force; the measured force follows the command with a lag
             step = max(-self.ramp_kn_s * dt, min(self.ramp_kn_s * dt, target - self.command_kn))
             self.command_kn += step

@@ -81,8 +81,10 @@ class DryRun:
 
 def dry_run(
     text: str, tmp_path: Path, *, soc: float = 0.5, temperature: float = 25.0, seed: int = 0,
-    params: Any = None, noise: bool = True, capacity_factor: float = 1.0,
+    params: Any = None, noise: bool = True, capacity_factor: float = 1.0, environment: bool = False,
+    pressure: float | None = None,
 ) -> DryRun:
+    """Run profile text on a simulated bench: the 2450 alone, or with a chamber and a press (environment)."""
     from bench.clock import VirtualClock
     from bench.run import SimulatedBench
     from bench.store import open_run
@@ -92,13 +94,16 @@ def dry_run(
     text = textwrap.dedent(text)
     profile = parse_profile(text, "test.yaml", tmp_path)
     clock = VirtualClock()
-    bench = SimulatedBench(params or PELLET, initial_soc=soc, seed=seed, noise=noise, temperature_c=temperature)
+    bench = SimulatedBench(
+        params or PELLET, initial_soc=soc, seed=seed, noise=noise, temperature_c=temperature,
+        chamber=environment, press=environment, pressure_mpa=pressure,
+    )
     bench.cell.state.capacity_ah *= capacity_factor
     runs = tmp_path / f"runs-{len(list(tmp_path.glob('runs-*')))}"
 
     async def main() -> Any:
         async with bench:
-            return await bench.run(profile, text, clock, runs_dir=runs, base_dir=tmp_path)
+            return await bench.run(profile, text, clock, runs_dir=runs, base_dir=tmp_path, profile_source="test.yaml")
 
     result = clock.run(main())
     with open_run(result.database) as store:

@@ -286,8 +286,6 @@ def test_c_rates_can_follow_the_last_measured_capacity(tmp_path: Path) -> None:
          "test.yaml:4: steps[1]: label 'a' is used twice"),
         ("  - rest: {label: top, for: 1 min}\n  - charge: {current: C/20, until: {time: 1 h, then: top}}\n",
          "test.yaml:3: steps[0]: a loop that can never end: every way on from this step leads back"),
-        ("  - charge: {current: C/20, until: {temperature: '> 40 degC'}}\n",
-         "test.yaml:3: steps[0].charge.until: a temperature limit needs a temperature chamber on the channel"),
         ("  - Dischrage at 1C until 2.5 V\n", "test.yaml:3: steps[0]: 'Dischrage at 1C until 2.5 V' is not a PyBaMM"),
     ],
 )

@@ -17,7 +17,7 @@ def library(name: str) -> str:
 
 
 def test_formation_at_60_degc(tmp_path: Path) -> None:
-    run = dry_run(library("formation"), tmp_path, soc=0.0, temperature=60.0)
+    run = dry_run(library("formation"), tmp_path, soc=0.0, temperature=60.0, environment=True)
     assert run.outcome.completed
     rows = cycle_table(run.samples)
     assert [r.cycle for r in rows] == [1, 2]

@@ -83,7 +83,7 @@ def test_every_problem_is_reported_not_just_the_first() -> None:
     )
     assert found == [
         "cycle.yaml:3: steps[0]: unknown step 'rset' (expected one of: charge, discharge, cc, hold, cv, cccv, "
-        "rest, ramp, drive, pulse, repeat)",
+        "rest, ramp, drive, pulse, wait, set, repeat)",
         "cycle.yaml:4: steps[1].rest: 1 has no unit: a duration needs one, e.g. '1 s'",
         "cycle.yaml:5: steps[2].charge.current: '4 parsecs' is not a current (e.g. '2 mA' or 'C/10')",
         "cycle.yaml:6: steps[3].hold: a step needs at least one limit in 'until', or it never ends",
@@ -96,7 +96,7 @@ def test_every_problem_is_reported_not_just_the_first() -> None:
 def test_unknown_top_level_keys_and_missing_steps() -> None:
     assert problems("name: x\nstep:\n  - rest: 1 h\n") == [
         "cycle.yaml:2: unknown profile key 'step' (expected one of: name, description, cell, sample_period, "
-        "record, safety, time_limit, c_rate_basis, cycle_counting, steps, format)"
+        "record, safety, time_limit, c_rate_basis, cycle_counting, conditions, steps, format)"
     ]
     assert problems("name: x\n") == ["cycle.yaml:1: 'steps' is required"]
 

@@ -1,0 +1,132 @@
+"""The pressure-temperature track: setpoints, ramps, holds and waits, alongside the electrical steps."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from bench.channel import Channel, Conditions
+from bench.clock import Clock
+from profiles.conditions import HoldCondition, RampCondition, SetCondition, WaitStableCondition
+from profiles.units import human_duration
+
+RAMP_STEP = 60.0  # s between setpoint updates of a temperature ramp
+POLL = 30.0  # s between readings while waiting for stability
+
+
+class ProfileFailed(Exception):
+    """The profile cannot go on as written (conditions that never settle): the run ends in the safe state."""
+
+
+def out_of_tolerance(
+    c: Conditions,
+    *,
+    temperature: float | None,
+    temperature_tol: float | None,
+    pressure_mpa: float | None,
+    pressure_tol_mpa: float | None,
+) -> list[str]:
+    """What is not yet where it should be; the cell's temperature where known, else the air's."""
+    off = []
+    measured_t = c.cell_c if c.cell_c is not None else c.ambient_c
+    if temperature is not None and temperature_tol is not None and (
+        measured_t is None or abs(measured_t - temperature) > temperature_tol
+    ):
+        shown = "unknown" if measured_t is None else f"{measured_t:.2f} degC"
+        off.append(f"temperature {shown} not within {temperature_tol:g} degC of {temperature:g} degC")
+    if pressure_mpa is not None and pressure_tol_mpa is not None and (
+        c.pressure_mpa is None or abs(c.pressure_mpa - pressure_mpa) > pressure_tol_mpa
+    ):
+        shown = "unknown" if c.pressure_mpa is None else f"{c.pressure_mpa:.3f} MPa"
+        off.append(f"pressure {shown} not within {pressure_tol_mpa:g} MPa of {pressure_mpa:g} MPa")
+    return off
+
+
+class Track:
+    """Runs the conditions in order; remembers the setpoints it has given."""
+
+    def __init__(self, channel: Channel, clock: Clock, event: Callable[[str, str], None]) -> None:
+        self.channel = channel
+        self.clock = clock
+        self.event = event
+        self.temperature: float | None = None  # degC
+        self.pressure: float | None = None  # MPa
+
+    async def set_temperature(self, celsius: float) -> None:
+        assert self.channel.chamber is not None
+        await self.channel.chamber.set_temperature(celsius)
+        await self.channel.chamber.set_mode("CONSTANT")
+        self.temperature = celsius
+
+    async def set_pressure(self, mpa: float, rate_mpa_s: float | None = None) -> None:
+        assert self.channel.press is not None
+        await self.channel.press.set_pressure(mpa, ramp_mpa_per_s=rate_mpa_s)
+        self.pressure = mpa
+
+    async def run(self, conditions: list[Any]) -> None:
+        for cond in conditions:
+            if isinstance(cond, SetCondition):
+                sp = cond.set
+                if sp.temperature is not None:
+                    await self.set_temperature(sp.temperature)
+                if sp.pressure is not None:
+                    await self.set_pressure(sp.pressure / 1e6)
+                self.event("conditions", f"set {self.describe()}")
+            elif isinstance(cond, HoldCondition):
+                await self.clock.sleep(cond.hold)
+            elif isinstance(cond, RampCondition):
+                await self._ramp(cond)
+            elif isinstance(cond, WaitStableCondition):
+                await self._wait_stable(cond)
+
+    async def _ramp(self, cond: RampCondition) -> None:
+        ramp, rate = cond.ramp, cond.ramp.rate_per_s()
+        if ramp.pressure is not None:  # the press ramps its force itself
+            await self.set_pressure(ramp.pressure / 1e6, rate_mpa_s=rate / 1e6)
+            self.event("conditions", f"ramp to {ramp.pressure / 1e6:g} MPa at {rate * 60 / 1e6:g} MPa/min")
+            return
+        assert ramp.temperature is not None
+        start = self.temperature
+        if start is None:
+            assert self.channel.chamber is not None
+            start = (await self.channel.chamber.temperature()).measured
+        self.event("conditions", f"ramp to {ramp.temperature:g} degC at {rate * 60:g} degC/min")
+        value, target = start, ramp.temperature
+        while value != target:
+            step = rate * RAMP_STEP
+            value = min(value + step, target) if target > value else max(value - step, target)
+            await self.set_temperature(round(value, 1) if value != target else target)
+            if value != target:
+                await self.clock.sleep(RAMP_STEP)
+
+    async def _wait_stable(self, cond: WaitStableCondition) -> None:
+        spec = cond.wait_stable
+        began = self.clock.now()
+        stable_since: float | None = None
+        while True:
+            c = await self.channel.conditions()
+            now = self.clock.now()
+            off = out_of_tolerance(
+                c, temperature=self.temperature, temperature_tol=spec.temperature,
+                pressure_mpa=self.pressure, pressure_tol_mpa=None if spec.pressure is None else spec.pressure / 1e6,
+            )
+            if off:
+                stable_since = None
+                if now - began >= spec.timeout - 1e-9:
+                    raise ProfileFailed(
+                        f"conditions not stable after {human_duration(spec.timeout)}: " + "; ".join(off)
+                    )
+            else:
+                stable_since = now if stable_since is None else stable_since
+                if now - stable_since >= spec.duration - 1e-9:
+                    self.event("conditions", f"stable at {self.describe()} for {human_duration(spec.duration)}")
+                    return
+            await self.clock.sleep(min(POLL, max(spec.timeout - (now - began), 0.0)) or POLL)
+
+    def describe(self) -> str:
+        parts = []
+        if self.temperature is not None:
+            parts.append(f"{self.temperature:g} degC")
+        if self.pressure is not None:
+            parts.append(f"{self.pressure:g} MPa")
+        return " and ".join(parts) or "nothing"

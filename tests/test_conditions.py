@@ -1,0 +1,212 @@
+"""Pressure and temperature in profiles: the track alongside the steps, waits, limits, safety, and the coupling."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from bench.clock import VirtualClock
+from bench.config import BenchConfig, ChannelConfig, InstrumentConfig
+from bench.run import SimulatedBench, cell_config, run_bench
+from bench.store import open_run
+from profiles.library import library_path
+from profiles.parse import InputError, parse_profile
+from simulators.cell import SolidStateCell
+from simulators.espec import EspecChamberSim
+from simulators.keithley2450 import Keithley2450Sim
+from simulators.parameters import PELLET
+from simulators.press import PressServer, PressSim
+from simulators.server import SimServer
+from tests.conftest import dry_run
+
+
+def test_steps_wait_for_the_track_and_samples_carry_temperature_and_pressure(tmp_path: Path) -> None:
+    run = dry_run(
+        """
+        name: t
+        sample_period: 60 s
+        conditions:
+          - set: {temperature: 45 degC, pressure: 10 MPa}
+          - wait stable: {temperature: 0.5 degC, pressure: 0.1 MPa, for: 30 min, timeout: 6 h}
+        steps:
+          - wait: {temperature: 45 degC, pressure: 10 MPa, for: 30 min, timeout: 6 h}
+          - discharge: {current: C/10, until: 1 h}
+        """, tmp_path, soc=0.8, environment=True)
+    assert run.outcome.completed, run.outcome.reason
+    assert run.sequence == [("Rest", "stable for 30 min"), ("CC Discharge", "time 3600 s")]
+    wait_end = run.steps[1]["start_time"]
+    assert 1.5 * 3600 < wait_end < 4 * 3600  # the pellet's die takes hours to follow a 20 K step
+    messages = [e["message"] for e in run.events if e["kind"] == "conditions"]
+    assert messages == ["set 45 degC and 10 MPa", "stable at 45 degC and 10 MPa for 30 min"]
+    for s in run.step_samples(2):
+        assert s.ambient_c == pytest.approx(45.0, abs=0.1)
+        assert s.t1_c == pytest.approx(45.0, abs=0.5)
+        assert s.pressure_pa == pytest.approx(10e6, rel=0.01)
+        assert s.displacement_um is not None
+    # on discharge lithium strips: the stack shrinks
+    dis = run.step_samples(2)
+    assert dis[-1].displacement_um < dis[0].displacement_um
+
+
+def test_a_stabilisation_that_never_comes_fails_the_test_with_the_reason(tmp_path: Path) -> None:
+    run = dry_run(
+        """
+        name: t
+        sample_period: 60 s
+        conditions:
+          - set: {temperature: 80 degC}
+          - wait stable: {temperature: 0.5 degC, for: 10 min, timeout: 1 h}
+        steps:
+          - rest: 10 h
+        """, tmp_path, environment=True)
+    assert not run.outcome.completed
+    assert run.outcome.reason.startswith("failed: conditions not stable after 1 h: temperature ")
+    assert "not within 0.5 degC of 80 degC" in run.outcome.reason
+    assert [e["kind"] for e in run.events][-2:] == ["failed", "end"]
+    assert run.bench.sim.tree.values["output"] is False
+    assert run.samples[-1].test_time == pytest.approx(3600, abs=61)
+
+    waited = dry_run(
+        "name: t\nsteps:\n  - set: {temperature: 60 degC}\n"
+        "  - wait: {temperature: 60 degC, for: 1 min, timeout: 30 min}\n",
+        tmp_path, environment=True)
+    assert waited.outcome.reason.startswith("failed: waited 30 min: temperature ")  # the cell lags by hours
+    assert "not within 0.5 degC of 60 degC" in waited.outcome.reason
+
+
+def test_temperature_and_pressure_limits_end_steps(tmp_path: Path) -> None:
+    run = dry_run(
+        """
+        name: t
+        sample_period: 60 s
+        conditions:
+          - set: {temperature: 60 degC}
+          - hold: 1 h
+          - ramp: {pressure: 20 MPa, rate: 1 MPa/min}
+        steps:
+          - rest: {for: 10 h, until: {temperature: "> 40 degC"}}
+          - rest: {for: 10 h, until: {pressure: "> 15 MPa"}}
+        """, tmp_path, environment=True)
+    assert run.sequence == [("Rest", "temperature >= 40 degC"), ("Rest", "pressure >= 15 MPa")]
+    ramp_start = 3600.0
+    assert run.steps[1]["end_time"] == pytest.approx(ramp_start + 10 * 60, abs=130)  # 5 -> 15 MPa at 1 MPa/min
+
+
+def test_a_temperature_ramp_in_the_track_moves_the_setpoint_at_its_rate(tmp_path: Path) -> None:
+    run = dry_run(
+        """
+        name: t
+        sample_period: 60 s
+        conditions:
+          - ramp: {temperature: 35 degC, rate: 0.5 degC/min}
+        steps:
+          - rest: 40 min
+        """, tmp_path, environment=True)
+    ambient = {round(s.test_time): s.ambient_c for s in run.samples}
+    assert ambient[600] < 30.0  # 0.5 degC/min: about 5 degC in 10 min, with the air's lag
+    assert ambient[2400] == pytest.approx(35.0, abs=0.5)
+    assert all(b - a <= 0.5 * 1.01 for a, b in zip(list(ambient.values()), list(ambient.values())[1:], strict=False))
+
+
+def test_profile_temperature_and_pressure_safety_ranges(tmp_path: Path) -> None:
+    run = dry_run(
+        """
+        name: t
+        sample_period: 60 s
+        safety: {temperature: [0 degC, 50 degC]}
+        conditions:
+          - set: {temperature: 70 degC}
+        steps:
+          - rest: 10 h
+        """, tmp_path, environment=True)
+    assert "temperature 50." in run.outcome.reason and "safety range 0 to 50 degC" in run.outcome.reason
+
+
+def test_a_profile_needing_a_chamber_is_refused_on_a_channel_without_one(tmp_path: Path) -> None:
+    text = "name: t\nsteps:\n  - rest: {for: 1 h, until: {temperature: '> 40 degC'}}\n  - set: {pressure: 5 MPa}\n"
+    with pytest.raises(InputError) as info:
+        dry_run(text, tmp_path, environment=False)
+    assert info.value.problems == [
+        "test.yaml:3: steps[0]: needs a temperature reading, but the channel has no chamber (channel 'ch1')",
+        "test.yaml:4: steps[1]: needs a pressure reading, but the channel has no press (channel 'ch1')",
+    ]
+
+
+def test_stack_pressure_sweep_polarisation_falls_as_pressure_rises(tmp_path: Path) -> None:
+    run = dry_run(library_path("pressure-sweep").read_text(), tmp_path, soc=0.0, environment=True)
+    assert run.outcome.completed, run.outcome.reason
+    polarisation = {}
+    for st in run.steps:
+        if st["step_type"] == "CC Discharge":
+            rest = run.step_samples(st["step_count"] - 1)[-1]
+            settled = run.step_samples(st["step_count"])[1]  # once the interfaces have charged
+            polarisation[round(settled.pressure_pa / 1e6)] = rest.voltage - settled.voltage
+    assert list(polarisation) == [1, 2, 5, 10, 20]
+    values = list(polarisation.values())
+    assert values == sorted(values, reverse=True)
+    assert values[0] > 1.5 * values[2]  # contact loss at 1 MPa
+
+
+def test_warm_pressing_formation_forms_warm_then_cools_under_pressure(tmp_path: Path) -> None:
+    run = dry_run(library_path("warm-pressing-formation").read_text(), tmp_path, soc=0.0, environment=True)
+    assert run.outcome.completed, run.outcome.reason
+    charge = next(st for st in run.steps if st["step_type"] == "CC Charge")
+    assert all(s.t1_c == pytest.approx(60, abs=1.0) for s in run.step_samples(charge["step_count"]))
+    last = run.step_samples(run.steps[-1]["step_count"])
+    assert all(s.t1_c == pytest.approx(25, abs=1.0) and s.pressure_pa == pytest.approx(10e6, rel=0.01) for s in last)
+
+
+def test_one_chamber_and_one_press_shared_by_two_channels(tmp_path: Path) -> None:
+    text = (
+        "name: shared\nsample_period: 60 s\nsteps:\n  - set: {temperature: 40 degC, pressure: 8 MPa}\n"
+        "  - wait: {temperature: 40 degC, pressure: 8 MPa, for: 10 min, timeout: 6 h}\n"
+        "  - discharge: {current: C/10, until: 30 min}\n"
+    )
+    profile = parse_profile(text, "shared.yaml")
+    clock = VirtualClock()
+
+    async def main() -> list:
+        loop = asyncio.get_running_loop()
+        cells = [SolidStateCell(soc=0.5), SolidStateCell(soc=0.6)]
+        chamber = EspecChamberSim(loop.time, cells)
+        press = PressSim(loop.time, cells, area_cm2=1.0, holding_mpa=5.0)
+        smus = [Keithley2450Sim(c, loop.time) for c in cells]
+        for smu in smus:
+            smu.surroundings += [chamber, press]
+        servers = [await SimServer(s).start() for s in smus]
+        cs = await SimServer(chamber, read_termination=b"\r\n", write_termination=b"\r\n").start()
+        ps = await PressServer(press).start_tcp()
+        bench = BenchConfig(
+            instruments={
+                "smu1": InstrumentConfig(driver="keithley2450", resource=servers[0].resource),
+                "smu2": InstrumentConfig(driver="keithley2450", resource=servers[1].resource),
+                "oven": InstrumentConfig(driver="espec", resource=cs.resource),
+                "press": InstrumentConfig(driver="modbus-press", resource=ps.resource),
+            },
+            cells={"a": cell_config(PELLET), "b": cell_config(PELLET)},
+            channels={
+                "ch1": ChannelConfig(cycler="smu1", cell="a", chamber="oven", press="press"),
+                "ch2": ChannelConfig(cycler="smu2", cell="b", chamber="oven", press="press"),
+            },
+        )
+        try:
+            return await run_bench(bench, profile, text, clock, runs_dir=tmp_path)
+        finally:
+            for s in (*servers, cs, ps):
+                await s.close()
+
+    results = clock.run(main())
+    assert [r.outcome.completed for r in results] == [True, True]
+    for r in results:
+        with open_run(r.database) as store:
+            last = store.samples()[-1]
+            assert set(store.metadata()["instruments"]) == {"smu1" if r.channel == "ch1" else "smu2", "oven", "press"}
+        assert last.ambient_c == pytest.approx(40, abs=0.2) and last.pressure_pa == pytest.approx(8e6, rel=0.01)
+
+
+def test_simulated_bench_without_environment_records_no_conditions(tmp_path: Path) -> None:
+    run = dry_run("name: t\nsteps:\n  - rest: 2 min\n", tmp_path)
+    assert all(s.ambient_c is None and s.pressure_pa is None for s in run.samples)
+    assert isinstance(SimulatedBench().with_chamber, bool)
