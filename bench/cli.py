@@ -96,7 +96,7 @@ def _show_results(results: list[ChannelResult]) -> None:
 
 
 def _simulate(
-    path: Path, *, seed: int, runs_dir: Path, cell: str, soc: float, temperature: float
+    path: Path, *, seed: int, runs_dir: Path, cell: str, soc: float, temperature: float, environment: bool = False
 ) -> ChannelResult:
     prof, text = _load(path)
     if cell not in PRESETS:
@@ -112,7 +112,7 @@ def _simulate(
                 run_simulated(
                     prof, text, clock, params=PRESETS[cell], initial_soc=soc, seed=seed, temperature_c=temperature,
                     runs_dir=runs_dir, on_progress=_reporter(progress, prof), profile_source=path.name,
-                    base_dir=path.parent,
+                    base_dir=path.parent, environment=environment,
                 )
             )
     except InputError as exc:
@@ -154,11 +154,15 @@ def run(
     cell: CellOption = "pellet",
     soc: SocOption = 0.0,
     temperature: TempOption = 25.0,
+    environment: Annotated[
+        bool, typer.Option(help="simulate a chamber and a press even if the profile does not need them")
+    ] = False,
 ) -> None:
     """Run a profile on every channel of a bench in real time, or with --dry-run on a simulated bench."""
     path = _profile_path(profile)
     if dry_run:
-        result = _simulate(path, seed=seed, runs_dir=runs_dir, cell=cell, soc=soc, temperature=temperature)
+        result = _simulate(path, seed=seed, runs_dir=runs_dir, cell=cell, soc=soc, temperature=temperature,
+                           environment=environment)
         if not result.outcome.completed:
             raise typer.Exit(1)
         return

@@ -126,7 +126,7 @@ def cell_config(params: CellParameters) -> CellConfig:
 
 class SimulatedBench:
     """A bench of simulated instruments on real wires: a 2450 simulator (TCP) with a simulated cell,
-    and, unless left out, an ESPEC chamber (TCP) around it and a Modbus press (TCP) holding its stack.
+    and, when asked for, an ESPEC chamber (TCP) around it and a Modbus press (TCP) holding its stack.
 
     Everything goes through the real wire, so the run is the same code path as on real hardware.
     """
@@ -140,8 +140,8 @@ class SimulatedBench:
         noise: bool = True,
         temperature_c: float = 25.0,
         pressure_mpa: float | None = None,
-        chamber: bool = True,
-        press: bool = True,
+        chamber: bool = False,
+        press: bool = False,
     ) -> None:
         self.params = params
         self.initial_soc = initial_soc
@@ -237,15 +237,27 @@ async def run_simulated(
     on_progress: ProgressCallback | None = None,
     profile_source: str = "<profile>",
     base_dir: Path = Path("."),
+    environment: bool = False,
 ) -> tuple[ChannelResult, SolidStateCell]:
-    """Run a profile on a fresh simulated bench; return the result and the simulated cell."""
-    bench = SimulatedBench(params, initial_soc=initial_soc, seed=seed, noise=noise, temperature_c=temperature_c)
+    """Run a profile on a fresh simulated bench; return the result and the simulated cell.
+
+    The bench has a chamber and a press when the profile reads or sets temperature or pressure,
+    or when `environment` asks for them.
+    """
+    env = environment or needs_environment(profile)
+    bench = SimulatedBench(params, initial_soc=initial_soc, seed=seed, noise=noise, temperature_c=temperature_c,
+                           chamber=env, press=env)
     async with bench:
         result = await bench.run(
             profile, profile_text, clock, runs_dir=runs_dir, on_progress=on_progress,
             profile_source=profile_source, base_dir=base_dir,
         )
     return result, bench.cell
+
+
+def needs_environment(profile: Profile) -> bool:
+    """Whether a profile reads or sets temperature or pressure."""
+    return bool(instrument_problems(profile, has_chamber=False, has_press=False))
 
 
 class _OutOfTime(Exception):

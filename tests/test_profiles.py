@@ -124,7 +124,7 @@ def test_every_library_profile_is_valid() -> None:
 
 def test_cellbench_validate_prints_the_steps_or_the_errors_without_a_traceback(tmp_path: Path) -> None:
     runner = CliRunner()
-    ok = runner.invoke(app, ["validate", str(library_path("formation-and-cycling"))])
+    ok = runner.invoke(app, ["validate", str(library_path("formation-and-cycling")), "--no-estimate"])
     assert ok.exit_code == 0, ok.output
     assert "repeat × 3" in ok.output and "valid" in ok.output
     bad = tmp_path / "bad.yaml"
