@@ -259,35 +259,62 @@ def _describe(step: Any) -> str:
     return f"{label}{step.kind}: {text}" + (f" until {ends}" if ends else "") + checks
 
 
+SIMULATORS = ("keithley2450", "espec", "press")
+
+
 @sim_app.command("serve")
 def sim_serve(
-    instrument: Annotated[str, typer.Argument(help="which instrument: keithley2450")],
+    instrument: Annotated[str, typer.Argument(help=f"which instrument: {', '.join(SIMULATORS)}")],
     port: Annotated[int, typer.Option(help="TCP port to listen on (0 picks a free one)")] = 5025,
     host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
+    serial: Annotated[bool, typer.Option(help="serve on a pseudo-terminal serial line instead of TCP")] = False,
     cell: Annotated[str, typer.Option(help=f"simulated cell: {', '.join(PRESETS)}")] = "pellet",
     soc: Annotated[float, typer.Option(help="initial state of charge, 0 to 1")] = 0.5,
     seed: Annotated[int, typer.Option(help="seed of the measurement noise")] = 0,
 ) -> None:
-    """Serve a simulated instrument over TCP until interrupted, in real time."""
+    """Serve a simulated instrument until interrupted, in real time, for any client."""
     from simulators.cell import SolidStateCell
+    from simulators.espec import EspecChamberSim
     from simulators.keithley2450 import Keithley2450Sim
-    from simulators.server import SimServer
+    from simulators.press import PressServer, PressSim
+    from simulators.serial_link import NullModem
+    from simulators.server import PtySimServer, SimServer
 
-    if instrument.lower() != "keithley2450":
-        raise _fail(f"unknown instrument '{instrument}' (expected one of: keithley2450)")
+    kind = instrument.lower()
+    if kind not in SIMULATORS:
+        raise _fail(f"unknown instrument '{instrument}' (expected one of: {', '.join(SIMULATORS)})")
     if cell not in PRESETS:
         raise _fail(f"unknown cell '{cell}' (expected one of: {', '.join(PRESETS)})")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
     async def serve() -> None:
         loop = asyncio.get_running_loop()
-        sim = Keithley2450Sim(SolidStateCell(PRESETS[cell], soc=soc), loop.time, noise_v=20e-6, seed=seed)
-        server = await SimServer(sim).start(host, port)
-        console.print(f"serving a simulated Keithley 2450 ({cell} cell) at [bold]{server.resource}[/bold]")
+        the_cell = SolidStateCell(PRESETS[cell], soc=soc)
+        if kind == "press":
+            press = PressSim(loop.time, [the_cell], area_cm2=PRESETS[cell].area_cm2, holding_mpa=5.0)
+            cable = await NullModem().open() if serial else None
+            server = await (PressServer(press).start_rtu(cable.ends[0]) if cable else PressServer(press).start_tcp(
+                host, port))
+            where = f"ASRL{cable.ends[1]}::INSTR (Modbus RTU)" if cable else f"{server.resource} (Modbus TCP)"
+            console.print(f"serving a simulated stack press at [bold]{where}[/bold]")
+            try:
+                await asyncio.Event().wait()
+            finally:
+                await server.close()
+                if cable:
+                    await cable.close()
+            return
+        crlf = {"read_termination": b"\r\n", "write_termination": b"\r\n"} if kind == "espec" else {}
+        sim = (EspecChamberSim(loop.time, [the_cell]) if kind == "espec"
+               else Keithley2450Sim(the_cell, loop.time, noise_v=20e-6, seed=seed))
+        line_server = PtySimServer(sim, **crlf) if serial else SimServer(sim, **crlf)
+        await line_server.start(host, port)
+        label = "ESPEC chamber" if kind == "espec" else f"Keithley 2450 ({cell} cell)"
+        console.print(f"serving a simulated {label} at [bold]{line_server.resource}[/bold]")
         try:
-            await server.serve_forever()
+            await (line_server.serve_forever() if not serial else asyncio.Event().wait())
         finally:
-            await server.close()
+            await line_server.close()
 
     try:
         asyncio.run(serve())

@@ -19,26 +19,61 @@ from bench.cli import app
 from bench.store import open_run
 
 
-@pytest.fixture
-def served() -> Iterator[str]:
-    """`cellbench sim serve keithley2450 --port 0` as its own process; yields its resource string."""
+def serve(*args: str) -> tuple[subprocess.Popen[str], str]:
+    """`cellbench sim serve ...` as its own process; returns it and the resource it announced."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "bench.cli", "sim", "serve", "keithley2450", "--port", "0", "--soc", "0.5"],
+        [sys.executable, "-m", "bench.cli", "sim", "serve", *args],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200"},
     )
+    deadline = time.monotonic() + 30
+    assert proc.stdout is not None
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        if m := re.search(r"((TCPIP::127\.0\.0\.1::\d+::SOCKET)|(ASRL\S+::INSTR))", line):
+            return proc, m.group(1)
+    proc.terminate()
+    raise AssertionError("sim serve did not announce its resource")
+
+
+@pytest.fixture
+def served() -> Iterator[str]:
+    """A simulated 2450 served by `cellbench sim serve keithley2450 --port 0`."""
+    proc, resource = serve("keithley2450", "--port", "0", "--soc", "0.5")
+    yield resource
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+def test_a_served_chamber_on_a_serial_line_answers_a_plain_pyvisa_client() -> None:
+    proc, resource = serve("espec", "--serial")
     try:
-        deadline = time.monotonic() + 30
-        resource = None
-        assert proc.stdout is not None
-        while resource is None and time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            if m := re.search(r"(TCPIP::127\.0\.0\.1::\d+::SOCKET)", line):
-                resource = m.group(1)
-        assert resource, "sim serve did not announce its resource"
-        yield resource
+        rm = pyvisa.ResourceManager("@py")
+        inst = rm.open_resource(resource, read_termination="\r\n", write_termination="\r\n", timeout=3000)
+        assert inst.query("TYPE?") == "T,S2,160.0"
+        assert inst.query("TEMP, S40.0") == "OK:TEMP, S40.0"
+        assert inst.query("TEMP?").split(",")[1] == "40.0"
+        inst.close()
+        rm.close()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_a_served_press_answers_a_plain_modbus_client() -> None:
+    from pymodbus.client import ModbusTcpClient
+
+    proc, resource = serve("press", "--port", "0")
+    try:
+        port = int(resource.split("::")[2])
+        client = ModbusTcpClient("127.0.0.1", port=port)
+        assert client.connect()
+        regs = client.read_holding_registers(0, count=4, device_id=1).registers
+        force = client.convert_from_registers(regs[2:4], client.DATATYPE.FLOAT32)
+        assert force == pytest.approx(0.5)  # 5 MPa on the 1 cm² pellet
+        client.close()
     finally:
         proc.terminate()
         proc.wait(timeout=10)
