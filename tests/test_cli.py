@@ -186,3 +186,11 @@ def test_run_without_a_bench_says_what_to_do() -> None:
     result = CliRunner().invoke(app, ["run", "hppc"])
     assert result.exit_code == 2
     assert "--bench BENCH.yaml" in result.output
+
+
+@pytest.mark.parametrize("name", ["desk", "pressure-rig"])
+def test_the_example_bench_files_are_valid(name: str) -> None:
+    from bench.config import load_bench
+
+    bench = load_bench(Path(__file__).parent.parent / "bench" / "examples" / f"{name}.yaml")
+    assert bench.channels and not bench.reference_problems()
