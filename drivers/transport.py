@@ -18,6 +18,7 @@ import contextlib
 import logging
 import re
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal, Protocol
@@ -124,6 +125,35 @@ class LineTransport(ABC):
                 self._owed += 1
                 raise InstrumentTimeout(self.name, command, self.timeout, self._partial()) from None
             return line.decode("ascii", errors="replace").strip()
+
+    async def query_lines(
+        self, command: str, until: Callable[[str], bool], timeout: float | None = None
+    ) -> list[str]:
+        """Send a command and read reply lines until one satisfies `until` (that line included)."""
+        async with self._lock:
+            await self._resync()
+            await self._send(command.encode("ascii") + self.write_termination)
+            return await self._read_lines(command, until, self.timeout if timeout is None else timeout)
+
+    async def interrupt(self, command: str) -> None:
+        """Send at once, past the lock: for an abort while another caller waits on a long reply."""
+        await self._send(command.encode("ascii") + self.write_termination)
+
+    async def _read_lines(self, command: str, until: Callable[[str], bool], timeout: float) -> list[str]:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        lines: list[str] = []
+        while True:
+            try:
+                raw = await self._receive(max(deadline - loop.time(), 0.0))
+            except TimeoutError:
+                self._owed += 1
+                got = ("\n".join(lines).encode() + b"\n" + self._partial()) if lines else self._partial()
+                raise InstrumentTimeout(self.name, command.split("\n")[0], timeout, got) from None
+            line = raw.decode("ascii", errors="replace").rstrip("\r")
+            lines.append(line)
+            if until(line):
+                return lines
 
     async def _resync(self) -> None:
         while self._owed:

@@ -130,6 +130,24 @@ class SolidStateCell:
         """Charge-transfer resistance of the cathode and lithium interfaces in ohms."""
         return self._resistances()[1]
 
+    def interfacial_parts(self) -> tuple[float, float]:
+        """(cathode, lithium) charge-transfer resistances in ohms."""
+        p, t_k = self.params, self.temperature_c + KELVIN
+        scale = self._pressure_factor() / p.area_cm2
+        return (p.r_ct_cathode_ohm_cm2 * arrhenius(p.ea_ct_cathode_ev, t_k, p.t_ref_k) * scale,
+                p.r_ct_li_ohm_cm2 * arrhenius(p.ea_ct_li_ev, t_k, p.t_ref_k) * scale)
+
+    def impedance(self, frequency: float) -> complex:
+        """Z(f): ohmic resistance, the Li|SE and cathode arcs (R in parallel with a CPE), and Warburg diffusion."""
+        p = self.params
+        w = 2 * math.pi * frequency
+        r_cat, r_li = self.interfacial_parts()
+        a = p.area_cm2
+        z_li = 1 / (1 / r_li + p.q_li_f_cm2 * a * (1j * w) ** p.n_li)
+        z_cat = 1 / (1 / r_cat + p.q_cathode_f_cm2 * a * (1j * w) ** p.n_cathode)
+        sigma = p.warburg_ohm_cm2_s_half / a
+        return self.ohmic_resistance() + z_li + z_cat + sigma * (1 - 1j) / math.sqrt(w)
+
     def dc_resistance(self) -> float:
         """Steady-state resistance seen by a constant current."""
         return sum(self._resistances())

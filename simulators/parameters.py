@@ -46,6 +46,13 @@ class CellParameters(BaseModel):
     r_ct_li_ohm_cm2: float = 10.0  # Spencer-Jolly ACS AMI 13, 22708 (2021) range (est.)
     ea_ct_li_ev: float = 0.4  # (est.)
     c_dl_f_cm2: float = 5.0e-4  # cathode double layer (CPE n 0.8 taken as ideal) (est.)
+    # Impedance spectrum (cell-parameters.md, EIS shape): constant-phase elements of the two arcs
+    # and the Warburg coefficient of solid-state diffusion in the cathode (all est.).
+    q_cathode_f_cm2: float = 5.0e-4
+    n_cathode: float = 0.8
+    q_li_f_cm2: float = 5.0e-6
+    n_li: float = 0.9
+    warburg_ohm_cm2_s_half: float = 1.0
     pressure_exponent: float = -0.5  # arXiv 2501.00600
     p_floor_mpa: float = 0.05  # below this the stack is taken as having lost contact
     # Fade: 150 equivalent full cycles to 80 % for Li foil at 25 degC (SK On release; Doux 2020).

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -21,7 +22,7 @@ class LineInstrument(Protocol):
 
     name: str
 
-    def handle(self, line: str) -> str | None: ...
+    def handle(self, line: str) -> str | AsyncIterator[str] | None: ...
 
 
 @dataclass
@@ -82,14 +83,28 @@ class SimServer:
         assert self._server is not None
         await self._server.serve_forever()
 
-    def reply_to(self, raw: bytes) -> bytes | None:
-        """What the instrument sends back for one received line (faults applied), or None."""
+    def reply_to(self, raw: bytes) -> bytes | AsyncIterator[bytes] | None:
+        """What the instrument sends back for one received line (faults applied), or None.
+
+        An instrument that streams (a potentiostat running a script) returns an async iterator of
+        lines; they are sent as it yields them.
+        """
         line = raw.decode("ascii", errors="replace").strip("\r\n")
         reply = self.instrument.handle(line)
         if reply is None or self.faults.silent:
             return None
+        if not isinstance(reply, str):
+            return self._stream(reply)
+        return self._encode(reply)
+
+    def _encode(self, reply: str) -> bytes:
         payload = b"\x8f\x00#garbage" if self.faults.garbage else reply.encode("ascii")
         return payload + self._write_term
+
+    async def _stream(self, lines: AsyncIterator[str]) -> AsyncIterator[bytes]:
+        async for line in lines:
+            if not self.faults.silent:
+                yield self._encode(line)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._writers.add(writer)
@@ -109,14 +124,26 @@ class SimServer:
                     continue
                 if self.faults.delay:
                     await asyncio.sleep(self.faults.delay)
-                writer.write(reply)
-                await writer.drain()
+                if isinstance(reply, bytes):
+                    writer.write(reply)
+                    await writer.drain()
+                else:  # a stream goes on while further lines (an abort) are read
+                    task = asyncio.ensure_future(self._write_stream(reply, writer))
+                    self._handlers.add(task)
+                    task.add_done_callback(self._handlers.discard)
         except (ConnectionError, asyncio.CancelledError):
             return
         finally:
             self._handlers.discard(task)  # type: ignore[arg-type]
             self._writers.discard(writer)
             writer.close()
+
+
+    async def _write_stream(self, lines: AsyncIterator[bytes], writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError):
+            async for chunk in lines:
+                writer.write(chunk)
+                await writer.drain()
 
 
 class PtySimServer(SimServer):
@@ -157,7 +184,8 @@ class PtySimServer(SimServer):
             raw, self._buffer = self._buffer[:end], self._buffer[end + len(self._read_term):]
             reply = self.reply_to(raw)
             if reply is not None:
-                task = asyncio.ensure_future(self._send(reply))
+                sending = self._send(reply) if isinstance(reply, bytes) else self._send_stream(reply)
+                task = asyncio.ensure_future(sending)
                 self._pending.add(task)
                 task.add_done_callback(self._pending.discard)
 
@@ -168,6 +196,10 @@ class PtySimServer(SimServer):
             await asyncio.sleep(self.faults.delay)
         with contextlib.suppress(OSError):
             os.write(self._master, reply)
+
+    async def _send_stream(self, lines: AsyncIterator[bytes]) -> None:
+        async for chunk in lines:
+            await self._send(chunk)
 
     async def close(self) -> None:
         import os

@@ -1,0 +1,199 @@
+"""PalmSens MethodSCRIPT: the data-package format, the scripts for our techniques, and the driver.
+
+A data package is a `P` line of `;`-separated values. Each value is a 2-character variable type,
+7 hex digits and an SI-prefix character, optionally followed by `,`-separated metadata (status
+bits `1X`, current range `2XX`, noise `4...`). value = (int(hex, 16) - 2**27) × prefix.
+Written from the published format; the vendor's own parser is licensed for their hardware only.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from drivers.errors import InstrumentError, ProtocolError
+from drivers.transport import LineTransport
+
+PREFIXES = {
+    "a": 1e-18, "f": 1e-15, "p": 1e-12, "n": 1e-9, "u": 1e-6, "m": 1e-3, " ": 1.0, "i": 1.0,
+    "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15, "E": 1e18,
+}
+VAR_TYPES = {
+    "da": "applied potential", "ab": "WE vs RE potential", "ba": "WE current", "db": "applied current",
+    "dc": "frequency", "cc": "Z real", "cd": "Z imaginary", "ca": "phase", "cb": "|Z|", "eb": "time",
+}
+STATUS_BITS = {1: "timing error", 2: "overload", 4: "underload", 8: "overload warning"}
+OFFSET = 2**27
+_VALUE = re.compile(r"^([a-z]{2})([0-9A-Fa-f]{7})([afpnum kMGTPEi])$")
+_NAN = re.compile(r"^([a-z]{2})\s+nan$")
+_ERROR = re.compile(r"!([0-9A-Fa-f]{4})")
+
+
+@dataclass(frozen=True)
+class Value:
+    var_type: str
+    value: float
+    status: int = 0
+    current_range: int | None = None
+    metadata: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def flags(self) -> list[str]:
+        return [name for bit, name in STATUS_BITS.items() if self.status & bit]
+
+
+class MethodScriptError(ProtocolError):
+    """A line that is not MethodSCRIPT output."""
+
+
+def decode_value(token: str) -> Value:
+    """One value of a data package, e.g. 'cc896D904m,10,287'."""
+    head, *meta = token.split(",")
+    if m := _NAN.match(head):
+        var_type, number = m.group(1), math.nan
+    elif m := _VALUE.match(head):
+        var_type = m.group(1)
+        number = (int(m.group(2), 16) - OFFSET) * PREFIXES[m.group(3)]
+    else:
+        raise ValueError(f"{token!r} is not a MethodSCRIPT value (type, 7 hex digits, SI prefix)")
+    status, current_range = 0, None
+    for item in meta:
+        if not item:
+            continue
+        if item[0] == "1":
+            status = int(item[1:] or "0", 16)
+        elif item[0] == "2":
+            current_range = int(item[1:] or "0", 16)
+    return Value(var_type, number, status, current_range, tuple(meta))
+
+
+def parse_package(line: str) -> list[Value]:
+    """A whole `P` line: the values in the order the script added them."""
+    if not line.startswith("P"):
+        raise ValueError(f"{line!r} is not a data package (it must start with P)")
+    body = line[1:].rstrip("\r\n")
+    if not body:
+        raise ValueError("an empty data package")
+    return [decode_value(t) for t in body.split(";")]
+
+
+def check_error(line: str) -> str | None:
+    """The hex error code of a line holding `!XXXX`, or None."""
+    m = _ERROR.search(line)
+    return m.group(1).upper() if m else None
+
+
+def si(value: float) -> str:
+    """A number as MethodSCRIPT writes it: integer mantissa and SI prefix (15m, 200k, 0)."""
+    if value == 0:
+        return "0"
+    for prefix, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3), ("", 1.0), ("m", 1e-3), ("u", 1e-6),
+                          ("n", 1e-9), ("p", 1e-12)):
+        mantissa = value / scale
+        if abs(mantissa) >= 1 and abs(mantissa - round(mantissa)) < 1e-9 * max(1.0, abs(mantissa)):
+            return f"{round(mantissa)}{prefix}"
+    return f"{round(value / 1e-12)}p"
+
+
+@dataclass(frozen=True)
+class ImpedancePoint:
+    frequency: float
+    z_real: float
+    z_imag: float
+
+
+def eis_script(*, f_start: float, f_end: float, n_points: int, amplitude: float, e_dc: float = 0.0,
+               galvanostatic: bool = False, i_dc: float = 0.0) -> list[str]:
+    """Potentiostatic (or galvanostatic) EIS at open circuit or a DC bias, as a MethodSCRIPT."""
+    loop = (f"meas_loop_geis f r j {si(amplitude)} {si(f_start)} {si(f_end)} {n_points} {si(i_dc)}"
+            if galvanostatic else
+            f"meas_loop_eis f r j {si(amplitude)} {si(f_start)} {si(f_end)} {n_points} {si(e_dc)}")
+    return [
+        "var f", "var r", "var j", "set_pgstat_chan 0", "set_pgstat_mode 3",
+        "set_autoranging ba 1p 1", "cell_on", loop,
+        "  pck_start", "  pck_add f", "  pck_add r", "  pck_add j", "  pck_end", "endloop",
+        "on_finished:", "cell_off",
+    ]
+
+
+def ocp_script(*, interval: float, duration: float) -> list[str]:
+    return ["var t", "var e", "set_pgstat_chan 0", "set_pgstat_mode 3", "cell_on",
+            f"meas_loop_ocp e {si(interval)} {si(duration)}", "  pck_start", "  pck_add e", "  pck_end",
+            "endloop", "on_finished:", "cell_off"]
+
+
+def cp_script(*, current: float, interval: float, duration: float) -> list[str]:
+    return ["var e", "set_pgstat_chan 0", "set_pgstat_mode 3", "set_autoranging ba 1n 10m", "cell_on",
+            f"meas_loop_cp e {si(current)} {si(interval)} {si(duration)}", "  pck_start", "  pck_add e",
+            "  pck_end", "endloop", "on_finished:", "cell_off"]
+
+
+class PalmSens:
+    """A PalmSens potentiostat (EmStat, Sensit) speaking MethodSCRIPT over a serial line."""
+
+    model = "PalmSens MethodSCRIPT"
+
+    def __init__(self, transport: LineTransport, *, script_timeout: float = 3600.0) -> None:
+        self._io = transport
+        self.script_timeout = script_timeout
+
+    @property
+    def name(self) -> str:
+        return self._io.name
+
+    async def identify(self) -> str:
+        """Firmware version (`t`, two lines, the last ending in '*') and serial number (`i`)."""
+        lines = await self._io.query_lines("t", lambda line: line.endswith("*") or check_error(line) is not None)
+        self._raise_if_error("t", lines)
+        serial = await self._io.query("i")
+        return " ".join(x.rstrip("*").strip() for x in lines) + f", serial {serial.strip()}"
+
+    async def abort(self) -> None:
+        """Stop a running script (`Z`)."""
+        await self._io.interrupt("Z")
+
+    async def run(self, script: Sequence[str], *, timeout: float | None = None) -> list[list[Value]]:
+        """Send a script, wait for it to finish, and return its data packages."""
+        text = "\n".join(["e", *script, ""])
+        lines = await self._io.query_lines(
+            text, lambda line: line == "" or check_error(line) is not None, timeout or self.script_timeout
+        )
+        self._raise_if_error("script", lines)
+        if not lines or lines[0] != "e":
+            raise ProtocolError(self.name, "e", lines[0] if lines else "", "the echo 'e' of a script")
+        packages: list[list[Value]] = []
+        for line in lines[1:]:
+            if line.startswith("P"):
+                try:
+                    packages.append(parse_package(line))
+                except ValueError as exc:
+                    raise MethodScriptError(self.name, "script", line, f"a data package ({exc})") from None
+            elif line and not re.match(r"^(M[0-9A-Fa-f]{4}|\*|L|\+|C[0-9A-Fa-f]{4}|-|Z)$", line):
+                raise MethodScriptError(self.name, "script", line, "MethodSCRIPT output")
+        return packages
+
+    async def impedance(self, *, f_start: float, f_end: float, n_points: int, amplitude: float,
+                        e_dc: float = 0.0) -> list[ImpedancePoint]:
+        packages = await self.run(eis_script(f_start=f_start, f_end=f_end, n_points=n_points,
+                                             amplitude=amplitude, e_dc=e_dc))
+        points = []
+        for pkg in packages:
+            by_type = {v.var_type: v.value for v in pkg}
+            if not {"dc", "cc", "cd"} <= set(by_type):
+                raise MethodScriptError(self.name, "EIS", str(pkg), "frequency, Z real and Z imaginary")
+            points.append(ImpedancePoint(by_type["dc"], by_type["cc"], by_type["cd"]))
+        return points
+
+    async def open_circuit_potential(self, *, interval: float, duration: float) -> list[float]:
+        return [pkg[0].value for pkg in await self.run(ocp_script(interval=interval, duration=duration))]
+
+    async def chronopotentiometry(self, *, current: float, interval: float, duration: float) -> list[float]:
+        return [pkg[0].value for pkg in await self.run(cp_script(current=current, interval=interval,
+                                                                 duration=duration))]
+
+    def _raise_if_error(self, command: str, lines: list[str]) -> None:
+        for line in lines:
+            if (code := check_error(line)) is not None:
+                raise InstrumentError(self.name, [f"!{code} in {line!r}"], command)
