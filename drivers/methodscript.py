@@ -130,6 +130,14 @@ def cp_script(*, current: float, interval: float, duration: float) -> list[str]:
             "  pck_end", "endloop", "on_finished:", "cell_off"]
 
 
+_OUTPUT = re.compile(r"^(e|P.*|M[0-9A-Fa-f]{4}|\*|L|\+|C[0-9A-Fa-f]{4}|-|Z|)$")
+
+
+def _is_output(line: str) -> bool:
+    """Whether a line is something a running MethodSCRIPT prints."""
+    return bool(_OUTPUT.match(line))
+
+
 class PalmSens:
     """A PalmSens potentiostat (EmStat, Sensit) speaking MethodSCRIPT over a serial line."""
 
@@ -158,20 +166,21 @@ class PalmSens:
         """Send a script, wait for it to finish, and return its data packages."""
         text = "\n".join(["e", *script, ""])
         lines = await self._io.query_lines(
-            text, lambda line: line == "" or check_error(line) is not None, timeout or self.script_timeout
+            text, lambda line: line == "" or check_error(line) is not None or not _is_output(line),
+            timeout or self.script_timeout,
         )
         self._raise_if_error("script", lines)
-        if not lines or lines[0] != "e":
-            raise ProtocolError(self.name, "e", lines[0] if lines else "", "the echo 'e' of a script")
+        if lines[0] != "e":
+            raise MethodScriptError(self.name, "e", lines[0], "the echo 'e' of a script")
         packages: list[list[Value]] = []
         for line in lines[1:]:
+            if not _is_output(line):
+                raise MethodScriptError(self.name, "script", line, "MethodSCRIPT output")
             if line.startswith("P"):
                 try:
                     packages.append(parse_package(line))
                 except ValueError as exc:
                     raise MethodScriptError(self.name, "script", line, f"a data package ({exc})") from None
-            elif line and not re.match(r"^(M[0-9A-Fa-f]{4}|\*|L|\+|C[0-9A-Fa-f]{4}|-|Z)$", line):
-                raise MethodScriptError(self.name, "script", line, "MethodSCRIPT output")
         return packages
 
     async def impedance(self, *, f_start: float, f_end: float, n_points: int, amplitude: float,
