@@ -8,6 +8,7 @@ from typing import Any, Protocol
 
 from bench.config import BenchConfig, CellConfig, InstrumentConfig
 from drivers.chamber import EspecChamber
+from drivers.methodscript import PalmSens
 from drivers.press import StackPress
 from drivers.smu import Keithley2450, Reading
 from drivers.transport import open_transport
@@ -26,6 +27,8 @@ class Cycler(Protocol):
     async def output(self, on: bool) -> None: ...
 
     async def measure(self) -> Reading: ...
+
+    async def output_is_on(self) -> bool: ...
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,7 @@ class Channel:
     identity: dict[str, str] = field(default_factory=dict)  # instrument name -> identification
     chamber: EspecChamber | None = None
     press: StackPress | None = None
+    potentiostat: PalmSens | None = None
 
     async def conditions(self) -> Conditions:
         """Read the chamber and the press, if the channel has them."""
@@ -69,7 +73,7 @@ class Instruments:
         try:
             for ch in self.bench.channels.values():
                 cell = self.bench.cells[ch.cell]
-                for ref in (ch.cycler, ch.chamber, ch.press):
+                for ref in (ch.cycler, ch.chamber, ch.press, ch.potentiostat):
                     if ref is not None and ref not in self.drivers:
                         await self._open(ref, self.bench.instruments[ref], cell)
         except BaseException:
@@ -80,30 +84,34 @@ class Instruments:
     async def _open(self, name: str, cfg: InstrumentConfig, cell: CellConfig) -> None:
         if cfg.driver == "modbus-press":
             press = await StackPress.open(cfg.resource, name=name, area_cm2=cell.area, device_id=cfg.device_id,
-                                          timeout=cfg.timeout, baud_rate=cfg.baud_rate)
+                                          timeout=cfg.timeout, baud_rate=cfg.baud)
             self._closers.append(press.close)
             self.drivers[name], self.identity[name] = press, await press.identify()
             return
         crlf = cfg.driver == "espec"
         transport = await open_transport(
-            cfg.resource, name=name, timeout=cfg.timeout, backend=cfg.backend, baud_rate=cfg.baud_rate,
+            cfg.resource, name=name, timeout=cfg.timeout, backend=cfg.backend, baud_rate=cfg.baud,
             read_termination="\r\n" if crlf else "\n", write_termination="\r\n" if crlf else "\n",
         )
         self._closers.append(transport.close)
         if cfg.driver == "espec":
             chamber = EspecChamber(transport, address=cfg.address)
             self.drivers[name], self.identity[name] = chamber, await chamber.identify()
+        elif cfg.driver == "palmsens":
+            pstat = PalmSens(transport)
+            self.drivers[name], self.identity[name] = pstat, await pstat.identify()
         else:
             smu = Keithley2450(transport)
             self.drivers[name], self.identity[name] = smu, await smu.setup()
 
     def channel(self, name: str) -> Channel:
         ch = self.bench.channels[name]
-        refs = [r for r in (ch.cycler, ch.chamber, ch.press) if r is not None]
+        refs = [r for r in (ch.cycler, ch.chamber, ch.press, ch.potentiostat) if r is not None]
         return Channel(
             name, self.bench.cells[ch.cell], self.drivers[ch.cycler], {r: self.identity[r] for r in refs},
             chamber=self.drivers.get(ch.chamber) if ch.chamber else None,
             press=self.drivers.get(ch.press) if ch.press else None,
+            potentiostat=self.drivers.get(ch.potentiostat) if ch.potentiostat else None,
         )
 
     async def __aexit__(self, *exc: object) -> None:

@@ -50,24 +50,29 @@ class CellConfig(Strict):
         return self
 
 
-DRIVER_ROLES = {"keithley2450": "cycler", "espec": "chamber", "modbus-press": "press"}
+DRIVER_ROLES = {"keithley2450": "cycler", "espec": "chamber", "modbus-press": "press", "palmsens": "potentiostat"}
+DEFAULT_BAUD = {"keithley2450": 9600, "espec": 9600, "modbus-press": 19200, "palmsens": 230400}
 
 
 class InstrumentConfig(Strict):
     """One instrument by its resource string: VISA-style for all, the wire chosen from it."""
 
     what: ClassVar[str] = "instrument key"
-    driver: Literal["keithley2450", "espec", "modbus-press"]
+    driver: Literal["keithley2450", "espec", "modbus-press", "palmsens"]
     resource: str
     backend: Literal["auto", "native", "visa"] = "auto"
     timeout: Duration = 5.0
-    baud_rate: int = Field(default=19200, gt=0)
+    baud_rate: int | None = Field(default=None, gt=0, description="serial lines only; by default the driver's")
     address: int | None = Field(default=None, ge=0, description="RS-485 address of an ESPEC chamber")
     device_id: int = Field(default=1, ge=0, le=247, description="Modbus unit id of a press")
 
     @property
     def role(self) -> str:
         return DRIVER_ROLES[self.driver]
+
+    @property
+    def baud(self) -> int:
+        return self.baud_rate or DEFAULT_BAUD[self.driver]
 
 
 class ChannelConfig(Strict):
@@ -78,6 +83,7 @@ class ChannelConfig(Strict):
     cell: str
     chamber: str | None = None
     press: str | None = None
+    potentiostat: str | None = None
 
 
 class BenchConfig(Strict):
@@ -96,7 +102,7 @@ class BenchConfig(Strict):
                     (("channels", name, "cell"),
                      f"'{ch.cell}' is not among the cells ({', '.join(self.cells) or 'none'})")
                 )
-            for role in ("cycler", "chamber", "press"):
+            for role in ("cycler", "chamber", "press", "potentiostat"):
                 ref = getattr(ch, role)
                 if ref is None:
                     continue

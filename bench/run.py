@@ -21,9 +21,10 @@ from profiles.schema import Profile
 from simulators.cell import SolidStateCell
 from simulators.espec import EspecChamberSim
 from simulators.keithley2450 import Keithley2450Sim
+from simulators.palmsens import PalmSensSim
 from simulators.parameters import PELLET, CellParameters
 from simulators.press import PressServer, PressSim
-from simulators.server import SimServer
+from simulators.server import PtySimServer, SimServer
 
 ProgressCallback = Callable[[str, Progress], None]
 
@@ -69,7 +70,8 @@ async def run_bench(
         cell = bench.cells[ch.cell]
         found = cell_problems(profile, cell.voltage_min, cell.voltage_max)
         problems += [(path, f"{message} (cell '{ch.cell}')") for path, message in found]
-        found = instrument_problems(profile, has_chamber=ch.chamber is not None, has_press=ch.press is not None)
+        found = instrument_problems(profile, has_chamber=ch.chamber is not None, has_press=ch.press is not None,
+                                    has_potentiostat=ch.potentiostat is not None)
         problems += [(path, f"{message} (channel '{name}')") for path, message in found]
     if problems:
         raise InputError(locate(profile_text, profile_source, problems))
@@ -142,6 +144,7 @@ class SimulatedBench:
         pressure_mpa: float | None = None,
         chamber: bool = False,
         press: bool = False,
+        potentiostat: bool = False,
     ) -> None:
         self.params = params
         self.initial_soc = initial_soc
@@ -149,7 +152,9 @@ class SimulatedBench:
         self.pressure_mpa = params.p_ref_mpa if pressure_mpa is None else pressure_mpa
         self.cell = SolidStateCell(params, soc=initial_soc, temperature_c=temperature_c, pressure_mpa=self.pressure_mpa)
         self.noise = noise
-        self.with_chamber, self.with_press = chamber, press
+        self.with_chamber, self.with_press, self.with_potentiostat = chamber, press, potentiostat
+        self.potentiostat: PalmSensSim | None = None
+        self.potentiostat_server: PtySimServer | None = None
         self.sim: Keithley2450Sim | None = None
         self.chamber: EspecChamberSim | None = None
         self.press: PressSim | None = None
@@ -171,6 +176,9 @@ class SimulatedBench:
             self.sim.surroundings.append(self.chamber)
             self.chamber_server = await SimServer(self.chamber, read_termination=b"\r\n",
                                                   write_termination=b"\r\n").start()
+        if self.with_potentiostat:  # on a serial line, as the instrument is
+            self.potentiostat = PalmSensSim(self.cell, loop.time, seed=self.seed, noise=0.002 if self.noise else 0.0)
+            self.potentiostat_server = await PtySimServer(self.potentiostat).start()
         if self.with_press:
             self.press = PressSim(loop.time, [self.cell], area_cm2=self.params.area_cm2,
                                   holding_mpa=self.pressure_mpa)
@@ -179,7 +187,7 @@ class SimulatedBench:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        for server in (self.server, self.chamber_server, self.press_server):
+        for server in (self.server, self.chamber_server, self.press_server, self.potentiostat_server):
             if server is not None:
                 await server.close()
 
@@ -191,6 +199,9 @@ class SimulatedBench:
         if self.chamber_server is not None:
             instruments["chamber1"] = InstrumentConfig(driver="espec", resource=self.chamber_server.resource)
             channel["chamber"] = "chamber1"
+        if self.potentiostat_server is not None:
+            instruments["pstat1"] = InstrumentConfig(driver="palmsens", resource=self.potentiostat_server.resource)
+            channel["potentiostat"] = "pstat1"
         if self.press_server is not None:
             instruments["press1"] = InstrumentConfig(driver="modbus-press", resource=self.press_server.resource)
             channel["press"] = "press1"
@@ -246,7 +257,7 @@ async def run_simulated(
     """
     env = environment or needs_environment(profile)
     bench = SimulatedBench(params, initial_soc=initial_soc, seed=seed, noise=noise, temperature_c=temperature_c,
-                           chamber=env, press=env)
+                           chamber=env, press=env, potentiostat=environment or needs_potentiostat(profile))
     async with bench:
         result = await bench.run(
             profile, profile_text, clock, runs_dir=runs_dir, on_progress=on_progress,
@@ -258,6 +269,11 @@ async def run_simulated(
 def needs_environment(profile: Profile) -> bool:
     """Whether a profile reads or sets temperature or pressure."""
     return bool(instrument_problems(profile, has_chamber=False, has_press=False))
+
+
+def needs_potentiostat(profile: Profile) -> bool:
+    """Whether a profile has impedance steps."""
+    return bool(instrument_problems(profile, has_chamber=True, has_press=True, has_potentiostat=False))
 
 
 class _OutOfTime(Exception):

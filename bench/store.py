@@ -68,6 +68,14 @@ CREATE TABLE IF NOT EXISTS steps (
     start_time REAL, end_time REAL, end_reason TEXT
 );
 CREATE TABLE IF NOT EXISTS events (test_time REAL, unix_time REAL, kind TEXT, message TEXT);
+CREATE TABLE IF NOT EXISTS eis (
+    "Step Count / 1" INTEGER, "Test Time / s" REAL, "Frequency / Hz" REAL,
+    "Real Impedance / ohm" REAL, "Imaginary Impedance / ohm" REAL
+);
+CREATE TABLE IF NOT EXISTS eis_fits (
+    step_count INTEGER PRIMARY KEY, test_time REAL, circuit TEXT, r_ohmic REAL, r_interfacial REAL,
+    parameters TEXT, rel_rmse REAL
+);
 """
 
 
@@ -133,6 +141,21 @@ class RunStore:
         with self._db:
             self._db.execute("INSERT INTO events VALUES (?, ?, ?, ?)", (test_time, unix_time, kind, message))
 
+    def add_spectrum(self, step_count: int, test_time: float, points: list[tuple[float, float, float]]) -> None:
+        """One impedance spectrum: (frequency, Z', Z'') points."""
+        with self._db:
+            self._db.executemany(
+                "INSERT INTO eis VALUES (?, ?, ?, ?, ?)", [(step_count, test_time, *p) for p in points]
+            )
+
+    def add_fit(self, step_count: int, test_time: float, circuit: str, r_ohmic: float, r_interfacial: float,
+                parameters: dict[str, float], rel_rmse: float) -> None:
+        with self._db:
+            self._db.execute(
+                "INSERT OR REPLACE INTO eis_fits VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (step_count, test_time, circuit, r_ohmic, r_interfacial, json.dumps(parameters), rel_rmse),
+            )
+
     def close(self) -> None:
         self.flush()
         self._db.close()
@@ -158,6 +181,18 @@ class RunStore:
         cur = self._db.execute("SELECT * FROM steps ORDER BY step_count")
         names = [d[0] for d in cur.description]
         return [dict(zip(names, row, strict=True)) for row in cur]
+
+    def spectra(self) -> dict[int, list[tuple[float, float, float]]]:
+        """Impedance spectra by step count: (frequency, Z', Z'') points."""
+        out: dict[int, list[tuple[float, float, float]]] = {}
+        for step, _, f, zr, zi in self._db.execute('SELECT * FROM eis ORDER BY rowid'):
+            out.setdefault(step, []).append((f, zr, zi))
+        return out
+
+    def fits(self) -> list[dict[str, Any]]:
+        cur = self._db.execute("SELECT * FROM eis_fits ORDER BY step_count")
+        names = [d[0] for d in cur.description]
+        return [dict(zip(names, row, strict=True)) | {"parameters": json.loads(row[5])} for row in cur]
 
     def events(self) -> list[dict[str, Any]]:
         cur = self._db.execute("SELECT * FROM events ORDER BY test_time")

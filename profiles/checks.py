@@ -58,10 +58,15 @@ def cell_problems(profile: Profile, v_min: float, v_max: float) -> list[Problem]
     return problems
 
 
-def instrument_problems(profile: Profile, *, has_chamber: bool, has_press: bool) -> list[Problem]:
+def instrument_problems(
+    profile: Profile, *, has_chamber: bool, has_press: bool, has_potentiostat: bool = True
+) -> list[Problem]:
     """What the profile reads or sets that the channel has no instrument for."""
     have = {"temperature": has_chamber, "pressure": has_press}
     problems: list[Problem] = []
+    for ins in compile_profile(profile).instrs:
+        if ins.op == "step" and ins.node.kind == "eis" and not has_potentiostat:
+            problems.append((_path_key(ins.path), "an impedance step needs a potentiostat on the channel"))
     for i, cond in enumerate(profile.conditions):
         body = next(iter(cond.model_dump(by_alias=True).values()))
         for quantity in ("temperature", "pressure"):

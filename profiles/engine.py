@@ -20,13 +20,14 @@ from pathlib import Path
 
 from bench.channel import Channel, Conditions
 from bench.clock import Clock
+from bench.impedance_fit import fit_spectrum
 from bench.store import RunStore, Sample
 from drivers.errors import InstrumentFault
 from drivers.smu import Reading
 from profiles.conditions import SetBody, WaitBody
 from profiles.controls import PULSE_SETTLE, Control, build_control
 from profiles.program import END, Program, compile_profile
-from profiles.schema import Limit, Profile, RecordRule, body_of
+from profiles.schema import EisBody, Limit, Profile, RecordRule, body_of
 from profiles.track import ProfileFailed, Track, out_of_tolerance
 from profiles.units import human_duration
 
@@ -216,6 +217,8 @@ class Engine:
         body = body_of(ins.node)
         if ins.node.kind == "set":
             return await self._run_set(pc, body)
+        if ins.node.kind == "eis":
+            return await self._run_eis(pc, body)
         cell = self.channel.cell
         assert self._last is not None
         ctl = build_control(
@@ -295,6 +298,48 @@ class Engine:
             await self._track.set_pressure(body.pressure / 1e6)
         self._event("conditions", f"set {self._track.describe()}")
         self.store.step_ended(self._step_count, now - self._start, f"set {self._track.describe()}")
+        return pc + 1
+
+    async def _run_eis(self, pc: int, body: EisBody) -> int:
+        """An impedance spectrum on the potentiostat, the cell handed over safely both ways."""
+        ins = self.program.instrs[pc]
+        pstat = self.channel.potentiostat
+        assert pstat is not None, "checked before the run: an EIS step needs a potentiostat"
+        self._step_count += 1
+        began = self.clock.now()
+        self.store.step_started(self._step_count, ins.index, "EIS", _dotted(ins.path), self._cycle, began - self._start)
+        # the cycler lets go of the cell first, and says so, before the potentiostat's cell goes on
+        await self.channel.cycler.output(False)
+        if await self.channel.cycler.output_is_on():
+            raise SafetyStop("the cycler's output did not turn off; the potentiostat was not connected")
+        self._event("handover", f"{self.channel.cycler.name} output off and confirmed; {pstat.name} takes the cell")
+        if isinstance(body.bias, float):
+            e_dc = body.bias
+        else:
+            ocp = await pstat.open_circuit_potential(interval=0.1, duration=1.0)
+            e_dc = sum(ocp) / len(ocp)
+        points = await pstat.impedance(f_start=body.start, f_end=body.end, n_points=body.n_points(),
+                                       amplitude=body.amplitude, e_dc=e_dc)
+        # the script ends with cell_off: its end is the potentiostat letting go
+        self._event("handover", f"{pstat.name} cell off (its script ended); the cycler may take the cell")
+        now = self.clock.now()
+        spectrum = [(p.frequency, p.z_real, p.z_imag) for p in points]
+        self.store.add_spectrum(self._step_count, now - self._start, spectrum)
+        reason = f"spectrum of {len(points)} points"
+        try:
+            args = ([p[0] for p in spectrum], [p[1] for p in spectrum], [p[2] for p in spectrum])
+            fit = fit_spectrum(*args) if self.clock.virtual else await asyncio.to_thread(fit_spectrum, *args)
+        except ValueError as exc:
+            self._event("fit", f"no circuit fit for the spectrum of step {self._step_count}: {exc}")
+        else:
+            self.store.add_fit(self._step_count, now - self._start, fit.circuit, fit.r_ohmic, fit.r_interfacial,
+                               fit.parameters, fit.rel_rmse)
+            reason += f"; R_ohmic {fit.r_ohmic:.4g} ohm, R_interfacial {fit.r_interfacial:.4g} ohm"
+        self._last = Reading(voltage=e_dc, current=0.0)
+        state = _StepState(start=began)
+        ctl = Control("EIS", "current", lambda t, v: 0.0, self.channel.cell.voltage_max, [], 0)
+        self._maybe_record(state, now, self._last, ctl, ins.index, None, force=True)
+        self.store.step_ended(self._step_count, now - self._start, reason)
         return pc + 1
 
     async def _apply(self, ctl: Control, t_step: float, voltage: float) -> None:

@@ -389,6 +389,46 @@ class PulseStep(Strict):
     pulse: PulseBody
 
 
+Frequency = Annotated[float, BeforeValidator(lambda v: to_si(v, "Hz", "a frequency (e.g. '100 kHz')"))]
+
+
+class EisBody(Strict):
+    """Potentiostatic impedance on the channel's potentiostat, the cycler's output off meanwhile."""
+
+    what: ClassVar[str] = "setting"
+    label: str | None = None
+    start: Frequency = Field(default=1e6, alias="from", gt=0)
+    end: Frequency = Field(default=0.1, alias="to", gt=0)
+    points_per_decade: int = Field(default=10, ge=1, le=50)
+    amplitude: Voltage = Field(default=0.01, gt=0)
+    bias: Literal["ocv"] | Voltage = "ocv"
+    new_cycle: bool = False
+    sample_period: Duration | None = None
+
+    @property
+    def until(self) -> list[Any]:
+        return []
+
+    @property
+    def check(self) -> list[Any]:
+        return []
+
+    @property
+    def record(self) -> None:
+        return None
+
+    def n_points(self) -> int:
+        import math
+
+        return max(2, round(abs(math.log10(self.start / self.end)) * self.points_per_decade) + 1)
+
+
+class EisStep(Strict):
+    what: ClassVar[str] = "step"
+    kind: ClassVar[str] = "eis"
+    eis: EisBody
+
+
 class WaitStep(Strict):
     what: ClassVar[str] = "step"
     kind: ClassVar[str] = "wait"
@@ -413,7 +453,7 @@ class RepeatStep(Strict):
 
 LEAF_STEPS: tuple[type[Strict], ...] = (
     ChargeStep, DischargeStep, CCStep, HoldStep, CVStep, CCCVStep, RestStep, RampStep, DriveStep, PulseStep,
-    WaitStep, SetStep,
+    WaitStep, SetStep, EisStep,
 )
 STEP_KINDS = (*(c.kind for c in LEAF_STEPS), "repeat")  # type: ignore[attr-defined]
 
@@ -461,6 +501,7 @@ Step = Annotated[
     | Annotated[PulseStep, Tag("pulse")]
     | Annotated[WaitStep, Tag("wait")]
     | Annotated[SetStep, Tag("set")]
+    | Annotated[EisStep, Tag("eis")]
     | Annotated[RepeatStep, Tag("repeat")],
     Discriminator(step_kind),
     BeforeValidator(_known_step),
