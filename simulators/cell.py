@@ -76,7 +76,7 @@ class SolidStateCell:
         self.ambient_c = temperature_c  # the air around the cell; a chamber sets it
         self.pressure_mpa = params.p_ref_mpa if pressure_mpa is None else pressure_mpa
         self.state = CellState(soc=soc, capacity_ah=params.capacity_ah)
-        self._r_key: tuple[float, float] | None = None
+        self._r_key: tuple[float, float, float] | None = None
         self._r = (0.0, 0.0)
         self.state.voltage = self.ocv()
 
@@ -111,14 +111,15 @@ class SolidStateCell:
 
     def _resistances(self) -> tuple[float, float]:
         """(ohmic, interfacial) in ohms, recomputed only when temperature or pressure change."""
-        key = (round(self.temperature_c, 2), round(self.pressure_mpa, 4))
+        key = (round(self.temperature_c, 2), round(self.pressure_mpa, 4), round(self._ageing(), 4))
         if self._r_key != key:
             p, t_k = self.params, self.temperature_c + KELVIN
             r_se = p.r_se_ohm_cm2 * arrhenius(p.ea_se_ev, t_k, p.t_ref_k)
             r_contact = p.r_contact_ohm_cm2 * self._pressure_factor()
             r_cat = p.r_ct_cathode_ohm_cm2 * arrhenius(p.ea_ct_cathode_ev, t_k, p.t_ref_k)
             r_li = p.r_ct_li_ohm_cm2 * arrhenius(p.ea_ct_li_ev, t_k, p.t_ref_k)
-            self._r = ((r_se + r_contact) / p.area_cm2, (r_cat + r_li) * self._pressure_factor() / p.area_cm2)
+            interfaces = (r_cat + r_li) * self._pressure_factor() * self._ageing() / p.area_cm2
+            self._r = ((r_se + r_contact) / p.area_cm2, interfaces)
             self._r_key = key
         return self._r
 
@@ -130,10 +131,15 @@ class SolidStateCell:
         """Charge-transfer resistance of the cathode and lithium interfaces in ohms."""
         return self._resistances()[1]
 
+    def _ageing(self) -> float:
+        """Factor on the interfacial resistance from interphase growth as the cell loses capacity."""
+        lost = 1.0 - self.state.capacity_ah / self.params.capacity_ah
+        return 1.0 + self.params.r_growth_per_lost_fraction * max(lost, 0.0)
+
     def interfacial_parts(self) -> tuple[float, float]:
         """(cathode, lithium) charge-transfer resistances in ohms."""
         p, t_k = self.params, self.temperature_c + KELVIN
-        scale = self._pressure_factor() / p.area_cm2
+        scale = self._pressure_factor() * self._ageing() / p.area_cm2
         return (p.r_ct_cathode_ohm_cm2 * arrhenius(p.ea_ct_cathode_ev, t_k, p.t_ref_k) * scale,
                 p.r_ct_li_ohm_cm2 * arrhenius(p.ea_ct_li_ev, t_k, p.t_ref_k) * scale)
 

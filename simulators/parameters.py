@@ -57,6 +57,9 @@ class CellParameters(BaseModel):
     p_floor_mpa: float = 0.05  # below this the stack is taken as having lost contact
     # Fade: 150 equivalent full cycles to 80 % for Li foil at 25 degC (SK On release; Doux 2020).
     cycles_to_80pct: float = 150.0
+    # Interphase growth with ageing (Koerver Chem. Mater. 2017): the interfacial resistance grows as
+    # capacity is lost; 5 × the lost fraction doubles it by 80 % retention (est.).
+    r_growth_per_lost_fraction: float = 5.0
     # Lithium dendrite: critical current density at 25 degC and 5 MPa (Spencer-Jolly 2021),
     # rising with temperature (Ea fitted to its 60->80 degC points) and proportional to P in 1-5 MPa.
     ccd_ma_cm2: float = 0.3

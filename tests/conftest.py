@@ -86,7 +86,7 @@ def dry_run(
 ) -> DryRun:
     """Run profile text on a simulated bench: the 2450 alone, or with a chamber and a press (environment)."""
     from bench.clock import VirtualClock
-    from bench.run import SimulatedBench
+    from bench.run import SimulatedBench, needs_potentiostat
     from bench.store import open_run
     from profiles.parse import parse_profile
     from simulators.parameters import PELLET
@@ -96,7 +96,7 @@ def dry_run(
     clock = VirtualClock()
     bench = SimulatedBench(
         params or PELLET, initial_soc=soc, seed=seed, noise=noise, temperature_c=temperature,
-        chamber=environment, press=environment, pressure_mpa=pressure,
+        chamber=environment, press=environment, pressure_mpa=pressure, potentiostat=needs_potentiostat(profile),
     )
     bench.cell.state.capacity_ah *= capacity_factor
     runs = tmp_path / f"runs-{len(list(tmp_path.glob('runs-*')))}"

@@ -107,3 +107,67 @@ async def test_an_abort_mid_measurement_stops_the_sweep(pstat_server: PtySimServ
             await io.query_lines("Z", lambda line: line == "never", timeout=0.3)
     finally:
         await io.close()
+
+
+def test_an_eis_step_hands_the_cell_over_and_its_fit_finds_the_cells_resistances(tmp_path) -> None:
+    from tests.conftest import dry_run
+
+    run = dry_run(
+        """
+        name: t
+        sample_period: 60 s
+        steps:
+          - charge: {current: C/20, until: 1 h}
+          - eis: {from: 1 MHz, to: 0.1 Hz, points_per_decade: 8, amplitude: 10 mV}
+          - discharge: {current: C/20, until: 1 h}
+        """, tmp_path, soc=0.5, noise=False)
+    assert run.outcome.completed, run.outcome.reason
+    assert [t for t, _ in run.sequence] == ["CC Charge", "EIS", "CC Discharge"]
+    kinds = [(e["kind"], e["message"].split(";")[0]) for e in run.events]
+    assert kinds[1:3] == [("handover", "smu1 output off and confirmed"), ("handover", "pstat1 cell off (its script ended)")]
+    from bench.store import open_run
+
+    dbs = sorted(tmp_path.glob("runs-*/*.sqlite"))
+    with open_run(dbs[-1]) as store:
+        spectra, fits = store.spectra(), store.fits()
+    (points,) = spectra.values()
+    assert len(points) == 57  # 7 decades at 8 points a decade
+    cell = run.bench.cell
+    fit = fits[0]
+    assert fit["r_ohmic"] == pytest.approx(cell.ohmic_resistance(), rel=0.02)
+    assert fit["r_interfacial"] == pytest.approx(cell.interfacial_resistance(), rel=0.02)
+    assert fit["rel_rmse"] < 0.01
+    # the cycler went back to work after the spectrum
+    assert run.step_samples(3)[-1].current == pytest.approx(-3.5e-3 / 20, rel=1e-3)
+
+
+def test_eis_versus_stack_pressure_shows_the_interfaces_closing(tmp_path) -> None:
+    from bench.store import open_run
+    from profiles.library import library_path
+    from tests.conftest import dry_run
+
+    dry_run(library_path("eis-vs-pressure").read_text(), tmp_path, soc=0.5, environment=True)
+    (db,) = tmp_path.glob("runs-*/*.sqlite")
+    with open_run(db) as store:
+        r_int = [f["r_interfacial"] for f in store.fits()]
+    assert len(r_int) == 5
+    assert r_int == sorted(r_int, reverse=True)
+    assert r_int[0] / r_int[-1] == pytest.approx((20 / 1) ** 0.5, rel=0.05)  # the P^-0.5 law
+
+
+def test_cycle_life_with_impedance_sees_the_interphase_grow(tmp_path) -> None:
+    from bench.store import open_run
+    from profiles.library import library_path
+    from simulators.parameters import PELLET
+    from tests.conftest import dry_run
+
+    fast_ageing = PELLET.model_copy(update={"cycles_to_80pct": 12.0})
+    run = dry_run(library_path("cycle-life-eis").read_text(), tmp_path, soc=0.0, temperature=60.0,
+                  params=fast_ageing, noise=False)
+    assert run.outcome.completed, run.outcome.reason
+    assert run.steps[-1]["end_reason"].endswith("then retention <= 0.8")
+    (db,) = tmp_path.glob("runs-*/*.sqlite")
+    with open_run(db) as store:
+        r_int = [f["r_interfacial"] for f in store.fits()]
+    assert len(r_int) >= 2
+    assert r_int == sorted(r_int) and r_int[-1] > 1.3 * r_int[0]
