@@ -124,7 +124,9 @@ def test_an_eis_step_hands_the_cell_over_and_its_fit_finds_the_cells_resistances
     assert run.outcome.completed, run.outcome.reason
     assert [t for t, _ in run.sequence] == ["CC Charge", "EIS", "CC Discharge"]
     kinds = [(e["kind"], e["message"].split(";")[0]) for e in run.events]
-    assert kinds[1:3] == [("handover", "smu1 output off and confirmed"), ("handover", "pstat1 cell off (its script ended)")]
+    assert kinds[1:3] == [
+        ("handover", "smu1 output off and confirmed"), ("handover", "pstat1 cell off (its script ended)")
+    ]
     from bench.store import open_run
 
     dbs = sorted(tmp_path.glob("runs-*/*.sqlite"))
