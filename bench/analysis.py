@@ -1,11 +1,14 @@
-"""From recorded samples to answers: the per-cycle table."""
+"""From recorded samples to answers: the per-cycle table, cycle life, DCIR and dQ/dV."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import bisect
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from bench.store import Sample
+
+EDGE_MAX_GAP = 0.05  # s: two samples this close around a current step are a DCIR pair
 
 
 @dataclass(frozen=True)
@@ -15,6 +18,8 @@ class CycleSummary:
     discharge_ah: float
     charge_wh: float
     discharge_wh: float
+    retention: float | None = None  # discharge capacity over the first cycle's that had one
+    volume_cm3: float | None = None
 
     @property
     def coulombic_efficiency(self) -> float | None:
@@ -25,13 +30,93 @@ class CycleSummary:
     def energy_efficiency(self) -> float | None:
         return self.discharge_wh / self.charge_wh if self.charge_wh > 0 else None
 
+    @property
+    def mean_charge_voltage(self) -> float | None:
+        return self.charge_wh / self.charge_ah if self.charge_ah > 0 else None
 
-def cycle_table(samples: Iterable[Sample]) -> list[CycleSummary]:
+    @property
+    def mean_discharge_voltage(self) -> float | None:
+        return self.discharge_wh / self.discharge_ah if self.discharge_ah > 0 else None
+
+    @property
+    def energy_density_wh_l(self) -> float | None:
+        """Discharge energy over the cell's volume."""
+        if not self.volume_cm3 or self.discharge_wh <= 0:
+            return None
+        return self.discharge_wh / (self.volume_cm3 / 1000.0)
+
+
+def cycle_table(samples: Iterable[Sample], volume_cm3: float | None = None) -> list[CycleSummary]:
     """One row per cycle; the accumulators restart each cycle, so a cycle's last sample holds its totals."""
     last: dict[int, Sample] = {}
     for s in samples:
         last[s.cycle] = s
+    reference = next((s.discharge_ah for _, s in sorted(last.items()) if s.discharge_ah > 0), None)
     return [
-        CycleSummary(c, s.charge_ah, s.discharge_ah, s.charge_wh, s.discharge_wh)
+        CycleSummary(
+            c, s.charge_ah, s.discharge_ah, s.charge_wh, s.discharge_wh,
+            s.discharge_ah / reference if reference else None, volume_cm3,
+        )
         for c, s in sorted(last.items())
     ]
+
+
+def cycle_life(retention: Sequence[float], threshold: float = 0.8) -> float | None:
+    """Cycles after the first until the retention falls to the threshold (interpolated), or None."""
+    for k in range(1, len(retention)):
+        a, b = retention[k - 1], retention[k]
+        if b <= threshold:
+            return k - 1 + (a - threshold) / (a - b) if a > b else float(k)
+    return None
+
+
+@dataclass(frozen=True)
+class Dcir:
+    test_time: float
+    delta_current: float
+    resistance_10ms: float
+    resistance_2s: float | None
+
+
+def dcir(samples: Sequence[Sample]) -> list[Dcir]:
+    """DC internal resistance at each current step sampled on both sides (HPPC pulse edges).
+
+    At ~10 ms: ΔV/ΔI between the sample just before the edge and the one just after. At 2 s: from
+    the sample before the edge to the one 2 s after it, where the sampling has one.
+    """
+    out = []
+    for k in range(1, len(samples)):
+        a, b = samples[k - 1], samples[k]
+        di = b.current - a.current
+        if b.test_time - a.test_time > EDGE_MAX_GAP or abs(di) < 1e-9:
+            continue
+        later = next((s for s in samples[k:] if s.test_time - a.test_time >= 2.0 - 1e-6), None)
+        r2 = None
+        if later is not None and later.test_time - a.test_time <= 2.5 and abs(later.current - b.current) < 1e-9:
+            r2 = (later.voltage - a.voltage) / di
+        out.append(Dcir(a.test_time, di, (b.voltage - a.voltage) / di, r2))
+    return out
+
+
+def dqdv(samples: Sequence[Sample], *, discharge: bool = True, bin_v: float = 0.01) -> list[tuple[float, float]]:
+    """Incremental capacity dQ/dV (Ah/V) against voltage: the capacity interpolated at voltage steps of bin_v
+    along the last charge or discharge, differenced."""
+    points = [(s.voltage, s.discharge_ah if discharge else s.charge_ah) for s in samples
+              if (s.current < 0) == discharge and s.current != 0]
+    if len(points) < 3:
+        return []
+    points.sort()
+    vs, qs = [v for v, _ in points], [q for _, q in points]
+    edges = [vs[0] + k * bin_v for k in range(int((vs[-1] - vs[0]) / bin_v) + 1)]
+    at = [_interp(vs, qs, v) for v in edges]
+    return [((a + b) / 2, abs(qb - qa) / bin_v) for a, b, qa, qb in zip(edges, edges[1:], at, at[1:], strict=False)]
+
+
+def _interp(xs: list[float], ys: list[float], x: float) -> float:
+    k = bisect.bisect_left(xs, x)
+    if k <= 0:
+        return ys[0]
+    if k >= len(xs):
+        return ys[-1]
+    x0, x1 = xs[k - 1], xs[k]
+    return ys[k - 1] + (ys[k] - ys[k - 1]) * ((x - x0) / (x1 - x0) if x1 != x0 else 0.0)

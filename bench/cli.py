@@ -259,6 +259,60 @@ def _describe(step: Any) -> str:
     return f"{label}{step.kind}: {text}" + (f" until {ends}" if ends else "") + checks
 
 
+@app.command()
+def export(
+    run_db: Annotated[Path, typer.Argument(help="a run database (runs/....sqlite)")],
+    out: Annotated[Path | None, typer.Option(help="folder for the files (default: beside the run)")] = None,
+) -> None:
+    """Export a run to the Battery Data Format: .bdf.csv, .bdf.parquet and a .metadata.json sidecar."""
+    from bench.export import export_run
+
+    try:
+        files = export_run(run_db, out)
+    except FileNotFoundError as exc:
+        raise _fail(str(exc)) from None
+    for kind, path in files.items():
+        console.print(f"{kind:>9}: {path}")
+
+
+@app.command()
+def report(
+    run_db: Annotated[Path, typer.Argument(help="a run database; it may still be running")],
+    out: Annotated[Path | None, typer.Option(help="the report folder (default: beside the run)")] = None,
+) -> None:
+    """Plots (PNG) and one HTML page with the per-cycle table."""
+    from bench.report import write_report
+
+    try:
+        page = write_report(run_db, out)
+    except FileNotFoundError as exc:
+        raise _fail(str(exc)) from None
+    console.print(f"report: [bold]{page}[/bold]")
+
+
+@app.command()
+def compare(
+    runs: Annotated[list[Path], typer.Argument(help="two or more run databases")],
+    out: Annotated[Path, typer.Option(help="the overlay plot")] = Path("compare.png"),
+) -> None:
+    """Overlay the capacity retention of several cells and state their cycle-life ratio."""
+    from bench.report import compare_runs
+
+    if len(runs) < 2:
+        raise _fail("compare needs at least two runs")
+    missing = [str(r) for r in runs if not r.exists()]
+    if missing:
+        raise _fail(f"no run database at {', '.join(missing)}")
+    path, lives = compare_runs(runs, out)
+    for name, life in lives.items():
+        console.print(f"{name}: cycle life to 80 % {'not reached' if life is None else f'{life:.1f} cycles'}")
+    reached = [(n, life) for n, life in lives.items() if life]
+    if len(reached) >= 2:
+        (a, la), (b, lb) = reached[0], reached[1]
+        console.print(f"cycle-life ratio {b} / {a}: [bold]{lb / la:.2f}[/bold]")
+    console.print(f"overlay: {path}")
+
+
 SIMULATORS = ("keithley2450", "espec", "press")
 
 

@@ -1,0 +1,167 @@
+"""From samples to answers: analysis with known answers, Battery Data Format export judged by the
+format's own validator and read by PyProBE, the report, and the comparison of two cells."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from bench.analysis import cycle_life, cycle_table, dcir, dqdv
+from bench.cli import app
+from bench.export import export_run
+from bench.report import write_report
+from bench.store import RunStore, Sample
+from tests.conftest import dry_run
+
+
+def synthetic_cycles(path: Path, fade_per_cycle: float, cycles: int, capacity: float = 3.5e-3) -> Path:
+    """A run database whose discharge capacity falls by exactly fade_per_cycle of the first each cycle."""
+    with RunStore(path, durable=False) as store:
+        store.set_metadata(cell={"volume_cm3": 0.06}, profile_name="synthetic", run_id=path.stem, channel="ch1")
+        t = 0.0
+        for c in range(1, cycles + 1):
+            q = capacity * (1 - fade_per_cycle * (c - 1))
+            store.add(Sample(t, t, 4.0, 1e-3, c, 2 * c - 1, 1, "CC Charge", q, 0.0, q * 3.9, 0.0), t)
+            t += 1.0
+            store.add(Sample(t, t, 3.0, -1e-3, c, 2 * c, 2, "CC Discharge", q, q, q * 3.9, q * 3.7), t)
+            t += 1.0
+    return path
+
+
+def test_a_fade_of_0_05_percent_a_cycle_gives_400_cycles_to_80_percent(tmp_path: Path) -> None:
+    db = synthetic_cycles(tmp_path / "a.sqlite", 0.0005, 600)
+    with RunStore(db) as store:
+        rows = cycle_table(store.iter_samples(), volume_cm3=0.06)
+    assert cycle_life([r.retention for r in rows]) == pytest.approx(400.0)
+    first = rows[0]
+    assert first.coulombic_efficiency == pytest.approx(1.0)
+    assert first.mean_discharge_voltage == pytest.approx(3.7)
+    assert first.mean_charge_voltage == pytest.approx(3.9)
+    # 3.5 mAh at 3.7 V in 0.06 cm³: 12.95 mWh / 0.06 mL = 215.8 Wh/L
+    assert first.energy_density_wh_l == pytest.approx(3.5e-3 * 3.7 / 0.06e-3)
+    assert rows[100].retention == pytest.approx(0.95)
+
+
+def test_dcir_at_10_ms_and_2_s_from_a_current_step() -> None:
+    def s(t: float, v: float, i: float) -> Sample:
+        return Sample(t, t, v, i, 1, 1, 1, "Pulse", 0, 0, 0, 0)
+
+    samples = [s(0.0, 3.800, 0.0), s(10.0, 3.800, 0.0), s(10.01, 3.773, -1e-3), s(12.0, 3.733, -1e-3)]
+    (pulse,) = dcir(samples)
+    assert pulse.resistance_10ms == pytest.approx(27.0)
+    assert pulse.resistance_2s == pytest.approx(67.0)
+
+
+def test_dqdv_of_a_linear_curve_is_flat() -> None:
+    samples = [Sample(t, t, 4.0 - 0.001 * t, -1e-3, 1, 1, 1, "CC Discharge", 0, 1e-5 * t, 0, 0) for t in range(500)]
+    curve = dqdv(samples, bin_v=0.01)
+    assert curve and all(d == pytest.approx(1e-2, rel=0.05) for _, d in curve[1:-1])  # the end bins are partial
+
+
+@pytest.fixture(scope="module")
+def simulated_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tmp = tmp_path_factory.mktemp("sim")
+    dry_run(
+        """
+        name: small formation with impedance
+        sample_period: 2 min
+        steps:
+          - charge: {current: C/10, until: 4.3 V}
+          - eis: {from: 100 kHz, to: 0.1 Hz, points_per_decade: 5}
+          - discharge: {current: C/10, until: 2.5 V}
+          - charge: {current: C/10, until: 4.3 V}
+          - discharge: {current: C/10, until: 2.5 V}
+        """, tmp, soc=0.0, temperature=60.0, environment=True)
+    (db,) = tmp.glob("runs-*/*.sqlite")
+    return db
+
+
+def test_the_export_passes_the_battery_data_formats_own_validator(simulated_run: Path, tmp_path: Path) -> None:
+    files = export_run(simulated_run, tmp_path)
+    for kind in ("csv", "parquet"):
+        result = subprocess.run(
+            [str(Path(sys.executable).parent / "bdf"), "validate", "--strict", str(files[kind])],
+            capture_output=True, text=True, timeout=300,
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "passed" in result.stdout
+    meta = json.loads(files["metadata"].read_text())
+    assert meta["current_sign"] == "positive on charge"
+    assert meta["cell"]["capacity"] == pytest.approx(3.5e-3) and meta["cell"]["volume_cm3"] == pytest.approx(0.06)
+    assert "eis:" in meta["profile"]["text"] and meta["cellbench_version"]
+    assert "Displacement / um" in meta["non_standard_columns"]
+    assert set(meta["instruments"]) == {"smu1", "chamber1", "press1", "pstat1"}
+    header = files["csv"].read_text().splitlines()[0].split(",")
+    assert header[:4] == ["Test Time / s", "Unix Time / s", "Voltage / V", "Current / A"]
+    assert "Applied Pressure / Pa" in header and "Net Capacity / Ah" in header
+    eis_header = files["eis"].read_text().splitlines()[0]
+    assert eis_header == "Step Count / 1,Frequency / Hz,Real Impedance / ohm,Imaginary Impedance / ohm"
+
+
+def test_pyprobe_reads_the_export(simulated_run: Path, tmp_path: Path) -> None:
+    import polars as pl
+    import pyprobe
+    from pyprobe.cyclers.column_maps import CastAndRenameMap
+
+    files = export_run(simulated_run, tmp_path)
+    maps = [
+        CastAndRenameMap("Time [s]", "Test Time / s", pl.Float64),
+        CastAndRenameMap("Current [A]", "Current / A", pl.Float64),
+        CastAndRenameMap("Voltage [V]", "Voltage / V", pl.Float64),
+        CastAndRenameMap("Step", "Step Count / 1", pl.Int64),
+        CastAndRenameMap("Capacity [Ah]", "Net Capacity / Ah", pl.Float64),
+    ]
+    cell = pyprobe.Cell(info={"Name": "pellet"})
+    # PyProBE's generic importer reads CSV (its parquet reader wants PyProBE's own columns)
+    cell.import_from_cycler("formation", cycler="generic", input_data_path=str(files["csv"]),
+                            output_data_path=str(tmp_path / "pyprobe.parquet"), column_importers=maps)
+    discharge = cell.procedure["formation"].discharge(-1)
+    capacity = discharge.data["Capacity [Ah]"]
+    assert capacity.max() - capacity.min() == pytest.approx(3.5e-3, rel=0.03)
+
+
+def test_the_report_writes_real_pngs_and_a_page_with_the_cycle_table(simulated_run: Path, tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["report", str(simulated_run), "--out", str(tmp_path / "report")])
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "report"
+    pngs = {p.name for p in out.glob("*.png")}
+    assert pngs == {"time-series.png", "cycles.png", "dqdv.png", "nyquist.png"}
+    for name in pngs:
+        data = (out / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n"
+        width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+        assert width >= 600 and height >= 400
+    assert int.from_bytes((out / "cycles.png").read_bytes()[16:20], "big") == 800
+    page = (out / "index.html").read_text()
+    assert page.count("<tr><td>") == 2 and "cycles.png" in page and "nyquist.png" in page
+
+
+def test_the_report_works_on_a_run_that_is_still_going(tmp_path: Path) -> None:
+    db = tmp_path / "live.sqlite"
+    store = RunStore(db, durable=False)
+    for t in range(5):
+        store.add(Sample(float(t), float(t), 3.8, 1e-3, 1, 1, 1, "CC Charge", 1e-6 * t, 0, 0, 0), float(t))
+    store.flush()
+    try:
+        page = write_report(db, tmp_path / "live")  # the writer still has it open
+        assert "5 samples" in page.read_text()
+    finally:
+        store.close()
+
+
+def test_compare_states_the_cycle_life_ratio_of_two_cells(tmp_path: Path) -> None:
+    bare = synthetic_cycles(tmp_path / "bare-li.sqlite", 0.001, 300)
+    protected = synthetic_cycles(tmp_path / "protected-li.sqlite", 0.001 / 3, 700)
+    result = CliRunner().invoke(
+        app, ["compare", str(bare), str(protected), "--out", str(tmp_path / "cmp.png")], env={"COLUMNS": "200"}
+    )
+    assert result.exit_code == 0, result.output
+    assert "bare-li: cycle life to 80 % 200.0 cycles" in result.output
+    assert "protected-li: cycle life to 80 % 600.0 cycles" in result.output
+    assert "cycle-life ratio protected-li / bare-li: 3.00" in result.output
+    assert (tmp_path / "cmp.png").read_bytes()[:4] == b"\x89PNG"
