@@ -20,6 +20,7 @@ class CycleSummary:
     discharge_wh: float
     retention: float | None = None  # discharge capacity over the first cycle's that had one
     volume_cm3: float | None = None
+    stack_volume_cm3: float | None = None  # under pressure, swollen by the largest displacement of the cycle
 
     @property
     def coulombic_efficiency(self) -> float | None:
@@ -45,20 +46,39 @@ class CycleSummary:
             return None
         return self.discharge_wh / (self.volume_cm3 / 1000.0)
 
+    @property
+    def stack_energy_density_wh_l(self) -> float | None:
+        """Discharge energy over the stack's volume under pressure, where displacement was recorded."""
+        if not self.stack_volume_cm3 or self.discharge_wh <= 0:
+            return None
+        return self.discharge_wh / (self.stack_volume_cm3 / 1000.0)
 
-def cycle_table(samples: Iterable[Sample], volume_cm3: float | None = None) -> list[CycleSummary]:
-    """One row per cycle; the accumulators restart each cycle, so a cycle's last sample holds its totals."""
+
+def cycle_table(
+    samples: Iterable[Sample], volume_cm3: float | None = None, thickness_mm: float | None = None
+) -> list[CycleSummary]:
+    """One row per cycle; the accumulators restart each cycle, so a cycle's last sample holds its totals.
+
+    With the cell's thickness and a recorded displacement, the stack volume of each cycle is the
+    cell's volume stretched by the largest displacement of that cycle.
+    """
     last: dict[int, Sample] = {}
+    swell: dict[int, float] = {}
     for s in samples:
         last[s.cycle] = s
+        if s.displacement_um is not None:
+            swell[s.cycle] = max(swell.get(s.cycle, s.displacement_um), s.displacement_um)
     reference = next((s.discharge_ah for _, s in sorted(last.items()) if s.discharge_ah > 0), None)
-    return [
-        CycleSummary(
+    rows = []
+    for c, s in sorted(last.items()):
+        stack = None
+        if volume_cm3 and thickness_mm and c in swell:
+            stack = volume_cm3 * (thickness_mm + swell[c] / 1000.0) / thickness_mm
+        rows.append(CycleSummary(
             c, s.charge_ah, s.discharge_ah, s.charge_wh, s.discharge_wh,
-            s.discharge_ah / reference if reference else None, volume_cm3,
-        )
-        for c, s in sorted(last.items())
-    ]
+            s.discharge_ah / reference if reference else None, volume_cm3, stack,
+        ))
+    return rows
 
 
 def cycle_life(retention: Sequence[float], threshold: float = 0.8) -> float | None:

@@ -33,8 +33,9 @@ def write_report(database: str | Path, out_dir: str | Path | None = None) -> Pat
     out.mkdir(parents=True, exist_ok=True)
     with open_run(db) as store:
         samples, meta, spectra, fits = store.samples(), store.metadata(), store.spectra(), store.fits()
-    volume = (meta.get("cell") or {}).get("volume_cm3")
-    rows = cycle_table(samples, volume)
+    cell = meta.get("cell") or {}
+    dims = cell.get("dimensions")
+    rows = cycle_table(samples, cell.get("volume_cm3"), dims[2] if dims else None)
     plt = _plt()
     images = [_time_series(plt, samples, out / "time-series.png"), _cycles(plt, rows, out / "cycles.png")]
     if (curve := dqdv(samples)):
@@ -136,7 +137,8 @@ def _page(meta: dict[str, Any], rows: list[CycleSummary], images: list[Path], sa
         f"<tr><td>{r.cycle}</td><td>{r.charge_ah * 1e3:.4f}</td><td>{r.discharge_ah * 1e3:.4f}</td>"
         f"<td>{cell(r.coulombic_efficiency and r.coulombic_efficiency * 100, '.2f')}</td>"
         f"<td>{cell(r.mean_charge_voltage, '.3f')}</td><td>{cell(r.mean_discharge_voltage, '.3f')}</td>"
-        f"<td>{cell(r.retention and r.retention * 100, '.1f')}</td><td>{cell(r.energy_density_wh_l, '.1f')}</td></tr>"
+        f"<td>{cell(r.retention and r.retention * 100, '.1f')}</td><td>{cell(r.energy_density_wh_l, '.1f')}</td>"
+        f"<td>{cell(r.stack_energy_density_wh_l, '.1f')}</td></tr>"
         for r in rows
     )
     life = cycle_life([r.retention for r in rows if r.retention is not None])
@@ -155,7 +157,8 @@ td,th{{border:1px solid #ccc;padding:2px 8px;text-align:right}}img{{max-width:10
 <p>Cycle life to 80 % retention: {"not reached" if life is None else f"{life:.1f} cycles"}</p>
 {dcir_line}
 <table><tr><th>cycle</th><th>charge / mAh</th><th>discharge / mAh</th><th>CE / %</th>
-<th>mean charge V</th><th>mean discharge V</th><th>retention / %</th><th>Wh/L</th></tr>{table}</table>
+<th>mean charge V</th><th>mean discharge V</th><th>retention / %</th><th>Wh/L</th>
+<th>Wh/L (stack under pressure)</th></tr>{table}</table>
 {figures}
 </body></html>
 """

@@ -47,6 +47,18 @@ def test_a_fade_of_0_05_percent_a_cycle_gives_400_cycles_to_80_percent(tmp_path:
     assert rows[100].retention == pytest.approx(0.95)
 
 
+def test_energy_density_of_the_stack_under_pressure_counts_its_swelling() -> None:
+    samples = [
+        Sample(0.0, 0.0, 4.0, 1e-3, 1, 1, 1, "CC Charge", 1e-3, 0, 4e-3, 0, displacement_um=0.0),
+        Sample(1.0, 1.0, 4.2, 1e-3, 1, 1, 1, "CC Charge", 2e-3, 0, 8e-3, 0, displacement_um=100.0),
+        Sample(2.0, 2.0, 3.0, -1e-3, 1, 2, 2, "CC Discharge", 2e-3, 2e-3, 8e-3, 7.4e-3, displacement_um=10.0),
+    ]
+    (row,) = cycle_table(samples, volume_cm3=1.0, thickness_mm=1.0)
+    assert row.energy_density_wh_l == pytest.approx(7.4)  # 7.4 mWh in 1 mL
+    assert row.stack_volume_cm3 == pytest.approx(1.1)  # 1 mm grew by 100 µm at most
+    assert row.stack_energy_density_wh_l == pytest.approx(7.4 / 1.1)
+
+
 def test_dcir_at_10_ms_and_2_s_from_a_current_step() -> None:
     def s(t: float, v: float, i: float) -> Sample:
         return Sample(t, t, v, i, 1, 1, 1, "Pulse", 0, 0, 0, 0)
