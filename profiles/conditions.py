@@ -132,13 +132,8 @@ Condition = Annotated[
 ]
 
 
-class SetBody(Setpoints):
-    """A leaf step: new temperature and pressure setpoints, given in sequence with the electrical steps."""
-
-    what: ClassVar[str] = "setting"
-    label: str | None = None
-    new_cycle: bool = False
-    sample_period: Duration | None = None
+class EndsByItself:
+    """A step with no limits, checks or record rule of its own: it ends when its work is done."""
 
     @property
     def until(self) -> list[Any]:
@@ -153,13 +148,22 @@ class SetBody(Setpoints):
         return None
 
 
+class SetBody(EndsByItself, Setpoints):
+    """A leaf step: new temperature and pressure setpoints, given in sequence with the electrical steps."""
+
+    what: ClassVar[str] = "setting"
+    label: str | None = None
+    new_cycle: bool = False
+    sample_period: Duration | None = None
+
+
 class Tolerance(Strict):
     what: ClassVar[str] = "tolerance key"
     temperature: TemperatureDelta | None = None
     pressure: PressureDelta | None = None
 
 
-class WaitBody(Strict):
+class WaitBody(EndsByItself, Strict):
     """A leaf step: the cell at rest until temperature and pressure have been stable at these values."""
 
     what: ClassVar[str] = "setting"
@@ -177,18 +181,6 @@ class WaitBody(Strict):
         if self.temperature is None and self.pressure is None:
             raise PydanticCustomError("condition", "wait for a temperature, a pressure or both", {})
         return self
-
-    @property
-    def until(self) -> list[Any]:
-        return []
-
-    @property
-    def check(self) -> list[Any]:
-        return []
-
-    @property
-    def record(self) -> None:
-        return None
 
     def tolerances(self) -> tuple[float, float]:
         """(°C, Pa): the given tolerances, else 0.5 degC and 0.1 MPa."""

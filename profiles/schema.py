@@ -38,7 +38,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from profiles.base import Strict
-from profiles.conditions import Condition, SetBody, WaitBody
+from profiles.conditions import Condition, EndsByItself, SetBody, WaitBody
 from profiles.pybamm import pybamm_step
 from profiles.units import (
     SI_UNIT,
@@ -392,7 +392,7 @@ class PulseStep(Strict):
 Frequency = Annotated[float, BeforeValidator(lambda v: to_si(v, "Hz", "a frequency (e.g. '100 kHz')"))]
 
 
-class EisBody(Strict):
+class EisBody(EndsByItself, Strict):
     """Potentiostatic impedance on the channel's potentiostat, the cycler's output off meanwhile."""
 
     what: ClassVar[str] = "setting"
@@ -404,18 +404,6 @@ class EisBody(Strict):
     bias: Literal["ocv"] | Voltage = "ocv"
     new_cycle: bool = False
     sample_period: Duration | None = None
-
-    @property
-    def until(self) -> list[Any]:
-        return []
-
-    @property
-    def check(self) -> list[Any]:
-        return []
-
-    @property
-    def record(self) -> None:
-        return None
 
     def n_points(self) -> int:
         import math
