@@ -185,8 +185,17 @@ class PalmSens:
 
     async def impedance(self, *, f_start: float, f_end: float, n_points: int, amplitude: float,
                         e_dc: float = 0.0) -> list[ImpedancePoint]:
-        packages = await self.run(eis_script(f_start=f_start, f_end=f_end, n_points=n_points,
-                                             amplitude=amplitude, e_dc=e_dc))
+        """Potentiostatic EIS: a voltage amplitude around e_dc (V)."""
+        return self._points(await self.run(eis_script(f_start=f_start, f_end=f_end, n_points=n_points,
+                                                      amplitude=amplitude, e_dc=e_dc)))
+
+    async def galvanostatic_impedance(self, *, f_start: float, f_end: float, n_points: int, amplitude: float,
+                                      i_dc: float = 0.0) -> list[ImpedancePoint]:
+        """Galvanostatic EIS: a current amplitude (A) around i_dc."""
+        return self._points(await self.run(eis_script(f_start=f_start, f_end=f_end, n_points=n_points,
+                                                      amplitude=amplitude, galvanostatic=True, i_dc=i_dc)))
+
+    def _points(self, packages: list[list[Value]]) -> list[ImpedancePoint]:
         points = []
         for pkg in packages:
             by_type = {v.var_type: v.value for v in pkg}

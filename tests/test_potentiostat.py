@@ -68,6 +68,8 @@ async def test_eis_over_the_serial_line_matches_the_cells_impedance(pstat_server
         for p in points:
             z = cell.impedance(p.frequency)
             assert (p.z_real, p.z_imag) == (pytest.approx(z.real, rel=1e-5), pytest.approx(z.imag, rel=1e-5))
+        galvanostatic = await pstat.galvanostatic_impedance(f_start=1e3, f_end=100, n_points=2, amplitude=1e-5)
+        assert galvanostatic[0].z_real == pytest.approx(cell.impedance(1e3).real, rel=1e-5)
         potentials = await pstat.open_circuit_potential(interval=0.05, duration=0.2)
         assert potentials and all(p == pytest.approx(cell.ocv(), abs=1e-3) for p in potentials)
     finally:
