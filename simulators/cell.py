@@ -55,6 +55,7 @@ class CellState:
     charged_ah: float = 0.0  # external charge passed in, the model's own coulomb count
     discharged_ah: float = 0.0  # external charge taken out
     dendrite_mah_cm2: float = 0.0
+    formation_left_ah: float = 0.0  # interphase still to form on the first charge
     short_ohm: float | None = None
     voltage: float = 0.0
     current: float = 0.0
@@ -75,7 +76,8 @@ class SolidStateCell:
         self.temperature_c = temperature_c
         self.ambient_c = temperature_c  # the air around the cell; a chamber sets it
         self.pressure_mpa = params.p_ref_mpa if pressure_mpa is None else pressure_mpa
-        self.state = CellState(soc=soc, capacity_ah=params.capacity_ah)
+        self.state = CellState(soc=soc, capacity_ah=params.capacity_ah,
+                               formation_left_ah=params.formation_loss_fraction * params.capacity_ah)
         self._r_key: tuple[float, float, float] | None = None
         self._r = (0.0, 0.0)
         self.state.voltage = self.ocv()
@@ -191,7 +193,12 @@ class SolidStateCell:
         st = self.state
         st.v_rc = st.v_rc * a + internal * self.interfacial_resistance() * (1.0 - a)
         ah = internal * dt / 3600.0
-        st.soc += ah / st.capacity_ah
+        stored = ah
+        if ah > 0 and st.formation_left_ah > 0:  # a fresh cell's first charge forms its interphases
+            lost = min(self.params.formation_loss_fraction * ah, st.formation_left_ah)
+            st.formation_left_ah -= lost
+            stored -= lost
+        st.soc += stored / st.capacity_ah
         self._age(abs(ah))
         self._grow_dendrite(internal, dt)
         self._heat(voltage, internal, dt)

@@ -24,6 +24,7 @@ def settle(cell: SolidStateCell, current: float, seconds: float, dt: float = 1.0
 @settings(max_examples=50, deadline=None)
 def test_charge_passed_equals_soc_change_times_capacity(current_ma: float, seconds: int) -> None:
     cell = SolidStateCell(PELLET, soc=0.5, temperature_c=60.0)  # warm: no dendrite at these currents
+    cell.state.formation_left_ah = 0.0  # a formed cell: no charge goes to interphases any more
     cap0 = cell.capacity_ah
     settle(cell, current_ma * 1e-3, seconds)
     passed_ah = current_ma * 1e-3 * seconds / 3600
@@ -88,3 +89,11 @@ def test_same_inputs_give_the_same_trajectory() -> None:
     va = [a.apply_current(-0.5e-3, 5) for _ in range(500)]
     vb = [b.apply_current(-0.5e-3, 5) for _ in range(500)]
     assert va == vb
+
+
+def test_the_first_charge_of_a_fresh_cell_builds_interphases() -> None:
+    cell = SolidStateCell(PELLET, soc=0.0, temperature_c=60.0)
+    settle(cell, PELLET.capacity_ah / 10, 36000, dt=10.0)  # C/10 for 10 h: one capacity of charge
+    lost = PELLET.formation_loss_fraction * PELLET.capacity_ah
+    assert cell.state.formation_left_ah == pytest.approx(0.0, abs=1e-12)
+    assert cell.soc * cell.capacity_ah == pytest.approx(PELLET.capacity_ah - lost, rel=2e-3)

@@ -158,7 +158,9 @@ def test_cellbench_demo_prints_the_cycle_table(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     rows = re.findall(r"│\s+(\d)\s+│\s+([\d.]+)\s+│\s+([\d.]+)\s+│\s+([\d.]+)\s+│", result.output)
     assert [r[0] for r in rows] == ["1", "2", "3", "4"]
-    assert all(99.0 < float(r[3]) < 101.0 for r in rows)  # coulombic efficiency, %
+    ce = [float(r[3]) for r in rows]  # coulombic efficiency, %
+    assert 85.0 < ce[0] < 95.0  # the first charge of a fresh cell builds its interphases
+    assert all(99.0 < x < 101.0 for x in ce[1:])
     assert "run database:" in result.output
 
 

@@ -55,6 +55,7 @@ def test_stack_pressure_changes_polarisation_and_swelling_shows_as_displacement(
     async def main() -> None:
         loop = asyncio.get_running_loop()
         cell = SolidStateCell(soc=0.2, temperature_c=60.0)
+        cell.state.formation_left_ah = 0.0  # a formed cell: all the charge plates lithium
         press = PressSim(loop.time, [cell], area_cm2=1.0)
         smu = Keithley2450Sim(cell, loop.time)
         smu.surroundings.append(press)
