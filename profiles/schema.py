@@ -32,6 +32,7 @@ from pydantic import (
     Discriminator,
     Field,
     Tag,
+    create_model,
     field_validator,
     model_validator,
 )
@@ -329,66 +330,6 @@ class PulseBody(StepBody):
     voltage_limit: Voltage | None = None
 
 
-class ChargeStep(Strict):
-    what: ClassVar[str] = "step"
-    kind: ClassVar[str] = "charge"
-    charge: CurrentBody
-
-
-class DischargeStep(Strict):
-    what: ClassVar[str] = "step"
-    kind: ClassVar[str] = "discharge"
-    discharge: CurrentBody
-
-
-class CCStep(Strict):
-    what: ClassVar[str] = "step"
-    kind: ClassVar[str] = "cc"
-    cc: CurrentBody
-
-
-class HoldStep(Strict):
-    what: ClassVar[str] = "step"
-    kind: ClassVar[str] = "hold"
-    hold: VoltageBody
-
-
-class CVStep(Strict):
-    what: ClassVar[str] = "step"
-    kind: ClassVar[str] = "cv"
-    cv: VoltageBody
-
-
-class CCCVStep(Strict):
-    what: ClassVar[str] = "step"
-    kind: ClassVar[str] = "cccv"
-    cccv: CCCVBody
-
-
-class RestStep(Strict):
-    what: ClassVar[str] = "step"
-    kind: ClassVar[str] = "rest"
-    rest: RestBody
-
-
-class RampStep(Strict):
-    what: ClassVar[str] = "step"
-    kind: ClassVar[str] = "ramp"
-    ramp: RampBody
-
-
-class DriveStep(Strict):
-    what: ClassVar[str] = "step"
-    kind: ClassVar[str] = "drive"
-    drive: DriveBody
-
-
-class PulseStep(Strict):
-    what: ClassVar[str] = "step"
-    kind: ClassVar[str] = "pulse"
-    pulse: PulseBody
-
-
 Frequency = Annotated[float, BeforeValidator(lambda v: to_si(v, "Hz", "a frequency (e.g. '100 kHz')"))]
 
 
@@ -411,22 +352,27 @@ class EisBody(EndsByItself, Strict):
         return max(2, round(abs(math.log10(self.start / self.end)) * self.points_per_decade) + 1)
 
 
-class EisStep(Strict):
-    what: ClassVar[str] = "step"
-    kind: ClassVar[str] = "eis"
-    eis: EisBody
+def _step(name: str, kind: str, body: type[BaseModel]) -> type[Strict]:
+    """A step as written: the one-key mapping {kind: body}."""
+    model = create_model(name, __base__=Strict, __module__=__name__, **{kind: (body, ...)})
+    model.kind = kind  # type: ignore[attr-defined]
+    model.what = "step"
+    return model
 
 
-class WaitStep(Strict):
-    what: ClassVar[str] = "step"
-    kind: ClassVar[str] = "wait"
-    wait: WaitBody
-
-
-class SetStep(Strict):
-    what: ClassVar[str] = "step"
-    kind: ClassVar[str] = "set"
-    set: SetBody
+ChargeStep = _step("ChargeStep", "charge", CurrentBody)
+DischargeStep = _step("DischargeStep", "discharge", CurrentBody)
+CCStep = _step("CCStep", "cc", CurrentBody)
+HoldStep = _step("HoldStep", "hold", VoltageBody)
+CVStep = _step("CVStep", "cv", VoltageBody)
+CCCVStep = _step("CCCVStep", "cccv", CCCVBody)
+RestStep = _step("RestStep", "rest", RestBody)
+RampStep = _step("RampStep", "ramp", RampBody)
+DriveStep = _step("DriveStep", "drive", DriveBody)
+PulseStep = _step("PulseStep", "pulse", PulseBody)
+EisStep = _step("EisStep", "eis", EisBody)
+WaitStep = _step("WaitStep", "wait", WaitBody)
+SetStep = _step("SetStep", "set", SetBody)
 
 
 class RepeatStep(Strict):
