@@ -20,8 +20,9 @@ from bench.run import ChannelResult, estimate_duration, run_bench, run_simulated
 from bench.store import open_run
 from drivers.errors import InstrumentFault
 from profiles import engine
+from profiles.checks import cell_problems
 from profiles.library import library_path
-from profiles.parse import InputError, load_profile
+from profiles.parse import InputError, load_profile, locate
 from profiles.schema import Profile, RepeatStep, body_of
 from profiles.units import format_quantity, human_duration
 from simulators.parameters import PRESETS
@@ -210,16 +211,12 @@ def validate(
     """Check a profile without touching any instrument, show its steps and estimate how long it runs."""
     path = _profile_path(profile)
     prof, text = _load(path)
-    params = PRESETS.get(cell, PRESETS["pellet"])
-    try:
-        from profiles.checks import cell_problems
-        from profiles.parse import locate
-
-        problems = cell_problems(prof, params.v_min, params.v_max)
-        if problems:
-            raise InputError(locate(text, path.name, [(p, f"{m} (simulated {cell} cell)") for p, m in problems]))
-    except InputError as exc:
-        raise _fail(exc.problems) from None
+    if cell not in PRESETS:
+        raise _fail(f"unknown cell '{cell}' (expected one of: {', '.join(PRESETS)})")
+    params = PRESETS[cell]
+    problems = cell_problems(prof, params.v_min, params.v_max)
+    if problems:
+        raise _fail(locate(text, path.name, [(p, f"{m} (simulated {cell} cell)") for p, m in problems]))
     tree = Tree(f"[bold]{prof.name}[/bold] (sample every {prof.sample_period:g} s)")
     if prof.conditions:
         track = tree.add("conditions, alongside the steps")

@@ -33,7 +33,6 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("pressure_pa", "Applied Pressure / Pa", "REAL"),
     ("displacement_um", "Displacement / um", "REAL"),  # not a Battery Data Format label: declared on export
 )
-LABELS = {attr: label for attr, label, _ in COLUMNS}
 
 
 @dataclass(frozen=True, slots=True)

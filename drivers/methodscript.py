@@ -20,10 +20,6 @@ PREFIXES = {
     "a": 1e-18, "f": 1e-15, "p": 1e-12, "n": 1e-9, "u": 1e-6, "m": 1e-3, " ": 1.0, "i": 1.0,
     "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15, "E": 1e18,
 }
-VAR_TYPES = {
-    "da": "applied potential", "ab": "WE vs RE potential", "ba": "WE current", "db": "applied current",
-    "dc": "frequency", "cc": "Z real", "cd": "Z imaginary", "ca": "phase", "cb": "|Z|", "eb": "time",
-}
 STATUS_BITS = {1: "timing error", 2: "overload", 4: "underload", 8: "overload warning"}
 OFFSET = 2**27
 _VALUE = re.compile(r"^([a-z]{2})([0-9A-Fa-f]{7})([afpnum kMGTPEi])$")

@@ -11,7 +11,7 @@ from profiles.program import _path_key, compile_profile, flow_problems
 from profiles.schema import Profile, body_of
 
 Problem = tuple[tuple[str | int, ...], str]
-NEEDS = {"temperature": "a chamber", "pressure": "a press"}
+NEEDS = {"temperature": "chamber", "pressure": "press"}
 
 
 def profile_checks(base_dir: Path) -> Callable[[Profile], list[Problem]]:
@@ -71,7 +71,7 @@ def instrument_problems(
         body = next(iter(cond.model_dump(by_alias=True).values()))
         for quantity in ("temperature", "pressure"):
             if isinstance(body, dict) and body.get(quantity) is not None and not have[quantity]:
-                problems.append((("conditions", i), f"sets a {quantity}, but the channel has no {NEEDS[quantity][2:]}"))
+                problems.append((("conditions", i), f"sets a {quantity}, but the channel has no {NEEDS[quantity]}"))
     for ins in compile_profile(profile).instrs:
         if ins.op != "step":
             continue
@@ -83,9 +83,11 @@ def instrument_problems(
         for quantity in ("temperature", "pressure"):
             if quantity in asked and not have[quantity]:
                 problems.append((_path_key(ins.path), f"needs a {quantity} reading, but the channel has no "
-                                                       f"{NEEDS[quantity][2:]}"))
+                                                       f"{NEEDS[quantity]}"))
     safety = profile.safety
     for quantity in ("temperature", "pressure"):
         if safety and getattr(safety, quantity) is not None and not have[quantity]:
-            problems.append((("safety", quantity), f"a {quantity} safety range needs {NEEDS[quantity]} on the channel"))
+            problems.append(
+                (("safety", quantity), f"a {quantity} safety range needs a {NEEDS[quantity]} on the channel")
+            )
     return problems

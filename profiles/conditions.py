@@ -36,9 +36,7 @@ def _delta(unit: str, what: str) -> BeforeValidator:
 
 
 TemperatureDelta = Annotated[float, _delta("delta_degC", "a temperature difference (e.g. '0.5 degC')")]
-TemperatureRate = Annotated[float, _delta("delta_degC/s", "a temperature rate (e.g. '1 degC/min')")]
 PressureDelta = Annotated[float, BeforeValidator(lambda v: to_si(v, "Pa", "a pressure difference (e.g. '0.1 MPa')"))]
-PressureRate = Annotated[float, BeforeValidator(lambda v: to_si(v, "Pa/s", "a pressure rate (e.g. '1 MPa/min')"))]
 
 
 class Setpoints(Strict):
@@ -69,9 +67,10 @@ class RampTo(Strict):
 
     def rate_per_s(self) -> float:
         """°C/s or Pa/s, parsed by what is ramped."""
-        parse = _delta("delta_degC/s", "a temperature rate (e.g. '1 degC/min')").func if self.temperature is not None \
-            else (lambda v: to_si(v, "Pa/s", "a pressure rate (e.g. '1 MPa/min')"))
-        return float(parse(self.rate))
+        if self.temperature is not None:
+            return to_si(re.sub(r"\bdegC\b", "delta_degC", self.rate), "delta_degC/s",
+                         "a temperature rate (e.g. '1 degC/min')")
+        return to_si(self.rate, "Pa/s", "a pressure rate (e.g. '1 MPa/min')")
 
     @model_validator(mode="after")
     def _rate(self) -> RampTo:

@@ -241,7 +241,7 @@ class Engine:
         edges = list(ctl.edges)
         next_sample = state.start
         while True:
-            deadline = self._next_deadline(ctl, limits, state.start)
+            deadline = self._next_deadline(limits, state.start)
             edge_at = state.start + edges[0] if edges else math.inf
             await self.clock.sleep_until(min(next_sample, deadline, edge_at))
             now = self.clock.now()
@@ -470,7 +470,7 @@ class Engine:
                 return f"{b.name} ran out", b.target
         return None
 
-    def _next_deadline(self, ctl: Control, limits: list[Limit], start: float) -> float:
+    def _next_deadline(self, limits: list[Limit], start: float) -> float:
         times = [start + lim.value for lim in limits if lim.kind == "time"]
         return min([*times, *(b.deadline for b in self._budgets)], default=math.inf)
 

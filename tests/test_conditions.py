@@ -9,7 +9,7 @@ import pytest
 
 from bench.clock import VirtualClock
 from bench.config import BenchConfig, ChannelConfig, InstrumentConfig
-from bench.run import SimulatedBench, cell_config, run_bench
+from bench.run import cell_config, run_bench
 from bench.store import open_run
 from profiles.library import library_path
 from profiles.parse import InputError, parse_profile
@@ -208,5 +208,5 @@ def test_one_chamber_and_one_press_shared_by_two_channels(tmp_path: Path) -> Non
 
 def test_simulated_bench_without_environment_records_no_conditions(tmp_path: Path) -> None:
     run = dry_run("name: t\nsteps:\n  - rest: 2 min\n", tmp_path)
-    assert all(s.ambient_c is None and s.pressure_pa is None for s in run.samples)
-    assert isinstance(SimulatedBench().with_chamber, bool)
+    assert run.samples and all(s.ambient_c is None and s.pressure_pa is None for s in run.samples)
+    assert run.bench.chamber is None and run.bench.press is None

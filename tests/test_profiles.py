@@ -133,3 +133,5 @@ def test_cellbench_validate_prints_the_steps_or_the_errors_without_a_traceback(t
     assert result.exit_code == 2
     assert "bad.yaml:3: steps[0].charge.until: unknown limit 'volt'" in result.output.replace("\n", "")
     assert "Traceback" not in result.output
+    unknown = runner.invoke(app, ["validate", "formation-and-cycling", "--cell", "coin", "--no-estimate"])
+    assert unknown.exit_code == 2 and "unknown cell 'coin' (expected one of: pellet, pouch)" in unknown.output
