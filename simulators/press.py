@@ -82,6 +82,7 @@ class PressSim:
     def advance(self, t: float | None = None) -> None:
         t = self._now() if t is None else t
         while self._t < t:
+            self._trip_if_over_force()
             dt = min(MAX_SUBSTEP, t - self._t)
             target = self.setpoint_kn if self.enabled and self.mode == 1 and not self.fault else 0.0
             if abs(target - self.command_kn) < 1e-12 and abs(self.command_kn - self.force_kn) < 1e-9:
@@ -92,11 +93,14 @@ class PressSim:
             self.command_kn += step
             self.force_kn += (self.command_kn - self.force_kn) * (1 - math.exp(-dt / self.lag))
             self._t += dt
-            if self.force_kn > self.limit_kn:
-                self.over_force = self.fault = True
-                self.enabled = False
+        self._trip_if_over_force()
         for cell in self.cells:
             cell.pressure_mpa = self.pressure_mpa
+
+    def _trip_if_over_force(self) -> None:
+        if self.force_kn > self.limit_kn:
+            self.over_force = self.fault = True
+            self.enabled = False
 
     @property
     def pressure_mpa(self) -> float:

@@ -196,3 +196,13 @@ def test_the_example_bench_files_are_valid(name: str) -> None:
 
     bench = load_bench(Path(__file__).parent.parent / "bench" / "examples" / f"{name}.yaml")
     assert bench.channels and not bench.reference_problems()
+
+
+def test_an_estimate_that_would_take_too_long_says_so() -> None:
+    from bench.run import estimate_duration
+    from profiles.library import library_path
+    from profiles.parse import load_profile
+
+    profile, text = load_profile(library_path("formation-and-cycling"))
+    seconds, complete = estimate_duration(profile, text, wall_budget=0.5)
+    assert not complete and 0 < seconds < 134 * 3600

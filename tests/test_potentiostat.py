@@ -70,6 +70,9 @@ async def test_eis_over_the_serial_line_matches_the_cells_impedance(pstat_server
             assert (p.z_real, p.z_imag) == (pytest.approx(z.real, rel=1e-5), pytest.approx(z.imag, rel=1e-5))
         galvanostatic = await pstat.galvanostatic_impedance(f_start=1e3, f_end=100, n_points=2, amplitude=1e-5)
         assert galvanostatic[0].z_real == pytest.approx(cell.impedance(1e3).real, rel=1e-5)
+        under_current = await pstat.chronopotentiometry(current=-1e-3, interval=0.05, duration=0.2)
+        e, r = cell.thevenin(0.05)
+        assert under_current and all(v == pytest.approx(e - 1e-3 * r, abs=1e-3) for v in under_current)
         potentials = await pstat.open_circuit_potential(interval=0.05, duration=0.2)
         assert potentials and all(p == pytest.approx(cell.ocv(), abs=1e-3) for p in potentials)
     finally:

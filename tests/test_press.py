@@ -44,6 +44,24 @@ async def test_the_press_holds_a_pressure_over_the_real_wire(wire: str) -> None:
                 await driver._write_float(2, 1.0)  # the measured force is read-only
             with pytest.raises(InstrumentError, match="illegal data value"):
                 await driver._write_word(8, 7)  # no mode 7
+            snap = await driver.snapshot()
+            assert snap.pressure_mpa == pytest.approx(5.0, rel=0.02) and snap.platen_c == pytest.approx(25.0)
+            await driver.stop()
+            await asyncio.sleep(0.3)
+            assert not (await driver.status()).enabled and await driver.pressure() < 1.0
+            # over-force: the press faults, unloads, and refuses to start until the fault is cleared
+            await driver.set_pressure(5.0, ramp_mpa_per_s=50.0)
+            await driver.set_force_limit(0.3)
+            await asyncio.sleep(0.3)
+            status = await driver.status()
+            assert status.fault and status.over_force and not status.enabled
+            with pytest.raises(InstrumentError, match="device failure"):
+                await driver.set_pressure(2.0)
+            await asyncio.sleep(0.3)  # unloading at its ramp rate
+            assert await driver.force() < 0.3
+            await driver.clear_fault()
+            await driver.set_pressure(2.0)
+            assert (await driver.status()).enabled
         finally:
             await driver.close()
             await server.close()
