@@ -10,11 +10,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.clock import VirtualClock
-from bench.run import run_simulated
-from bench.store import open_run
-from profiles.library import library_path
-from profiles.parse import load_profile
+from cellbench.bench.clock import VirtualClock
+from cellbench.bench.run import run_simulated
+from cellbench.bench.store import open_run
+from cellbench.profiles.library import library_path
+from cellbench.profiles.parse import load_profile
 
 
 def main() -> None:

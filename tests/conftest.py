@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 
-from simulators.cell import SolidStateCell
-from simulators.keithley2450 import Keithley2450Sim
-from simulators.server import SimServer
+from cellbench.simulators.cell import SolidStateCell
+from cellbench.simulators.keithley2450 import Keithley2450Sim
+from cellbench.simulators.server import SimServer
 
 
 class ScriptedTransport:
@@ -85,11 +85,11 @@ def dry_run(
     pressure: float | None = None,
 ) -> DryRun:
     """Run profile text on a simulated bench: the 2450 alone, or with a chamber and a press (environment)."""
-    from bench.clock import VirtualClock
-    from bench.run import SimulatedBench, needs_potentiostat
-    from bench.store import open_run
-    from profiles.parse import parse_profile
-    from simulators.parameters import PELLET
+    from cellbench.bench.clock import VirtualClock
+    from cellbench.bench.run import SimulatedBench, needs_potentiostat
+    from cellbench.bench.store import open_run
+    from cellbench.profiles.parse import parse_profile
+    from cellbench.simulators.parameters import PELLET
 
     text = textwrap.dedent(text)
     profile = parse_profile(text, "test.yaml", tmp_path)
@@ -111,7 +111,7 @@ def dry_run(
 
 
 def _half_cell_resistances() -> tuple[float, float]:
-    from simulators.cell import SolidStateCell
+    from cellbench.simulators.cell import SolidStateCell
 
     cell = SolidStateCell(soc=0.5)
     return cell.ohmic_resistance(), cell.dc_resistance()

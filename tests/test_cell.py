@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from simulators.cell import SolidStateCell
-from simulators.parameters import PELLET, POUCH
+from cellbench.simulators.cell import SolidStateCell
+from cellbench.simulators.parameters import PELLET, POUCH
 
 
 def settle(cell: SolidStateCell, current: float, seconds: float, dt: float = 1.0) -> float:

@@ -6,15 +6,15 @@ import asyncio
 
 import pytest
 
-from bench.clock import VirtualClock
-from drivers.chamber import EspecChamber
-from drivers.errors import InstrumentError
-from drivers.smu import Keithley2450
-from drivers.transport import open_transport
-from simulators.cell import SolidStateCell
-from simulators.espec import EspecChamberSim
-from simulators.keithley2450 import Keithley2450Sim
-from simulators.server import PtySimServer, SimServer
+from cellbench.bench.clock import VirtualClock
+from cellbench.drivers.chamber import EspecChamber
+from cellbench.drivers.errors import InstrumentError
+from cellbench.drivers.smu import Keithley2450
+from cellbench.drivers.transport import open_transport
+from cellbench.simulators.cell import SolidStateCell
+from cellbench.simulators.espec import EspecChamberSim
+from cellbench.simulators.keithley2450 import Keithley2450Sim
+from cellbench.simulators.server import PtySimServer, SimServer
 from tests.conftest import scripted
 
 CRLF = {"read_termination": b"\r\n", "write_termination": b"\r\n"}

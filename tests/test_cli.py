@@ -15,14 +15,14 @@ import pytest
 import pyvisa
 from typer.testing import CliRunner
 
-from bench.cli import app
-from bench.store import open_run
+from cellbench.bench.cli import app
+from cellbench.bench.store import open_run
 
 
 def serve(*args: str) -> tuple[subprocess.Popen[str], str]:
     """`cellbench sim serve ...` as its own process; returns it and the resource it announced."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "bench.cli", "sim", "serve", *args],
+        [sys.executable, "-m", "cellbench.bench.cli", "sim", "serve", *args],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200"},
     )
@@ -192,16 +192,16 @@ def test_run_without_a_bench_says_what_to_do() -> None:
 
 @pytest.mark.parametrize("name", ["desk", "pressure-rig"])
 def test_the_example_bench_files_are_valid(name: str) -> None:
-    from bench.config import load_bench
+    from cellbench.bench.config import load_bench
 
-    bench = load_bench(Path(__file__).parent.parent / "bench" / "examples" / f"{name}.yaml")
+    bench = load_bench(Path(__file__).parent.parent / "cellbench" / "bench" / "examples" / f"{name}.yaml")
     assert bench.channels and not bench.reference_problems()
 
 
 def test_an_estimate_that_would_take_too_long_says_so() -> None:
-    from bench.run import estimate_duration
-    from profiles.library import library_path
-    from profiles.parse import load_profile
+    from cellbench.bench.run import estimate_duration
+    from cellbench.profiles.library import library_path
+    from cellbench.profiles.parse import load_profile
 
     profile, text = load_profile(library_path("formation-and-cycling"))
     seconds, complete = estimate_duration(profile, text, wall_budget=0.5)

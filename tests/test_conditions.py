@@ -7,18 +7,18 @@ from pathlib import Path
 
 import pytest
 
-from bench.clock import VirtualClock
-from bench.config import BenchConfig, ChannelConfig, InstrumentConfig
-from bench.run import cell_config, run_bench
-from bench.store import open_run
-from profiles.library import library_path
-from profiles.parse import InputError, parse_profile
-from simulators.cell import SolidStateCell
-from simulators.espec import EspecChamberSim
-from simulators.keithley2450 import Keithley2450Sim
-from simulators.parameters import PELLET
-from simulators.press import PressServer, PressSim
-from simulators.server import SimServer
+from cellbench.bench.clock import VirtualClock
+from cellbench.bench.config import BenchConfig, ChannelConfig, InstrumentConfig
+from cellbench.bench.run import cell_config, run_bench
+from cellbench.bench.store import open_run
+from cellbench.profiles.library import library_path
+from cellbench.profiles.parse import InputError, parse_profile
+from cellbench.simulators.cell import SolidStateCell
+from cellbench.simulators.espec import EspecChamberSim
+from cellbench.simulators.keithley2450 import Keithley2450Sim
+from cellbench.simulators.parameters import PELLET
+from cellbench.simulators.press import PressServer, PressSim
+from cellbench.simulators.server import SimServer
 from tests.conftest import dry_run
 
 

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from bench.analysis import cycle_table
-from bench.clock import VirtualClock
-from bench.run import SimulatedBench
-from bench.store import open_run
-from profiles.library import library_path
-from profiles.parse import load_profile, parse_profile
+from cellbench.bench.analysis import cycle_table
+from cellbench.bench.clock import VirtualClock
+from cellbench.bench.run import SimulatedBench
+from cellbench.bench.store import open_run
+from cellbench.profiles.library import library_path
+from cellbench.profiles.parse import load_profile, parse_profile
 
 
 def run_demo(tmp_path: Path, seed: int = 0) -> tuple[SimulatedBench, Path]:

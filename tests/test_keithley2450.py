@@ -6,10 +6,10 @@ import asyncio
 
 import pytest
 
-from drivers.errors import InstrumentError, ProtocolError
-from drivers.smu import Keithley2450
-from drivers.transport import open_transport
-from simulators.server import SimServer
+from cellbench.drivers.errors import InstrumentError, ProtocolError
+from cellbench.drivers.smu import Keithley2450
+from cellbench.drivers.transport import open_transport
+from cellbench.simulators.server import SimServer
 from tests.conftest import scripted
 
 NO_ERROR = '0,"No error;0;0 0"'

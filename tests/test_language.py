@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from bench.clock import VirtualClock
-from bench.run import SimulatedBench
-from profiles.parse import InputError, parse_profile
-from simulators.cell import SolidStateCell
+from cellbench.bench.clock import VirtualClock
+from cellbench.bench.run import SimulatedBench
+from cellbench.profiles.parse import InputError, parse_profile
+from cellbench.simulators.cell import SolidStateCell
 from tests.conftest import dry_run
 
 HALF = SolidStateCell(soc=0.5)

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from bench.analysis import cycle_table
-from profiles.library import library_path
-from simulators.parameters import PELLET
+from cellbench.bench.analysis import cycle_table
+from cellbench.profiles.library import library_path
+from cellbench.simulators.parameters import PELLET
 from tests.conftest import HALF_CELL_R, dry_run
 
 

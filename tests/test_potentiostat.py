@@ -7,12 +7,12 @@ import math
 
 import pytest
 
-from drivers.errors import InstrumentError, InstrumentTimeout
-from drivers.methodscript import MethodScriptError, PalmSens, check_error, decode_value, parse_package, si
-from drivers.transport import open_transport
-from simulators.cell import SolidStateCell
-from simulators.palmsens import PalmSensSim, encode
-from simulators.server import PtySimServer
+from cellbench.drivers.errors import InstrumentError, InstrumentTimeout
+from cellbench.drivers.methodscript import MethodScriptError, PalmSens, check_error, decode_value, parse_package, si
+from cellbench.drivers.transport import open_transport
+from cellbench.simulators.cell import SolidStateCell
+from cellbench.simulators.palmsens import PalmSensSim, encode
+from cellbench.simulators.server import PtySimServer
 
 
 def test_the_published_example_package_decodes() -> None:
@@ -132,7 +132,7 @@ def test_an_eis_step_hands_the_cell_over_and_its_fit_finds_the_cells_resistances
     assert kinds[1:3] == [
         ("handover", "smu1 output off and confirmed"), ("handover", "pstat1 cell off (its script ended)")
     ]
-    from bench.store import open_run
+    from cellbench.bench.store import open_run
 
     dbs = sorted(tmp_path.glob("runs-*/*.sqlite"))
     with open_run(dbs[-1]) as store:
@@ -149,8 +149,8 @@ def test_an_eis_step_hands_the_cell_over_and_its_fit_finds_the_cells_resistances
 
 
 def test_eis_versus_stack_pressure_shows_the_interfaces_closing(tmp_path) -> None:
-    from bench.store import open_run
-    from profiles.library import library_path
+    from cellbench.bench.store import open_run
+    from cellbench.profiles.library import library_path
     from tests.conftest import dry_run
 
     dry_run(library_path("eis-vs-pressure").read_text(), tmp_path, soc=0.5, environment=True)
@@ -163,9 +163,9 @@ def test_eis_versus_stack_pressure_shows_the_interfaces_closing(tmp_path) -> Non
 
 
 def test_cycle_life_with_impedance_sees_the_interphase_grow(tmp_path) -> None:
-    from bench.store import open_run
-    from profiles.library import library_path
-    from simulators.parameters import PELLET
+    from cellbench.bench.store import open_run
+    from cellbench.profiles.library import library_path
+    from cellbench.simulators.parameters import PELLET
     from tests.conftest import dry_run
 
     fast_ageing = PELLET.model_copy(update={"cycles_to_80pct": 12.0})

@@ -6,16 +6,16 @@ import asyncio
 
 import pytest
 
-from bench.clock import VirtualClock
-from drivers.errors import InstrumentError
-from drivers.press import StackPress
-from drivers.smu import Keithley2450
-from drivers.transport import open_transport
-from simulators.cell import SolidStateCell
-from simulators.keithley2450 import Keithley2450Sim
-from simulators.press import PressServer, PressSim
-from simulators.serial_link import NullModem
-from simulators.server import SimServer
+from cellbench.bench.clock import VirtualClock
+from cellbench.drivers.errors import InstrumentError
+from cellbench.drivers.press import StackPress
+from cellbench.drivers.smu import Keithley2450
+from cellbench.drivers.transport import open_transport
+from cellbench.simulators.cell import SolidStateCell
+from cellbench.simulators.keithley2450 import Keithley2450Sim
+from cellbench.simulators.press import PressServer, PressSim
+from cellbench.simulators.serial_link import NullModem
+from cellbench.simulators.server import SimServer
 
 
 @pytest.mark.parametrize("wire", ["tcp", "rtu"])

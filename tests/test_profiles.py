@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from bench.cli import app
-from profiles.library import library_names, library_path
-from profiles.parse import InputError, load_profile, parse_profile
-from profiles.schema import ChargeStep, DischargeStep, HoldStep, RepeatStep, RestStep
+from cellbench.bench.cli import app
+from cellbench.profiles.library import library_names, library_path
+from cellbench.profiles.parse import InputError, load_profile, parse_profile
+from cellbench.profiles.schema import ChargeStep, DischargeStep, HoldStep, RepeatStep, RestStep
 
 
 def problems(text: str, name: str = "cycle.yaml") -> list[str]:

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from bench.analysis import cycle_life, cycle_table, dcir, dqdv
-from bench.cli import app
-from bench.export import export_run
-from bench.report import write_report
-from bench.store import RunStore, Sample
+from cellbench.bench.analysis import cycle_life, cycle_table, dcir, dqdv
+from cellbench.bench.cli import app
+from cellbench.bench.export import export_run
+from cellbench.bench.report import write_report
+from cellbench.bench.store import RunStore, Sample
 from tests.conftest import dry_run
 
 

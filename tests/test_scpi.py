@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from simulators.cell import SolidStateCell
-from simulators.keithley2450 import Keithley2450Sim
+from cellbench.simulators.cell import SolidStateCell
+from cellbench.simulators.keithley2450 import Keithley2450Sim
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from bench.store import COLUMNS, RunStore, Sample, open_run
+from cellbench.bench.store import COLUMNS, RunStore, Sample, open_run
 
 
 def sample(t: float, cycle: int = 1) -> Sample:
@@ -46,7 +46,7 @@ def test_a_crash_loses_at_most_the_batch_in_progress(tmp_path: Path) -> None:
     script = textwrap.dedent(
         f"""
         import os
-        from bench.store import RunStore, Sample
+        from cellbench.bench.store import RunStore, Sample
         store = RunStore({str(path)!r}, flush_interval=1.0)
         for i in range(10):
             t = i * 0.5

@@ -6,10 +6,10 @@ import asyncio
 
 import pytest
 
-from drivers.errors import ConnectionLost, InstrumentTimeout, ProtocolError
-from drivers.smu import Keithley2450
-from drivers.transport import open_transport, parse_resource
-from simulators.server import SimServer
+from cellbench.drivers.errors import ConnectionLost, InstrumentTimeout, ProtocolError
+from cellbench.drivers.smu import Keithley2450
+from cellbench.drivers.transport import open_transport, parse_resource
+from cellbench.simulators.server import SimServer
 
 
 def test_resource_strings_parse_into_their_parts() -> None:

@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from bench.channel import Channel, Conditions
-from bench.clock import Clock
-from profiles.conditions import HoldCondition, RampCondition, SetCondition, WaitStableCondition
-from profiles.units import human_duration
+from cellbench.bench.channel import Channel, Conditions
+from cellbench.bench.clock import Clock
+from cellbench.profiles.conditions import HoldCondition, RampCondition, SetCondition, WaitStableCondition
+from cellbench.profiles.units import human_duration
 
 RAMP_STEP = 60.0  # s between setpoint updates of a temperature ramp
 POLL = 30.0  # s between readings while waiting for stability

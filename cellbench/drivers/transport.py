@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-from drivers.errors import ConnectionLost, InstrumentTimeout
+from cellbench.drivers.errors import ConnectionLost, InstrumentTimeout
 
 log = logging.getLogger(__name__)
 

@@ -10,21 +10,21 @@ from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from bench.channel import Channel, Instruments
-from bench.clock import Clock
-from bench.config import BenchConfig, CellConfig, ChannelConfig, InstrumentConfig
-from bench.store import RunStore
-from profiles.checks import cell_problems, instrument_problems
-from profiles.engine import Engine, Outcome, Progress
-from profiles.parse import InputError, locate
-from profiles.schema import Profile
-from simulators.cell import SolidStateCell
-from simulators.espec import EspecChamberSim
-from simulators.keithley2450 import Keithley2450Sim
-from simulators.palmsens import PalmSensSim
-from simulators.parameters import PELLET, CellParameters
-from simulators.press import PressServer, PressSim
-from simulators.server import SimServer
+from cellbench.bench.channel import Channel, Instruments
+from cellbench.bench.clock import Clock
+from cellbench.bench.config import BenchConfig, CellConfig, ChannelConfig, InstrumentConfig
+from cellbench.bench.store import RunStore
+from cellbench.profiles.checks import cell_problems, instrument_problems
+from cellbench.profiles.engine import Engine, Outcome, Progress
+from cellbench.profiles.parse import InputError, locate
+from cellbench.profiles.schema import Profile
+from cellbench.simulators.cell import SolidStateCell
+from cellbench.simulators.espec import EspecChamberSim
+from cellbench.simulators.keithley2450 import Keithley2450Sim
+from cellbench.simulators.palmsens import PalmSensSim
+from cellbench.simulators.parameters import PELLET, CellParameters
+from cellbench.simulators.press import PressServer, PressSim
+from cellbench.simulators.server import SimServer
 
 ProgressCallback = Callable[[str, Progress], None]
 
@@ -296,7 +296,7 @@ def estimate_duration(
     the dry run needed more than wall_budget seconds of wall time."""
     import tempfile
 
-    from bench.clock import VirtualClock
+    from cellbench.bench.clock import VirtualClock
 
     began = time.perf_counter()
     reached = [0.0]

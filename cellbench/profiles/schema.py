@@ -38,10 +38,10 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from profiles.base import Strict
-from profiles.conditions import Condition, EndsByItself, SetBody, WaitBody
-from profiles.pybamm import pybamm_step
-from profiles.units import (
+from cellbench.profiles.base import Strict
+from cellbench.profiles.conditions import Condition, EndsByItself, SetBody, WaitBody
+from cellbench.profiles.pybamm import pybamm_step
+from cellbench.profiles.units import (
     SI_UNIT,
     Current,
     Duration,

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from profiles.schema import ACTIONS, Profile, RepeatStep, body_of
+from cellbench.profiles.schema import ACTIONS, Profile, RepeatStep, body_of
 
 END = -1
 

@@ -6,7 +6,7 @@ import bisect
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from bench.store import Sample
+from cellbench.bench.store import Sample
 
 EDGE_MAX_GAP = 0.05  # s: two samples this close around a current step are a DCIR pair
 

@@ -21,8 +21,8 @@ from typing import Annotated, Any, ClassVar
 from pydantic import BeforeValidator, Field, model_validator
 from pydantic_core import PydanticCustomError
 
-from profiles.base import Strict
-from profiles.units import Duration, Pressure, Temperature, to_si
+from cellbench.profiles.base import Strict
+from cellbench.profiles.units import Duration, Pressure, Temperature, to_si
 
 
 def _delta(unit: str, what: str) -> BeforeValidator:

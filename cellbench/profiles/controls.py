@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from profiles.schema import CurrentBody, Limit, body_of
+from cellbench.profiles.schema import CurrentBody, Limit, body_of
 
 PULSE_SETTLE = 0.01  # s after an edge: the "just after" sample (a 10 ms DCIR)
 

@@ -17,7 +17,7 @@ from pymodbus.datastore import ModbusServerContext
 from pymodbus.framer import FramerType
 from pymodbus.server import ModbusSerialServer, ModbusTcpServer
 
-from simulators.cell import SolidStateCell
+from cellbench.simulators.cell import SolidStateCell
 
 FORCE_SETPOINT, FORCE, POSITION, RAMP, MODE, COMMAND, STATUS = 0, 2, 4, 6, 8, 9, 10
 DISPLACEMENT, FORCE_LIMIT, PLATEN_T, POSITION_SETPOINT = 11, 13, 15, 17

@@ -10,8 +10,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from bench.analysis import CycleSummary, cycle_life, cycle_table, dcir, dqdv
-from bench.store import open_run
+from cellbench.bench.analysis import CycleSummary, cycle_life, cycle_table, dcir, dqdv
+from cellbench.bench.store import open_run
 
 FIGSIZE = (8, 4.5)
 DPI = 100

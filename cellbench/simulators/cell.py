@@ -14,7 +14,7 @@ import bisect
 import math
 from dataclasses import dataclass
 
-from simulators.parameters import (
+from cellbench.simulators.parameters import (
     DUDT_MV_PER_K,
     DUDT_SOC,
     OCV_SOC,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from drivers.errors import InstrumentError, ProtocolError
-from drivers.transport import Transport
+from cellbench.drivers.errors import InstrumentError, ProtocolError
+from cellbench.drivers.transport import Transport
 
 
 @dataclass(frozen=True)

@@ -17,9 +17,9 @@ from typing import Annotated, ClassVar, Literal
 from pydantic import BeforeValidator, Field, model_validator
 from pydantic_core import PydanticCustomError
 
-from profiles.parse import InputError, validate_yaml
-from profiles.schema import Strict
-from profiles.units import Duration, Voltage, to_si
+from cellbench.profiles.parse import InputError, validate_yaml
+from cellbench.profiles.schema import Strict
+from cellbench.profiles.units import Duration, Voltage, to_si
 
 Capacity = Annotated[float, BeforeValidator(lambda v: to_si(v, "A*h", "a capacity (e.g. '3.5 mAh')"))]
 Area = Annotated[float, BeforeValidator(lambda v: to_si(v, "cm**2", "an area (e.g. '1 cm^2')"))]

@@ -6,8 +6,8 @@ import math
 import re
 from dataclasses import dataclass
 
-from drivers.errors import InstrumentError, ProtocolError
-from drivers.transport import Transport
+from cellbench.drivers.errors import InstrumentError, ProtocolError
+from cellbench.drivers.transport import Transport
 
 OVERFLOW = 9.9e37
 _ERROR_RE = re.compile(r'^\s*([+-]?\d+)\s*,\s*"([^"]*)"')

@@ -6,9 +6,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from profiles.controls import load_series
-from profiles.program import _path_key, compile_profile, flow_problems
-from profiles.schema import Profile, body_of
+from cellbench.profiles.controls import load_series
+from cellbench.profiles.program import _path_key, compile_profile, flow_problems
+from cellbench.profiles.schema import Profile, body_of
 
 Problem = tuple[tuple[str | int, ...], str]
 NEEDS = {"temperature": "chamber", "pressure": "press"}

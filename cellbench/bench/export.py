@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from bench.store import COLUMNS, open_run
+from cellbench.bench.store import COLUMNS, open_run
 
 NET = "Net Capacity / Ah"
 NON_STANDARD = {

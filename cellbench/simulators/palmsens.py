@@ -19,7 +19,7 @@ import random
 import re
 from collections.abc import AsyncIterator, Callable
 
-from simulators.cell import SolidStateCell
+from cellbench.simulators.cell import SolidStateCell
 
 PREFIX = {"a": 1e-18, "f": 1e-15, "p": 1e-12, "n": 1e-9, "u": 1e-6, "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9}
 ENCODE = [("G", 1e9), ("M", 1e6), ("k", 1e3), (" ", 1.0), ("m", 1e-3), ("u", 1e-6), ("n", 1e-9), ("p", 1e-12),

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
-from simulators.cell import SolidStateCell
+from cellbench.simulators.cell import SolidStateCell
 
 MODES = ("OFF", "STANDBY", "CONSTANT")
 TEMP_RANGE = (-70.0, 180.0)

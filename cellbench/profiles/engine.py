@@ -18,18 +18,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.channel import Channel, Conditions
-from bench.clock import Clock
-from bench.impedance_fit import fit_spectrum
-from bench.store import RunStore, Sample
-from drivers.errors import InstrumentFault
-from drivers.smu import Reading
-from profiles.conditions import SetBody, WaitBody
-from profiles.controls import PULSE_SETTLE, Control, build_control
-from profiles.program import END, Program, compile_profile
-from profiles.schema import EisBody, Limit, Profile, RecordRule, body_of
-from profiles.track import ProfileFailed, Track, out_of_tolerance
-from profiles.units import human_duration
+from cellbench.bench.channel import Channel, Conditions
+from cellbench.bench.clock import Clock
+from cellbench.bench.impedance_fit import fit_spectrum
+from cellbench.bench.store import RunStore, Sample
+from cellbench.drivers.errors import InstrumentFault
+from cellbench.drivers.smu import Reading
+from cellbench.profiles.conditions import SetBody, WaitBody
+from cellbench.profiles.controls import PULSE_SETTLE, Control, build_control
+from cellbench.profiles.program import END, Program, compile_profile
+from cellbench.profiles.schema import EisBody, Limit, Profile, RecordRule, body_of
+from cellbench.profiles.track import ProfileFailed, Track, out_of_tolerance
+from cellbench.profiles.units import human_duration
 
 log = logging.getLogger(__name__)
 

@@ -13,8 +13,8 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from drivers.errors import InstrumentError, ProtocolError
-from drivers.transport import LineTransport
+from cellbench.drivers.errors import InstrumentError, ProtocolError
+from cellbench.drivers.transport import LineTransport
 
 PREFIXES = {
     "a": 1e-18, "f": 1e-15, "p": 1e-12, "n": 1e-9, "u": 1e-6, "m": 1e-3, " ": 1.0, "i": 1.0,

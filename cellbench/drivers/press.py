@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
 from pymodbus.exceptions import ModbusException
 
-from drivers.errors import ConnectionLost, InstrumentError, InstrumentTimeout
-from drivers.transport import parse_resource, serial_device
+from cellbench.drivers.errors import ConnectionLost, InstrumentError, InstrumentTimeout
+from cellbench.drivers.transport import parse_resource, serial_device
 
 FORCE_SETPOINT, FORCE, POSITION, RAMP, MODE, COMMAND, STATUS = 0, 2, 4, 6, 8, 9, 10
 DISPLACEMENT, FORCE_LIMIT, PLATEN_T = 11, 13, 15

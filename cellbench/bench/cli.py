@@ -13,19 +13,19 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.tree import Tree
 
-from bench.analysis import cycle_table
-from bench.clock import RealClock, VirtualClock
-from bench.config import load_bench
-from bench.run import ChannelResult, estimate_duration, run_bench, run_simulated
-from bench.store import open_run
-from drivers.errors import InstrumentFault
-from profiles import engine
-from profiles.checks import cell_problems
-from profiles.library import library_path
-from profiles.parse import InputError, load_profile, locate
-from profiles.schema import Profile, RepeatStep, body_of
-from profiles.units import format_quantity, human_duration
-from simulators.parameters import PRESETS
+from cellbench.bench.analysis import cycle_table
+from cellbench.bench.clock import RealClock, VirtualClock
+from cellbench.bench.config import load_bench
+from cellbench.bench.run import ChannelResult, estimate_duration, run_bench, run_simulated
+from cellbench.bench.store import open_run
+from cellbench.drivers.errors import InstrumentFault
+from cellbench.profiles import engine
+from cellbench.profiles.checks import cell_problems
+from cellbench.profiles.library import library_path
+from cellbench.profiles.parse import InputError, load_profile, locate
+from cellbench.profiles.schema import Profile, RepeatStep, body_of
+from cellbench.profiles.units import format_quantity, human_duration
+from cellbench.simulators.parameters import PRESETS
 
 app = typer.Typer(help="Hardware-in-the-loop test bench for solid-state battery cells.", no_args_is_help=True)
 sim_app = typer.Typer(help="Simulated instruments that speak the real protocols.", no_args_is_help=True)
@@ -262,7 +262,7 @@ def export(
     out: Annotated[Path | None, typer.Option(help="folder for the files (default: beside the run)")] = None,
 ) -> None:
     """Export a run to the Battery Data Format: .bdf.csv, .bdf.parquet and a .metadata.json sidecar."""
-    from bench.export import export_run
+    from cellbench.bench.export import export_run
 
     try:
         files = export_run(run_db, out)
@@ -278,7 +278,7 @@ def report(
     out: Annotated[Path | None, typer.Option(help="the report folder (default: beside the run)")] = None,
 ) -> None:
     """Plots (PNG) and one HTML page with the per-cycle table."""
-    from bench.report import write_report
+    from cellbench.bench.report import write_report
 
     try:
         page = write_report(run_db, out)
@@ -293,7 +293,7 @@ def compare(
     out: Annotated[Path, typer.Option(help="the overlay plot")] = Path("compare.png"),
 ) -> None:
     """Overlay the capacity retention of several cells and state their cycle-life ratio."""
-    from bench.report import compare_runs
+    from cellbench.bench.report import compare_runs
 
     if len(runs) < 2:
         raise _fail("compare needs at least two runs")
@@ -324,12 +324,12 @@ def sim_serve(
     seed: Annotated[int, typer.Option(help="seed of the measurement noise")] = 0,
 ) -> None:
     """Serve a simulated instrument until interrupted, in real time, for any client."""
-    from simulators.cell import SolidStateCell
-    from simulators.espec import EspecChamberSim
-    from simulators.keithley2450 import Keithley2450Sim
-    from simulators.press import PressServer, PressSim
-    from simulators.serial_link import NullModem
-    from simulators.server import PtySimServer, SimServer
+    from cellbench.simulators.cell import SolidStateCell
+    from cellbench.simulators.espec import EspecChamberSim
+    from cellbench.simulators.keithley2450 import Keithley2450Sim
+    from cellbench.simulators.press import PressServer, PressSim
+    from cellbench.simulators.serial_link import NullModem
+    from cellbench.simulators.server import PtySimServer, SimServer
 
     kind = instrument.lower()
     if kind not in SIMULATORS:

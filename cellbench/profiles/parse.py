@@ -11,7 +11,7 @@ from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.error import MarkedYAMLError
 
-from profiles.schema import Profile
+from cellbench.profiles.schema import Profile
 
 Path_ = tuple[str | int, ...]
 M = TypeVar("M", bound=BaseModel)
@@ -139,7 +139,7 @@ def locate(text: str, source: str, problems: list[tuple[Path_, str]]) -> list[st
 
 def parse_profile(text: str, source: str = "<profile>", base_dir: Path | None = None) -> Profile:
     """Validate profile text; raise InputError listing every problem with its line."""
-    from profiles.checks import profile_checks
+    from cellbench.profiles.checks import profile_checks
 
     return validate_yaml(text, source, Profile, profile_checks(base_dir or Path(".")))
 

@@ -11,8 +11,8 @@ import random
 from collections.abc import Callable
 from typing import Protocol
 
-from simulators.cell import SolidStateCell
-from simulators.scpi import ScpiError, ScpiTree, Setting, format_number, unquote
+from cellbench.simulators.cell import SolidStateCell
+from cellbench.simulators.scpi import ScpiError, ScpiTree, Setting, format_number, unquote
 
 IDN = "KEITHLEY INSTRUMENTS,MODEL 2450,SIM0001,1.7.12b"
 MAX_CURRENT = 1.05

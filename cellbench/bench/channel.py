@@ -6,12 +6,12 @@ import contextlib
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from bench.config import BenchConfig, CellConfig, InstrumentConfig
-from drivers.chamber import EspecChamber
-from drivers.methodscript import PalmSens
-from drivers.press import StackPress
-from drivers.smu import Keithley2450, Reading
-from drivers.transport import open_transport
+from cellbench.bench.config import BenchConfig, CellConfig, InstrumentConfig
+from cellbench.drivers.chamber import EspecChamber
+from cellbench.drivers.methodscript import PalmSens
+from cellbench.drivers.press import StackPress
+from cellbench.drivers.smu import Keithley2450, Reading
+from cellbench.drivers.transport import open_transport
 
 
 class Cycler(Protocol):
