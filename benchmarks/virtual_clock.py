@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from cellbench.bench.clock import VirtualClock
-from cellbench.bench.run import run_simulated
+from cellbench.bench.simbench import run_simulated
 from cellbench.bench.store import open_run
 from cellbench.profiles.library import library_path
 from cellbench.profiles.parse import load_profile

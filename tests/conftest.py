@@ -86,7 +86,7 @@ def dry_run(
 ) -> DryRun:
     """Run profile text on a simulated bench: the 2450 alone, or with a chamber and a press (environment)."""
     from cellbench.bench.clock import VirtualClock
-    from cellbench.bench.run import SimulatedBench, needs_potentiostat
+    from cellbench.bench.simbench import SimulatedBench, needs_potentiostat
     from cellbench.bench.store import open_run
     from cellbench.profiles.parse import parse_profile
     from cellbench.simulators.parameters import PELLET

@@ -199,7 +199,7 @@ def test_the_example_bench_files_are_valid(name: str) -> None:
 
 
 def test_an_estimate_that_would_take_too_long_says_so() -> None:
-    from cellbench.bench.run import estimate_duration
+    from cellbench.bench.simbench import estimate_duration
     from cellbench.profiles.library import library_path
     from cellbench.profiles.parse import load_profile
 

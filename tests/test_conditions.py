@@ -9,7 +9,8 @@ import pytest
 
 from cellbench.bench.clock import VirtualClock
 from cellbench.bench.config import BenchConfig, ChannelConfig, InstrumentConfig
-from cellbench.bench.run import cell_config, run_bench
+from cellbench.bench.run import run_bench
+from cellbench.bench.simbench import cell_config
 from cellbench.bench.store import open_run
 from cellbench.profiles.library import library_path
 from cellbench.profiles.parse import InputError, parse_profile

@@ -10,7 +10,7 @@ import pytest
 
 from cellbench.bench.analysis import cycle_table
 from cellbench.bench.clock import VirtualClock
-from cellbench.bench.run import SimulatedBench
+from cellbench.bench.simbench import SimulatedBench
 from cellbench.bench.store import open_run
 from cellbench.profiles.library import library_path
 from cellbench.profiles.parse import load_profile, parse_profile

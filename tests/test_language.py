@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from cellbench.bench.clock import VirtualClock
-from cellbench.bench.run import SimulatedBench
+from cellbench.bench.simbench import SimulatedBench
 from cellbench.profiles.parse import InputError, parse_profile
 from cellbench.simulators.cell import SolidStateCell
 from tests.conftest import dry_run

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -13,19 +13,22 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.tree import Tree
 
+from cellbench.bench import engine
 from cellbench.bench.analysis import cycle_table
 from cellbench.bench.clock import RealClock, VirtualClock
 from cellbench.bench.config import load_bench
-from cellbench.bench.run import ChannelResult, estimate_duration, run_bench, run_simulated
+from cellbench.bench.run import ChannelResult, run_bench
 from cellbench.bench.store import open_run
 from cellbench.drivers.errors import InstrumentFault
-from cellbench.profiles import engine
+from cellbench.drivers.registry import DriverSpec, drivers, simulator
 from cellbench.profiles.checks import cell_problems
 from cellbench.profiles.library import library_path
 from cellbench.profiles.parse import InputError, load_profile, locate
 from cellbench.profiles.schema import Profile, RepeatStep, body_of
 from cellbench.profiles.units import format_quantity, human_duration
-from cellbench.simulators.parameters import PRESETS
+
+if TYPE_CHECKING:
+    from cellbench.simulators.parameters import CellParameters
 
 app = typer.Typer(help="Hardware-in-the-loop test bench for solid-state battery cells.", no_args_is_help=True)
 sim_app = typer.Typer(help="Simulated instruments that speak the real protocols.", no_args_is_help=True)
@@ -96,22 +99,32 @@ def _show_results(results: list[ChannelResult]) -> None:
         console.print(f"run database: [bold]{res.database}[/bold]")
 
 
+def _preset(cell: str) -> CellParameters:
+    """A simulated cell preset by name (the simulators are imported only for simulated work)."""
+    from cellbench.simulators.parameters import PRESETS
+
+    if cell not in PRESETS:
+        raise _fail(f"unknown cell '{cell}' (expected one of: {', '.join(PRESETS)})")
+    return PRESETS[cell]
+
+
 def _simulate(
     path: Path, *, seed: int, runs_dir: Path, cell: str, soc: float, temperature: float, environment: bool = False
 ) -> ChannelResult:
+    from cellbench.bench.simbench import run_simulated
+
     prof, text = _load(path)
-    if cell not in PRESETS:
-        raise _fail(f"unknown cell '{cell}' (expected one of: {', '.join(PRESETS)})")
+    params = _preset(cell)
     console.print(
         f"[bold]{prof.name}[/bold] on a simulated Keithley 2450 with a simulated {cell} cell "
-        f"({PRESETS[cell].chemistry}) at {temperature:g} degC, on the virtual clock"
+        f"({params.chemistry}) at {temperature:g} degC, on the virtual clock"
     )
     clock = VirtualClock()
     try:
         with _progress_bar() as progress:
             result, _ = clock.run(
                 run_simulated(
-                    prof, text, clock, params=PRESETS[cell], initial_soc=soc, seed=seed, temperature_c=temperature,
+                    prof, text, clock, params=params, initial_soc=soc, seed=seed, temperature_c=temperature,
                     runs_dir=runs_dir, on_progress=_reporter(progress, prof), profile_source=path.name,
                     base_dir=path.parent, environment=environment,
                 )
@@ -124,7 +137,8 @@ def _simulate(
 
 SeedOption = Annotated[int, typer.Option(help="seed of the simulated measurement noise")]
 RunsOption = Annotated[Path, typer.Option(help="where run databases go")]
-CellOption = Annotated[str, typer.Option(help=f"simulated cell: {', '.join(PRESETS)}")]
+CELLS_HELP = "simulated cell preset: pellet (3.5 mAh) or pouch"
+CellOption = Annotated[str, typer.Option(help=CELLS_HELP)]
 SocOption = Annotated[float, typer.Option(help="initial state of charge of the simulated cell, 0 to 1")]
 TempOption = Annotated[float, typer.Option(help="temperature of the simulated cell, degC")]
 
@@ -209,11 +223,11 @@ def validate(
     temperature: TempOption = 25.0,
 ) -> None:
     """Check a profile without touching any instrument, show its steps and estimate how long it runs."""
+    from cellbench.bench.simbench import estimate_duration
+
     path = _profile_path(profile)
     prof, text = _load(path)
-    if cell not in PRESETS:
-        raise _fail(f"unknown cell '{cell}' (expected one of: {', '.join(PRESETS)})")
-    params = PRESETS[cell]
+    params = _preset(cell)
     problems = cell_problems(prof, params.v_min, params.v_max)
     if problems:
         raise _fail(locate(text, path.name, [(p, f"{m} (simulated {cell} cell)") for p, m in problems]))
@@ -310,62 +324,42 @@ def compare(
     console.print(f"overlay: {path}")
 
 
-SIMULATORS = ("keithley2450", "espec", "press")
+def _simulated(instrument: str) -> DriverSpec:
+    """A registered driver with a simulator, by its name or (where only one fits) its role or a short name."""
+    with_sim = {n: d for n, d in drivers().items() if d.simulator}
+    key = instrument.lower()
+    if key in with_sim:
+        return with_sim[key]
+    fits = [d for n, d in with_sim.items() if key in d.roles or key in n.split("-")]
+    if len(fits) == 1:
+        return fits[0]
+    raise _fail(f"unknown instrument '{instrument}' (expected one of: {', '.join(sorted(with_sim))})")
 
 
 @sim_app.command("serve")
 def sim_serve(
-    instrument: Annotated[str, typer.Argument(help=f"which instrument: {', '.join(SIMULATORS)}")],
+    instrument: Annotated[str, typer.Argument(help="which instrument: a driver name (keithley2450, espec, "
+                                                   "modbus-press or press, palmsens)")],
     port: Annotated[int, typer.Option(help="TCP port to listen on (0 picks a free one)")] = 5025,
     host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
     serial: Annotated[bool, typer.Option(help="serve on a pseudo-terminal serial line instead of TCP")] = False,
-    cell: Annotated[str, typer.Option(help=f"simulated cell: {', '.join(PRESETS)}")] = "pellet",
+    cell: CellOption = "pellet",
     soc: Annotated[float, typer.Option(help="initial state of charge, 0 to 1")] = 0.5,
     seed: Annotated[int, typer.Option(help="seed of the measurement noise")] = 0,
 ) -> None:
     """Serve a simulated instrument until interrupted, in real time, for any client."""
-    from cellbench.simulators.cell import SolidStateCell
-    from cellbench.simulators.espec import EspecChamberSim
-    from cellbench.simulators.keithley2450 import Keithley2450Sim
-    from cellbench.simulators.press import PressServer, PressSim
-    from cellbench.simulators.serial_link import NullModem
-    from cellbench.simulators.server import PtySimServer, SimServer
+    from cellbench.simulators.server import ServeOptions
 
-    kind = instrument.lower()
-    if kind not in SIMULATORS:
-        raise _fail(f"unknown instrument '{instrument}' (expected one of: {', '.join(SIMULATORS)})")
-    if cell not in PRESETS:
-        raise _fail(f"unknown cell '{cell}' (expected one of: {', '.join(PRESETS)})")
+    spec = _simulated(instrument)
+    _preset(cell)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    serve_instrument = simulator(spec)
+    options = ServeOptions(host=host, port=port, serial=serial, soc=soc, seed=seed, cell=cell)
 
     async def serve() -> None:
-        loop = asyncio.get_running_loop()
-        the_cell = SolidStateCell(PRESETS[cell], soc=soc)
-        if kind == "press":
-            press = PressSim(loop.time, [the_cell], area_cm2=PRESETS[cell].area_cm2, holding_mpa=5.0)
-            cable = await NullModem().open() if serial else None
-            server = await (PressServer(press).start_rtu(cable.ends[0]) if cable else PressServer(press).start_tcp(
-                host, port))
-            where = f"ASRL{cable.ends[1]}::INSTR (Modbus RTU)" if cable else f"{server.resource} (Modbus TCP)"
-            console.print(f"serving a simulated stack press at [bold]{where}[/bold]")
-            try:
-                await asyncio.Event().wait()
-            finally:
-                await server.close()
-                if cable:
-                    await cable.close()
-            return
-        crlf = {"read_termination": b"\r\n", "write_termination": b"\r\n"} if kind == "espec" else {}
-        sim = (EspecChamberSim(loop.time, [the_cell]) if kind == "espec"
-               else Keithley2450Sim(the_cell, loop.time, noise_v=20e-6, seed=seed))
-        line_server = PtySimServer(sim, **crlf) if serial else SimServer(sim, **crlf)
-        await line_server.start(host, port)
-        label = "ESPEC chamber" if kind == "espec" else f"Keithley 2450 ({cell} cell)"
-        console.print(f"serving a simulated {label} at [bold]{line_server.resource}[/bold]")
-        try:
-            await (line_server.serve_forever() if not serial else asyncio.Event().wait())
-        finally:
-            await line_server.close()
+        async with serve_instrument(options) as where:
+            console.print(f"serving {where}", highlight=False)
+            await asyncio.Event().wait()
 
     try:
         asyncio.run(serve())

@@ -14,51 +14,31 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, ClassVar, Literal
 
-from pydantic import BeforeValidator, Field, model_validator
+from pydantic import AfterValidator, Field
 from pydantic_core import PydanticCustomError
 
+from cellbench.bench.cells import CellConfig
+from cellbench.drivers.registry import driver, drivers
 from cellbench.profiles.parse import InputError, validate_yaml
 from cellbench.profiles.schema import Strict
-from cellbench.profiles.units import Duration, Voltage, to_si
-
-Capacity = Annotated[float, BeforeValidator(lambda v: to_si(v, "A*h", "a capacity (e.g. '3.5 mAh')"))]
-Area = Annotated[float, BeforeValidator(lambda v: to_si(v, "cm**2", "an area (e.g. '1 cm^2')"))]
-Length = Annotated[float, BeforeValidator(lambda v: to_si(v, "mm", "a length (e.g. '10 mm')"))]
-
-class CellConfig(Strict):
-    """The cell on a channel: what the profile's C-rates and the safety limits refer to."""
-
-    what: ClassVar[str] = "cell key"
-    chemistry: str = "NMC811 | Li6PS5Cl | Li metal"
-    capacity: Capacity = Field(description="nominal capacity in Ah")
-    voltage_min: Voltage
-    voltage_max: Voltage
-    area: Area = 1.0
-    dimensions: tuple[Length, Length, Length] | None = None
-
-    @property
-    def volume_cm3(self) -> float | None:
-        if self.dimensions is None:
-            return None
-        x, y, z = self.dimensions
-        return x * y * z / 1000.0
-
-    @model_validator(mode="after")
-    def _window(self) -> CellConfig:
-        if self.voltage_min >= self.voltage_max:
-            raise PydanticCustomError("window", "voltage_min must be below voltage_max", {})
-        return self
+from cellbench.profiles.units import Duration
 
 
-DRIVER_ROLES = {"keithley2450": "cycler", "espec": "chamber", "modbus-press": "press", "palmsens": "potentiostat"}
-DEFAULT_BAUD = {"keithley2450": 9600, "espec": 9600, "modbus-press": 19200, "palmsens": 230400}
+def _known_driver(name: str) -> str:
+    if name not in drivers():
+        raise PydanticCustomError(
+            "driver", "unknown driver '{name}' (expected one of: {known})",
+            {"name": name, "known": ", ".join(sorted(drivers()))},
+        )
+    return name
+
 
 
 class InstrumentConfig(Strict):
     """One instrument by its resource string: VISA-style for all, the wire chosen from it."""
 
     what: ClassVar[str] = "instrument key"
-    driver: Literal["keithley2450", "espec", "modbus-press", "palmsens"]
+    driver: Annotated[str, AfterValidator(_known_driver)] = Field(description="a driver of the registry")
     resource: str
     backend: Literal["auto", "native", "visa"] = "auto"
     timeout: Duration = 5.0
@@ -67,12 +47,12 @@ class InstrumentConfig(Strict):
     device_id: int = Field(default=1, ge=0, le=247, description="Modbus unit id of a press")
 
     @property
-    def role(self) -> str:
-        return DRIVER_ROLES[self.driver]
+    def roles(self) -> tuple[str, ...]:
+        return driver(self.driver).roles
 
     @property
     def baud(self) -> int:
-        return self.baud_rate or DEFAULT_BAUD[self.driver]
+        return self.baud_rate or driver(self.driver).baud_rate
 
 
 class ChannelConfig(Strict):
@@ -109,11 +89,10 @@ class BenchConfig(Strict):
                 if ref not in self.instruments:
                     known = ", ".join(self.instruments) or "none"
                     problems.append(((("channels", name, role)), f"'{ref}' is not among the instruments ({known})"))
-                elif self.instruments[ref].role != role:
-                    problems.append(
-                        (("channels", name, role),
-                         f"'{ref}' is a {self.instruments[ref].role} ({self.instruments[ref].driver}), not a {role}")
-                    )
+                elif role not in self.instruments[ref].roles:
+                    inst = self.instruments[ref]
+                    what = " or ".join(inst.roles)
+                    problems.append((("channels", name, role), f"'{ref}' is a {what} ({inst.driver}), not a {role}"))
         return problems
 
 

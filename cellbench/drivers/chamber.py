@@ -2,18 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
+from cellbench.bench.roles import ChamberTemperature
 from cellbench.drivers.errors import InstrumentError, ProtocolError
-from cellbench.drivers.transport import Transport
-
-
-@dataclass(frozen=True)
-class ChamberTemperature:
-    measured: float
-    setpoint: float
-    upper_alarm: float
-    lower_alarm: float
+from cellbench.drivers.registry import DriverSpec, Opened, OpenRequest
+from cellbench.drivers.transport import Transport, open_transport
 
 
 class EspecChamber:
@@ -84,3 +76,20 @@ def _floats(name: str, command: str, reply: str, count: int) -> list[float]:
     if len(values) != count:
         raise ProtocolError(name, command, reply, f"{count} comma-separated numbers")
     return values
+
+
+async def _open(req: OpenRequest) -> Opened:
+    transport = await open_transport(req.resource, name=req.name, timeout=req.timeout, backend=req.backend,
+                                     baud_rate=req.baud_rate, read_termination="\r\n", write_termination="\r\n")
+    try:
+        chamber = EspecChamber(transport, address=req.address)
+        return Opened(chamber, await chamber.identify(), transport.close)
+    except BaseException:
+        await transport.close()
+        raise
+
+
+DRIVERS = [
+    DriverSpec("espec", ("chamber",), _open, "ESPEC temperature chamber, its text protocol (RS-232C/485, LAN)",
+               baud_rate=9600, simulator="cellbench.simulators.espec:serve"),
+]

@@ -13,8 +13,10 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from cellbench.bench.roles import ImpedancePoint
 from cellbench.drivers.errors import InstrumentError, ProtocolError
-from cellbench.drivers.transport import LineTransport
+from cellbench.drivers.registry import DriverSpec, Opened, OpenRequest
+from cellbench.drivers.transport import LineTransport, open_transport
 
 PREFIXES = {
     "a": 1e-18, "f": 1e-15, "p": 1e-12, "n": 1e-9, "u": 1e-6, "m": 1e-3, " ": 1.0, "i": 1.0,
@@ -91,13 +93,6 @@ def si(value: float) -> str:
         if abs(mantissa) >= 1 and abs(mantissa - round(mantissa)) < 1e-9 * max(1.0, abs(mantissa)):
             return f"{round(mantissa)}{prefix}"
     return f"{round(value / 1e-12)}p"
-
-
-@dataclass(frozen=True)
-class ImpedancePoint:
-    frequency: float
-    z_real: float
-    z_imag: float
 
 
 def eis_script(*, f_start: float, f_end: float, n_points: int, amplitude: float, e_dc: float = 0.0,
@@ -211,3 +206,20 @@ class PalmSens:
         for line in lines:
             if (code := check_error(line)) is not None:
                 raise InstrumentError(self.name, [f"!{code} in {line!r}"], command)
+
+
+async def _open(req: OpenRequest) -> Opened:
+    transport = await open_transport(req.resource, name=req.name, timeout=req.timeout, backend=req.backend,
+                                     baud_rate=req.baud_rate)
+    try:
+        pstat = PalmSens(transport)
+        return Opened(pstat, await pstat.identify(), transport.close)
+    except BaseException:
+        await transport.close()
+        raise
+
+
+DRIVERS = [
+    DriverSpec("palmsens", ("potentiostat",), _open, "PalmSens potentiostat (EmStat, Sensit), MethodSCRIPT on serial",
+               baud_rate=230400, simulator="cellbench.simulators.palmsens:serve"),
+]

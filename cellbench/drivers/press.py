@@ -8,21 +8,15 @@ from dataclasses import dataclass
 from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
 from pymodbus.exceptions import ModbusException
 
+from cellbench.bench.roles import PressSnapshot
 from cellbench.drivers.errors import ConnectionLost, InstrumentError, InstrumentTimeout
+from cellbench.drivers.registry import DriverSpec, Opened, OpenRequest
 from cellbench.drivers.transport import parse_resource, serial_device
 
 FORCE_SETPOINT, FORCE, POSITION, RAMP, MODE, COMMAND, STATUS = 0, 2, 4, 6, 8, 9, 10
 DISPLACEMENT, FORCE_LIMIT, PLATEN_T = 11, 13, 15
 ENABLE, STOP, TARE, CLEAR_FAULT = 1, 2, 3, 4
 EXCEPTIONS = {1: "illegal function", 2: "illegal data address", 3: "illegal data value", 4: "device failure"}
-
-
-@dataclass(frozen=True)
-class PressSnapshot:
-    force_kn: float
-    pressure_mpa: float
-    displacement_um: float
-    platen_c: float
 
 
 @dataclass(frozen=True)
@@ -151,3 +145,19 @@ class StackPress:
             code = getattr(rr, "exception_code", 0)
             raise InstrumentError(self.name, [f"Modbus exception {code}: {EXCEPTIONS.get(code, 'error')}"], what)
         return rr
+
+
+async def _open(req: OpenRequest) -> Opened:
+    press = await StackPress.open(req.resource, name=req.name, area_cm2=req.area_cm2, device_id=req.device_id,
+                                  timeout=req.timeout, baud_rate=req.baud_rate)
+    try:
+        return Opened(press, await press.identify(), press.close)
+    except BaseException:
+        await press.close()
+        raise
+
+
+DRIVERS = [
+    DriverSpec("modbus-press", ("press",), _open, "stack-pressure press on Modbus TCP or RTU (docs/protocols/press.md)",
+               baud_rate=19200, simulator="cellbench.simulators.press:serve"),
+]

@@ -4,22 +4,15 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
 
+from cellbench.bench.roles import Reading
 from cellbench.drivers.errors import InstrumentError, ProtocolError
-from cellbench.drivers.transport import Transport
+from cellbench.drivers.registry import DriverSpec, Opened, OpenRequest
+from cellbench.drivers.transport import Transport, open_transport
 
 OVERFLOW = 9.9e37
 _ERROR_RE = re.compile(r'^\s*([+-]?\d+)\s*,\s*"([^"]*)"')
 MAX_QUEUED_ERRORS = 32
-
-
-@dataclass(frozen=True)
-class Reading:
-    """One simultaneous reading: terminal voltage and current (positive = into the cell)."""
-
-    voltage: float
-    current: float
 
 
 class Keithley2450:
@@ -118,3 +111,20 @@ class Keithley2450:
         if reply.strip() in ("0", "1"):
             return reply.strip() == "1"
         raise ProtocolError(self.name, command, reply, "0 or 1")
+
+
+async def _open(req: OpenRequest) -> Opened:
+    transport = await open_transport(req.resource, name=req.name, timeout=req.timeout, backend=req.backend,
+                                     baud_rate=req.baud_rate)
+    try:
+        smu = Keithley2450(transport)
+        return Opened(smu, await smu.setup(), transport.close)
+    except BaseException:
+        await transport.close()
+        raise
+
+
+DRIVERS = [
+    DriverSpec("keithley2450", ("cycler",), _open, "Keithley 2450 SourceMeter, SCPI (LAN socket, GPIB, USB, RS-232)",
+               baud_rate=9600, simulator="cellbench.simulators.keithley2450:serve"),
+]

@@ -7,10 +7,14 @@ the chamber is told the air temperature, and follows it with its own thermal lag
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import re
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 from cellbench.simulators.cell import SolidStateCell
+from cellbench.simulators.parameters import PRESETS
+from cellbench.simulators.server import ServeOptions, serve_lines
 
 MODES = ("OFF", "STANDBY", "CONSTANT")
 TEMP_RANGE = (-70.0, 180.0)
@@ -124,3 +128,11 @@ class EspecChamberSim:
         if not self.powered:
             self.mode = "OFF"
         return f"OK:POWER, {args.upper()}"
+
+
+@contextlib.asynccontextmanager
+async def serve(options: ServeOptions) -> AsyncIterator[str]:
+    """A simulated ESPEC chamber with a cell inside, for `cellbench sim serve espec`."""
+    cell = SolidStateCell(PRESETS[options.cell], soc=options.soc)
+    async with serve_lines(EspecChamberSim(asyncio.get_running_loop().time, [cell]), options, crlf=True) as resource:
+        yield f"a simulated ESPEC chamber at {resource}"

@@ -7,12 +7,16 @@ source stops at its voltage limit (CC turns into CV), a voltage source at its cu
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import random
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Protocol
 
 from cellbench.simulators.cell import SolidStateCell
+from cellbench.simulators.parameters import PRESETS
 from cellbench.simulators.scpi import ScpiError, ScpiTree, Setting, format_number, unquote
+from cellbench.simulators.server import ServeOptions, serve_lines
 
 IDN = "KEITHLEY INSTRUMENTS,MODEL 2450,SIM0001,1.7.12b"
 MAX_CURRENT = 1.05
@@ -190,3 +194,12 @@ class Keithley2450Sim:
             else:
                 raise ScpiError(-224, f"unknown buffer element {element}")
         return ",".join(out)
+
+
+@contextlib.asynccontextmanager
+async def serve(options: ServeOptions) -> AsyncIterator[str]:
+    """A simulated 2450 with a simulated cell, for `cellbench sim serve keithley2450`."""
+    cell = SolidStateCell(PRESETS[options.cell], soc=options.soc)
+    sim = Keithley2450Sim(cell, asyncio.get_running_loop().time, noise_v=20e-6, seed=options.seed)
+    async with serve_lines(sim, options) as resource:
+        yield f"a simulated Keithley 2450 ({options.cell} cell) at {resource}"

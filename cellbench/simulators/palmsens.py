@@ -14,12 +14,15 @@ not modelled.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import random
 import re
 from collections.abc import AsyncIterator, Callable
 
 from cellbench.simulators.cell import SolidStateCell
+from cellbench.simulators.parameters import PRESETS
+from cellbench.simulators.server import ServeOptions, serve_lines
 
 PREFIX = {"a": 1e-18, "f": 1e-15, "p": 1e-12, "n": 1e-9, "u": 1e-6, "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9}
 ENCODE = [("G", 1e9), ("M", 1e6), ("k", 1e3), (" ", 1.0), ("m", 1e-3), ("u", 1e-6), ("n", 1e-9), ("p", 1e-12),
@@ -153,3 +156,12 @@ class PalmSensSim:
                 yield "P" + ";".join(encode("ab", potential) for v in pck if v == e_var)
         else:
             raise ValueError(f"{kind} is not simulated")
+
+
+@contextlib.asynccontextmanager
+async def serve(options: ServeOptions) -> AsyncIterator[str]:
+    """A simulated PalmSens potentiostat on a cell, for `cellbench sim serve palmsens` (best with --serial)."""
+    cell = SolidStateCell(PRESETS[options.cell], soc=options.soc)
+    sim = PalmSensSim(cell, asyncio.get_running_loop().time, seed=options.seed)
+    async with serve_lines(sim, options) as resource:
+        yield f"a simulated PalmSens potentiostat ({options.cell} cell) at {resource}"

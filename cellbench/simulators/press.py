@@ -8,9 +8,10 @@ displacement. pymodbus serves the registers (TCP, or RTU on a serial line).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 
 from pymodbus.constants import ExcCodes
 from pymodbus.datastore import ModbusServerContext
@@ -18,6 +19,8 @@ from pymodbus.framer import FramerType
 from pymodbus.server import ModbusSerialServer, ModbusTcpServer
 
 from cellbench.simulators.cell import SolidStateCell
+from cellbench.simulators.parameters import PRESETS
+from cellbench.simulators.server import ServeOptions
 
 FORCE_SETPOINT, FORCE, POSITION, RAMP, MODE, COMMAND, STATUS = 0, 2, 4, 6, 8, 9, 10
 DISPLACEMENT, FORCE_LIMIT, PLATEN_T, POSITION_SETPOINT = 11, 13, 15, 17
@@ -268,3 +271,23 @@ def _free_port(host: str) -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+@contextlib.asynccontextmanager
+async def serve(options: ServeOptions) -> AsyncIterator[str]:
+    """A simulated press holding a cell, for `cellbench sim serve press`: Modbus TCP, or RTU on a serial pty."""
+    from cellbench.simulators.serial_link import NullModem
+
+    params = PRESETS[options.cell]
+    press = PressSim(asyncio.get_running_loop().time, [SolidStateCell(params, soc=options.soc)],
+                     area_cm2=params.area_cm2, holding_mpa=5.0)
+    cable = await NullModem().open() if options.serial else None
+    server = await (PressServer(press).start_rtu(cable.ends[0]) if cable
+                    else PressServer(press).start_tcp(options.host, options.port))
+    try:
+        yield (f"a simulated stack press at ASRL{cable.ends[1]}::INSTR (Modbus RTU)" if cable
+               else f"a simulated stack press at {server.resource} (Modbus TCP)")
+    finally:
+        await server.close()
+        if cable:
+            await cable.close()

@@ -211,3 +211,27 @@ class PtySimServer(SimServer):
             os.close(self._master)
             os.close(self._slave)
             self._master = self._slave = -1
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """How `cellbench sim serve` asks for a simulated instrument."""
+
+    host: str = "127.0.0.1"
+    port: int = 0
+    serial: bool = False  # a pseudo-terminal serial line instead of TCP
+    soc: float = 0.5
+    seed: int = 0
+    cell: str = "pellet"  # a preset of simulators.parameters
+
+
+@contextlib.asynccontextmanager
+async def serve_lines(instrument: LineInstrument, options: ServeOptions, *, crlf: bool = False) -> AsyncIterator[str]:
+    """Serve a line instrument on TCP or a pty until the block ends; yields its resource string."""
+    kw = {"read_termination": b"\r\n", "write_termination": b"\r\n"} if crlf else {}
+    server: SimServer = PtySimServer(instrument, **kw) if options.serial else SimServer(instrument, **kw)
+    await server.start(options.host, options.port)
+    try:
+        yield server.resource
+    finally:
+        await server.close()

@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from cellbench.bench.channel import Channel, Conditions
+from cellbench.bench.channel import Channel
 from cellbench.bench.clock import Clock
+from cellbench.bench.roles import Conditions
 from cellbench.profiles.conditions import HoldCondition, RampCondition, SetCondition, WaitStableCondition
 from cellbench.profiles.units import human_duration
 

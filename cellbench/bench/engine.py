@@ -18,17 +18,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cellbench.bench.channel import Channel, Conditions
+from cellbench.bench.channel import Channel
 from cellbench.bench.clock import Clock
 from cellbench.bench.impedance_fit import fit_spectrum
+from cellbench.bench.roles import Conditions, InstrumentFault, Reading
 from cellbench.bench.store import RunStore, Sample
-from cellbench.drivers.errors import InstrumentFault
-from cellbench.drivers.smu import Reading
+from cellbench.bench.track import ProfileFailed, Track, out_of_tolerance
 from cellbench.profiles.conditions import SetBody, WaitBody
 from cellbench.profiles.controls import PULSE_SETTLE, Control, build_control
 from cellbench.profiles.program import END, Program, compile_profile
 from cellbench.profiles.schema import EisBody, Limit, Profile, RecordRule, body_of
-from cellbench.profiles.track import ProfileFailed, Track, out_of_tolerance
 from cellbench.profiles.units import human_duration
 
 log = logging.getLogger(__name__)

@@ -1,0 +1,39 @@
+"""The cell on a channel, as the bench file describes it: what C-rates and the safety window refer to."""
+
+from __future__ import annotations
+
+from typing import Annotated, ClassVar
+
+from pydantic import BeforeValidator, Field, model_validator
+from pydantic_core import PydanticCustomError
+
+from cellbench.profiles.schema import Strict
+from cellbench.profiles.units import Voltage, to_si
+
+Capacity = Annotated[float, BeforeValidator(lambda v: to_si(v, "A*h", "a capacity (e.g. '3.5 mAh')"))]
+Area = Annotated[float, BeforeValidator(lambda v: to_si(v, "cm**2", "an area (e.g. '1 cm^2')"))]
+Length = Annotated[float, BeforeValidator(lambda v: to_si(v, "mm", "a length (e.g. '10 mm')"))]
+
+class CellConfig(Strict):
+    """The cell on a channel: what the profile's C-rates and the safety limits refer to."""
+
+    what: ClassVar[str] = "cell key"
+    chemistry: str = "NMC811 | Li6PS5Cl | Li metal"
+    capacity: Capacity = Field(description="nominal capacity in Ah")
+    voltage_min: Voltage
+    voltage_max: Voltage
+    area: Area = 1.0
+    dimensions: tuple[Length, Length, Length] | None = None
+
+    @property
+    def volume_cm3(self) -> float | None:
+        if self.dimensions is None:
+            return None
+        x, y, z = self.dimensions
+        return x * y * z / 1000.0
+
+    @model_validator(mode="after")
+    def _window(self) -> CellConfig:
+        if self.voltage_min >= self.voltage_max:
+            raise PydanticCustomError("window", "voltage_min must be below voltage_max", {})
+        return self

@@ -1,0 +1,56 @@
+"""Opening a bench's instruments through the driver registry, each once, shared by the channels naming it."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from cellbench.bench.channel import Channel
+from cellbench.bench.config import BenchConfig, CellConfig, InstrumentConfig
+from cellbench.drivers.registry import OpenRequest, driver
+
+
+class Instruments:
+    """Every instrument a bench's channels name, each opened once and shared by its channels."""
+
+    def __init__(self, bench: BenchConfig) -> None:
+        self.bench = bench
+        self.drivers: dict[str, Any] = {}
+        self.identity: dict[str, str] = {}
+        self._closers: list[Callable[[], Awaitable[None]]] = []
+
+    async def __aenter__(self) -> Instruments:
+        try:
+            for ch in self.bench.channels.values():
+                cell = self.bench.cells[ch.cell]
+                for ref in (ch.cycler, ch.chamber, ch.press, ch.potentiostat):
+                    if ref is not None and ref not in self.drivers:
+                        await self._open(ref, self.bench.instruments[ref], cell)
+        except BaseException:
+            await self.__aexit__()
+            raise
+        return self
+
+    async def _open(self, name: str, cfg: InstrumentConfig, cell: CellConfig) -> None:
+        request = OpenRequest(name=name, resource=cfg.resource, timeout=cfg.timeout, backend=cfg.backend,
+                              baud_rate=cfg.baud, address=cfg.address, device_id=cfg.device_id, area_cm2=cell.area)
+        opened = await driver(cfg.driver).open(request)
+        self._closers.append(opened.close)
+        self.drivers[name], self.identity[name] = opened.driver, opened.identity
+
+    def channel(self, name: str) -> Channel:
+        ch = self.bench.channels[name]
+        refs = [r for r in (ch.cycler, ch.chamber, ch.press, ch.potentiostat) if r is not None]
+        return Channel(
+            name, self.bench.cells[ch.cell], self.drivers[ch.cycler], {r: self.identity[r] for r in refs},
+            chamber=self.drivers.get(ch.chamber) if ch.chamber else None,
+            press=self.drivers.get(ch.press) if ch.press else None,
+            potentiostat=self.drivers.get(ch.potentiostat) if ch.potentiostat else None,
+        )
+
+    async def __aexit__(self, *exc: object) -> None:
+        for close in reversed(self._closers):
+            with contextlib.suppress(Exception):
+                await close()
+        self._closers = []

@@ -1,0 +1,161 @@
+"""What the run-time needs of each instrument role, the readings they return, and how they fail.
+
+The engine, the conditions track and the safety checks know instruments only through these
+small interfaces; drivers implement them (structurally: no base class to inherit), and tests
+fill them with in-process fakes. Nothing here imports a driver, a simulator or the run-time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+# --- how instruments fail ------------------------------------------------------------------
+
+
+class InstrumentFault(Exception):
+    """Anything that went wrong talking to one instrument."""
+
+    def __init__(self, instrument: str, message: str) -> None:
+        self.instrument = instrument
+        super().__init__(f"{instrument}: {message}")
+
+
+class InstrumentError(InstrumentFault):
+    """The instrument reported errors in its own words (its SYST:ERR? queue)."""
+
+    def __init__(self, instrument: str, errors: list[str], command: str = "") -> None:
+        self.errors = errors
+        self.command = command
+        after = f" after {command!r}" if command else ""
+        super().__init__(instrument, f"instrument error{after}: {'; '.join(errors)}")
+
+
+class InstrumentTimeout(InstrumentFault, TimeoutError):
+    """No complete reply in time."""
+
+    def __init__(self, instrument: str, command: str, timeout: float, received: bytes) -> None:
+        self.command = command
+        self.timeout = timeout
+        self.received = received
+        got = f"got {received!r} without a terminator" if received else "got nothing"
+        super().__init__(instrument, f"no reply to {command!r} within {timeout:g} s ({got})")
+
+
+class ProtocolError(InstrumentFault):
+    """A reply that does not parse as the protocol says it must."""
+
+    def __init__(self, instrument: str, command: str, line: str, expected: str) -> None:
+        self.command = command
+        self.line = line
+        super().__init__(instrument, f"reply {line!r} to {command!r} is not {expected}")
+
+
+class ConnectionLost(InstrumentFault):
+    """The transport closed or could not be opened."""
+
+
+# --- readings ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Reading:
+    """One simultaneous reading: terminal voltage and current (positive = into the cell)."""
+
+    voltage: float
+    current: float
+
+
+@dataclass(frozen=True)
+class ChamberTemperature:
+    measured: float
+    setpoint: float
+    upper_alarm: float
+    lower_alarm: float
+
+
+@dataclass(frozen=True)
+class PressSnapshot:
+    force_kn: float
+    pressure_mpa: float
+    displacement_um: float
+    platen_c: float
+
+
+@dataclass(frozen=True)
+class ImpedancePoint:
+    frequency: float
+    z_real: float
+    z_imag: float
+
+
+@dataclass(frozen=True)
+class Conditions:
+    """What the auxiliary instruments read at one sample (None where the channel has no such instrument)."""
+
+    ambient_c: float | None = None
+    cell_c: float | None = None
+    pressure_mpa: float | None = None
+    displacement_um: float | None = None
+
+
+# --- roles ---------------------------------------------------------------------------------
+
+
+@runtime_checkable
+class Instrument(Protocol):
+    """Every instrument has a name (for messages) and identifies itself."""
+
+    @property
+    def name(self) -> str: ...
+
+    async def identify(self) -> str: ...
+
+
+@runtime_checkable
+class Cycler(Instrument, Protocol):
+    """Sources and sinks the cell's current: a source-measure unit or a cycler's channel."""
+
+    async def source_current(self, amps: float, *, voltage_limit: float) -> None: ...
+
+    async def source_voltage(self, volts: float, *, current_limit: float) -> None: ...
+
+    async def output(self, on: bool) -> None: ...
+
+    async def output_is_on(self) -> bool: ...
+
+    async def measure(self) -> Reading: ...
+
+
+@runtime_checkable
+class Chamber(Instrument, Protocol):
+    """Holds the air around the cells at a temperature."""
+
+    async def temperature(self) -> ChamberTemperature: ...
+
+    async def set_temperature(self, celsius: float) -> None: ...
+
+    async def set_mode(self, mode: str) -> None: ...
+
+
+@runtime_checkable
+class Press(Instrument, Protocol):
+    """Holds the cell stack at a pressure, over the cell's active area."""
+
+    async def set_pressure(self, mpa: float, *, ramp_mpa_per_s: float | None = None) -> None: ...
+
+    async def snapshot(self) -> PressSnapshot: ...
+
+
+@runtime_checkable
+class Potentiostat(Instrument, Protocol):
+    """Measures the cell's open-circuit potential and impedance, and lets go of it afterwards."""
+
+    async def open_circuit_potential(self, *, interval: float, duration: float) -> list[float]: ...
+
+    async def impedance(self, *, f_start: float, f_end: float, n_points: int, amplitude: float,
+                        e_dc: float = 0.0) -> Sequence[ImpedancePoint]: ...
+
+
+ROLES: dict[str, type] = {"cycler": Cycler, "chamber": Chamber, "press": Press, "potentiostat": Potentiostat}

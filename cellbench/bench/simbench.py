@@ -1,0 +1,226 @@
+"""The simulated bench: simulated instruments on real wires around a simulated cell, for the demo, dry runs,
+estimates and tests. A face of the project: the real run path (`cellbench.bench.run`) never imports it."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+from cellbench.bench.clock import Clock
+from cellbench.bench.config import BenchConfig, CellConfig, ChannelConfig, InstrumentConfig
+from cellbench.bench.engine import Progress
+from cellbench.bench.run import ChannelResult, ProgressCallback, run_bench
+from cellbench.profiles.checks import instrument_problems
+from cellbench.profiles.schema import Profile
+from cellbench.simulators.cell import SolidStateCell
+from cellbench.simulators.espec import EspecChamberSim
+from cellbench.simulators.keithley2450 import Keithley2450Sim
+from cellbench.simulators.palmsens import PalmSensSim
+from cellbench.simulators.parameters import PELLET, CellParameters
+from cellbench.simulators.press import PressServer, PressSim
+from cellbench.simulators.server import SimServer
+
+
+def cell_config(params: CellParameters) -> CellConfig:
+    """The bench's view of a simulated cell (what a technician would type into bench.yaml)."""
+    return CellConfig(
+        chemistry=params.chemistry,
+        capacity=f"{params.capacity_ah} Ah",
+        voltage_min=f"{params.v_min} V",
+        voltage_max=f"{params.v_max} V",
+        area=f"{params.area_cm2} cm^2",
+        dimensions=tuple(f"{d} mm" for d in params.dimensions_mm),
+    )
+
+
+class SimulatedBench:
+    """A bench of simulated instruments on real wires: a 2450 simulator (TCP) with a simulated cell,
+    and, when asked for, an ESPEC chamber (TCP) around it and a Modbus press (TCP) holding its stack.
+
+    Everything goes through the real wire, so the run is the same code path as on real hardware.
+    """
+
+    def __init__(
+        self,
+        params: CellParameters = PELLET,
+        *,
+        initial_soc: float = 0.0,
+        seed: int = 0,
+        noise: bool = True,
+        temperature_c: float = 25.0,
+        pressure_mpa: float | None = None,
+        chamber: bool = False,
+        press: bool = False,
+        potentiostat: bool = False,
+    ) -> None:
+        self.params = params
+        self.initial_soc = initial_soc
+        self.seed = seed
+        self.pressure_mpa = params.p_ref_mpa if pressure_mpa is None else pressure_mpa
+        self.cell = SolidStateCell(params, soc=initial_soc, temperature_c=temperature_c, pressure_mpa=self.pressure_mpa)
+        self.noise = noise
+        self.with_chamber, self.with_press, self.with_potentiostat = chamber, press, potentiostat
+        self.potentiostat: PalmSensSim | None = None
+        self.potentiostat_server: SimServer | None = None
+        self.sim: Keithley2450Sim | None = None
+        self.chamber: EspecChamberSim | None = None
+        self.press: PressSim | None = None
+        self.server: SimServer | None = None
+        self.chamber_server: SimServer | None = None
+        self.press_server: PressServer | None = None
+
+    async def __aenter__(self) -> SimulatedBench:
+        loop = asyncio.get_running_loop()
+        self.sim = Keithley2450Sim(
+            self.cell, loop.time, noise_v=20e-6 if self.noise else 0.0, noise_i=2e-9 if self.noise else 0.0,
+            seed=self.seed,
+        )
+        self.server = await SimServer(self.sim).start()
+        if self.with_chamber:
+            t = self.cell.temperature_c
+            self.chamber = EspecChamberSim(loop.time, [self.cell], room_c=t)
+            self.chamber.mode, self.chamber.setpoint_c = "CONSTANT", t
+            self.sim.surroundings.append(self.chamber)
+            self.chamber_server = await SimServer(self.chamber, read_termination=b"\r\n",
+                                                  write_termination=b"\r\n").start()
+        if self.with_potentiostat:
+            # On loopback TCP even though the real instrument is on a serial line: a pty's bytes
+            # cross through a kernel work queue, later than the fast-forwarding virtual clock can
+            # wait for. The serial line itself is exercised on the real clock (tests, sim serve).
+            self.potentiostat = PalmSensSim(self.cell, loop.time, seed=self.seed, noise=0.002 if self.noise else 0.0)
+            self.potentiostat_server = await SimServer(self.potentiostat).start()
+        if self.with_press:
+            self.press = PressSim(loop.time, [self.cell], area_cm2=self.params.area_cm2,
+                                  holding_mpa=self.pressure_mpa)
+            self.sim.surroundings.append(self.press)
+            self.press_server = await PressServer(self.press).start_tcp()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        for server in (self.server, self.chamber_server, self.press_server, self.potentiostat_server):
+            if server is not None:
+                await server.close()
+
+    @property
+    def config(self) -> BenchConfig:
+        assert self.server is not None, "use the bench inside 'async with'"
+        instruments = {"smu1": InstrumentConfig(driver="keithley2450", resource=self.server.resource)}
+        channel: dict[str, str] = {"cycler": "smu1", "cell": self.params.name}
+        if self.chamber_server is not None:
+            instruments["chamber1"] = InstrumentConfig(driver="espec", resource=self.chamber_server.resource)
+            channel["chamber"] = "chamber1"
+        if self.potentiostat_server is not None:
+            instruments["pstat1"] = InstrumentConfig(driver="palmsens", resource=self.potentiostat_server.resource)
+            channel["potentiostat"] = "pstat1"
+        if self.press_server is not None:
+            instruments["press1"] = InstrumentConfig(driver="modbus-press", resource=self.press_server.resource)
+            channel["press"] = "press1"
+        return BenchConfig(
+            name="simulated",
+            instruments=instruments,
+            cells={self.params.name: cell_config(self.params)},
+            channels={"ch1": ChannelConfig(**channel)},
+        )
+
+    async def run(
+        self,
+        profile: Profile,
+        profile_text: str,
+        clock: Clock,
+        *,
+        runs_dir: Path = Path("runs"),
+        on_progress: ProgressCallback | None = None,
+        profile_source: str = "<profile>",
+        base_dir: Path = Path("."),
+    ) -> ChannelResult:
+        simulation = {
+            "seed": self.seed, "initial_soc": self.initial_soc, "temperature_c": self.cell.temperature_c,
+            "cell": self.params.model_dump(),
+        }
+        results = await run_bench(
+            self.config, profile, profile_text, clock, runs_dir=runs_dir, on_progress=on_progress,
+            extra_metadata={"simulation": simulation}, profile_source=profile_source, base_dir=base_dir,
+        )
+        return results[0]
+
+
+async def run_simulated(
+    profile: Profile,
+    profile_text: str,
+    clock: Clock,
+    *,
+    params: CellParameters = PELLET,
+    initial_soc: float = 0.0,
+    seed: int = 0,
+    noise: bool = True,
+    temperature_c: float = 25.0,
+    runs_dir: Path = Path("runs"),
+    on_progress: ProgressCallback | None = None,
+    profile_source: str = "<profile>",
+    base_dir: Path = Path("."),
+    environment: bool = False,
+) -> tuple[ChannelResult, SolidStateCell]:
+    """Run a profile on a fresh simulated bench; return the result and the simulated cell.
+
+    The bench has a chamber and a press when the profile reads or sets temperature or pressure,
+    or when `environment` asks for them.
+    """
+    env = environment or needs_environment(profile)
+    bench = SimulatedBench(params, initial_soc=initial_soc, seed=seed, noise=noise, temperature_c=temperature_c,
+                           chamber=env, press=env, potentiostat=environment or needs_potentiostat(profile))
+    async with bench:
+        result = await bench.run(
+            profile, profile_text, clock, runs_dir=runs_dir, on_progress=on_progress,
+            profile_source=profile_source, base_dir=base_dir,
+        )
+    return result, bench.cell
+
+
+def needs_environment(profile: Profile) -> bool:
+    """Whether a profile reads or sets temperature or pressure."""
+    return bool(instrument_problems(profile, has_chamber=False, has_press=False))
+
+
+def needs_potentiostat(profile: Profile) -> bool:
+    """Whether a profile has impedance steps."""
+    return bool(instrument_problems(profile, has_chamber=True, has_press=True, has_potentiostat=False))
+
+
+class _OutOfTime(Exception):
+    pass
+
+
+def estimate_duration(
+    profile: Profile,
+    profile_text: str,
+    *,
+    params: CellParameters = PELLET,
+    temperature_c: float = 25.0,
+    base_dir: Path = Path("."),
+    wall_budget: float = 30.0,
+) -> tuple[float, bool]:
+    """Test time of a dry run on the simulated cell: (seconds, True), or (seconds so far, False) when
+    the dry run needed more than wall_budget seconds of wall time."""
+    import tempfile
+
+    from cellbench.bench.clock import VirtualClock
+
+    began = time.perf_counter()
+    reached = [0.0]
+
+    def watch(channel: str, p: Progress) -> None:
+        reached[0] = p.test_time
+        if time.perf_counter() - began > wall_budget:
+            raise _OutOfTime
+
+    clock = VirtualClock()
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            result, _ = clock.run(
+                run_simulated(profile, profile_text, clock, params=params, temperature_c=temperature_c,
+                              noise=False, runs_dir=Path(tmp), on_progress=watch, base_dir=base_dir)
+            )
+        except _OutOfTime:
+            return reached[0], False
+    return result.outcome.test_time, True

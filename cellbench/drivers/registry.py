@@ -1,0 +1,85 @@
+"""The driver registry: each driver module declares its drivers (name, roles, transport defaults) in one place.
+
+A module of `cellbench.drivers` that defines `DRIVERS: list[DriverSpec]` is found by `drivers()`;
+bench files name drivers by `DriverSpec.name`, and `cellbench sim serve` finds the simulator through
+`DriverSpec.simulator` (a dotted path imported only when a simulator is asked for, never on a real run).
+Adding an instrument touches its driver module, its simulator module and its docs, nothing else.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from functools import cache
+from typing import Any, Literal
+
+Role = Literal["cycler", "chamber", "press", "potentiostat"]
+
+
+@dataclass(frozen=True)
+class OpenRequest:
+    """What a bench file says of one instrument, with the registry's defaults filled in."""
+
+    name: str
+    resource: str
+    timeout: float
+    backend: Literal["auto", "native", "visa"] = "auto"
+    baud_rate: int = 9600
+    address: int | None = None  # an RS-485 address, where the protocol has one
+    device_id: int = 1  # a Modbus unit id
+    area_cm2: float = 1.0  # the cell's active area (a press works in force, the lab in pressure)
+
+
+@dataclass(frozen=True)
+class Opened:
+    """An open driver, its identification, and how to close it."""
+
+    driver: Any
+    identity: str
+    close: Callable[[], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class DriverSpec:
+    name: str
+    roles: tuple[Role, ...]
+    open: Callable[[OpenRequest], Awaitable[Opened]]
+    description: str
+    baud_rate: int = 9600
+    simulator: str | None = None  # "module:attribute" of the simulator's `serve`, imported on demand
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@cache
+def drivers() -> dict[str, DriverSpec]:
+    """Every registered driver by name, from the modules of this package."""
+    import cellbench.drivers as package
+
+    found: dict[str, DriverSpec] = {}
+    for info in pkgutil.iter_modules(package.__path__):
+        if info.name.startswith("_") or info.name == "registry":
+            continue
+        module = importlib.import_module(f"{package.__name__}.{info.name}")
+        for spec in getattr(module, "DRIVERS", ()):
+            if spec.name in found:
+                raise RuntimeError(f"driver '{spec.name}' is declared twice")
+            found[spec.name] = spec
+    return found
+
+
+def driver(name: str) -> DriverSpec:
+    """The driver of that name; KeyError naming the known ones otherwise."""
+    known = drivers()
+    if name not in known:
+        raise KeyError(f"unknown driver '{name}' (expected one of: {', '.join(sorted(known))})")
+    return known[name]
+
+
+def simulator(spec: DriverSpec) -> Any:
+    """The `serve` of a driver's simulator, imported now."""
+    if spec.simulator is None:
+        raise KeyError(f"driver '{spec.name}' has no simulator")
+    module, _, attribute = spec.simulator.partition(":")
+    return getattr(importlib.import_module(module), attribute)
