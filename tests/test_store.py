@@ -45,12 +45,13 @@ def test_a_crash_loses_at_most_the_batch_in_progress(tmp_path: Path) -> None:
     path = tmp_path / "run.sqlite"
     script = textwrap.dedent(
         f"""
-        import os
+        import os, time
         from cellbench.bench.store import RunStore, Sample
         store = RunStore({str(path)!r}, flush_interval=1.0)
         for i in range(10):
             t = i * 0.5
             store.add(Sample(t, t, 3.7, 0.001, 1, 1, 1, "Rest", 0, 0, 0, 0), t)
+        time.sleep(0.5)  # the writer thread commits what was handed over within milliseconds
         os._exit(3)  # the process dies: no close, no final flush
         """
     )
@@ -58,5 +59,26 @@ def test_a_crash_loses_at_most_the_batch_in_progress(tmp_path: Path) -> None:
     assert proc.returncode == 3, proc.stderr
     with open_run(path) as store:
         times = [s.test_time for s in store.samples()]
-    # batches were committed at t = 1, 2, 3, 4; the sample at 4.5 was still in the buffer
+    # batches were handed over at t = 1, 2, 3, 4 and committed; the sample at 4.5 was still in the buffer
     assert times == [i * 0.5 for i in range(9)]
+
+
+def test_writes_go_out_in_batches_not_one_commit_per_sample(tmp_path: Path) -> None:
+    with RunStore(tmp_path / "run.sqlite", durable=False, flush_interval=10.0) as store:
+        for i in range(100):
+            store.add(sample(float(i)), float(i))
+        store.flush()
+        assert store.commits <= 10  # one hand-over per 10 s of run time, fewer when the writer merges them
+        assert len(store.samples()) == 100
+
+
+def test_a_full_disk_is_reported_not_swallowed(tmp_path: Path) -> None:
+    seen: list[BaseException] = []
+    # a database capped at a few pages fills up like a full disk (SQLITE_FULL)
+    with RunStore(tmp_path / "run.sqlite", durable=False, on_failure=seen.append,
+                  pragmas=("max_page_count=8",)) as store:
+        for i in range(5000):
+            store.add(sample(float(i)), float(i))
+        store.flush()
+        assert store.failure is not None and "full" in str(store.failure)
+        assert seen == [store.failure]

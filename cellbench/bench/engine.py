@@ -1,12 +1,12 @@
 """The profile engine: runs one profile on one channel.
 
-It walks the compiled program (steps, loops, jumps). For every step it arms the instrument's
-limit with the setpoint before the output goes on, samples at the step's period (exactly at time
-limits and pulse edges, every second near a voltage limit), ends the step on the first limit
-crossed and goes where that limit says, counts steps and cycles, integrates charge and energy
-per step and per cycle, records by the step's record rule, and checks every reading against the
-cell's window and the profile's safety limits. The output goes off at the end, on any error,
-and on cancellation.
+The walker (`bench.walker`) moves through the compiled program; for every leaf step the engine arms
+the instrument's limit with the setpoint before the output goes on, then runs the sampling loop:
+sample at the step's period (exactly at time limits and pulse edges, faster near a voltage limit),
+integrate charge and energy, ask the policy (`bench.policy`) whether a limit was crossed or a
+reading is unsafe, and publish what happened on the run's event stream (`bench.events`). All that
+must outlive a sample lives in a `RunState`, saved at every step boundary and at an interval. The
+output goes off at the end, on any error, and on cancellation.
 """
 
 from __future__ import annotations
@@ -18,28 +18,45 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cellbench.bench import policy
 from cellbench.bench.channel import Channel
 from cellbench.bench.clock import Clock
+from cellbench.bench.events import (
+    EventBus,
+    Note,
+    NoteKind,
+    RunEvent,
+    SafetyTripped,
+    Sample,
+    SampleTaken,
+    SpectrumFitted,
+    SpectrumMeasured,
+    StateSaved,
+    StepEnded,
+    StepStarted,
+)
 from cellbench.bench.impedance_fit import fit_spectrum
 from cellbench.bench.roles import Conditions, InstrumentFault, Reading
-from cellbench.bench.store import RunStore, Sample
+from cellbench.bench.runstate import Ending, EndKind, RunState, RunStatus, Setpoint, StepProgress, Totals
 from cellbench.bench.track import ProfileFailed, Track, out_of_tolerance
+from cellbench.bench.walker import Walker, dotted
 from cellbench.profiles.conditions import SetBody, WaitBody
-from cellbench.profiles.controls import PULSE_SETTLE, Control, build_control
+from cellbench.profiles.controls import PULSE_SETTLE, Control, SourceMode, StepType, build_control
 from cellbench.profiles.program import END, Program, compile_profile
-from cellbench.profiles.schema import EisBody, Limit, Profile, RecordRule, body_of
+from cellbench.profiles.schema import Check, EisBody, Limit, Profile, RecordRule, body_of
 from cellbench.profiles.units import human_duration
 
 log = logging.getLogger(__name__)
 
-VOLTAGE_TOLERANCE = 1e-3  # V: a reading this close to a voltage limit counts as reaching it
-MIN_INTERVAL = 1.0  # s: the shortest sample interval when closing in on a voltage limit
-APPROACH_WINDOW = 0.05  # V: closer than this to a voltage limit, sample at MIN_INTERVAL
-SAFE_MARGIN_LOW, SAFE_MARGIN_HIGH = 0.2, 0.1  # V outside the cell's window that stop the run
+CHECKPOINT_EVERY = 60.0  # s of test time between saved run states within a step
 
 
 class SafetyStop(Exception):
     """A reading outside what the cell may see: the run ends in the safe state."""
+
+
+class RecordingFailed(Exception):
+    """The run can no longer be recorded (a full disk): the run ends in the safe state."""
 
 
 @dataclass(frozen=True)
@@ -52,6 +69,11 @@ class Progress:
     voltage: float
     current: float
 
+    @classmethod
+    def of(cls, sample: Sample, total_steps: int) -> Progress:
+        return cls(sample.test_time, sample.step_count, total_steps, sample.cycle, sample.step_type, sample.voltage,
+                   sample.current)
+
 
 @dataclass(frozen=True)
 class Outcome:
@@ -60,95 +82,95 @@ class Outcome:
     test_time: float
     steps: int
     cycles: int
+    status: RunStatus = RunStatus.COMPLETED
 
 
 @dataclass
-class _Budget:
-    """A loop's (or the profile's) time budget: when it runs out the running step ends."""
+class _Samples:
+    """The running step's recent samples (test time, reading): working memory, not state."""
 
-    deadline: float
-    target: int  # pc to go to
-    name: str
-    loop_pc: int  # -1 for the profile
-
-
-@dataclass
-class _StepState:
-    start: float
-    charge_ah: float = 0.0
-    discharge_ah: float = 0.0
-    charge_wh: float = 0.0
-    discharge_wh: float = 0.0
+    history: list[tuple[float, Reading]] = field(default_factory=list)  # the last two
     last_recorded: tuple[float, Reading] | None = None
-    history: list[tuple[float, Reading]] = field(default_factory=list)  # the last two samples
-    stable_since: float | None = None  # a wait step: since when the conditions have been in tolerance
 
 
 class Engine:
-    """Executes a profile on a channel, recording into a store on a clock."""
+    """Executes a profile on a channel, publishing what happens to an event bus, on a clock."""
 
     def __init__(
         self,
         profile: Profile,
         channel: Channel,
-        store: RunStore,
+        events: EventBus,
         clock: Clock,
         *,
-        on_progress: Callable[[Progress], None] | None = None,
         base_dir: Path = Path("."),
+        checkpoint_every: float = CHECKPOINT_EVERY,
+        on_progress: Callable[[Progress], None] | None = None,
     ) -> None:
         self.profile = profile
         self.channel = channel
-        self.store = store
+        self.events = events
         self.clock = clock
-        self.on_progress = on_progress
         self.base_dir = base_dir
+        self.checkpoint_every = checkpoint_every
         self.program: Program = compile_profile(profile)
-        self._total = profile.executed_step_count()
-        self._start = 0.0
-        self._step_count = 0
-        self._cycle = 1
-        self._cycle_has_run = False
-        self._discharged = False  # whether this cycle has had a discharge yet
-        self._acc = [0.0, 0.0, 0.0, 0.0]  # cycle charge Ah, discharge Ah, charge Wh, discharge Wh
-        self._last_cc_current: float | None = None
-        self._measured_capacity: float | None = None
-        self._reference_capacity: float | None = None
+        self.state = RunState()
+        self.walker = Walker(self.program, self.state)
+        self._origin = 0.0
+        self._saved_at = 0.0
         self._last: Reading | None = None
-        self._budgets: list[_Budget] = []
         self._cond = Conditions()
-        self._track = Track(channel, clock, self._event)
-        self._held: float | None = None  # the current a current source holds since the last setpoint
+        self._track = Track(channel, clock, lambda kind, message: self._note(NoteKind(kind), message))
+        self._interrupt: BaseException | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        if on_progress is not None:
+            total = profile.executed_step_count()
+
+            def progress(event: RunEvent) -> None:
+                if isinstance(event, SampleTaken):
+                    on_progress(Progress.of(event.sample, total))
+
+            events.subscribe(progress)
 
     # --- the run ---------------------------------------------------------------------------
     async def run(self) -> Outcome:
-        self._start = self.clock.start()
-        self._event("start", f"profile '{self.profile.name}' on channel '{self.channel.name}'")
-        if self.profile.time_limit is not None:
-            self._budgets.append(_Budget(self._start + self.profile.time_limit, END, "the profile's time limit", -1))
-        completed, reason = False, "completed"
+        self._origin = self.clock.start()
+        self._note(NoteKind.START, f"profile '{self.profile.name}' on channel '{self.channel.name}'")
+        self.walker.start(self.profile.time_limit)
+        status, reason = RunStatus.COMPLETED, "completed"
         try:
             self._last = await self.channel.cycler.measure()
             await self._run_with_track()
-            completed = True
+            self.state.finished = True
         except ProfileFailed as exc:
-            reason = f"failed: {exc}"
-            self._event("failed", str(exc))
+            status, reason = RunStatus.FAILED, f"failed: {exc}"
+            self._note(NoteKind.FAILED, str(exc))
         except asyncio.CancelledError:
-            reason = "cancelled"
-            self._event("cancelled", "the run was cancelled")
+            status, reason = RunStatus.CANCELLED, "cancelled"
+            self._note(NoteKind.CANCELLED, "the run was cancelled")
             raise
         except SafetyStop as exc:
-            reason = f"safety stop: {exc}"
-            self._event("safety", str(exc))
+            status, reason = RunStatus.SAFETY_STOP, f"safety stop: {exc}"
+            self.events.publish(SafetyTripped(str(exc), self._t()))
+            self._note(NoteKind.SAFETY, str(exc))
+        except RecordingFailed as exc:
+            status, reason = RunStatus.RECORDING_FAILED, f"recording failed: {exc}"
+            self._note(NoteKind.RECORDING, str(exc))
         except InstrumentFault as exc:
-            reason = f"instrument fault: {exc}"
-            self._event("fault", str(exc))
+            status, reason = RunStatus.FAULT, f"instrument fault: {exc}"
+            self._note(NoteKind.FAULT, str(exc))
         finally:
             await self._output_off()
-            self._event("end", reason)
-            self.store.flush()
-        return Outcome(completed, reason, self._elapsed(), self._step_count, self._cycle)
+            self._checkpoint()
+            self._note(NoteKind.END, reason)
+        return Outcome(status is RunStatus.COMPLETED, reason, self._t(), self.state.step_count, self.state.cycle,
+                       status)
+
+    def interrupt(self, exc: BaseException) -> None:
+        """End the run at the next wait with this error (e.g. RecordingFailed); safe to call from the loop only."""
+        self._interrupt = exc
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
 
     async def _run_with_track(self) -> None:
         """The electrical steps, with the pressure-temperature track running alongside."""
@@ -159,10 +181,10 @@ class Engine:
         track = asyncio.ensure_future(self._track.run(self.profile.conditions))
         try:
             done, _ = await asyncio.wait({steps, track}, return_when=asyncio.FIRST_EXCEPTION)
-            if track in done and track.exception() is not None:
+            if track in done and (error := track.exception()) is not None:
                 steps.cancel()
                 await asyncio.gather(steps, return_exceptions=True)
-                raise track.exception()  # type: ignore[misc]
+                raise error
             await steps  # the track may still be holding: the steps decide when the test is over
         finally:
             for task in (steps, track):
@@ -170,46 +192,34 @@ class Engine:
             await asyncio.gather(steps, track, return_exceptions=True)
 
     async def _execute(self) -> None:
-        prog = self.program.instrs
-        counters: dict[int, int] = {}
-        pc = 0
-        while 0 <= pc < len(prog):
-            ins = prog[pc]
-            if ins.op == "loop":
-                counters[pc] = 0
-                if ins.node.time_limit is not None:
-                    then = ins.node.then
-                    target = self.program.after_loop(pc) if then == "next" else self.program.target(pc, then)
-                    name = f"the time limit of the repeat at steps{_dotted(ins.path)}"
-                    self._budgets.append(_Budget(self.clock.now() + ins.node.time_limit, target, name, pc))
-                pc += 1
-            elif ins.op == "endloop":
-                counters[ins.loop_start] += 1
-                if counters[ins.loop_start] < ins.node.repeat:
-                    pc = ins.loop_start + 1
-                else:
-                    self._budgets = [b for b in self._budgets if b.loop_pc != ins.loop_start]
-                    pc += 1
-            else:
-                pc = await self._run_step(pc)
-                # budgets of loops that the jump left are over
-                self._budgets = [
-                    b for b in self._budgets
-                    if b.loop_pc < 0 or (pc != END and b.loop_pc < pc <= prog[b.loop_pc].loop_end)
-                ]
+        while (pc := self.walker.next_step(self._t())) is not None:
+            self.walker.jump(await self._run_step(pc))
+            self._checkpoint()
 
     async def _output_off(self) -> None:
         try:
             await self.channel.cycler.output(False)
         except Exception as exc:  # the run is ending anyway: say so loudly, never hide it
             log.error("%s: could not turn the output off: %s", self.channel.name, exc)
-            self._event("fault", f"could not turn the output off: {exc}")
+            self._note(NoteKind.FAULT, f"could not turn the output off: {exc}")
 
     # --- one step --------------------------------------------------------------------------
     def _capacity(self) -> float:
-        if self.profile.c_rate_basis == "measured" and self._measured_capacity:
-            return self._measured_capacity
+        if self.profile.c_rate_basis == "measured" and self.state.measured_capacity:
+            return self.state.measured_capacity
         return self.channel.cell.capacity
+
+    def _begin_step(self, pc: int, step_type: StepType) -> StepProgress:
+        st, ins = self.state, self.program.instrs[pc]
+        st.step_count += 1
+        st.step = StepProgress(step_count=st.step_count, pc=pc, step_type=step_type, start=self._t())
+        started = StepStarted(st.step_count, ins.index, step_type, dotted(ins.path), st.cycle, st.step.start)
+        self.events.publish(started)
+        return st.step
+
+    def _end_step(self, ending: Ending, t: float) -> None:
+        self.events.publish(StepEnded(self.state.step_count, t, ending.reason, ending.kind))
+        self.state.step = None
 
     async def _run_step(self, pc: int) -> int:
         ins = self.program.instrs[pc]
@@ -218,64 +228,59 @@ class Engine:
             return await self._run_set(pc, body)
         if ins.node.kind == "eis":
             return await self._run_eis(pc, body)
-        cell = self.channel.cell
-        assert self._last is not None
+        cell, st, last = self.channel.cell, self.state, self._last
+        assert last is not None
         ctl = build_control(
             ins.node, capacity=self._capacity(), v_min=cell.voltage_min, v_max=cell.voltage_max,
-            last_voltage=self._last.voltage, last_cc_current=self._last_cc_current, base_dir=self.base_dir,
+            last_voltage=last.voltage, last_cc_current=st.last_cc_current, base_dir=self.base_dir,
         )
-        if ctl.step_type.startswith("CC"):
-            self._last_cc_current = abs(ctl.setpoint(0.0, self._last.voltage))
+        if ctl.step_type.is_constant_current:
+            st.last_cc_current = abs(ctl.setpoint(0.0, last.voltage))
         self._advance_cycle(ctl, body.new_cycle)
-        self._step_count += 1
-        state = _StepState(start=self.clock.now())
-        self.store.step_started(
-            self._step_count, ins.index, ctl.step_type, _dotted(ins.path), self._cycle, state.start - self._start
-        )
-        await self._apply(ctl, 0.0, self._last.voltage)
+        step = self._begin_step(pc, ctl.step_type)
+        self._checkpoint()
+        await self._apply(ctl, 0.0, last.voltage)
         await self.channel.cycler.output(True)
         period = body.sample_period or self.profile.sample_period
         rule = body.record or self.profile.record
-        limits = self._resolve_limits(ctl)
+        limits = policy.resolve_limits(ctl, capacity=self._capacity(), last_voltage=last.voltage)
         edges = list(ctl.edges)
-        next_sample = state.start
+        work = _Samples()
+        next_sample = step.start
         while True:
-            deadline = self._next_deadline(limits, state.start)
-            edge_at = state.start + edges[0] if edges else math.inf
-            await self.clock.sleep_until(min(next_sample, deadline, edge_at))
-            now = self.clock.now()
+            deadline = policy.next_deadline(limits, step.start, st.budgets)
+            edge_at = step.start + edges[0] if edges else math.inf
+            await self._sleep_until(min(next_sample, deadline, edge_at))
+            t = self._t()
             reading = await self.channel.cycler.measure()
             if self.channel.chamber or self.channel.press:
                 self._cond = await self.channel.conditions()
-            t_step = now - state.start
-            self._take(state, now, reading)
+            t_step = t - step.start
+            self._take(work, step.totals, t, reading)
             ended = (
-                self._budget_ended(now)
-                or self._ended(ctl, limits, state, reading, t_step)
-                or (self._stable(body, state, now) if ins.node.kind == "wait" else None)
+                policy.budget_ended(st.budgets, t)
+                or self._limit_reached(ctl, limits, work, step.totals, reading, t_step)
+                or (self._stable(body, step, t) if ins.node.kind == "wait" else None)
             )
-            unsafe = self._unsafe(reading)
-            planned_end = ended is not None and self._resolve(pc, ended[1]) == END
+            unsafe = policy.unsafe(reading, cell, self.profile.safety, self._cond)
+            planned_end = ended is not None and self.walker.resolve(pc, ended.target) == END
             if unsafe and not planned_end:  # a limit that ends the test on this reading was planned for it
                 raise SafetyStop(unsafe)
-            at_edge = bool(edges) and now >= edge_at - 1e-9
-            self._maybe_record(state, now, reading, ctl, ins.index, rule, force=bool(ended) or at_edge)
+            at_edge = bool(edges) and t >= edge_at - 1e-9
+            self._maybe_record(work, t, reading, ctl.step_type, ins.index, rule, force=bool(ended) or at_edge)
             if ended:
-                reason, target = ended
-                for check in body.check:
-                    value = self._check_value(check.kind, ctl, state)
-                    if value is not None and _holds(check.op, value, check.value):
-                        reason, target = f"{reason}; then {check.kind} {check.op} {check.value:g}", check.then
-                        break
-                self.store.step_ended(self._step_count, now - self._start, reason)
-                self._after_step(ctl, reason, state)
-                return self._resolve(pc, target)
+                ended = self._checked(body.check, ended, ctl, step.totals)
+                self._end_step(ended, t)
+                self._after_step(ctl, ended, step.totals)
+                return self.walker.resolve(pc, ended.target)
+            if t - self._saved_at >= self.checkpoint_every:
+                self._checkpoint()
             if at_edge:
                 edges.pop(0)
                 await self._apply(ctl, t_step, reading.voltage)
-                next_sample = now + PULSE_SETTLE
+                next_sample = t + PULSE_SETTLE
                 continue
-            interval = self._next_interval(period, limits, ctl, state)
+            interval = policy.next_interval(period, limits, work.history)
             if ctl.dynamic:
                 # hold the value of the middle of the coming interval: a ramp or a linear drive is
                 # then followed with its charge exact, as by the midpoint rule
@@ -283,20 +288,18 @@ class Engine:
                 if edges:
                     t_apply = min(t_apply, edges[0] - 1e-6)
                 await self._apply(ctl, t_apply, reading.voltage)
-            next_sample = now + interval
+            next_sample = t + interval
 
     async def _run_set(self, pc: int, body: SetBody) -> int:
         """New temperature and pressure setpoints, in sequence with the steps; takes no time."""
-        ins = self.program.instrs[pc]
-        self._step_count += 1
-        now = self.clock.now()
-        self.store.step_started(self._step_count, ins.index, "Set", _dotted(ins.path), self._cycle, now - self._start)
+        self._begin_step(pc, StepType.SET)
         if body.temperature is not None:
             await self._track.set_temperature(body.temperature)
         if body.pressure is not None:
             await self._track.set_pressure(body.pressure / 1e6)
-        self._event("conditions", f"set {self._track.describe()}")
-        self.store.step_ended(self._step_count, now - self._start, f"set {self._track.describe()}")
+        said = f"set {self._track.describe()}"
+        self._note(NoteKind.CONDITIONS, said)
+        self._end_step(Ending(EndKind.SET, said, "next"), self._t())
         return pc + 1
 
     async def _run_eis(self, pc: int, body: EisBody) -> int:
@@ -304,14 +307,13 @@ class Engine:
         ins = self.program.instrs[pc]
         pstat = self.channel.potentiostat
         assert pstat is not None, "checked before the run: an EIS step needs a potentiostat"
-        self._step_count += 1
-        began = self.clock.now()
-        self.store.step_started(self._step_count, ins.index, "EIS", _dotted(ins.path), self._cycle, began - self._start)
+        step = self._begin_step(pc, StepType.EIS)
         # the cycler lets go of the cell first, and says so, before the potentiostat's cell goes on
         await self.channel.cycler.output(False)
         if await self.channel.cycler.output_is_on():
             raise SafetyStop("the cycler's output did not turn off; the potentiostat was not connected")
-        self._event("handover", f"{self.channel.cycler.name} output off and confirmed; {pstat.name} takes the cell")
+        self._note(NoteKind.HANDOVER,
+                   f"{self.channel.cycler.name} output off and confirmed; {pstat.name} takes the cell")
         if isinstance(body.bias, float):
             e_dc = body.bias
         else:
@@ -320,132 +322,86 @@ class Engine:
         points = await pstat.impedance(f_start=body.start, f_end=body.end, n_points=body.n_points(),
                                        amplitude=body.amplitude, e_dc=e_dc)
         # the script ends with cell_off: its end is the potentiostat letting go
-        self._event("handover", f"{pstat.name} cell off (its script ended); the cycler may take the cell")
-        now = self.clock.now()
+        self._note(NoteKind.HANDOVER, f"{pstat.name} cell off (its script ended); the cycler may take the cell")
+        t = self._t()
         spectrum = [(p.frequency, p.z_real, p.z_imag) for p in points]
-        self.store.add_spectrum(self._step_count, now - self._start, spectrum)
+        self.events.publish(SpectrumMeasured(step.step_count, t, spectrum))
         reason = f"spectrum of {len(points)} points"
         try:
             args = ([p[0] for p in spectrum], [p[1] for p in spectrum], [p[2] for p in spectrum])
             fit = fit_spectrum(*args) if self.clock.virtual else await asyncio.to_thread(fit_spectrum, *args)
         except ValueError as exc:
-            self._event("fit", f"no circuit fit for the spectrum of step {self._step_count}: {exc}")
+            self._note(NoteKind.FIT, f"no circuit fit for the spectrum of step {step.step_count}: {exc}")
         else:
-            self.store.add_fit(self._step_count, now - self._start, fit.circuit, fit.r_ohmic, fit.r_interfacial,
-                               fit.parameters, fit.rel_rmse)
+            self.events.publish(SpectrumFitted(step.step_count, t, fit.circuit, fit.r_ohmic, fit.r_interfacial,
+                                               fit.parameters, fit.rel_rmse))
             reason += f"; R_ohmic {fit.r_ohmic:.4g} ohm, R_interfacial {fit.r_interfacial:.4g} ohm"
         self._last = Reading(voltage=e_dc, current=0.0)
-        state = _StepState(start=began)
-        ctl = Control("EIS", "current", lambda t, v: 0.0, self.channel.cell.voltage_max, [], 0)
-        self._maybe_record(state, now, self._last, ctl, ins.index, None, force=True)
-        self.store.step_ended(self._step_count, now - self._start, reason)
+        self._maybe_record(_Samples(), t, self._last, StepType.EIS, ins.index, None, force=True)
+        self._end_step(Ending(EndKind.SPECTRUM, reason, "next"), t)
         return pc + 1
 
     async def _apply(self, ctl: Control, t_step: float, voltage: float) -> None:
         value = ctl.setpoint(t_step, voltage)
-        if ctl.mode == "current":
+        if ctl.mode is SourceMode.CURRENT:
             await self.channel.cycler.source_current(value, voltage_limit=ctl.compliance)
-            self._held = value
         else:
             await self.channel.cycler.source_voltage(value, current_limit=ctl.compliance)
-            self._held = None
+        self.state.setpoint = Setpoint(mode=ctl.mode, value=value, compliance=ctl.compliance)
 
     def _advance_cycle(self, ctl: Control, explicit: bool) -> None:
+        st = self.state
         if self.profile.cycle_counting == "explicit":
             starts = explicit
         else:
-            starts = ctl.direction > 0 and self._discharged and not ctl.step_type.startswith("Rest")
-        if starts and self._cycle_has_run:
-            self._cycle += 1
-            self._discharged = False
-            self._acc = [0.0, 0.0, 0.0, 0.0]
-        self._cycle_has_run = True
+            starts = ctl.direction > 0 and st.discharged and ctl.step_type is not StepType.REST
+        if starts and st.cycle_has_run:
+            st.cycle += 1
+            st.discharged = False
+            st.cycle_totals = Totals()
+        st.cycle_has_run = True
         if ctl.direction < 0:
-            self._discharged = True
+            st.discharged = True
 
-    def _after_step(self, ctl: Control, reason: str, st: _StepState) -> None:
+    def _after_step(self, ctl: Control, ending: Ending, totals: Totals) -> None:
         """A discharge that reached its voltage limit measures the capacity (the first is the reference)."""
-        if ctl.step_type == "CC Discharge" and reason.startswith("voltage") and st.discharge_ah > 0:
-            self._measured_capacity = st.discharge_ah
-            if self._reference_capacity is None:
-                self._reference_capacity = st.discharge_ah
+        st = self.state
+        if ctl.step_type is StepType.CC_DISCHARGE and ending.kind is EndKind.VOLTAGE and totals.discharge_ah > 0:
+            st.measured_capacity = totals.discharge_ah
+            if st.reference_capacity is None:
+                st.reference_capacity = totals.discharge_ah
 
-    def _resolve(self, pc: int, target: str | int) -> int:
-        return self.program.target(pc, target) if isinstance(target, str) else target
+    def _checked(self, checks: list[Check], ending: Ending, ctl: Control, totals: Totals) -> Ending:
+        """A check that holds once the step ended sends the program where it says."""
+        for check in checks:
+            value = self._check_value(check.kind, ctl, totals)
+            if value is not None and policy.holds(check.op, value, check.value):
+                said = f"{ending.reason}; then {check.kind} {check.op} {check.value:g}"
+                return Ending(ending.kind, said, check.then)
+        return ending
 
-    def _check_value(self, kind: str, ctl: Control, st: _StepState) -> float | None:
+    def _check_value(self, kind: str, ctl: Control, totals: Totals) -> float | None:
         if kind == "retention":
-            if not self._reference_capacity or ctl.direction >= 0:
+            if not self.state.reference_capacity or ctl.direction >= 0:
                 return None
-            return st.discharge_ah / self._reference_capacity
+            return totals.discharge_ah / self.state.reference_capacity
         if kind == "step_capacity":
-            return max(st.charge_ah, st.discharge_ah)
-        return self._acc[0] if ctl.direction > 0 else self._acc[1]
+            return max(totals.charge_ah, totals.discharge_ah)
+        cycle = self.state.cycle_totals
+        return cycle.charge_ah if ctl.direction > 0 else cycle.discharge_ah
 
     # --- limits ----------------------------------------------------------------------------
-    def _resolve_limits(self, ctl: Control) -> list[Limit]:
-        """C-rates in amps, and each voltage limit's direction made explicit."""
-        out = []
-        assert self._last is not None
-        for lim in ctl.limits:
-            if lim.kind == "current" and lim.c_rate is not None:
-                lim = lim.model_copy(update={"value": lim.c_rate * self._capacity()})
-            if lim.op is None:
-                if lim.kind == "voltage":
-                    rising = ctl.direction > 0 or (ctl.direction == 0 and self._last.voltage < lim.value)
-                    op = ">=" if rising else "<="
-                else:
-                    op = "<=" if lim.kind in ("current", "dvdt", "didt") else ">="
-                lim = lim.model_copy(update={"op": op})
-            out.append(lim)
-        if ctl.duration is not None:
-            out.append(Limit(kind="time", op=">=", value=ctl.duration))
-        return out
+    def _limit_reached(
+        self, ctl: Control, limits: list[Limit], work: _Samples, totals: Totals, r: Reading, t_step: float
+    ) -> Ending | None:
+        values = {
+            lim.kind: policy.observe(lim.kind, direction=ctl.direction, step=totals, cycle=self.state.cycle_totals,
+                                     history=work.history, reading=r, t_step=t_step, conditions=self._cond)
+            for lim in limits
+        }
+        return policy.limit_reached(limits, values)
 
-    def _ended(
-        self, ctl: Control, limits: list[Limit], st: _StepState, r: Reading, t_step: float
-    ) -> tuple[str, str | int] | None:
-        for lim in limits:
-            value = self._observe(lim.kind, ctl, st, r, t_step)
-            if value is None:
-                continue
-            tol = VOLTAGE_TOLERANCE if lim.kind == "voltage" else 1e-9 if lim.kind == "time" else 0.0
-            if (lim.op == ">=" and value >= lim.value - tol) or (lim.op == "<=" and value <= lim.value + tol):
-                return lim.describe() if lim.kind != "time" else f"time {lim.value:g} s", lim.then
-        return None
-
-    def _observe(self, kind: str, ctl: Control, st: _StepState, r: Reading, t_step: float) -> float | None:
-        if kind == "voltage":
-            return r.voltage
-        if kind == "current":
-            return abs(r.current)
-        if kind == "time":
-            return t_step
-        if kind == "step_capacity":
-            return max(st.charge_ah, st.discharge_ah)
-        if kind == "step_energy":
-            return max(st.charge_wh, st.discharge_wh)
-        if kind == "cycle_capacity":
-            return self._acc[0] if ctl.direction > 0 else self._acc[1]
-        if kind == "cycle_energy":
-            return self._acc[2] if ctl.direction > 0 else self._acc[3]
-        if kind in ("dvdt", "didt") and len(st.history) == 2:
-            (t0, a), (t1, b) = st.history
-            if t1 <= t0:
-                return None
-            delta = (b.voltage - a.voltage) if kind == "dvdt" else (b.current - a.current)
-            return abs(delta) / (t1 - t0)
-        if kind == "temperature":
-            return self._temperature()
-        if kind == "pressure" and self._cond.pressure_mpa is not None:
-            return self._cond.pressure_mpa * 1e6
-        return None
-
-    def _temperature(self) -> float | None:
-        """The cell's temperature where it has a thermocouple, the chamber air otherwise."""
-        return self._cond.cell_c if self._cond.cell_c is not None else self._cond.ambient_c
-
-    def _stable(self, body: WaitBody, st: _StepState, now: float) -> tuple[str, str] | None:
+    def _stable(self, body: WaitBody, step: StepProgress, t: float) -> Ending | None:
         """A wait step: ended once temperature and pressure have been within tolerance long enough."""
         tol_t, tol_p = body.tolerances()
         off = out_of_tolerance(
@@ -453,151 +409,73 @@ class Engine:
             pressure_mpa=None if body.pressure is None else body.pressure / 1e6, pressure_tol_mpa=tol_p / 1e6,
         )
         if off:
-            st.stable_since = None
-            if now - st.start >= body.timeout - 1e-9:
+            step.stable_since = None
+            if t - step.start >= body.timeout - 1e-9:
                 raise ProfileFailed(f"waited {human_duration(body.timeout)}: " + "; ".join(off))
             return None
-        if st.stable_since is None:
-            st.stable_since = now
-        if now - st.stable_since >= body.duration - 1e-9:
-            return f"stable for {human_duration(body.duration)}", "next"
+        if step.stable_since is None:
+            step.stable_since = t
+        if t - step.stable_since >= body.duration - 1e-9:
+            return Ending(EndKind.STABLE, f"stable for {human_duration(body.duration)}", "next")
         return None
-
-    def _budget_ended(self, now: float) -> tuple[str, str | int] | None:
-        for b in self._budgets:
-            if now >= b.deadline - 1e-9:
-                return f"{b.name} ran out", b.target
-        return None
-
-    def _next_deadline(self, limits: list[Limit], start: float) -> float:
-        times = [start + lim.value for lim in limits if lim.kind == "time"]
-        return min([*times, *(b.deadline for b in self._budgets)], default=math.inf)
-
-    def _next_interval(self, period: float, limits: list[Limit], ctl: Control, st: _StepState) -> float:
-        """The sample period, shortened while the voltage closes in on a voltage limit.
-
-        The interval shrinks to a quarter of the time to the crossing the last two samples predict,
-        and to MIN_INTERVAL inside the approach window, so a steep end-of-discharge knee is caught
-        within a second, not a period.
-        """
-        if len(st.history) < 2:
-            return period
-        (t0, a), (t1, b) = st.history
-        if t1 <= t0:
-            return period
-        slope = (b.voltage - a.voltage) / (t1 - t0)
-        interval = period
-        for lim in limits:
-            if lim.kind != "voltage":
-                continue
-            gap = lim.value - b.voltage
-            if slope == 0 or gap / slope <= 0:
-                continue
-            if abs(gap) < APPROACH_WINDOW:  # a knee can steepen tenfold between two samples
-                interval = min(interval, MIN_INTERVAL)
-            else:
-                interval = min(interval, max(MIN_INTERVAL, gap / slope / 4))
-        return interval
 
     # --- samples ---------------------------------------------------------------------------
-    def _take(self, st: _StepState, now: float, r: Reading) -> None:
-        """Integrate charge and energy since the previous sample of this step.
-
-        While a current source holds its setpoint the current was that value all interval long
-        (readings are taken under the held source), so the interval counts at the reading's
-        current; otherwise (a voltage source, or a current source in compliance) the current
-        moved, and the trapezoid rule counts it.
-        """
-        if st.history:
-            t0, r0 = st.history[-1]
-            hours = (now - t0) / 3600.0
-            held = self._held
-            if held is not None and abs(r.current - held) <= max(1e-8, 1e-3 * abs(held)):
-                ah = r.current * hours
-                wh = r.current * (r0.voltage + r.voltage) / 2 * hours
-            else:
-                ah = (r0.current + r.current) / 2 * hours
-                wh = (r0.current * r0.voltage + r.current * r.voltage) / 2 * hours
-            if ah >= 0:
-                st.charge_ah += ah
-                st.charge_wh += max(wh, 0.0)
-                self._acc[0] += ah
-                self._acc[2] += max(wh, 0.0)
-            else:
-                st.discharge_ah -= ah
-                st.discharge_wh -= min(wh, 0.0)
-                self._acc[1] -= ah
-                self._acc[3] -= min(wh, 0.0)
-        st.history = [*st.history[-1:], (now, r)]
+    def _take(self, work: _Samples, totals: Totals, t: float, r: Reading) -> None:
+        """Count charge and energy since the previous sample of this step, into the step and the cycle."""
+        if work.history:
+            sp = self.state.setpoint
+            held = sp.value if sp is not None and sp.mode is SourceMode.CURRENT else None
+            ah, wh = policy.interval_charge(work.history[-1], t, r, held)
+            totals.add(ah, wh)
+            self.state.cycle_totals.add(ah, wh)
+        work.history = [*work.history[-1:], (t, r)]
         self._last = r
 
-    def _unsafe(self, r: Reading) -> str | None:
-        """Why a reading is outside what the cell may see, or None."""
-        cell = self.channel.cell
-        if math.isnan(r.voltage) or math.isnan(r.current):
-            return f"the cycler returned an overflow reading ({r.voltage}, {r.current})"
-        low, high = cell.voltage_min - SAFE_MARGIN_LOW, cell.voltage_max + SAFE_MARGIN_HIGH
-        if not low <= r.voltage <= high:
-            return f"cell voltage {r.voltage:.4f} V is outside the safe window {low:g} to {high:g} V"
-        safety = self.profile.safety
-        if safety and safety.voltage and not safety.voltage[0] <= r.voltage <= safety.voltage[1]:
-            lo, hi = safety.voltage
-            return f"cell voltage {r.voltage:.4f} V is outside the profile's safety range {lo:g} to {hi:g} V"
-        if safety and safety.current:
-            lo, hi = (c.resolve(self.channel.cell.capacity) for c in safety.current)
-            if not lo <= r.current <= hi:
-                return f"current {r.current:.6g} A is outside the profile's safety range {lo:g} to {hi:g} A"
-        temperature, pressure = self._temperature(), self._cond.pressure_mpa
-        if safety and safety.temperature and temperature is not None:
-            lo, hi = safety.temperature
-            if not lo <= temperature <= hi:
-                return f"temperature {temperature:.2f} degC is outside the profile's safety range {lo:g} to {hi:g} degC"
-        if safety and safety.pressure and pressure is not None:
-            lo, hi = (x / 1e6 for x in safety.pressure)
-            if not lo <= pressure <= hi:
-                return f"stack pressure {pressure:.3f} MPa is outside the profile's safety range {lo:g} to {hi:g} MPa"
-        return None
-
     def _maybe_record(
-        self, st: _StepState, now: float, r: Reading, ctl: Control, index: int, rule: RecordRule | None, force: bool
+        self, work: _Samples, t: float, r: Reading, step_type: StepType, index: int, rule: RecordRule | None,
+        force: bool,
     ) -> None:
-        last = st.last_recorded
-        if not (force or last is None or rule is None or _rule_due(rule, last, now, r)):
+        if not (force or policy.record_due(rule, work.last_recorded, t, r)):
             return
-        st.last_recorded = (now, r)
-        t = now - self._start
-        c = self._cond
+        work.last_recorded = (t, r)
+        c, st = self._cond, self.state
         sample = Sample(
-            t, self.clock.unix(now), r.voltage, r.current, self._cycle, self._step_count, index,
-            ctl.step_type, *self._acc, c.ambient_c, c.cell_c,
+            t, self.clock.unix(self._origin + t), r.voltage, r.current, st.cycle, st.step_count, index,
+            step_type, *st.cycle_totals.as_tuple(), c.ambient_c, c.cell_c,
             None if c.pressure_mpa is None else c.pressure_mpa * 1e6, c.displacement_um,
         )
-        self.store.add(sample, now)
-        if self.on_progress:
-            self.on_progress(
-                Progress(t, self._step_count, self._total, self._cycle, ctl.step_type, r.voltage, r.current)
-            )
+        self.events.publish(SampleTaken(sample))
 
-    def _elapsed(self) -> float:
-        return self.clock.now() - self._start
+    # --- time, state and notes -------------------------------------------------------------
+    def _t(self) -> float:
+        """Test time: seconds since the run started."""
+        return self.clock.now() - self._origin
 
-    def _event(self, kind: str, message: str) -> None:
+    async def _sleep_until(self, t: float) -> None:
+        """Wait until test time t, or until the run is interrupted."""
+        if self._interrupt is None:
+            loop = asyncio.get_running_loop()
+            self._waiter = loop.create_future()
+            handle = loop.call_at(self._origin + t, _wake, self._waiter)
+            try:
+                await self._waiter
+            finally:
+                handle.cancel()
+                self._waiter = None
+        if self._interrupt is not None:
+            raise self._interrupt
+
+    def _checkpoint(self) -> None:
+        st = self.state
+        st.test_time = self._saved_at = self._t()
+        st.temperature, st.pressure_mpa = self._track.temperature, self._track.pressure
+        self.events.publish(StateSaved(st.test_time, st.model_dump_json()))
+
+    def _note(self, kind: NoteKind, message: str) -> None:
         now = self.clock.now()
-        self.store.event(kind, message, now - self._start, self.clock.unix(now))
+        self.events.publish(Note(kind, message, now - self._origin, self.clock.unix(now)))
 
 
-def _holds(op: str, value: float, bound: float) -> bool:
-    return value >= bound if op == ">=" else value <= bound
-
-
-def _rule_due(rule: RecordRule, last: tuple[float, Reading], now: float, r: Reading) -> bool:
-    t0, r0 = last
-    return (
-        (rule.every is not None and now - t0 >= rule.every - 1e-9)
-        or (rule.voltage is not None and abs(r.voltage - r0.voltage) >= rule.voltage)
-        or (rule.current is not None and abs(r.current - r0.current) >= rule.current)
-    )
-
-
-def _dotted(path: tuple[int, ...]) -> str:
-    return "".join(f"[{i}]" if k == 0 else f".steps[{i}]" for k, i in enumerate(path))
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)

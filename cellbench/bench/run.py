@@ -13,7 +13,8 @@ from pathlib import Path
 from cellbench.bench.channel import Channel
 from cellbench.bench.clock import Clock
 from cellbench.bench.config import BenchConfig
-from cellbench.bench.engine import Engine, Outcome, Progress
+from cellbench.bench.engine import Engine, Outcome, Progress, RecordingFailed
+from cellbench.bench.events import EventBus
 from cellbench.bench.instruments import Instruments
 from cellbench.bench.store import RunStore
 from cellbench.profiles.checks import cell_problems, instrument_problems
@@ -90,7 +91,16 @@ async def _run_channel(
     base_dir: Path,
 ) -> ChannelResult:
     cell = channel.cell
-    with RunStore(path, durable=not clock.virtual) as store:
+    loop = asyncio.get_running_loop()
+    events = EventBus()
+    engine: Engine | None = None
+
+    def failed(exc: BaseException) -> None:  # on the writer thread
+        if engine is not None:
+            loop.call_soon_threadsafe(engine.interrupt, RecordingFailed(f"{path.name}: {exc}"))
+
+    store = RunStore(path, durable=not clock.virtual, on_failure=failed)
+    try:
         store.set_metadata(
             cellbench_version=cellbench_version(),
             run_id=path.stem,
@@ -102,7 +112,14 @@ async def _run_channel(
             clock="virtual" if clock.virtual else "real",
             **extra,
         )
+        events.subscribe(store.record)
         progress = (lambda p: on_progress(channel.name, p)) if on_progress else None
-        engine = Engine(profile, channel, store, clock, on_progress=progress, base_dir=base_dir)
+        engine = Engine(profile, channel, events, clock, on_progress=progress, base_dir=base_dir)
         outcome = await engine.run()
+    finally:
+        # the last batch is committed off the control loop on the real clock (other channels keep sampling)
+        if clock.virtual:
+            store.close()
+        else:
+            await asyncio.to_thread(store.close)
     return ChannelResult(channel.name, path, outcome)

@@ -1,18 +1,42 @@
 """The run store: one SQLite file per run (WAL), columns labelled as the Battery Data Format labels them.
 
-One writer, batched transactions: samples are buffered and committed together once the batch is
-a flush interval old (on the run's clock) or full; steps and events commit at once. After a
-process crash every sample older than the last batch is on disk.
+Writes never happen on the control loop. Samples are buffered and handed over as a batch once the
+batch is a flush interval old (on the run's clock) or full; steps, events and run states are handed
+over in order with them. A writer thread commits what has been handed over in one transaction (at most
+one commit per COMMIT_GAP of wall time, several batches at once). After a process crash every sample
+older than the last batch is on disk, less what the writer had not yet reached (at most COMMIT_GAP).
+A failed write (a full disk) is kept as `failure` and reported through `on_failure`; nothing more
+is written after it.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
+import logging
+import queue
 import sqlite3
-from collections.abc import Iterator
-from dataclasses import astuple, dataclass, fields
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import astuple, fields
 from pathlib import Path
 from typing import Any
+
+from cellbench.bench.events import (
+    Note,
+    RunEvent,
+    Sample,
+    SampleTaken,
+    SpectrumFitted,
+    SpectrumMeasured,
+    StateSaved,
+    StepEnded,
+    StepStarted,
+)
+from cellbench.bench.runstate import RunState
+
+log = logging.getLogger(__name__)
 
 # (attribute, Battery Data Format label, SQL type), in column order.
 COLUMNS: tuple[tuple[str, str, str], ...] = (
@@ -35,28 +59,6 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
 )
 
 
-@dataclass(frozen=True, slots=True)
-class Sample:
-    """One recorded row; capacities and energies accumulate within a cycle."""
-
-    test_time: float
-    unix_time: float
-    voltage: float
-    current: float
-    cycle: int
-    step_count: int
-    step_index: int
-    step_type: str
-    charge_ah: float
-    discharge_ah: float
-    charge_wh: float
-    discharge_wh: float
-    ambient_c: float | None = None  # chamber air, when the channel has a chamber
-    t1_c: float | None = None  # the cell (the press's platen thermocouple), when it has a press
-    pressure_pa: float | None = None
-    displacement_um: float | None = None
-
-
 assert [f.name for f in fields(Sample)] == [c[0] for c in COLUMNS]
 
 _SCHEMA = f"""
@@ -71,6 +73,7 @@ CREATE TABLE IF NOT EXISTS eis (
     "Step Count / 1" INTEGER, "Test Time / s" REAL, "Frequency / Hz" REAL,
     "Real Impedance / ohm" REAL, "Imaginary Impedance / ohm" REAL
 );
+CREATE TABLE IF NOT EXISTS run_state (id INTEGER PRIMARY KEY CHECK (id = 1), test_time REAL, state TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS eis_fits (
     step_count INTEGER PRIMARY KEY, test_time REAL, circuit TEXT, r_ohmic REAL, r_interfacial REAL,
     parameters TEXT, rel_rmse REAL
@@ -78,85 +81,194 @@ CREATE TABLE IF NOT EXISTS eis_fits (
 """
 
 
+_Op = tuple[str, tuple[Any, ...]]  # SQL and its parameters
+_INSERT_SAMPLE = f"INSERT INTO samples VALUES ({', '.join('?' * len(COLUMNS))})"
+
+
+class _Barrier:
+    def __init__(self) -> None:
+        self.done = threading.Event()
+
+
+_STOP = object()
+COMMIT_GAP = 0.25  # s of wall time at least between two commits: a fast simulated run writes in real batches
+
+
+class _Writer(threading.Thread):
+    """The one writer of a run's database: commits what it is handed, in order, in as few transactions as it can."""
+
+    def __init__(self, path: Path, durable: bool, pragmas: tuple[str, ...],
+                 on_failure: Callable[[BaseException], None] | None) -> None:
+        super().__init__(name=f"store-writer {path.name}", daemon=True)
+        self.path, self.durable, self.pragmas = path, durable, pragmas
+        self.on_failure = on_failure
+        self.queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self.failure: BaseException | None = None
+        self.commits = 0
+        self.last_commit = 0.0
+        self.commit_gap = COMMIT_GAP
+
+    def run(self) -> None:
+        try:
+            db = _connect(self.path, self.durable)
+            for pragma in self.pragmas:
+                db.execute(f"PRAGMA {pragma}")
+        except sqlite3.Error as exc:
+            self._failed(exc)
+            db = None
+        try:
+            stop = False
+            while not stop:
+                items = [self.queue.get()]
+                # everything handed over until the commit gap has passed goes into the same transaction;
+                # a flush or the close does not wait
+                while not any(isinstance(i, _Barrier) or i is _STOP for i in items):
+                    wait = self.last_commit + self.commit_gap - time.monotonic()
+                    try:
+                        items.append(self.queue.get(timeout=wait) if wait > 0 else self.queue.get_nowait())
+                    except queue.Empty:
+                        break
+                ops = [op for item in items if isinstance(item, list) for op in item]
+                if ops and db is not None and self.failure is None:
+                    self._commit(db, ops)
+                for item in items:
+                    if isinstance(item, _Barrier):
+                        item.done.set()
+                    stop = stop or item is _STOP
+        finally:
+            if db is not None:
+                db.close()
+
+    def _commit(self, db: sqlite3.Connection, ops: list[_Op]) -> None:
+        try:
+            db.execute("BEGIN")
+            for sql, group in itertools.groupby(ops, key=lambda op: op[0]):
+                db.executemany(sql, [params for _, params in group])
+            db.execute("COMMIT")
+            self.commits += 1
+            self.last_commit = time.monotonic()
+        except sqlite3.Error as exc:
+            if db.in_transaction:
+                db.rollback()
+            self._failed(exc)
+
+    def _failed(self, exc: BaseException) -> None:
+        self.failure = exc
+        log.error("%s: writing the run failed: %s", self.path, exc)
+        if self.on_failure is not None:
+            self.on_failure(exc)
+
+
+def _connect(path: Path, durable: bool) -> sqlite3.Connection:
+    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    db.execute("PRAGMA journal_mode=WAL")
+    # FULL survives power loss; NORMAL (used for simulated runs) survives a process crash.
+    db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
+    return db
+
+
 class RunStore:
-    """Writes one run; reads it back for analysis and reports."""
+    """Writes one run (through its writer thread); reads it back for analysis and reports."""
 
     def __init__(
-        self, path: str | Path, *, durable: bool = True, flush_interval: float = 1.0, max_batch: int = 2000
+        self, path: str | Path, *, durable: bool = True, flush_interval: float = 1.0, max_batch: int = 2000,
+        on_failure: Callable[[BaseException], None] | None = None, pragmas: tuple[str, ...] = (),
     ) -> None:
+        """`pragmas` go to the writer's connection (e.g. `max_page_count=...` to cap a run's size)."""
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.path, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        # FULL survives power loss; NORMAL (used for simulated runs) survives a process crash.
-        self._db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
+        self._db = _connect(self.path, durable)
         self._db.executescript(_SCHEMA)
-        self._buffer: list[Sample] = []
+        self._durable, self._pragmas, self._on_failure = durable, pragmas, on_failure
+        self._writer: _Writer | None = None
+        self._buffer: list[_Op] = []
+        self._samples_buffered = 0
         self._flush_interval = flush_interval
         self._max_batch = max_batch
-        self._last_flush: float | None = None
-        self._insert = f"INSERT INTO samples VALUES ({', '.join('?' * len(COLUMNS))})"
+        self._batch_start: float | None = None
 
-    # --- writing ---------------------------------------------------------------------------
+    # --- writing (never blocks: the writer thread commits) ---------------------------------
+    @property
+    def failure(self) -> BaseException | None:
+        """Why writing failed, if it did."""
+        return self._writer.failure if self._writer else None
+
+    @property
+    def commits(self) -> int:
+        """Transactions committed by the writer so far."""
+        return self._writer.commits if self._writer else 0
+
+    def record(self, event: RunEvent) -> None:
+        """Subscriber of the run's event stream: each event to its table."""
+        if isinstance(event, SampleTaken):
+            self.add(event.sample, event.sample.test_time)
+        elif isinstance(event, StepStarted):
+            self.step_started(event.step_count, event.step_index, event.step_type, event.path, event.cycle,
+                              event.test_time)
+        elif isinstance(event, StepEnded):
+            self.step_ended(event.step_count, event.test_time, event.reason)
+        elif isinstance(event, Note):
+            self.event(event.kind, event.message, event.test_time, event.unix_time)
+        elif isinstance(event, SpectrumMeasured):
+            self.add_spectrum(event.step_count, event.test_time, event.points)
+        elif isinstance(event, SpectrumFitted):
+            self.add_fit(event.step_count, event.test_time, event.circuit, event.r_ohmic, event.r_interfacial,
+                         event.parameters, event.rel_rmse)
+        elif isinstance(event, StateSaved):
+            self._now([("INSERT OR REPLACE INTO run_state VALUES (1, ?, ?)", (event.test_time, event.state_json))])
+
     def set_metadata(self, **values: Any) -> None:
-        with self._db:
-            self._db.executemany(
-                "INSERT OR REPLACE INTO meta VALUES (?, ?)", [(k, json.dumps(v)) for k, v in values.items()]
-            )
+        self._now([("INSERT OR REPLACE INTO meta VALUES (?, ?)", (k, json.dumps(v))) for k, v in values.items()])
 
     def add(self, sample: Sample, now: float) -> None:
-        """Buffer a sample; commit the batch when it is flush_interval old or full."""
-        self._buffer.append(sample)
-        if self._last_flush is None:
-            self._last_flush = now
-        if now - self._last_flush >= self._flush_interval or len(self._buffer) >= self._max_batch:
-            self.flush(now)
-
-    def flush(self, now: float | None = None) -> None:
-        if self._buffer:
-            with self._db:
-                self._db.executemany(self._insert, [astuple(s) for s in self._buffer])
-            self._buffer.clear()
-        self._last_flush = now
+        """Buffer a sample; hand the batch over when it is flush_interval old (run time) or full."""
+        self._buffer.append((_INSERT_SAMPLE, astuple(sample)))
+        self._samples_buffered += 1
+        if self._batch_start is None:
+            self._batch_start = now
+        if now - self._batch_start >= self._flush_interval or self._samples_buffered >= self._max_batch:
+            self._hand_over()
 
     def step_started(
         self, step_count: int, step_index: int, step_type: str, path: str, cycle: int, start_time: float
     ) -> None:
-        with self._db:
-            self._db.execute(
-                "INSERT OR REPLACE INTO steps VALUES (?, ?, ?, ?, ?, ?, NULL, NULL)",
-                (step_count, step_index, step_type, path, cycle, start_time),
-            )
+        self._now([("INSERT OR REPLACE INTO steps VALUES (?, ?, ?, ?, ?, ?, NULL, NULL)",
+                    (step_count, step_index, str(step_type), path, cycle, start_time))])
 
     def step_ended(self, step_count: int, end_time: float, reason: str) -> None:
-        self.flush(self._last_flush)
-        with self._db:
-            self._db.execute(
-                "UPDATE steps SET end_time = ?, end_reason = ? WHERE step_count = ?", (end_time, reason, step_count)
-            )
+        self._now([("UPDATE steps SET end_time = ?, end_reason = ? WHERE step_count = ?",
+                    (end_time, reason, step_count))])
 
     def event(self, kind: str, message: str, test_time: float, unix_time: float) -> None:
-        self.flush(self._last_flush)
-        with self._db:
-            self._db.execute("INSERT INTO events VALUES (?, ?, ?, ?)", (test_time, unix_time, kind, message))
+        self._now([("INSERT INTO events VALUES (?, ?, ?, ?)", (test_time, unix_time, str(kind), message))])
 
     def add_spectrum(self, step_count: int, test_time: float, points: list[tuple[float, float, float]]) -> None:
         """One impedance spectrum: (frequency, Z', Z'') points."""
-        with self._db:
-            self._db.executemany(
-                "INSERT INTO eis VALUES (?, ?, ?, ?, ?)", [(step_count, test_time, *p) for p in points]
-            )
+        self._now([("INSERT INTO eis VALUES (?, ?, ?, ?, ?)", (step_count, test_time, *p)) for p in points])
 
     def add_fit(self, step_count: int, test_time: float, circuit: str, r_ohmic: float, r_interfacial: float,
                 parameters: dict[str, float], rel_rmse: float) -> None:
-        with self._db:
-            self._db.execute(
-                "INSERT OR REPLACE INTO eis_fits VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (step_count, test_time, circuit, r_ohmic, r_interfacial, json.dumps(parameters), rel_rmse),
-            )
+        self._now([("INSERT OR REPLACE INTO eis_fits VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (step_count, test_time, circuit, r_ohmic, r_interfacial, json.dumps(parameters), rel_rmse))])
+
+    def save_state(self, state: RunState) -> None:
+        """The run's state, replacing the one saved before."""
+        self._now([("INSERT OR REPLACE INTO run_state VALUES (1, ?, ?)", (state.test_time, state.model_dump_json()))])
+
+    def flush(self, now: float | None = None) -> None:
+        """Hand over what is buffered and wait until the writer has committed it (never on the control loop)."""
+        self._hand_over()
+        if self._writer is not None and self._writer.is_alive():
+            barrier = _Barrier()
+            self._writer.queue.put(barrier)
+            barrier.done.wait()
 
     def close(self) -> None:
         self.flush()
+        if self._writer is not None:
+            self._writer.queue.put(_STOP)
+            self._writer.join()
+            self._writer = None
         self._db.close()
 
     def __enter__(self) -> RunStore:
@@ -165,35 +277,67 @@ class RunStore:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def _now(self, ops: list[_Op]) -> None:
+        """Ops that go out with the samples before them, without waiting for the batch to age."""
+        self._buffer.extend(ops)
+        self._hand_over()
+
+    def _hand_over(self) -> None:
+        self._batch_start = None
+        self._samples_buffered = 0
+        if not self._buffer:
+            return
+        if self._writer is None:
+            self._writer = _Writer(self.path, self._durable, self._pragmas, self._on_failure)
+            self._writer.start()
+        batch, self._buffer = self._buffer, []
+        self._writer.queue.put(batch)
+
     # --- reading ---------------------------------------------------------------------------
+    def _sync(self) -> None:
+        if self._writer is not None or self._buffer:
+            self.flush()
+
+    def state(self) -> RunState | None:
+        """The run's last saved state, if any."""
+        self._sync()
+        row = self._db.execute("SELECT state FROM run_state WHERE id = 1").fetchone()
+        return None if row is None else RunState.model_validate_json(row[0])
+
     def metadata(self) -> dict[str, Any]:
+        self._sync()
         return {k: json.loads(v) for k, v in self._db.execute("SELECT key, value FROM meta")}
 
     def samples(self) -> list[Sample]:
         return list(self.iter_samples())
 
     def iter_samples(self) -> Iterator[Sample]:
+        self._sync()
         for row in self._db.execute('SELECT * FROM samples ORDER BY "Test Time / s"'):
             yield Sample(*row)
 
     def steps(self) -> list[dict[str, Any]]:
+        self._sync()
         cur = self._db.execute("SELECT * FROM steps ORDER BY step_count")
         names = [d[0] for d in cur.description]
         return [dict(zip(names, row, strict=True)) for row in cur]
 
     def spectra(self) -> dict[int, list[tuple[float, float, float]]]:
         """Impedance spectra by step count: (frequency, Z', Z'') points."""
+        self._sync()
         out: dict[int, list[tuple[float, float, float]]] = {}
         for step, _, f, zr, zi in self._db.execute('SELECT * FROM eis ORDER BY rowid'):
             out.setdefault(step, []).append((f, zr, zi))
         return out
 
     def fits(self) -> list[dict[str, Any]]:
+        self._sync()
         cur = self._db.execute("SELECT * FROM eis_fits ORDER BY step_count")
         names = [d[0] for d in cur.description]
         return [dict(zip(names, row, strict=True)) | {"parameters": json.loads(row[5])} for row in cur]
 
     def events(self) -> list[dict[str, Any]]:
+        self._sync()
         cur = self._db.execute("SELECT * FROM events ORDER BY test_time")
         names = [d[0] for d in cur.description]
         return [dict(zip(names, row, strict=True)) for row in cur]

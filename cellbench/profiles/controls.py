@@ -12,10 +12,41 @@ import csv
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 from cellbench.profiles.schema import CurrentBody, Limit, body_of
+
+
+class StepType(StrEnum):
+    """What a step does, as the Battery Data Format's `Step Type` column shows it."""
+
+    CC_CHARGE = "CC Charge"
+    CC_DISCHARGE = "CC Discharge"
+    CV = "CV"
+    CCCV_CHARGE = "CCCV Charge"
+    CCCV_DISCHARGE = "CCCV Discharge"
+    CP_CHARGE = "CP Charge"
+    CP_DISCHARGE = "CP Discharge"
+    CR_DISCHARGE = "CR Discharge"
+    REST = "Rest"
+    CURRENT_RAMP = "Current Ramp"
+    VOLTAGE_RAMP = "Voltage Ramp"
+    DRIVE_CYCLE = "Drive Cycle"
+    PULSE = "Pulse"
+    EIS = "EIS"
+    SET = "Set"
+
+    @property
+    def is_constant_current(self) -> bool:
+        return self in (StepType.CC_CHARGE, StepType.CC_DISCHARGE)
+
+
+class SourceMode(StrEnum):
+    CURRENT = "current"
+    VOLTAGE = "voltage"
+
 
 PULSE_SETTLE = 0.01  # s after an edge: the "just after" sample (a 10 ms DCIR)
 
@@ -24,8 +55,8 @@ PULSE_SETTLE = 0.01  # s after an edge: the "just after" sample (a 10 ms DCIR)
 class Control:
     """One step as the engine runs it."""
 
-    step_type: str
-    mode: str  # "current" | "voltage"
+    step_type: StepType
+    mode: SourceMode
     setpoint: Callable[[float, float], float]  # (step time, last voltage) -> A or V
     compliance: float  # V for a current source, A for a voltage source
     limits: list[Limit]
@@ -85,16 +116,16 @@ def build_control(
     if kind in ("hold", "cv"):
         i_limit = abs(body.current_limit.resolve(capacity)) if body.current_limit else (last_cc_current or capacity)
         direction = 1 if body.voltage > last_voltage else -1
-        return Control("CV", "voltage", lambda t, v: body.voltage, i_limit, limits, direction)
+        return Control(StepType.CV, SourceMode.VOLTAGE, lambda t, v: body.voltage, i_limit, limits, direction)
     if kind == "cccv":
         amps = abs(body.current.resolve(capacity))
         direction = 1 if body.voltage > last_voltage else -1
-        name = "CCCV Charge" if direction > 0 else "CCCV Discharge"
-        return Control(name, "voltage", lambda t, v: body.voltage, amps, limits, direction)
+        name = StepType.CCCV_CHARGE if direction > 0 else StepType.CCCV_DISCHARGE
+        return Control(name, SourceMode.VOLTAGE, lambda t, v: body.voltage, amps, limits, direction)
     if kind == "rest":
-        return Control("Rest", "current", lambda t, v: 0.0, v_max, limits, 0, duration=body.duration)
+        return Control(StepType.REST, SourceMode.CURRENT, lambda t, v: 0.0, v_max, limits, 0, duration=body.duration)
     if kind == "wait":  # at rest while the conditions settle; the engine ends it on stability
-        return Control("Rest", "current", lambda t, v: 0.0, v_max, limits, 0)
+        return Control(StepType.REST, SourceMode.CURRENT, lambda t, v: 0.0, v_max, limits, 0)
     if kind == "ramp":
         return _ramp(body, limits, capacity, v_max)
     if kind == "drive":
@@ -109,30 +140,31 @@ def _current_control(
 ) -> Control:
     if body.current is not None:
         amps = _sign(kind, body.current.resolve(capacity))
-        name = "CC Charge" if amps > 0 else "CC Discharge" if amps < 0 else "Rest"
+        name = StepType.CC_CHARGE if amps > 0 else StepType.CC_DISCHARGE if amps < 0 else StepType.REST
         floor = max((lim.value for lim in limits if lim.kind == "voltage" and lim.op != ">="), default=None)
         if amps < 0 and floor is not None and body.voltage_limit is None and last_voltage > floor + 1e-3:
             # Discharging to a cut-off: a voltage source at the cut-off, its current limit the discharge
             # current. The instrument sinks that current and can never take the cell below the cut-off,
             # however steep the end-of-discharge knee and however slow the sampling.
-            return Control(name, "voltage", lambda t, v: floor, abs(amps), limits, -1)
+            return Control(name, SourceMode.VOLTAGE, lambda t, v: floor, abs(amps), limits, -1)
         # Charging to a voltage: the instrument's own limit is that voltage (CC turns into CV there).
         to_voltage = next(
             (lim.value for lim in limits if lim.kind == "voltage" and lim.op != "<=" and amps > 0), None
         )
         compliance = body.voltage_limit or (min(to_voltage, v_max) if to_voltage else v_max)
-        return Control(name, "current", lambda t, v: amps, compliance, limits, 1 if amps > 0 else -1 if amps else 0)
+        direction = 1 if amps > 0 else -1 if amps else 0
+        return Control(name, SourceMode.CURRENT, lambda t, v: amps, compliance, limits, direction)
     if body.power is not None:
         watts = _sign(kind, body.power)
-        name = "CP Charge" if watts > 0 else "CP Discharge"
+        name = StepType.CP_CHARGE if watts > 0 else StepType.CP_DISCHARGE
         return Control(
-            name, "current", lambda t, v: watts / max(v, 0.1), body.voltage_limit or v_max, limits,
+            name, SourceMode.CURRENT, lambda t, v: watts / max(v, 0.1), body.voltage_limit or v_max, limits,
             1 if watts > 0 else -1, dynamic=True,
         )
     assert body.resistance is not None
     ohms = body.resistance
-    return Control("CR Discharge", "current", lambda t, v: -v / ohms, body.voltage_limit or v_max, limits, -1,
-                   dynamic=True)
+    return Control(StepType.CR_DISCHARGE, SourceMode.CURRENT, lambda t, v: -v / ohms, body.voltage_limit or v_max,
+                   limits, -1, dynamic=True)
 
 
 def _ramp(body: Any, limits: list[Limit], capacity: float, v_max: float) -> Control:
@@ -140,12 +172,12 @@ def _ramp(body: Any, limits: list[Limit], capacity: float, v_max: float) -> Cont
     if body.current is not None:
         a, b = (x.resolve(capacity) for x in body.current)
         direction = 1 if b > 0 or a > 0 else -1
-        return Control("Current Ramp", "current", lambda t, v: a + (b - a) * min(t / over, 1.0),
+        return Control(StepType.CURRENT_RAMP, SourceMode.CURRENT, lambda t, v: a + (b - a) * min(t / over, 1.0),
                        body.voltage_limit or v_max, limits, direction, dynamic=True, duration=over)
     va, vb = body.voltage
     i_limit = abs(body.current_limit.resolve(capacity)) if body.current_limit else capacity
-    return Control("Voltage Ramp", "voltage", lambda t, v: va + (vb - va) * min(t / over, 1.0), i_limit, limits,
-                   1 if vb > va else -1, dynamic=True, duration=over)
+    return Control(StepType.VOLTAGE_RAMP, SourceMode.VOLTAGE, lambda t, v: va + (vb - va) * min(t / over, 1.0),
+                   i_limit, limits, 1 if vb > va else -1, dynamic=True, duration=over)
 
 
 def _drive(body: Any, limits: list[Limit], v_max: float, base_dir: Path) -> Control:
@@ -162,7 +194,7 @@ def _drive(body: Any, limits: list[Limit], v_max: float, base_dir: Path) -> Cont
         setpoint = lambda t, v: value_at(t) / max(v, 0.1)  # noqa: E731
     edges = [] if linear else [t for t in times[1:] if t > times[0]]
     direction = 1 if sum(values) > 0 else -1
-    return Control("Drive Cycle", "current", setpoint, body.voltage_limit or v_max, limits, direction,
+    return Control(StepType.DRIVE_CYCLE, SourceMode.CURRENT, setpoint, body.voltage_limit or v_max, limits, direction,
                    dynamic=True, edges=edges, duration=None if body.repeat else period)
 
 
@@ -180,5 +212,5 @@ def _pulse(body: Any, limits: list[Limit], capacity: float, v_max: float) -> Con
         what, value = kinds[max(k, 0)]
         return value if what == "current" else value / max(v, 0.1)
 
-    return Control("Pulse", "current", setpoint, body.voltage_limit or v_max, limits, 0, dynamic=True,
+    return Control(StepType.PULSE, SourceMode.CURRENT, setpoint, body.voltage_limit or v_max, limits, 0, dynamic=True,
                    edges=ends[:-1], duration=t)

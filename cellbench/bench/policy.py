@@ -1,0 +1,191 @@
+"""The policy of a run, as pure functions: which limit a reading crosses, whether it is safe, when to sample
+next, what to record, and how much charge an interval carried. No I/O and no clock: each answer follows
+from its arguments alone, so each can be checked by hand.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from cellbench.bench.cells import CellConfig
+from cellbench.bench.roles import Conditions, Reading
+from cellbench.bench.runstate import Budget, Ending, EndKind, Totals
+from cellbench.profiles.controls import Control
+from cellbench.profiles.schema import Limit, Range, RecordRule
+
+VOLTAGE_TOLERANCE = 1e-3  # V: a reading this close to a voltage limit counts as reaching it
+MIN_INTERVAL = 1.0  # s: the shortest sample interval when closing in on a voltage limit
+APPROACH_WINDOW = 0.05  # V: closer than this to a voltage limit, sample at MIN_INTERVAL
+SAFE_MARGIN_LOW, SAFE_MARGIN_HIGH = 0.2, 0.1  # V outside the cell's window that stop the run
+
+History = Sequence[tuple[float, Reading]]  # the step's last two samples: (test time, reading)
+
+
+def resolve_limits(ctl: Control, *, capacity: float, last_voltage: float) -> list[Limit]:
+    """C-rates in amps, each limit's direction made explicit, and the step's own duration as a time limit."""
+    out = []
+    for lim in ctl.limits:
+        if lim.kind == "current" and lim.c_rate is not None:
+            lim = lim.model_copy(update={"value": lim.c_rate * capacity})
+        if lim.op is None:
+            if lim.kind == "voltage":
+                rising = ctl.direction > 0 or (ctl.direction == 0 and last_voltage < lim.value)
+                op = ">=" if rising else "<="
+            else:
+                op = "<=" if lim.kind in ("current", "dvdt", "didt") else ">="
+            lim = lim.model_copy(update={"op": op})
+        out.append(lim)
+    if ctl.duration is not None:
+        out.append(Limit(kind="time", op=">=", value=ctl.duration))
+    return out
+
+
+def temperature_of(c: Conditions) -> float | None:
+    """The cell's temperature where it has a thermocouple, the chamber air otherwise."""
+    return c.cell_c if c.cell_c is not None else c.ambient_c
+
+
+def observe(
+    kind: str, *, direction: int, step: Totals, cycle: Totals, history: History, reading: Reading, t_step: float,
+    conditions: Conditions,
+) -> float | None:
+    """The value of a limit's quantity now, or None where it cannot be known yet."""
+    if kind == "voltage":
+        return reading.voltage
+    if kind == "current":
+        return abs(reading.current)
+    if kind == "time":
+        return t_step
+    if kind == "step_capacity":
+        return max(step.charge_ah, step.discharge_ah)
+    if kind == "step_energy":
+        return max(step.charge_wh, step.discharge_wh)
+    if kind == "cycle_capacity":
+        return cycle.charge_ah if direction > 0 else cycle.discharge_ah
+    if kind == "cycle_energy":
+        return cycle.charge_wh if direction > 0 else cycle.discharge_wh
+    if kind in ("dvdt", "didt") and len(history) == 2:
+        (t0, a), (t1, b) = history
+        if t1 <= t0:
+            return None
+        delta = (b.voltage - a.voltage) if kind == "dvdt" else (b.current - a.current)
+        return abs(delta) / (t1 - t0)
+    if kind == "temperature":
+        return temperature_of(conditions)
+    if kind == "pressure" and conditions.pressure_mpa is not None:
+        return conditions.pressure_mpa * 1e6
+    return None
+
+
+def limit_reached(limits: Sequence[Limit], values: dict[str, float | None]) -> Ending | None:
+    """The first limit whose quantity (in `values`, by kind) has reached it."""
+    for lim in limits:
+        value = values.get(lim.kind)
+        if value is None:
+            continue
+        tol = VOLTAGE_TOLERANCE if lim.kind == "voltage" else 1e-9 if lim.kind == "time" else 0.0
+        if (lim.op == ">=" and value >= lim.value - tol) or (lim.op == "<=" and value <= lim.value + tol):
+            reason = lim.describe() if lim.kind != "time" else f"time {lim.value:g} s"
+            return Ending(EndKind(lim.kind), reason, lim.then)
+    return None
+
+
+def budget_ended(budgets: Sequence[Budget], t: float) -> Ending | None:
+    for b in budgets:
+        if t >= b.deadline - 1e-9:
+            return Ending(EndKind.BUDGET, f"{b.name} ran out", b.target)
+    return None
+
+
+def next_deadline(limits: Sequence[Limit], step_start: float, budgets: Sequence[Budget]) -> float:
+    """The test time of the next time limit or budget, when a sample must be taken exactly."""
+    times = [step_start + lim.value for lim in limits if lim.kind == "time"]
+    return min([*times, *(b.deadline for b in budgets)], default=math.inf)
+
+
+def next_interval(period: float, limits: Sequence[Limit], history: History) -> float:
+    """The sample period, shortened while the voltage closes in on a voltage limit.
+
+    The interval shrinks to a quarter of the time to the crossing the last two samples predict,
+    and to MIN_INTERVAL inside the approach window, so a steep end-of-discharge knee is caught
+    within a second, not a period.
+    """
+    if len(history) < 2:
+        return period
+    (t0, a), (t1, b) = history
+    if t1 <= t0:
+        return period
+    slope = (b.voltage - a.voltage) / (t1 - t0)
+    interval = period
+    for lim in limits:
+        if lim.kind != "voltage":
+            continue
+        gap = lim.value - b.voltage
+        if slope == 0 or gap / slope <= 0:
+            continue
+        if abs(gap) < APPROACH_WINDOW:  # a knee can steepen tenfold between two samples
+            interval = min(interval, MIN_INTERVAL)
+        else:
+            interval = min(interval, max(MIN_INTERVAL, gap / slope / 4))
+    return interval
+
+
+def interval_charge(previous: tuple[float, Reading], now: float, r: Reading, held: float | None) -> tuple[float, float]:
+    """Charge (Ah) and energy (Wh) since the previous sample; positive is into the cell.
+
+    While a current source holds its setpoint the current was that value all interval long
+    (readings are taken under the held source), so the interval counts at the reading's
+    current; otherwise (a voltage source, or a current source in compliance) the current
+    moved, and the trapezoid rule counts it.
+    """
+    t0, r0 = previous
+    hours = (now - t0) / 3600.0
+    if held is not None and abs(r.current - held) <= max(1e-8, 1e-3 * abs(held)):
+        return r.current * hours, r.current * (r0.voltage + r.voltage) / 2 * hours
+    return ((r0.current + r.current) / 2 * hours,
+            (r0.current * r0.voltage + r.current * r.voltage) / 2 * hours)
+
+
+def unsafe(r: Reading, cell: CellConfig, safety: Range | None, conditions: Conditions) -> str | None:
+    """Why a reading is outside what the cell may see, or None."""
+    if math.isnan(r.voltage) or math.isnan(r.current):
+        return f"the cycler returned an overflow reading ({r.voltage}, {r.current})"
+    low, high = cell.voltage_min - SAFE_MARGIN_LOW, cell.voltage_max + SAFE_MARGIN_HIGH
+    if not low <= r.voltage <= high:
+        return f"cell voltage {r.voltage:.4f} V is outside the safe window {low:g} to {high:g} V"
+    if safety is None:
+        return None
+    if safety.voltage and not safety.voltage[0] <= r.voltage <= safety.voltage[1]:
+        lo, hi = safety.voltage
+        return f"cell voltage {r.voltage:.4f} V is outside the profile's safety range {lo:g} to {hi:g} V"
+    if safety.current:
+        lo, hi = (c.resolve(cell.capacity) for c in safety.current)
+        if not lo <= r.current <= hi:
+            return f"current {r.current:.6g} A is outside the profile's safety range {lo:g} to {hi:g} A"
+    temperature, pressure = temperature_of(conditions), conditions.pressure_mpa
+    if safety.temperature and temperature is not None:
+        lo, hi = safety.temperature
+        if not lo <= temperature <= hi:
+            return f"temperature {temperature:.2f} degC is outside the profile's safety range {lo:g} to {hi:g} degC"
+    if safety.pressure and pressure is not None:
+        lo, hi = (x / 1e6 for x in safety.pressure)
+        if not lo <= pressure <= hi:
+            return f"stack pressure {pressure:.3f} MPa is outside the profile's safety range {lo:g} to {hi:g} MPa"
+    return None
+
+
+def record_due(rule: RecordRule | None, last: tuple[float, Reading] | None, now: float, r: Reading) -> bool:
+    """Whether the record rule asks for this sample (the first of a step always, and every one without a rule)."""
+    if rule is None or last is None:
+        return True
+    t0, r0 = last
+    return (
+        (rule.every is not None and now - t0 >= rule.every - 1e-9)
+        or (rule.voltage is not None and abs(r.voltage - r0.voltage) >= rule.voltage)
+        or (rule.current is not None and abs(r.current - r0.current) >= rule.current)
+    )
+
+
+def holds(op: str, value: float, bound: float) -> bool:
+    return value >= bound if op == ">=" else value <= bound
