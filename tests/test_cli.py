@@ -191,11 +191,23 @@ def test_run_without_a_bench_says_what_to_do() -> None:
 
 
 @pytest.mark.parametrize("name", ["desk", "pressure-rig"])
-def test_the_example_bench_files_are_valid(name: str) -> None:
+def test_the_example_bench_files_are_valid(name: str, tmp_path: Path) -> None:
     from cellbench.bench.config import load_bench
+    from cellbench.profiles.parse import InputError
 
-    bench = load_bench(Path(__file__).parent.parent / "cellbench" / "bench" / "examples" / f"{name}.yaml")
-    assert bench.channels and not bench.reference_problems()
+    path = Path(__file__).parent.parent / "cellbench" / "bench" / "examples" / f"{name}.yaml"
+    bench = load_bench(path)
+    for channel in bench.channels.values():  # every channel's cycler is a registered driver that can cycle
+        assert "cycler" in bench.instruments[channel.cycler].roles
+    # the same file with a misspelt driver is refused at its line, naming the registered drivers
+    text = path.read_text()
+    line = next(n for n, row in enumerate(text.splitlines(), 1) if "driver: keithley2450" in row)
+    broken = tmp_path / f"{name}.yaml"
+    broken.write_text(text.replace("driver: keithley2450", "driver: keithly2450", 1))
+    with pytest.raises(InputError) as caught:
+        load_bench(broken)
+    assert any(p.startswith(f"{name}.yaml:{line}:") and "unknown driver 'keithly2450'" in p and "palmsens" in p
+               for p in caught.value.problems), caught.value.problems
 
 
 def test_an_estimate_that_would_take_too_long_says_so() -> None:

@@ -1,0 +1,179 @@
+"""The engine on in-process fakes: its saved state, its event stream, and how it ends, each worked out by hand.
+
+These run in milliseconds on the virtual clock; the same engine over real wires is tested in test_engine.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import itertools
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cellbench.bench import run as run_module
+from cellbench.bench.clock import VirtualClock
+from cellbench.bench.engine import Engine, Outcome
+from cellbench.bench.events import (
+    EventBus,
+    Note,
+    RunEvent,
+    SafetyTripped,
+    SampleTaken,
+    StateSaved,
+    StepEnded,
+    StepStarted,
+)
+from cellbench.bench.roles import Reading
+from cellbench.bench.runstate import EndKind, RunState, RunStatus
+from cellbench.bench.store import RunStore, open_run
+from cellbench.profiles.parse import parse_profile
+from tests.fakes import FakeCycler, fake_channel
+
+CYCLES = """
+name: three cycles by time
+sample_period: 60 s
+steps:
+  - repeat: 3
+    steps:
+      - charge: {current: 1 mA, until: 1 h}
+      - rest: 10 min
+      - discharge: {current: 1 mA, until: 1 h}
+"""
+
+
+def run_engine(
+    text: str, *, cycler: FakeCycler | None = None, cancel_at: float | None = None, checkpoint_every: float = 60.0,
+    subscribe: Callable[[RunEvent], None] | None = None,
+) -> tuple[Engine, list[RunEvent], Outcome | None]:
+    profile = parse_profile(text, "t.yaml")
+    clock = VirtualClock()
+    bus = EventBus()
+    events: list[RunEvent] = []
+    bus.subscribe(events.append)
+    if subscribe:
+        bus.subscribe(subscribe)
+    engine = Engine(profile, fake_channel(cycler), bus, clock, checkpoint_every=checkpoint_every)
+
+    async def main() -> Outcome | None:
+        task = asyncio.ensure_future(engine.run())
+        if cancel_at is None:
+            return await task
+        await asyncio.sleep(cancel_at)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return None
+
+    return engine, events, clock.run(main())
+
+
+def test_the_saved_state_says_where_the_run_stood_when_it_was_cancelled(tmp_path: Path) -> None:
+    # cycle 1: charge 0-3600 s, rest to 4200 s, discharge to 7800 s; cycle 2's charge from 7800 s;
+    # cancelled at 9030 s, 30 s after the sample at 9000 s (1200 s into that charge)
+    store = RunStore(tmp_path / "run.sqlite", durable=False)
+    cycler = FakeCycler()
+    engine, _, _ = run_engine(CYCLES, cycler=cycler, cancel_at=9030.0, subscribe=store.record)
+    store.close()
+    with open_run(tmp_path / "run.sqlite") as back:
+        saved = back.state()
+    assert saved is not None
+    assert saved == engine.state  # what the database holds is the engine's own state
+    assert saved.pc == 1  # the charge (pc 0 is the loop head)
+    assert saved.counters == {0: 1}  # one pass of the loop done
+    assert saved.step_count == 4 and saved.cycle == 2
+    assert saved.step is not None and saved.step.start == pytest.approx(7800.0)
+    assert saved.step.totals.charge_ah == pytest.approx(1e-3 * 1200 / 3600, rel=1e-9)
+    assert saved.cycle_totals.charge_ah == pytest.approx(1e-3 * 1200 / 3600, rel=1e-9)
+    assert saved.cycle_totals.discharge_ah == 0.0  # the cycle's totals started again with cycle 2
+    assert saved.setpoint is not None and saved.setpoint.value == pytest.approx(1e-3)
+    assert saved.reference_capacity is None  # no discharge ended on a voltage limit
+    assert not saved.finished
+    assert cycler.commands[-1] == "OFF"
+    # and it survives its own JSON unchanged
+    assert RunState.model_validate_json(saved.model_dump_json()) == saved
+
+
+def test_state_is_saved_at_every_step_boundary_and_at_the_interval() -> None:
+    _, events, outcome = run_engine(CYCLES, checkpoint_every=600.0)
+    assert outcome is not None and outcome.completed
+    saved = [e for e in events if isinstance(e, StateSaved)]
+    started = [e for e in events if isinstance(e, StepStarted)]
+    # one state as each step starts (before the output goes on), one after it ends, one at the end of the run
+    at_start = {s.state().step.step_count for s in saved if s.state().step is not None
+                and s.state().step.start == s.test_time}  # type: ignore[union-attr]
+    assert at_start == {s.step_count for s in started} == set(range(1, 10))
+    times = [s.test_time for s in saved]
+    assert all(b - a <= 600.0 + 60.0 + 1e-6 for a, b in itertools.pairwise(times))
+    final = saved[-1].state()
+    assert final.finished and final.step is None and final.counters == {0: 3} and final.cycle == 3
+
+
+def test_events_come_in_the_order_things_happened() -> None:
+    _, events, outcome = run_engine("name: one\nsample_period: 10 min\nsteps:\n  - rest: 30 min\n")
+    assert outcome is not None and outcome.completed
+    kinds = [type(e).__name__ for e in events if not isinstance(e, StateSaved)]
+    assert kinds == ["Note", "StepStarted", "SampleTaken", "SampleTaken", "SampleTaken", "SampleTaken",
+                     "StepEnded", "Note"]
+    samples = [e.sample for e in events if isinstance(e, SampleTaken)]
+    assert [s.test_time for s in samples] == [0.0, 600.0, 1200.0, 1800.0]
+    (ended,) = [e for e in events if isinstance(e, StepEnded)]
+    assert ended.kind is EndKind.TIME and ended.reason == "time 1800 s"
+    notes = [e for e in events if isinstance(e, Note)]
+    assert [n.kind for n in notes] == ["start", "end"] and notes[-1].message == "completed"
+
+
+def test_charge_is_counted_as_worked_out_by_hand() -> None:
+    # 2 mA for 30 min into a 3.5 mAh cell with 10 ohm: 1 mAh in, at V = 3.0 + 1.2 * SOC + 0.02
+    _, events, _ = run_engine("name: c\nsample_period: 1 min\nsteps:\n  - charge: {current: 2 mA, until: 30 min}\n")
+    last = [e.sample for e in events if isinstance(e, SampleTaken)][-1]
+    assert last.charge_ah == pytest.approx(1e-3, rel=1e-9)
+    # energy: the trapezoid of a linear voltage rise: mean voltage 3.0 + 1.2 * (1/3.5) / 2 + 0.02
+    assert last.charge_wh == pytest.approx(2e-3 * 0.5 * (3.02 + 1.2 * (1 / 3.5) / 2), rel=1e-6)
+
+
+
+
+def test_an_unsafe_reading_trips_publishes_and_turns_the_output_off() -> None:
+    cycler = FakeCycler()
+    real_measure = cycler.measure
+    count = {"n": 0}
+
+    async def measure() -> Reading:
+        count["n"] += 1
+        reading = await real_measure()
+        return Reading(math.nan, reading.current) if count["n"] > 3 else reading
+
+    cycler.measure = measure  # type: ignore[method-assign]
+    _, events, outcome = run_engine("name: s\nsample_period: 1 min\nsteps:\n  - charge: {current: 1 mA, until: 1 h}\n",
+                                    cycler=cycler)
+    assert outcome is not None and outcome.status is RunStatus.SAFETY_STOP and "overflow" in outcome.reason
+    assert any(isinstance(e, SafetyTripped) for e in events)
+    assert cycler.commands[-1] == "OFF" and not cycler.on
+
+
+def test_a_lost_connection_is_a_fault_that_ends_with_the_output_off() -> None:
+    cycler = FakeCycler(fail_after=5)
+    _, _, outcome = run_engine(CYCLES, cycler=cycler)
+    assert outcome is not None and outcome.status is RunStatus.FAULT and "connection was cut" in outcome.reason
+    assert cycler.commands[-1] == "OFF"
+
+
+def test_a_full_disk_ends_the_run_in_the_safe_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Through the real wiring of a channel's run: the store's writer fails, the engine hears of it and stops."""
+    monkeypatch.setattr(run_module, "RunStore", functools.partial(RunStore, pragmas=("max_page_count=12",)))
+    profile = parse_profile("name: long\nsample_period: 1 s\nsteps:\n  - rest: 30 d\n", "t.yaml")
+    cycler = FakeCycler()
+    clock = VirtualClock()
+    path = tmp_path / "run.sqlite"
+    result: Any = clock.run(run_module._run_channel(fake_channel(cycler), profile, "name: long", clock, path, None,
+                                                     {}, Path(".")))
+    outcome = result.outcome
+    assert outcome.status is RunStatus.RECORDING_FAILED and "full" in outcome.reason
+    assert outcome.test_time < 30 * 86400  # it stopped long before the profile's end
+    assert cycler.commands[-1] == "OFF"
