@@ -1,6 +1,6 @@
 # The two commands of the README: `make demo` and `make test`.
 # Both create .venv when it is missing and install the project into it; `make test` adds the
-# test tools (pytest, ruff, and the Battery Data Format validator and PyProBE as consumers).
+# test tools (pytest, ruff, mypy, and the Battery Data Format validator and PyProBE as consumers).
 PYTHON ?= python3
 VENV := .venv
 RUNTIME := $(VENV)/.installed
@@ -25,10 +25,12 @@ demo: $(RUNTIME)
 
 test: $(TESTING)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 	$(VENV)/bin/python -m pytest
 
 lint: $(TESTING)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable
 from dataclasses import dataclass
+from typing import Any
 
 from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
 from pymodbus.exceptions import ModbusException
@@ -92,8 +94,7 @@ class StackPress:
     async def snapshot(self) -> PressSnapshot:
         """Force, pressure, displacement and platen temperature in one Modbus read."""
         words = await self._read(0, 17)
-        f = [float(self._client.convert_from_registers(words[a:a + 2], self._client.DATATYPE.FLOAT32))
-             for a in (FORCE, DISPLACEMENT, PLATEN_T)]
+        f = [self._float(words[a:a + 2]) for a in (FORCE, DISPLACEMENT, PLATEN_T)]
         return PressSnapshot(f[0], f[0] * 10.0 / self.area_cm2, f[1], f[2])
 
     async def set_force_limit(self, kn: float) -> None:
@@ -114,13 +115,16 @@ class StackPress:
 
     # --- registers -------------------------------------------------------------------------
     async def _read(self, address: int, count: int) -> list[int]:
-        rr = await self._call(f"read {count} registers at {address}",
-                              self._client.read_holding_registers(address, count=count, device_id=self.device_id))
+        rr: Any = await self._call(f"read {count} registers at {address}",
+                                   self._client.read_holding_registers(address, count=count, device_id=self.device_id))
         return list(rr.registers)
 
     async def _read_float(self, address: int) -> float:
-        words = await self._read(address, 2)
-        return float(self._client.convert_from_registers(words, self._client.DATATYPE.FLOAT32))
+        return self._float(await self._read(address, 2))
+
+    def _float(self, words: list[int]) -> float:
+        value: Any = self._client.convert_from_registers(words, self._client.DATATYPE.FLOAT32)
+        return float(value)
 
     async def _write_float(self, address: int, value: float) -> None:
         words = self._client.convert_to_registers(float(value), self._client.DATATYPE.FLOAT32)
@@ -131,17 +135,17 @@ class StackPress:
         await self._call(f"write {value} at {address}",
                          self._client.write_register(address, value, device_id=self.device_id))
 
-    async def _call(self, what: str, request: object) -> object:
+    async def _call(self, what: str, request: Awaitable[Any]) -> Any:
         async with self._lock:
             try:
-                rr = await asyncio.wait_for(request, self.timeout + 0.5)  # type: ignore[arg-type]
+                rr = await asyncio.wait_for(request, self.timeout + 0.5)
             except TimeoutError:
                 raise InstrumentTimeout(self.name, what, self.timeout, b"") from None
             except ModbusException as exc:
                 if "timeout" in str(exc).lower() or "no response" in str(exc).lower():
                     raise InstrumentTimeout(self.name, what, self.timeout, b"") from None
                 raise ConnectionLost(self.name, f"{what}: {exc}") from exc
-        if rr.isError():  # type: ignore[attr-defined]
+        if rr.isError():
             code = getattr(rr, "exception_code", 0)
             raise InstrumentError(self.name, [f"Modbus exception {code}: {EXCEPTIONS.get(code, 'error')}"], what)
         return rr

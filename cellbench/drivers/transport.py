@@ -21,7 +21,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 from cellbench.drivers.errors import ConnectionLost, InstrumentTimeout
 
@@ -252,7 +252,7 @@ class VisaTransport(LineTransport):
         super().__init__(name, resource, **kw)  # type: ignore[arg-type]
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"visa-{name}")
         self._baud_rate = baud_rate
-        self._session: object | None = None
+        self._session: Any = None
 
     async def _call(self, fn: object, *args: object) -> object:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)  # type: ignore[arg-type]
@@ -262,7 +262,7 @@ class VisaTransport(LineTransport):
 
         def _open() -> object:
             rm = pyvisa.ResourceManager("@py")
-            kwargs: dict[str, object] = {
+            kwargs: dict[str, Any] = {
                 "read_termination": self.read_termination.decode(),
                 "write_termination": "",
                 "timeout": int(self.timeout * 1000),
@@ -279,7 +279,8 @@ class VisaTransport(LineTransport):
 
     async def _send(self, data: bytes) -> None:
         try:
-            await self._call(self._session.write_raw, data)  # type: ignore[union-attr]
+            assert self._session is not None
+            await self._call(self._session.write_raw, data)
         except Exception as exc:
             raise ConnectionLost(self.name, f"write failed: {exc}") from exc
 
@@ -288,8 +289,9 @@ class VisaTransport(LineTransport):
 
         def _read() -> bytes:
             session = self._session
-            session.timeout = max(1, int(timeout * 1000))  # type: ignore[union-attr]
-            return session.read_raw()  # type: ignore[union-attr]
+            assert session is not None
+            session.timeout = max(1, int(timeout * 1000))
+            return bytes(session.read_raw())
 
         try:
             data = await self._call(_read)
@@ -311,7 +313,7 @@ class VisaTransport(LineTransport):
     async def close(self) -> None:
         if self._session is not None:
             with contextlib.suppress(Exception):
-                await self._call(self._session.close)  # type: ignore[union-attr]
+                await self._call(self._session.close)
             self._session = None
         self._executor.shutdown(wait=False)
 

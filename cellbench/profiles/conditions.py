@@ -18,7 +18,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, ClassVar
 
-from pydantic import BeforeValidator, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, Field, model_validator
 from pydantic_core import PydanticCustomError
 
 from cellbench.profiles.base import Strict
@@ -120,8 +120,9 @@ def _condition(value: Any) -> Any:
                 "condition", "a condition is one of: {expected} (got {got})",
                 {"expected": ", ".join(CONDITION_KINDS), "got": ", ".join(map(str, value)) or "nothing"},
             )
-        model = {"set": SetCondition, "ramp": RampCondition, "hold": HoldCondition,
-                 "wait stable": WaitStableCondition}[kinds[0]]
+        models: dict[str, type[BaseModel]] = {"set": SetCondition, "ramp": RampCondition, "hold": HoldCondition,
+                                              "wait stable": WaitStableCondition}
+        model = models[kinds[0]]
         return model.model_validate(value)
     return value
 

@@ -210,7 +210,7 @@ def _pulse(body: Any, limits: list[Limit], capacity: float, v_max: float) -> Con
     def setpoint(tt: float, v: float) -> float:
         k = min(bisect.bisect_right(starts, tt) - 1, len(kinds) - 1)
         what, value = kinds[max(k, 0)]
-        return value if what == "current" else value / max(v, 0.1)
+        return float(value) if what == "current" else float(value) / max(v, 0.1)
 
     return Control(StepType.PULSE, SourceMode.CURRENT, setpoint, body.voltage_limit or v_max, limits, 0, dynamic=True,
                    edges=ends[:-1], duration=t)

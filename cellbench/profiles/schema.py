@@ -24,7 +24,7 @@ Battery Data Format counts it.
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, TypeAlias
 
 from pydantic import (
     BaseModel,
@@ -354,25 +354,41 @@ class EisBody(EndsByItself, Strict):
 
 def _step(name: str, kind: str, body: type[BaseModel]) -> type[Strict]:
     """A step as written: the one-key mapping {kind: body}."""
-    model = create_model(name, __base__=Strict, __module__=__name__, **{kind: (body, ...)})
+    fields: dict[str, Any] = {kind: (body, ...)}
+    model: type[Strict] = create_model(name, __base__=Strict, __module__=__name__, **fields)
     model.kind = kind  # type: ignore[attr-defined]
     model.what = "step"
     return model
 
 
-ChargeStep = _step("ChargeStep", "charge", CurrentBody)
-DischargeStep = _step("DischargeStep", "discharge", CurrentBody)
-CCStep = _step("CCStep", "cc", CurrentBody)
-HoldStep = _step("HoldStep", "hold", VoltageBody)
-CVStep = _step("CVStep", "cv", VoltageBody)
-CCCVStep = _step("CCCVStep", "cccv", CCCVBody)
-RestStep = _step("RestStep", "rest", RestBody)
-RampStep = _step("RampStep", "ramp", RampBody)
-DriveStep = _step("DriveStep", "drive", DriveBody)
-PulseStep = _step("PulseStep", "pulse", PulseBody)
-EisStep = _step("EisStep", "eis", EisBody)
-WaitStep = _step("WaitStep", "wait", WaitBody)
-SetStep = _step("SetStep", "set", SetBody)
+if TYPE_CHECKING:  # made at run time by _step: to a type checker each is a Strict model
+    ChargeStep: TypeAlias = Strict
+    DischargeStep: TypeAlias = Strict
+    CCStep: TypeAlias = Strict
+    HoldStep: TypeAlias = Strict
+    CVStep: TypeAlias = Strict
+    CCCVStep: TypeAlias = Strict
+    RestStep: TypeAlias = Strict
+    RampStep: TypeAlias = Strict
+    DriveStep: TypeAlias = Strict
+    PulseStep: TypeAlias = Strict
+    EisStep: TypeAlias = Strict
+    WaitStep: TypeAlias = Strict
+    SetStep: TypeAlias = Strict
+else:
+    ChargeStep = _step("ChargeStep", "charge", CurrentBody)
+    DischargeStep = _step("DischargeStep", "discharge", CurrentBody)
+    CCStep = _step("CCStep", "cc", CurrentBody)
+    HoldStep = _step("HoldStep", "hold", VoltageBody)
+    CVStep = _step("CVStep", "cv", VoltageBody)
+    CCCVStep = _step("CCCVStep", "cccv", CCCVBody)
+    RestStep = _step("RestStep", "rest", RestBody)
+    RampStep = _step("RampStep", "ramp", RampBody)
+    DriveStep = _step("DriveStep", "drive", DriveBody)
+    PulseStep = _step("PulseStep", "pulse", PulseBody)
+    EisStep = _step("EisStep", "eis", EisBody)
+    WaitStep = _step("WaitStep", "wait", WaitBody)
+    SetStep = _step("SetStep", "set", SetBody)
 
 
 class RepeatStep(Strict):
@@ -392,14 +408,14 @@ LEAF_STEPS: tuple[type[Strict], ...] = (
 STEP_KINDS = (*(c.kind for c in LEAF_STEPS), "repeat")  # type: ignore[attr-defined]
 
 
-def body_of(step: BaseModel) -> StepBody:
-    """The body of a leaf step (what follows its kind)."""
+def body_of(step: BaseModel) -> Any:
+    """The body of a leaf step (what follows its kind): a StepBody of the kind's own model."""
     return getattr(step, step.kind)  # type: ignore[attr-defined]
 
 
 def step_kind(value: Any) -> str | None:
     if isinstance(value, BaseModel):
-        return value.kind  # type: ignore[attr-defined]
+        return str(value.kind)  # type: ignore[attr-defined]
     if isinstance(value, dict):
         return next((k for k in STEP_KINDS if k in value), None)
     return None

@@ -76,7 +76,7 @@ def to_si(value: Any, unit: str, what: str) -> float:
             {"value": value, "what": what.split(" (")[0], "example": f"{value} {unit}"},
         )
     try:
-        quantity = registry().Quantity(value.strip())
+        quantity: Any = registry().Quantity(value.strip())
         return float(quantity.to(unit).magnitude)
     except (pint.errors.PintError, AttributeError, TypeError, ValueError, AssertionError):
         raise PydanticCustomError("quantity", "'{value}' is not {what}", {"value": value, "what": what}) from None
@@ -104,7 +104,7 @@ def kind_of(text: str) -> str | None:
     if parse_c_rate(text) is not None:
         return "current"
     try:
-        quantity = registry().Quantity(text.strip())
+        quantity: Any = registry().Quantity(text.strip())
     except Exception:
         return None
     if not isinstance(quantity, pint.Quantity):

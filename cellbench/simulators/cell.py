@@ -109,7 +109,7 @@ class SolidStateCell:
 
     def _pressure_factor(self) -> float:
         p = max(self.pressure_mpa, self.params.p_floor_mpa)
-        return (p / self.params.p_ref_mpa) ** self.params.pressure_exponent
+        return float((p / self.params.p_ref_mpa) ** self.params.pressure_exponent)
 
     def _resistances(self) -> tuple[float, float]:
         """(ohmic, interfacial) in ohms, recomputed only when temperature or pressure change."""

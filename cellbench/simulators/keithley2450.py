@@ -15,7 +15,7 @@ from typing import Protocol
 
 from cellbench.simulators.cell import SolidStateCell
 from cellbench.simulators.parameters import PRESETS
-from cellbench.simulators.scpi import ScpiError, ScpiTree, Setting, format_number, unquote
+from cellbench.simulators.scpi import Handler, ScpiError, ScpiTree, Setting, format_number, unquote
 from cellbench.simulators.server import ServeOptions, serve_lines
 
 IDN = "KEITHLEY INSTRUMENTS,MODEL 2450,SIM0001,1.7.12b"
@@ -57,9 +57,9 @@ class Keithley2450Sim:
         self.tree = ScpiTree(self._commands())
         self.surroundings: list[Surroundings] = []  # chamber and press acting on the same cell
 
-    def _commands(self) -> dict[str, object]:
+    def _commands(self) -> dict[str, Handler | Setting]:
         src, sense = ":SOURce[1]", ":SENSe[1]"
-        commands: dict[str, object] = {
+        commands: dict[str, Handler | Setting] = {
             "*IDN?": lambda a: self.idn,
             "*RST": lambda a: self._reset(),
             "*CLS": lambda a: self.tree.errors.clear(),

@@ -12,6 +12,7 @@ import contextlib
 import math
 import struct
 from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
 
 from pymodbus.constants import ExcCodes
 from pymodbus.datastore import ModbusServerContext
@@ -39,7 +40,7 @@ def float_to_words(value: float) -> list[int]:
 
 
 def words_to_float(words: Sequence[int]) -> float:
-    return struct.unpack(">f", struct.pack(">HH", words[0], words[1]))[0]
+    return float(struct.unpack(">f", struct.pack(">HH", words[0], words[1]))[0])
 
 
 class PressSim:
@@ -216,12 +217,16 @@ class _PressContext(ModbusServerContext):
     def device_ids(self) -> list[int]:
         return [self.device_id]
 
-    async def async_getValues(self, device_id: int, func_code: int, address: int, count: int = 1):  # type: ignore[override]
+    async def async_getValues(
+        self, device_id: int, func_code: int, address: int, count: int = 1
+    ) -> Any:
         if func_code not in READ_FUNCTIONS | WRITE_FUNCTIONS:
             return ExcCodes.ILLEGAL_FUNCTION
         return self.press.read(address, count)
 
-    async def async_setValues(self, device_id: int, func_code: int, address: int, values):  # type: ignore[override]
+    async def async_setValues(
+        self, device_id: int, func_code: int, address: int, values: Any
+    ) -> Any:
         if func_code not in WRITE_FUNCTIONS:
             return ExcCodes.ILLEGAL_FUNCTION
         return self.press.write(address, values)

@@ -134,7 +134,8 @@ class SimServer:
         except (ConnectionError, asyncio.CancelledError):
             return
         finally:
-            self._handlers.discard(task)  # type: ignore[arg-type]
+            if task is not None:
+                self._handlers.discard(task)
             self._writers.discard(writer)
             writer.close()
 
