@@ -14,12 +14,13 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import operator
 import queue
 import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import astuple, fields
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +84,7 @@ CREATE TABLE IF NOT EXISTS eis_fits (
 
 _Op = tuple[str, tuple[Any, ...]]  # SQL and its parameters
 _INSERT_SAMPLE = f"INSERT INTO samples VALUES ({', '.join('?' * len(COLUMNS))})"
+_row = operator.attrgetter(*(name for name, _, _ in COLUMNS))  # a Sample as its row, without astuple's deep copy
 
 
 class _Barrier:
@@ -222,7 +224,7 @@ class RunStore:
 
     def add(self, sample: Sample, now: float) -> None:
         """Buffer a sample; hand the batch over when it is flush_interval old (run time) or full."""
-        self._buffer.append((_INSERT_SAMPLE, astuple(sample)))
+        self._buffer.append((_INSERT_SAMPLE, _row(sample)))
         self._samples_buffered += 1
         if self._batch_start is None:
             self._batch_start = now

@@ -5,7 +5,7 @@ from __future__ import annotations
 from cellbench.bench.roles import ChamberTemperature
 from cellbench.drivers.errors import InstrumentError, ProtocolError
 from cellbench.drivers.registry import DriverSpec, Opened, OpenRequest
-from cellbench.drivers.transport import Transport, open_transport
+from cellbench.drivers.transport import Transport, open_line_driver
 
 
 class EspecChamber:
@@ -79,14 +79,8 @@ def _floats(name: str, command: str, reply: str, count: int) -> list[float]:
 
 
 async def _open(req: OpenRequest) -> Opened:
-    transport = await open_transport(req.resource, name=req.name, timeout=req.timeout, backend=req.backend,
-                                     baud_rate=req.baud_rate, read_termination="\r\n", write_termination="\r\n")
-    try:
-        chamber = EspecChamber(transport, address=req.address)
-        return Opened(chamber, await chamber.identify(), transport.close)
-    except BaseException:
-        await transport.close()
-        raise
+    return await open_line_driver(req, lambda io: EspecChamber(io, address=req.address), EspecChamber.identify,
+                                  termination="\r\n")
 
 
 DRIVERS = [

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from cellbench.bench.roles import ImpedancePoint
 from cellbench.drivers.errors import InstrumentError, ProtocolError
 from cellbench.drivers.registry import DriverSpec, Opened, OpenRequest
-from cellbench.drivers.transport import LineTransport, open_transport
+from cellbench.drivers.transport import LineTransport, open_line_driver
 
 PREFIXES = {
     "a": 1e-18, "f": 1e-15, "p": 1e-12, "n": 1e-9, "u": 1e-6, "m": 1e-3, " ": 1.0, "i": 1.0,
@@ -209,14 +209,7 @@ class PalmSens:
 
 
 async def _open(req: OpenRequest) -> Opened:
-    transport = await open_transport(req.resource, name=req.name, timeout=req.timeout, backend=req.backend,
-                                     baud_rate=req.baud_rate)
-    try:
-        pstat = PalmSens(transport)
-        return Opened(pstat, await pstat.identify(), transport.close)
-    except BaseException:
-        await transport.close()
-        raise
+    return await open_line_driver(req, PalmSens, PalmSens.identify)
 
 
 DRIVERS = [

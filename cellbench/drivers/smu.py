@@ -8,7 +8,7 @@ import re
 from cellbench.bench.roles import Reading
 from cellbench.drivers.errors import InstrumentError, ProtocolError
 from cellbench.drivers.registry import DriverSpec, Opened, OpenRequest
-from cellbench.drivers.transport import Transport, open_transport
+from cellbench.drivers.transport import Transport, open_line_driver
 
 OVERFLOW = 9.9e37
 _ERROR_RE = re.compile(r'^\s*([+-]?\d+)\s*,\s*"([^"]*)"')
@@ -114,14 +114,7 @@ class Keithley2450:
 
 
 async def _open(req: OpenRequest) -> Opened:
-    transport = await open_transport(req.resource, name=req.name, timeout=req.timeout, backend=req.backend,
-                                     baud_rate=req.baud_rate)
-    try:
-        smu = Keithley2450(transport)
-        return Opened(smu, await smu.setup(), transport.close)
-    except BaseException:
-        await transport.close()
-        raise
+    return await open_line_driver(req, Keithley2450, Keithley2450.setup)
 
 
 DRIVERS = [

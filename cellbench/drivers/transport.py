@@ -18,14 +18,16 @@ import contextlib
 import logging
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, TypeVar
 
 from cellbench.drivers.errors import ConnectionLost, InstrumentTimeout
+from cellbench.drivers.registry import Opened, OpenRequest
 
 log = logging.getLogger(__name__)
+D = TypeVar("D")
 
 Backend = Literal["auto", "native", "visa"]
 
@@ -352,3 +354,22 @@ async def open_transport(
     if native:
         raise ValueError(f"{resource}: no native transport for {res.interface}; use backend 'visa'")
     return await VisaTransport(label, resource, baud_rate=baud_rate if res.interface == "ASRL" else None, **kw).open()
+
+
+async def open_line_driver(
+    req: OpenRequest,
+    make: Callable[[LineTransport], D],
+    identify: Callable[[D], Awaitable[str]],
+    *,
+    termination: str = "\n",
+) -> Opened:
+    """Open a line instrument's wire, make its driver and identify it; the wire is closed if that fails."""
+    transport = await open_transport(req.resource, name=req.name, timeout=req.timeout, backend=req.backend,
+                                     baud_rate=req.baud_rate, read_termination=termination,
+                                     write_termination=termination)
+    try:
+        driver = make(transport)
+        return Opened(driver, await identify(driver), transport.close)
+    except BaseException:
+        await transport.close()
+        raise
