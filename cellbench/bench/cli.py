@@ -17,7 +17,7 @@ from cellbench.bench import engine
 from cellbench.bench.analysis import cycle_table
 from cellbench.bench.clock import RealClock, VirtualClock
 from cellbench.bench.config import load_bench
-from cellbench.bench.run import ChannelResult, run_bench
+from cellbench.bench.run import ChannelResult, exit_code, run_bench
 from cellbench.bench.store import open_run
 from cellbench.drivers.errors import InstrumentFault
 from cellbench.drivers.registry import DriverSpec, drivers, simulator
@@ -153,8 +153,8 @@ def demo(
     result = _simulate(
         profile or library_path(DEMO_PROFILE), seed=seed, runs_dir=runs_dir, cell="pellet", soc=0.0, temperature=25.0
     )
-    if not result.outcome.completed:
-        raise typer.Exit(1)
+    if code := exit_code([result]):
+        raise typer.Exit(code)
 
 
 @app.command()
@@ -178,8 +178,8 @@ def run(
     if dry_run:
         result = _simulate(path, seed=seed, runs_dir=runs_dir, cell=cell, soc=soc, temperature=temperature,
                            environment=environment)
-        if not result.outcome.completed:
-            raise typer.Exit(1)
+        if code := exit_code([result]):
+            raise typer.Exit(code)
         return
     if bench is None:
         raise _fail("say which bench to run on with --bench BENCH.yaml, or use --dry-run")
@@ -199,11 +199,11 @@ def run(
         raise _fail(exc.problems) from None
     except InstrumentFault as exc:
         raise _fail(str(exc), 1) from None
-    except KeyboardInterrupt:
-        raise _fail("interrupted: outputs were turned off", 130) from None
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        raise _fail("interrupted while opening the instruments: no output had been turned on", 130) from None
     _show_results(results)
-    if not all(r.outcome.completed for r in results):
-        raise typer.Exit(1)
+    if code := exit_code(results):
+        raise typer.Exit(code)
 
 
 def _profile_path(profile: Path) -> Path:

@@ -17,6 +17,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from cellbench.bench import policy
 from cellbench.bench.channel import Channel
@@ -57,6 +58,10 @@ class SafetyStop(Exception):
 
 class RecordingFailed(Exception):
     """The run can no longer be recorded (a full disk): the run ends in the safe state."""
+
+
+class Interrupted(Exception):
+    """Stopped from outside (a signal, an operator): the run ends in the safe state, recorded `interrupted`."""
 
 
 @dataclass(frozen=True)
@@ -106,6 +111,7 @@ class Engine:
         base_dir: Path = Path("."),
         checkpoint_every: float = CHECKPOINT_EVERY,
         on_progress: Callable[[Progress], None] | None = None,
+        notices: list[str] | None = None,
     ) -> None:
         self.profile = profile
         self.channel = channel
@@ -123,6 +129,8 @@ class Engine:
         self._track = Track(channel, clock, lambda kind, message: self._note(NoteKind(kind), message))
         self._interrupt: BaseException | None = None
         self._waiter: asyncio.Future[None] | None = None
+        self._task: asyncio.Task[Any] | None = None
+        self._notices = list(notices or [])
         if on_progress is not None:
             total = profile.executed_step_count()
 
@@ -134,8 +142,11 @@ class Engine:
 
     # --- the run ---------------------------------------------------------------------------
     async def run(self) -> Outcome:
+        self._task = asyncio.current_task()
         self._origin = self.clock.start()
         self._note(NoteKind.START, f"profile '{self.profile.name}' on channel '{self.channel.name}'")
+        for notice in self._notices:
+            self._note(NoteKind.NOTICE, notice)
         self.walker.start(self.profile.time_limit)
         status, reason = RunStatus.COMPLETED, "completed"
         try:
@@ -146,16 +157,19 @@ class Engine:
             status, reason = RunStatus.FAILED, f"failed: {exc}"
             self._note(NoteKind.FAILED, str(exc))
         except asyncio.CancelledError:
-            status, reason = RunStatus.CANCELLED, "cancelled"
-            self._note(NoteKind.CANCELLED, "the run was cancelled")
-            raise
+            if not isinstance(self._interrupt, Interrupted | RecordingFailed):
+                status, reason = RunStatus.CANCELLED, "cancelled"
+                self._note(NoteKind.CANCELLED, "the run was cancelled")
+                raise
+            if self._task is not None:
+                self._task.uncancel()  # our own stop(): the run ends here, with an outcome
+            status, reason = self._stopped(self._interrupt)
+        except (Interrupted, RecordingFailed) as exc:
+            status, reason = self._stopped(exc)
         except SafetyStop as exc:
             status, reason = RunStatus.SAFETY_STOP, f"safety stop: {exc}"
             self.events.publish(SafetyTripped(str(exc), self._t()))
             self._note(NoteKind.SAFETY, str(exc))
-        except RecordingFailed as exc:
-            status, reason = RunStatus.RECORDING_FAILED, f"recording failed: {exc}"
-            self._note(NoteKind.RECORDING, str(exc))
         except InstrumentFault as exc:
             status, reason = RunStatus.FAULT, f"instrument fault: {exc}"
             self._note(NoteKind.FAULT, str(exc))
@@ -166,11 +180,28 @@ class Engine:
         return Outcome(status is RunStatus.COMPLETED, reason, self._t(), self.state.step_count, self.state.cycle,
                        status)
 
-    def interrupt(self, exc: BaseException) -> None:
-        """End the run at the next wait with this error (e.g. RecordingFailed); safe to call from the loop only."""
+    def stop(self, exc: Interrupted | RecordingFailed) -> None:
+        """End the run now, in the safe state, for this reason; call it on the run's loop.
+
+        A run waiting for its next sample wakes at once; one busy with an instrument (an EIS sweep, a
+        stabilisation) is cancelled. Either way the output goes off and the reason is recorded.
+        """
+        if self._interrupt is not None:
+            return
         self._interrupt = exc
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
+        elif self._task is not None and not self._task.done():
+            self._task.cancel()
+
+    interrupt = stop
+
+    def _stopped(self, exc: BaseException) -> tuple[RunStatus, str]:
+        if isinstance(exc, RecordingFailed):
+            self._note(NoteKind.RECORDING, str(exc))
+            return RunStatus.RECORDING_FAILED, f"recording failed: {exc}"
+        self._note(NoteKind.INTERRUPTED, str(exc))
+        return RunStatus.INTERRUPTED, f"interrupted: {exc}"
 
     async def _run_with_track(self) -> None:
         """The electrical steps, with the pressure-temperature track running alongside."""

@@ -29,6 +29,8 @@ class NoteKind(StrEnum):
     HANDOVER = "handover"
     FIT = "fit"
     RECORDING = "recording"
+    INTERRUPTED = "interrupted"
+    NOTICE = "notice"
 
 
 @dataclass(frozen=True, slots=True)

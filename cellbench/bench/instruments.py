@@ -8,6 +8,7 @@ from typing import Any
 
 from cellbench.bench.channel import Channel
 from cellbench.bench.config import BenchConfig, CellConfig, InstrumentConfig
+from cellbench.bench.locks import InstrumentLock
 from cellbench.drivers.registry import OpenRequest, driver
 
 
@@ -19,6 +20,8 @@ class Instruments:
         self.drivers: dict[str, Any] = {}
         self.identity: dict[str, str] = {}
         self._closers: list[Callable[[], Awaitable[None]]] = []
+        self._locks: list[InstrumentLock] = []
+        self.notices: dict[str, list[str]] = {}  # instrument name -> what was found on connecting
 
     async def __aenter__(self) -> Instruments:
         try:
@@ -33,11 +36,23 @@ class Instruments:
         return self
 
     async def _open(self, name: str, cfg: InstrumentConfig, cell: CellConfig) -> None:
+        lock = InstrumentLock(name, cfg.resource)
+        lock.acquire(f"bench '{self.bench.name}'")
+        self._locks.append(lock)
         request = OpenRequest(name=name, resource=cfg.resource, timeout=cfg.timeout, backend=cfg.backend,
                               baud_rate=cfg.baud, address=cfg.address, device_id=cfg.device_id, area_cm2=cell.area)
         opened = await driver(cfg.driver).open(request)
         self._closers.append(opened.close)
         self.drivers[name], self.identity[name] = opened.driver, opened.identity
+        if "cycler" in cfg.roles and await opened.driver.output_is_on():
+            # left on by a controller that died, or by hand: safe first, then say so
+            await opened.driver.output(False)
+            self.notices.setdefault(name, []).append(f"{name}'s output was on when connected; it was turned off")
+
+    def notices_for(self, channel: str) -> list[str]:
+        ch = self.bench.channels[channel]
+        refs = [r for r in (ch.cycler, ch.chamber, ch.press, ch.potentiostat) if r is not None]
+        return [notice for r in refs for notice in self.notices.get(r, [])]
 
     def channel(self, name: str) -> Channel:
         ch = self.bench.channels[name]
@@ -54,3 +69,6 @@ class Instruments:
             with contextlib.suppress(Exception):
                 await close()
         self._closers = []
+        for lock in self._locks:
+            lock.release()
+        self._locks = []

@@ -3,25 +3,30 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import Any
 
 from cellbench.bench.channel import Channel
 from cellbench.bench.clock import Clock
 from cellbench.bench.config import BenchConfig
-from cellbench.bench.engine import Engine, Outcome, Progress, RecordingFailed
+from cellbench.bench.engine import Engine, Interrupted, Outcome, Progress, RecordingFailed
 from cellbench.bench.events import EventBus
 from cellbench.bench.instruments import Instruments
+from cellbench.bench.runstate import RunStatus
 from cellbench.bench.store import RunStore
 from cellbench.profiles.checks import cell_problems, instrument_problems
 from cellbench.profiles.parse import InputError, locate
 from cellbench.profiles.schema import Profile
 
 ProgressCallback = Callable[[str, Progress], None]
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -39,8 +44,76 @@ def cellbench_version() -> str:
 
 
 def run_id(profile: Profile) -> str:
+    """A run's ID: its start in UTC (ISO 8601 basic, with the zone) and the profile's name."""
     slug = re.sub(r"[^a-z0-9]+", "-", profile.name.lower()).strip("-")[:40] or "run"
-    return f"{time.strftime('%Y%m%d-%H%M%S')}-{slug}"
+    return f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{slug}"
+
+
+def reserve(runs_dir: Path, stem: str) -> Path:
+    """Create the run's database file exclusively: two runs never share a file, even started in the same second."""
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    for n in range(1, 1000):
+        path = runs_dir / (f"{stem}.sqlite" if n == 1 else f"{stem}-{n}.sqlite")
+        try:
+            with path.open("xb"):
+                return path
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{runs_dir}: no free name for run {stem}")
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def exit_code(results: list[ChannelResult]) -> int:
+    """0 when every channel completed; 128 + the signal's number when a signal stopped the run; 1 otherwise."""
+    for r in results:
+        if r.outcome.status is RunStatus.INTERRUPTED:
+            for sig in STOP_SIGNALS:
+                if sig.name in r.outcome.reason:
+                    return 128 + int(sig)
+    return 0 if all(r.outcome.completed for r in results) else 1
+
+
+class _Coordinator:
+    """What the channels of one bench share: stop signals, and a storage failure that stops them all."""
+
+    def __init__(self) -> None:
+        self.engines: list[Engine] = []
+        self.stopping: Interrupted | RecordingFailed | None = None
+        self._main: asyncio.Task[Any] | None = None
+        self._signals: list[signal.Signals] = []
+
+    def stop_all(self, reason: Interrupted | RecordingFailed) -> None:
+        if self.stopping is None:
+            self.stopping = reason
+            log.warning("stopping every channel: %s", reason)
+        for engine in self.engines:
+            engine.stop(reason)
+        if not self.engines and self._main is not None:
+            self._main.cancel()  # still opening instruments: stop that
+
+    def add(self, engine: Engine) -> None:
+        self.engines.append(engine)
+        if self.stopping is not None:
+            engine.stop(self.stopping)
+
+    def catch_signals(self) -> None:
+        """SIGINT, SIGTERM and SIGHUP stop every channel in the safe state (main thread only)."""
+        loop = asyncio.get_running_loop()
+        self._main = asyncio.current_task()
+        for sig in STOP_SIGNALS:
+            try:
+                loop.add_signal_handler(sig, self.stop_all, Interrupted(f"{sig.name} received"))
+            except (ValueError, RuntimeError, NotImplementedError):  # not the main thread, or no such signal here
+                continue
+            self._signals.append(sig)
+
+    def release_signals(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in self._signals:
+            loop.remove_signal_handler(sig)
+        self._signals = []
 
 
 async def run_bench(
@@ -54,11 +127,14 @@ async def run_bench(
     extra_metadata: dict[str, object] | None = None,
     profile_source: str = "<profile>",
     base_dir: Path = Path("."),
+    handle_signals: bool = True,
 ) -> list[ChannelResult]:
     """Run the profile on every channel of the bench at once; one database per channel.
 
     Raises InputError, before any instrument is touched, when the profile asks a cell for
-    voltages outside its window.
+    voltages outside its window. With `handle_signals` (on the main thread), SIGINT, SIGTERM and
+    SIGHUP end every channel in the safe state, recorded `interrupted`. One channel's failure never
+    stops another, but a storage failure stops them all (they share the disk).
     """
     problems = []
     for name, ch in bench.channels.items():
@@ -71,13 +147,28 @@ async def run_bench(
     if problems:
         raise InputError(locate(profile_text, profile_source, problems))
     rid = run_id(profile)
-    async with Instruments(bench) as instruments:
-        jobs = [
-            _run_channel(instruments.channel(name), profile, profile_text, clock, runs_dir / f"{rid}-{name}.sqlite",
-                         on_progress, {"bench": bench.model_dump(mode="json"), **(extra_metadata or {})}, base_dir)
-            for name in bench.channels
-        ]
-        return list(await asyncio.gather(*jobs))
+    absolute_base = str(Path.cwd() / base_dir)  # where a resume finds the profile's drive files
+    coordinator = _Coordinator()
+    if handle_signals:
+        coordinator.catch_signals()
+    try:
+        async with Instruments(bench) as instruments:
+            extra = {"bench": bench.model_dump(mode="json"), "profile_source": profile_source,
+                     "base_dir": absolute_base, **(extra_metadata or {})}
+            jobs = [
+                _run_channel(instruments.channel(name), profile, profile_text, clock,
+                             reserve(runs_dir, f"{rid}-{name}"), on_progress, extra, base_dir, coordinator,
+                             instruments.notices_for(name))
+                for name in bench.channels
+            ]
+            # every channel runs to its own end before the shared connections close
+            results = await asyncio.gather(*jobs, return_exceptions=True)
+    finally:
+        coordinator.release_signals()
+    for r in results:
+        if isinstance(r, BaseException):
+            raise r
+    return [r for r in results if isinstance(r, ChannelResult)]
 
 
 async def _run_channel(
@@ -89,15 +180,16 @@ async def _run_channel(
     on_progress: ProgressCallback | None,
     extra: dict[str, object],
     base_dir: Path,
+    coordinator: _Coordinator | None = None,
+    notices: list[str] | None = None,
 ) -> ChannelResult:
     cell = channel.cell
     loop = asyncio.get_running_loop()
     events = EventBus()
-    engine: Engine | None = None
+    coordinator = coordinator or _Coordinator()
 
     def failed(exc: BaseException) -> None:  # on the writer thread
-        if engine is not None:
-            loop.call_soon_threadsafe(engine.interrupt, RecordingFailed(f"{path.name}: {exc}"))
+        loop.call_soon_threadsafe(coordinator.stop_all, RecordingFailed(f"{path.name}: {exc}"))
 
     store = RunStore(path, durable=not clock.virtual, on_failure=failed)
     try:
@@ -114,7 +206,8 @@ async def _run_channel(
         )
         events.subscribe(store.record)
         progress = (lambda p: on_progress(channel.name, p)) if on_progress else None
-        engine = Engine(profile, channel, events, clock, on_progress=progress, base_dir=base_dir)
+        engine = Engine(profile, channel, events, clock, on_progress=progress, base_dir=base_dir, notices=notices)
+        coordinator.add(engine)
         outcome = await engine.run()
     finally:
         # the last batch is committed off the control loop on the real clock (other channels keep sampling)
@@ -123,3 +216,4 @@ async def _run_channel(
         else:
             await asyncio.to_thread(store.close)
     return ChannelResult(channel.name, path, outcome)
+

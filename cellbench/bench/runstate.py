@@ -48,6 +48,7 @@ class RunStatus(StrEnum):
     SAFETY_STOP = "safety stop"
     FAULT = "instrument fault"
     RECORDING_FAILED = "recording failed"
+    INTERRUPTED = "interrupted"  # a signal (SIGINT, SIGTERM, SIGHUP) or an operator stopped it
     CANCELLED = "cancelled"
 
 

@@ -1,0 +1,133 @@
+"""Unattended runs as they end at 3 a.m.: signals, ownership of instruments, run files that never collide.
+
+Each test runs `cellbench run` as its own process against `cellbench sim serve` in another process,
+over the real wire, and asks the simulated 2450 itself whether its output is still on.
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.test_cli import serve
+
+PROFILE = """
+name: long charge
+sample_period: 1 s
+steps:
+  - charge: {current: 1 mA, until: [4.2 V, 2 h]}
+"""
+
+
+def ask(resource: str, command: str) -> str:
+    """One query to the served 2450 on a connection of its own (as a second client would)."""
+    _, host, port, _ = resource.split("::")
+    with socket.create_connection((host, int(port)), timeout=5) as s:
+        s.sendall(command.encode() + b"\n")
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+    return data.decode().strip()
+
+
+@pytest.fixture
+def served() -> Iterator[str]:
+    proc, resource = serve("keithley2450", "--port", "0", "--soc", "0.3")
+    yield resource
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+def files(tmp_path: Path, resource: str) -> tuple[Path, Path]:
+    bench = tmp_path / "bench.yaml"
+    bench.write_text(textwrap.dedent(f"""
+        name: night
+        instruments:
+          smu1: {{driver: keithley2450, resource: "{resource}", timeout: 2 s}}
+        cells:
+          pellet: {{capacity: 3.5 mAh, voltage_min: 2.5 V, voltage_max: 4.3 V}}
+        channels:
+          ch1: {{cycler: smu1, cell: pellet}}
+    """))
+    profile = tmp_path / "charge.yaml"
+    profile.write_text(PROFILE)
+    return bench, profile
+
+
+def start_run(tmp_path: Path, bench: Path, profile: Path, runs: str = "runs") -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "cellbench.bench.cli", "run", str(profile), "--bench", str(bench),
+         "--runs-dir", str(tmp_path / runs)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={"PATH": "/usr/bin:/bin", "COLUMNS": "200", "CELLBENCH_LOCK_DIR": str(tmp_path / "locks"),
+             "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+    )
+
+
+def wait_until_sourcing(resource: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if ask(resource, ":OUTP?") == "1":
+            return
+        time.sleep(0.1)
+    raise AssertionError("the run never turned the output on")
+
+
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGTERM, 143), (signal.SIGHUP, 129), (signal.SIGINT, 130)])
+def test_a_signal_turns_the_output_off_and_records_why(served: str, tmp_path: Path, sig: signal.Signals,
+                                                       code: int) -> None:
+    bench, profile = files(tmp_path, served)
+    proc = start_run(tmp_path, bench, profile)
+    wait_until_sourcing(served)
+    time.sleep(1.5)
+    proc.send_signal(sig)
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == code, out
+    assert ask(served, ":OUTP?") == "0"
+    (db,) = (tmp_path / "runs").glob("*.sqlite")
+    con = sqlite3.connect(db)
+    assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    events = con.execute("SELECT kind, message FROM events ORDER BY rowid").fetchall()
+    assert events[0][0] == "start"
+    assert ("interrupted", f"{sig.name} received") in events
+    assert events[-1] == ("end", f"interrupted: {sig.name} received")
+    assert con.execute("SELECT count(*) FROM samples").fetchone()[0] >= 2
+    state = con.execute("SELECT state FROM run_state").fetchone()
+    assert state is not None and '"finished":false' in state[0]
+    assert "Traceback" not in out
+
+
+def test_a_second_run_on_an_owned_instrument_is_refused(served: str, tmp_path: Path) -> None:
+    bench, profile = files(tmp_path, served)
+    first = start_run(tmp_path, bench, profile, "a")
+    try:
+        wait_until_sourcing(served)
+        second = start_run(tmp_path, bench, profile, "b")
+        out, _ = second.communicate(timeout=30)
+        assert second.returncode == 1, out
+        assert "in use by" in out and f"pid {first.pid}" in out, out
+        assert ask(served, ":OUTP?") == "1"  # the first run was not disturbed
+        assert not list((tmp_path / "b").glob("*.sqlite"))  # and the refused run left no file
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.communicate(timeout=30)
+    assert first.returncode == 143
+
+
+def test_run_files_never_collide(tmp_path: Path) -> None:
+    from cellbench.bench.run import reserve
+
+    paths = {reserve(tmp_path, "20260101T000000Z-x-ch1") for _ in range(5)}
+    assert len(paths) == 5 and all(p.exists() for p in paths)
