@@ -131,3 +131,40 @@ def test_run_files_never_collide(tmp_path: Path) -> None:
 
     paths = {reserve(tmp_path, "20260101T000000Z-x-ch1") for _ in range(5)}
     assert len(paths) == 5 and all(p.exists() for p in paths)
+
+
+GUARDIAN_ACTS_WITHIN = 5.0  # s after the controller died: the guarantee stated in docs/unattended.md
+
+
+def test_a_hard_death_at_twenty_random_moments_never_leaves_the_output_on(served: str, tmp_path: Path) -> None:
+    import random
+
+    rng = random.Random(20261125)
+    bench, profile = files(tmp_path, served)
+    worst, sourcing = 0.0, 0
+    for attempt in range(20):
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "cellbench.bench.cli", "run", str(profile), "--bench", str(bench),
+             "--runs-dir", str(tmp_path / f"runs{attempt}")],
+            stdout=subprocess.DEVNULL, stderr=(tmp_path / f"stderr{attempt}.txt").open("w"),
+            env={"PATH": "/usr/bin:/bin", "CELLBENCH_LOCK_DIR": str(tmp_path / "locks"),
+                 "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+        )
+        time.sleep(rng.uniform(0.2, 4.0))  # before, while and after the output goes on
+        sourcing += ask(served, ":OUTP?") == "1"
+        proc.kill()
+        proc.wait()
+        died = time.monotonic()
+        while ask(served, ":OUTP?") != "0":
+            assert time.monotonic() - died < GUARDIAN_ACTS_WITHIN, (
+                f"attempt {attempt}: the output stayed on\n" + (tmp_path / f"stderr{attempt}.txt").read_text()
+                + subprocess.run(["bash", "-c", f"cat {tmp_path}/locks/*; lsof {tmp_path}/locks/*"],
+                                 capture_output=True, text=True).stdout)
+            time.sleep(0.05)
+        worst = max(worst, time.monotonic() - died)
+        # the next attempt may start only when the guardian has let go of the instrument
+        while any(p.read_text() for p in (tmp_path / "locks").glob("*.lock")):
+            assert time.monotonic() - died < 15, "the guardian kept the instrument"
+            time.sleep(0.05)
+    assert sourcing >= 10  # most deaths came while current was flowing
+    print(f"{sourcing} of 20 killed while sourcing; output off at most {worst:.2f} s after the controller died")

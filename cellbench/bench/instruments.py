@@ -22,6 +22,7 @@ class Instruments:
         self._closers: list[Callable[[], Awaitable[None]]] = []
         self._locks: list[InstrumentLock] = []
         self.notices: dict[str, list[str]] = {}  # instrument name -> what was found on connecting
+        self.requests: dict[str, tuple[str, OpenRequest]] = {}  # instrument name -> (driver, how it was opened)
 
     async def __aenter__(self) -> Instruments:
         try:
@@ -42,6 +43,7 @@ class Instruments:
         request = OpenRequest(name=name, resource=cfg.resource, timeout=cfg.timeout, backend=cfg.backend,
                               baud_rate=cfg.baud, address=cfg.address, device_id=cfg.device_id, area_cm2=cell.area)
         opened = await driver(cfg.driver).open(request)
+        self.requests[name] = (cfg.driver, request)
         self._closers.append(opened.close)
         self.drivers[name], self.identity[name] = opened.driver, opened.identity
         if "cycler" in cfg.roles and await opened.driver.output_is_on():
@@ -53,6 +55,11 @@ class Instruments:
         ch = self.bench.channels[channel]
         refs = [r for r in (ch.cycler, ch.chamber, ch.press, ch.potentiostat) if r is not None]
         return [notice for r in refs for notice in self.notices.get(r, [])]
+
+    def cyclers(self) -> list[tuple[str, OpenRequest]]:
+        """Every cycler of the bench, once: what a guardian must be able to turn off."""
+        names = dict.fromkeys(ch.cycler for ch in self.bench.channels.values())
+        return [self.requests[n] for n in names if n in self.requests]
 
     def channel(self, name: str) -> Channel:
         ch = self.bench.channels[name]

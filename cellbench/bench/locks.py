@@ -24,6 +24,20 @@ from cellbench.bench.roles import InstrumentFault
 class InstrumentBusy(InstrumentFault):
     """Another controller owns the instrument."""
 
+    def __init__(self, instrument: str, message: str, holder_pid: int | None = None) -> None:
+        super().__init__(instrument, message)
+        self.holder_pid = holder_pid
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
 
 def lock_dir() -> Path:
     return Path(os.environ.get("CELLBENCH_LOCK_DIR") or Path(tempfile.gettempdir()) / "cellbench-locks")
@@ -50,7 +64,9 @@ class InstrumentLock:
         except BlockingIOError:
             holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
             os.close(fd)
-            raise InstrumentBusy(self.name, f"{self.resource} is in use by {holder}") from None
+            pid = re.search(r"pid (\d+)", holder)
+            raise InstrumentBusy(self.name, f"{self.resource} is in use by {holder}",
+                                 int(pid.group(1)) if pid else None) from None
         stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         text = f"cellbench pid {os.getpid()} on {socket.gethostname()} since {stamp}"
         text += f" ({purpose})" if purpose else ""

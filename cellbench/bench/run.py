@@ -13,6 +13,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+from cellbench.bench import guardian
 from cellbench.bench.channel import Channel
 from cellbench.bench.clock import Clock
 from cellbench.bench.config import BenchConfig
@@ -155,14 +156,21 @@ async def run_bench(
         async with Instruments(bench) as instruments:
             extra = {"bench": bench.model_dump(mode="json"), "profile_source": profile_source,
                      "base_dir": absolute_base, **(extra_metadata or {})}
+            paths = {name: reserve(runs_dir, f"{rid}-{name}") for name in bench.channels}
+            # on a real bench a guardian process turns the outputs off if this process dies a hard death
+            watchdog = None if clock.virtual else await asyncio.to_thread(
+                guardian.spawn, instruments.cyclers(), list(paths.values()))
             jobs = [
-                _run_channel(instruments.channel(name), profile, profile_text, clock,
-                             reserve(runs_dir, f"{rid}-{name}"), on_progress, extra, base_dir, coordinator,
-                             instruments.notices_for(name))
+                _run_channel(instruments.channel(name), profile, profile_text, clock, paths[name], on_progress,
+                             extra, base_dir, coordinator, instruments.notices_for(name))
                 for name in bench.channels
             ]
-            # every channel runs to its own end before the shared connections close
-            results = await asyncio.gather(*jobs, return_exceptions=True)
+            try:
+                # every channel runs to its own end before the shared connections close
+                results = await asyncio.gather(*jobs, return_exceptions=True)
+            finally:
+                if watchdog is not None:
+                    await asyncio.to_thread(guardian.dismiss, watchdog)
     finally:
         coordinator.release_signals()
     for r in results:

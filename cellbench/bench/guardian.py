@@ -1,0 +1,136 @@
+"""The guardian: a small watchdog process that turns outputs off when the controller dies a hard death.
+
+A run on the real clock starts one guardian (`python -m cellbench.bench.guardian`) in a session of its
+own, tells it on its standard input which cyclers the run drives and where the run records, and keeps
+that pipe open. The guardian ignores SIGINT, SIGTERM and SIGHUP (the controller handles those itself and
+then says `done`). When the pipe closes without `done` — the controller was killed (SIGKILL, out of
+memory, a crash in a C extension) — the guardian takes each instrument's lock, connects, turns the
+output off, checks that it reads off, and records that in the run's database. It needs nothing of the
+dead process: the kernel closed its connections and released its locks.
+
+The guarantee and its limits are in docs/unattended.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, TextIO
+
+from cellbench.bench.locks import InstrumentBusy, InstrumentLock, alive
+from cellbench.drivers.registry import OpenRequest, driver
+
+log = logging.getLogger("cellbench.guardian")
+
+ACT_WITHIN = 10.0  # s: how long the guardian keeps trying to reach an instrument after the controller died
+
+
+def spawn(cyclers: list[tuple[str, OpenRequest]], databases: list[Path]) -> subprocess.Popen[str]:
+    """Start a guardian for these cyclers (driver name, how to open it) and run databases."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cellbench.bench.guardian"],
+        stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=None, text=True, start_new_session=True,
+    )
+    assert proc.stdin is not None
+    spec = {"cyclers": [{"driver": d, **asdict(r)} for d, r in cyclers], "databases": [str(p) for p in databases],
+            "parent": os.getpid()}
+    proc.stdin.write(json.dumps(spec) + "\n")
+    proc.stdin.flush()
+    return proc
+
+
+def dismiss(proc: subprocess.Popen[str]) -> None:
+    """The controller ended cleanly (its outputs are off): the guardian may go."""
+    try:
+        assert proc.stdin is not None
+        proc.stdin.write("done\n")
+        proc.stdin.close()
+        proc.wait(timeout=5)
+    except (OSError, subprocess.TimeoutExpired, AssertionError):
+        proc.kill()
+
+
+async def make_safe(spec: dict[str, Any]) -> list[str]:
+    """Turn every cycler's output off; what was done, one line per instrument."""
+    said = []
+    for item in spec["cyclers"]:
+        name = item.pop("driver")
+        request = OpenRequest(**item)
+        said.append(await _off(name, request, spec["parent"]))
+    return said
+
+
+async def _off(driver_name: str, request: OpenRequest, parent: int) -> str:
+    lock = InstrumentLock(request.name, request.resource)
+    deadline = time.monotonic() + ACT_WITHIN
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            lock.acquire("guardian")
+        except InstrumentBusy as busy:
+            # the dead controller's lock goes a moment after its pipe closes; a live holder is a new run
+            if busy.holder_pid is not None and busy.holder_pid != parent and alive(busy.holder_pid):
+                return f"{request.name}: another controller (pid {busy.holder_pid}) holds it now and acts on it"
+            await asyncio.sleep(0.02)
+            continue
+        try:
+            opened = await driver(driver_name).open(request)
+            try:
+                await opened.driver.output(False)
+                if not await opened.driver.output_is_on():
+                    return f"{request.name}: output turned off by the guardian"
+            finally:
+                await opened.close()
+        except Exception as exc:  # the instrument may still be closing the dead controller's connection
+            last = exc
+        finally:
+            lock.release()
+        await asyncio.sleep(0.2)
+    return f"{request.name}: the guardian could not turn the output off: {last}"
+
+
+def record(databases: list[str], lines: list[str]) -> None:
+    now = time.time()
+    for db in databases:
+        try:
+            con = sqlite3.connect(db, timeout=5)
+            with con:
+                start = con.execute("SELECT min(unix_time), min(test_time) FROM events").fetchone()
+                test_time = (start[1] or 0.0) + (now - start[0]) if start and start[0] is not None else None
+                con.executemany("INSERT INTO events VALUES (?, ?, ?, ?)",
+                                [(test_time, now, "guardian", f"the controller died; {line}") for line in lines])
+            con.close()
+        except sqlite3.Error as exc:
+            log.error("%s: %s", db, exc)
+
+
+def watch(stdin: TextIO) -> int:
+    spec = json.loads(stdin.readline())
+    for line in stdin:
+        if line.strip() == "done":
+            return 0
+    lines = asyncio.run(make_safe(spec))
+    for line in lines:
+        log.warning("%s", line)
+    record(spec["databases"], lines)
+    return 1
+
+
+def main() -> None:
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s cellbench guardian: %(message)s")
+    sys.exit(watch(sys.stdin))
+
+
+if __name__ == "__main__":
+    main()
