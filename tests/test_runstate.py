@@ -177,3 +177,38 @@ def test_a_full_disk_ends_the_run_in_the_safe_state(tmp_path: Path, monkeypatch:
     assert outcome.status is RunStatus.RECORDING_FAILED and "full" in outcome.reason
     assert outcome.test_time < 30 * 86400  # it stopped long before the profile's end
     assert cycler.commands[-1] == "OFF"
+
+
+def test_a_resumed_run_ends_as_an_uninterrupted_one_would() -> None:
+    """Cancelled 1200 s into cycle 2's charge, resumed from the saved state: the same cycles, the same charge."""
+    whole, whole_events, _ = run_engine(CYCLES)
+    cycler = FakeCycler()
+    cut, cut_events, _ = run_engine(CYCLES, cycler=cycler, cancel_at=9030.0)
+    saved = [e for e in cut_events if isinstance(e, StateSaved)][-1].state()
+
+    clock = VirtualClock()
+    bus = EventBus()
+    after: list[RunEvent] = []
+    bus.subscribe(after.append)
+    engine = Engine(parse_profile(CYCLES, "t.yaml"), fake_channel(cycler), bus, clock)
+    outcome = clock.run(engine.run(resume=saved, outage=(1.0e9, 1.0e9 + 3600)))
+    assert outcome.completed and outcome.steps == 9 and outcome.cycles == 3
+
+    def per_cycle(events: list[RunEvent]) -> dict[int, tuple[float, float]]:
+        last = {e.sample.cycle: e.sample for e in events if isinstance(e, SampleTaken)}
+        return {c: (s.charge_ah, s.discharge_ah) for c, s in last.items()}
+
+    resumed = per_cycle(cut_events) | per_cycle(after)
+    for cycle, (charge, discharge) in per_cycle(whole_events).items():
+        assert resumed[cycle][0] == pytest.approx(charge, rel=1e-9)
+        assert resumed[cycle][1] == pytest.approx(discharge, rel=1e-9)
+    # energy differs a little: the cell took 30 s more charge than was counted (cancelled 30 s after a sample)
+    assert engine.state.cycle_totals.charge_wh == pytest.approx(whole.state.cycle_totals.charge_wh, rel=2e-3)
+    # the interrupted step was finished, not started again: steps 4..9 end after the resume
+    assert [e.step_count for e in after if isinstance(e, StepEnded)] == [4, 5, 6, 7, 8, 9]
+    assert not [e for e in after if isinstance(e, StepStarted) and e.step_count == 4]
+    notes = [(e.kind, e.message) for e in after if isinstance(e, Note)]
+    assert notes[0][0] == "outage" and "1 h" in notes[0][1]
+    assert notes[1] == ("resumed", "resumed at step 4, cycle 2, test time 150 min")  # the sample at 9000 s
+    times = [e.sample.test_time for e in cut_events + after if isinstance(e, SampleTaken)]
+    assert times == sorted(times)  # test time goes on; the outage is not test time

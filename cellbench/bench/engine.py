@@ -141,13 +141,17 @@ class Engine:
             events.subscribe(progress)
 
     # --- the run ---------------------------------------------------------------------------
-    async def run(self) -> Outcome:
+    async def run(self, resume: RunState | None = None, outage: tuple[float, float] | None = None) -> Outcome:
+        """Run the profile from its start, or from a saved state (`resume`) after an outage (Unix times)."""
         self._task = asyncio.current_task()
-        self._origin = self.clock.start()
-        self._note(NoteKind.START, f"profile '{self.profile.name}' on channel '{self.channel.name}'")
+        if resume is None:
+            self._origin = self.clock.start()
+            self._note(NoteKind.START, f"profile '{self.profile.name}' on channel '{self.channel.name}'")
+            self.walker.start(self.profile.time_limit)
+        else:
+            self._restore(resume, outage)
         for notice in self._notices:
             self._note(NoteKind.NOTICE, notice)
-        self.walker.start(self.profile.time_limit)
         status, reason = RunStatus.COMPLETED, "completed"
         try:
             self._last = await self.channel.cycler.measure()
@@ -179,6 +183,21 @@ class Engine:
             self._note(NoteKind.END, reason)
         return Outcome(status is RunStatus.COMPLETED, reason, self._t(), self.state.step_count, self.state.cycle,
                        status)
+
+    def _restore(self, saved: RunState, outage: tuple[float, float] | None) -> None:
+        """Carry on from a saved state: test time goes on from where it stood, the outage is not test time."""
+        self.state = saved.model_copy(deep=True)
+        self.walker = Walker(self.program, self.state)
+        # test time goes on from the last sample counted: what came after it was not measured
+        self._origin = self.clock.start() - saved.accounted_until
+        self._saved_at = saved.accounted_until
+        self._track.temperature, self._track.pressure = saved.temperature, saved.pressure_mpa
+        where = f"step {saved.step_count}, cycle {saved.cycle}, test time {human_duration(saved.accounted_until)}"
+        if outage is not None:
+            began, ended = outage
+            self._note(NoteKind.OUTAGE, f"no control from Unix time {began:.3f} to {ended:.3f} "
+                                        f"({human_duration(ended - began)})")
+        self._note(NoteKind.RESUMED, f"resumed at {where}")
 
     def stop(self, exc: Interrupted | RecordingFailed) -> None:
         """End the run now, in the safe state, for this reason; call it on the run's loop.
@@ -244,6 +263,7 @@ class Engine:
         st, ins = self.state, self.program.instrs[pc]
         st.step_count += 1
         st.step = StepProgress(step_count=st.step_count, pc=pc, step_type=step_type, start=self._t())
+        st.accounted_until = st.step.start
         started = StepStarted(st.step_count, ins.index, step_type, dotted(ins.path), st.cycle, st.step.start)
         self.events.publish(started)
         return st.step
@@ -255,6 +275,10 @@ class Engine:
     async def _run_step(self, pc: int) -> int:
         ins = self.program.instrs[pc]
         body = body_of(ins.node)
+        resumed = self.state.step if self.state.step is not None and self.state.step.pc == pc else None
+        if resumed is not None and ins.node.kind in ("set", "eis"):
+            self.state.step_count -= 1  # run again from its start, under the same step number
+            self.state.step = resumed = None
         if ins.node.kind == "set":
             return await self._run_set(pc, body)
         if ins.node.kind == "eis":
@@ -265,19 +289,23 @@ class Engine:
             ins.node, capacity=self._capacity(), v_min=cell.voltage_min, v_max=cell.voltage_max,
             last_voltage=last.voltage, last_cc_current=st.last_cc_current, base_dir=self.base_dir,
         )
-        if ctl.step_type.is_constant_current:
-            st.last_cc_current = abs(ctl.setpoint(0.0, last.voltage))
-        self._advance_cycle(ctl, body.new_cycle)
-        step = self._begin_step(pc, ctl.step_type)
+        if resumed is None:
+            if ctl.step_type.is_constant_current:
+                st.last_cc_current = abs(ctl.setpoint(0.0, last.voltage))
+            self._advance_cycle(ctl, body.new_cycle)
+            step = self._begin_step(pc, ctl.step_type)
+        else:  # a step in progress when the state was saved: its limits count the time already done
+            step = resumed
+            step.stable_since = None
         self._checkpoint()
-        await self._apply(ctl, 0.0, last.voltage)
+        await self._apply(ctl, self._t() - step.start, last.voltage)
         await self.channel.cycler.output(True)
         period = body.sample_period or self.profile.sample_period
         rule = body.record or self.profile.record
         limits = policy.resolve_limits(ctl, capacity=self._capacity(), last_voltage=last.voltage)
-        edges = list(ctl.edges)
+        edges = [e for e in ctl.edges if step.start + e > self._t()]
         work = _Samples()
-        next_sample = step.start
+        next_sample = max(step.start, self._t())
         while True:
             deadline = policy.next_deadline(limits, step.start, st.budgets)
             edge_at = step.start + edges[0] if edges else math.inf
@@ -460,6 +488,7 @@ class Engine:
             totals.add(ah, wh)
             self.state.cycle_totals.add(ah, wh)
         work.history = [*work.history[-1:], (t, r)]
+        self.state.accounted_until = t
         self._last = r
 
     def _maybe_record(
@@ -476,7 +505,7 @@ class Engine:
             None if c.pressure_mpa is None else c.pressure_mpa * 1e6, c.displacement_um,
         )
         self.events.publish(SampleTaken(sample))
-
+        self._checkpoint()  # the saved state accounts for every recorded sample
     # --- time, state and notes -------------------------------------------------------------
     def _t(self) -> float:
         """Test time: seconds since the run started."""

@@ -31,6 +31,8 @@ class NoteKind(StrEnum):
     RECORDING = "recording"
     INTERRUPTED = "interrupted"
     NOTICE = "notice"
+    OUTAGE = "outage"
+    RESUMED = "resumed"
 
 
 @dataclass(frozen=True, slots=True)

@@ -114,6 +114,7 @@ class RunState(BaseModel):
 
     version: int = STATE_VERSION
     test_time: float = 0.0  # when this state was taken
+    accounted_until: float = 0.0  # test time up to which the accumulators count (the last sample taken)
     pc: int = 0  # the step running (or next to run)
     counters: dict[int, int] = Field(default_factory=dict)  # loop head pc -> passes completed
     budgets: list[Budget] = Field(default_factory=list)
