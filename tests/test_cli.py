@@ -199,6 +199,8 @@ def test_the_example_bench_files_are_valid(name: str, tmp_path: Path) -> None:
     bench = load_bench(path)
     for channel in bench.channels.values():  # every channel's cycler is a registered driver that can cycle
         assert "cycler" in bench.instruments[channel.cycler].roles
+    # a run records its bench as written, units and all, and a resume reads it back as it was
+    assert type(bench).model_validate(bench.as_written()) == bench
     # the same file with a misspelt driver is refused at its line, naming the registered drivers
     text = path.read_text()
     line = next(n for n, row in enumerate(text.splitlines(), 1) if "driver: keithley2450" in row)

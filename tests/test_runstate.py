@@ -183,7 +183,7 @@ def test_a_resumed_run_ends_as_an_uninterrupted_one_would() -> None:
     """Cancelled 1200 s into cycle 2's charge, resumed from the saved state: the same cycles, the same charge."""
     whole, whole_events, _ = run_engine(CYCLES)
     cycler = FakeCycler()
-    cut, cut_events, _ = run_engine(CYCLES, cycler=cycler, cancel_at=9030.0)
+    _, cut_events, _ = run_engine(CYCLES, cycler=cycler, cancel_at=9030.0)
     saved = [e for e in cut_events if isinstance(e, StateSaved)][-1].state()
 
     clock = VirtualClock()

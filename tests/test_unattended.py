@@ -168,3 +168,81 @@ def test_a_hard_death_at_twenty_random_moments_never_leaves_the_output_on(served
             time.sleep(0.05)
     assert sourcing >= 10  # most deaths came while current was flowing
     print(f"{sourcing} of 20 killed while sourcing; output off at most {worst:.2f} s after the controller died")
+
+
+QUICK_CYCLES = """
+name: quick cycles
+sample_period: 0.25 s
+steps:
+  - repeat: 3
+    steps:
+      - charge: {current: 1 mA, until: [4.25 V, 4 s]}
+      - rest: 1 s
+      - discharge: {current: 1 mA, until: [2.6 V, 4 s]}
+"""
+
+
+def cellbench(*args: str, tmp_path: Path) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "cellbench.bench.cli", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True, env={"PATH": "/usr/bin:/bin", "COLUMNS": "200", "CELLBENCH_LOCK_DIR": str(tmp_path / "locks"),
+                        "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+    )
+
+
+def per_cycle(db: Path) -> list[tuple[float, float]]:
+    from cellbench.bench.analysis import cycle_table
+    from cellbench.bench.store import open_run
+
+    with open_run(db) as store:
+        return [(r.charge_ah, r.discharge_ah) for r in cycle_table(store.iter_samples())]
+
+
+def test_a_run_killed_three_times_and_resumed_ends_as_an_uninterrupted_one(tmp_path: Path) -> None:
+    import random
+
+    rng = random.Random(7)
+    profile = tmp_path / "quick.yaml"
+    profile.write_text(QUICK_CYCLES)
+    # the same cell twice: once uninterrupted, once killed with SIGKILL three times and resumed
+    tables = []
+    for label in ("whole", "cut"):
+        sim, resource = serve("keithley2450", "--port", "0", "--soc", "0.3")
+        try:
+            bench, _ = files(tmp_path / label if (tmp_path / label).mkdir() is None else tmp_path, resource)
+            run = cellbench("run", str(profile), "--bench", str(bench), "--runs-dir", str(tmp_path / label / "runs"),
+                            tmp_path=tmp_path)
+            kept: set[tuple[float, float]] = set()
+            if label == "cut":
+                for kill in range(3):
+                    time.sleep(rng.uniform(2.0, 6.0))
+                    run.kill()
+                    run.wait()
+                    (db,) = (tmp_path / label / "runs").glob("*.sqlite")
+                    con = sqlite3.connect(db)
+                    kept |= set(con.execute('SELECT "Test Time / s", "Voltage / V" FROM samples'))
+                    con.close()
+                    time.sleep(0.5)  # the guardian turns the output off
+                    assert ask(resource, ":OUTP?") == "0", f"kill {kill}: the output was left on"
+                    run = cellbench("resume", str(db), tmp_path=tmp_path)
+            out, _ = run.communicate(timeout=120)
+            assert run.returncode == 0, out
+            (db,) = (tmp_path / label / "runs").glob("*.sqlite")
+            tables.append(per_cycle(db))
+        finally:
+            sim.terminate()
+            sim.wait(timeout=10)
+    whole, cut = tables
+    assert len(whole) == len(cut) == 3
+    for (c0, d0), (c1, d1) in zip(whole, cut, strict=True):
+        assert c1 == pytest.approx(c0, rel=0.03) and d1 == pytest.approx(d0, rel=0.03)
+    con = sqlite3.connect(db)
+    assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    rows = con.execute('SELECT "Test Time / s", "Voltage / V" FROM samples ORDER BY rowid').fetchall()
+    assert kept <= set(rows)  # no committed sample was lost
+    times = [t for t, _ in rows]
+    assert times == sorted(times) and len(set(times)) == len(times)  # test time never goes back
+    kinds = [k for (k,) in con.execute("SELECT kind FROM events ORDER BY rowid")]
+    assert kinds.count("resumed") == 3 and kinds.count("outage") == 3 and kinds.count("guardian") >= 1
+    assert kinds[-1] == "end" and con.execute("SELECT message FROM events ORDER BY rowid DESC").fetchone()[0] == \
+        "completed"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, ClassVar
+from typing import Annotated, Any, ClassVar
 
 from pydantic import BeforeValidator, Field, model_validator
 from pydantic_core import PydanticCustomError
@@ -31,6 +31,15 @@ class CellConfig(Strict):
             return None
         x, y, z = self.dimensions
         return x * y * z / 1000.0
+
+    def as_written(self) -> dict[str, Any]:
+        """The cell as a bench file would write it (with units), so that it validates again."""
+        out: dict[str, Any] = {"chemistry": self.chemistry, "capacity": f"{self.capacity!r} A*h",
+                               "voltage_min": f"{self.voltage_min!r} V", "voltage_max": f"{self.voltage_max!r} V",
+                               "area": f"{self.area!r} cm**2"}
+        if self.dimensions is not None:
+            out["dimensions"] = [f"{d!r} mm" for d in self.dimensions]
+        return out
 
     @model_validator(mode="after")
     def _window(self) -> CellConfig:

@@ -17,7 +17,7 @@ from cellbench.bench import engine
 from cellbench.bench.analysis import cycle_table
 from cellbench.bench.clock import RealClock, VirtualClock
 from cellbench.bench.config import load_bench
-from cellbench.bench.run import ChannelResult, exit_code, run_bench
+from cellbench.bench.run import ChannelResult, exit_code, resume_run, run_bench
 from cellbench.bench.store import open_run
 from cellbench.drivers.errors import InstrumentFault
 from cellbench.drivers.registry import DriverSpec, drivers, simulator
@@ -204,6 +204,43 @@ def run(
     _show_results(results)
     if code := exit_code(results):
         raise typer.Exit(code)
+
+
+@app.command()
+def resume(
+    run_db: Annotated[Path, typer.Argument(help="the run database of the run to continue (runs/....sqlite)")],
+    bench: Annotated[Path | None, typer.Option("--bench", help="a bench file, if the instruments have moved")] = None,
+) -> None:
+    """Continue a run that was killed or interrupted, in its own database, at the step where it stood."""
+    try:
+        cfg = load_bench(bench) if bench is not None else None
+    except InputError as exc:
+        raise _fail(exc.problems) from None
+    clock = RealClock()
+    try:
+        with _progress_bar() as progress:
+            result = clock.run(resume_run(run_db, clock, bench=cfg, on_progress=_resume_reporter(progress)))
+    except InputError as exc:
+        raise _fail(exc.problems) from None
+    except InstrumentFault as exc:
+        raise _fail(str(exc), 1) from None
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        raise _fail("interrupted while opening the instruments: no output had been turned on", 130) from None
+    _show_results([result])
+    if code := exit_code([result]):
+        raise typer.Exit(code)
+
+
+def _resume_reporter(progress: Progress) -> Any:
+    tasks: dict[str, Any] = {}
+
+    def report(channel: str, p: engine.Progress) -> None:
+        if channel not in tasks:
+            tasks[channel] = progress.add_task(channel, total=p.total_steps)
+        progress.update(tasks[channel], completed=p.step_count - 1,
+                        description=f"{channel} · resumed · cycle {p.cycle} · {p.step_type:<12} · {p.voltage:6.3f} V")
+
+    return report
 
 
 def _profile_path(profile: Path) -> Path:

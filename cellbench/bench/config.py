@@ -12,7 +12,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import AfterValidator, Field
 from pydantic_core import PydanticCustomError
@@ -72,6 +72,16 @@ class BenchConfig(Strict):
     instruments: dict[str, InstrumentConfig]
     cells: dict[str, CellConfig]
     channels: dict[str, ChannelConfig] = Field(min_length=1)
+
+    def as_written(self) -> dict[str, Any]:
+        """The bench as a bench file would write it (with units), so that `model_validate` takes it again."""
+        return {
+            "name": self.name,
+            "instruments": {n: {**i.model_dump(exclude_none=True), "timeout": f"{i.timeout!r} s"}
+                            for n, i in self.instruments.items()},
+            "cells": {n: c.as_written() for n, c in self.cells.items()},
+            "channels": {n: c.model_dump(exclude_none=True) for n, c in self.channels.items()},
+        }
 
     def reference_problems(self) -> list[tuple[tuple[str | int, ...], str]]:
         """Channels that name an instrument or a cell the bench does not have, or one of the wrong kind."""

@@ -20,10 +20,10 @@ from cellbench.bench.config import BenchConfig
 from cellbench.bench.engine import Engine, Interrupted, Outcome, Progress, RecordingFailed
 from cellbench.bench.events import EventBus
 from cellbench.bench.instruments import Instruments
-from cellbench.bench.runstate import RunStatus
+from cellbench.bench.runstate import RunState, RunStatus
 from cellbench.bench.store import RunStore
 from cellbench.profiles.checks import cell_problems, instrument_problems
-from cellbench.profiles.parse import InputError, locate
+from cellbench.profiles.parse import InputError, locate, parse_profile
 from cellbench.profiles.schema import Profile
 
 ProgressCallback = Callable[[str, Progress], None]
@@ -148,26 +148,42 @@ async def run_bench(
     if problems:
         raise InputError(locate(profile_text, profile_source, problems))
     rid = run_id(profile)
-    absolute_base = str(Path.cwd() / base_dir)  # where a resume finds the profile's drive files
+    extra = {"bench": bench.model_dump(mode="json"), "bench_as_written": bench.as_written(),
+             "profile_source": profile_source,
+             "base_dir": str(Path.cwd() / base_dir), **(extra_metadata or {})}  # base_dir: for a resume
+
+    def jobs(instruments: Instruments, coordinator: _Coordinator, paths: dict[str, Path]) -> list[Any]:
+        return [
+            _run_channel(instruments.channel(name), profile, profile_text, clock, paths[name], on_progress,
+                         extra, base_dir, coordinator, instruments.notices_for(name))
+            for name in bench.channels
+        ]
+
+    return await _on_bench(bench, clock, lambda: {n: reserve(runs_dir, f"{rid}-{n}") for n in bench.channels},
+                           jobs, handle_signals)
+
+
+async def _on_bench(
+    bench: BenchConfig,
+    clock: Clock,
+    paths: Callable[[], dict[str, Path]],
+    jobs: Callable[[Instruments, _Coordinator, dict[str, Path]], list[Any]],
+    handle_signals: bool,
+) -> list[ChannelResult]:
+    """Open the bench's instruments (owning them), start a guardian on a real bench, run every channel's job
+    to its end with signals handled, and close everything; the first error of a channel is raised after."""
     coordinator = _Coordinator()
     if handle_signals:
         coordinator.catch_signals()
     try:
         async with Instruments(bench) as instruments:
-            extra = {"bench": bench.model_dump(mode="json"), "profile_source": profile_source,
-                     "base_dir": absolute_base, **(extra_metadata or {})}
-            paths = {name: reserve(runs_dir, f"{rid}-{name}") for name in bench.channels}
+            where = paths()
             # on a real bench a guardian process turns the outputs off if this process dies a hard death
             watchdog = None if clock.virtual else await asyncio.to_thread(
-                guardian.spawn, instruments.cyclers(), list(paths.values()))
-            jobs = [
-                _run_channel(instruments.channel(name), profile, profile_text, clock, paths[name], on_progress,
-                             extra, base_dir, coordinator, instruments.notices_for(name))
-                for name in bench.channels
-            ]
+                guardian.spawn, instruments.cyclers(), list(where.values()))
             try:
                 # every channel runs to its own end before the shared connections close
-                results = await asyncio.gather(*jobs, return_exceptions=True)
+                results = await asyncio.gather(*jobs(instruments, coordinator, where), return_exceptions=True)
             finally:
                 if watchdog is not None:
                     await asyncio.to_thread(guardian.dismiss, watchdog)
@@ -177,6 +193,70 @@ async def run_bench(
         if isinstance(r, BaseException):
             raise r
     return [r for r in results if isinstance(r, ChannelResult)]
+
+
+async def resume_run(
+    database: Path,
+    clock: Clock,
+    *,
+    bench: BenchConfig | None = None,
+    on_progress: ProgressCallback | None = None,
+    handle_signals: bool = True,
+) -> ChannelResult:
+    """Continue a run in its own database from its saved state, on its bench (or `bench`, if the instruments moved).
+
+    Raises InputError when there is nothing to resume: no saved state, a run that ended by reaching the
+    end of its profile, or a dry run (its simulated instruments lived and died with its process).
+    """
+    meta, state, last_unix = read_for_resume(database)
+    if meta.get("clock") == "virtual":
+        raise InputError([f"{database}: a dry run on the simulated bench cannot be resumed; run it again"])
+    base = Path(str(meta.get("base_dir", ".")))
+    profile = parse_profile(str(meta["profile_text"]), str(meta.get("profile_source", "<profile>")), base)
+    if bench is None and "bench_as_written" not in meta:
+        raise InputError([f"{database}: the run does not record its bench; name it with --bench"])
+    whole = bench or BenchConfig.model_validate(meta["bench_as_written"])
+    name = str(meta["channel"])
+    if name not in whole.channels:
+        raise InputError([f"{database}: the bench has no channel '{name}' (it has {', '.join(whole.channels)})"])
+    ch = whole.channels[name]
+    refs = [r for r in (ch.cycler, ch.chamber, ch.press, ch.potentiostat) if r is not None]
+    one = BenchConfig(name=whole.name, instruments={r: whole.instruments[r] for r in refs},
+                      cells={ch.cell: whole.cells[ch.cell]}, channels={name: ch})
+    outage = (last_unix, time.time())
+
+    def job(instruments: Instruments, coordinator: _Coordinator, paths: dict[str, Path]) -> list[Any]:
+        return [_run_channel(instruments.channel(name), profile, str(meta["profile_text"]), clock, database,
+                             on_progress, {}, base, coordinator, instruments.notices_for(name),
+                             resume=state, outage=outage)]
+
+    (result,) = await _on_bench(one, clock, lambda: {name: database}, job, handle_signals)
+    return result
+
+
+def read_for_resume(database: Path) -> tuple[dict[str, Any], RunState, float]:
+    """A run's metadata, its saved state, and the Unix time of the last thing it recorded."""
+    import json
+    import sqlite3
+
+    if not database.is_file():
+        raise InputError([f"{database}: no run database there"])
+    con = sqlite3.connect(f"file:{database.resolve()}?mode=ro", uri=True)
+    try:
+        meta = {k: json.loads(v) for k, v in con.execute("SELECT key, value FROM meta")}
+        row = con.execute("SELECT state FROM run_state WHERE id = 1").fetchone()
+        last = con.execute('SELECT max(t) FROM (SELECT max("Unix Time / s") AS t FROM samples '
+                           "UNION ALL SELECT max(unix_time) FROM events)").fetchone()[0]
+    except sqlite3.DatabaseError as exc:
+        raise InputError([f"{database}: not a cellbench run database ({exc})"]) from None
+    finally:
+        con.close()
+    if row is None:
+        raise InputError([f"{database}: the run saved no state to resume from"])
+    state = RunState.model_validate_json(row[0])
+    if state.finished:
+        raise InputError([f"{database}: the run reached the end of its profile; there is nothing to resume"])
+    return meta, state, float(last or time.time())
 
 
 async def _run_channel(
@@ -190,6 +270,9 @@ async def _run_channel(
     base_dir: Path,
     coordinator: _Coordinator | None = None,
     notices: list[str] | None = None,
+    *,
+    resume: RunState | None = None,
+    outage: tuple[float, float] | None = None,
 ) -> ChannelResult:
     cell = channel.cell
     loop = asyncio.get_running_loop()
@@ -201,22 +284,25 @@ async def _run_channel(
 
     store = RunStore(path, durable=not clock.virtual, on_failure=failed)
     try:
-        store.set_metadata(
-            cellbench_version=cellbench_version(),
-            run_id=path.stem,
-            channel=channel.name,
-            cell={**cell.model_dump(mode="json"), "volume_cm3": cell.volume_cm3},
-            instruments=channel.identity,
-            profile_name=profile.name,
-            profile_text=profile_text,
-            clock="virtual" if clock.virtual else "real",
-            **extra,
-        )
+        if resume is not None:
+            store.set_metadata(last_resumed_unix_time=time.time())
+        else:
+            store.set_metadata(
+                cellbench_version=cellbench_version(),
+                run_id=path.stem,
+                channel=channel.name,
+                cell={**cell.model_dump(mode="json"), "volume_cm3": cell.volume_cm3},
+                instruments=channel.identity,
+                profile_name=profile.name,
+                profile_text=profile_text,
+                clock="virtual" if clock.virtual else "real",
+                **extra,
+            )
         events.subscribe(store.record)
         progress = (lambda p: on_progress(channel.name, p)) if on_progress else None
         engine = Engine(profile, channel, events, clock, on_progress=progress, base_dir=base_dir, notices=notices)
         coordinator.add(engine)
-        outcome = await engine.run()
+        outcome = await engine.run(resume, outage)
     finally:
         # the last batch is committed off the control loop on the real clock (other channels keep sampling)
         if clock.virtual:
