@@ -153,10 +153,14 @@ def test_an_instrument_that_goes_silent_ends_the_run_with_a_fault_event(tmp_path
         assert b.server is not None
         b.server.faults.silent = True
 
-    _, db, result = run_with(tmp_path, silence, after=3600)
-    assert result.outcome.reason.startswith("instrument fault: smu1: no reply to")  # type: ignore[attr-defined]
+    bench, db, result = run_with(tmp_path, silence, after=3600)
+    # reconnected with backoff for the grace time (60 s by default), then given up
+    assert result.outcome.reason.startswith("instrument fault: smu1: not recovered within 1 min: ")  # type: ignore[attr-defined]
     with open_run(db) as store:
         events = store.events()
-    # the output could not be confirmed off either: that is said loudly, not swallowed
-    assert [e["kind"] for e in events] == ["start", "fault", "fault", "end"]
-    assert "could not turn the output off" in events[2]["message"]
+    # the output-off went out on a fresh connection, unconfirmed: that is said loudly, not swallowed
+    assert [e["kind"] for e in events] == ["start", "fault", "fault", "fault", "end"]
+    assert "no reply to" in events[1]["message"] and "reconnecting for up to 1 min" in events[1]["message"]
+    assert "the output-off command was sent on a new connection but the instrument did not confirm" in \
+        events[3]["message"]
+    assert bench.sim is not None and bench.sim.tree.values["output"] is False  # a silent 2450 still obeys

@@ -3,6 +3,7 @@ potentiostat, each known only by its role."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from cellbench.bench.cells import CellConfig
@@ -18,6 +19,9 @@ class Channel:
     chamber: Chamber | None = None
     press: Press | None = None
     potentiostat: Potentiostat | None = None
+    reconnect: Callable[[], Awaitable[Cycler]] | None = None  # a new connection to the cycler, if one can be made
+    reconnect_grace: float = 0.0  # s a lost cycler is reconnected before the channel is made safe and fails
+    blind_off: Callable[[], Awaitable[bool]] | None = None  # the output-off command sent unconfirmed, last resort
 
     async def conditions(self) -> Conditions:
         """Read the chamber and the press, if the channel has them."""

@@ -45,6 +45,9 @@ class InstrumentConfig(Strict):
     baud_rate: int | None = Field(default=None, gt=0, description="serial lines only; by default the driver's")
     address: int | None = Field(default=None, ge=0, description="RS-485 address of an ESPEC chamber")
     device_id: int = Field(default=1, ge=0, le=247, description="Modbus unit id of a press")
+    reconnect_grace: Duration = Field(
+        default=60.0, ge=0, description="how long a lost, silent or garbling instrument is reconnected before its "
+                                        "channels are made safe and fail (0: at once)")
 
     @property
     def roles(self) -> tuple[str, ...]:
@@ -77,8 +80,8 @@ class BenchConfig(Strict):
         """The bench as a bench file would write it (with units), so that `model_validate` takes it again."""
         return {
             "name": self.name,
-            "instruments": {n: {**i.model_dump(exclude_none=True), "timeout": f"{i.timeout!r} s"}
-                            for n, i in self.instruments.items()},
+            "instruments": {n: {**i.model_dump(exclude_none=True), "timeout": f"{i.timeout!r} s",
+                                "reconnect_grace": f"{i.reconnect_grace!r} s"} for n, i in self.instruments.items()},
             "cells": {n: c.as_written() for n, c in self.cells.items()},
             "channels": {n: c.model_dump(exclude_none=True) for n, c in self.channels.items()},
         }

@@ -37,7 +37,14 @@ from cellbench.bench.events import (
     StepStarted,
 )
 from cellbench.bench.impedance_fit import fit_spectrum
-from cellbench.bench.roles import Conditions, InstrumentFault, Reading
+from cellbench.bench.roles import (
+    Conditions,
+    ConnectionLost,
+    InstrumentFault,
+    InstrumentTimeout,
+    ProtocolError,
+    Reading,
+)
 from cellbench.bench.runstate import Ending, EndKind, RunState, RunStatus, Setpoint, StepProgress, Totals
 from cellbench.bench.track import ProfileFailed, Track, out_of_tolerance
 from cellbench.bench.walker import Walker, dotted
@@ -50,6 +57,9 @@ from cellbench.profiles.units import human_duration
 log = logging.getLogger(__name__)
 
 CHECKPOINT_EVERY = 60.0  # s of test time between saved run states within a step
+
+
+RECOVERABLE = (ConnectionLost, InstrumentTimeout, ProtocolError)  # what a new connection may cure
 
 
 class SafetyStop(Exception):
@@ -249,9 +259,69 @@ class Engine:
     async def _output_off(self) -> None:
         try:
             await self.channel.cycler.output(False)
-        except Exception as exc:  # the run is ending anyway: say so loudly, never hide it
-            log.error("%s: could not turn the output off: %s", self.channel.name, exc)
-            self._note(NoteKind.FAULT, f"could not turn the output off: {exc}")
+            return
+        except Exception as exc:  # the run is ending anyway: try a new connection, and say so loudly
+            failed: Exception = exc
+        if self.channel.reconnect is not None:
+            try:
+                self.channel.cycler = await self.channel.reconnect()
+                await self.channel.cycler.output(False)
+                self._note(NoteKind.FAULT, f"the output was turned off on a new connection ({failed})")
+                return
+            except Exception as exc:
+                log.error("%s: reconnecting to turn the output off failed too: %s", self.channel.name, exc)
+        if self.channel.blind_off is not None:
+            try:
+                if await self.channel.blind_off():
+                    self._note(NoteKind.FAULT, f"the output-off command was sent on a new connection but the "
+                                               f"instrument did not confirm it ({failed})")
+                    return
+            except Exception as exc:
+                log.error("%s: the blind output-off failed too: %s", self.channel.name, exc)
+        log.error("%s: could not turn the output off: %s", self.channel.name, failed)
+        self._note(NoteKind.FAULT, f"could not turn the output off: {failed}")
+
+    async def _apply_surely(self, ctl: Control, t_step: float, voltage: float) -> None:
+        """A new setpoint; a lost connection is recovered first (within the grace time)."""
+        try:
+            await self._apply(ctl, t_step, voltage)
+        except RECOVERABLE as exc:
+            await self._recover(exc)
+            await self._apply(ctl, t_step, voltage)
+
+    async def _recover(self, exc: InstrumentFault) -> bool:
+        """Reconnect to the cycler with backoff within the grace time, re-read its output, re-apply the setpoint.
+
+        Returns whether the output was still on (the current kept flowing across the gap). Past the grace
+        time raises InstrumentFault: the channel is made safe and fails; other channels go on.
+        """
+        ch = self.channel
+        grace = ch.reconnect_grace
+        if ch.reconnect is None or grace <= 0:
+            raise exc
+        name, began, delay, last = ch.cycler.name, self._t(), 0.25, exc
+        self._note(NoteKind.FAULT, f"{exc}; reconnecting for up to {human_duration(grace)}")
+        while True:
+            await self._sleep_until(self._t() + delay)
+            try:
+                ch.cycler = await ch.reconnect()
+                was_on = await ch.cycler.output_is_on()
+                sp = self.state.setpoint
+                if sp is not None and sp.mode is SourceMode.CURRENT:
+                    await ch.cycler.source_current(sp.value, voltage_limit=sp.compliance)
+                elif sp is not None:
+                    await ch.cycler.source_voltage(sp.value, current_limit=sp.compliance)
+                if not was_on:
+                    await ch.cycler.output(True)
+            except RECOVERABLE as again:
+                last = again
+                if self._t() - began + delay >= grace:
+                    raise InstrumentFault(name, f"not recovered within {human_duration(grace)}: {last}") from last
+                delay = min(delay * 2, 10.0)
+                continue
+            self._note(NoteKind.RECOVERED, f"{name} reconnected after {human_duration(self._t() - began)}: its "
+                       f"output was {'still on' if was_on else 'off, and was turned on again'}; setpoint applied again")
+            return was_on
 
     # --- one step --------------------------------------------------------------------------
     def _capacity(self) -> float:
@@ -311,7 +381,13 @@ class Engine:
             edge_at = step.start + edges[0] if edges else math.inf
             await self._sleep_until(min(next_sample, deadline, edge_at))
             t = self._t()
-            reading = await self.channel.cycler.measure()
+            try:
+                reading = await self.channel.cycler.measure()
+            except RECOVERABLE as exc:
+                if not await self._recover(exc):
+                    work.history.clear()  # the output was off: nothing flowed across the gap
+                next_sample = self._t()
+                continue
             if self.channel.chamber or self.channel.press:
                 self._cond = await self.channel.conditions()
             t_step = t - step.start
@@ -336,7 +412,7 @@ class Engine:
                 self._checkpoint()
             if at_edge:
                 edges.pop(0)
-                await self._apply(ctl, t_step, reading.voltage)
+                await self._apply_surely(ctl, t_step, reading.voltage)
                 next_sample = t + PULSE_SETTLE
                 continue
             interval = policy.next_interval(period, limits, work.history)
@@ -346,7 +422,7 @@ class Engine:
                 t_apply = t_step + interval / 2
                 if edges:
                     t_apply = min(t_apply, edges[0] - 1e-6)
-                await self._apply(ctl, t_apply, reading.voltage)
+                await self._apply_surely(ctl, t_apply, reading.voltage)
             next_sample = t + interval
 
     async def _run_set(self, pc: int, body: SetBody) -> int:

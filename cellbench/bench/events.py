@@ -32,6 +32,7 @@ class NoteKind(StrEnum):
     INTERRUPTED = "interrupted"
     NOTICE = "notice"
     OUTAGE = "outage"
+    RECOVERED = "recovered"
     RESUMED = "resumed"
 
 

@@ -95,6 +95,13 @@ async def _off(driver_name: str, request: OpenRequest, parent: int) -> str:
         finally:
             lock.release()
         await asyncio.sleep(0.2)
+    blind = driver(driver_name).blind_off
+    if blind is not None:  # the instrument takes commands but does not answer: say it anyway
+        try:
+            await blind(request)
+            return f"{request.name}: output-off sent by the guardian, unconfirmed ({last})"
+        except Exception as exc:
+            last = exc
     return f"{request.name}: the guardian could not turn the output off: {last}"
 
 

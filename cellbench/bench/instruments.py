@@ -19,7 +19,7 @@ class Instruments:
         self.bench = bench
         self.drivers: dict[str, Any] = {}
         self.identity: dict[str, str] = {}
-        self._closers: list[Callable[[], Awaitable[None]]] = []
+        self._closers: dict[str, Callable[[], Awaitable[None]]] = {}
         self._locks: list[InstrumentLock] = []
         self.notices: dict[str, list[str]] = {}  # instrument name -> what was found on connecting
         self.requests: dict[str, tuple[str, OpenRequest]] = {}  # instrument name -> (driver, how it was opened)
@@ -44,7 +44,7 @@ class Instruments:
                               baud_rate=cfg.baud, address=cfg.address, device_id=cfg.device_id, area_cm2=cell.area)
         opened = await driver(cfg.driver).open(request)
         self.requests[name] = (cfg.driver, request)
-        self._closers.append(opened.close)
+        self._closers[name] = opened.close
         self.drivers[name], self.identity[name] = opened.driver, opened.identity
         if "cycler" in cfg.roles and await opened.driver.output_is_on():
             # left on by a controller that died, or by hand: safe first, then say so
@@ -61,6 +61,25 @@ class Instruments:
         names = dict.fromkeys(ch.cycler for ch in self.bench.channels.values())
         return [self.requests[n] for n in names if n in self.requests]
 
+    async def reopen(self, name: str) -> Any:
+        """A new connection to an instrument (the old one closed as far as it can be): a new driver for it."""
+        with contextlib.suppress(Exception):
+            await self._closers.pop(name)()
+        driver_name, request = self.requests[name]
+        opened = await driver(driver_name).open(request)
+        self._closers[name] = opened.close
+        self.drivers[name] = opened.driver
+        return opened.driver
+
+    async def blind_off(self, name: str) -> bool:
+        """The last resort: the cycler's output-off command on a fresh wire, unconfirmed; whether it was sent."""
+        driver_name, request = self.requests[name]
+        spec = driver(driver_name)
+        if spec.blind_off is None:
+            return False
+        await spec.blind_off(request)
+        return True
+
     def channel(self, name: str) -> Channel:
         ch = self.bench.channels[name]
         refs = [r for r in (ch.cycler, ch.chamber, ch.press, ch.potentiostat) if r is not None]
@@ -69,13 +88,16 @@ class Instruments:
             chamber=self.drivers.get(ch.chamber) if ch.chamber else None,
             press=self.drivers.get(ch.press) if ch.press else None,
             potentiostat=self.drivers.get(ch.potentiostat) if ch.potentiostat else None,
+            reconnect=lambda: self.reopen(ch.cycler),
+            blind_off=lambda: self.blind_off(ch.cycler),
+            reconnect_grace=self.bench.instruments[ch.cycler].reconnect_grace,
         )
 
     async def __aexit__(self, *exc: object) -> None:
-        for close in reversed(self._closers):
+        for close in reversed(list(self._closers.values())):
             with contextlib.suppress(Exception):
                 await close()
-        self._closers = []
+        self._closers = {}
         for lock in self._locks:
             lock.release()
         self._locks = []

@@ -49,6 +49,8 @@ class DriverSpec:
     description: str
     baud_rate: int = 9600
     simulator: str | None = None  # "module:attribute" of the simulator's `serve`, imported on demand
+    blind_off: Callable[[OpenRequest], Awaitable[None]] | None = None  # a cycler's output off on a fresh wire,
+    # sent without waiting for replies: the last resort when the instrument no longer answers
     extra: dict[str, Any] = field(default_factory=dict)
 
 

@@ -8,7 +8,7 @@ import re
 from cellbench.bench.roles import Reading
 from cellbench.drivers.errors import InstrumentError, ProtocolError
 from cellbench.drivers.registry import DriverSpec, Opened, OpenRequest
-from cellbench.drivers.transport import Transport, open_line_driver
+from cellbench.drivers.transport import Transport, open_line_driver, open_transport
 
 OVERFLOW = 9.9e37
 _ERROR_RE = re.compile(r'^\s*([+-]?\d+)\s*,\s*"([^"]*)"')
@@ -34,6 +34,8 @@ class Keithley2450:
     async def setup(self) -> str:
         """Make sure it speaks SCPI, clear its errors, open the output relay when off; return *IDN?."""
         language = await self._io.query("*LANG?")
+        if not re.fullmatch(r"[A-Za-z0-9]+", language.strip()):  # garbage, or not a 2450 at all (a web page)
+            raise ProtocolError(self.name, "*LANG?", language, "a command set name (SCPI, TSP, SCPI2400)")
         if language.strip().upper() != "SCPI":
             raise InstrumentError(
                 self.name, [f"command set is {language!r}; switch the instrument to SCPI"], "*LANG?"
@@ -117,7 +119,16 @@ async def _open(req: OpenRequest) -> Opened:
     return await open_line_driver(req, Keithley2450, Keithley2450.setup)
 
 
+async def _blind_off(req: OpenRequest) -> None:
+    transport = await open_transport(req.resource, name=req.name, timeout=req.timeout, backend=req.backend,
+                                     baud_rate=req.baud_rate)
+    try:
+        await transport.write(":OUTP OFF")
+    finally:
+        await transport.close()
+
+
 DRIVERS = [
     DriverSpec("keithley2450", ("cycler",), _open, "Keithley 2450 SourceMeter, SCPI (LAN socket, GPIB, USB, RS-232)",
-               baud_rate=9600, simulator="cellbench.simulators.keithley2450:serve"),
+               baud_rate=9600, simulator="cellbench.simulators.keithley2450:serve", blind_off=_blind_off),
 ]
