@@ -210,6 +210,9 @@ def run(
 def resume(
     run_db: Annotated[Path, typer.Argument(help="the run database of the run to continue (runs/....sqlite)")],
     bench: Annotated[Path | None, typer.Option("--bench", help="a bench file, if the instruments have moved")] = None,
+    clear_latch: Annotated[
+        bool, typer.Option("--clear-latch", help="resume a run that a safety stop ended, the cell checked")
+    ] = False,
 ) -> None:
     """Continue a run that was killed or interrupted, in its own database, at the step where it stood."""
     try:
@@ -219,7 +222,8 @@ def resume(
     clock = RealClock()
     try:
         with _progress_bar() as progress:
-            result = clock.run(resume_run(run_db, clock, bench=cfg, on_progress=_resume_reporter(progress)))
+            result = clock.run(resume_run(run_db, clock, bench=cfg, on_progress=_resume_reporter(progress),
+                                          clear_latch=clear_latch))
     except InputError as exc:
         raise _fail(exc.problems) from None
     except InstrumentFault as exc:

@@ -141,6 +141,7 @@ class Engine:
         self._waiter: asyncio.Future[None] | None = None
         self._task: asyncio.Task[Any] | None = None
         self._notices = list(notices or [])
+        self.latest: tuple[float, Reading, Conditions] | None = None  # the last measurement (test time, ...)
         if on_progress is not None:
             total = profile.executed_step_count()
 
@@ -171,7 +172,7 @@ class Engine:
             status, reason = RunStatus.FAILED, f"failed: {exc}"
             self._note(NoteKind.FAILED, str(exc))
         except asyncio.CancelledError:
-            if not isinstance(self._interrupt, Interrupted | RecordingFailed):
+            if not isinstance(self._interrupt, Interrupted | RecordingFailed | SafetyStop):
                 status, reason = RunStatus.CANCELLED, "cancelled"
                 self._note(NoteKind.CANCELLED, "the run was cancelled")
                 raise
@@ -181,9 +182,7 @@ class Engine:
         except (Interrupted, RecordingFailed) as exc:
             status, reason = self._stopped(exc)
         except SafetyStop as exc:
-            status, reason = RunStatus.SAFETY_STOP, f"safety stop: {exc}"
-            self.events.publish(SafetyTripped(str(exc), self._t()))
-            self._note(NoteKind.SAFETY, str(exc))
+            status, reason = self._stopped(exc)
         except InstrumentFault as exc:
             status, reason = RunStatus.FAULT, f"instrument fault: {exc}"
             self._note(NoteKind.FAULT, str(exc))
@@ -209,7 +208,7 @@ class Engine:
                                         f"({human_duration(ended - began)})")
         self._note(NoteKind.RESUMED, f"resumed at {where}")
 
-    def stop(self, exc: Interrupted | RecordingFailed) -> None:
+    def stop(self, exc: Interrupted | RecordingFailed | SafetyStop) -> None:
         """End the run now, in the safe state, for this reason; call it on the run's loop.
 
         A run waiting for its next sample wakes at once; one busy with an instrument (an EIS sweep, a
@@ -226,6 +225,10 @@ class Engine:
     interrupt = stop
 
     def _stopped(self, exc: BaseException) -> tuple[RunStatus, str]:
+        if isinstance(exc, SafetyStop):
+            self.events.publish(SafetyTripped(str(exc), self._t()))
+            self._note(NoteKind.SAFETY, str(exc))
+            return RunStatus.SAFETY_STOP, f"safety stop: {exc}"
         if isinstance(exc, RecordingFailed):
             self._note(NoteKind.RECORDING, str(exc))
             return RunStatus.RECORDING_FAILED, f"recording failed: {exc}"
@@ -390,6 +393,7 @@ class Engine:
                 continue
             if self.channel.chamber or self.channel.press:
                 self._cond = await self.channel.conditions()
+            self.latest = (t, reading, self._cond)
             t_step = t - step.start
             self._take(work, step.totals, t, reading)
             ended = (
@@ -583,6 +587,14 @@ class Engine:
         self.events.publish(SampleTaken(sample))
         self._checkpoint()  # the saved state accounts for every recorded sample
     # --- time, state and notes -------------------------------------------------------------
+    @property
+    def test_time(self) -> float:
+        return self._t()
+
+    @property
+    def step_type(self) -> StepType | None:
+        return self.state.step.step_type if self.state.step is not None else None
+
     def _t(self) -> float:
         """Test time: seconds since the run started."""
         return self.clock.now() - self._origin

@@ -22,6 +22,7 @@ from cellbench.bench.events import EventBus
 from cellbench.bench.instruments import Instruments
 from cellbench.bench.runstate import RunState, RunStatus
 from cellbench.bench.store import RunStore
+from cellbench.bench.supervisor import Supervisor
 from cellbench.profiles.checks import cell_problems, instrument_problems
 from cellbench.profiles.parse import InputError, locate, parse_profile
 from cellbench.profiles.schema import Profile
@@ -129,13 +130,16 @@ async def run_bench(
     profile_source: str = "<profile>",
     base_dir: Path = Path("."),
     handle_signals: bool = True,
+    supervise: bool | None = None,
 ) -> list[ChannelResult]:
     """Run the profile on every channel of the bench at once; one database per channel.
 
     Raises InputError, before any instrument is touched, when the profile asks a cell for
     voltages outside its window. With `handle_signals` (on the main thread), SIGINT, SIGTERM and
     SIGHUP end every channel in the safe state, recorded `interrupted`. One channel's failure never
-    stops another, but a storage failure stops them all (they share the disk).
+    stops another, but a storage failure stops them all (they share the disk). Each channel has a safety
+    supervisor beside its engine (`supervise`; by default on the real clock only: on the virtual clock it
+    would read the instruments once a simulated second).
     """
     problems = []
     for name, ch in bench.channels.items():
@@ -155,7 +159,7 @@ async def run_bench(
     def jobs(instruments: Instruments, coordinator: _Coordinator, paths: dict[str, Path]) -> list[Any]:
         return [
             _run_channel(instruments.channel(name), profile, profile_text, clock, paths[name], on_progress,
-                         extra, base_dir, coordinator, instruments.notices_for(name))
+                         extra, base_dir, coordinator, instruments.notices_for(name), supervise=supervise)
             for name in bench.channels
         ]
 
@@ -202,13 +206,14 @@ async def resume_run(
     bench: BenchConfig | None = None,
     on_progress: ProgressCallback | None = None,
     handle_signals: bool = True,
+    clear_latch: bool = False,
 ) -> ChannelResult:
     """Continue a run in its own database from its saved state, on its bench (or `bench`, if the instruments moved).
 
     Raises InputError when there is nothing to resume: no saved state, a run that ended by reaching the
     end of its profile, or a dry run (its simulated instruments lived and died with its process).
     """
-    meta, state, last_unix = read_for_resume(database)
+    meta, state, last_unix = read_for_resume(database, clear_latch=clear_latch)
     if meta.get("clock") == "virtual":
         raise InputError([f"{database}: a dry run on the simulated bench cannot be resumed; run it again"])
     base = Path(str(meta.get("base_dir", ".")))
@@ -234,7 +239,7 @@ async def resume_run(
     return result
 
 
-def read_for_resume(database: Path) -> tuple[dict[str, Any], RunState, float]:
+def read_for_resume(database: Path, *, clear_latch: bool = False) -> tuple[dict[str, Any], RunState, float]:
     """A run's metadata, its saved state, and the Unix time of the last thing it recorded."""
     import json
     import sqlite3
@@ -247,12 +252,16 @@ def read_for_resume(database: Path) -> tuple[dict[str, Any], RunState, float]:
         row = con.execute("SELECT state FROM run_state WHERE id = 1").fetchone()
         last = con.execute('SELECT max(t) FROM (SELECT max("Unix Time / s") AS t FROM samples '
                            "UNION ALL SELECT max(unix_time) FROM events)").fetchone()[0]
+        ended = con.execute("SELECT message FROM events WHERE kind = 'end' ORDER BY rowid DESC").fetchone()
     except sqlite3.DatabaseError as exc:
         raise InputError([f"{database}: not a cellbench run database ({exc})"]) from None
     finally:
         con.close()
     if row is None:
         raise InputError([f"{database}: the run saved no state to resume from"])
+    if ended is not None and str(ended[0]).startswith("safety stop") and not clear_latch:
+        raise InputError([f"{database}: the run ended in a {ended[0]}; it stays stopped until an operator "
+                          "has looked at the cell and clears the latch (resume --clear-latch)"])
     state = RunState.model_validate_json(row[0])
     if state.finished:
         raise InputError([f"{database}: the run reached the end of its profile; there is nothing to resume"])
@@ -273,6 +282,7 @@ async def _run_channel(
     *,
     resume: RunState | None = None,
     outage: tuple[float, float] | None = None,
+    supervise: bool | None = None,
 ) -> ChannelResult:
     cell = channel.cell
     loop = asyncio.get_running_loop()
@@ -302,7 +312,14 @@ async def _run_channel(
         progress = (lambda p: on_progress(channel.name, p)) if on_progress else None
         engine = Engine(profile, channel, events, clock, on_progress=progress, base_dir=base_dir, notices=notices)
         coordinator.add(engine)
-        outcome = await engine.run(resume, outage)
+        watch = not clock.virtual if supervise is None else supervise
+        watcher = asyncio.ensure_future(Supervisor(engine, channel, profile, clock).run()) if watch else None
+        try:
+            outcome = await engine.run(resume, outage)
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+                await asyncio.gather(watcher, return_exceptions=True)
     finally:
         # the last batch is committed off the control loop on the real clock (other channels keep sampling)
         if clock.virtual:

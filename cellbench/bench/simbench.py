@@ -133,6 +133,7 @@ class SimulatedBench:
         on_progress: ProgressCallback | None = None,
         profile_source: str = "<profile>",
         base_dir: Path = Path("."),
+        supervise: bool | None = None,
     ) -> ChannelResult:
         simulation = {
             "seed": self.seed, "initial_soc": self.initial_soc, "temperature_c": self.cell.temperature_c,
@@ -141,6 +142,7 @@ class SimulatedBench:
         results = await run_bench(
             self.config, profile, profile_text, clock, runs_dir=runs_dir, on_progress=on_progress,
             extra_metadata={"simulation": simulation}, profile_source=profile_source, base_dir=base_dir,
+            supervise=supervise,
         )
         return results[0]
 

@@ -1,0 +1,78 @@
+"""The safety supervisor: an independent task beside each channel's engine, on its own cadence.
+
+At least once a `period` (1 s) whatever the profile's sample period, it takes the latest values the
+engine measured, or, when those are older than a period, reads the cycler (and the chamber and the
+press) itself, and checks them against the channel's hard limits: the cell's voltage window with its
+margins, the profile's safety ranges, overflow readings. A breach turns the output off at once, then
+stops the engine with the reason and the reading that tripped it (the run ends `safety stop`, latched:
+`cellbench resume` refuses it until an operator clears it). It keeps watch during set and wait steps
+and while the conditions track waits; during an EIS step the potentiostat holds the cell and the
+cycler is not read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+from cellbench.bench import policy
+from cellbench.bench.channel import Channel
+from cellbench.bench.clock import Clock
+from cellbench.bench.engine import Engine, SafetyStop
+from cellbench.bench.roles import Conditions, InstrumentFault, Reading
+from cellbench.profiles.controls import StepType
+from cellbench.profiles.schema import Profile
+
+log = logging.getLogger(__name__)
+
+PERIOD = 1.0  # s
+
+
+class Supervisor:
+    def __init__(self, engine: Engine, channel: Channel, profile: Profile, clock: Clock, *,
+                 period: float = PERIOD) -> None:
+        self.engine, self.channel, self.profile, self.clock = engine, channel, profile, clock
+        self.period = period
+        self.checks = 0  # how many times it looked
+        self.reads = 0  # how many of those it read the instruments itself
+
+    async def run(self) -> None:
+        """Watch until cancelled (when the engine's run ends), or until it trips."""
+        while True:
+            await self.clock.sleep(self.period)
+            seen = await self._latest()
+            if seen is None:
+                continue
+            reading, conditions = seen
+            self.checks += 1
+            why = policy.unsafe(reading, self.channel.cell, self.profile.safety, conditions)
+            if why:
+                await self._trip(why, reading)
+                return
+
+    async def _latest(self) -> tuple[Reading, Conditions] | None:
+        latest = self.engine.latest
+        now = self.engine.test_time
+        if latest is not None and now - latest[0] < self.period:
+            return latest[1], latest[2]
+        if self.engine.step_type in (None, StepType.EIS):  # between steps, or the potentiostat has the cell
+            return (latest[1], latest[2]) if latest is not None else None
+        try:
+            reading = await self.channel.cycler.measure()
+            conditions = await self.channel.conditions() if self.channel.chamber or self.channel.press else (
+                latest[2] if latest is not None else Conditions())
+        except InstrumentFault as exc:  # the engine meets the same fault and deals with it
+            log.debug("%s: supervisor read failed: %s", self.channel.name, exc)
+            return None
+        self.reads += 1
+        return reading, conditions
+
+    async def _trip(self, why: str, reading: Reading) -> None:
+        """Output off first, then the engine stopped with the reason and the reading."""
+        with contextlib.suppress(Exception):  # the engine's own safe-state path retries and reports
+            await self.channel.cycler.output(False)
+        said = (f"{why} (supervisor, reading {reading.voltage:.4f} V, {reading.current * 1e3:+.4f} mA "
+                f"at test time {self.engine.test_time:.1f} s)")
+        log.error("%s: %s", self.channel.name, said)
+        self.engine.stop(SafetyStop(said))
+

@@ -1,0 +1,63 @@
+"""The safety supervisor checks every second whatever the sample period, over the real wire, and latches."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cellbench.bench.clock import VirtualClock
+from cellbench.bench.run import read_for_resume
+from cellbench.bench.simbench import SimulatedBench
+from cellbench.bench.store import open_run
+from cellbench.profiles.parse import InputError, parse_profile
+
+SLOW = """
+name: slow sampling
+sample_period: 5 min
+steps:
+  - rest: 100 h
+"""
+SHORT_AT = 3600 + 7.0  # s of test time, between two of the engine's samples
+
+
+def short_during_rest(tmp_path: Path, supervise: bool) -> tuple[Any, SimulatedBench]:
+    clock = VirtualClock()
+    bench = SimulatedBench(initial_soc=0.3)
+
+    async def main() -> Any:
+        async with bench:
+            task = asyncio.create_task(bench.run(parse_profile(SLOW), SLOW, clock, runs_dir=tmp_path,
+                                                 supervise=supervise))
+            await asyncio.sleep(SHORT_AT)
+            bench.cell.inject_short(5.0)
+            return await task
+
+    return clock.run(main()), bench
+
+
+@pytest.mark.parametrize("supervise", [True, False])
+def test_a_short_between_samples_is_caught_within_a_second_by_the_supervisor(tmp_path: Path,
+                                                                              supervise: bool) -> None:
+    result, bench = short_during_rest(tmp_path, supervise)
+    assert result.outcome.reason.startswith("safety stop: cell voltage")
+    assert bench.sim is not None and bench.sim.tree.values["output"] is False
+    with open_run(result.database) as store:
+        (trip,) = [e for e in store.events() if e["kind"] == "safety"]
+    late = trip["test_time"] - SHORT_AT
+    if supervise:  # within one supervisor period plus the round trip
+        assert 0 <= late <= 1.1, late
+        assert "supervisor, reading" in trip["message"] and " V, " in trip["message"]  # the reading is kept
+    else:  # the engine alone sees it at its next sample, minutes later
+        assert late > 5, late
+
+
+def test_a_safety_stop_is_latched_until_an_operator_clears_it(tmp_path: Path) -> None:
+    result, _ = short_during_rest(tmp_path, True)
+    with pytest.raises(InputError) as caught:
+        read_for_resume(result.database)
+    assert "clears the latch (resume --clear-latch)" in caught.value.problems[0]
+    _, state, _ = read_for_resume(result.database, clear_latch=True)
+    assert state.step_count == 1 and not state.finished  # it stood in the rest
