@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -188,13 +189,17 @@ def run(
         cfg = load_bench(bench)
     except InputError as exc:
         raise _fail(exc.problems) from None
+    _on_real_bench(lambda clock, progress: run_bench(
+        cfg, prof, text, clock, runs_dir=runs_dir, on_progress=_reporter(progress, prof), profile_source=path.name,
+        base_dir=path.parent))
+
+
+def _on_real_bench(work: Callable[[RealClock, Progress], Coroutine[Any, Any, list[ChannelResult]]]) -> None:
+    """Run on the real clock with a progress display; show the results and exit as they say."""
     clock = RealClock()
     try:
         with _progress_bar() as progress:
-            results = clock.run(
-                run_bench(cfg, prof, text, clock, runs_dir=runs_dir, on_progress=_reporter(progress, prof),
-                          profile_source=path.name, base_dir=path.parent)
-            )
+            results = clock.run(work(clock, progress))
     except InputError as exc:
         raise _fail(exc.problems) from None
     except InstrumentFault as exc:
@@ -219,20 +224,12 @@ def resume(
         cfg = load_bench(bench) if bench is not None else None
     except InputError as exc:
         raise _fail(exc.problems) from None
-    clock = RealClock()
-    try:
-        with _progress_bar() as progress:
-            result = clock.run(resume_run(run_db, clock, bench=cfg, on_progress=_resume_reporter(progress),
-                                          clear_latch=clear_latch))
-    except InputError as exc:
-        raise _fail(exc.problems) from None
-    except InstrumentFault as exc:
-        raise _fail(str(exc), 1) from None
-    except (KeyboardInterrupt, asyncio.CancelledError):
-        raise _fail("interrupted while opening the instruments: no output had been turned on", 130) from None
-    _show_results([result])
-    if code := exit_code([result]):
-        raise typer.Exit(code)
+
+    async def one(clock: RealClock, progress: Progress) -> list[ChannelResult]:
+        return [await resume_run(run_db, clock, bench=cfg, on_progress=_resume_reporter(progress),
+                                 clear_latch=clear_latch)]
+
+    _on_real_bench(one)
 
 
 def _resume_reporter(progress: Progress) -> Any:
