@@ -19,6 +19,7 @@ from cellbench.bench.roles import (
     ConnectionLost,
     ImpedancePoint,
     PressSnapshot,
+    PressStatus,
     Reading,
 )
 
@@ -115,6 +116,9 @@ class FakeChamber:
     async def set_mode(self, mode: str) -> None:
         pass
 
+    async def alarms(self) -> list[int]:
+        return []
+
 
 @dataclass
 class FakePress:
@@ -129,6 +133,9 @@ class FakePress:
 
     async def snapshot(self) -> PressSnapshot:
         return PressSnapshot(self.mpa / 10.0, self.mpa, 0.0, 25.0)
+
+    async def status(self) -> PressStatus:
+        return PressStatus(True, True, False, False)
 
 
 @dataclass

@@ -61,3 +61,30 @@ def test_a_safety_stop_is_latched_until_an_operator_clears_it(tmp_path: Path) ->
     assert "clears the latch (resume --clear-latch)" in caught.value.problems[0]
     _, state, _ = read_for_resume(result.database, clear_latch=True)
     assert state.step_count == 1 and not state.finished  # it stood in the rest
+
+
+@pytest.mark.parametrize("trip", ["press", "chamber"])
+def test_an_interlock_trips_the_channel_within_a_second(tmp_path: Path, trip: str) -> None:
+    """A press that tripped on over-force, or a chamber in alarm, read over Modbus and the ESPEC protocol."""
+    clock = VirtualClock()
+    bench = SimulatedBench(initial_soc=0.3, chamber=True, press=True)
+
+    async def main() -> Any:
+        async with bench:
+            task = asyncio.create_task(bench.run(parse_profile(SLOW), SLOW, clock, runs_dir=tmp_path, supervise=True))
+            await asyncio.sleep(SHORT_AT)
+            if trip == "press":
+                assert bench.press is not None
+                bench.press.over_force = bench.press.fault = True
+            else:
+                assert bench.chamber is not None
+                bench.chamber.alarms.append(1)
+            return await task
+
+    result = clock.run(main())
+    expected = "press press1 reports over-force" if trip == "press" else "chamber chamber1 in alarm 1"
+    assert result.outcome.reason.startswith(f"safety stop: interlock: {expected}")
+    assert bench.sim is not None and bench.sim.tree.values["output"] is False
+    with open_run(result.database) as store:
+        (event,) = [e for e in store.events() if e["kind"] == "safety"]
+    assert 0 <= event["test_time"] - SHORT_AT <= 1.1

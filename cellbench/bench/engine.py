@@ -585,7 +585,8 @@ class Engine:
             None if c.pressure_mpa is None else c.pressure_mpa * 1e6, c.displacement_um,
         )
         self.events.publish(SampleTaken(sample))
-        self._checkpoint()  # the saved state accounts for every recorded sample
+        if not self.clock.virtual:  # a real run can be resumed: its saved state accounts for every recorded sample
+            self._checkpoint()
     # --- time, state and notes -------------------------------------------------------------
     @property
     def test_time(self) -> float:

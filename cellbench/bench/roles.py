@@ -84,6 +84,14 @@ class PressSnapshot:
 
 
 @dataclass(frozen=True)
+class PressStatus:
+    enabled: bool
+    at_setpoint: bool
+    over_force: bool
+    fault: bool
+
+
+@dataclass(frozen=True)
 class ImpedancePoint:
     frequency: float
     z_real: float
@@ -138,6 +146,8 @@ class Chamber(Instrument, Protocol):
 
     async def set_mode(self, mode: str) -> None: ...
 
+    async def alarms(self) -> list[int]: ...
+
 
 @runtime_checkable
 class Press(Instrument, Protocol):
@@ -146,6 +156,8 @@ class Press(Instrument, Protocol):
     async def set_pressure(self, mpa: float, *, ramp_mpa_per_s: float | None = None) -> None: ...
 
     async def snapshot(self) -> PressSnapshot: ...
+
+    async def status(self) -> PressStatus: ...
 
 
 @runtime_checkable

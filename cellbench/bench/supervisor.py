@@ -3,7 +3,8 @@
 At least once a `period` (1 s) whatever the profile's sample period, it takes the latest values the
 engine measured, or, when those are older than a period, reads the cycler (and the chamber and the
 press) itself, and checks them against the channel's hard limits: the cell's voltage window with its
-margins, the profile's safety ranges, overflow readings. A breach turns the output off at once, then
+margins, the profile's safety ranges, overflow readings; and the bench's interlocks: a chamber in
+alarm, a press that tripped on over-force or reports a fault. A breach turns the output off at once, then
 stops the engine with the reason and the reading that tripped it (the run ends `safety stop`, latched:
 `cellbench resume` refuses it until an operator clears it). It keeps watch during set and wait steps
 and while the conditions track waits; during an EIS step the potentiostat holds the cell and the
@@ -45,10 +46,25 @@ class Supervisor:
                 continue
             reading, conditions = seen
             self.checks += 1
-            why = policy.unsafe(reading, self.channel.cell, self.profile.safety, conditions)
+            why = (policy.unsafe(reading, self.channel.cell, self.profile.safety, conditions)
+                   or await self._interlocks())
             if why:
                 await self._trip(why, reading)
                 return
+
+    async def _interlocks(self) -> str | None:
+        """The bench's interlocks: a chamber in alarm, a press that tripped on over-force or reports a fault."""
+        try:
+            if self.channel.chamber is not None and (codes := await self.channel.chamber.alarms()):
+                return f"interlock: chamber {self.channel.chamber.name} in alarm {', '.join(map(str, codes))}"
+            if self.channel.press is not None:
+                status = await self.channel.press.status()
+                if status.over_force or status.fault:
+                    what = "over-force" if status.over_force else "a fault"
+                    return f"interlock: press {self.channel.press.name} reports {what}"
+        except InstrumentFault as exc:  # an unreadable interlock is not a tripped one; the engine sees the fault
+            log.debug("%s: interlock read failed: %s", self.channel.name, exc)
+        return None
 
     async def _latest(self) -> tuple[Reading, Conditions] | None:
         latest = self.engine.latest

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable
-from dataclasses import dataclass
 from typing import Any
 
 from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
 from pymodbus.exceptions import ModbusException
 
-from cellbench.bench.roles import PressSnapshot
+from cellbench.bench.roles import PressSnapshot, PressStatus
 from cellbench.drivers.errors import ConnectionLost, InstrumentError, InstrumentTimeout
 from cellbench.drivers.registry import DriverSpec, Opened, OpenRequest
 from cellbench.drivers.transport import parse_resource, serial_device
@@ -19,14 +18,6 @@ FORCE_SETPOINT, FORCE, POSITION, RAMP, MODE, COMMAND, STATUS = 0, 2, 4, 6, 8, 9,
 DISPLACEMENT, FORCE_LIMIT, PLATEN_T = 11, 13, 15
 ENABLE, STOP, TARE, CLEAR_FAULT = 1, 2, 3, 4
 EXCEPTIONS = {1: "illegal function", 2: "illegal data address", 3: "illegal data value", 4: "device failure"}
-
-
-@dataclass(frozen=True)
-class PressStatus:
-    enabled: bool
-    at_setpoint: bool
-    over_force: bool
-    fault: bool
 
 
 class StackPress:
