@@ -96,7 +96,7 @@ def test_every_problem_is_reported_not_just_the_first() -> None:
 def test_unknown_top_level_keys_and_missing_steps() -> None:
     assert problems("name: x\nstep:\n  - rest: 1 h\n") == [
         "cycle.yaml:2: unknown profile key 'step' (expected one of: name, description, cell, sample_period, "
-        "record, safety, time_limit, c_rate_basis, cycle_counting, conditions, steps, format)"
+        "record, safety, short_detection, time_limit, c_rate_basis, cycle_counting, conditions, steps, format)"
     ]
     assert problems("name: x\n") == ["cycle.yaml:1: 'steps' is required"]
 

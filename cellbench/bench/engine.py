@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -105,6 +106,7 @@ class _Samples:
     """The running step's recent samples (test time, reading): working memory, not state."""
 
     history: list[tuple[float, Reading]] = field(default_factory=list)  # the last two
+    voltages: deque[tuple[float, float]] = field(default_factory=deque)  # (test time, V) over the short window
     last_recorded: tuple[float, Reading] | None = None
 
 
@@ -396,6 +398,7 @@ class Engine:
             self.latest = (t, reading, self._cond)
             t_step = t - step.start
             self._take(work, step.totals, t, reading)
+            short = self._watch_for_short(work, t, reading) if ctl.step_type is StepType.CC_CHARGE else None
             ended = (
                 policy.budget_ended(st.budgets, t)
                 or self._limit_reached(ctl, limits, work, step.totals, reading, t_step)
@@ -403,6 +406,8 @@ class Engine:
             )
             unsafe = policy.unsafe(reading, cell, self.profile.safety, self._cond)
             planned_end = ended is not None and self.walker.resolve(pc, ended.target) == END
+            if short is not None:
+                self._short_found(short, planned_end)
             if unsafe and not planned_end:  # a limit that ends the test on this reading was planned for it
                 raise SafetyStop(unsafe)
             at_edge = bool(edges) and t >= edge_at - 1e-9
@@ -557,6 +562,27 @@ class Engine:
         if t - step.stable_since >= body.duration - 1e-9:
             return Ending(EndKind.STABLE, f"stable for {human_duration(body.duration)}", "next")
         return None
+
+    def _watch_for_short(self, work: _Samples, t: float, r: Reading) -> str | None:
+        """Lithium-metal short detection while charging at constant current (the profile's short_detection)."""
+        rule = self.profile.short_detection
+        if rule.action == "off":
+            return None
+        window = work.voltages
+        short = policy.short_signature(window, t, r.voltage, r.current, rule)
+        window.append((t, r.voltage))
+        while len(window) > 2 and t - window[1][0] >= rule.window:
+            window.popleft()
+        if short is not None:
+            window.clear()  # one flag per occurrence
+        return short
+
+    def _short_found(self, short: str, planned_end: bool) -> None:
+        """Stop (unless the profile ends the test on this very reading, as a CCD test does), or flag it."""
+        if self.profile.short_detection.action == "stop" and not planned_end:
+            raise SafetyStop(short)
+        then = "the profile ends the test here" if planned_end else "flagged; the test goes on"
+        self._note(NoteKind.SHORT, f"{short} ({then})")
 
     # --- samples ---------------------------------------------------------------------------
     def _take(self, work: _Samples, totals: Totals, t: float, r: Reading) -> None:

@@ -33,6 +33,7 @@ class NoteKind(StrEnum):
     NOTICE = "notice"
     OUTAGE = "outage"
     RECOVERED = "recovered"
+    SHORT = "short"
     RESUMED = "resumed"
 
 

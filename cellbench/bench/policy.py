@@ -12,7 +12,7 @@ from cellbench.bench.cells import CellConfig
 from cellbench.bench.roles import Conditions, Reading
 from cellbench.bench.runstate import Budget, Ending, EndKind, Totals
 from cellbench.profiles.controls import Control
-from cellbench.profiles.schema import Limit, Range, RecordRule
+from cellbench.profiles.schema import Limit, Range, RecordRule, ShortDetection
 
 VOLTAGE_TOLERANCE = 1e-3  # V: a reading this close to a voltage limit counts as reaching it
 MIN_INTERVAL = 1.0  # s: the shortest sample interval when closing in on a voltage limit
@@ -185,6 +185,24 @@ def record_due(rule: RecordRule | None, last: tuple[float, Reading] | None, now:
         or (rule.voltage is not None and abs(r.voltage - r0.voltage) >= rule.voltage)
         or (rule.current is not None and abs(r.current - r0.current) >= rule.current)
     )
+
+
+def short_signature(window: Sequence[tuple[float, float]], t: float, v: float, current: float,
+                    rule: ShortDetection) -> str | None:
+    """A lithium short while charging at constant current, from the step's recent (test time, voltage):
+    a hard one collapses the voltage between two samples, a soft one makes it fall while charge flows."""
+    if not window or current <= 0:
+        return None
+    t_prev, v_prev = window[-1]
+    if v_prev - v >= rule.collapse:
+        return (f"hard short: the voltage fell {(v_prev - v) * 1e3:.0f} mV in {t - t_prev:.0f} s while charging "
+                f"at {current * 1e3:.4g} mA")
+    if t - window[0][0] >= rule.window - 1e-9:
+        t_peak, v_peak = max(window, key=lambda p: p[1])
+        if v_peak - v >= rule.drop:
+            return (f"soft short: the voltage fell {(v_peak - v) * 1e3:.1f} mV in {t - t_peak:.0f} s while "
+                    f"charging at {current * 1e3:.4g} mA")
+    return None
 
 
 def holds(op: str, value: float, bound: float) -> bool:

@@ -468,6 +468,21 @@ class Range(Strict):
     pressure: tuple[Pressure, Pressure] | None = None
 
 
+class ShortDetection(Strict):
+    """Lithium-metal short detection while a constant current charges the cell.
+
+    A hard short collapses the voltage (a fall of `collapse` or more from one sample to the next); a soft
+    short makes it fall while charge keeps flowing (`drop` or more below its highest over `window`).
+    `action`: stop the test in the safe state, flag it as an event and go on, or off.
+    """
+
+    what: ClassVar[str] = "short_detection key"
+    action: Literal["stop", "flag", "off"] = "stop"
+    window: Duration = Field(default=600.0, gt=0)
+    drop: Voltage = Field(default=0.005, gt=0)
+    collapse: Voltage = Field(default=0.1, gt=0)
+
+
 class Profile(Strict):
     """A whole test profile."""
 
@@ -478,6 +493,7 @@ class Profile(Strict):
     sample_period: Duration = Field(default=1.0, gt=0)
     record: RecordRule | None = None
     safety: Range | None = None
+    short_detection: ShortDetection = Field(default_factory=ShortDetection)
     time_limit: Duration | None = Field(default=None, gt=0)
     c_rate_basis: Literal["nominal", "measured"] = "nominal"
     cycle_counting: Literal["auto", "explicit"] = "auto"

@@ -1,0 +1,85 @@
+"""Lithium-metal short detection while charging, on the simulated cell over the real wire (virtual clock)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+from cellbench.bench.clock import VirtualClock
+from cellbench.bench.simbench import SimulatedBench
+from cellbench.bench.store import open_run
+from cellbench.profiles.parse import parse_profile
+
+CHARGE = """
+name: slow charge
+sample_period: 1 min
+{extra}
+steps:
+  - charge: {{current: C/10, until: [4.2 V, 2 h]}}
+"""
+SHORT_AT = 3600 + 30.0
+
+
+def charge_with_short(tmp_path: Path, ohms: float, extra: str = "") -> tuple[Any, list[dict[str, Any]]]:
+    text = CHARGE.format(extra=extra)
+    clock = VirtualClock()
+    bench = SimulatedBench(initial_soc=0.3)
+
+    async def main() -> Any:
+        async with bench:
+            task = asyncio.create_task(bench.run(parse_profile(text), text, clock, runs_dir=tmp_path))
+            await asyncio.sleep(SHORT_AT)
+            bench.cell.inject_short(ohms)
+            return await task
+
+    result = clock.run(main())
+    with open_run(result.database) as store:
+        return result, store.events()
+
+
+def test_a_soft_short_stops_the_charge_and_says_so(tmp_path: Path) -> None:
+    result, events = charge_with_short(tmp_path, 3000.0)
+    assert result.outcome.reason.startswith("safety stop: soft short: the voltage fell")
+    (trip,) = [e for e in events if e["kind"] == "safety"]
+    assert SHORT_AT < trip["test_time"] <= SHORT_AT + 60  # at the next sample
+
+
+def test_a_hard_short_is_called_a_short(tmp_path: Path) -> None:
+    result, _ = charge_with_short(tmp_path, 20.0)
+    assert result.outcome.reason.startswith("safety stop: hard short: the voltage fell")
+
+
+def test_a_flagged_short_is_recorded_and_the_test_goes_on(tmp_path: Path) -> None:
+    result, events = charge_with_short(tmp_path, 3000.0, "short_detection: {action: flag}")
+    assert result.outcome.completed
+    shorts = [e for e in events if e["kind"] == "short"]
+    assert len(shorts) >= 1 and "soft short" in shorts[0]["message"] and "flagged" in shorts[0]["message"]
+
+
+def test_no_false_alarm_over_healthy_cycles(tmp_path: Path) -> None:
+    text = """
+name: healthy cycling
+sample_period: 1 min
+steps:
+  - repeat: 12
+    steps:
+      - charge: {current: C/3, until: 4.2 V}
+      - hold: {voltage: 4.2 V, until: C/20}
+      - rest: 20 min
+      - discharge: {current: C/3, until: 2.5 V}
+      - rest: 20 min
+"""
+    clock = VirtualClock()
+    bench = SimulatedBench(initial_soc=0.0, temperature_c=60.0)  # at 60 degC C/3 stays below the CCD
+
+    async def main() -> Any:
+        async with bench:
+            return await bench.run(parse_profile(text), text, clock, runs_dir=tmp_path)
+
+    result = clock.run(main())
+    assert result.outcome.completed and result.outcome.cycles == 12
+    with open_run(result.database) as store:
+        assert not [e for e in store.events() if e["kind"] in ("short", "safety")]
+        charges = [st for st in store.steps() if st["step_type"] == "CC Charge"]
+    assert len(charges) == 12 and all(st["end_reason"].startswith("voltage") for st in charges)  # watched, all
