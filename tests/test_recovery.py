@@ -115,3 +115,27 @@ async def test_past_the_grace_time_only_that_channel_fails_safe(tmp_path: Path) 
     assert charge_ah(good) == pytest.approx(1e-3 * 5 / 3600, rel=0.02)
     # a silent 2450 still obeys: the failed channel's output went off too
     assert sims["bad"].tree.values["output"] is False and sims["good"].tree.values["output"] is False
+
+
+def test_a_frozen_reading_is_a_fault_not_a_cell(tmp_path: Path) -> None:
+    """A 2450 that keeps answering with its last reading: after 21 identical readings with current flowing
+    the channel is made safe and fails, on the virtual clock over the real wire."""
+    from cellbench.bench.clock import VirtualClock
+    from cellbench.bench.simbench import SimulatedBench
+
+    text = "name: frozen\nsample_period: 1 min\nsteps:\n  - charge: {current: C/20, until: [4.2 V, 5 h]}\n"
+    clock = VirtualClock()
+    bench = SimulatedBench(initial_soc=0.3)
+
+    async def main() -> ChannelResult:
+        async with bench:
+            task = asyncio.create_task(bench.run(parse_profile(text), text, clock, runs_dir=tmp_path))
+            await asyncio.sleep(3600 + 30)
+            assert bench.server is not None
+            bench.server.faults.stuck = True
+            return await task
+
+    result = clock.run(main())
+    assert result.outcome.reason.startswith("instrument fault: smu1: its reading has not changed in 21 samples")
+    assert 3600 + 20 * 60 <= result.outcome.test_time <= 3600 + 22 * 60
+    assert bench.sim is not None and bench.sim.tree.values["output"] is False

@@ -61,6 +61,7 @@ CHECKPOINT_EVERY = 60.0  # s of test time between saved run states within a step
 
 
 RECOVERABLE = (ConnectionLost, InstrumentTimeout, ProtocolError)  # what a new connection may cure
+FROZEN_AFTER = 20  # identical measured values in a row, with current flowing, that mean a frozen reading
 
 
 class SafetyStop(Exception):
@@ -107,6 +108,7 @@ class _Samples:
 
     history: list[tuple[float, Reading]] = field(default_factory=list)  # the last two
     voltages: deque[tuple[float, float]] = field(default_factory=deque)  # (test time, V) over the short window
+    same: int = 0  # how many readings in a row have measured exactly the same value
     last_recorded: tuple[float, Reading] | None = None
 
 
@@ -396,6 +398,7 @@ class Engine:
             if self.channel.chamber or self.channel.press:
                 self._cond = await self.channel.conditions()
             self.latest = (t, reading, self._cond)
+            self._check_not_frozen(work, ctl, reading)
             t_step = t - step.start
             self._take(work, step.totals, t, reading)
             short = self._watch_for_short(work, t, reading) if ctl.step_type is StepType.CC_CHARGE else None
@@ -562,6 +565,20 @@ class Engine:
         if t - step.stable_since >= body.duration - 1e-9:
             return Ending(EndKind.STABLE, f"stable for {human_duration(body.duration)}", "next")
         return None
+
+    def _check_not_frozen(self, work: _Samples, ctl: Control, r: Reading) -> None:
+        """A measured value (voltage under a current source, current under a voltage source) that repeats to
+        the last digit while current flows is a frozen instrument, not a cell."""
+        in_compliance = ctl.mode is SourceMode.VOLTAGE and abs(abs(r.current) - ctl.compliance) <= 1e-9 * ctl.compliance
+        if not work.history or r.current == 0.0 or in_compliance:  # a current held at its limit is meant to hold
+            work.same = 0
+            return
+        _, prev = work.history[-1]
+        measured = (r.voltage, prev.voltage) if ctl.mode is SourceMode.CURRENT else (r.current, prev.current)
+        work.same = work.same + 1 if measured[0] == measured[1] else 0
+        if work.same >= FROZEN_AFTER:
+            raise InstrumentFault(self.channel.cycler.name, f"its reading has not changed in {FROZEN_AFTER + 1} "
+                                  f"samples while current flowed ({r.voltage} V, {r.current} A): a frozen reading")
 
     def _watch_for_short(self, work: _Samples, t: float, r: Reading) -> str | None:
         """Lithium-metal short detection while charging at constant current (the profile's short_detection)."""

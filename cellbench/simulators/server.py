@@ -33,6 +33,7 @@ class Faults:
     delay: float = 0.0  # seconds before each reply
     garbage: bool = False  # answer with bytes that are not the reply
     drop: bool = False  # close the connection on the next line
+    stuck: bool = False  # answer every query with the reply it last gave to it (a frozen reading)
 
 
 class SimServer:
@@ -48,6 +49,7 @@ class SimServer:
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
         self._handlers: set[asyncio.Task[None]] = set()
+        self._said: dict[str, str] = {}  # the last reply to each query (for the stuck fault)
         self.host = "127.0.0.1"
         self.port = 0
 
@@ -95,6 +97,9 @@ class SimServer:
             return None
         if not isinstance(reply, str):
             return self._stream(reply)
+        if self.faults.stuck and line in self._said:
+            reply = self._said[line]
+        self._said[line] = reply
         return self._encode(reply)
 
     def _encode(self, reply: str) -> bytes:
