@@ -570,7 +570,8 @@ class Engine:
         """A measured value (voltage under a current source, current under a voltage source) that repeats to
         the last digit while current flows is a frozen instrument, not a cell."""
         in_compliance = ctl.mode is SourceMode.VOLTAGE and abs(abs(r.current) - ctl.compliance) <= 1e-9 * ctl.compliance
-        if not work.history or r.current == 0.0 or in_compliance:  # a current held at its limit is meant to hold
+        if self.clock.virtual or not work.history or r.current == 0.0 or in_compliance:
+            # (a current held at its limit is meant to hold; a noiseless simulated plateau may repeat)
             work.same = 0
             return
         _, prev = work.history[-1]
