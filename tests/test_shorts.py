@@ -21,10 +21,11 @@ steps:
 SHORT_AT = 3600 + 30.0
 
 
-def charge_with_short(tmp_path: Path, ohms: float, extra: str = "") -> tuple[Any, list[dict[str, Any]]]:
+def charge_with_short(tmp_path: Path, ohms: float, extra: str = "",
+                      potentiostat: bool = False) -> tuple[Any, list[dict[str, Any]]]:
     text = CHARGE.format(extra=extra)
     clock = VirtualClock()
-    bench = SimulatedBench(initial_soc=0.3)
+    bench = SimulatedBench(initial_soc=0.3, potentiostat=potentiostat)
 
     async def main() -> Any:
         async with bench:
@@ -55,6 +56,15 @@ def test_a_flagged_short_is_recorded_and_the_test_goes_on(tmp_path: Path) -> Non
     assert result.outcome.completed
     shorts = [e for e in events if e["kind"] == "short"]
     assert len(shorts) >= 1 and "soft short" in shorts[0]["message"] and "flagged" in shorts[0]["message"]
+
+
+def test_a_short_can_be_looked_at_with_a_spectrum_before_the_stop(tmp_path: Path) -> None:
+    result, events = charge_with_short(tmp_path, 3000.0, "short_detection: {action: eis}", potentiostat=True)
+    assert result.outcome.reason.startswith("safety stop: soft short:")
+    assert "; at rest, spectrum of 71 points" in result.outcome.reason
+    assert [e["kind"] for e in events].count("handover") == 2  # the cycler let go before the potentiostat
+    with open_run(result.database) as store:
+        assert len(store.spectra()[1]) == 71  # 1 MHz to 0.1 Hz: 7 decades at 10 points each, and the last
 
 
 def test_no_false_alarm_over_healthy_cycles(tmp_path: Path) -> None:

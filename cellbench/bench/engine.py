@@ -410,7 +410,7 @@ class Engine:
             unsafe = policy.unsafe(reading, cell, self.profile.safety, self._cond)
             planned_end = ended is not None and self.walker.resolve(pc, ended.target) == END
             if short is not None:
-                self._short_found(short, planned_end)
+                await self._short_found(short, planned_end)
             if unsafe and not planned_end:  # a limit that ends the test on this reading was planned for it
                 raise SafetyStop(unsafe)
             at_edge = bool(edges) and t >= edge_at - 1e-9
@@ -452,9 +452,18 @@ class Engine:
     async def _run_eis(self, pc: int, body: EisBody) -> int:
         """An impedance spectrum on the potentiostat, the cell handed over safely both ways."""
         ins = self.program.instrs[pc]
+        step = self._begin_step(pc, StepType.EIS)
+        reason, e_dc = await self._spectrum(step.step_count, body)
+        t = self._t()
+        self._last = Reading(voltage=e_dc, current=0.0)
+        self._maybe_record(_Samples(), t, self._last, StepType.EIS, ins.index, None, force=True)
+        self._end_step(Ending(EndKind.SPECTRUM, reason, "next"), t)
+        return pc + 1
+
+    async def _spectrum(self, step_count: int, body: EisBody) -> tuple[str, float]:
+        """A spectrum on the potentiostat, the cell handed over safely both ways: (what was found, the bias)."""
         pstat = self.channel.potentiostat
         assert pstat is not None, "checked before the run: an EIS step needs a potentiostat"
-        step = self._begin_step(pc, StepType.EIS)
         # the cycler lets go of the cell first, and says so, before the potentiostat's cell goes on
         await self.channel.cycler.output(False)
         if await self.channel.cycler.output_is_on():
@@ -472,21 +481,18 @@ class Engine:
         self._note(NoteKind.HANDOVER, f"{pstat.name} cell off (its script ended); the cycler may take the cell")
         t = self._t()
         spectrum = [(p.frequency, p.z_real, p.z_imag) for p in points]
-        self.events.publish(SpectrumMeasured(step.step_count, t, spectrum))
+        self.events.publish(SpectrumMeasured(step_count, t, spectrum))
         reason = f"spectrum of {len(points)} points"
         try:
             args = ([p[0] for p in spectrum], [p[1] for p in spectrum], [p[2] for p in spectrum])
             fit = fit_spectrum(*args) if self.clock.virtual else await asyncio.to_thread(fit_spectrum, *args)
         except ValueError as exc:
-            self._note(NoteKind.FIT, f"no circuit fit for the spectrum of step {step.step_count}: {exc}")
+            self._note(NoteKind.FIT, f"no circuit fit for the spectrum of step {step_count}: {exc}")
         else:
-            self.events.publish(SpectrumFitted(step.step_count, t, fit.circuit, fit.r_ohmic, fit.r_interfacial,
+            self.events.publish(SpectrumFitted(step_count, t, fit.circuit, fit.r_ohmic, fit.r_interfacial,
                                                fit.parameters, fit.rel_rmse))
             reason += f"; R_ohmic {fit.r_ohmic:.4g} ohm, R_interfacial {fit.r_interfacial:.4g} ohm"
-        self._last = Reading(voltage=e_dc, current=0.0)
-        self._maybe_record(_Samples(), t, self._last, StepType.EIS, ins.index, None, force=True)
-        self._end_step(Ending(EndKind.SPECTRUM, reason, "next"), t)
-        return pc + 1
+        return reason, e_dc
 
     async def _apply(self, ctl: Control, t_step: float, voltage: float) -> None:
         value = ctl.setpoint(t_step, voltage)
@@ -595,9 +601,16 @@ class Engine:
             window.clear()  # one flag per occurrence
         return short
 
-    def _short_found(self, short: str, planned_end: bool) -> None:
-        """Stop (unless the profile ends the test on this very reading, as a CCD test does), or flag it."""
-        if self.profile.short_detection.action == "stop" and not planned_end:
+    async def _short_found(self, short: str, planned_end: bool) -> None:
+        """Stop (unless the profile ends the test on this very reading, as a CCD test does), rest and take a
+        spectrum then stop, or flag it."""
+        action = self.profile.short_detection.action
+        if action == "eis" and not planned_end:
+            if self.channel.potentiostat is None:
+                raise SafetyStop(f"{short}; no potentiostat on the channel for a spectrum")
+            found, _ = await self._spectrum(self.state.step_count, EisBody())
+            raise SafetyStop(f"{short}; at rest, {found}")
+        if action == "stop" and not planned_end:
             raise SafetyStop(short)
         then = "the profile ends the test here" if planned_end else "flagged; the test goes on"
         self._note(NoteKind.SHORT, f"{short} ({then})")

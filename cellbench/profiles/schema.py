@@ -473,11 +473,12 @@ class ShortDetection(Strict):
 
     A hard short collapses the voltage (a fall of `collapse` or more from one sample to the next); a soft
     short makes it fall while charge keeps flowing (`drop` or more below its highest over `window`).
-    `action`: stop the test in the safe state, flag it as an event and go on, or off.
+    `action`: stop the test in the safe state; `eis`: put the cell at rest, take an impedance spectrum
+    (the channel's potentiostat, default sweep) and stop; flag it as an event and go on; or off.
     """
 
     what: ClassVar[str] = "short_detection key"
-    action: Literal["stop", "flag", "off"] = "stop"
+    action: Literal["stop", "eis", "flag", "off"] = "stop"
     window: Duration = Field(default=600.0, gt=0)
     drop: Voltage = Field(default=0.005, gt=0)
     collapse: Voltage = Field(default=0.1, gt=0)
