@@ -124,6 +124,7 @@ class FakeChamber:
 class FakePress:
     name: str = "fake-press"
     mpa: float = 5.0
+    displacement_um: float = 0.0
 
     async def identify(self) -> str:
         return "FAKE PRESS"
@@ -132,7 +133,7 @@ class FakePress:
         self.mpa = mpa
 
     async def snapshot(self) -> PressSnapshot:
-        return PressSnapshot(self.mpa / 10.0, self.mpa, 0.0, 25.0)
+        return PressSnapshot(self.mpa / 10.0, self.mpa, self.displacement_um, 25.0)
 
     async def status(self) -> PressStatus:
         return PressStatus(True, True, False, False)

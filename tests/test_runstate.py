@@ -212,3 +212,26 @@ def test_a_resumed_run_ends_as_an_uninterrupted_one_would() -> None:
     assert notes[1] == ("resumed", "resumed at step 4, cycle 2, test time 150 min")  # the sample at 9000 s
     times = [e.sample.test_time for e in cut_events + after if isinstance(e, SampleTaken)]
     assert times == sorted(times)  # test time goes on; the outage is not test time
+
+
+def test_a_stack_that_swells_past_its_displacement_range_stops_the_run() -> None:
+    from tests.fakes import FakePress
+
+    text = ("name: swell\nsample_period: 1 min\nsafety: {displacement: [0 um, 50 um]}\n"
+            "steps:\n  - charge: {current: 1 mA, until: 2 h}\n")
+    press = FakePress()
+    cycler = FakeCycler()
+    bus = EventBus()
+    engine = Engine(parse_profile(text, "t.yaml"), fake_channel(cycler, press=press), bus, VirtualClock())
+
+    async def main() -> Outcome:
+        task = asyncio.ensure_future(engine.run())
+        await asyncio.sleep(1800 + 30)
+        press.displacement_um = 80.0  # lithium plating swells the stack
+        return await task
+
+    outcome = engine.clock.run(main())
+    assert outcome.status is RunStatus.SAFETY_STOP
+    assert "displacement 80.0 um is outside the profile's safety range 0 to 50 um" in outcome.reason
+    assert outcome.test_time == pytest.approx(1860.0)  # the next sample after the swelling
+    assert cycler.commands[-1] == "OFF"

@@ -172,6 +172,11 @@ def unsafe(r: Reading, cell: CellConfig, safety: Range | None, conditions: Condi
         lo, hi = (x / 1e6 for x in safety.pressure)
         if not lo <= pressure <= hi:
             return f"stack pressure {pressure:.3f} MPa is outside the profile's safety range {lo:g} to {hi:g} MPa"
+    if safety.displacement and conditions.displacement_um is not None:
+        lo, hi = safety.displacement
+        if not lo <= conditions.displacement_um <= hi:
+            return (f"displacement {conditions.displacement_um:.1f} um is outside the profile's safety range "
+                    f"{lo:g} to {hi:g} um (the stack swelled or gave way)")
     return None
 
 

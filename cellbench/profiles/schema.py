@@ -44,6 +44,7 @@ from cellbench.profiles.pybamm import pybamm_step
 from cellbench.profiles.units import (
     SI_UNIT,
     Current,
+    Displacement,
     Duration,
     Power,
     Pressure,
@@ -466,6 +467,7 @@ class Range(Strict):
     current: tuple[Current, Current] | None = None
     temperature: tuple[Temperature, Temperature] | None = None
     pressure: tuple[Pressure, Pressure] | None = None
+    displacement: tuple[Displacement, Displacement] | None = None  # um: the stack's swelling under the press
 
 
 class ShortDetection(Strict):

@@ -133,6 +133,7 @@ Resistance = Annotated[float, _si("ohm", "a resistance (e.g. '100 ohm')")]
 Temperature = Annotated[float, _si("degC", "a temperature (e.g. '25 degC')")]
 Pressure = Annotated[float, _si("Pa", "a pressure (e.g. '5 MPa')")]
 Duration = Annotated[float, _si("s", "a duration (e.g. '30 min')")]
+Displacement = Annotated[float, _si("um", "a displacement (e.g. '50 um')")]
 Current = Annotated[CurrentSpec, BeforeValidator(_current), PlainSerializer(str)]
 
 
