@@ -235,3 +235,34 @@ def test_a_stack_that_swells_past_its_displacement_range_stops_the_run() -> None
     assert "displacement 80.0 um is outside the profile's safety range 0 to 50 um" in outcome.reason
     assert outcome.test_time == pytest.approx(1860.0)  # the next sample after the swelling
     assert cycler.commands[-1] == "OFF"
+
+
+def test_a_cycle_that_gives_back_more_than_it_took_is_a_short_signature() -> None:
+    text = """
+name: ce
+sample_period: 1 min
+steps:
+  - repeat: 4
+    steps:
+      - charge: {current: 1 mA, until: 2 h}
+      - discharge: {current: 1 mA, until: 3.02 V}
+"""
+    cycler = FakeCycler()
+    bus = EventBus()
+    events: list[RunEvent] = []
+    bus.subscribe(events.append)
+    engine = Engine(parse_profile(text, "t.yaml"), fake_channel(cycler), bus, VirtualClock())
+
+    async def main() -> Outcome:
+        task = asyncio.ensure_future(engine.run())
+        # the first cycle ends near 4 h 10 min; in the middle of cycle 2's charge charge appears from nowhere,
+        # as a cell that a soft short had been emptying would give it back
+        await asyncio.sleep(5.5 * 3600)
+        cycler.cell.soc += 0.1
+        return await task
+
+    outcome = engine.clock.run(main())
+    assert outcome.status is RunStatus.SAFETY_STOP and outcome.cycles == 3
+    assert outcome.reason.startswith("safety stop: soft short suspected: cycle 2 gave back 11")
+    # cycle 1, healthy, raised nothing: charge 2 mAh, discharge back to the same voltage
+    assert not [e for e in events if isinstance(e, Note) and e.kind == "short"]

@@ -369,7 +369,9 @@ class Engine:
         if resumed is None:
             if ctl.step_type.is_constant_current:
                 st.last_cc_current = abs(ctl.setpoint(0.0, last.voltage))
-            self._advance_cycle(ctl, body.new_cycle)
+            finished = self._advance_cycle(ctl, body.new_cycle)
+            if finished is not None and (short := self._efficiency_signature(*finished)):
+                await self._short_found(short, planned_end=False)
             step = self._begin_step(pc, ctl.step_type)
         else:  # a step in progress when the state was saved: its limits count the time already done
             step = resumed
@@ -502,19 +504,34 @@ class Engine:
             await self.channel.cycler.source_voltage(value, current_limit=ctl.compliance)
         self.state.setpoint = Setpoint(mode=ctl.mode, value=value, compliance=ctl.compliance)
 
-    def _advance_cycle(self, ctl: Control, explicit: bool) -> None:
+    def _efficiency_signature(self, cycle: int, totals: Totals) -> str | None:
+        """A finished cycle that gave back more charge than it took: a soft short's signature."""
+        rule = self.profile.short_detection
+        if rule.action == "off" or cycle < 2 or totals.charge_ah < 0.5 * self._capacity():
+            return None
+        ce = totals.discharge_ah / totals.charge_ah
+        if ce <= rule.efficiency_above:
+            return None
+        return (f"soft short suspected: cycle {cycle} gave back {ce * 100:.2f} % of its charge "
+                f"({totals.discharge_ah * 1e3:.4f} of {totals.charge_ah * 1e3:.4f} mAh)")
+
+    def _advance_cycle(self, ctl: Control, explicit: bool) -> tuple[int, Totals] | None:
+        """Count cycles; when one ends, return its number and totals."""
         st = self.state
+        finished = None
         if self.profile.cycle_counting == "explicit":
             starts = explicit
         else:
             starts = ctl.direction > 0 and st.discharged and ctl.step_type is not StepType.REST
         if starts and st.cycle_has_run:
+            finished = (st.cycle, st.cycle_totals)
             st.cycle += 1
             st.discharged = False
             st.cycle_totals = Totals()
         st.cycle_has_run = True
         if ctl.direction < 0:
             st.discharged = True
+        return finished
 
     def _after_step(self, ctl: Control, ending: Ending, totals: Totals) -> None:
         """A discharge that reached its voltage limit measures the capacity (the first is the reference)."""

@@ -475,6 +475,8 @@ class ShortDetection(Strict):
 
     A hard short collapses the voltage (a fall of `collapse` or more from one sample to the next); a soft
     short makes it fall while charge keeps flowing (`drop` or more below its highest over `window`).
+    A cycle that gave back more than it took (coulombic efficiency above `efficiency_above`, after a charge
+    of at least half the capacity, from the second cycle on) is a soft short's signature too.
     `action`: stop the test in the safe state; `eis`: put the cell at rest, take an impedance spectrum
     (the channel's potentiostat, default sweep) and stop; flag it as an event and go on; or off.
     """
@@ -484,6 +486,7 @@ class ShortDetection(Strict):
     window: Duration = Field(default=600.0, gt=0)
     drop: Voltage = Field(default=0.005, gt=0)
     collapse: Voltage = Field(default=0.1, gt=0)
+    efficiency_above: float = Field(default=1.005, gt=1.0, description="as a fraction: 1.005 is 100.5 %")
 
 
 class Profile(Strict):
