@@ -136,3 +136,13 @@ def test_cellbench_validate_prints_the_steps_or_the_errors_without_a_traceback(t
     assert isinstance(result.exception, SystemExit), result.exception
     unknown = runner.invoke(app, ["validate", "formation-and-cycling", "--cell", "coin", "--no-estimate"])
     assert unknown.exit_code == 2 and "unknown cell 'coin' (expected one of: pellet, pouch)" in unknown.output
+
+
+def test_a_sample_period_must_be_finite() -> None:
+    """`sample_period: inf s` would validate and then never sample again: refused at its line."""
+    assert problems("name: x\nsample_period: inf s\nsteps:\n  - rest: 1 h\n") == [
+        "cycle.yaml:2: sample_period: Input should be a finite number"
+    ]
+    assert problems("name: x\nsteps:\n  - rest: {duration: 1 h, sample_period: inf s}\n") == [
+        "cycle.yaml:3: steps[0].rest.sample_period: Input should be a finite number"
+    ]

@@ -173,7 +173,7 @@ class WaitBody(EndsByItself, Strict):
     tolerance: Tolerance | None = None
     duration: Duration = Field(default=0.0, alias="for", ge=0)
     timeout: Duration = Field(gt=0)
-    sample_period: Duration | None = Field(default=None, gt=0)
+    sample_period: Duration | None = Field(default=None, gt=0, allow_inf_nan=False)
     new_cycle: bool = False
 
     @model_validator(mode="after")

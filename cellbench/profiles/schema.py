@@ -208,7 +208,7 @@ class StepBody(Strict):
     limit_kinds: ClassVar[tuple[str, ...]] = LIMIT_KINDS
     label: str | None = None
     until: list[Limit] = Field(default_factory=list)
-    sample_period: Duration | None = Field(default=None, gt=0)
+    sample_period: Duration | None = Field(default=None, gt=0, allow_inf_nan=False)
     record: RecordRule | None = None
     new_cycle: bool = False
     check: list[Check] = Field(default_factory=list)
@@ -496,7 +496,7 @@ class Profile(Strict):
     name: str
     description: str = ""
     cell: str | None = None
-    sample_period: Duration = Field(default=1.0, gt=0)
+    sample_period: Duration = Field(default=1.0, gt=0, allow_inf_nan=False)
     record: RecordRule | None = None
     safety: Range | None = None
     short_detection: ShortDetection = Field(default_factory=ShortDetection)
