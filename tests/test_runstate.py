@@ -222,6 +222,8 @@ def test_a_stack_that_swells_past_its_displacement_range_stops_the_run() -> None
     press = FakePress()
     cycler = FakeCycler()
     bus = EventBus()
+    events: list[RunEvent] = []
+    bus.subscribe(events.append)
     engine = Engine(parse_profile(text, "t.yaml"), fake_channel(cycler, press=press), bus, VirtualClock())
 
     async def main() -> Outcome:
@@ -234,6 +236,8 @@ def test_a_stack_that_swells_past_its_displacement_range_stops_the_run() -> None
     assert outcome.status is RunStatus.SAFETY_STOP
     assert "displacement 80.0 um is outside the profile's safety range 0 to 50 um" in outcome.reason
     assert outcome.test_time == pytest.approx(1860.0)  # the next sample after the swelling
+    last = [e.sample for e in events if isinstance(e, SampleTaken)][-1]
+    assert last.displacement_um == 80.0 and last.test_time == pytest.approx(1860.0)  # the tripping reading is kept
     assert cycler.commands[-1] == "OFF"
 
 

@@ -411,12 +411,14 @@ class Engine:
             )
             unsafe = policy.unsafe(reading, cell, self.profile.safety, self._cond)
             planned_end = ended is not None and self.walker.resolve(pc, ended.target) == END
+            at_edge = bool(edges) and t >= edge_at - 1e-9
+            # the reading that trips a stop is always recorded
+            alarm = short is not None or unsafe is not None
+            self._maybe_record(work, t, reading, ctl.step_type, ins.index, rule, force=bool(ended) or at_edge or alarm)
             if short is not None:
                 await self._short_found(short, planned_end)
             if unsafe and not planned_end:  # a limit that ends the test on this reading was planned for it
                 raise SafetyStop(unsafe)
-            at_edge = bool(edges) and t >= edge_at - 1e-9
-            self._maybe_record(work, t, reading, ctl.step_type, ins.index, rule, force=bool(ended) or at_edge)
             if ended:
                 ended = self._checked(body.check, ended, ctl, step.totals)
                 self._end_step(ended, t)
