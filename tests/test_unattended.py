@@ -246,3 +246,35 @@ def test_a_run_killed_three_times_and_resumed_ends_as_an_uninterrupted_one(tmp_p
     assert kinds.count("resumed") == 3 and kinds.count("outage") == 3 and kinds.count("guardian") >= 1
     assert kinds[-1] == "end" and con.execute("SELECT message FROM events ORDER BY rowid DESC").fetchone()[0] == \
         "completed"
+
+
+def test_resume_refuses_what_is_not_a_run_in_one_line(tmp_path: Path) -> None:
+    """A hostile or mistaken file: a text file, an unrelated SQLite database, a run whose state was mangled."""
+    from typer.testing import CliRunner
+
+    from cellbench.bench.cli import app
+
+    text = tmp_path / "notes.sqlite"
+    text.write_text("not a database\n")
+    other = tmp_path / "other.sqlite"
+    con = sqlite3.connect(other)
+    con.execute("CREATE TABLE t (x)")
+    con.commit()
+    con.close()
+    mangled = tmp_path / "mangled.sqlite"
+    con = sqlite3.connect(mangled)
+    con.executescript("""
+        CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+        CREATE TABLE run_state (id INTEGER PRIMARY KEY, test_time REAL, state TEXT NOT NULL);
+        CREATE TABLE samples ("Unix Time / s" REAL);
+        CREATE TABLE events (test_time REAL, unix_time REAL, kind TEXT, message TEXT);
+        INSERT INTO meta VALUES ('profile_text', '"name: x"'), ('channel', '"ch1"'), ('clock', '"real"');
+        INSERT INTO run_state VALUES (1, 0, '{"pc": "evil"}');
+    """)
+    con.close()
+    runner = CliRunner()
+    for db, says in [(text, "not a cellbench run database"), (other, "not a cellbench run database"),
+                     (mangled, "its saved run state cannot be read"), (tmp_path / "absent.sqlite", "no run database")]:
+        result = runner.invoke(app, ["resume", str(db)])
+        assert result.exit_code == 2, (db, result.output)
+        assert says in result.output and isinstance(result.exception, SystemExit)

@@ -68,6 +68,11 @@ class ChannelConfig(Strict):
     press: str | None = None
     potentiostat: str | None = None
 
+    @property
+    def instruments(self) -> list[str]:
+        """The names of the instruments the channel uses, cycler first."""
+        return [r for r in (self.cycler, self.chamber, self.press, self.potentiostat) if r is not None]
+
 
 class BenchConfig(Strict):
     what: ClassVar[str] = "bench key"

@@ -183,9 +183,7 @@ class Engine:
             if self._task is not None:
                 self._task.uncancel()  # our own stop(): the run ends here, with an outcome
             status, reason = self._stopped(self._interrupt)
-        except (Interrupted, RecordingFailed) as exc:
-            status, reason = self._stopped(exc)
-        except SafetyStop as exc:
+        except (Interrupted, RecordingFailed, SafetyStop) as exc:
             status, reason = self._stopped(exc)
         except InstrumentFault as exc:
             status, reason = RunStatus.FAULT, f"instrument fault: {exc}"
@@ -225,8 +223,6 @@ class Engine:
             self._waiter.set_result(None)
         elif self._task is not None and not self._task.done():
             self._task.cancel()
-
-    interrupt = stop
 
     def _stopped(self, exc: BaseException) -> tuple[RunStatus, str]:
         if isinstance(exc, SafetyStop):
@@ -594,9 +590,10 @@ class Engine:
     def _check_not_frozen(self, work: _Samples, ctl: Control, r: Reading) -> None:
         """A measured value (voltage under a current source, current under a voltage source) that repeats to
         the last digit while current flows is a frozen instrument, not a cell."""
+        if self.clock.virtual:  # a noiseless simulated plateau may repeat to the last digit
+            return
         in_compliance = ctl.mode is SourceMode.VOLTAGE and abs(abs(r.current) - ctl.compliance) <= 1e-9 * ctl.compliance
-        if self.clock.virtual or not work.history or r.current == 0.0 or in_compliance:
-            # (a current held at its limit is meant to hold; a noiseless simulated plateau may repeat)
+        if not work.history or r.current == 0.0 or in_compliance:  # a current held at its limit is meant to hold
             work.same = 0
             return
         _, prev = work.history[-1]

@@ -28,8 +28,8 @@ class Instruments:
         try:
             for ch in self.bench.channels.values():
                 cell = self.bench.cells[ch.cell]
-                for ref in (ch.cycler, ch.chamber, ch.press, ch.potentiostat):
-                    if ref is not None and ref not in self.drivers:
+                for ref in ch.instruments:
+                    if ref not in self.drivers:
                         await self._open(ref, self.bench.instruments[ref], cell)
         except BaseException:
             await self.__aexit__()
@@ -53,8 +53,7 @@ class Instruments:
 
     def notices_for(self, channel: str) -> list[str]:
         ch = self.bench.channels[channel]
-        refs = [r for r in (ch.cycler, ch.chamber, ch.press, ch.potentiostat) if r is not None]
-        return [notice for r in refs for notice in self.notices.get(r, [])]
+        return [notice for r in ch.instruments for notice in self.notices.get(r, [])]
 
     def cyclers(self) -> list[tuple[str, OpenRequest]]:
         """Every cycler of the bench, once: what a guardian must be able to turn off."""
@@ -82,9 +81,8 @@ class Instruments:
 
     def channel(self, name: str) -> Channel:
         ch = self.bench.channels[name]
-        refs = [r for r in (ch.cycler, ch.chamber, ch.press, ch.potentiostat) if r is not None]
         return Channel(
-            name, self.bench.cells[ch.cell], self.drivers[ch.cycler], {r: self.identity[r] for r in refs},
+            name, self.bench.cells[ch.cell], self.drivers[ch.cycler], {r: self.identity[r] for r in ch.instruments},
             chamber=self.drivers.get(ch.chamber) if ch.chamber else None,
             press=self.drivers.get(ch.press) if ch.press else None,
             potentiostat=self.drivers.get(ch.potentiostat) if ch.potentiostat else None,

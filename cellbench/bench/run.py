@@ -220,13 +220,16 @@ async def resume_run(
     profile = parse_profile(str(meta["profile_text"]), str(meta.get("profile_source", "<profile>")), base)
     if bench is None and "bench_as_written" not in meta:
         raise InputError([f"{database}: the run does not record its bench; name it with --bench"])
-    whole = bench or BenchConfig.model_validate(meta["bench_as_written"])
+    try:
+        whole = bench or BenchConfig.model_validate(meta["bench_as_written"])
+    except ValueError as exc:
+        raise InputError([f"{database}: the bench it recorded cannot be read ({str(exc).splitlines()[0]}); "
+                          "name one with --bench"]) from None
     name = str(meta["channel"])
     if name not in whole.channels:
         raise InputError([f"{database}: the bench has no channel '{name}' (it has {', '.join(whole.channels)})"])
     ch = whole.channels[name]
-    refs = [r for r in (ch.cycler, ch.chamber, ch.press, ch.potentiostat) if r is not None]
-    one = BenchConfig(name=whole.name, instruments={r: whole.instruments[r] for r in refs},
+    one = BenchConfig(name=whole.name, instruments={r: whole.instruments[r] for r in ch.instruments},
                       cells={ch.cell: whole.cells[ch.cell]}, channels={name: ch})
     outage = (last_unix, time.time())
 
@@ -253,16 +256,22 @@ def read_for_resume(database: Path, *, clear_latch: bool = False) -> tuple[dict[
         last = con.execute('SELECT max(t) FROM (SELECT max("Unix Time / s") AS t FROM samples '
                            "UNION ALL SELECT max(unix_time) FROM events)").fetchone()[0]
         ended = con.execute("SELECT message FROM events WHERE kind = 'end' ORDER BY rowid DESC").fetchone()
-    except sqlite3.DatabaseError as exc:
+    except (sqlite3.DatabaseError, ValueError) as exc:  # not SQLite, not our tables, or mangled JSON
         raise InputError([f"{database}: not a cellbench run database ({exc})"]) from None
     finally:
         con.close()
+    missing = [k for k in ("profile_text", "channel", "clock") if k not in meta]
+    if missing:
+        raise InputError([f"{database}: not a cellbench run database (no {', '.join(missing)} in its metadata)"])
     if row is None:
         raise InputError([f"{database}: the run saved no state to resume from"])
     if ended is not None and str(ended[0]).startswith("safety stop") and not clear_latch:
         raise InputError([f"{database}: the run ended in a {ended[0]}; it stays stopped until an operator "
                           "has looked at the cell and clears the latch (resume --clear-latch)"])
-    state = RunState.model_validate_json(row[0])
+    try:
+        state = RunState.model_validate_json(row[0])
+    except ValueError as exc:
+        raise InputError([f"{database}: its saved run state cannot be read ({str(exc).splitlines()[0]})"]) from None
     if state.finished:
         raise InputError([f"{database}: the run reached the end of its profile; there is nothing to resume"])
     return meta, state, float(last or time.time())

@@ -253,10 +253,6 @@ class RunStore:
         self._now([("INSERT OR REPLACE INTO eis_fits VALUES (?, ?, ?, ?, ?, ?, ?)",
                     (step_count, test_time, circuit, r_ohmic, r_interfacial, json.dumps(parameters), rel_rmse))])
 
-    def save_state(self, state: RunState) -> None:
-        """The run's state, replacing the one saved before."""
-        self._now([("INSERT OR REPLACE INTO run_state VALUES (1, ?, ?)", (state.test_time, state.model_dump_json()))])
-
     def flush(self, now: float | None = None) -> None:
         """Hand over what is buffered and wait until the writer has committed it (never on the control loop)."""
         self._hand_over()
