@@ -179,6 +179,32 @@ def test_a_full_disk_ends_the_run_in_the_safe_state(tmp_path: Path, monkeypatch:
     assert cycler.commands[-1] == "OFF"
 
 
+def test_a_full_disk_on_one_channel_stops_every_channel_of_the_bench(tmp_path: Path) -> None:
+    """The channels share the disk: one channel's failed write puts both in the safe state."""
+    profile = parse_profile("name: long\nsample_period: 1 s\nsteps:\n  - rest: 30 d\n", "t.yaml")
+    cyclers = [FakeCycler(name="a"), FakeCycler(name="b")]
+    clock = VirtualClock()
+    coordinator = run_module._Coordinator()
+    real_store = run_module.RunStore
+
+    def store(path: Path, **kw: Any) -> RunStore:  # only channel a's database is small enough to fill
+        return real_store(path, **kw, **({"pragmas": ("max_page_count=12",)} if path.stem == "a" else {}))
+
+    async def both() -> list[Any]:
+        run_module.RunStore = store  # type: ignore[misc]
+        try:
+            return await asyncio.gather(*(
+                run_module._run_channel(fake_channel(c), profile, "name: long", clock, tmp_path / f"{c.name}.sqlite",
+                                        None, {}, Path("."), coordinator) for c in cyclers))
+        finally:
+            run_module.RunStore = real_store  # type: ignore[misc]
+
+    a, b = clock.run(both())
+    assert a.outcome.status is b.outcome.status is RunStatus.RECORDING_FAILED
+    assert "a.sqlite" in b.outcome.reason  # b stopped for a's disk
+    assert all(c.commands[-1] == "OFF" and not c.on for c in cyclers)
+
+
 def test_a_resumed_run_ends_as_an_uninterrupted_one_would() -> None:
     """Cancelled 1200 s into cycle 2's charge, resumed from the saved state: the same cycles, the same charge."""
     whole, whole_events, _ = run_engine(CYCLES)
