@@ -19,10 +19,10 @@ from cellbench.simulators.parameters import PELLET
 from cellbench.simulators.server import SimServer
 
 ONE_HOUR = """
-name: one hour at C/10
+name: one hour at C/20 (below the pellet's critical current density)
 sample_period: 5 min
 steps:
-  - charge: {current: C/10, until: [1 h, 4.3 V]}
+  - charge: {current: C/20, until: [1 h, 4.3 V]}
 """
 
 
@@ -33,8 +33,8 @@ def test_run_from_a_script_and_read_the_samples_back(tmp_path: Path) -> None:
     samples = cellbench.read_samples(result.database)
     assert list(samples.columns[:4]) == ["Test Time / s", "Unix Time / s", "Voltage / V", "Current / A"]
     assert len(samples) == 13  # every 5 min over the hour, both ends included
-    # C/10 of the 3.5 mAh pellet for one hour is 0.35 mAh in
-    assert samples["Charging Capacity / Ah"].iloc[-1] == pytest.approx(0.35e-3, rel=1e-4)
+    # C/20 of the 3.5 mAh pellet for one hour is 0.175 mAh in
+    assert samples["Charging Capacity / Ah"].iloc[-1] == pytest.approx(0.175e-3, rel=1e-4)
     steps = cellbench.read_steps(result.database)
     assert list(steps["end_reason"]) == ["time 3600 s"]
     events = cellbench.read_events(result.database)

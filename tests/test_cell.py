@@ -78,6 +78,25 @@ def test_plating_above_the_critical_current_density_shorts_the_cell() -> None:
     assert not cell.shorted
     settle(cell, 1.0e-3, 3600)  # 1 mA/cm²: well above
     assert cell.shorted
+
+
+def test_a_dendrite_shorts_soft_first_then_hard() -> None:
+    p = PELLET
+    cell = SolidStateCell(p, soc=0.3)
+    excess = 0.6 - cell.critical_current_density()  # mA/cm² plated above the CCD at 0.6 mA on 1 cm²
+    touch = p.soft_short_at * p.dendrite_capacity_mah_cm2 / excess * 3600  # s until the filament touches
+    bridge = p.dendrite_capacity_mah_cm2 / excess * 3600
+    settle(cell, 0.6e-3, touch - 1)
+    assert not cell.shorted
+    settle(cell, 0.6e-3, 2)
+    assert cell.shorted and not cell.hard_shorted
+    assert cell.state.short_ohm == pytest.approx(p.soft_short_ohm_cm2 / p.area_cm2, rel=0.05)  # just touched
+    v = cell.state.voltage
+    settle(cell, 0.6e-3, (bridge - touch) / 2)  # half-way: the geometric mean of soft and hard
+    assert cell.state.short_ohm == pytest.approx((p.soft_short_ohm_cm2 * p.short_ohm_cm2) ** 0.5, rel=0.05)
+    assert cell.state.voltage < v  # charge flows in but the voltage falls: the leak outgrows the current
+    settle(cell, 0.6e-3, (bridge - touch) / 2 + 1)
+    assert cell.hard_shorted and cell.state.short_ohm == pytest.approx(p.short_ohm_cm2 / p.area_cm2)
     before = cell.soc
     rest_voltage = cell.apply_current(0.0, 600)
     assert cell.soc < before  # the short drains the cell even with no external current

@@ -70,3 +70,6 @@ def test_critical_current_density_is_found_where_the_lithium_shorts(tmp_path: Pa
     assert ccd_ma_cm2 == pytest.approx(0.4, rel=1e-4)
     assert ccd_ma_cm2 > PELLET.ccd_ma_cm2  # plating above the model's CCD shorted it, below did not
     assert run.bench.cell.shorted
+    (onset,) = [e for e in run.events if e["kind"] == "short"]  # the soft short, flagged before the end
+    assert onset["message"].startswith("soft short:") and "at 0.4 mA" in onset["message"]
+    assert last["start_time"] < onset["test_time"] < last["end_time"]

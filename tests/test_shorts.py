@@ -16,7 +16,7 @@ name: slow charge
 sample_period: 1 min
 {extra}
 steps:
-  - charge: {{current: C/10, until: [4.2 V, 2 h]}}
+  - charge: {{current: C/20, until: [4.2 V, 2 h]}}  # below the CCD: no dendrite of its own
 """
 SHORT_AT = 3600 + 30.0
 
@@ -52,7 +52,7 @@ def test_a_hard_short_is_called_a_short(tmp_path: Path) -> None:
 
 
 def test_a_flagged_short_is_recorded_and_the_test_goes_on(tmp_path: Path) -> None:
-    result, events = charge_with_short(tmp_path, 3000.0, "short_detection: {action: flag}")
+    result, events = charge_with_short(tmp_path, 30000.0, "short_detection: {action: flag}")  # a slight leak
     assert result.outcome.completed
     shorts = [e for e in events if e["kind"] == "short"]
     assert len(shorts) >= 1 and "soft short" in shorts[0]["message"] and "flagged" in shorts[0]["message"]
@@ -93,3 +93,44 @@ steps:
         assert not [e for e in store.events() if e["kind"] in ("short", "safety")]
         charges = [st for st in store.steps() if st["step_type"] == "CC Charge"]
     assert len(charges) == 12 and all(st["end_reason"].startswith("voltage") for st in charges)  # watched, all
+
+
+ABOVE_CCD = """
+name: plating above the CCD
+sample_period: 10 s
+{extra}
+steps:
+  - charge: {{current: 0.6 mA, until: [4.2 V, 1 h]}}
+"""
+
+
+def plate_above_ccd(tmp_path: Path, extra: str = "") -> tuple[Any, list[dict[str, Any]], SimulatedBench]:
+    """The simulated cell's own dendrite (nothing injected): 0.6 mA on 1 cm², twice the CCD at 25 degC."""
+    text = ABOVE_CCD.format(extra=extra)
+    clock = VirtualClock()
+    bench = SimulatedBench(initial_soc=0.3)
+
+    async def main() -> Any:
+        async with bench:
+            return await bench.run(parse_profile(text), text, clock, runs_dir=tmp_path)
+
+    result = clock.run(main())
+    with open_run(result.database) as store:
+        return result, store.events(), bench
+
+
+def test_the_model_dendrite_is_flagged_soft_then_hard(tmp_path: Path) -> None:
+    result, events, bench = plate_above_ccd(tmp_path, "short_detection: {action: flag}")
+    shorts = [e for e in events if e["kind"] == "short"]
+    assert [e["message"].split(":")[0] for e in shorts] == ["soft short", "hard short"]  # once each
+    p, excess = bench.cell.params, 0.6 - 0.3  # mA/cm² above the CCD (0.3 at 25 degC and 5 MPa)
+    touch = p.soft_short_at * p.dendrite_capacity_mah_cm2 / excess * 3600  # 300 s
+    assert touch < shorts[0]["test_time"] <= touch + 20  # within two samples of the filament touching
+    assert shorts[1]["test_time"] < p.dendrite_capacity_mah_cm2 / excess * 3600  # collapse before it bridges
+    assert result.outcome.reason.startswith("safety stop: cell voltage")  # then the safe window stops it
+
+
+def test_the_model_dendrite_stops_the_charge_at_its_soft_onset_by_default(tmp_path: Path) -> None:
+    result, _, bench = plate_above_ccd(tmp_path)
+    assert result.outcome.reason.startswith("safety stop: soft short: the voltage fell")
+    assert not bench.cell.hard_shorted  # stopped before the filament bridged the cell

@@ -109,6 +109,7 @@ class _Samples:
     history: list[tuple[float, Reading]] = field(default_factory=list)  # the last two
     voltages: deque[tuple[float, float]] = field(default_factory=deque)  # (test time, V) over the short window
     same: int = 0  # how many readings in a row have measured exactly the same value
+    shorts: set[str] = field(default_factory=set)  # kinds of short already found in this step
     last_recorded: tuple[float, Reading] | None = None
 
 
@@ -613,8 +614,13 @@ class Engine:
         window.append((t, r.voltage))
         while len(window) > 2 and t - window[1][0] >= rule.window:
             window.popleft()
-        if short is not None:
-            window.clear()  # one flag per occurrence
+        if short is None:
+            return None
+        window.clear()
+        kind = short.split(":", 1)[0]
+        if kind in work.shorts:
+            return None  # flagged once per step and kind: a soft short that grows is not news every sample
+        work.shorts.add(kind)
         return short
 
     async def _short_found(self, short: str, planned_end: bool) -> None:

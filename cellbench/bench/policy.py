@@ -202,11 +202,10 @@ def short_signature(window: Sequence[tuple[float, float]], t: float, v: float, c
     if v_prev - v >= rule.collapse:
         return (f"hard short: the voltage fell {(v_prev - v) * 1e3:.0f} mV in {t - t_prev:.0f} s while charging "
                 f"at {current * 1e3:.4g} mA")
-    if t - window[0][0] >= rule.window - 1e-9:
-        t_peak, v_peak = max(window, key=lambda p: p[1])
-        if v_peak - v >= rule.drop:
-            return (f"soft short: the voltage fell {(v_peak - v) * 1e3:.1f} mV in {t - t_peak:.0f} s while "
-                    f"charging at {current * 1e3:.4g} mA")
+    t_peak, v_peak = max(window, key=lambda p: p[1])  # the window holds only the last `window` seconds
+    if v_peak - v >= rule.drop:
+        return (f"soft short: the voltage fell {(v_peak - v) * 1e3:.1f} mV in {t - t_peak:.0f} s while "
+                f"charging at {current * 1e3:.4g} mA")
     return None
 
 

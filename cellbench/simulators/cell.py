@@ -5,7 +5,8 @@ R0 is the electrolyte (Arrhenius in T) plus contact (power law in stack pressure
 is the interfacial charge-transfer resistance of both electrodes (Arrhenius and pressure law)
 with the cathode double layer. Charge is counted coulombically; capacity fades with throughput,
 faster under low stack pressure; plating above the critical current density grows a dendrite
-that ends in an internal short. The model is deterministic: no randomness lives here.
+that first touches as a soft short (a high, falling leak resistance) and ends in a hard one.
+The model is deterministic: no randomness lives here.
 """
 
 from __future__ import annotations
@@ -93,7 +94,14 @@ class SolidStateCell:
 
     @property
     def shorted(self) -> bool:
+        """Any internal short, soft or hard."""
         return self.state.short_ohm is not None
+
+    @property
+    def hard_shorted(self) -> bool:
+        """The dendrite has bridged the electrolyte for good: its resistance is the hard short's."""
+        ohm = self.state.short_ohm
+        return ohm is not None and ohm <= self.params.short_ohm_cm2 / self.params.area_cm2
 
     def ocv(self) -> float:
         """Open-circuit voltage at the present SOC and temperature."""
@@ -200,7 +208,7 @@ class SolidStateCell:
             stored -= lost
         st.soc += stored / st.capacity_ah
         self._age(abs(ah))
-        self._grow_dendrite(internal, dt)
+        self._grow_dendrite(current, dt)  # the current pushed in drives plating at the filament tip
         self._heat(voltage, internal, dt)
         if current > 0:
             st.charged_ah += current * dt / 3600.0
@@ -220,14 +228,22 @@ class SolidStateCell:
         return loss
 
     def _grow_dendrite(self, current: float, dt: float) -> None:
-        if current <= 0 or self.shorted:
+        p = self.params
+        if current <= 0 or self.hard_shorted:
             return  # lithium plates on the anode while the cell charges
-        j = current * 1e3 / self.params.area_cm2
-        excess = j - self.critical_current_density()
-        if excess > 0:
-            self.state.dendrite_mah_cm2 += excess * dt / 3600.0
-            if self.state.dendrite_mah_cm2 >= self.params.dendrite_capacity_mah_cm2:
-                self.inject_short(self.params.short_ohm_cm2 / self.params.area_cm2)
+        excess = current * 1e3 / p.area_cm2 - self.critical_current_density()
+        if excess <= 0:
+            return
+        self.state.dendrite_mah_cm2 += excess * dt / 3600.0
+        grown = self.state.dendrite_mah_cm2 / p.dendrite_capacity_mah_cm2
+        if grown < p.soft_short_at:
+            return
+        # soft: from soft_short_ohm_cm2 when the filament touches, log-linearly down to the hard short
+        x = min((grown - p.soft_short_at) / (1.0 - p.soft_short_at), 1.0) if p.soft_short_at < 1.0 else 1.0
+        ohm_cm2 = p.soft_short_ohm_cm2 * (p.short_ohm_cm2 / p.soft_short_ohm_cm2) ** x
+        ohm = ohm_cm2 / p.area_cm2
+        if self.state.short_ohm is None or ohm < self.state.short_ohm:
+            self.inject_short(ohm)
 
     def _heat(self, voltage: float, current: float, dt: float) -> None:
         """Follow the surrounding air with the cell's own lag, warmed by its losses (I·(V - OCV))."""

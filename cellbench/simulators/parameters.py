@@ -70,6 +70,11 @@ class CellParameters(BaseModel):
     ccd_ea_ev: float = 0.35
     dendrite_capacity_mah_cm2: float = 0.05  # Li plated above the CCD before a short forms (est.)
     short_ohm_cm2: float = 20.0  # resistance of a dendrite short (est.)
+    # Before the hard short a first filament touches the cathode: a soft short (kΩ·cm²) that
+    # leaks charge and flattens the charge curve, its resistance falling log-linearly to the hard
+    # short's as the dendrite grows on (Reddy/Ning Nat. Mater. 2021 describe the soft stage; est.).
+    soft_short_at: float = Field(0.5, gt=0, le=1)  # fraction of dendrite_capacity at which the soft short forms
+    soft_short_ohm_cm2: float = 20000.0
     # Thermal: the pellet's die dominates (cell-parameters.md §Thermal): tau = C/hA ~ 2000 s.
     heat_capacity_j_k: float = 500.0
     heat_transfer_w_k: float = 0.25
