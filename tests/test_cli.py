@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -16,6 +17,8 @@ import pyvisa
 from typer.testing import CliRunner
 
 from cellbench.bench.cli import app
+from cellbench.bench.export import export_run
+from cellbench.bench.report import write_report
 from cellbench.bench.store import open_run
 
 
@@ -103,9 +106,11 @@ def test_cellbench_run_drives_a_served_simulator_in_real_time(served: str, tmp_p
             instruments:
               smu1: {{driver: keithley2450, resource: "{served}", timeout: 2 s}}
             cells:
-              pellet-01: {{capacity: 3.5 mAh, voltage_min: 2.5 V, voltage_max: 4.3 V, area: 1 cm^2}}
+              pellet-01: {{id: P-0142, batch: B7, capacity: 3.5 mAh, voltage_min: 2.5 V, voltage_max: 4.3 V,
+                           area: 0.5 cm^2, loading: 20 mg/cm^2}}
             channels:
               ch1: {{cycler: smu1, cell: pellet-01}}
+            operator: ana
             """
         )
     )
@@ -114,15 +119,24 @@ def test_cellbench_run_drives_a_served_simulator_in_real_time(served: str, tmp_p
         "name: quick\nsample_period: 0.25 s\nsteps:\n"
         "  - charge: {current: C/10, until: 1 s}\n  - rest: 1 s\n  - discharge: {current: C/10, until: 1 s}\n"
     )
-    result = CliRunner().invoke(app, ["run", str(profile), "--bench", str(bench), "--runs-dir", str(tmp_path)])
+    result = CliRunner().invoke(app, ["run", str(profile), "--bench", str(bench), "--runs-dir", str(tmp_path),
+                                      "--comment", "after the warm press"], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
-    assert "per-cycle summary" in result.output
-    (db,) = tmp_path.glob("*-ch1.sqlite")
+    assert "ch1 (cell P-0142): per-cycle summary" in result.output and "mAh/g" in result.output
+    (db,) = tmp_path.glob("*Z-P-0142.sqlite")  # named by the run's UTC start and the cell's ID
     with open_run(db) as store:
+        meta = store.metadata()
+        assert (meta["cell_id"], meta["cell"]["batch"], meta["operator"], meta["comment"]) == (
+            "P-0142", "B7", "ana", "after the warm press")
+        assert meta["cell"]["active_mass_g"] == pytest.approx(0.01)  # 20 mg/cm² over 0.5 cm²
         samples = store.samples()
         assert [st["end_reason"] for st in store.steps()] == ["time 1 s"] * 3
     assert {s.step_type for s in samples} == {"CC Charge", "Rest", "CC Discharge"}
     assert max(s.charge_ah for s in samples) == pytest.approx(3.5e-4 / 3600, rel=0.05)
+    page = write_report(db, tmp_path / "report").read_text()
+    assert "Cell P-0142, batch B7, active mass 10 mg, area 0.5 cm², operator ana, comment after the warm" in page
+    sidecar = json.loads(export_run(db, tmp_path / "export")["metadata"].read_text())
+    assert (sidecar["cell_id"], sidecar["operator"], sidecar["cell"]["loading"]) == ("P-0142", "ana", 20.0)
 
 
 def test_cellbench_run_names_a_bad_bench_file_line(tmp_path: Path) -> None:
@@ -176,7 +190,7 @@ def test_run_dry_run_records_like_a_real_run(tmp_path: Path) -> None:
         app, ["run", "hppc", "--dry-run", "--runs-dir", str(tmp_path), "--soc", "0.9"], env={"COLUMNS": "160"}
     )
     assert result.exit_code == 0, result.output
-    (db,) = tmp_path.glob("*-hppc-dcir-ch1.sqlite")
+    (db,) = tmp_path.glob("*Z-pellet.sqlite")  # the simulated cell's ID
     with open_run(db) as store:
         meta = store.metadata()
         assert meta["clock"] == "virtual" and meta["simulation"]["initial_soc"] == 0.9

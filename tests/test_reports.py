@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from cellbench.bench.analysis import cycle_life, cycle_table, dcir, dqdv
+from cellbench.bench.analysis import cycle_life, cycle_table, dcir, dqdv, run_cycle_table
 from cellbench.bench.cli import app
 from cellbench.bench.export import export_run
 from cellbench.bench.report import write_report
@@ -45,6 +45,22 @@ def test_a_fade_of_0_05_percent_a_cycle_gives_400_cycles_to_80_percent(tmp_path:
     # 3.5 mAh at 3.7 V in 0.06 cm³: 12.95 mWh / 0.06 mL = 215.8 Wh/L
     assert first.energy_density_wh_l == pytest.approx(3.5e-3 * 3.7 / 0.06e-3)
     assert rows[100].retention == pytest.approx(0.95)
+
+
+def test_specific_and_areal_capacity_from_the_cell_the_run_records(tmp_path: Path) -> None:
+    db = synthetic_cycles(tmp_path / "a.sqlite", 0.01, 3)
+    with RunStore(db) as store:
+        store.set_metadata(cell={"active_mass_g": 0.02, "area": 0.785})  # 20 mg on a 10 mm disc
+        rows = run_cycle_table(store.iter_samples(), store.metadata()["cell"])
+    # cycle 2 gives back 3.5 mAh × 0.99 = 3.465 mAh: 173.25 mAh/g and 4.414 mAh/cm²
+    assert rows[1].specific_capacity_mah_g == pytest.approx(173.25)
+    assert rows[1].areal_capacity_mah_cm2 == pytest.approx(3.465 / 0.785)
+    assert run_cycle_table([], None) == [] and cycle_table(store_samples(db))[0].specific_capacity_mah_g is None
+
+
+def store_samples(db: Path) -> list[Sample]:
+    with RunStore(db) as store:
+        return store.samples()
 
 
 def test_energy_density_of_the_stack_under_pressure_counts_its_swelling() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import bisect
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from cellbench.bench.store import Sample
 
@@ -21,6 +22,18 @@ class CycleSummary:
     retention: float | None = None  # discharge capacity over the first cycle's that had one
     volume_cm3: float | None = None
     stack_volume_cm3: float | None = None  # under pressure, swollen by the largest displacement of the cycle
+    mass_g: float | None = None  # active material
+    area_cm2: float | None = None  # active area
+
+    @property
+    def specific_capacity_mah_g(self) -> float | None:
+        """Discharge capacity per gram of active material."""
+        return self.discharge_ah * 1e3 / self.mass_g if self.mass_g else None
+
+    @property
+    def areal_capacity_mah_cm2(self) -> float | None:
+        """Discharge capacity per cm² of active area."""
+        return self.discharge_ah * 1e3 / self.area_cm2 if self.area_cm2 else None
 
     @property
     def coulombic_efficiency(self) -> float | None:
@@ -54,8 +67,17 @@ class CycleSummary:
         return self.discharge_wh / (self.stack_volume_cm3 / 1000.0)
 
 
+def run_cycle_table(samples: Iterable[Sample], cell: dict[str, Any] | None) -> list[CycleSummary]:
+    """The per-cycle table of a run, scaled by the cell its metadata records (volume, thickness, mass, area)."""
+    cell = cell or {}
+    dims = cell.get("dimensions")
+    return cycle_table(samples, cell.get("volume_cm3"), dims[2] if dims else None,
+                       mass_g=cell.get("active_mass_g"), area_cm2=cell.get("area"))
+
+
 def cycle_table(
-    samples: Iterable[Sample], volume_cm3: float | None = None, thickness_mm: float | None = None
+    samples: Iterable[Sample], volume_cm3: float | None = None, thickness_mm: float | None = None,
+    *, mass_g: float | None = None, area_cm2: float | None = None,
 ) -> list[CycleSummary]:
     """One row per cycle; the accumulators restart each cycle, so a cycle's last sample holds its totals.
 
@@ -76,7 +98,7 @@ def cycle_table(
             stack = volume_cm3 * (thickness_mm + swell[c] / 1000.0) / thickness_mm
         rows.append(CycleSummary(
             c, s.charge_ah, s.discharge_ah, s.charge_wh, s.discharge_wh,
-            s.discharge_ah / reference if reference else None, volume_cm3, stack,
+            s.discharge_ah / reference if reference else None, volume_cm3, stack, mass_g, area_cm2,
         ))
     return rows
 

@@ -13,17 +13,31 @@ from cellbench.profiles.units import Voltage, to_si
 Capacity = Annotated[float, BeforeValidator(lambda v: to_si(v, "A*h", "a capacity (e.g. '3.5 mAh')"))]
 Area = Annotated[float, BeforeValidator(lambda v: to_si(v, "cm**2", "an area (e.g. '1 cm^2')"))]
 Length = Annotated[float, BeforeValidator(lambda v: to_si(v, "mm", "a length (e.g. '10 mm')"))]
+Mass = Annotated[float, BeforeValidator(lambda v: to_si(v, "g", "a mass (e.g. '12.5 mg')"))]
+Loading = Annotated[float, BeforeValidator(lambda v: to_si(v, "mg/cm**2", "an areal loading (e.g. '20 mg/cm^2')"))]
+Label = Annotated[str, Field(min_length=1, max_length=80, pattern=r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")]
 
 class CellConfig(Strict):
     """The cell on a channel: what the profile's C-rates and the safety limits refer to."""
 
     what: ClassVar[str] = "cell key"
+    id: Label | None = Field(default=None, description="the cell's ID as labelled (by default its key in the file)")
+    batch: str | None = None
     chemistry: str = "NMC811 | Li6PS5Cl | Li metal"
     capacity: Capacity = Field(description="nominal capacity in Ah")
     voltage_min: Voltage
     voltage_max: Voltage
-    area: Area = 1.0
+    area: Area = Field(default=1.0, gt=0, description="active (cathode) area in cm²")
+    mass: Mass | None = Field(default=None, gt=0, description="active material mass in g")
+    loading: Loading | None = Field(default=None, gt=0, description="active material loading in mg/cm²")
     dimensions: tuple[Length, Length, Length] | None = None
+
+    @property
+    def active_mass_g(self) -> float | None:
+        """The active mass as written, or from the loading over the area."""
+        if self.mass is not None:
+            return self.mass
+        return self.loading * self.area / 1000.0 if self.loading is not None else None
 
     @property
     def volume_cm3(self) -> float | None:
@@ -37,6 +51,13 @@ class CellConfig(Strict):
         out: dict[str, Any] = {"chemistry": self.chemistry, "capacity": f"{self.capacity!r} A*h",
                                "voltage_min": f"{self.voltage_min!r} V", "voltage_max": f"{self.voltage_max!r} V",
                                "area": f"{self.area!r} cm**2"}
+        for key, value in (("id", self.id), ("batch", self.batch)):
+            if value is not None:
+                out[key] = value
+        if self.mass is not None:
+            out["mass"] = f"{self.mass!r} g"
+        if self.loading is not None:
+            out["loading"] = f"{self.loading!r} mg/cm**2"
         if self.dimensions is not None:
             out["dimensions"] = [f"{d!r} mm" for d in self.dimensions]
         return out

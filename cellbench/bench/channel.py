@@ -22,6 +22,7 @@ class Channel:
     reconnect: Callable[[], Awaitable[Cycler]] | None = None  # a new connection to the cycler, if one can be made
     reconnect_grace: float = 0.0  # s a lost cycler is reconnected before the channel is made safe and fails
     blind_off: Callable[[], Awaitable[bool]] | None = None  # the output-off command sent unconfirmed, last resort
+    cell_id: str = ""  # the cell's ID as labelled (the bench file's `id`, or the cell's key)
 
     async def conditions(self) -> Conditions:
         """Read the chamber and the press, if the channel has them."""

@@ -15,7 +15,7 @@ from rich.table import Table
 from rich.tree import Tree
 
 from cellbench.bench import engine
-from cellbench.bench.analysis import cycle_table
+from cellbench.bench.analysis import run_cycle_table
 from cellbench.bench.clock import RealClock, VirtualClock
 from cellbench.bench.config import load_bench
 from cellbench.bench.run import ChannelResult, exit_code, resume_run, run_bench
@@ -81,15 +81,22 @@ def _reporter(progress: Progress, profile: Profile) -> Any:
 def _show_results(results: list[ChannelResult]) -> None:
     for res in results:
         with open_run(res.database) as store:
-            rows = cycle_table(store.iter_samples())
-        table = Table(title=f"{res.channel}: per-cycle summary")
-        for col in ("cycle", "charge / mAh", "discharge / mAh", "CE / %", "charge / mWh", "discharge / mWh"):
+            meta = store.metadata()
+            rows = run_cycle_table(store.iter_samples(), meta.get("cell"))
+        cell_id = meta.get("cell_id")
+        table = Table(title=f"{res.channel}{f' (cell {cell_id})' if cell_id else ''}: per-cycle summary")
+        per_gram = any(r.specific_capacity_mah_g is not None for r in rows)
+        per_area = any(r.area_cm2 not in (None, 1.0) for r in rows)  # on 1 cm² it would repeat the mAh
+        columns = ["cycle", "charge / mAh", "discharge / mAh", "CE / %", "charge / mWh", "discharge / mWh"]
+        for col in columns + ["mAh/g"] * per_gram + ["mAh/cm²"] * per_area:
             table.add_column(col, justify="right")
         for r in rows:
             ce = f"{r.coulombic_efficiency * 100:.2f}" if r.coulombic_efficiency is not None else "-"
             table.add_row(
                 str(r.cycle), f"{r.charge_ah * 1e3:.4f}", f"{r.discharge_ah * 1e3:.4f}", ce,
                 f"{r.charge_wh * 1e3:.3f}", f"{r.discharge_wh * 1e3:.3f}",
+                *[f"{r.specific_capacity_mah_g or 0:.1f}"] * per_gram,
+                *[f"{r.areal_capacity_mah_cm2 or 0:.3f}"] * per_area,
             )
         console.print(table)
         state = "[green]completed[/green]" if res.outcome.completed else f"[red]{res.outcome.reason}[/red]"
@@ -110,7 +117,8 @@ def _preset(cell: str) -> CellParameters:
 
 
 def _simulate(
-    path: Path, *, seed: int, runs_dir: Path, cell: str, soc: float, temperature: float, environment: bool = False
+    path: Path, *, seed: int, runs_dir: Path, cell: str, soc: float, temperature: float, environment: bool = False,
+    identity: dict[str, object] | None = None,
 ) -> ChannelResult:
     from cellbench.bench.simbench import run_simulated
 
@@ -127,7 +135,7 @@ def _simulate(
                 run_simulated(
                     prof, text, clock, params=params, initial_soc=soc, seed=seed, temperature_c=temperature,
                     runs_dir=runs_dir, on_progress=_reporter(progress, prof), profile_source=path.name,
-                    base_dir=path.parent, environment=environment,
+                    base_dir=path.parent, environment=environment, extra_metadata=identity,
                 )
             )
     except InputError as exc:
@@ -173,12 +181,16 @@ def run(
     environment: Annotated[
         bool, typer.Option(help="simulate a chamber and a press even if the profile does not need them")
     ] = False,
+    operator: Annotated[str | None, typer.Option(help="who runs the test (recorded; overrides the bench file's)")]
+    = None,
+    comment: Annotated[str | None, typer.Option(help="a comment recorded with the run")] = None,
 ) -> None:
     """Run a profile on every channel of a bench in real time, or with --dry-run on a simulated bench."""
     path = _profile_path(profile)
+    identity: dict[str, object] = {k: v for k, v in (("operator", operator), ("comment", comment)) if v is not None}
     if dry_run:
         result = _simulate(path, seed=seed, runs_dir=runs_dir, cell=cell, soc=soc, temperature=temperature,
-                           environment=environment)
+                           environment=environment, identity=identity)
         if code := exit_code([result]):
             raise typer.Exit(code)
         return
@@ -191,7 +203,7 @@ def run(
         raise _fail(exc.problems) from None
     _on_real_bench(lambda clock, progress: run_bench(
         cfg, prof, text, clock, runs_dir=runs_dir, on_progress=_reporter(progress, prof), profile_source=path.name,
-        base_dir=path.parent))
+        base_dir=path.parent, extra_metadata=identity))
 
 
 def _on_real_bench(work: Callable[[RealClock, Progress], Coroutine[Any, Any, list[ChannelResult]]]) -> None:

@@ -77,14 +77,26 @@ class ChannelConfig(Strict):
 class BenchConfig(Strict):
     what: ClassVar[str] = "bench key"
     name: str = "bench"
+    operator: str | None = Field(default=None, description="who runs the tests (the CLI's --operator overrides)")
+    comment: str | None = None
+    notify: list[str] | None = Field(
+        default=None, min_length=1, description="a command (program and arguments) run when a channel's run ends, "
+                                                "with the run's state and reason as JSON on its standard input")
     instruments: dict[str, InstrumentConfig]
     cells: dict[str, CellConfig]
     channels: dict[str, ChannelConfig] = Field(min_length=1)
+
+    def cell_id(self, channel: str) -> str:
+        """The ID of the channel's cell: its `id`, or its key in the bench file."""
+        key = self.channels[channel].cell
+        return self.cells[key].id or key
 
     def as_written(self) -> dict[str, Any]:
         """The bench as a bench file would write it (with units), so that `model_validate` takes it again."""
         return {
             "name": self.name,
+            **{k: v for k, v in (("operator", self.operator), ("comment", self.comment), ("notify", self.notify))
+               if v is not None},
             "instruments": {n: {**i.model_dump(exclude_none=True), "timeout": f"{i.timeout!r} s",
                                 "reconnect_grace": f"{i.reconnect_grace!r} s"} for n, i in self.instruments.items()},
             "cells": {n: c.as_written() for n, c in self.cells.items()},

@@ -89,6 +89,7 @@ class Instruments:
             reconnect=lambda: self.reopen(ch.cycler),
             blind_off=lambda: self.blind_off(ch.cycler),
             reconnect_grace=self.bench.instruments[ch.cycler].reconnect_grace,
+            cell_id=self.bench.cell_id(name),
         )
 
     async def __aexit__(self, *exc: object) -> None:

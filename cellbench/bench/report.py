@@ -10,7 +10,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from cellbench.bench.analysis import CycleSummary, cycle_life, cycle_table, dcir, dqdv
+from cellbench.bench.analysis import CycleSummary, cycle_life, cycle_table, dcir, dqdv, run_cycle_table
 from cellbench.bench.store import open_run
 
 FIGSIZE = (8, 4.5)
@@ -33,9 +33,7 @@ def write_report(database: str | Path, out_dir: str | Path | None = None) -> Pat
     out.mkdir(parents=True, exist_ok=True)
     with open_run(db) as store:
         samples, meta, spectra, fits = store.samples(), store.metadata(), store.spectra(), store.fits()
-    cell = meta.get("cell") or {}
-    dims = cell.get("dimensions")
-    rows = cycle_table(samples, cell.get("volume_cm3"), dims[2] if dims else None)
+    rows = run_cycle_table(samples, meta.get("cell"))
     plt = _plt()
     images = [_time_series(plt, samples, out / "time-series.png"), _cycles(plt, rows, out / "cycles.png")]
     if (curve := dqdv(samples)):
@@ -129,6 +127,18 @@ def _plot_fit(ax: Any, frequency: list[float], fit: dict[str, Any], color: str) 
     ax.plot(z.real, -z.imag, "-", lw=1, color=color)
 
 
+def _identity(meta: dict[str, Any]) -> str:
+    """Cell ID, batch, active mass and area, operator and comment, where the run records them."""
+    cell = meta.get("cell") or {}
+    mass = cell.get("active_mass_g")
+    parts = [("Cell", meta.get("cell_id")), ("batch", cell.get("batch")),
+             ("active mass", None if mass is None else f"{mass * 1e3:.4g} mg"),
+             ("area", None if cell.get("area") is None else f"{cell['area']:.4g} cm²"),
+             ("operator", meta.get("operator")), ("comment", meta.get("comment"))]
+    shown = [f"{name} {html.escape(str(value))}" for name, value in parts if value not in (None, "")]
+    return f"<p>{', '.join(shown)}.</p>" if shown else ""
+
+
 def _page(meta: dict[str, Any], rows: list[CycleSummary], images: list[Path], samples: list[Any]) -> str:
     def cell(value: float | None, fmt: str) -> str:
         return "" if value is None else format(value, fmt)
@@ -138,7 +148,8 @@ def _page(meta: dict[str, Any], rows: list[CycleSummary], images: list[Path], sa
         f"<td>{cell(r.coulombic_efficiency and r.coulombic_efficiency * 100, '.2f')}</td>"
         f"<td>{cell(r.mean_charge_voltage, '.3f')}</td><td>{cell(r.mean_discharge_voltage, '.3f')}</td>"
         f"<td>{cell(r.retention and r.retention * 100, '.1f')}</td><td>{cell(r.energy_density_wh_l, '.1f')}</td>"
-        f"<td>{cell(r.stack_energy_density_wh_l, '.1f')}</td></tr>"
+        f"<td>{cell(r.stack_energy_density_wh_l, '.1f')}</td><td>{cell(r.specific_capacity_mah_g, '.1f')}</td>"
+        f"<td>{cell(r.areal_capacity_mah_cm2, '.3f')}</td></tr>"
         for r in rows
     )
     life = cycle_life([r.retention for r in rows if r.retention is not None])
@@ -154,11 +165,12 @@ td,th{{border:1px solid #ccc;padding:2px 8px;text-align:right}}img{{max-width:10
 <body><h1>{title}</h1>
 <p>Run {html.escape(str(meta.get("run_id", "")))}, channel {html.escape(str(meta.get("channel", "")))},
 {len(samples)} samples, {samples[-1].test_time / 3600 if samples else 0:.2f} h of test time.</p>
+{_identity(meta)}
 <p>Cycle life to 80 % retention: {"not reached" if life is None else f"{life:.1f} cycles"}</p>
 {dcir_line}
 <table><tr><th>cycle</th><th>charge / mAh</th><th>discharge / mAh</th><th>CE / %</th>
 <th>mean charge V</th><th>mean discharge V</th><th>retention / %</th><th>Wh/L</th>
-<th>Wh/L (stack under pressure)</th></tr>{table}</table>
+<th>Wh/L (stack under pressure)</th><th>mAh/g</th><th>mAh/cm²</th></tr>{table}</table>
 {figures}
 </body></html>
 """

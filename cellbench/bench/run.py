@@ -45,10 +45,17 @@ def cellbench_version() -> str:
         return "unknown"
 
 
-def run_id(profile: Profile) -> str:
-    """A run's ID: its start in UTC (ISO 8601 basic, with the zone) and the profile's name."""
-    slug = re.sub(r"[^a-z0-9]+", "-", profile.name.lower()).strip("-")[:40] or "run"
-    return f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{slug}"
+def run_ids(bench: BenchConfig, started: float | None = None) -> dict[str, str]:
+    """Each channel's run ID: the start in UTC (ISO 8601 basic, with the zone) and the cell's ID, with the
+    channel's name too where two channels of the bench carry cells of one ID. It names the run's files."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(started))
+    ids = {name: bench.cell_id(name) for name in bench.channels}
+    out = {}
+    for name, cell in ids.items():
+        label = re.sub(r"[^A-Za-z0-9._+-]+", "-", cell).strip("-.")[:60] or "cell"
+        shared = list(ids.values()).count(cell) > 1
+        out[name] = f"{stamp}-{label}-{re.sub(r'[^A-Za-z0-9._+-]+', '-', name)[:40]}" if shared else f"{stamp}-{label}"
+    return out
 
 
 def reserve(runs_dir: Path, stem: str) -> Path:
@@ -151,9 +158,10 @@ async def run_bench(
         problems += [(path, f"{message} (channel '{name}')") for path, message in found]
     if problems:
         raise InputError(locate(profile_text, profile_source, problems))
-    rid = run_id(profile)
+    rids = run_ids(bench)
     extra = {"bench": bench.model_dump(mode="json"), "bench_as_written": bench.as_written(),
-             "profile_source": profile_source,
+             "profile_source": profile_source, "total_steps": profile.executed_step_count(),
+             "operator": bench.operator, "comment": bench.comment,
              "base_dir": str(Path.cwd() / base_dir), **(extra_metadata or {})}  # base_dir: for a resume
 
     def jobs(instruments: Instruments, coordinator: _Coordinator, paths: dict[str, Path]) -> list[Any]:
@@ -163,7 +171,7 @@ async def run_bench(
             for name in bench.channels
         ]
 
-    return await _on_bench(bench, clock, lambda: {n: reserve(runs_dir, f"{rid}-{n}") for n in bench.channels},
+    return await _on_bench(bench, clock, lambda: {n: reserve(runs_dir, rids[n]) for n in bench.channels},
                            jobs, handle_signals)
 
 
@@ -310,7 +318,9 @@ async def _run_channel(
                 cellbench_version=cellbench_version(),
                 run_id=path.stem,
                 channel=channel.name,
-                cell={**cell.model_dump(mode="json"), "volume_cm3": cell.volume_cm3},
+                cell_id=channel.cell_id or channel.name,
+                cell={**cell.model_dump(mode="json"), "volume_cm3": cell.volume_cm3,
+                      "active_mass_g": cell.active_mass_g},
                 instruments=channel.identity,
                 profile_name=profile.name,
                 profile_text=profile_text,

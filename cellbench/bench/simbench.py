@@ -134,6 +134,7 @@ class SimulatedBench:
         profile_source: str = "<profile>",
         base_dir: Path = Path("."),
         supervise: bool | None = None,
+        extra_metadata: dict[str, object] | None = None,
     ) -> ChannelResult:
         simulation = {
             "seed": self.seed, "initial_soc": self.initial_soc, "temperature_c": self.cell.temperature_c,
@@ -141,7 +142,8 @@ class SimulatedBench:
         }
         results = await run_bench(
             self.config, profile, profile_text, clock, runs_dir=runs_dir, on_progress=on_progress,
-            extra_metadata={"simulation": simulation}, profile_source=profile_source, base_dir=base_dir,
+            extra_metadata={"simulation": simulation, **(extra_metadata or {})}, profile_source=profile_source,
+            base_dir=base_dir,
             supervise=supervise,
         )
         return results[0]
@@ -162,6 +164,7 @@ async def run_simulated(
     profile_source: str = "<profile>",
     base_dir: Path = Path("."),
     environment: bool = False,
+    extra_metadata: dict[str, object] | None = None,
 ) -> tuple[ChannelResult, SolidStateCell]:
     """Run a profile on a fresh simulated bench; return the result and the simulated cell.
 
@@ -174,7 +177,7 @@ async def run_simulated(
     async with bench:
         result = await bench.run(
             profile, profile_text, clock, runs_dir=runs_dir, on_progress=on_progress,
-            profile_source=profile_source, base_dir=base_dir,
+            profile_source=profile_source, base_dir=base_dir, extra_metadata=extra_metadata,
         )
     return result, bench.cell
 
