@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import tempfile
 import textwrap
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -15,6 +17,10 @@ import pytest
 from cellbench.simulators.cell import SolidStateCell
 from cellbench.simulators.keithley2450 import Keithley2450Sim
 from cellbench.simulators.server import SimServer
+
+# The runs registry of every test (and of the subprocesses they start) is the session's own, never the
+# user's ~/.local/state; a test that looks at the registry sets its own folder.
+os.environ["CELLBENCH_STATE_DIR"] = tempfile.mkdtemp(prefix="cellbench-test-state-")
 
 
 class ScriptedTransport:

@@ -66,13 +66,18 @@ def files(tmp_path: Path, resource: str) -> tuple[Path, Path]:
     return bench, profile
 
 
+def run_env(tmp_path: Path) -> dict[str, str]:
+    """A bare environment for a cellbench subprocess: its own lock folder and runs registry under tmp_path."""
+    return {"PATH": "/usr/bin:/bin", "COLUMNS": "200", "CELLBENCH_LOCK_DIR": str(tmp_path / "locks"),
+            "CELLBENCH_STATE_DIR": str(tmp_path / "state"), "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+
+
 def start_run(tmp_path: Path, bench: Path, profile: Path, runs: str = "runs") -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "cellbench.bench.cli", "run", str(profile), "--bench", str(bench),
          "--runs-dir", str(tmp_path / runs)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env={"PATH": "/usr/bin:/bin", "COLUMNS": "200", "CELLBENCH_LOCK_DIR": str(tmp_path / "locks"),
-             "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+        env=run_env(tmp_path),
     )
 
 
@@ -147,8 +152,7 @@ def test_a_hard_death_at_twenty_random_moments_never_leaves_the_output_on(served
             [sys.executable, "-m", "cellbench.bench.cli", "run", str(profile), "--bench", str(bench),
              "--runs-dir", str(tmp_path / f"runs{attempt}")],
             stdout=subprocess.DEVNULL, stderr=(tmp_path / f"stderr{attempt}.txt").open("w"),
-            env={"PATH": "/usr/bin:/bin", "CELLBENCH_LOCK_DIR": str(tmp_path / "locks"),
-                 "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+            env=run_env(tmp_path),
         )
         time.sleep(rng.uniform(0.2, 4.0))  # before, while and after the output goes on
         sourcing += ask(served, ":OUTP?") == "1"
@@ -185,8 +189,7 @@ steps:
 def cellbench(*args: str, tmp_path: Path) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "cellbench.bench.cli", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        text=True, env={"PATH": "/usr/bin:/bin", "COLUMNS": "200", "CELLBENCH_LOCK_DIR": str(tmp_path / "locks"),
-                        "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+        text=True, env=run_env(tmp_path),
     )
 
 

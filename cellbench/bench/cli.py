@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import calendar
+import json
 import logging
+import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -14,7 +17,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.tree import Tree
 
-from cellbench.bench import engine
+from cellbench.bench import engine, runs
 from cellbench.bench.analysis import run_cycle_table
 from cellbench.bench.clock import RealClock, VirtualClock
 from cellbench.bench.config import load_bench
@@ -60,10 +63,34 @@ def _progress_bar() -> Progress:
     )
 
 
+PLAIN_EVERY = 60.0  # s of wall time between two progress lines when the output is not a terminal
+PLAIN_NEW_STEP = 2.0  # s at least between two lines for new steps (a dry run changes step every few ms)
+
+
+def _announce(channel: str, database: Path) -> None:
+    console.print(f"{channel}: recording to {database}", highlight=False, soft_wrap=True)
+
+
+def _plain(channel: str, p: engine.Progress, last: dict[str, tuple[float, int]]) -> None:
+    """Progress as plain lines (under nohup, systemd, a CI log): at a new step and every PLAIN_EVERY s."""
+    now = time.monotonic()
+    seen = last.get(channel)
+    if seen is not None and now - seen[0] < (PLAIN_NEW_STEP if seen[1] != p.step_count else PLAIN_EVERY):
+        return
+    last[channel] = (now, p.step_count)
+    console.print(f"{runs.utc(time.time())} {channel} step {p.step_count}/{p.total_steps} {p.step_type} "
+                  f"cycle {p.cycle} {p.voltage:.4f} V {p.current * 1e3:+.4f} mA test time {p.test_time / 3600:.3f} h",
+                  highlight=False, soft_wrap=True)
+
+
 def _reporter(progress: Progress, profile: Profile) -> Any:
     tasks: dict[str, Any] = {}
+    last: dict[str, tuple[float, int]] = {}
 
     def report(channel: str, p: engine.Progress) -> None:
+        if not console.is_terminal:
+            _plain(channel, p, last)
+            return
         if channel not in tasks:
             tasks[channel] = progress.add_task(channel, total=profile.executed_step_count())
         progress.update(
@@ -135,7 +162,7 @@ def _simulate(
                 run_simulated(
                     prof, text, clock, params=params, initial_soc=soc, seed=seed, temperature_c=temperature,
                     runs_dir=runs_dir, on_progress=_reporter(progress, prof), profile_source=path.name,
-                    base_dir=path.parent, environment=environment, extra_metadata=identity,
+                    base_dir=path.parent, environment=environment, extra_metadata=identity, on_start=_announce,
                 )
             )
     except InputError as exc:
@@ -203,7 +230,7 @@ def run(
         raise _fail(exc.problems) from None
     _on_real_bench(lambda clock, progress: run_bench(
         cfg, prof, text, clock, runs_dir=runs_dir, on_progress=_reporter(progress, prof), profile_source=path.name,
-        base_dir=path.parent, extra_metadata=identity))
+        base_dir=path.parent, extra_metadata=identity, on_start=_announce))
 
 
 def _on_real_bench(work: Callable[[RealClock, Progress], Coroutine[Any, Any, list[ChannelResult]]]) -> None:
@@ -239,15 +266,19 @@ def resume(
 
     async def one(clock: RealClock, progress: Progress) -> list[ChannelResult]:
         return [await resume_run(run_db, clock, bench=cfg, on_progress=_resume_reporter(progress),
-                                 clear_latch=clear_latch)]
+                                 clear_latch=clear_latch, on_start=_announce)]
 
     _on_real_bench(one)
 
 
 def _resume_reporter(progress: Progress) -> Any:
     tasks: dict[str, Any] = {}
+    last: dict[str, tuple[float, int]] = {}
 
     def report(channel: str, p: engine.Progress) -> None:
+        if not console.is_terminal:
+            _plain(channel, p, last)
+            return
         if channel not in tasks:
             tasks[channel] = progress.add_task(channel, total=p.total_steps)
         progress.update(tasks[channel], completed=p.step_count - 1,
@@ -384,6 +415,94 @@ def _simulated(instrument: str) -> DriverSpec:
     if len(fits) == 1:
         return fits[0]
     raise _fail(f"unknown instrument '{instrument}' (expected one of: {', '.join(sorted(with_sim))})")
+
+
+def _since(text: str | None) -> float | None:
+    if text is None:
+        return None
+    try:
+        return calendar.timegm(time.strptime(text, "%Y-%m-%d"))
+    except ValueError:
+        raise _fail(f"--since {text!r}: give a date as YYYY-MM-DD (UTC)") from None
+
+
+@app.command("runs")
+def runs_command(
+    state: Annotated[str | None, typer.Option(help="only runs in this state (running, completed, interrupted, "
+                                                   "failed, safety stop, recording failed)")] = None,
+    cell: Annotated[str | None, typer.Option(help="only runs of this cell ID")] = None,
+    since: Annotated[str | None, typer.Option(help="only runs started on or after this UTC date (YYYY-MM-DD)")]
+    = None,
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON array, for scripts")] = False,
+) -> None:
+    """Every run this machine has started, newest first: state, cell, where its database and log are."""
+    found = runs.select(runs.entries(), state=state, cell=cell, since=_since(since))
+    if as_json:
+        print(json.dumps([e.model_dump() for e in found], indent=1))
+        return
+    if not found:
+        console.print(f"no runs registered in {runs.state_dir() / 'runs'}", highlight=False)
+        return
+    table = Table(title="runs")
+    for col in ("run ID", "state", "cell", "channel", "profile", "started (UTC)", "reason", "database"):
+        table.add_column(col, overflow="fold")
+    for e in found:
+        table.add_row(e.run_id, e.state, e.cell_id, e.channel, e.profile, runs.utc(e.started),
+                      e.reason if e.state != "completed" else "", e.database)
+    console.print(table)
+
+
+def _hms(seconds: float | None) -> str:
+    """1d 02:03:04, or 02:03:04."""
+    if seconds is None:
+        return "-"
+    days, rest = divmod(int(seconds), 86400)
+    clock = f"{rest // 3600:02d}:{rest % 3600 // 60:02d}:{rest % 60:02d}"
+    return f"{days}d {clock}" if days else clock
+
+
+def _status_table(lives: list[runs.Live]) -> Table:
+    table = Table(title=f"running on this machine at {runs.utc(time.time())}")
+    for col in ("run ID", "cell", "channel", "step", "cycle", "V", "mA", "degC", "MPa", "elapsed", "remaining"):
+        table.add_column(col, justify="right" if col not in ("run ID", "cell", "channel", "step") else "left")
+
+    def num(value: float | None, fmt: str, scale: float = 1.0) -> str:
+        return "-" if value is None else format(value * scale, fmt)
+
+    for lv in lives:
+        step = "-" if lv.step_count is None else f"{lv.step_count}/{lv.total_steps or '?'} {lv.step_type}"
+        cycle = "-" if lv.cycle is None else str(lv.cycle)
+        table.add_row(lv.entry.run_id, lv.entry.cell_id, lv.entry.channel, step, cycle,
+                      num(lv.voltage, ".4f"), num(lv.current, "+.4f", 1e3), num(lv.temperature_c, ".1f"),
+                      num(lv.pressure_mpa, ".2f"), _hms(lv.test_time), _hms(lv.remaining_s))
+    return table
+
+
+@app.command()
+def status(
+    as_json: Annotated[bool, typer.Option("--json", help="print once as JSON, for scripts")] = False,
+    watch: Annotated[bool | None, typer.Option(help="refresh until Ctrl-C (default: on a terminal)")] = None,
+    interval: Annotated[float, typer.Option(min=0.2, help="seconds between refreshes")] = 2.0,
+) -> None:
+    """The live state of every running channel on this machine, from any terminal."""
+    def now() -> list[runs.Live]:
+        return [runs.live(e) for e in runs.select(runs.entries(), state=runs.RUNNING)]
+
+    if as_json:
+        print(json.dumps([lv.as_dict() for lv in now()], indent=1, default=str))
+        return
+    if not (console.is_terminal if watch is None else watch):
+        console.print(_status_table(now()))
+        return
+    from rich.live import Live
+
+    try:
+        with Live(_status_table(now()), console=console, auto_refresh=False) as screen:
+            while True:
+                time.sleep(interval)
+                screen.update(_status_table(now()), refresh=True)
+    except KeyboardInterrupt:
+        pass
 
 
 @sim_app.command("serve")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import re
 import signal
@@ -13,13 +14,14 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from cellbench.bench import guardian
+from cellbench.bench import guardian, runs
 from cellbench.bench.channel import Channel
 from cellbench.bench.clock import Clock
 from cellbench.bench.config import BenchConfig
 from cellbench.bench.engine import Engine, Interrupted, Outcome, Progress, RecordingFailed
 from cellbench.bench.events import EventBus
 from cellbench.bench.instruments import Instruments
+from cellbench.bench.runlog import RunLog
 from cellbench.bench.runstate import RunState, RunStatus
 from cellbench.bench.store import RunStore
 from cellbench.bench.supervisor import Supervisor
@@ -138,6 +140,7 @@ async def run_bench(
     base_dir: Path = Path("."),
     handle_signals: bool = True,
     supervise: bool | None = None,
+    on_start: Callable[[str, Path], None] | None = None,
 ) -> list[ChannelResult]:
     """Run the profile on every channel of the bench at once; one database per channel.
 
@@ -167,7 +170,8 @@ async def run_bench(
     def jobs(instruments: Instruments, coordinator: _Coordinator, paths: dict[str, Path]) -> list[Any]:
         return [
             _run_channel(instruments.channel(name), profile, profile_text, clock, paths[name], on_progress,
-                         extra, base_dir, coordinator, instruments.notices_for(name), supervise=supervise)
+                         extra, base_dir, coordinator, instruments.notices_for(name), supervise=supervise,
+                         about=About(bench.name, _text(extra.get("operator")), bench.notify, on_start))
             for name in bench.channels
         ]
 
@@ -215,6 +219,7 @@ async def resume_run(
     on_progress: ProgressCallback | None = None,
     handle_signals: bool = True,
     clear_latch: bool = False,
+    on_start: Callable[[str, Path], None] | None = None,
 ) -> ChannelResult:
     """Continue a run in its own database from its saved state, on its bench (or `bench`, if the instruments moved).
 
@@ -244,7 +249,8 @@ async def resume_run(
     def job(instruments: Instruments, coordinator: _Coordinator, paths: dict[str, Path]) -> list[Any]:
         return [_run_channel(instruments.channel(name), profile, str(meta["profile_text"]), clock, database,
                              on_progress, {}, base, coordinator, instruments.notices_for(name),
-                             resume=state, outage=outage)]
+                             resume=state, outage=outage,
+                             about=About(whole.name, _text(meta.get("operator")), whole.notify, on_start))]
 
     (result,) = await _on_bench(one, clock, lambda: {name: database}, job, handle_signals)
     return result
@@ -300,6 +306,82 @@ async def _run_channel(
     resume: RunState | None = None,
     outage: tuple[float, float] | None = None,
     supervise: bool | None = None,
+    about: About | None = None,
+) -> ChannelResult:
+    about = about or About()
+    if about.on_start is not None:
+        about.on_start(channel.name, path)
+    entry = runs.begin(path, channel=channel.name, cell_id=channel.cell_id or channel.name, bench=about.bench,
+                       profile=profile.name, clock="virtual" if clock.virtual else "real", operator=about.operator)
+    with RunLog(path.with_suffix(".log"), path.stem) as run_log:
+        log.info("%s %s on channel %s (cell %s), recording to %s", "resuming" if resume else "starting",
+                 profile.name, channel.name, entry.cell_id, path)
+        result = await _channel_run(channel, profile, profile_text, clock, path, on_progress, extra, base_dir,
+                                    coordinator, notices, resume, outage, supervise, run_log)
+        outcome = result.outcome
+        log.info("%s: %s after %.1f s of test time", channel.name, outcome.reason, outcome.test_time)
+        runs.end(entry, outcome.status.value, outcome.reason)
+        if about.notify:
+            await notify(about.notify, {**entry.model_dump(), "state": outcome.status.value,
+                                        "reason": outcome.reason, "test_time": outcome.test_time,
+                                        "ended": time.time()})
+    return result
+
+
+@dataclass(frozen=True)
+class About:
+    """What a channel's run says of itself beyond its profile: its bench, operator, the bench's notify command,
+    and whom to tell where its database is."""
+
+    bench: str = "bench"
+    operator: str | None = None
+    notify: list[str] | None = None
+    on_start: Callable[[str, Path], None] | None = None
+
+
+NOTIFY_TIMEOUT = 30.0  # s a notify command may take before it is killed
+
+
+async def notify(command: list[str], payload: dict[str, Any]) -> None:
+    """Run the bench's notify command with the payload as JSON on its standard input; a failure is logged."""
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *command, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE)
+    except OSError as exc:
+        log.error("the notify command %s could not start: %s", command[0], exc)
+        return
+    try:
+        _, stderr = await asyncio.wait_for(proc.communicate(json.dumps(payload).encode()), NOTIFY_TIMEOUT)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        log.error("the notify command %s took more than %.0f s and was stopped", command[0], NOTIFY_TIMEOUT)
+        return
+    if proc.returncode:
+        log.error("the notify command %s failed (exit %s): %s", command[0], proc.returncode,
+                  stderr.decode(errors="replace").strip()[-300:])
+
+
+def _text(value: object) -> str | None:
+    return None if value is None else str(value)
+
+
+async def _channel_run(
+    channel: Channel,
+    profile: Profile,
+    profile_text: str,
+    clock: Clock,
+    path: Path,
+    on_progress: ProgressCallback | None,
+    extra: dict[str, object],
+    base_dir: Path,
+    coordinator: _Coordinator | None,
+    notices: list[str] | None,
+    resume: RunState | None,
+    outage: tuple[float, float] | None,
+    supervise: bool | None,
+    run_log: RunLog,
 ) -> ChannelResult:
     cell = channel.cell
     loop = asyncio.get_running_loop()
@@ -328,6 +410,7 @@ async def _run_channel(
                 **extra,
             )
         events.subscribe(store.record)
+        events.subscribe(run_log.on_event)
         progress = (lambda p: on_progress(channel.name, p)) if on_progress else None
         engine = Engine(profile, channel, events, clock, on_progress=progress, base_dir=base_dir, notices=notices)
         coordinator.add(engine)

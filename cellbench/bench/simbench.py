@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from cellbench.bench.clock import Clock
@@ -135,6 +136,7 @@ class SimulatedBench:
         base_dir: Path = Path("."),
         supervise: bool | None = None,
         extra_metadata: dict[str, object] | None = None,
+        on_start: Callable[[str, Path], None] | None = None,
     ) -> ChannelResult:
         simulation = {
             "seed": self.seed, "initial_soc": self.initial_soc, "temperature_c": self.cell.temperature_c,
@@ -144,7 +146,7 @@ class SimulatedBench:
             self.config, profile, profile_text, clock, runs_dir=runs_dir, on_progress=on_progress,
             extra_metadata={"simulation": simulation, **(extra_metadata or {})}, profile_source=profile_source,
             base_dir=base_dir,
-            supervise=supervise,
+            supervise=supervise, on_start=on_start,
         )
         return results[0]
 
@@ -165,6 +167,7 @@ async def run_simulated(
     base_dir: Path = Path("."),
     environment: bool = False,
     extra_metadata: dict[str, object] | None = None,
+    on_start: Callable[[str, Path], None] | None = None,
 ) -> tuple[ChannelResult, SolidStateCell]:
     """Run a profile on a fresh simulated bench; return the result and the simulated cell.
 
@@ -177,7 +180,7 @@ async def run_simulated(
     async with bench:
         result = await bench.run(
             profile, profile_text, clock, runs_dir=runs_dir, on_progress=on_progress,
-            profile_source=profile_source, base_dir=base_dir, extra_metadata=extra_metadata,
+            profile_source=profile_source, base_dir=base_dir, extra_metadata=extra_metadata, on_start=on_start,
         )
     return result, bench.cell
 

@@ -1,0 +1,174 @@
+"""The runs registry: every run on this machine, its state and where its files are, for `cellbench runs` and
+`cellbench status` from any terminal.
+
+One small JSON file per run in `$CELLBENCH_STATE_DIR/runs` (by default `$XDG_STATE_HOME/cellbench/runs`,
+that is `~/.local/state/cellbench/runs`), written whole and renamed into place, so a reader never sees
+half of one. The run's database stays the record: the registry only points at it. A run whose entry says
+`running` but whose process is gone (killed, a reboot) is shown `interrupted`. The registry never stops a
+run: when it cannot be written the run goes on and the log says so.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import socket
+import sqlite3
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydantic import BaseModel, ValidationError
+
+from cellbench.bench.locks import alive
+
+log = logging.getLogger(__name__)
+RUNNING = "running"
+
+
+def state_dir() -> Path:
+    """Where cellbench keeps what outlives a run on this machine (the runs registry)."""
+    if env := os.environ.get("CELLBENCH_STATE_DIR"):
+        return Path(env)
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "cellbench"
+
+
+def utc(unix: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(unix))
+
+
+class RunEntry(BaseModel):
+    """One run of one channel, as the registry knows it."""
+
+    run_id: str
+    channel: str
+    cell_id: str
+    bench: str
+    profile: str
+    state: str  # running, or a RunStatus value: completed, interrupted, failed, safety stop, recording failed
+    reason: str = ""
+    database: str
+    log: str | None = None
+    clock: str = "real"
+    pid: int
+    host: str
+    started: float  # Unix time
+    ended: float | None = None
+    operator: str | None = None
+
+    @property
+    def gone(self) -> bool:
+        """Registered as running by a process of this machine that no longer exists."""
+        return self.state == RUNNING and self.host == socket.gethostname() and not alive(self.pid)
+
+    def shown(self) -> RunEntry:
+        """The entry as it should be read: a run whose process died is interrupted."""
+        if not self.gone:
+            return self
+        return self.model_copy(update={"state": "interrupted",
+                                       "reason": f"the controller (pid {self.pid}) is gone; resume it"})
+
+
+def _path(run_id: str, root: Path | None = None) -> Path:
+    return (root or state_dir()) / "runs" / f"{run_id}.json"
+
+
+def save(entry: RunEntry, root: Path | None = None) -> None:
+    """Write the entry whole (a temporary file renamed over the old one); a failure is logged, never raised."""
+    path = _path(entry.run_id, root)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(entry.model_dump_json(indent=1))
+        tmp.replace(path)
+    except OSError as exc:
+        log.warning("the runs registry (%s) could not be written: %s", path.parent, exc)
+
+
+def begin(database: Path, **about: str | None) -> RunEntry:
+    """Register a run (re)starting now in this process, recording to `database` with its log beside it."""
+    entry = RunEntry(run_id=database.stem, database=os.path.abspath(database),
+                     log=os.path.abspath(database.with_suffix(".log")), state=RUNNING, pid=os.getpid(),
+                     host=socket.gethostname(), started=time.time(), **about)
+    save(entry)
+    return entry
+
+
+def end(entry: RunEntry, state: str, reason: str) -> None:
+    save(entry.model_copy(update={"state": state, "reason": reason, "ended": time.time()}))
+
+
+def entries(root: Path | None = None) -> list[RunEntry]:
+    """Every registered run, newest first, as it should be read (see `RunEntry.shown`); unreadable files skipped."""
+    folder = (root or state_dir()) / "runs"
+    found = []
+    for path in folder.glob("*.json") if folder.is_dir() else ():
+        try:
+            found.append(RunEntry.model_validate_json(path.read_bytes()[:100_000]).shown())
+        except (OSError, ValidationError, ValueError):
+            continue
+    return sorted(found, key=lambda e: e.started, reverse=True)
+
+
+def select(runs: Iterable[RunEntry], *, state: str | None = None, cell: str | None = None,
+           since: float | None = None) -> list[RunEntry]:
+    return [e for e in runs if (state is None or e.state == state) and (cell is None or e.cell_id == cell)
+            and (since is None or e.started >= since)]
+
+
+@dataclass(frozen=True)
+class Live:
+    """What a running channel's database says now."""
+
+    entry: RunEntry
+    step_count: int | None = None
+    total_steps: int | None = None
+    step_type: str | None = None
+    cycle: int | None = None
+    voltage: float | None = None
+    current: float | None = None
+    temperature_c: float | None = None
+    pressure_mpa: float | None = None
+    test_time: float | None = None
+    remaining_s: float | None = None
+
+    def as_dict(self) -> dict[str, object]:
+        out = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "entry"}
+        return {**self.entry.model_dump(), **out}
+
+
+def live(entry: RunEntry) -> Live:
+    """Read the run's latest sample from its database (read-only, beside its writer)."""
+    try:
+        con = sqlite3.connect(f"file:{Path(entry.database).resolve()}?mode=ro", uri=True, timeout=1.0)
+    except sqlite3.Error:
+        return Live(entry)
+    try:
+        row = con.execute(
+            'SELECT "Step Count / 1", "Step Type", "Cycle Count / 1", "Voltage / V", "Current / A", '
+            '"Surface Temperature T1 / degC", "Ambient Temperature / degC", "Applied Pressure / Pa", '
+            '"Test Time / s" FROM samples ORDER BY rowid DESC LIMIT 1').fetchone()
+        meta = dict(con.execute("SELECT key, value FROM meta WHERE key IN ('total_steps', 'estimate_s')"))
+    except sqlite3.Error:
+        return Live(entry)
+    finally:
+        con.close()
+    total = _json_number(meta.get("total_steps"))
+    estimate = _json_number(meta.get("estimate_s"))
+    if row is None:
+        return Live(entry, total_steps=None if total is None else int(total))
+    step, kind, cycle, v, i, t1, ambient, pa, t = row
+    remaining = max(estimate - t, 0.0) if estimate is not None and t is not None else None
+    return Live(entry, step, None if total is None else int(total), kind, cycle, v, i,
+                t1 if t1 is not None else ambient, None if pa is None else pa / 1e6, t, remaining)
+
+
+def _json_number(text: str | None) -> float | None:
+    with contextlib.suppress(TypeError, ValueError):
+        value = json.loads(text) if text is not None else None
+        return float(value) if isinstance(value, (int, float)) else None
+    return None
