@@ -226,11 +226,26 @@ def test_the_example_bench_files_are_valid(name: str, tmp_path: Path) -> None:
                for p in caught.value.problems), caught.value.problems
 
 
-def test_an_estimate_that_would_take_too_long_says_so() -> None:
+def test_an_estimate_is_bounded_by_simulated_time_and_the_same_on_any_machine() -> None:
     from cellbench.bench.simbench import estimate_duration
     from cellbench.profiles.library import library_path
     from cellbench.profiles.parse import load_profile
 
     profile, text = load_profile(library_path("formation-and-cycling"))
-    seconds, complete = estimate_duration(profile, text, wall_budget=0.5)
-    assert not complete and 0 < seconds < 134 * 3600
+    bounded = estimate_duration(profile, text, limit=20 * 3600)
+    assert not bounded.complete and 20 * 3600 < bounded.seconds < 21 * 3600
+    assert "more than 20.0 h" in bounded.describe("pellet", 25)
+    whole = [estimate_duration(profile, text) for _ in range(2)]
+    assert whole[0] == whole[1] and whole[0].complete and whole[0].completed  # deterministic, to the sample
+    assert 130 * 3600 < whole[0].seconds < 140 * 3600
+
+
+def test_validate_says_when_and_why_the_simulated_cell_shorts() -> None:
+    result = CliRunner().invoke(app, ["validate", "cycle-life"], env={"COLUMNS": "300"})
+    assert result.exit_code == 0, result.output
+    line = result.output.strip().splitlines()[-1]
+    assert line.startswith("the simulated run on a simulated pellet cell at 25 degC ends early, at 43.7 h: "
+                           "safety stop: hard short")
+    # C/3 of 3.5 mAh on 1 cm²: 1.17 mA/cm², against the model's 0.3 mA/cm² at 25 degC and 5 MPa
+    assert ("charging at 1.17 mA/cm² is above the simulated cell's critical current density (0.3 mA/cm² at "
+            "25 degC and 5 MPa); try 65 degC or C/20") in line

@@ -20,12 +20,12 @@ from rich.tree import Tree
 from cellbench.bench import engine, runs
 from cellbench.bench.analysis import run_cycle_table
 from cellbench.bench.clock import RealClock, VirtualClock
-from cellbench.bench.config import load_bench
-from cellbench.bench.run import ChannelResult, exit_code, resume_run, run_bench
+from cellbench.bench.config import BenchConfig, load_bench
+from cellbench.bench.run import ChannelResult, channel_range_problems, exit_code, resume_run, run_bench
 from cellbench.bench.store import open_run
 from cellbench.drivers.errors import InstrumentFault
 from cellbench.drivers.registry import DriverSpec, drivers, simulator
-from cellbench.profiles.checks import cell_problems
+from cellbench.profiles.checks import cell_problems, instrument_problems, loop_warnings
 from cellbench.profiles.library import library_path
 from cellbench.profiles.parse import InputError, load_profile, locate
 from cellbench.profiles.schema import Profile, RepeatStep, body_of
@@ -150,6 +150,7 @@ def _simulate(
     from cellbench.bench.simbench import run_simulated
 
     prof, text = _load(path)
+    _warn(prof, text, path)
     params = _preset(cell)
     console.print(
         f"[bold]{prof.name}[/bold] on a simulated Keithley 2450 with a simulated {cell} cell "
@@ -224,10 +225,8 @@ def run(
     if bench is None:
         raise _fail("say which bench to run on with --bench BENCH.yaml, or use --dry-run")
     prof, text = _load(path)
-    try:
-        cfg = load_bench(bench)
-    except InputError as exc:
-        raise _fail(exc.problems) from None
+    _warn(prof, text, path)
+    cfg = _bench(bench)
     _on_real_bench(lambda clock, progress: run_bench(
         cfg, prof, text, clock, runs_dir=runs_dir, on_progress=_reporter(progress, prof), profile_source=path.name,
         base_dir=path.parent, extra_metadata=identity, on_start=_announce))
@@ -299,19 +298,31 @@ def _profile_path(profile: Path) -> Path:
 @app.command()
 def validate(
     profile: Annotated[Path, typer.Argument(help="the profile YAML file, or the name of a library profile")],
+    bench: Annotated[Path | None, typer.Option("--bench", help="check it against this bench's cells and "
+                                                               "instruments too")] = None,
     estimate: Annotated[bool, typer.Option(help="estimate the duration by a dry run on the simulated cell")] = True,
     cell: CellOption = "pellet",
     temperature: TempOption = 25.0,
 ) -> None:
     """Check a profile without touching any instrument, show its steps and estimate how long it runs."""
-    from cellbench.bench.simbench import estimate_duration
+    from cellbench.bench.simbench import estimate_duration, simulated_config
 
     path = _profile_path(profile)
     prof, text = _load(path)
     params = _preset(cell)
-    problems = cell_problems(prof, params.v_min, params.v_max)
+    cfg = _bench(bench) if bench is not None else simulated_config(params)
+    where = f"bench '{cfg.name}'" if bench is not None else f"simulated {cell} cell"
+    problems = []
+    for name, ch in cfg.channels.items():
+        c = cfg.cells[ch.cell]
+        found = cell_problems(prof, c.voltage_min, c.voltage_max) + channel_range_problems(cfg, name, prof)
+        if bench is not None:
+            found += instrument_problems(prof, has_chamber=ch.chamber is not None, has_press=ch.press is not None,
+                                         has_potentiostat=ch.potentiostat is not None)
+        problems += [(p, f"{m} ({where}, channel '{name}')" if bench is not None else f"{m} ({where})")
+                     for p, m in found]
     if problems:
-        raise _fail(locate(text, path.name, [(p, f"{m} (simulated {cell} cell)") for p, m in problems]))
+        raise _fail(locate(text, path.name, problems))
     tree = Tree(f"[bold]{prof.name}[/bold] (sample every {prof.sample_period:g} s)")
     if prof.conditions:
         track = tree.add("conditions, alongside the steps")
@@ -321,14 +332,23 @@ def validate(
     _add_steps(tree, prof.steps)
     console.print(tree)
     console.print(f"[green]valid[/green]: {prof.executed_step_count()} steps when run without jumps")
+    _warn(prof, text, path)
     if estimate:
-        seconds, complete = estimate_duration(prof, text, params=params, temperature_c=temperature,
-                                              base_dir=path.parent)
-        bound = "" if complete else "more than "
-        console.print(
-            f"estimated duration on a simulated {cell} cell at {temperature:g} degC: "
-            f"{bound}{seconds / 3600:.1f} h"
-        )
+        guess = estimate_duration(prof, text, params=params, temperature_c=temperature, base_dir=path.parent)
+        console.print(guess.describe(cell, temperature), highlight=False, soft_wrap=True)
+
+
+def _bench(path: Path) -> BenchConfig:
+    try:
+        return load_bench(path)
+    except InputError as exc:
+        raise _fail(exc.problems) from None
+
+
+def _warn(prof: Profile, text: str, path: Path) -> None:
+    """What the profile may do that it probably should not, as file:line warnings (the run still goes)."""
+    for line in locate(text, path.name, loop_warnings(prof)):
+        err.print(f"[yellow]warning: {line}[/yellow]", highlight=False, soft_wrap=True)
 
 
 def _add_steps(tree: Tree, steps: list[Any]) -> None:

@@ -19,7 +19,7 @@ from pydantic_core import PydanticCustomError
 
 from cellbench.bench.cells import CellConfig
 from cellbench.drivers.registry import driver, drivers
-from cellbench.profiles.parse import InputError, validate_yaml
+from cellbench.profiles.parse import read_text, validate_yaml
 from cellbench.profiles.schema import Strict
 from cellbench.profiles.units import Duration
 
@@ -106,7 +106,12 @@ class BenchConfig(Strict):
     def reference_problems(self) -> list[tuple[tuple[str | int, ...], str]]:
         """Channels that name an instrument or a cell the bench does not have, or one of the wrong kind."""
         problems: list[tuple[tuple[str | int, ...], str]] = []
+        sources: dict[str, str] = {}
         for name, ch in self.channels.items():
+            if ch.cycler in sources:
+                problems.append((("channels", name, "cycler"), f"'{ch.cycler}' is already the cycler of channel "
+                                 f"'{sources[ch.cycler]}': one source cannot drive two cells"))
+            sources.setdefault(ch.cycler, name)
             if ch.cell not in self.cells:
                 problems.append(
                     (("channels", name, "cell"),
@@ -128,8 +133,5 @@ class BenchConfig(Strict):
 
 def load_bench(path: str | Path) -> BenchConfig:
     p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise InputError([f"{p}: cannot read the bench file: {exc.strerror}"]) from None
+    text = read_text(p, "bench file")
     return validate_yaml(text, p.name, BenchConfig, BenchConfig.reference_problems)

@@ -110,6 +110,7 @@ class _Samples:
     voltages: deque[tuple[float, float]] = field(default_factory=deque)  # (test time, V) over the short window
     same: int = 0  # how many readings in a row have measured exactly the same value
     shorts: set[str] = field(default_factory=set)  # kinds of short already found in this step
+    last_ah: float = 0.0  # charge of the last sampling interval (how far a limit may have been overshot)
     last_recorded: tuple[float, Reading] | None = None
 
 
@@ -400,7 +401,10 @@ class Engine:
             self._check_not_frozen(work, ctl, reading)
             t_step = t - step.start
             self._take(work, step.totals, t, reading)
-            short = self._watch_for_short(work, t, reading) if ctl.step_type is StepType.CC_CHARGE else None
+            # a constant current charging: a CC charge, or the constant-current phase of a CCCV charge
+            charging_cc = ctl.step_type is StepType.CC_CHARGE or (
+                ctl.step_type is StepType.CCCV_CHARGE and reading.current >= 0.98 * ctl.compliance)
+            short = self._watch_for_short(work, t, reading) if charging_cc else None
             ended = (
                 policy.budget_ended(st.budgets, t)
                 or self._limit_reached(ctl, limits, work, step.totals, reading, t_step)
@@ -417,6 +421,7 @@ class Engine:
             if unsafe and not planned_end:  # a limit that ends the test on this reading was planned for it
                 raise SafetyStop(unsafe)
             if ended:
+                st.cycle_totals.resolution_ah += work.last_ah
                 ended = self._checked(body.check, ended, ctl, step.totals)
                 self._end_step(ended, t)
                 self._after_step(ctl, ended, step.totals)
@@ -504,15 +509,24 @@ class Engine:
         self.state.setpoint = Setpoint(mode=ctl.mode, value=value, compliance=ctl.compliance)
 
     def _efficiency_signature(self, cycle: int, totals: Totals) -> str | None:
-        """A finished cycle that gave back more charge than it took: a soft short's signature."""
-        rule = self.profile.short_detection
+        """Two finished cycles in a row that gave back more charge than they took: a soft short's signature.
+        One alone is not: a cycle discharged at a lower rate than the one before it (a reference test after
+        faster cycling) gives back what the faster discharge had left in the cell."""
+        rule, seen = self.profile.short_detection, self.state.high_efficiency
         if rule.action == "off" or cycle < 2 or totals.charge_ah < 0.5 * self._capacity():
             return None
         ce = totals.discharge_ah / totals.charge_ah
-        if ce <= rule.efficiency_above:
+        excess = totals.discharge_ah - totals.charge_ah
+        if ce <= rule.efficiency_above or excess <= totals.resolution_ah + totals.carried_ah:
+            seen.clear()  # within what the sampling can place, or not above the threshold
             return None
-        return (f"soft short suspected: cycle {cycle} gave back {ce * 100:.2f} % of its charge "
-                f"({totals.discharge_ah * 1e3:.4f} of {totals.charge_ah * 1e3:.4f} mAh)")
+        seen.append(ce)
+        if len(seen) < 2:
+            return None
+        shown = " and ".join(f"{x * 100:.2f} %" for x in seen[-2:])
+        seen.clear()
+        return (f"soft short suspected: cycles {cycle - 1} and {cycle} gave back {shown} of their charge "
+                f"(cycle {cycle}: {totals.discharge_ah * 1e3:.4f} of {totals.charge_ah * 1e3:.4f} mAh)")
 
     def _advance_cycle(self, ctl: Control, explicit: bool) -> tuple[int, Totals] | None:
         """Count cycles; when one ends, return its number and totals."""
@@ -526,7 +540,8 @@ class Engine:
             finished = (st.cycle, st.cycle_totals)
             st.cycle += 1
             st.discharged = False
-            st.cycle_totals = Totals()
+            # where the last cycle stopped is as uncertain as where this one will: it sets where this one starts
+            st.cycle_totals = Totals(carried_ah=st.cycle_totals.resolution_ah)
         st.cycle_has_run = True
         if ctl.direction < 0:
             st.discharged = True
@@ -644,6 +659,7 @@ class Engine:
             sp = self.state.setpoint
             held = sp.value if sp is not None and sp.mode is SourceMode.CURRENT else None
             ah, wh = policy.interval_charge(work.history[-1], t, r, held)
+            work.last_ah = abs(ah)
             totals.add(ah, wh)
             self.state.cycle_totals.add(ah, wh)
         work.history = [*work.history[-1:], (t, r)]

@@ -25,7 +25,8 @@ from cellbench.bench.runlog import RunLog
 from cellbench.bench.runstate import RunState, RunStatus
 from cellbench.bench.store import RunStore
 from cellbench.bench.supervisor import Supervisor
-from cellbench.profiles.checks import cell_problems, instrument_problems
+from cellbench.drivers.registry import driver
+from cellbench.profiles.checks import Problem, cell_problems, instrument_problems, range_problems
 from cellbench.profiles.parse import InputError, locate, parse_profile
 from cellbench.profiles.schema import Profile
 
@@ -45,6 +46,15 @@ def cellbench_version() -> str:
         return version("cellbench")
     except PackageNotFoundError:
         return "unknown"
+
+
+def channel_range_problems(bench: BenchConfig, channel: str, profile: Profile) -> list[Problem]:
+    """Currents the profile asks of the channel's cell beyond what its cycler can source."""
+    ch = bench.channels[channel]
+    spec = driver(bench.instruments[ch.cycler].driver)
+    if spec.max_current is None:
+        return []
+    return range_problems(profile, bench.cells[ch.cell].capacity, spec.max_current, f"{spec.name} '{ch.cycler}'")
 
 
 def run_ids(bench: BenchConfig, started: float | None = None) -> dict[str, str]:
@@ -158,6 +168,7 @@ async def run_bench(
         problems += [(path, f"{message} (cell '{ch.cell}')") for path, message in found]
         found = instrument_problems(profile, has_chamber=ch.chamber is not None, has_press=ch.press is not None,
                                     has_potentiostat=ch.potentiostat is not None)
+        found += channel_range_problems(bench, name, profile)
         problems += [(path, f"{message} (channel '{name}')") for path, message in found]
     if problems:
         raise InputError(locate(profile_text, profile_source, problems))

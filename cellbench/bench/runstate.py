@@ -68,6 +68,10 @@ class Totals(BaseModel):
     discharge_ah: float = 0.0
     charge_wh: float = 0.0
     discharge_wh: float = 0.0
+    # charge the sampling cannot place: the last interval of every step that ended on a limit (it may have
+    # overshot by up to that much); a coulombic efficiency within it says nothing
+    resolution_ah: float = 0.0
+    carried_ah: float = 0.0  # the previous cycle's resolution_ah: where it stopped sets where this one starts
 
     def add(self, ah: float, wh: float) -> None:
         if ah >= 0:
@@ -122,6 +126,7 @@ class RunState(BaseModel):
     cycle: int = 1
     cycle_has_run: bool = False
     discharged: bool = False  # whether this cycle has had a discharge yet
+    high_efficiency: list[float] = Field(default_factory=list)  # CE of the last cycles in a row above the threshold
     cycle_totals: Totals = Field(default_factory=Totals)
     step: StepProgress | None = None
     last_cc_current: float | None = None  # A, for a hold step without its own current limit

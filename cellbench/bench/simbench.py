@@ -4,8 +4,9 @@ estimates and tests. A face of the project: the real run path (`cellbench.bench.
 from __future__ import annotations
 
 import asyncio
-import time
+import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from cellbench.bench.clock import Clock
@@ -32,6 +33,17 @@ def cell_config(params: CellParameters) -> CellConfig:
         voltage_max=f"{params.v_max} V",
         area=f"{params.area_cm2} cm^2",
         dimensions=tuple(f"{d} mm" for d in params.dimensions_mm),
+    )
+
+
+def simulated_config(params: CellParameters) -> BenchConfig:
+    """The simulated bench of a dry run as a bench file (a 2450 and the preset cell), for the checks made
+    before anything is served."""
+    return BenchConfig(
+        name="simulated",
+        instruments={"smu1": InstrumentConfig(driver="keithley2450", resource="TCPIP::127.0.0.1::5025::SOCKET")},
+        cells={params.name: cell_config(params)},
+        channels={"ch1": ChannelConfig(cycler="smu1", cell=params.name)},
     )
 
 
@@ -105,6 +117,7 @@ class SimulatedBench:
 
     @property
     def config(self) -> BenchConfig:
+        """The bench as a bench file would name it: the simulated instruments at their served resources."""
         assert self.server is not None, "use the bench inside 'async with'"
         instruments = {"smu1": InstrumentConfig(driver="keithley2450", resource=self.server.resource)}
         channel: dict[str, str] = {"cycler": "smu1", "cell": self.params.name}
@@ -199,6 +212,31 @@ class _OutOfTime(Exception):
     pass
 
 
+ESTIMATE_LIMIT = 1000 * 3600.0  # s of simulated test time an estimate runs at most
+ESTIMATE_SAMPLES = 2_000_000  # samples an estimate takes at most (a runaway loop, a tiny sample period)
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """How long a profile runs on the simulated cell: deterministic, bounded by simulated time and samples."""
+
+    seconds: float
+    complete: bool  # False: the bound was reached first, `seconds` is a lower bound
+    completed: bool = True  # the dry run reached the end of the profile
+    reason: str = ""  # why it ended, when it ended early
+    advice: str = ""  # what the lab could change, when the cell shorted
+
+    def describe(self, cell: str, temperature_c: float) -> str:
+        where = f"on a simulated {cell} cell at {temperature_c:g} degC"
+        if not self.complete:
+            return (f"estimated duration {where}: more than {self.seconds / 3600:.1f} h "
+                    f"(the estimate stops at {ESTIMATE_LIMIT / 3600:g} h or {ESTIMATE_SAMPLES:,} samples)")
+        if self.completed:
+            return f"estimated duration {where}: {self.seconds / 3600:.1f} h"
+        return (f"the simulated run {where} ends early, at {self.seconds / 3600:.1f} h: {self.reason}"
+                + (f". {self.advice}" if self.advice else ""))
+
+
 def estimate_duration(
     profile: Profile,
     profile_text: str,
@@ -206,29 +244,64 @@ def estimate_duration(
     params: CellParameters = PELLET,
     temperature_c: float = 25.0,
     base_dir: Path = Path("."),
-    wall_budget: float = 30.0,
-) -> tuple[float, bool]:
-    """Test time of a dry run on the simulated cell: (seconds, True), or (seconds so far, False) when
-    the dry run needed more than wall_budget seconds of wall time."""
+    limit: float = ESTIMATE_LIMIT,
+    max_samples: int = ESTIMATE_SAMPLES,
+) -> Estimate:
+    """Run the profile on the simulated cell (no noise, the virtual clock) until its end, a safety stop, or
+    `limit` seconds of test time or `max_samples` samples, whichever comes first: the same answer on any
+    machine under any load."""
     import tempfile
 
     from cellbench.bench.clock import VirtualClock
 
-    began = time.perf_counter()
-    reached = [0.0]
+    reached = [0.0, 0]
 
     def watch(channel: str, p: Progress) -> None:
         reached[0] = p.test_time
-        if time.perf_counter() - began > wall_budget:
+        reached[1] += 1
+        if p.test_time > limit or reached[1] > max_samples:
             raise _OutOfTime
 
     clock = VirtualClock()
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            result, _ = clock.run(
+            result, cell = clock.run(
                 run_simulated(profile, profile_text, clock, params=params, temperature_c=temperature_c,
                               noise=False, runs_dir=Path(tmp), on_progress=watch, base_dir=base_dir)
             )
         except _OutOfTime:
-            return reached[0], False
-    return result.outcome.test_time, True
+            return Estimate(reached[0], False)
+    outcome = result.outcome
+    if outcome.completed:
+        return Estimate(outcome.test_time, True)
+    return Estimate(outcome.test_time, True, False, outcome.reason, short_advice(outcome.reason, cell))
+
+
+NICE_RATES = ((1.0, "1C"), (0.5, "C/2"), (1 / 3, "C/3"), (0.2, "C/5"), (0.1, "C/10"), (0.05, "C/20"),
+              (0.02, "C/50"), (0.01, "C/100"))
+
+
+def short_advice(reason: str, cell: SolidStateCell) -> str:
+    """Why a simulated lithium-metal cell shorted, from the charging current in the stop's reason, and what
+    would not short it: a temperature whose critical current density is above that current, or a lower rate."""
+    m = re.search(r"short.*charging at ([0-9.eE+-]+) mA", reason)
+    if not m:
+        return ""
+    p = cell.params
+    j = float(m.group(1)) / p.area_cm2  # mA/cm²
+    ambient = cell.ambient_c
+    cell.temperature_c = ambient
+    ccd = cell.critical_current_density()
+    text = (f"charging at {j:.3g} mA/cm² is above the simulated cell's critical current density "
+            f"({ccd:.3g} mA/cm² at {ambient:g} degC and {cell.pressure_mpa:g} MPa)")
+    options = []
+    for t in range(int(ambient // 5 * 5) + 5, 81, 5):  # sulfide cells are tested up to about 80 degC
+        cell.temperature_c = t
+        if cell.critical_current_density() >= 1.2 * j:
+            options.append(f"{t} degC")
+            break
+    cell.temperature_c = ambient
+    safe = [name for rate, name in NICE_RATES if rate * p.capacity_ah * 1e3 / p.area_cm2 <= 0.8 * ccd]
+    if safe:
+        options.append(safe[0])
+    return f"The simulated {p.name} shorts: {text}" + (f"; try {' or '.join(options)}" if options else "")

@@ -51,6 +51,7 @@ class DriverSpec:
     simulator: str | None = None  # "module:attribute" of the simulator's `serve`, imported on demand
     blind_off: Callable[[OpenRequest], Awaitable[None]] | None = None  # a cycler's output off on a fresh wire,
     # sent without waiting for replies: the last resort when the instrument no longer answers
+    max_current: float | None = None  # A a cycler can source at all (its largest range), checked before a run
     extra: dict[str, Any] = field(default_factory=dict)
 
 

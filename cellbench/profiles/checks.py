@@ -9,6 +9,7 @@ from typing import Any
 from cellbench.profiles.controls import load_series
 from cellbench.profiles.program import _path_key, compile_profile, flow_problems
 from cellbench.profiles.schema import Profile, body_of
+from cellbench.profiles.units import CurrentSpec
 
 Problem = tuple[tuple[str | int, ...], str]
 NEEDS = {"temperature": "chamber", "pressure": "press"}
@@ -18,7 +19,7 @@ def profile_checks(base_dir: Path) -> Callable[[Profile], list[Problem]]:
     """The checks of a profile file read from base_dir (drive files are relative to it)."""
 
     def check(profile: Profile) -> list[Problem]:
-        problems = flow_problems(profile)
+        problems = flow_problems(profile) + sign_problems(profile) + safety_problems(profile)
         for ins in compile_profile(profile).instrs:
             if ins.op != "step":
                 continue
@@ -34,7 +35,84 @@ def profile_checks(base_dir: Path) -> Callable[[Profile], list[Problem]]:
     return check
 
 
-def cell_problems(profile: Profile, v_min: float, v_max: float) -> list[Problem]:
+def sign_problems(profile: Profile) -> list[Problem]:
+    """Negative currents or powers in a charge or a discharge step, whose kind gives the sign."""
+    problems: list[Problem] = []
+    for ins in compile_profile(profile).instrs:
+        if ins.op != "step" or ins.node.kind not in ("charge", "discharge", "cccv"):
+            continue
+        body = body_of(ins.node)
+        for name in ("current", "power"):
+            value = getattr(body, name, None)
+            magnitude = value.amps if isinstance(value, CurrentSpec) and value.amps is not None else (
+                value.c_rate if isinstance(value, CurrentSpec) else value)
+            if isinstance(magnitude, float) and magnitude < 0:
+                shown = str(value) if isinstance(value, CurrentSpec) else f"{value:g} W"
+                problems.append(((*_path_key(ins.path), ins.node.kind, name),
+                                 f"{name} {shown} is negative, but a {ins.node.kind} step gives the sign itself: "
+                                 "write it without '-'"))
+    return problems
+
+
+def safety_problems(profile: Profile) -> list[Problem]:
+    """Voltages the profile asks for beyond its own safety window."""
+    if profile.safety is None or profile.safety.voltage is None:
+        return []
+    low, high = profile.safety.voltage
+    return cell_problems(profile, low, high, whose="the profile's safety")
+
+
+def currents_asked(body: Any) -> list[tuple[str, CurrentSpec]]:
+    """Every current a step body names: its setpoint(s), current limit, pulse segments."""
+    out: list[tuple[str, CurrentSpec]] = []
+    for name in ("current", "current_limit"):
+        value = getattr(body, name, None)
+        values = value if isinstance(value, tuple) else (value,)
+        out.extend((name, v) for v in values if isinstance(v, CurrentSpec))
+    for segment in getattr(body, "segments", None) or ():
+        if isinstance(segment.current, CurrentSpec):
+            out.append(("segment current", segment.current))
+    return out
+
+
+def range_problems(profile: Profile, capacity_ah: float, max_amps: float, instrument: str) -> list[Problem]:
+    """Currents the profile asks of a cell of this capacity that the instrument cannot source."""
+    problems: list[Problem] = []
+    for ins in compile_profile(profile).instrs:
+        if ins.op != "step":
+            continue
+        for name, spec in currents_asked(body_of(ins.node)):
+            amps = abs(spec.resolve(capacity_ah))
+            if amps > max_amps * (1 + 1e-9):
+                asked = f"{spec}" if spec.c_rate is None else f"{spec} ({amps:.4g} A)"
+                problems.append(((*_path_key(ins.path), ins.node.kind),
+                                 f"{name} {asked} is beyond the {max_amps:g} A the {instrument} can source"))
+    return problems
+
+
+def loop_warnings(profile: Profile) -> list[Problem]:
+    """Jumps back to an earlier step that no time budget bounds: if their condition keeps coming true the
+    test never ends (a counted repeat does not bound them: a goto does not count its iterations)."""
+    program = compile_profile(profile)
+    warnings: list[Problem] = []
+    for pc, ins in enumerate(program.instrs):
+        if ins.op != "step":
+            continue
+        body = body_of(ins.node)
+        for then in {lim.then for lim in body.until} | {c.then for c in body.check}:
+            target = program.labels.get(then)
+            if target is None or target > pc:
+                continue
+            timed = [lp for lp in ins.enclosing if program.instrs[lp].node.time_limit is not None
+                     and lp < target <= program.instrs[lp].loop_end]
+            if not timed:
+                warnings.append((_path_key(ins.path), f"goto '{then}' jumps back with no time limit around it: if "
+                                 "its condition keeps coming true the test never ends (put these steps in a repeat "
+                                 "with a time_limit)"))
+    return warnings
+
+
+def cell_problems(profile: Profile, v_min: float, v_max: float, whose: str = "the cell's") -> list[Problem]:
     """Voltages the profile asks for that the cell must never see."""
     problems: list[Problem] = []
     for ins in compile_profile(profile).instrs:
@@ -52,9 +130,9 @@ def cell_problems(profile: Profile, v_min: float, v_max: float) -> list[Problem]
         asked.extend(("until voltage", lim.value) for lim in body.until if lim.kind == "voltage")
         for name, volts in asked:
             if volts > v_max + 1e-9:
-                problems.append((where, f"{name} {volts:g} V is above the cell's maximum {v_max:g} V"))
+                problems.append((where, f"{name} {volts:g} V is above {whose} maximum {v_max:g} V"))
             elif volts < v_min - 1e-9:
-                problems.append((where, f"{name} {volts:g} V is below the cell's minimum {v_min:g} V"))
+                problems.append((where, f"{name} {volts:g} V is below {whose} minimum {v_min:g} V"))
     return problems
 
 

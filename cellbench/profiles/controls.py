@@ -70,8 +70,16 @@ def _sign(kind: str, value: float) -> float:
     return abs(value) if kind == "charge" else -abs(value) if kind == "discharge" else value
 
 
+MAX_DRIVE_BYTES = 50_000_000  # a day at 10 Hz is about 20 MB of CSV
+
+
 def load_series(path: Path) -> tuple[list[float], list[float]]:
-    """A drive cycle: CSV with a header row; first column time in s, second the value (A or W)."""
+    """A drive cycle: CSV with a header row; first column time in s, second the value (A or W).
+    At most MAX_DRIVE_BYTES of a regular file (a device or a pipe never ends)."""
+    if not path.is_file():
+        raise ValueError(f"{path.name}: not a regular file")
+    if path.stat().st_size > MAX_DRIVE_BYTES:
+        raise ValueError(f"{path.name}: larger than {MAX_DRIVE_BYTES // 1_000_000} MB")
     with path.open(newline="") as f:
         rows = [r for r in csv.reader(f) if r and not r[0].startswith("#")]
     times, values = [], []

@@ -9,7 +9,9 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ValidationError
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
-from ruamel.yaml.error import MarkedYAMLError
+from ruamel.yaml.error import MarkedYAMLError, YAMLError
+from ruamel.yaml.nodes import MappingNode, Node, SequenceNode
+from ruamel.yaml.reader import ReaderError
 
 from cellbench.profiles.schema import Profile
 
@@ -25,17 +27,93 @@ class InputError(ValueError):
         super().__init__("\n".join(problems))
 
 
-def load_yaml(text: str, source: str) -> tuple[Any, dict[Path_, int]]:
-    """Parse YAML into plain Python plus a map from each node's path to its 1-based line."""
+# Bounds on what a profile or a bench file may be: far above any real one, far below what hurts.
+MAX_TEXT = 1_000_000  # characters
+MAX_DEPTH = 40  # nesting of mappings and lists
+MAX_VALUES = 200_000  # values once YAML aliases are expanded (an alias bomb expands to billions)
+
+
+def read_text(path: Path, what: str, limit: int = MAX_TEXT) -> str:
+    """A file's text, refused in one line when it is not a regular file, too large, or not UTF-8."""
     try:
+        if not path.is_file():
+            why = "not a regular file" if path.exists() else "no such file"
+            raise InputError([f"{path}: cannot read the {what}: {why}"])
+        with path.open("rb") as f:
+            data = f.read(limit * 4 + 1)
+    except OSError as exc:
+        raise InputError([f"{path}: cannot read the {what}: {exc.strerror}"]) from None
+    if len(data) > limit * 4:
+        raise InputError([f"{path}: more than {limit * 4:,} bytes: too large for a {what}"])
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError([f"{path}: not UTF-8 text (byte {exc.start}): not a {what}"]) from None
+
+
+def load_yaml(text: str, source: str) -> tuple[Any, dict[Path_, int]]:
+    """Parse YAML into plain Python plus a map from each node's path to its 1-based line.
+
+    Refused in one line: more than MAX_TEXT characters, characters YAML does not allow (a NUL), nesting
+    deeper than MAX_DEPTH, more than MAX_VALUES values once aliases are expanded, an alias of itself."""
+    if len(text) > MAX_TEXT:
+        raise InputError([f"{source}: {len(text):,} characters: more than a profile or bench file holds "
+                          f"(at most {MAX_TEXT:,})"])
+    try:
+        _bounded(YAML(typ="rt").compose(text), source)
         doc = YAML(typ="rt").load(text)
     except MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark else 0
         problem = exc.problem or exc.context or "invalid YAML"
         raise InputError([f"{source}:{line}: YAML syntax: {problem}"]) from None
+    except ReaderError as exc:
+        line = text[: exc.position].count("\n") + 1
+        char = chr(exc.character) if isinstance(exc.character, int) else exc.character
+        raise InputError([f"{source}:{line}: a character YAML does not allow ({char!r})"]) from None
+    except YAMLError as exc:
+        raise InputError([f"{source}: YAML syntax: {str(exc).splitlines()[0]}"]) from None
+    except RecursionError:
+        raise InputError([f"{source}: nested deeper than {MAX_DEPTH} levels"]) from None
     lines: dict[Path_, int] = {(): 1}
     return _plain(doc, (), lines), lines
+
+
+def _bounded(root: Node | None, source: str) -> None:
+    """Refuse a document nested too deeply or too large once its aliases are expanded (without expanding)."""
+    if root is None:
+        return
+    size: dict[int, int] = {}
+    stack: list[tuple[Node, int, bool]] = [(root, 1, False)]
+    open_: set[int] = set()
+    while stack:
+        node, depth, done = stack.pop()
+        if depth > MAX_DEPTH:
+            line = node.start_mark.line + 1
+            raise InputError([f"{source}:{line}: nested deeper than {MAX_DEPTH} levels"])
+        children = _children(node)
+        if done:
+            open_.discard(id(node))
+            size[id(node)] = 1 + sum(size[id(c)] for c in children)
+            if size[id(node)] > MAX_VALUES:
+                raise InputError([f"{source}:{node.start_mark.line + 1}: more than {MAX_VALUES:,} values once its "
+                                  "aliases are expanded: refused"])
+            continue
+        if id(node) in size:
+            continue
+        if id(node) in open_:
+            raise InputError([f"{source}:{node.start_mark.line + 1}: an alias that contains itself"])
+        open_.add(id(node))
+        stack.append((node, depth, True))
+        stack.extend((c, depth + 1, False) for c in children if id(c) not in size)
+
+
+def _children(node: Node) -> list[Node]:
+    if isinstance(node, SequenceNode):
+        return list(node.value)
+    if isinstance(node, MappingNode):
+        return [n for pair in node.value for n in pair]
+    return []
 
 
 def _plain(node: Any, path: Path_, lines: dict[Path_, int]) -> Any:
@@ -147,8 +225,5 @@ def parse_profile(text: str, source: str = "<profile>", base_dir: Path | None = 
 def load_profile(path: str | Path) -> tuple[Profile, str]:
     """Read and validate a profile file; return the profile and its text (recorded with the run)."""
     p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise InputError([f"{p}: cannot read the profile: {exc.strerror}"]) from None
+    text = read_text(p, "profile")
     return parse_profile(text, p.name, p.parent), text

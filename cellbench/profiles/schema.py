@@ -67,6 +67,10 @@ _OP = re.compile(r"^\s*(>=|<=|>|<)?\s*(.*)$")
 ACTIONS = ("next", "end", "break")
 
 
+# The shortest sample period: an instrument answers a reading in about a millisecond; 10 ms is the DCIR
+# edge a pulse test needs, and a shorter one only fills the disk (1e-9 s wrote 93,668 samples in 0.09 s).
+MIN_SAMPLE_PERIOD = 0.01
+
 class Limit(Strict):
     """One end condition: a quantity crossing a value. `then` says where the profile goes next."""
 
@@ -208,7 +212,7 @@ class StepBody(Strict):
     limit_kinds: ClassVar[tuple[str, ...]] = LIMIT_KINDS
     label: str | None = None
     until: list[Limit] = Field(default_factory=list)
-    sample_period: Duration | None = Field(default=None, gt=0, allow_inf_nan=False)
+    sample_period: Duration | None = Field(default=None, ge=MIN_SAMPLE_PERIOD, allow_inf_nan=False)
     record: RecordRule | None = None
     new_cycle: bool = False
     check: list[Check] = Field(default_factory=list)
@@ -345,7 +349,7 @@ class EisBody(EndsByItself, Strict):
     amplitude: Voltage = Field(default=0.01, gt=0)
     bias: Literal["ocv"] | Voltage = "ocv"
     new_cycle: bool = False
-    sample_period: Duration | None = None
+    sample_period: Duration | None = Field(default=None, ge=MIN_SAMPLE_PERIOD, allow_inf_nan=False)
 
     def n_points(self) -> int:
         import math
@@ -475,8 +479,9 @@ class ShortDetection(Strict):
 
     A hard short collapses the voltage (a fall of `collapse` or more from one sample to the next); a soft
     short makes it fall while charge keeps flowing (`drop` or more below its highest over `window`).
-    A cycle that gave back more than it took (coulombic efficiency above `efficiency_above`, after a charge
-    of at least half the capacity, from the second cycle on) is a soft short's signature too.
+    Two cycles in a row that gave back more than they took (coulombic efficiency above `efficiency_above`,
+    beyond what the sampling can place, after a charge of at least half the capacity, from the second cycle
+    on) are a soft short's signature too.
     `action`: stop the test in the safe state; `eis`: put the cell at rest, take an impedance spectrum
     (the channel's potentiostat, default sweep) and stop; flag it as an event and go on; or off.
     """
@@ -486,7 +491,7 @@ class ShortDetection(Strict):
     window: Duration = Field(default=600.0, gt=0)
     drop: Voltage = Field(default=0.005, gt=0)
     collapse: Voltage = Field(default=0.1, gt=0)
-    efficiency_above: float = Field(default=1.005, gt=1.0, description="as a fraction: 1.005 is 100.5 %")
+    efficiency_above: float = Field(default=1.01, gt=1.0, description="as a fraction: 1.01 is 101 %")
 
 
 class Profile(Strict):
@@ -496,7 +501,7 @@ class Profile(Strict):
     name: str
     description: str = ""
     cell: str | None = None
-    sample_period: Duration = Field(default=1.0, gt=0, allow_inf_nan=False)
+    sample_period: Duration = Field(default=1.0, ge=MIN_SAMPLE_PERIOD, allow_inf_nan=False)
     record: RecordRule | None = None
     safety: Range | None = None
     short_detection: ShortDetection = Field(default_factory=ShortDetection)

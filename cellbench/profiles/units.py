@@ -15,6 +15,26 @@ import pint
 from pydantic import BeforeValidator, PlainSerializer
 from pydantic_core import PydanticCustomError
 
+# What a quantity may look like before pint sees it: a number, then a unit expression. pint evaluates what
+# it is given as arithmetic ("9**9**9 V" would never return, "1/0 min" divides by zero), so anything else
+# is refused here, and no quantity is longer than a person writes one.
+_QUANTITY = re.compile(
+    r"^\s*[+-]?\s*(?:\d+(?:\.\d*)?|\.\d+|inf|nan)(?:[eE][+-]?\d{1,3})?\s*"
+    r"(?:[A-Za-zµμΩ°%](?:[A-Za-zµμΩ°%0-9_ ./*^-](?!\*\*\s*-?\d{2}|\^\s*-?\d{2}))*)?\s*$"
+)
+MAX_QUANTITY = 64
+
+
+def _quantity(text: str) -> Any:
+    """pint's quantity of a string that looks like one, or None."""
+    if len(text) > MAX_QUANTITY or not _QUANTITY.match(text):
+        return None
+    try:
+        return registry().Quantity(text.strip())
+    except Exception:  # pint's parser raises what its tokenizer and evaluator raise
+        return None
+
+
 _C_RATE = re.compile(r"^\s*([+-])?\s*(?:(\d+(?:\.\d*)?|\.\d+)\s*)?C(?:\s*/\s*(\d+(?:\.\d*)?))?\s*$")
 
 
@@ -61,6 +81,8 @@ def parse_c_rate(text: str) -> float | None:
     sign = -1.0 if m.group(1) == "-" else 1.0
     value = float(m.group(2)) if m.group(2) else 1.0
     if m.group(3):
+        if float(m.group(3)) == 0:
+            return None  # "C/0" is no rate
         value /= float(m.group(3))
     return sign * value
 
@@ -75,11 +97,12 @@ def to_si(value: Any, unit: str, what: str) -> float:
             "{value} has no unit: {what} needs one, e.g. '{example}'",
             {"value": value, "what": what.split(" (")[0], "example": f"{value} {unit}"},
         )
+    quantity = _quantity(value)
     try:
-        quantity: Any = registry().Quantity(value.strip())
         return float(quantity.to(unit).magnitude)
-    except (pint.errors.PintError, AttributeError, TypeError, ValueError, AssertionError):
-        raise PydanticCustomError("quantity", "'{value}' is not {what}", {"value": value, "what": what}) from None
+    except Exception:  # None, a dimensionless number, the wrong dimension, or pint failing in its own way
+        shown = value if len(value) <= MAX_QUANTITY else value[:MAX_QUANTITY] + "…"
+        raise PydanticCustomError("quantity", "'{value}' is not {what}", {"value": shown, "what": what}) from None
 
 
 # What a quantity is, by its unit: the kinds a step limit can be written in, in checking order.
@@ -103,10 +126,7 @@ def kind_of(text: str) -> str | None:
     """Which kind of quantity a string is (voltage, time, current, ...), or None."""
     if parse_c_rate(text) is not None:
         return "current"
-    try:
-        quantity: Any = registry().Quantity(text.strip())
-    except Exception:
-        return None
+    quantity = _quantity(text)
     if not isinstance(quantity, pint.Quantity):
         return None
     for kind, unit in UNIT_KINDS:

@@ -1,0 +1,101 @@
+"""`cellbench validate` refuses, with file:line, what would hurt the cell or fail at run time, and warns of what
+may never end: through the CLI as a technician types it."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from cellbench.bench.cli import app
+
+BENCH = """\
+name: two
+instruments:
+  smu1: {{driver: keithley2450, resource: "TCPIP::127.0.0.1::5025::SOCKET"}}
+  smu2: {{driver: keithley2450, resource: "TCPIP::127.0.0.1::5026::SOCKET"}}
+cells:
+  pouch: {{capacity: 3.5 Ah, voltage_min: 2.5 V, voltage_max: 4.3 V}}
+  pellet: {{capacity: 3.5 mAh, voltage_min: 2.5 V, voltage_max: 4.3 V}}
+channels:
+  ch1: {{cycler: smu1, cell: pouch}}
+  ch2: {{cycler: {second}, cell: pellet}}
+"""
+
+
+def validate(tmp_path: Path, profile: str, *args: str) -> tuple[int, str]:
+    path = tmp_path / "p.yaml"
+    path.write_text(textwrap.dedent(profile))
+    result = CliRunner().invoke(app, ["validate", str(path), "--no-estimate", *args], env={"COLUMNS": "300"})
+    return result.exit_code, result.output
+
+
+def test_a_negative_current_where_the_step_gives_the_sign_is_refused_at_its_line(tmp_path: Path) -> None:
+    code, out = validate(tmp_path, """\
+        name: sign
+        steps:
+          - rest: 1 min
+          - charge: {current: -1 mA, until: 4.2 V}
+    """)
+    assert code == 2
+    assert "p.yaml:4: steps[1].charge.current: current -1 mA is negative, but a charge step gives the sign" in out
+
+
+def test_a_current_beyond_the_instrument_is_refused_before_any_run(tmp_path: Path) -> None:
+    code, out = validate(tmp_path, """\
+        name: too much
+        steps:
+          - discharge: {current: 5 A, until: 2.5 V}
+    """)
+    assert code == 2
+    assert "p.yaml:3: steps[0].discharge: current 5 A is beyond the 1.05 A the keithley2450 'smu1' can source" in out
+    # the same profile at 1C on a bench file's 3.5 Ah pouch: 3.5 A on that channel's 2450
+    (tmp_path / "bench.yaml").write_text(BENCH.format(second="smu2"))
+    code, out = validate(tmp_path, """\
+        name: 1C
+        steps:
+          - charge: {current: 1C, until: 4.2 V}
+    """, "--bench", str(tmp_path / "bench.yaml"))
+    assert code == 2
+    assert "current 1C (3.5 A) is beyond the 1.05 A the keithley2450 'smu1' can source (bench 'two', channel 'ch1')" \
+        in out
+    assert "ch2" not in out  # the pellet's 3.5 mA is fine
+
+
+def test_a_limit_beyond_the_profiles_own_safety_window_is_refused(tmp_path: Path) -> None:
+    code, out = validate(tmp_path, """\
+        name: over
+        safety: {voltage: [2.5 V, 4.2 V]}
+        steps:
+          - charge: {current: C/20, until: 4.25 V}
+    """)
+    assert code == 2 and "p.yaml:4: steps[0].charge: until voltage 4.25 V is above the profile's safety maximum" in out
+
+
+def test_two_channels_on_one_source_are_refused(tmp_path: Path) -> None:
+    (tmp_path / "bench.yaml").write_text(BENCH.format(second="smu1"))
+    code, out = validate(tmp_path, "name: x\nsteps:\n  - rest: 1 min\n", "--bench", str(tmp_path / "bench.yaml"))
+    assert code == 2
+    assert "bench.yaml:10: channels.ch2.cycler: 'smu1' is already the cycler of channel 'ch1'" in out
+
+
+def test_a_goto_that_can_loop_forever_is_warned_of(tmp_path: Path) -> None:
+    code, out = validate(tmp_path, """\
+        name: loop
+        steps:
+          - charge: {current: C/20, until: 4.2 V, label: top}
+          - rest: {until: [1 h, {voltage: "> 3.0 V", then: top}]}
+    """)
+    assert code == 0 and "valid" in out
+    assert "warning: p.yaml:4: steps[1]: goto 'top' jumps back with no time limit around it" in out
+    code, out = validate(tmp_path, """\
+        name: bounded
+        steps:
+          - repeat: 1
+            time_limit: 2 d
+            steps:
+              - charge: {current: C/20, until: 4.2 V, label: top}
+              - rest: {until: [1 h, {voltage: "> 3.0 V", then: top}]}
+    """)
+    assert code == 0 and "warning" not in out
