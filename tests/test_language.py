@@ -216,7 +216,7 @@ def test_profile_safety_limits_end_the_test_in_the_safe_state(tmp_path: Path) ->
         sample_period: 60 s
         safety: {voltage: [3.0 V, 3.9 V], current: [-1 mA, 1 mA]}
         steps:
-          - charge: {current: C/10, until: 4.2 V}
+          - charge: {current: C/10, until: 12 h}  # the profile's own window ends it first
         """, tmp_path, temperature=60.0)
     assert not run.outcome.completed
     assert "outside the profile's safety range 3 to 3.9 V" in run.outcome.reason

@@ -6,6 +6,7 @@ from __future__ import annotations
 import textwrap
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from cellbench.bench.cli import app
@@ -99,3 +100,84 @@ def test_a_goto_that_can_loop_forever_is_warned_of(tmp_path: Path) -> None:
               - rest: {until: [1 h, {voltage: "> 3.0 V", then: top}]}
     """)
     assert code == 0 and "warning" not in out
+
+
+def test_every_command_given_a_file_that_is_not_a_run_says_so_in_one_line(tmp_path: Path) -> None:
+    import sqlite3
+
+    profile = tmp_path / "some.yaml"
+    profile.write_text("name: x\nsteps:\n  - rest: 1 min\n")
+    foreign = tmp_path / "other.sqlite"
+    sqlite3.connect(foreign).execute("CREATE TABLE x (a)").connection.commit()
+    before = sorted(p.name for p in tmp_path.iterdir())
+    for args in (["report", str(profile)], ["export", str(profile)], ["compare", str(profile), str(foreign)],
+                 ["export", str(foreign)], ["report", str(tmp_path / "gone.sqlite")], ["resume", str(profile)]):
+        result = CliRunner().invoke(app, args, env={"COLUMNS": "300"})
+        lines = [line for line in result.output.splitlines() if line.strip()]
+        assert result.exit_code == 2 and len(lines) == 1, (args, result.output)
+        assert "not a cellbench run database" in lines[0] or "no run database" in lines[0], lines
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no stray report or export folder
+    assert sqlite3.connect(foreign).execute("SELECT name FROM sqlite_master").fetchall() == [("x",)]  # untouched
+
+
+def test_a_dry_run_of_a_bench_file_rehearses_its_channels_and_cells(tmp_path: Path) -> None:
+    from cellbench.bench.store import open_run
+
+    bench = tmp_path / "bench.yaml"
+    bench.write_text(textwrap.dedent("""\
+        name: two-cells
+        operator: ana
+        instruments:
+          smu1: {driver: keithley2450, resource: "TCPIP::10.0.0.5::5025::SOCKET"}
+          smu2: {driver: keithley2450, resource: "TCPIP::10.0.0.6::5025::SOCKET"}
+        cells:
+          a: {id: P-1, capacity: 3.5 mAh, voltage_min: 2.5 V, voltage_max: 4.3 V}
+          b: {id: P-2, capacity: 7 mAh, voltage_min: 2.5 V, voltage_max: 4.3 V, area: 2 cm^2}
+        channels:
+          ch1: {cycler: smu1, cell: a}
+          ch2: {cycler: smu2, cell: b}
+    """))
+    profile = tmp_path / "one.yaml"
+    profile.write_text("name: one cycle\nsample_period: 1 min\nsteps:\n  - charge: {current: C/20, until: 4.2 V}\n"
+                       "  - discharge: {current: C/20, until: 2.5 V}\n")
+    result = CliRunner().invoke(app, ["run", str(profile), "--dry-run", "--bench", str(bench), "--runs-dir",
+                                      str(tmp_path / "runs")], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    (a,) = (tmp_path / "runs").glob("*Z-P-1.sqlite")
+    (b,) = (tmp_path / "runs").glob("*Z-P-2.sqlite")
+    discharged = {}
+    for db in (a, b):
+        with open_run(db) as store:
+            meta = store.metadata()
+            assert meta["rehearsal_of"] == "two-cells" and meta["operator"] == "ana" and meta["clock"] == "virtual"
+            discharged[meta["cell_id"]] = max(s.discharge_ah for s in store.samples())
+    # each channel's own cell: C/20 of 3.5 mAh and of 7 mAh (twice the area, the same areal physics)
+    assert discharged["P-2"] / discharged["P-1"] == pytest.approx(2.0, rel=0.01)
+
+
+def test_a_web_server_on_the_instruments_port_is_named_as_such(tmp_path: Path) -> None:
+    import http.server
+    import threading
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        bench = tmp_path / "bench.yaml"
+        bench.write_text(textwrap.dedent(f"""\
+            name: web
+            instruments:
+              smu1: {{driver: keithley2450, resource: "TCPIP::127.0.0.1::{server.server_address[1]}::SOCKET"}}
+            cells:
+              c: {{capacity: 3.5 mAh, voltage_min: 2.5 V, voltage_max: 4.3 V}}
+            channels:
+              ch1: {{cycler: smu1, cell: c}}
+        """))
+        profile = tmp_path / "p.yaml"
+        profile.write_text("name: x\nsteps:\n  - rest: 1 min\n")
+        result = CliRunner().invoke(app, ["run", str(profile), "--bench", str(bench), "--runs-dir",
+                                          str(tmp_path / "runs")], env={"COLUMNS": "300"})
+    finally:
+        server.shutdown()
+    assert result.exit_code == 1
+    assert "a web server answers at that address, not an instrument" in result.output
+    assert "switch the instrument to SCPI" not in result.output

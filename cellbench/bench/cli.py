@@ -22,7 +22,7 @@ from cellbench.bench.analysis import run_cycle_table
 from cellbench.bench.clock import RealClock, VirtualClock
 from cellbench.bench.config import BenchConfig, load_bench
 from cellbench.bench.run import ChannelResult, channel_range_problems, exit_code, resume_run, run_bench
-from cellbench.bench.store import open_run
+from cellbench.bench.store import NotARun, open_run
 from cellbench.drivers.errors import InstrumentFault
 from cellbench.drivers.registry import DriverSpec, drivers, simulator
 from cellbench.profiles.checks import cell_problems, instrument_problems, loop_warnings
@@ -172,6 +172,33 @@ def _simulate(
     return result
 
 
+def _rehearse(
+    path: Path, bench: Path, *, seed: int, runs_dir: Path, cell: str, soc: float, temperature: float,
+    identity: dict[str, object],
+) -> None:
+    """`run --dry-run --bench`: the bench file's channels and cells, each on its own simulated instruments."""
+    from cellbench.bench.simbench import rehearse
+
+    prof, text = _load(path)
+    _warn(prof, text, path)
+    cfg = _bench(bench)
+    base = _preset(cell)
+    console.print(f"[bold]{prof.name}[/bold] rehearsed on bench '{cfg.name}': {len(cfg.channels)} channel(s), "
+                  f"each cell simulated from the {cell} preset at {temperature:g} degC, on the virtual clock")
+    clock = VirtualClock()
+    try:
+        with _progress_bar() as progress:
+            results = clock.run(rehearse(
+                cfg, prof, text, clock, base=base, initial_soc=soc, seed=seed, temperature_c=temperature,
+                runs_dir=runs_dir, on_progress=_reporter(progress, prof), profile_source=path.name,
+                base_dir=path.parent, extra_metadata=identity, on_start=_announce))
+    except InputError as exc:
+        raise _fail(exc.problems) from None
+    _show_results(results)
+    if code := exit_code(results):
+        raise typer.Exit(code)
+
+
 SeedOption = Annotated[int, typer.Option(help="seed of the simulated measurement noise")]
 RunsOption = Annotated[Path, typer.Option(help="where run databases go")]
 CELLS_HELP = "simulated cell preset: pellet (3.5 mAh) or pouch"
@@ -216,6 +243,10 @@ def run(
     """Run a profile on every channel of a bench in real time, or with --dry-run on a simulated bench."""
     path = _profile_path(profile)
     identity: dict[str, object] = {k: v for k, v in (("operator", operator), ("comment", comment)) if v is not None}
+    if dry_run and bench is not None:
+        _rehearse(path, bench, seed=seed, runs_dir=runs_dir, cell=cell, soc=soc, temperature=temperature,
+                  identity=identity)
+        return
     if dry_run:
         result = _simulate(path, seed=seed, runs_dir=runs_dir, cell=cell, soc=soc, temperature=temperature,
                            environment=environment, identity=identity)
@@ -381,7 +412,7 @@ def export(
 
     try:
         files = export_run(run_db, out)
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, NotARun) as exc:
         raise _fail(str(exc)) from None
     for kind, path in files.items():
         console.print(f"{kind:>9}: {path}")
@@ -397,7 +428,7 @@ def report(
 
     try:
         page = write_report(run_db, out)
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, NotARun) as exc:
         raise _fail(str(exc)) from None
     console.print(f"report: [bold]{page}[/bold]")
 
@@ -412,10 +443,10 @@ def compare(
 
     if len(runs) < 2:
         raise _fail("compare needs at least two runs")
-    missing = [str(r) for r in runs if not r.exists()]
-    if missing:
-        raise _fail(f"no run database at {', '.join(missing)}")
-    path, lives = compare_runs(runs, out)
+    try:
+        path, lives = compare_runs(runs, out)
+    except (FileNotFoundError, NotARun) as exc:
+        raise _fail(str(exc)) from None
     for name, life in lives.items():
         console.print(f"{name}: cycle life to 80 % {'not reached' if life is None else f'{life:.1f} cycles'}")
     reached = [(n, life) for n, life in lives.items() if life]

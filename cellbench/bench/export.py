@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from cellbench.bench.store import COLUMNS, open_run
+from cellbench.bench.store import COLUMNS, check_run, open_run
 
 NET = "Net Capacity / Ah"
 NON_STANDARD = {
@@ -27,6 +27,7 @@ def export_run(database: str | Path, out_dir: str | Path | None = None) -> dict[
     """Write the run's tables and sidecar next to it (or into out_dir); return the files by kind."""
     db = Path(database)
     out = Path(out_dir) if out_dir else db.parent
+    check_run(db)  # before any folder is made for it
     out.mkdir(parents=True, exist_ok=True)
     stem = out / db.stem
     with open_run(db) as store:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from cellbench.bench.analysis import CycleSummary, cycle_life, cycle_table, dcir, dqdv, run_cycle_table
-from cellbench.bench.store import open_run
+from cellbench.bench.store import check_run, open_run
 
 FIGSIZE = (8, 4.5)
 DPI = 100
@@ -30,6 +30,7 @@ def write_report(database: str | Path, out_dir: str | Path | None = None) -> Pat
     """Plots and an index.html for one run; returns the page."""
     db = Path(database)
     out = Path(out_dir) if out_dir else db.with_suffix("")
+    check_run(db)  # before any folder is made for it
     out.mkdir(parents=True, exist_ok=True)
     with open_run(db) as store:
         samples, meta, spectra, fits = store.samples(), store.metadata(), store.spectra(), store.fits()
@@ -181,6 +182,8 @@ def compare_runs(databases: list[Path], out: Path) -> tuple[Path, dict[str, floa
     plt = _plt()
     fig, ax = plt.subplots(figsize=FIGSIZE, dpi=DPI)
     lives: dict[str, float | None] = {}
+    for db in databases:
+        check_run(db)
     for db in databases:
         with open_run(db) as store:
             rows = cycle_table(store.iter_samples())

@@ -49,7 +49,20 @@ class ProtocolError(InstrumentFault):
     def __init__(self, instrument: str, command: str, line: str, expected: str) -> None:
         self.command = command
         self.line = line
-        super().__init__(instrument, f"reply {line!r} to {command!r} is not {expected}")
+        said = f"reply {line!r} to {command!r} is not {expected}"
+        if (other := _not_an_instrument(line)) is not None:
+            said += f": {other} answers at that address, not an instrument"
+        super().__init__(instrument, said)
+
+
+# the first line a server that is not an instrument sends back to a command it does not understand
+_SERVERS = (("HTTP/", "a web server"), ("<!DOCTYPE", "a web server"), ("<html", "a web server"),
+            ("SSH-", "an SSH server"), ("220 ", "an FTP or mail server"), ("RFB ", "a VNC server"))
+
+
+def _not_an_instrument(line: str) -> str | None:
+    head = line.lstrip()
+    return next((what for prefix, what in _SERVERS if head[: len(prefix)].upper() == prefix.upper()), None)
 
 
 class ConnectionLost(InstrumentFault):

@@ -198,6 +198,58 @@ async def run_simulated(
     return result, bench.cell
 
 
+def rehearsal_params(cell: CellConfig, base: CellParameters = PELLET) -> CellParameters:
+    """A simulated cell like a bench file's: the preset's chemistry and areal physics, the bench cell's
+    capacity, area and voltage window."""
+    return base.model_copy(update={"capacity_ah": cell.capacity, "area_cm2": cell.area,
+                                   "v_min": cell.voltage_min, "v_max": cell.voltage_max})
+
+
+async def rehearse(
+    bench: BenchConfig,
+    profile: Profile,
+    profile_text: str,
+    clock: Clock,
+    *,
+    base: CellParameters = PELLET,
+    initial_soc: float = 0.0,
+    seed: int = 0,
+    temperature_c: float = 25.0,
+    runs_dir: Path = Path("runs"),
+    on_progress: ProgressCallback | None = None,
+    profile_source: str = "<profile>",
+    base_dir: Path = Path("."),
+    extra_metadata: dict[str, object] | None = None,
+    on_start: Callable[[str, Path], None] | None = None,
+) -> list[ChannelResult]:
+    """A dry run of a bench file: every channel with its own cell (its capacity, area and window) on its own
+    simulated instruments, the roles the bench file gives it, on the virtual clock. Instruments the bench's
+    channels share (a chamber, a press) are simulated once per channel."""
+    sims = {name: SimulatedBench(rehearsal_params(bench.cells[ch.cell], base), initial_soc=initial_soc, seed=seed + k,
+                                 temperature_c=temperature_c, chamber=ch.chamber is not None,
+                                 press=ch.press is not None, potentiostat=ch.potentiostat is not None)
+            for k, (name, ch) in enumerate(bench.channels.items())}
+    for sim in sims.values():
+        await sim.__aenter__()
+    try:
+        instruments, channels = {}, {}
+        for name, sim in sims.items():
+            part = sim.config
+            renamed = {role: f"{name}-{role}" for role in part.instruments}
+            instruments.update({renamed[r]: cfg for r, cfg in part.instruments.items()})
+            ch = part.channels["ch1"].model_dump(exclude_none=True)
+            channels[name] = ChannelConfig(**{k: renamed.get(v, v) if k != "cell" else bench.channels[name].cell
+                                              for k, v in ch.items()})
+        config = BenchConfig(name=f"{bench.name} (rehearsal)", operator=bench.operator, comment=bench.comment,
+                             instruments=instruments, cells=bench.cells, channels=channels)
+        return await run_bench(config, profile, profile_text, clock, runs_dir=runs_dir, on_progress=on_progress,
+                               extra_metadata={"rehearsal_of": bench.name, **(extra_metadata or {})},
+                               profile_source=profile_source, base_dir=base_dir, on_start=on_start)
+    finally:
+        for sim in sims.values():
+            await sim.__aexit__()
+
+
 def needs_environment(profile: Profile) -> bool:
     """Whether a profile reads or sets temperature or pressure."""
     return bool(instrument_problems(profile, has_chamber=False, has_press=False))

@@ -341,9 +341,29 @@ class RunStore:
         return [dict(zip(names, row, strict=True)) for row in cur]
 
 
+class NotARun(ValueError):
+    """A file that is not a cellbench run database (a profile, a foreign database, garbage)."""
+
+
+def check_run(path: str | Path) -> Path:
+    """The path of an existing run database, or FileNotFoundError / NotARun in one line. Read-only: a file
+    that is not a run is never written to."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"no run database at {p}")
+    try:
+        con = sqlite3.connect(f"file:{p.resolve()}?mode=ro", uri=True)
+        try:
+            tables = {row[0] for row in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        finally:
+            con.close()
+    except sqlite3.DatabaseError as exc:
+        raise NotARun(f"{p}: not a cellbench run database ({exc})") from None
+    if not {"meta", "samples", "steps", "events"} <= tables:
+        raise NotARun(f"{p}: not a cellbench run database (an SQLite file without a run's tables)")
+    return p
+
+
 def open_run(path: str | Path) -> RunStore:
     """Open an existing run's database for reading."""
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"no run database at {p}")
-    return RunStore(p)
+    return RunStore(check_run(path))
