@@ -142,3 +142,22 @@ def test_the_methodscript_decoder_takes_any_line_or_refuses_it_plainly(line: str
             parse(line)
         except ValueError:
             pass  # a garbled reply is a ValueError (a ProtocolError to the driver), never anything else
+
+
+def test_the_cli_answers_hostile_files_in_one_line(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from cellbench.bench.cli import app
+
+    bomb = ["a: &a [x, x, x, x, x, x, x, x, x]"] + [
+        f"{chr(98 + k)}: &{chr(98 + k)} [{', '.join(['*' + chr(97 + k)] * 9)}]" for k in range(8)]
+    files = {"nul.yaml": "name: a\x00\nsteps:\n  - rest: 1 min\n", "bomb.yaml": "\n".join(bomb) + "\nname: x\n",
+             "pint.yaml": "name: p\nsteps:\n  - rest: 9**9**9 s\n", "deep.yaml": "a: " + "[" * 3000 + "]" * 3000}
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+        for command in (["validate", "--no-estimate"], ["run", "--dry-run", "--runs-dir", str(tmp_path / "runs")]):
+            result = CliRunner().invoke(app, [command[0], str(tmp_path / name), *command[1:]],
+                                        env={"COLUMNS": "300"})
+            lines = [line for line in result.output.splitlines() if line.strip()]
+            assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith(name), (name, result.output)
+    assert not (tmp_path / "runs").exists()
