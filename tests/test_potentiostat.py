@@ -178,3 +178,50 @@ def test_cycle_life_with_impedance_sees_the_interphase_grow(tmp_path) -> None:
         r_int = [f["r_interfacial"] for f in store.fits()]
     assert len(r_int) >= 2
     assert r_int == sorted(r_int) and r_int[-1] > 1.3 * r_int[0]
+
+
+async def test_host_commands_echo_as_the_firmware_does(pstat_server: PtySimServer) -> None:
+    io = await open_transport(pstat_server.resource, name="pstat", timeout=5, baud_rate=230400)
+    try:
+        lines = await io.query_lines("t", lambda line: line.endswith("*"))
+        assert lines[0].startswith("t") and lines[-1].endswith("*") and "espbl" not in " ".join(lines)
+        assert (await io.query("i")).startswith("i")  # the echo, then the serial number
+        ident = await PalmSens(io).identify()
+        assert ident.startswith("ES4SIM") and ident.endswith("serial ES4SIM0001")
+    finally:
+        await io.close()
+
+
+async def test_an_open_circuit_measurement_with_the_cell_on_is_refused(pstat_server: PtySimServer) -> None:
+    io = await open_transport(pstat_server.resource, name="pstat", timeout=5, baud_rate=230400)
+    try:
+        with pytest.raises(InstrumentError, match="!0014"):
+            await PalmSens(io).run(["var e", "cell_on", "meas_loop_ocp e 100m 300m", "  pck_start",
+                                    "  pck_add e", "  pck_end", "endloop", "on_finished:", "cell_off"])
+        assert pstat_server.instrument.cell_on is False  # type: ignore[attr-defined]  # on_finished ran
+        # the driver's own OCP measures with the cell off, and its EIS sets the DC level before cell_on
+        pstat = PalmSens(io)
+        ocp = await pstat.open_circuit_potential(interval=0.05, duration=0.2)
+        assert all(3.7 < e < 3.9 for e in ocp)
+        await pstat.impedance(f_start=1e3, f_end=100, n_points=2, amplitude=10e-3, e_dc=ocp[-1])
+        assert pstat_server.instrument.e_at_cell_on == pytest.approx(ocp[-1], abs=1e-3)  # type: ignore[attr-defined]
+    finally:
+        await io.close()
+
+
+async def test_palmsens_own_style_of_script_runs(pstat_server: PtySimServer) -> None:
+    """Variables, store_var/add_var, set_e with a variable, OCP then the cell on: as in PalmSens' examples."""
+    io = await open_transport(pstat_server.resource, name="pstat", timeout=10, baud_rate=230400)
+    try:
+        packages = await PalmSens(io).run([
+            "var o", "var d", "var e", "var i", "set_pgstat_chan 0", "set_pgstat_mode 3", "cell_off",
+            "set_range ab 4200m", "set_autoranging ab 4200m 4200m", "meas_loop_ocp o 100m 200m", "  pck_start",
+            "  pck_add o", "  pck_end", "endloop", "store_var d 10m ab", "add_var d o", "set_e d", "cell_on",
+            "meas_loop_cp e i -1m 100m 200m  # the manual's form: E and I variables", "  pck_start",
+            "  pck_add e", "  pck_add i", "  pck_end", "endloop", "on_finished:", "cell_off"])
+        ocp, cp = packages[:2], packages[2:]
+        assert [v.var_type for v in ocp[0]] == ["ab"] and [v.var_type for v in cp[0]] == ["ab", "ba"]
+        assert cp[0][1].value == pytest.approx(-1e-3) and cp[0][0].value < ocp[-1][0].value  # discharging
+        assert pstat_server.instrument.e_at_cell_on == pytest.approx(ocp[-1][0].value + 0.01, abs=1e-6)  # type: ignore[attr-defined]
+    finally:
+        await io.close()

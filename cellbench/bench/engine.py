@@ -481,8 +481,10 @@ class Engine:
         else:
             ocp = await pstat.open_circuit_potential(interval=0.1, duration=1.0)
             e_dc = sum(ocp) / len(ocp)
+        # the potentiostat's current range for this cell: its 1C current, between 1 mA and 100 mA
+        current_range = min(max(self._capacity() * 1.0, 1e-3), 0.1)  # Ah × 1/h is A
         points = await pstat.impedance(f_start=body.start, f_end=body.end, n_points=body.n_points(),
-                                       amplitude=body.amplitude, e_dc=e_dc)
+                                       amplitude=body.amplitude, e_dc=e_dc, current_range=current_range)
         # the script ends with cell_off: its end is the potentiostat letting go
         self._note(NoteKind.HANDOVER, f"{pstat.name} cell off (its script ended); the cycler may take the cell")
         t = self._t()

@@ -95,30 +95,42 @@ def si(value: float) -> str:
     return f"{round(value / 1e-12)}p"
 
 
+def _ranges(current_range: float) -> list[str]:
+    """The current range for the cell: start in it, autorange three decades below it, never above."""
+    return [f"set_range ba {si(current_range)}", f"set_autoranging ba {si(current_range / 1000)} {si(current_range)}"]
+
+
 def eis_script(*, f_start: float, f_end: float, n_points: int, amplitude: float, e_dc: float = 0.0,
-               galvanostatic: bool = False, i_dc: float = 0.0) -> list[str]:
-    """Potentiostatic (or galvanostatic) EIS at open circuit or a DC bias, as a MethodSCRIPT."""
+               galvanostatic: bool = False, i_dc: float = 0.0, current_range: float = 10e-3) -> list[str]:
+    """Potentiostatic EIS around e_dc (V; a battery's open-circuit voltage, measured first with the cell off),
+    or galvanostatic around i_dc (A). The DC level is set before the cell goes on, so a 3.8 V cell is never
+    pulled toward 0 V when the potentiostat connects."""
     loop = (f"meas_loop_geis f r j {si(amplitude)} {si(f_start)} {si(f_end)} {n_points} {si(i_dc)}"
             if galvanostatic else
             f"meas_loop_eis f r j {si(amplitude)} {si(f_start)} {si(f_end)} {n_points} {si(e_dc)}")
+    level = f"set_i {si(i_dc)}" if galvanostatic else f"set_e {si(e_dc)}"
     return [
-        "var f", "var r", "var j", "set_pgstat_chan 0", "set_pgstat_mode 3",
-        "set_autoranging ba 1p 1", "cell_on", loop,
+        "var f", "var r", "var j", "set_pgstat_chan 0", "set_pgstat_mode 3", *_ranges(current_range),
+        level, "cell_on", loop,
         "  pck_start", "  pck_add f", "  pck_add r", "  pck_add j", "  pck_end", "endloop",
         "on_finished:", "cell_off",
     ]
 
 
 def ocp_script(*, interval: float, duration: float) -> list[str]:
-    return ["var t", "var e", "set_pgstat_chan 0", "set_pgstat_mode 3", "cell_on",
+    """Open-circuit potential: measured with the cell off (the instrument refuses it with the cell on)."""
+    return ["var e", "set_pgstat_chan 0", "set_pgstat_mode 3", "cell_off",
             f"meas_loop_ocp e {si(interval)} {si(duration)}", "  pck_start", "  pck_add e", "  pck_end",
             "endloop", "on_finished:", "cell_off"]
 
 
-def cp_script(*, current: float, interval: float, duration: float) -> list[str]:
-    return ["var e", "set_pgstat_chan 0", "set_pgstat_mode 3", "set_autoranging ba 1n 10m", "cell_on",
-            f"meas_loop_cp e {si(current)} {si(interval)} {si(duration)}", "  pck_start", "  pck_add e",
-            "  pck_end", "endloop", "on_finished:", "cell_off"]
+def cp_script(*, current: float, interval: float, duration: float, current_range: float = 10e-3) -> list[str]:
+    """Chronopotentiometry in the manual's form: potential and current variables, the current, the interval
+    and the run time; the current is set before the cell goes on."""
+    return ["var e", "var i", "set_pgstat_chan 0", "set_pgstat_mode 3", *_ranges(current_range),
+            f"set_i {si(current)}", "cell_on",
+            f"meas_loop_cp e i {si(current)} {si(interval)} {si(duration)}", "  pck_start", "  pck_add e",
+            "  pck_add i", "  pck_end", "endloop", "on_finished:", "cell_off"]
 
 
 _OUTPUT = re.compile(r"^(e|P.*|M[0-9A-Fa-f]{4}|\*|L|\+|C[0-9A-Fa-f]{4}|-|Z|)$")
@@ -146,8 +158,11 @@ class PalmSens:
         """Firmware version (`t`, two lines, the last ending in '*') and serial number (`i`)."""
         lines = await self._io.query_lines("t", lambda line: line.endswith("*") or check_error(line) is not None)
         self._raise_if_error("t", lines)
-        serial = await self._io.query("i")
-        return " ".join(x.rstrip("*").strip() for x in lines) + f", serial {serial.strip()}"
+        if lines and lines[0].startswith("t"):
+            lines[0] = lines[0][1:]  # the command's echo
+        serial = (await self._io.query("i")).strip()
+        serial = serial[1:] if serial.startswith("i") else serial
+        return " ".join(x.rstrip("*").strip() for x in lines if x.rstrip("*").strip()) + f", serial {serial}"
 
     async def abort(self) -> None:
         """Stop a running script (`Z`)."""
@@ -175,16 +190,17 @@ class PalmSens:
         return packages
 
     async def impedance(self, *, f_start: float, f_end: float, n_points: int, amplitude: float,
-                        e_dc: float = 0.0) -> list[ImpedancePoint]:
-        """Potentiostatic EIS: a voltage amplitude around e_dc (V)."""
+                        e_dc: float = 0.0, current_range: float = 10e-3) -> list[ImpedancePoint]:
+        """Potentiostatic EIS: a voltage amplitude around e_dc (V), in a current range for the cell (A)."""
         return self._points(await self.run(eis_script(f_start=f_start, f_end=f_end, n_points=n_points,
-                                                      amplitude=amplitude, e_dc=e_dc)))
+                                                      amplitude=amplitude, e_dc=e_dc, current_range=current_range)))
 
     async def galvanostatic_impedance(self, *, f_start: float, f_end: float, n_points: int, amplitude: float,
-                                      i_dc: float = 0.0) -> list[ImpedancePoint]:
+                                      i_dc: float = 0.0, current_range: float = 10e-3) -> list[ImpedancePoint]:
         """Galvanostatic EIS: a current amplitude (A) around i_dc."""
         return self._points(await self.run(eis_script(f_start=f_start, f_end=f_end, n_points=n_points,
-                                                      amplitude=amplitude, galvanostatic=True, i_dc=i_dc)))
+                                                      amplitude=amplitude, galvanostatic=True, i_dc=i_dc,
+                                                      current_range=current_range)))
 
     def _points(self, packages: list[list[Value]]) -> list[ImpedancePoint]:
         points = []
@@ -199,8 +215,8 @@ class PalmSens:
         return [pkg[0].value for pkg in await self.run(ocp_script(interval=interval, duration=duration))]
 
     async def chronopotentiometry(self, *, current: float, interval: float, duration: float) -> list[float]:
-        return [pkg[0].value for pkg in await self.run(cp_script(current=current, interval=interval,
-                                                                 duration=duration))]
+        return [pkg[0].value for pkg in await self.run(cp_script(current=current, interval=interval, duration=duration,
+                                                                 current_range=max(abs(current) * 2, 1e-6)))]
 
     def _raise_if_error(self, command: str, lines: list[str]) -> None:
         for line in lines:

@@ -1,8 +1,11 @@
 """Simulated PalmSens potentiostat: MethodSCRIPT host commands and scripts, on a serial line.
 
 Scripts are run as the instrument runs them: `e`, the script's lines, an empty line; the reply is
-the echo, `M0000` when the measurement loop starts, one `P` package per point (paced in time, as
-a real sweep takes time), `*` at the loop's end and an empty line when the script is done. `Z`
+the echo, `M` and four hex digits when a measurement loop starts, one `P` package per point (paced in
+time, as a real sweep takes time), `*` at the loop's end and an empty line when the script is done;
+`on_finished:` runs after the script's end, an error or an abort, and the cell is left off. Variables
+(`var`, `store_var`, `add_var`, ...) and `set_e` with a variable work as in PalmSens' own example scripts.
+An open-circuit measurement with the cell on is refused (`!0014`), as the instrument refuses it. `Z`
 aborts a running loop. The impedance comes from the simulated cell at the temperature and
 pressure of the moment (simulators.cell.SolidStateCell.impedance), with seeded noise.
 
@@ -28,9 +31,21 @@ PREFIX = {"a": 1e-18, "f": 1e-15, "p": 1e-12, "n": 1e-9, "u": 1e-6, "m": 1e-3, "
 ENCODE = [("G", 1e9), ("M", 1e6), ("k", 1e3), (" ", 1.0), ("m", 1e-3), ("u", 1e-6), ("n", 1e-9), ("p", 1e-12),
           ("f", 1e-15)]
 LIMIT = 2**27 - 1
-KNOWN = ("var", "set_pgstat_chan", "set_pgstat_mode", "set_autoranging", "set_range", "set_max_bandwidth",
-         "set_e", "set_i", "cell_on", "cell_off", "wait", "pck_start", "pck_add", "pck_end", "endloop",
-         "on_finished:", "meas_loop_eis", "meas_loop_geis", "meas_loop_ocp", "meas_loop_cp", "meas_loop_ca")
+# commands that set up the instrument and change nothing the simulation models
+SETUP = {"set_pgstat_chan", "set_pgstat_mode", "set_autoranging", "set_range", "set_range_minmax", "set_max_bandwidth",
+         "set_acquisition_frac_autoadjust", "set_acquisition_frac", "set_gpio_cfg", "set_gpio", "set_cr",
+         "set_poly_we_mode", "timer_start", "timer_get", "send_string", "pck_start", "pck_end", "pck_add",
+         "set_script_output", "hibernate"}
+MEASURE = ("meas_loop_eis", "meas_loop_geis", "meas_loop_ocp", "meas_loop_cp", "meas_loop_ca")
+ERR_UNKNOWN = "4003"  # a command the script language does not know
+ERR_CELL_ON = "0014"  # an open-circuit measurement asked with the cell on (PalmSens' error table)
+ERR_SCRIPT = "4004"  # a command the simulator cannot parse (wrong arguments)
+
+
+class ScriptError(Exception):
+    def __init__(self, code: str, line: int, why: str) -> None:
+        super().__init__(why)
+        self.code, self.line = code, line
 
 
 def parse_si(text: str) -> float:
@@ -62,6 +77,10 @@ class PalmSensSim:
         self.noise = noise  # relative noise on |Z|
         self.serial = serial
         self.cell_on = False
+        self.e_set = 0.0  # the potential set_e last applied (V)
+        self.e_at_cell_on: float | None = None  # the potential applied when the cell last went on
+        self.i_set = 0.0
+        self._vars: dict[str, float] = {}
         self._script: list[str] | None = None
         self._running = False
         self._abort = False
@@ -74,10 +93,10 @@ class PalmSensSim:
             self._script.append(line)
             return None
         cmd = line.strip()
-        if cmd == "t":
-            return "espbl21#\nR1.0.2 MethodSCRIPT sim*"  # two lines, the last ending in '*'
+        if cmd == "t":  # the echo, then the firmware: two lines, the last ending in '*'
+            return "tES4SIM v1.3 (cellbench MethodSCRIPT simulator)\nR*"
         if cmd == "i":
-            return self.serial
+            return f"i{self.serial}"
         if cmd == "v":
             return "v0001"
         if cmd == "Z":
@@ -91,71 +110,152 @@ class PalmSensSim:
         return "!0001"  # unknown command
 
     async def _run(self, script: list[str]) -> AsyncIterator[str]:
+        """Run a script as the firmware does: line by line, measurement loops with their package bodies,
+        `on_finished:` always at the end (after an error or an abort too)."""
         yield "e"
-        try:
-            loop_line, pck = self._compile(script)
-        except ValueError as exc:
-            yield f"!4003: {exc}"  # a script error, reported as the instrument does: a hex code
-            yield ""
-            return
+        lines = [(n, raw.split("#", 1)[0].split()) for n, raw in enumerate(script, start=2)]
+        lines = [(n, words) for n, words in lines if words]
+        split = next((k for k, (_, w) in enumerate(lines) if w[0] == "on_finished:"), len(lines))
+        body, finish = lines[:split], lines[split + 1:]
         self._running, self._abort = True, False
-        self.cell_on = True
+        self._vars = {}
         try:
-            if loop_line is not None:
-                yield "M0000"
-                async for package in self._loop(loop_line, pck):
-                    if self._abort:
-                        yield "Z"
-                        break
-                    yield package
-                yield "*"
-        finally:
-            self._running = False
-            self.cell_on = False
+            async for out in self._execute(body):
+                yield out
+        except ScriptError as exc:
+            yield f"!{exc.code}: line {exc.line}: {exc}"
+        except BaseException:  # the connection went (the generator closed) or the server stopped
+            self._running = self.cell_on = False
+            raise
+        self._running = False
+        try:
+            async for out in self._execute(finish):
+                yield out
+        except ScriptError as exc:
+            yield f"!{exc.code}: line {exc.line}: {exc}"
+        self.cell_on = False  # whatever the script said, the cell is left off at its end
         yield ""
 
-    def _compile(self, script: list[str]) -> tuple[list[str] | None, list[str]]:
-        loop_line, pck = None, []
-        for raw in script:
-            words = raw.split()
-            if not words:
-                continue
-            if words[0] not in KNOWN:
-                raise ValueError(f"unknown command {words[0]!r}")
-            if words[0].startswith("meas_loop_"):
-                loop_line = words
-            elif words[0] == "pck_add":
-                pck.append(words[1])
-        return loop_line, pck
+    def _value(self, word: str, line: int) -> float:
+        if word in self._vars:
+            return self._vars[word]
+        try:
+            return float(word[:-1]) if word.endswith("i") and word[:-1].lstrip("-").isdigit() else parse_si(word)
+        except ValueError:
+            raise ScriptError(ERR_SCRIPT, line, f"{word!r} is neither a variable nor a number") from None
 
-    async def _loop(self, words: list[str], pck: list[str]) -> AsyncIterator[str]:
-        kind = words[0]
+    async def _execute(self, lines: list[tuple[int, list[str]]]) -> AsyncIterator[str]:
+        k = 0
+        while k < len(lines):
+            n, words = lines[k]
+            cmd, args = words[0], words[1:]
+            k += 1
+            if self._abort:
+                return
+            if cmd in MEASURE:
+                depth, end = 1, k
+                while end < len(lines) and depth:
+                    depth += lines[end][1][0].startswith(("meas_loop_", "loop"))
+                    depth -= lines[end][1][0] == "endloop"
+                    end += 1
+                if depth:
+                    raise ScriptError(ERR_SCRIPT, n, f"{cmd} without its endloop")
+                pck = [w[1] for _, w in lines[k:end - 1] if w[0] == "pck_add" and len(w) > 1]
+                k = end
+                yield f"M{MEASURE.index(cmd):04X}"
+                async for package in self._loop(n, cmd, args, pck):
+                    if self._abort:
+                        yield "Z"
+                        return
+                    yield package
+                yield "*"
+            elif cmd == "var":
+                for name in args:
+                    self._vars.setdefault(name, 0.0)
+            elif cmd in ("store_var", "copy_var"):
+                if len(args) < 2:
+                    raise ScriptError(ERR_SCRIPT, n, f"{cmd} needs a variable and a value")
+                if cmd == "store_var":
+                    self._vars[args[0]] = self._value(args[1], n)
+                else:
+                    self._vars[args[1]] = self._value(args[0], n)
+            elif cmd in ("add_var", "sub_var", "mul_var", "div_var"):
+                if len(args) < 2 or args[0] not in self._vars:
+                    raise ScriptError(ERR_SCRIPT, n, f"{cmd} needs a declared variable and a value")
+                a, b = self._vars[args[0]], self._value(args[1], n)
+                if cmd == "div_var" and b == 0:
+                    raise ScriptError(ERR_SCRIPT, n, "division by zero")
+                self._vars[args[0]] = {"add_var": a + b, "sub_var": a - b, "mul_var": a * b}.get(cmd, a / (b or 1))
+            elif cmd == "set_e":
+                self.e_set = self._value(args[0], n) if args else 0.0
+            elif cmd == "set_i":
+                self.i_set = self._value(args[0], n) if args else 0.0
+            elif cmd == "cell_on":
+                self.cell_on = True
+                self.e_at_cell_on = self.e_set
+            elif cmd == "cell_off":
+                self.cell_on = False
+            elif cmd == "wait":
+                await asyncio.sleep(self._value(args[0], n) if args else 0.0)
+            elif cmd in SETUP or cmd == "endloop":
+                continue
+            else:
+                raise ScriptError(ERR_UNKNOWN, n, f"unknown command {cmd!r}")
+
+    def _loop(self, n: int, kind: str, args: list[str], pck: list[str]) -> AsyncIterator[str]:
         if kind in ("meas_loop_eis", "meas_loop_geis"):
-            f_var, r_var, j_var = words[1:4]
-            f_start, f_end = parse_si(words[5]), parse_si(words[6])
-            n = int(words[7])
-            roles = {f_var: "dc", r_var: "cc", j_var: "cd"}
-            for k in range(n):
-                f = f_start * (f_end / f_start) ** (k / max(n - 1, 1))
-                await asyncio.sleep(max(0.05, 2.0 / f))  # two periods a point, as a real sweep takes
-                if self._abort:
-                    return
-                z = self.cell.impedance(f) * (1 + self._rng.gauss(0.0, self.noise))
-                values = {"dc": f, "cc": z.real, "cd": z.imag}
-                yield "P" + ";".join(encode(roles[v], values[roles[v]]) for v in pck if v in roles)
-        elif kind in ("meas_loop_ocp", "meas_loop_cp"):
-            e_var = words[1]
-            current = parse_si(words[2]) if kind == "meas_loop_cp" else 0.0
-            interval, duration = parse_si(words[-2]), parse_si(words[-1])
-            for _ in range(max(1, int(duration / interval))):
-                await asyncio.sleep(interval)
-                if self._abort:
-                    return
-                e, r = self.cell.thevenin(interval)
-                potential = e + current * r
-                yield "P" + ";".join(encode("ab", potential) for v in pck if v == e_var)
-        else:
-            raise ValueError(f"{kind} is not simulated")
+            if len(args) < 7:
+                raise ScriptError(ERR_SCRIPT, n, f"{kind} needs f, Z', Z'', amplitude, f_start, f_end, n and a bias")
+            return self._eis(n, args, pck)
+        if kind == "meas_loop_ocp":
+            if self.cell_on:
+                raise ScriptError(ERR_CELL_ON, n, "an open-circuit measurement with the cell on")
+            if len(args) < 3:
+                raise ScriptError(ERR_SCRIPT, n, "meas_loop_ocp needs a variable, an interval and a run time")
+            return self._series(n, args[0], None, 0.0, args[-2], args[-1], pck)
+        if kind == "meas_loop_cp":
+            # the manual's form: potential and current variables, the current, the interval, the run time
+            # (the one-variable form of older scripts is taken too)
+            if len(args) == 5:
+                return self._series(n, args[0], args[1], self._value(args[2], n), args[3], args[4], pck)
+            if len(args) == 4:
+                return self._series(n, args[0], None, self._value(args[1], n), args[2], args[3], pck)
+            raise ScriptError(ERR_SCRIPT, n, "meas_loop_cp needs E, I, the current, an interval and a run time")
+        raise ScriptError(ERR_SCRIPT, n, f"{kind} is not simulated")
+
+    async def _eis(self, n: int, args: list[str], pck: list[str]) -> AsyncIterator[str]:
+        f_var, r_var, j_var = args[:3]
+        f_start, f_end = self._value(args[4], n), self._value(args[5], n)
+        points = int(self._value(args[6], n))
+        if f_start <= 0 or f_end <= 0 or not 1 <= points <= 10_000:
+            raise ScriptError(ERR_SCRIPT, n, "frequencies must be positive and the points between 1 and 10000")
+        roles = {f_var: "dc", r_var: "cc", j_var: "cd"}
+        for k in range(points):
+            f = f_start * (f_end / f_start) ** (k / max(points - 1, 1))
+            await asyncio.sleep(max(0.05, 2.0 / f))  # two periods a point, as a real sweep takes
+            if self._abort:
+                return
+            z = self.cell.impedance(f) * (1 + self._rng.gauss(0.0, self.noise))
+            values = {"dc": f, "cc": z.real, "cd": z.imag}
+            yield "P" + ";".join(encode(roles[v], values[roles[v]]) for v in pck if v in roles)
+
+    async def _series(self, n: int, e_var: str, i_var: str | None, current: float, interval_word: str,
+                      run_word: str, pck: list[str]) -> AsyncIterator[str]:
+        interval, duration = self._value(interval_word, n), self._value(run_word, n)
+        if interval <= 0 or duration < 0 or duration / interval > 1_000_000:
+            raise ScriptError(ERR_SCRIPT, n, "the interval must be positive and the points at most a million")
+        for _ in range(max(1, int(duration / interval))):
+            await asyncio.sleep(interval)
+            if self._abort:
+                return
+            e, r = self.cell.thevenin(interval)
+            potential = e + current * r
+            self._vars[e_var] = potential
+            values = {e_var: encode("ab", potential)}
+            if i_var is not None:
+                self._vars[i_var] = current
+                values[i_var] = encode("ba", current)
+            yield "P" + ";".join(values[v] for v in pck if v in values)
 
 
 @contextlib.asynccontextmanager
