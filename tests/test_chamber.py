@@ -56,7 +56,7 @@ async def test_the_driver_over_the_real_wire(wire: str) -> None:
             assert status.measured == pytest.approx(25.0, abs=0.5)
             assert await chamber.mode() == "CONSTANT"
             assert await chamber.alarms() == []
-            with pytest.raises(InstrumentError, match="NA:CMD ERR"):
+            with pytest.raises(InstrumentError, match="NA:CONT NOT READY"):
                 await chamber._ask("HUMI?")  # this chamber has no humidity control
         finally:
             await io.close()
@@ -100,3 +100,27 @@ def test_the_air_follows_the_setpoint_no_faster_than_the_ramp_limit_and_the_cell
             await sio.close()
 
     clock.run(main())
+
+
+@pytest.mark.parametrize(("sent", "answer"), [
+    ("TEMP,S35.0", "OK:TEMP,S35.0"),  # echoed as sent: no space added
+    ("TEMP, S35.0", "OK:TEMP, S35.0"),
+    ("TEMP,S150.0", "NA:DATA OUT OF RANGE"),  # beyond the upper alarm (140)
+    ("TEMP, H20.0", "NA:DATA OUT OF RANGE"),  # an upper alarm below the setpoint (25)
+    ("TEMP, S60.0 H70.0", "OK:TEMP, S60.0 H70.0"),  # both in one command, consistent
+    ("MODE,CONSTANT", "OK:MODE,CONSTANT"),
+    ("HUMI?", "NA:CONT NOT READY-1"),  # a temperature-only chamber
+    ("BOGUS?", "NA:CMD ERR"),
+])
+def test_the_chamber_answers_as_the_controller_writes_it(sent: str, answer: str) -> None:
+    assert EspecChamberSim(lambda: 0.0).handle(sent) == answer
+
+
+def test_power_off_and_on_as_the_controller_reports_them() -> None:
+    chamber = EspecChamberSim(lambda: 0.0)
+    chamber.handle("MODE, CONSTANT")
+    assert chamber.handle("POWER,OFF") == "OK:POWER,OFF"
+    assert chamber.handle("MON?").split(",")[2] == "OFF"  # switched off, it still reports: mode OFF
+    assert chamber.handle("TEMP, S40.0") == "NA:CONT NOT READY-1"  # but takes no setting
+    assert chamber.handle("POWER, ON") == "OK:POWER, ON"
+    assert chamber.handle("MODE?") == "STANDBY"  # powered up: ready, not controlling

@@ -49,6 +49,7 @@ class EspecChamberSim:
         self.max_rate = max_ramp_c_per_min / 60.0
         self.address = address
         self.alarms: list[int] = []
+        self._said = ""
 
     # --- physics --------------------------------------------------------------------------
     def advance(self, t: float | None = None) -> None:
@@ -85,8 +86,11 @@ class EspecChamberSim:
             text = m.group(2)
         head, _, args = text.partition(",")
         head, args = head.strip().upper(), args.strip()
-        if not self.powered and head != "POWER":
-            return "NA:CONT NOT READY-1"
+        self._said = text  # a setting is echoed as it was sent: OK:TEMP,S35.0 or OK:TEMP, S35.0
+        if not self.powered and not head.endswith("?") and head != "POWER":
+            return "NA:CONT NOT READY-1"  # switched off: it answers queries, it takes no setting
+        if head in ("HUMI?", "HUMI"):
+            return "NA:CONT NOT READY-1"  # a temperature-only chamber has no humidity control
         handler = {
             "TYPE?": lambda: "T,S2,160.0",
             "TEMP?": lambda: ",".join(
@@ -109,25 +113,30 @@ class EspecChamberSim:
         values = {k: float(v) for k, v in parts}
         if any(not TEMP_RANGE[0] <= v <= TEMP_RANGE[1] for v in values.values()):
             return "NA:DATA OUT OF RANGE"
-        self.setpoint_c = values.get("S", self.setpoint_c)
-        self.upper_alarm_c = values.get("H", self.upper_alarm_c)
-        self.lower_alarm_c = values.get("L", self.lower_alarm_c)
-        return f"OK:TEMP, {args}"
+        setpoint = values.get("S", self.setpoint_c)
+        upper, lower = values.get("H", self.upper_alarm_c), values.get("L", self.lower_alarm_c)
+        if not lower < upper or not lower <= setpoint <= upper:
+            return "NA:DATA OUT OF RANGE"  # a setpoint beyond the alarm limits (or limits crossed)
+        self.setpoint_c, self.upper_alarm_c, self.lower_alarm_c = setpoint, upper, lower
+        return f"OK:{self._said}"
 
     def _set_mode(self, args: str) -> str:
         mode = args.upper()
         if mode not in MODES:
             return "NA:PARA ERR"
         self.mode = mode
-        return f"OK:MODE, {mode}"
+        return f"OK:{self._said}"
 
     def _power(self, args: str) -> str:
         if args.upper() not in ("ON", "OFF"):
             return "NA:PARA ERR"
-        self.powered = args.upper() == "ON"
-        if not self.powered:
+        on = args.upper() == "ON"
+        if on and not self.powered:
+            self.mode = "STANDBY"  # powered up: ready, not controlling
+        self.powered = on
+        if not on:
             self.mode = "OFF"
-        return f"OK:POWER, {args.upper()}"
+        return f"OK:{self._said}"
 
 
 @contextlib.asynccontextmanager
