@@ -105,3 +105,71 @@ def test_stack_pressure_changes_polarisation_and_swelling_shows_as_displacement(
         await server.close()
 
     clock.run(main())
+
+
+def crc16(frame: bytes) -> bytes:
+    """Modbus RTU's CRC-16 (polynomial 0xA001, initial 0xFFFF), low byte first."""
+    crc = 0xFFFF
+    for byte in frame:
+        crc ^= byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ 0xA001 if crc & 1 else crc >> 1
+    return bytes([crc & 0xFF, crc >> 8])
+
+
+async def test_the_press_answers_a_modbus_client_as_the_spec_says() -> None:
+    """pymodbus' own client over TCP."""
+    from pymodbus.client import AsyncModbusTcpClient
+
+    press = PressSim(asyncio.get_running_loop().time, [SolidStateCell(soc=0.5)], area_cm2=1.0)
+    server = await PressServer(press).start_tcp()
+    client = AsyncModbusTcpClient("127.0.0.1", port=server.port)
+    try:
+        assert await client.connect()
+        echo = await client.write_register(9, 3, device_id=1)  # command 3: tare; the command register reads 0
+        assert not echo.isError() and echo.registers == [3]  # the reply echoes the value written
+        assert (await client.read_holding_registers(9, count=1, device_id=1)).registers == [0]  # reads 0
+    finally:
+        client.close()
+        await server.close()
+
+
+async def test_on_a_shared_rs485_line_the_press_answers_only_its_own_unit() -> None:
+    import os
+
+    press = PressSim(asyncio.get_running_loop().time, [SolidStateCell(soc=0.5)], area_cm2=1.0)
+    async with NullModem() as cable:
+        server = await PressServer(press, device_id=1).start_rtu(cable.ends[0])
+        fd = os.open(cable.ends[1], os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
+        try:
+            async def ask(frame: bytes, wait: float = 0.5) -> bytes:
+                os.write(fd, frame + crc16(frame))
+                await asyncio.sleep(wait)
+                try:
+                    return os.read(fd, 256)
+                except BlockingIOError:
+                    return b""
+
+            assert (await ask(bytes([1, 3, 0, 8, 0, 1])))[:3] == bytes([1, 3, 2])  # unit 1: answered
+            assert await ask(bytes([2, 3, 0, 8, 0, 1])) == b""  # unit 2's request: silence
+            assert await ask(bytes([0, 6, 0, 8, 0, 2])) == b""  # a broadcast: carried out, not answered
+            assert press.mode == 2
+        finally:
+            os.close(fd)
+            await server.close()
+
+
+def test_position_hold_keeps_the_platen_still_and_the_force_follows_the_swelling() -> None:
+    t = [0.0]
+    cell = SolidStateCell(soc=0.2)
+    press = PressSim(lambda: t[0], [cell], area_cm2=1.0, lag_s=0.05)
+    press.position_setpoint_mm = 10.0 + press.displacement_um() / 1000.0 - 0.5 / press.stiffness  # 0.5 kN there
+    press.mode, press.enabled, press.ramp_kn_s = 2, True, 10.0
+    t[0] = 5.0
+    press.advance()
+    assert press.force_kn == pytest.approx(0.5, rel=0.01)  # held, not unloaded
+    cell.state.soc = 0.8  # lithium plates: the stack swells against the held platen
+    t[0] = 10.0
+    press.advance()
+    swell_mm = (cell.thickness_change_um() - SolidStateCell(soc=0.2).thickness_change_um()) / 1000.0
+    assert press.force_kn == pytest.approx(0.5 + swell_mm * press.stiffness, rel=0.01)

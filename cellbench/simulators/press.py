@@ -16,6 +16,7 @@ from typing import Any
 
 from pymodbus.constants import ExcCodes
 from pymodbus.datastore import ModbusServerContext
+from pymodbus.exceptions import NoSuchIdException
 from pymodbus.framer import FramerType
 from pymodbus.server import ModbusSerialServer, ModbusTcpServer
 
@@ -31,6 +32,7 @@ WRITABLE = {FORCE_SETPOINT, FORCE_SETPOINT + 1, RAMP, RAMP + 1, MODE, COMMAND, F
 MAP_SIZE = 19
 ENABLED, AT_SETPOINT, OVER_FORCE, FAULT = 1, 2, 4, 8
 READ_FUNCTIONS, WRITE_FUNCTIONS = {3}, {6, 16}
+WRITE_SINGLE = 6
 MAX_SUBSTEP = 1.0
 
 
@@ -88,7 +90,7 @@ class PressSim:
         while self._t < t:
             self._trip_if_over_force()
             dt = min(MAX_SUBSTEP, t - self._t)
-            target = self.setpoint_kn if self.enabled and self.mode == 1 and not self.fault else 0.0
+            target = self._target_kn()
             if abs(target - self.command_kn) < 1e-12 and abs(self.command_kn - self.force_kn) < 1e-9:
                 self.force_kn, self._t = self.command_kn, t  # settled: nothing moves until a new command
                 break
@@ -100,6 +102,18 @@ class PressSim:
         self._trip_if_over_force()
         for cell in self.cells:
             cell.pressure_mpa = self.pressure_mpa
+
+    def _target_kn(self) -> float:
+        """The force the actuator works toward: the setpoint in force hold; in position hold, the force that
+        keeps the actuator at its position setpoint against the stack (it grows as the stack swells)."""
+        if not self.enabled or self.fault:
+            return 0.0
+        if self.mode == 1:
+            return self.setpoint_kn
+        if self.mode == 2:
+            free = 10.0 + self.displacement_um() / 1000.0  # where the platen would sit on the unloaded stack
+            return max(0.0, (free - self.position_setpoint_mm) * self.stiffness)
+        return 0.0
 
     def _trip_if_over_force(self) -> None:
         if self.force_kn > self.limit_kn:
@@ -135,6 +149,8 @@ class PressSim:
     # --- registers ------------------------------------------------------------------------
     def read(self, address: int, count: int) -> list[int] | ExcCodes:
         self.advance()
+        if not 1 <= count <= 125:
+            return ExcCodes.ILLEGAL_VALUE  # the Modbus spec: 1 to 125 registers a read
         if address < 0 or address + count > MAP_SIZE:
             return ExcCodes.ILLEGAL_ADDRESS
         words: list[int] = []
@@ -213,13 +229,22 @@ class _PressContext(ModbusServerContext):
         self.device_id = device_id
         self.old_simulator = True
         self.simdevices = []
+        self._written: tuple[int, int] | None = None
 
     def device_ids(self) -> list[int]:
         return [self.device_id]
 
+    def _mine(self, device_id: int) -> None:
+        """Another unit's request (on a shared RS-485 line) is not this press's to answer; 0 is a broadcast."""
+        if device_id not in (self.device_id, 0):
+            raise NoSuchIdException(f"unit {device_id}")
+
     async def async_getValues(
         self, device_id: int, func_code: int, address: int, count: int = 1
     ) -> Any:
+        self._mine(device_id)
+        if func_code == WRITE_SINGLE and self._written is not None and self._written[0] == address:
+            return [self._written[1]]  # a Write Single Register is echoed with the value written
         if func_code not in READ_FUNCTIONS | WRITE_FUNCTIONS:
             return ExcCodes.ILLEGAL_FUNCTION
         return self.press.read(address, count)
@@ -227,8 +252,10 @@ class _PressContext(ModbusServerContext):
     async def async_setValues(
         self, device_id: int, func_code: int, address: int, values: Any
     ) -> Any:
+        self._mine(device_id)
         if func_code not in WRITE_FUNCTIONS:
             return ExcCodes.ILLEGAL_FUNCTION
+        self._written = (address, int(values[0])) if func_code == WRITE_SINGLE and len(values) == 1 else None
         return self.press.write(address, values)
 
 
@@ -259,7 +286,9 @@ class PressServer:
     async def start_rtu(self, device: str, baudrate: int = 19200) -> PressServer:
         self.serial_port = device
         ctx = _PressContext(self.press, self.device_id)
-        self._server = ModbusSerialServer(ctx, framer=FramerType.RTU, port=device, baudrate=baudrate)
+        # an RTU slave keeps quiet for other units' requests and carries out broadcasts without answering
+        self._server = ModbusSerialServer(ctx, framer=FramerType.RTU, port=device, baudrate=baudrate,
+                                          ignore_missing_devices=True, broadcast_enable=True)
         await self._server.serve_forever(background=True)
         return self
 
