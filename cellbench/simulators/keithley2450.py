@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import re
 from collections.abc import AsyncIterator, Callable
 from typing import Protocol
 
@@ -23,6 +24,9 @@ MAX_CURRENT = 1.05
 MAX_VOLTAGE = 210.0
 MAX_SUBSTEP = 5.0  # s of cell time per integration step (the RC settles in ms; SOC moves slowly)
 OVERFLOW = 9.9e37
+# IEEE 488.2 bits: standard event register, status byte
+OPC, QYE, DDE, EXE, CME = 1, 4, 8, 16, 32
+EAV, ESB, MSS = 4, 32, 64
 
 
 class Surroundings(Protocol):
@@ -54,7 +58,12 @@ class Keithley2450Sim:
         self.noise_v, self.noise_i = noise_v, noise_i
         self.idn = IDN.replace("SIM0001", serial)
         self.tripped = False
-        self.tree = ScpiTree(self._commands())
+        # IEEE 488.2 status: the standard event register and its enables, the service request enable
+        self.esr, self.ese, self.sre = 0, 0, 0
+        self.buffers: dict[str, Buffer] = {}
+        self.trigger: SimpleLoop | None = None
+        self.tree = ScpiTree(self._commands(), on_error=self._event_from_error)
+        self._default_buffers()
         self.surroundings: list[Surroundings] = []  # chamber and press acting on the same cell
 
     def _commands(self) -> dict[str, Handler | Setting]:
@@ -63,9 +72,35 @@ class Keithley2450Sim:
             "*IDN?": lambda a: self.idn,
             "*RST": lambda a: self._reset(),
             "*CLS": lambda a: self.tree.errors.clear(),
-            "*OPC?": lambda a: "1",
-            "*OPC": lambda a: None,
+            "*OPC?": lambda a: "1",  # answered once pending operations are done (see handle)
+            "*OPC": lambda a: self._set_opc(),
             "*WAI": lambda a: None,
+            "*ESR?": lambda a: self._read_esr(),
+            "*ESE": lambda a: self._set_register("ese", a),
+            "*ESE?": lambda a: str(self.ese),
+            "*SRE": lambda a: self._set_register("sre", a),
+            "*SRE?": lambda a: str(self.sre),
+            "*STB?": lambda a: str(self._stb()),
+            "*TRG": lambda a: None,  # a bus trigger: the simulated trigger models do not wait for one
+            ":STATus:OPERation[:EVENt]?": lambda a: "0",
+            ":STATus:OPERation:CONDition?": lambda a: "0",
+            ":STATus:QUEStionable[:EVENt]?": lambda a: "0",
+            ":STATus:QUEStionable:CONDition?": lambda a: "0",
+            ":FORMat[:DATA]": Setting("format", "choice", "ASC", choices=("ASCii", "REAL", "SREal")),
+            ":TRACe:MAKE": self._make_buffer,
+            ":TRACe:DELete": self._delete_buffer,
+            ":TRACe:CLEar": lambda a: self.buffers[self._buffer_name(a, 0, must_exist=True)].clear(),
+            ":TRACe:ACTual?": lambda a: str(len(self.buffers[self._buffer_name(a, 0, must_exist=True)].rows)),
+            ":TRACe:POINts": self._buffer_points,
+            ":TRACe:POINts?": lambda a: str(self.buffers[self._buffer_name(a, 0, must_exist=True)].size),
+            ":TRACe:TRIGger": lambda a: self._store(self._buffer_name(a, 0, must_exist=True)) and None,
+            ":TRACe:DATA?": self._trace_data,
+            ":TRIGger:LOAD": self._trigger_load,
+            ":TRIGger:STATe?": lambda a: self._trigger_state(),
+            ":INITiate[:IMMediate]": lambda a: self._initiate(),
+            ":ABORt": lambda a: self._abort(),
+            ":FETCh?": self._fetch,
+            f"{sense}:COUNt": Setting("count", "float", 1.0, range=(1, 300000)),
             "*TST?": lambda a: "0",
             "*LANG?": lambda a: "SCPI",
             ":SYSTem:ERRor[:NEXT]?": lambda a: self.tree.pop_error(),
@@ -117,13 +152,155 @@ class Keithley2450Sim:
         return commands
 
     # --- the wire -------------------------------------------------------------------------
-    def handle(self, line: str) -> str | None:
+    def handle(self, line: str) -> str | AsyncIterator[str] | None:
         self.advance()
+        if self.trigger is not None and self.trigger.running and re.search(r"\*(OPC\??|WAI)", line, re.I):
+            return self._after_trigger(line)  # *OPC?, *OPC and *WAI wait for the trigger model to finish
         return self.tree.execute(line)
+
+    async def _after_trigger(self, line: str) -> AsyncIterator[str]:
+        assert self.trigger is not None
+        while self.trigger.running:
+            await asyncio.sleep(max(self.trigger.end - self._now(), 0.001))
+            self.advance()
+        reply = self.tree.execute(line)
+        if reply is not None:
+            yield reply
 
     def _reset(self) -> None:
         self.tree.reset()
         self.tripped = False
+        self.trigger = None
+        self._default_buffers()
+
+    # --- IEEE 488.2 status ---------------------------------------------------------------
+    def _event_from_error(self, code: int) -> None:
+        """An error sets its class's bit in the standard event register: command, execution, device, query."""
+        bit = CME if -199 <= code <= -100 else EXE if -299 <= code <= -200 else QYE if -499 <= code <= -400 else DDE
+        self.esr |= bit
+
+    def _set_opc(self) -> None:
+        self.esr |= OPC
+
+    def _read_esr(self) -> str:
+        value, self.esr = self.esr, 0  # reading clears it
+        return str(value)
+
+    def _set_register(self, name: str, args: list[str]) -> None:
+        try:
+            value = int(float(args[0]))
+        except (IndexError, ValueError):
+            raise ScpiError(-104, "an integer 0 to 255") from None
+        if not 0 <= value <= 255:
+            raise ScpiError(-222)
+        setattr(self, name, value)
+
+    def _stb(self) -> int:
+        """Status byte: bit 2 an error in the queue, bit 5 an enabled standard event, bit 6 a service request."""
+        stb = (EAV if self.tree.errors else 0) | (ESB if self.esr & self.ese else 0)
+        return stb | (MSS if stb & self.sre else 0)
+
+    # --- reading buffers and the trigger model ---------------------------------------------
+    def _default_buffers(self) -> None:
+        self.buffers = {"defbuffer1": Buffer(100_000), "defbuffer2": Buffer(100_000)}
+
+    def _buffer_name(self, args: list[str], k: int, *, must_exist: bool) -> str:
+        name = unquote(args[k]) if len(args) > k and args[k].strip() else "defbuffer1"
+        if must_exist and name not in self.buffers:
+            raise ScpiError(-224, f"no reading buffer named {name!r}")
+        return name
+
+    def _make_buffer(self, args: list[str]) -> None:
+        name = self._buffer_name(args, 0, must_exist=False)
+        if name in self.buffers or not args:
+            raise ScpiError(-224, f"buffer {name!r} exists already")
+        try:
+            size = int(float(args[1])) if len(args) > 1 else 10_000
+        except ValueError:
+            raise ScpiError(-104) from None
+        if not 10 <= size <= 5_000_000:
+            raise ScpiError(-222)
+        self.buffers[name] = Buffer(size)
+
+    def _delete_buffer(self, args: list[str]) -> None:
+        name = self._buffer_name(args, 0, must_exist=True)
+        if name.startswith("defbuffer"):
+            raise ScpiError(-224, "the default buffers cannot be deleted")
+        del self.buffers[name]
+
+    def _buffer_points(self, args: list[str]) -> None:
+        try:
+            size = int(float(args[0]))
+        except (IndexError, ValueError):
+            raise ScpiError(-104) from None
+        buffer = self.buffers[self._buffer_name(args, 1, must_exist=True)]
+        buffer.size = size
+        buffer.clear()
+
+    def _store(self, name: str) -> tuple[float, float, float]:
+        """Take a reading into a buffer: (reading, source value, relative time)."""
+        sense = self.tree.values["sense"]
+        source = "VOLT:DC" if self.tree.values["source"] == "VOLT" else "CURR:DC"
+        row = (self._reading(sense), self._reading(source), self._t - self._t0)
+        self.buffers[name].add(row)
+        return row
+
+    def _trace_data(self, args: list[str]) -> str:
+        """``:TRACe:DATA? start, end[, "buffer"[, element, ...]]``: readings start to end (1-based)."""
+        try:
+            start, end = int(float(args[0])), int(float(args[1]))
+        except (IndexError, ValueError):
+            raise ScpiError(-109, "start and end indexes") from None
+        rows = self.buffers[self._buffer_name(args, 2, must_exist=True)].rows
+        if not 1 <= start <= end <= len(rows):
+            raise ScpiError(-222, f"indexes {start} to {end} of {len(rows)} readings")
+        return ",".join(_elements(row, [a.strip().upper() for a in args[3:]] or ["READ"])
+                        for row in rows[start - 1:end])
+
+    def _fetch(self, args: list[str]) -> str:
+        rows = self.buffers[self._buffer_name(args, 0, must_exist=True)].rows
+        if not rows:
+            raise ScpiError(-230, "no reading in the buffer")
+        return _elements(rows[-1], [a.strip().upper() for a in args[1:]] or ["READ"])
+
+    def _trigger_load(self, args: list[str]) -> None:
+        """``:TRIGger:LOAD "SimpleLoop", count[, delay[, "buffer"]]`` (the other templates are not simulated)."""
+        if not args or unquote(args[0]).upper() != "SIMPLELOOP":
+            raise ScpiError(-224, "only the SimpleLoop template is simulated")
+        try:
+            count = int(float(args[1])) if len(args) > 1 else 1
+            delay = float(args[2]) if len(args) > 2 else 0.0
+        except ValueError:
+            raise ScpiError(-104) from None
+        if not 1 <= count <= 300_000 or delay < 0:
+            raise ScpiError(-222)
+        self.trigger = SimpleLoop(count, delay, self._buffer_name(args, 3, must_exist=True))
+
+    def _initiate(self) -> None:
+        if self.trigger is None:
+            raise ScpiError(-224, "no trigger model loaded")
+        self.buffers[self.trigger.buffer].clear()
+        self.trigger.start(self._now())
+        self._run_trigger()
+
+    def _abort(self) -> None:
+        if self.trigger is not None:
+            self.trigger.running = False
+
+    def _trigger_state(self) -> str:
+        state = "RUNNING" if self.trigger is not None and self.trigger.running else "IDLE"
+        return f"{state};{state};0"
+
+    def _run_trigger(self) -> None:
+        """Take the trigger model's readings whose time has come (each at its scheduled moment's state)."""
+        loop = self.trigger
+        if loop is None or not loop.running:
+            return
+        while loop.taken < loop.count and loop.due(loop.taken) <= self._now() + 1e-9:
+            self._store(loop.buffer)
+            loop.taken += 1
+        if loop.taken >= loop.count:
+            loop.running = False
 
     def _trip(self, function: str) -> str:
         return "1" if self.tripped and self.tree.values["source"] == function else "0"
@@ -138,6 +315,7 @@ class Keithley2450Sim:
                 part.advance(self._t)
             self._step(dt)
             self._t += dt
+        self._run_trigger()
 
     def _solve(self, dt: float) -> tuple[float, float, bool]:
         """(current, voltage, in compliance) of the source on the cell over the next dt (0: this instant)."""
@@ -177,23 +355,59 @@ class Keithley2450Sim:
         return format_number(self._reading(function))
 
     def _read(self, args: list[str]) -> str:
-        """``:READ? ["buffer"[, element, ...]]``: the sense reading and the elements asked for."""
-        elements = [a.strip().upper() for a in args[1:]] or ["READ"]
+        """``:READ? ["buffer"[, element, ...]]``: take the sense reading (``:SENSe:COUNt`` of them) into the
+        buffer and answer the last one's elements."""
         if args and not (args[0].startswith(("'", '"')) and unquote(args[0])):
             raise ScpiError(-104, "buffer name must be a quoted string")
-        sense = self.tree.values["sense"]
-        source = "VOLT:DC" if self.tree.values["source"] == "VOLT" else "CURR:DC"
-        out = []
+        name = self._buffer_name(args, 0, must_exist=True)
+        elements = [a.strip().upper() for a in args[1:]] or ["READ"]
         for element in elements:
-            if element.startswith("READ"):
-                out.append(format_number(self._reading(sense)))
-            elif element.startswith("SOUR"):
-                out.append(format_number(self._reading(source)))
-            elif element.startswith("REL") or element.startswith("SEC"):
-                out.append(format_number(self._t - self._t0))
-            else:
+            if not element.startswith(("READ", "SOUR", "REL", "SEC")):
                 raise ScpiError(-224, f"unknown buffer element {element}")
-        return ",".join(out)
+        row = self._store(name)
+        for _ in range(int(self.tree.values["count"]) - 1):
+            row = self._store(name)
+        return _elements(row, elements)
+
+
+def _elements(row: tuple[float, float, float], elements: list[str]) -> str:
+    reading, source, rel = row
+    return ",".join(format_number(reading if e.startswith("READ") else source if e.startswith("SOUR") else rel)
+                    for e in elements)
+
+
+class Buffer:
+    """A reading buffer: (reading, source value, relative time) rows, the oldest dropped when full."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.rows: list[tuple[float, float, float]] = []
+
+    def add(self, row: tuple[float, float, float]) -> None:
+        self.rows.append(row)
+        if len(self.rows) > self.size:
+            del self.rows[0]
+
+    def clear(self) -> None:
+        self.rows.clear()
+
+
+class SimpleLoop:
+    """The SimpleLoop trigger template: count readings, delay apart, into a buffer."""
+
+    def __init__(self, count: int, delay: float, buffer: str) -> None:
+        self.count, self.delay, self.buffer = count, delay, buffer
+        self.running, self.taken, self.began = False, 0, 0.0
+
+    def start(self, now: float) -> None:
+        self.running, self.taken, self.began = True, 0, now
+
+    def due(self, k: int) -> float:
+        return self.began + k * self.delay
+
+    @property
+    def end(self) -> float:
+        return self.due(self.count - 1)
 
 
 @contextlib.asynccontextmanager

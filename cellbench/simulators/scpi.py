@@ -24,6 +24,7 @@ ERROR_TEXT: dict[int, str] = {
     -113: "Undefined header",
     -222: "Data out of range",
     -224: "Illegal parameter value",
+    -230: "Data corrupt or stale",
     -350: "Queue overflow",
 }
 ERROR_QUEUE_DEPTH = 10
@@ -197,6 +198,7 @@ class ScpiTree:
     commands: dict[str, Handler | Setting]
     values: dict[str, Any] = field(default_factory=dict)
     errors: list[tuple[int, str]] = field(default_factory=list)
+    on_error: Callable[[int], None] | None = None  # e.g. the IEEE 488.2 event status register
 
     def __post_init__(self) -> None:
         self._entries: list[_Entry] = []
@@ -235,6 +237,8 @@ class ScpiTree:
                 self.values[target.name] = target.default
 
     def push_error(self, code: int) -> None:
+        if self.on_error is not None:
+            self.on_error(code)
         if len(self.errors) >= ERROR_QUEUE_DEPTH:
             self.errors[-1] = (-350, ERROR_TEXT[-350])
             return

@@ -1,0 +1,108 @@
+"""The 2450's status registers, reading buffers and SimpleLoop trigger model, command by command as its
+reference manual writes them; and PyMeasure's own Keithley2450 class driving the served simulator."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from cellbench.simulators.cell import SolidStateCell
+from cellbench.simulators.keithley2450 import Keithley2450Sim
+from tests.test_cli import serve
+
+
+@pytest.fixture
+def smu() -> tuple[Keithley2450Sim, list[float]]:
+    clock = [0.0]
+    return Keithley2450Sim(SolidStateCell(soc=0.5), lambda: clock[0]), clock
+
+
+def test_ieee_488_2_status_registers(smu: tuple[Keithley2450Sim, list[float]]) -> None:
+    sim, _ = smu
+    assert sim.handle("*ESR?") == "0" and sim.handle("*STB?") == "0"
+    sim.handle(":SOUR:BOGUS 1")  # a command error: -113, bit 5 (CME) of the event register
+    assert sim.handle("*STB?") == "4"  # bit 2: an error is in the queue
+    sim.handle("*ESE 32")
+    sim.handle("*SRE 32")
+    assert sim.handle("*STB?") == str(4 | 32 | 64)  # the enabled event summarised (bit 5), a service request
+    assert sim.handle("*ESR?") == "32" and sim.handle("*ESR?") == "0"  # reading clears it
+    sim.handle(":SOUR:CURR 5")  # an execution error: -222 out of range, bit 4 (EXE)
+    assert sim.handle("*ESR?") == "16"
+    sim.handle("*OPC")
+    assert sim.handle("*ESR?") == "1"  # operation complete
+    assert sim.handle("*ESE?") == "32" and sim.handle("*SRE?") == "32"
+    assert sim.handle(":STAT:OPER?") == "0" and sim.handle(":STAT:QUES?") == "0"
+    assert sim.handle(":FORM:DATA ASC;:FORM:DATA?") == "ASC"
+
+
+def test_readings_into_a_named_buffer_and_back(smu: tuple[Keithley2450Sim, list[float]]) -> None:
+    sim, clock = smu
+    sim.handle(':READ? "MyBuffer"')  # a buffer never made: an error, no reading
+    assert sim.handle(":SYST:ERR?").startswith("-224,")
+    sim.handle(':TRAC:MAKE "MyBuffer", 100')
+    sim.handle(':SOUR:FUNC CURR;:SOUR:CURR -1e-3;:SOUR:CURR:VLIM 4.3;:SENS:FUNC "VOLT";:OUTP ON')
+    for k in range(3):
+        clock[0] = float(k)
+        sim.handle(':TRAC:TRIG "MyBuffer"')
+    assert sim.handle(':TRAC:ACT? "MyBuffer"') == "3"
+    data = sim.handle(':TRAC:DATA? 1, 3, "MyBuffer", SOUR, READ, REL').split(",")
+    assert len(data) == 9 and [float(x) for x in data[0::3]] == pytest.approx([-1e-3] * 3)
+    assert [float(x) for x in data[2::3]] == [0.0, 1.0, 2.0]
+    volts = [float(x) for x in data[1::3]]
+    assert 3.6 < volts[2] < volts[0] < 3.9  # discharging
+    assert sim.handle(':FETC? "MyBuffer", READ') == data[7]
+    sim.handle(':TRAC:DATA? 1, 9, "MyBuffer"')
+    assert sim.handle(":SYST:ERR?").startswith("-222,")  # beyond what the buffer holds
+
+
+def test_a_simple_loop_of_readings_and_opc_waiting_for_it(smu: tuple[Keithley2450Sim, list[float]]) -> None:
+    sim, clock = smu
+    sim.handle(':TRAC:MAKE "log", 10')
+    sim.handle(':SOUR:FUNC VOLT;:SOUR:VOLT 3.8;:SOUR:VOLT:ILIM 0.01;:SENS:FUNC "CURR";:OUTP ON')
+    sim.handle(':TRIG:LOAD "SimpleLoop", 5, 0.5, "log"')
+    sim.handle(":INIT")
+    assert sim.handle(":TRIG:STAT?").startswith("RUNNING") and sim.handle(':TRAC:ACT? "log"') == "1"
+    clock[0] = 1.2
+    assert sim.handle(':TRAC:ACT? "log"') == "3"  # at 0, 0.5 and 1.0 s
+    assert not isinstance(sim.handle("*OPC?"), str)  # pending: *OPC? answers when the loop is done
+    clock[0] = 2.5
+    assert sim.handle("*OPC?") == "1" and sim.handle(':TRAC:ACT? "log"') == "5"
+    assert sim.handle(":TRIG:STAT?").startswith("IDLE")
+    sim.handle(":INIT")
+    sim.handle(":ABOR")
+    assert sim.handle(":TRIG:STAT?").startswith("IDLE")
+    sim.handle(":SENS:COUN 5")
+    sim.handle(":READ?")  # five readings into defbuffer1
+    assert sim.handle(":TRAC:ACT?") == "5"
+
+
+@pytest.fixture
+def served_smu() -> Iterator[str]:
+    proc, resource = serve("keithley2450", "--port", "0", "--soc", "0.5")
+    yield resource
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+def test_pymeasure_drives_the_served_simulator(served_smu: str) -> None:
+    """PyMeasure's own Keithley2450 class (not ours) over pyvisa-py, as a lab's script would use it."""
+    from pymeasure.instruments.keithley import Keithley2450
+
+    smu = Keithley2450(served_smu, visa_library="@py", read_termination="\n", write_termination="\n", timeout=5000)
+    try:
+        assert "MODEL 2450" in smu.id
+        smu.reset()
+        smu.apply_current(compliance_voltage=4.3)
+        smu.measure_voltage()
+        smu.source_current = -1e-3
+        smu.enable_source()
+        assert 3.6 < smu.voltage < 3.9
+        assert smu.source_current == pytest.approx(-1e-3)
+        assert smu.compliance_voltage == pytest.approx(4.3)
+        smu.trigger()  # *TRG
+        smu.disable_source()
+        assert smu.ask(":OUTP?").strip() == "0"
+        assert smu.ask(":SYST:ERR?").startswith("0,")  # nothing it sent was refused
+    finally:
+        smu.adapter.close()
