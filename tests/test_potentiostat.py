@@ -8,7 +8,17 @@ import math
 import pytest
 
 from cellbench.drivers.errors import InstrumentError, InstrumentTimeout
-from cellbench.drivers.methodscript import MethodScriptError, PalmSens, check_error, decode_value, parse_package, si
+from cellbench.drivers.methodscript import (
+    MethodScriptError,
+    PalmSens,
+    check_error,
+    cp_script,
+    decode_value,
+    eis_script,
+    ocp_script,
+    parse_package,
+    si,
+)
 from cellbench.drivers.transport import open_transport
 from cellbench.simulators.cell import SolidStateCell
 from cellbench.simulators.palmsens import PalmSensSim, encode
@@ -225,3 +235,34 @@ async def test_palmsens_own_style_of_script_runs(pstat_server: PtySimServer) -> 
         assert pstat_server.instrument.e_at_cell_on == pytest.approx(ocp[-1][0].value + 0.01, abs=1e-6)  # type: ignore[attr-defined]
     finally:
         await io.close()
+
+
+def palmsens_grammar() -> object:
+    """PalmSens' own MethodSCRIPT grammar (pypalmsens' ANTLR parser), without the instrument part of the
+    package (which loads the .NET SDK): the judge of every script our driver sends."""
+    import importlib
+    import importlib.util
+    import sys
+    import types
+
+    spec = importlib.util.find_spec("pypalmsens")
+    assert spec is not None and spec.submodule_search_locations is not None
+    if "pypalmsens" not in sys.modules:
+        package = types.ModuleType("pypalmsens")
+        package.__path__ = list(spec.submodule_search_locations)
+        package.__spec__ = spec
+        sys.modules["pypalmsens"] = package
+    return importlib.import_module("pypalmsens._methodscript.validate").validate
+
+
+@pytest.mark.parametrize("script", [
+    eis_script(f_start=1e5, f_end=0.1, n_points=51, amplitude=0.01, e_dc=3.81, current_range=3.5e-3),
+    eis_script(f_start=1e3, f_end=1, n_points=5, amplitude=1e-5, galvanostatic=True, i_dc=0.0),
+    ocp_script(interval=0.1, duration=1.0),
+    cp_script(current=-1e-3, interval=0.1, duration=1.0),
+], ids=["eis", "geis", "ocp", "cp"])
+def test_palmsens_own_grammar_accepts_every_script_the_driver_sends(script: list[str]) -> None:
+    validate = palmsens_grammar()
+    validate("\n".join(script) + "\n")  # type: ignore[operator]  # raises SyntaxError on a bad script
+    with pytest.raises(SyntaxError):  # and the judge does judge: a misspelt command is refused
+        validate("\n".join(script).replace("pck_end", "pck_ned") + "\n")  # type: ignore[operator]
