@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import pytest
 
@@ -173,3 +174,54 @@ def test_position_hold_keeps_the_platen_still_and_the_force_follows_the_swelling
     press.advance()
     swell_mm = (cell.thickness_change_um() - SolidStateCell(soc=0.2).thickness_change_um()) / 1000.0
     assert press.force_kn == pytest.approx(0.5 + swell_mm * press.stiffness, rel=0.01)
+
+
+async def test_a_load_cell_under_a_spring_fixture_reads_the_stack_and_cannot_set_it() -> None:
+    from cellbench.drivers.press import LoadCell
+    from cellbench.simulators.press import LoadCellSim
+
+    cell = SolidStateCell(soc=0.2)
+    sensor = LoadCellSim(asyncio.get_running_loop().time, [cell], preload_kn=0.5, spring_kn_per_mm=5.0,
+                         capacity_kn=1.0, area_cm2=1.0)
+    server = await PressServer(sensor).start_tcp()
+    driver = await LoadCell.open(server.resource, name="lc", area_cm2=1.0)
+    try:
+        assert await driver.capacity_kn() == pytest.approx(1.0)
+        snap = await driver.snapshot()
+        assert snap.pressure_mpa == pytest.approx(5.0)  # 0.5 kN on 1 cm²
+        assert snap.platen_c != snap.platen_c  # NaN: a load cell has no thermocouple
+        cell.state.soc = 0.8  # the stack swells against the spring
+        swell_mm = (cell.thickness_change_um() - SolidStateCell(soc=0.2).thickness_change_um()) / 1000.0
+        assert await driver.force() == pytest.approx(0.5 + 5.0 * swell_mm, rel=1e-5)
+        await driver.tare()
+        assert await driver.force() == pytest.approx(0.0, abs=1e-6)
+        with pytest.raises(InstrumentError, match="cannot set a pressure"):
+            await driver.set_pressure(5.0)
+        sensor.preload_kn = 2.0  # somebody over-tightens the fixture: beyond the cell's 1 kN
+        assert (await driver.status()).over_force
+        sensor.preload_kn = 0.5
+        assert (await driver.status()).over_force  # latched
+        await driver.clear_fault()
+        assert not (await driver.status()).over_force
+    finally:
+        await driver.close()
+        await server.close()
+
+
+def test_a_profile_that_sets_a_pressure_is_refused_on_a_load_cell_channel(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from cellbench.bench.cli import app
+
+    bench = tmp_path / "bench.yaml"
+    bench.write_text(
+        "name: fixture\ninstruments:\n  smu1: {driver: keithley2450, resource: \"TCPIP::127.0.0.1::5025::SOCKET\"}\n"
+        "  lc: {driver: modbus-load-cell, resource: \"TCPIP::127.0.0.1::502::SOCKET\"}\n"
+        "cells:\n  c: {capacity: 3.5 mAh, voltage_min: 2.5 V, voltage_max: 4.3 V}\n"
+        "channels:\n  ch1: {cycler: smu1, cell: c, press: lc}\n")
+    profile = tmp_path / "p.yaml"
+    profile.write_text("name: p\nsteps:\n  - set: {pressure: 5 MPa}\n  - rest: 1 min\n")
+    result = CliRunner().invoke(app, ["run", str(profile), "--bench", str(bench), "--runs-dir", str(tmp_path)],
+                                env={"COLUMNS": "300"})
+    assert result.exit_code == 2
+    assert "p.yaml:3: steps[0]: sets a pressure, but the channel's press only reads (a load cell)" in result.output

@@ -3,6 +3,7 @@ potentiostat, each known only by its role."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -30,4 +31,9 @@ class Channel:
         if self.press is None:
             return Conditions(ambient)
         snap = await self.press.snapshot()
-        return Conditions(ambient, snap.platen_c, snap.pressure_mpa, snap.displacement_um)
+        return Conditions(ambient, _known(snap.platen_c), snap.pressure_mpa, _known(snap.displacement_um))
+
+
+def _known(value: float) -> float | None:
+    """NaN is what an instrument without that reading (a load cell: no platen thermocouple) reports."""
+    return None if math.isnan(value) else value

@@ -462,9 +462,11 @@ def _simulated(instrument: str) -> DriverSpec:
     key = instrument.lower()
     if key in with_sim:
         return with_sim[key]
-    fits = [d for n, d in with_sim.items() if key in d.roles or key in n.split("-")]
-    if len(fits) == 1:
-        return fits[0]
+    # a short name first (press, load-cell, espec), then a role (cycler, chamber, potentiostat)
+    for fits in ([d for n, d in with_sim.items() if n.endswith(f"-{key}") or key in n.split("-")],
+                 [d for d in with_sim.values() if key in d.roles]):
+        if len(fits) == 1:
+            return fits[0]
     raise _fail(f"unknown instrument '{instrument}' (expected one of: {', '.join(sorted(with_sim))})")
 
 
@@ -559,7 +561,8 @@ def status(
 @sim_app.command("serve")
 def sim_serve(
     instrument: Annotated[str, typer.Argument(help="which instrument: a driver name (keithley2450, espec, "
-                                                   "modbus-press or press, palmsens)")],
+                                                   "modbus-press or press, modbus-load-cell or load-cell, "
+                                                   "palmsens)")],
     port: Annotated[int, typer.Option(help="TCP port to listen on (0 picks a free one)")] = 5025,
     host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
     serial: Annotated[bool, typer.Option(help="serve on a pseudo-terminal serial line instead of TCP")] = False,

@@ -26,7 +26,7 @@ from cellbench.bench.runstate import RunState, RunStatus
 from cellbench.bench.store import RunStore
 from cellbench.bench.supervisor import Supervisor
 from cellbench.drivers.registry import driver
-from cellbench.profiles.checks import Problem, cell_problems, instrument_problems, range_problems
+from cellbench.profiles.checks import Problem, cell_problems, instrument_problems, pressure_settings, range_problems
 from cellbench.profiles.parse import InputError, locate, parse_profile
 from cellbench.profiles.schema import Profile
 
@@ -169,6 +169,8 @@ async def run_bench(
         found = instrument_problems(profile, has_chamber=ch.chamber is not None, has_press=ch.press is not None,
                                     has_potentiostat=ch.potentiostat is not None)
         found += channel_range_problems(bench, name, profile)
+        if ch.press is not None and not driver(bench.instruments[ch.press].driver).sets_pressure:
+            found += pressure_settings(profile)
         problems += [(path, f"{message} (channel '{name}')") for path, message in found]
     if problems:
         raise InputError(locate(profile_text, profile_source, problems))

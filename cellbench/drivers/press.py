@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Awaitable
-from typing import Any
+from typing import Any, Self
 
 from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
 from pymodbus.exceptions import ModbusException
@@ -36,7 +37,7 @@ class StackPress:
 
     @classmethod
     async def open(cls, resource: str, *, name: str, area_cm2: float, device_id: int = 1,
-                   timeout: float = 2.0, baud_rate: int = 19200) -> StackPress:
+                   timeout: float = 2.0, baud_rate: int = 19200) -> Self:
         """Connect over Modbus TCP (TCPIP::host::port::SOCKET) or RTU (ASRL<device>::INSTR)."""
         res = parse_resource(resource)
         client: AsyncModbusTcpClient | AsyncModbusSerialClient
@@ -142,6 +143,62 @@ class StackPress:
         return rr
 
 
+# A Modbus load-cell indicator (docs/protocols/press.md, "Load-cell indicator"): read-only force
+NET, GROSS, LC_STATUS, LC_COMMAND, CAPACITY = 0, 2, 4, 5, 6
+LC_OVERLOAD, LC_NEGATIVE, LC_STABLE, LC_ADC_FAULT = 1, 2, 4, 8
+LC_TARE, LC_CLEAR = 1, 2
+
+
+class LoadCell(StackPress):
+    """A load cell and its Modbus indicator under a manual or spring fixture: it reads the stack's force (and
+    so its pressure over the active area) and tares, but cannot set a pressure: that is done by hand."""
+
+    model = "Modbus load-cell indicator"
+
+    async def set_pressure(self, mpa: float, *, ramp_mpa_per_s: float | None = None) -> None:
+        raise InstrumentError(self.name, [f"a load cell cannot set a pressure ({mpa:g} MPa asked): the fixture "
+                                          "is set by hand"], "set pressure")
+
+    async def force(self) -> float:
+        return await self._read_float(NET)
+
+    async def pressure(self) -> float:
+        return await self.force() * 10.0 / self.area_cm2
+
+    async def snapshot(self) -> PressSnapshot:
+        """The net force as pressure; a load cell knows no displacement or platen temperature (NaN)."""
+        force = await self.force()
+        return PressSnapshot(force, force * 10.0 / self.area_cm2, math.nan, math.nan)
+
+    async def status(self) -> PressStatus:
+        """Overload (latched) and an ADC fault as the interlocks see them; 'enabled' means reading."""
+        bits = (await self._read(LC_STATUS, 1))[0]
+        return PressStatus(True, bool(bits & LC_STABLE), bool(bits & LC_OVERLOAD), bool(bits & LC_ADC_FAULT))
+
+    async def tare(self) -> None:
+        await self._write_word(LC_COMMAND, LC_TARE)
+
+    async def clear_fault(self) -> None:
+        await self._write_word(LC_COMMAND, LC_CLEAR)
+
+    async def stop(self) -> None:
+        return None  # nothing to stop: it only reads
+
+    async def capacity_kn(self) -> float:
+        return await self._read_float(CAPACITY)
+
+
+async def _open_load_cell(req: OpenRequest) -> Opened:
+    cell = await LoadCell.open(req.resource, name=req.name, area_cm2=req.area_cm2, device_id=req.device_id,
+                               timeout=req.timeout, baud_rate=req.baud_rate)
+    try:
+        return Opened(cell, f"{cell.model}, Modbus device {cell.device_id}, {await cell.capacity_kn():g} kN",
+                      cell.close)
+    except BaseException:
+        await cell.close()
+        raise
+
+
 async def _open(req: OpenRequest) -> Opened:
     press = await StackPress.open(req.resource, name=req.name, area_cm2=req.area_cm2, device_id=req.device_id,
                                   timeout=req.timeout, baud_rate=req.baud_rate)
@@ -155,4 +212,8 @@ async def _open(req: OpenRequest) -> Opened:
 DRIVERS = [
     DriverSpec("modbus-press", ("press",), _open, "stack-pressure press on Modbus TCP or RTU (docs/protocols/press.md)",
                baud_rate=19200, simulator="cellbench.simulators.press:serve"),
+    DriverSpec("modbus-load-cell", ("press",), _open_load_cell,
+               "load-cell indicator on Modbus under a manual or spring fixture: reads the stack pressure, "
+               "cannot set it", baud_rate=19200, simulator="cellbench.simulators.press:serve_load_cell",
+               sets_pressure=False),
 ]

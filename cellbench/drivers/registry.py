@@ -52,6 +52,7 @@ class DriverSpec:
     blind_off: Callable[[OpenRequest], Awaitable[None]] | None = None  # a cycler's output off on a fresh wire,
     # sent without waiting for replies: the last resort when the instrument no longer answers
     max_current: float | None = None  # A a cycler can source at all (its largest range), checked before a run
+    sets_pressure: bool = True  # False: a press that only reads (a load cell under a fixture set by hand)
     extra: dict[str, Any] = field(default_factory=dict)
 
 

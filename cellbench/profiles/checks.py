@@ -112,6 +112,22 @@ def loop_warnings(profile: Profile) -> list[Problem]:
     return warnings
 
 
+def pressure_settings(profile: Profile) -> list[Problem]:
+    """Where the profile sets a stack pressure (a conditions entry or a `set` step): refused on a press that
+    only reads."""
+    problems: list[Problem] = []
+    for i, cond in enumerate(profile.conditions):
+        body = next(iter(cond.model_dump(by_alias=True).values()))
+        if isinstance(body, dict) and body.get("pressure") is not None:
+            problems.append((("conditions", i), "sets a pressure, but the channel's press only reads (a load cell): "
+                                                "set the fixture by hand and wait for the pressure instead"))
+    for ins in compile_profile(profile).instrs:
+        if ins.op == "step" and ins.node.kind == "set" and getattr(body_of(ins.node), "pressure", None) is not None:
+            problems.append((_path_key(ins.path), "sets a pressure, but the channel's press only reads (a load "
+                                                  "cell): set the fixture by hand and wait for the pressure instead"))
+    return problems
+
+
 def cell_problems(profile: Profile, v_min: float, v_max: float, whose: str = "the cell's") -> list[Problem]:
     """Voltages the profile asks for that the cell must never see."""
     problems: list[Problem] = []

@@ -221,10 +221,66 @@ class PressSim:
         return None
 
 
+class LoadCellSim:
+    """A load cell and its indicator under a spring (or screw) fixture set by hand: the force is the preload
+    plus the spring's answer to the stack's swelling. Registers: net force, gross force (float32), status,
+    command, capacity (docs/protocols/press.md, "Load-cell indicator")."""
+
+    name = "load-cell"
+
+    def __init__(self, now: Callable[[], float], cells: list[SolidStateCell] | None = None, *,
+                 preload_kn: float = 0.5, spring_kn_per_mm: float = 5.0, capacity_kn: float = 5.0,
+                 area_cm2: float = 1.0) -> None:
+        self._now = now
+        self.cells = list(cells or [])
+        self.preload_kn, self.spring, self.capacity = preload_kn, spring_kn_per_mm, capacity_kn
+        self.area_cm2 = area_cm2
+        self._swell0 = self._stack_um()
+        self.tare_kn = 0.0
+        self.overload = False  # latched until cleared
+        self.adc_fault = False
+
+    def _stack_um(self) -> float:
+        return sum(c.thickness_change_um() for c in self.cells) / max(len(self.cells), 1)
+
+    @property
+    def gross_kn(self) -> float:
+        return max(0.0, self.preload_kn + self.spring * (self._stack_um() - self._swell0) / 1000.0)
+
+    def advance(self, t: float | None = None) -> None:
+        if self.gross_kn > self.capacity:
+            self.overload = True
+        for cell in self.cells:
+            cell.pressure_mpa = self.gross_kn * 10.0 / self.area_cm2
+
+    def read(self, address: int, count: int) -> list[int] | ExcCodes:
+        self.advance()
+        if not 1 <= count <= 125:
+            return ExcCodes.ILLEGAL_VALUE
+        if address < 0 or address + count > 8:
+            return ExcCodes.ILLEGAL_ADDRESS
+        status = (1 * self.overload) | (2 * (self.gross_kn - self.tare_kn < 0)) | 4 | (8 * self.adc_fault)
+        words = [*float_to_words(self.gross_kn - self.tare_kn), *float_to_words(self.gross_kn), status, 0,
+                 *float_to_words(self.capacity)]
+        return words[address:address + count]
+
+    def write(self, address: int, values: Sequence[int]) -> ExcCodes | None:
+        self.advance()
+        if address != 5 or len(values) != 1:
+            return ExcCodes.ILLEGAL_ADDRESS  # only the command register is writable
+        if values[0] == 1:
+            self.tare_kn = self.gross_kn
+        elif values[0] == 2:
+            self.overload = self.gross_kn > self.capacity
+        else:
+            return ExcCodes.ILLEGAL_VALUE
+        return None
+
+
 class _PressContext(ModbusServerContext):
     """pymodbus's datastore interface, answered by the press model."""
 
-    def __init__(self, press: PressSim, device_id: int) -> None:  # no super(): nothing of the default store
+    def __init__(self, press: PressSim | LoadCellSim, device_id: int) -> None:  # no super(): not the default store
         self.press = press
         self.device_id = device_id
         self.old_simulator = True
@@ -262,7 +318,7 @@ class _PressContext(ModbusServerContext):
 class PressServer:
     """The simulated press on Modbus TCP (loopback) or Modbus RTU (a serial device such as a pty)."""
 
-    def __init__(self, press: PressSim, *, device_id: int = 1) -> None:
+    def __init__(self, press: PressSim | LoadCellSim, *, device_id: int = 1) -> None:
         self.press = press
         self.device_id = device_id
         self.host, self.port, self.serial_port = "127.0.0.1", 0, ""
@@ -321,6 +377,26 @@ async def serve(options: ServeOptions) -> AsyncIterator[str]:
     try:
         yield (f"a simulated stack press at ASRL{cable.ends[1]}::INSTR (Modbus RTU)" if cable
                else f"a simulated stack press at {server.resource} (Modbus TCP)")
+    finally:
+        await server.close()
+        if cable:
+            await cable.close()
+
+
+@contextlib.asynccontextmanager
+async def serve_load_cell(options: ServeOptions) -> AsyncIterator[str]:
+    """A simulated load cell under a spring fixture, for `cellbench sim serve load-cell`."""
+    from cellbench.simulators.serial_link import NullModem
+
+    params = PRESETS[options.cell]
+    sensor = LoadCellSim(asyncio.get_running_loop().time, [SolidStateCell(params, soc=options.soc)],
+                         area_cm2=params.area_cm2, preload_kn=0.5 * params.area_cm2)
+    cable = await NullModem().open() if options.serial else None
+    server = await (PressServer(sensor).start_rtu(cable.ends[0]) if cable
+                    else PressServer(sensor).start_tcp(options.host, options.port))
+    try:
+        yield (f"a simulated load cell at ASRL{cable.ends[1]}::INSTR (Modbus RTU)" if cable
+               else f"a simulated load cell at {server.resource} (Modbus TCP)")
     finally:
         await server.close()
         if cable:
