@@ -563,12 +563,16 @@ def sim_serve(
     instrument: Annotated[str, typer.Argument(help="which instrument: a driver name (keithley2450, espec, "
                                                    "modbus-press or press, modbus-load-cell or load-cell, "
                                                    "palmsens)")],
-    port: Annotated[int, typer.Option(help="TCP port to listen on (0 picks a free one)")] = 5025,
+    port: Annotated[int | None, typer.Option(help="TCP port to listen on (0 picks a free one; default: the "
+                                                  "instrument's own, 5025 for a 2450, 57570 for MacNet)")] = None,
     host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
     serial: Annotated[bool, typer.Option(help="serve on a pseudo-terminal serial line instead of TCP")] = False,
     cell: CellOption = "pellet",
     soc: Annotated[float, typer.Option(help="initial state of charge, 0 to 1")] = 0.5,
     seed: Annotated[int, typer.Option(help="seed of the measurement noise")] = 0,
+    channels: Annotated[int, typer.Option(min=1, max=128, help="channels of a multi-channel cycler box")] = 8,
+    bin_port: Annotated[int, typer.Option(help="the binary-message port of a Maccor box (0 picks a free one)")]
+    = 57560,
 ) -> None:
     """Serve a simulated instrument until interrupted, in real time, for any client."""
     from cellbench.simulators.server import ServeOptions
@@ -577,7 +581,9 @@ def sim_serve(
     _preset(cell)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     serve_instrument = simulator(spec)
-    options = ServeOptions(host=host, port=port, serial=serial, soc=soc, seed=seed, cell=cell)
+    port = int(spec.extra.get("port", 5025)) if port is None else port
+    options = ServeOptions(host=host, port=port, serial=serial, soc=soc, seed=seed, cell=cell, channels=channels,
+                           bin_port=bin_port)
 
     async def serve() -> None:
         async with serve_instrument(options) as where:

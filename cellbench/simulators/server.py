@@ -229,6 +229,8 @@ class ServeOptions:
     soc: float = 0.5
     seed: int = 0
     cell: str = "pellet"  # a preset of simulators.parameters
+    channels: int = 8  # of a multi-channel cycler box
+    bin_port: int = 0  # a second port (MacNet's binary messages)
 
 
 @contextlib.asynccontextmanager
