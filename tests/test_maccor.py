@@ -147,3 +147,45 @@ def test_our_driver_against_pymacnets_own_spoofer() -> None:
     channels, reading = asyncio.run(talk())
     assert channels == 8  # the spoofer's general information: the channels it was given
     assert reading == Reading(3.85, 0.0)  # its canned channel status
+
+
+def test_three_channels_of_one_box_run_a_profile_on_the_bench(tmp_path: object) -> None:
+    """A bench file naming three channels of one Maccor box (cycler_channel), run by the engine through MacNet
+    on the virtual clock: each channel drives its own cell and records its own run."""
+    from pathlib import Path
+
+    from cellbench.bench.clock import VirtualClock
+    from cellbench.bench.config import BenchConfig
+    from cellbench.bench.run import run_bench
+    from cellbench.bench.store import open_run
+    from cellbench.profiles.parse import parse_profile
+
+    text = "name: one hour\nsample_period: 1 min\nsteps:\n  - charge: {current: C/20, until: [1 h, 4.2 V]}\n" \
+           "  - discharge: {current: C/20, until: [30 min, 2.5 V]}\n"
+    runs = Path(str(tmp_path))
+    clock = VirtualClock()
+
+    async def main() -> list[object]:
+        cells = [SolidStateCell(soc=0.3) for _ in range(8)]
+        async with MaccorServer(MaccorSim(cells, asyncio.get_running_loop().time)) as server:
+            bench = BenchConfig.model_validate({
+                "name": "pilot", "instruments": {"box1": {"driver": "maccor", "resource": server.resource,
+                                                          "address": server.bin_port}},
+                "cells": {f"P-{k}": {"capacity": "3.5 mAh", "voltage_min": "2.5 V", "voltage_max": "4.3 V"}
+                          for k in range(3)},
+                "channels": {f"ch{k}": {"cycler": "box1", "cycler_channel": k + 2, "cell": f"P-{k}"} for k in range(3)},
+            })
+            results = await run_bench(bench, parse_profile(text), text, clock, runs_dir=runs, handle_signals=False)
+            # in: C/20 for 1 h, of which the first charge's formation loss (8 %) builds interphases; out: 0.5 h
+            stored = 0.05 * (1 - cells[0].params.formation_loss_fraction) - 0.025
+            assert [c.state.soc for c in cells[2:5]] == pytest.approx([0.3 + stored] * 3, abs=1e-3)
+            assert all(c.state.soc == pytest.approx(0.3) for c in cells[:2] + cells[5:])  # the others untouched
+            return list(results)
+
+    results = clock.run(main())
+    assert [r.outcome.completed for r in results] == [True] * 3  # type: ignore[attr-defined]
+    for r in results:
+        with open_run(r.database) as store:  # type: ignore[attr-defined]
+            samples = store.samples()
+        assert max(s.charge_ah for s in samples) == pytest.approx(0.175e-3, rel=0.02)
+        assert max(s.discharge_ah for s in samples) == pytest.approx(0.0875e-3, rel=0.02)

@@ -63,6 +63,8 @@ class ChannelConfig(Strict):
 
     what: ClassVar[str] = "channel key"
     cycler: str
+    cycler_channel: int | None = Field(default=None, ge=0, description="the channel of a multi-channel cycler "
+                                                                        "(0-based, as on its wire)")
     cell: str
     chamber: str | None = None
     press: str | None = None
@@ -106,12 +108,21 @@ class BenchConfig(Strict):
     def reference_problems(self) -> list[tuple[tuple[str | int, ...], str]]:
         """Channels that name an instrument or a cell the bench does not have, or one of the wrong kind."""
         problems: list[tuple[tuple[str | int, ...], str]] = []
-        sources: dict[str, str] = {}
+        sources: dict[tuple[str, int | None], str] = {}
         for name, ch in self.channels.items():
-            if ch.cycler in sources:
-                problems.append((("channels", name, "cycler"), f"'{ch.cycler}' is already the cycler of channel "
-                                 f"'{sources[ch.cycler]}': one source cannot drive two cells"))
-            sources.setdefault(ch.cycler, name)
+            source = (ch.cycler, ch.cycler_channel)
+            box = self.instruments.get(ch.cycler)
+            multi = box is not None and driver(box.driver).multi_channel
+            if multi and ch.cycler_channel is None:
+                problems.append((("channels", name), f"'{ch.cycler}' is a multi-channel cycler: say which of its "
+                                 "channels with cycler_channel"))
+            elif not multi and ch.cycler_channel is not None and box is not None:
+                problems.append((("channels", name, "cycler_channel"), f"'{ch.cycler}' has one channel"))
+            if source in sources:
+                which = f"channel {ch.cycler_channel} of '{ch.cycler}'" if multi else f"'{ch.cycler}'"
+                problems.append((("channels", name, "cycler"), f"{which} is already the cycler of channel "
+                                 f"'{sources[source]}': one source cannot drive two cells"))
+            sources.setdefault(source, name)
             if ch.cell not in self.cells:
                 problems.append(
                     (("channels", name, "cell"),

@@ -79,14 +79,23 @@ class Instruments:
         await spec.blind_off(request)
         return True
 
+    def _cycler(self, name: str, found: Any) -> Any:
+        """The channel's Cycler: the instrument itself, or its channel on a multi-channel box."""
+        number = self.bench.channels[name].cycler_channel
+        return found if number is None else found.channel(number)
+
+    async def _recycler(self, name: str) -> Any:
+        return self._cycler(name, await self.reopen(self.bench.channels[name].cycler))
+
     def channel(self, name: str) -> Channel:
         ch = self.bench.channels[name]
         return Channel(
-            name, self.bench.cells[ch.cell], self.drivers[ch.cycler], {r: self.identity[r] for r in ch.instruments},
+            name, self.bench.cells[ch.cell], self._cycler(name, self.drivers[ch.cycler]),
+            {r: self.identity[r] for r in ch.instruments},
             chamber=self.drivers.get(ch.chamber) if ch.chamber else None,
             press=self.drivers.get(ch.press) if ch.press else None,
             potentiostat=self.drivers.get(ch.potentiostat) if ch.potentiostat else None,
-            reconnect=lambda: self.reopen(ch.cycler),
+            reconnect=lambda: self._recycler(name),
             blind_off=lambda: self.blind_off(ch.cycler),
             reconnect_grace=self.bench.instruments[ch.cycler].reconnect_grace,
             cell_id=self.bench.cell_id(name),

@@ -142,6 +142,18 @@ class MacNetBox:
         return [ChannelReading(int(s["Stat"]), int(s["RF1"]), float(v), _signed(float(i), int(s["RF1"])))
                 for s, v, i in zip(status, volts, amps, strict=True)]
 
+    async def output(self, on: bool) -> None:
+        """Every channel of the box that is sourcing, to rest (what a guardian or a connect-time check does)."""
+        if on:
+            raise ValueError("a box's outputs are turned on channel by channel")
+        for k, reading in enumerate(await self.read_many()):
+            if reading.stat == ACTIVE and reading.current != 0:
+                await self.channel(k).output(False)
+
+    async def output_is_on(self) -> bool:
+        """Whether any channel of the box sources or sinks current."""
+        return any(r.stat == ACTIVE and r.current != 0 for r in await self.read_many())
+
     def channel(self, number: int) -> MaccorChannel:
         """Channel `number` (0-based, as on the wire) as a Cycler."""
         if not 0 <= number < self.channels:
@@ -160,6 +172,7 @@ class MaccorChannel:
         self.box, self.chan = box, chan
         self.name = f"{box.name}/{chan}"
         self._on = False
+        self._direct = False
 
     async def identify(self) -> str:
         return f"{await self.box.identify()}, channel {self.chan}"
@@ -175,6 +188,7 @@ class MaccorChannel:
             await self.box.call(6, 7, Chan=self.chan, TestName="Random", Current=0.0, Voltage=v_max,
                                 Power=NO_LIMIT, Resistance=0, CurrentRange=4, ChMode="C", DataTime=1.0, DataV=0,
                                 DataI=0)
+        self._direct = True
 
     async def source_current(self, amps: float, *, voltage_limit: float) -> None:
         """Charge (amps > 0) up to voltage_limit then hold it; discharge without a floor (the engine's limits end
@@ -191,6 +205,8 @@ class MaccorChannel:
         await self._set(abs(current_limit), volts, "C" if volts >= reading.voltage else "D")
 
     async def _set(self, amps: float, volts: float, mode: str) -> None:
+        if not self._direct:  # the first setpoint of a run starts direct mode on the channel
+            await self.setup(v_max=max(volts, 5.0), v_min=0.0, i_max=max(amps * 1.5, 0.01))
         await self.box.call(6, 8, Chan=self.chan, Current=amps, Voltage=volts, Power=NO_LIMIT, Resistance=0,
                             CurrentRange=current_range(amps), ChMode=mode)
         self._on = True
@@ -233,5 +249,5 @@ async def _open(req: OpenRequest) -> Opened:
 
 DRIVERS = [
     DriverSpec("maccor", ("cycler",), _open, "Maccor cycler box over MacNet (JSON on TCP 57570, binary on 57560)",
-               simulator="cellbench.simulators.maccor:serve", extra={"port": JSON_PORT}),
+               simulator="cellbench.simulators.maccor:serve", extra={"port": JSON_PORT}, multi_channel=True),
 ]

@@ -53,6 +53,7 @@ class DriverSpec:
     # sent without waiting for replies: the last resort when the instrument no longer answers
     max_current: float | None = None  # A a cycler can source at all (its largest range), checked before a run
     sets_pressure: bool = True  # False: a press that only reads (a load cell under a fixture set by hand)
+    multi_channel: bool = False  # a box of channels: bench channels name one with `cycler_channel`
     extra: dict[str, Any] = field(default_factory=dict)
 
 

@@ -232,7 +232,9 @@ class MaccorSim:
             ch.step += 1
             ch.step_time = ch.capacity = ch.energy = 0.0
         ch.mode, ch.current, ch.voltage = mode, abs(current), voltage
-        ch.reading = (self._solve(ch, 0.0), ch.reading[1])
+        now = self._solve(ch, 0.0)
+        ch.reading = (now, ch.reading[1])
+        ch.rf1 = RF1_CHARGE if now > 0 else RF1_DISCHARGE if now < 0 else RF1_REST
 
     def _set_variable(self, p: dict[str, Any]) -> dict[str, Any]:
         chan = self._chan(p)
@@ -313,11 +315,12 @@ class MaccorServer:
         self.host = "127.0.0.1"
         self.port = self.bin_port = 0
         self._servers: list[asyncio.Server] = []
+        self._clients: set[asyncio.Task[Any]] = set()
 
     async def start(self, host: str = "127.0.0.1", port: int = 0, bin_port: int = 0) -> MaccorServer:
         self.host = host
-        json_server = await asyncio.start_server(lambda r, w: _json_client(self.sim, r, w), host, port)
-        bin_server = await asyncio.start_server(lambda r, w: _binary_client(self.sim, r, w), host, bin_port)
+        json_server = await asyncio.start_server(self._track(_json_client), host, port)
+        bin_server = await asyncio.start_server(self._track(_binary_client), host, bin_port)
         self._servers = [json_server, bin_server]
         self.port = json_server.sockets[0].getsockname()[1]
         self.bin_port = bin_server.sockets[0].getsockname()[1]
@@ -327,9 +330,25 @@ class MaccorServer:
     def resource(self) -> str:
         return f"TCPIP::{self.host}::{self.port}::SOCKET"
 
+    def _track(self, client: Callable[..., Any]) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], Any]:
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            task = asyncio.current_task()
+            assert task is not None
+            self._clients.add(task)
+            try:
+                await client(self.sim, reader, writer)
+            finally:
+                self._clients.discard(task)
+
+        return handle
+
     async def close(self) -> None:
         for server in self._servers:
             server.close()
+        for task in list(self._clients):
+            task.cancel()
+        await asyncio.gather(*self._clients, return_exceptions=True)
+        for server in self._servers:
             with contextlib.suppress(Exception):
                 await server.wait_closed()
         self._servers = []
