@@ -140,7 +140,7 @@ def test_our_driver_against_pymacnets_own_spoofer() -> None:
             except Exception:
                 await asyncio.sleep(0.1)
         try:
-            return box.channels, await box.channel(0).measure()
+            return box.channels, await box.channel(0).status()
         finally:
             await box.close()
 
@@ -164,10 +164,19 @@ def test_three_channels_of_one_box_run_a_profile_on_the_bench(tmp_path: object) 
            "  - discharge: {current: C/20, until: [30 min, 2.5 V]}\n"
     runs = Path(str(tmp_path))
     clock = VirtualClock()
+    asked: list[tuple[int, int]] = []
 
     async def main() -> list[object]:
         cells = [SolidStateCell(soc=0.3) for _ in range(8)]
-        async with MaccorServer(MaccorSim(cells, asyncio.get_running_loop().time)) as server:
+        sim = MaccorSim(cells, asyncio.get_running_loop().time)
+        answer = sim.answer
+
+        def counted(request: dict[str, dict[str, int]]) -> dict[str, object]:
+            asked.append((request["params"]["FClass"], request["params"]["FNum"]))
+            return answer(request)
+
+        sim.answer = counted  # type: ignore[method-assign,assignment]
+        async with MaccorServer(sim) as server:
             bench = BenchConfig.model_validate({
                 "name": "pilot", "instruments": {"box1": {"driver": "maccor", "resource": server.resource,
                                                           "address": server.bin_port}},
@@ -184,6 +193,12 @@ def test_three_channels_of_one_box_run_a_profile_on_the_bench(tmp_path: object) 
 
     results = clock.run(main())
     assert [r.outcome.completed for r in results] == [True] * 3  # type: ignore[attr-defined]
+    # the three channels are sampled together: one read of the box per sampling moment, not one per channel
+    assert asked.count((4, 7)) == 3  # one full status per channel, when its direct mode starts
+    assert asked.count((4, 2)) == asked.count((4, 3)) == asked.count((4, 1))
+    with open_run(results[0].database) as store:  # type: ignore[attr-defined]
+        moments = len({round(s.test_time, 3) for s in store.samples()})
+    assert moments <= asked.count((4, 2)) < 1.5 * moments
     for r in results:
         with open_run(r.database) as store:  # type: ignore[attr-defined]
             samples = store.samples()

@@ -57,6 +57,9 @@ class MacNetBox:
         self._lock = asyncio.Lock()
         self._ids = itertools.count(1)
         self.channels = 0
+        self.share_window = 0.25  # s: channels sampled within it share one read of the whole box
+        self._shared: tuple[float, list[ChannelReading]] | None = None
+        self._reading: asyncio.Future[list[ChannelReading]] | None = None
 
     @classmethod
     async def open(cls, resource: str, *, name: str, timeout: float = 5.0, bin_port: int | None = None) -> MacNetBox:
@@ -142,6 +145,31 @@ class MacNetBox:
         return [ChannelReading(int(s["Stat"]), int(s["RF1"]), float(v), _signed(float(i), int(s["RF1"])))
                 for s, v, i in zip(status, volts, amps, strict=True)]
 
+    async def shared_read(self) -> list[ChannelReading]:
+        """Every channel's reading, read once for all the channels that ask within `share_window` seconds: N
+        channels sampled each period cost three requests to the box, not N."""
+        loop = asyncio.get_running_loop()
+        if self._reading is not None:
+            return await asyncio.shield(self._reading)
+        if self._shared is not None and loop.time() - self._shared[0] <= self.share_window:
+            return self._shared[1]
+        self._reading = loop.create_future()
+        try:
+            readings = await self.read_many()
+        except BaseException as exc:
+            self._reading.set_exception(exc)
+            self._reading.exception()  # retrieved: a waiter may not exist
+            raise
+        finally:
+            done, self._reading = self._reading, None
+        done.set_result(readings)
+        self._shared = (loop.time(), readings)
+        return readings
+
+    def forget(self) -> None:
+        """A setpoint changed: the next read is a fresh one."""
+        self._shared = None
+
     async def output(self, on: bool) -> None:
         """Every channel of the box that is sourcing, to rest (what a guardian or a connect-time check does)."""
         if on:
@@ -209,11 +237,13 @@ class MaccorChannel:
             await self.setup(v_max=max(volts, 5.0), v_min=0.0, i_max=max(amps * 1.5, 0.01))
         await self.box.call(6, 8, Chan=self.chan, Current=amps, Voltage=volts, Power=NO_LIMIT, Resistance=0,
                             CurrentRange=current_range(amps), ChMode=mode)
+        self.box.forget()
         self._on = True
 
     async def _rest(self) -> None:
         payload = BIN_DIRECT.pack(0.0, 0.0, 0.0, 0.0, 4, ord("R"))
         result = await self.box.binary(6, 8, self.chan, payload)
+        self.box.forget()
         if result not in (0, 2, 4):  # not active or not in direct mode: there is no output to rest
             raise InstrumentError(self.name, [f"MacNet binary rest: result {result}"], "(6, 8) rest")
         self._on = False
@@ -226,12 +256,18 @@ class MaccorChannel:
         status = await self.box.call(4, 7, Chan=self.chan)
         return int(status["Stat"]) == ACTIVE and int(status["RF1"]) in (RF1_CHARGE, RF1_DISCHARGE)
 
-    async def measure(self) -> Reading:
+    async def status(self) -> Reading:
+        """This channel alone, by its full status (4, 7)."""
         status = await self.box.call(4, 7, Chan=self.chan)
         try:
             return Reading(float(status["Voltage"]), _signed(float(status["Current"]), int(status["RF1"])))
         except (KeyError, TypeError, ValueError):
             raise ProtocolError(self.name, "(4, 7)", str(status)[:200], "a status with Voltage and Current") from None
+
+    async def measure(self) -> Reading:
+        """This channel's voltage and current from the box's shared read (see MacNetBox.shared_read)."""
+        reading = (await self.box.shared_read())[self.chan]
+        return Reading(reading.voltage, reading.current)
 
     async def close(self) -> None:
         return None  # the box owns the connection
