@@ -204,3 +204,25 @@ def test_three_channels_of_one_box_run_a_profile_on_the_bench(tmp_path: object) 
             samples = store.samples()
         assert max(s.charge_ah for s in samples) == pytest.approx(0.175e-3, rel=0.02)
         assert max(s.discharge_ah for s in samples) == pytest.approx(0.0875e-3, rel=0.02)
+
+
+def test_the_pilot_line_example_rehearses_seventeen_channels(tmp_path: object) -> None:
+    """The bench example with two 8-channel Maccor boxes and a 2450 reference channel, as a dry run through
+    the CLI: every channel its own run, each named by its cell."""
+    from pathlib import Path
+
+    from typer.testing import CliRunner
+
+    from cellbench.bench.cli import app
+
+    runs = Path(str(tmp_path)) / "runs"
+    profile = Path(str(tmp_path)) / "short.yaml"
+    profile.write_text("name: short\nsample_period: 5 min\nsteps:\n  - charge: {current: C/20, until: [2 h, 4.2 V]}\n"
+                       "  - rest: 30 min\n")
+    example = Path(__file__).resolve().parent.parent / "cellbench/bench/examples/pilot-line.yaml"
+    result = CliRunner().invoke(app, ["run", str(profile), "--dry-run", "--bench", str(example), "--runs-dir",
+                                      str(runs), "--soc", "0.2"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    names = sorted(p.stem.split("Z-", 1)[1] for p in runs.glob("*.sqlite"))
+    assert names == [f"P-{k:02d}" for k in range(1, 17)] + ["REF-01"]
+    assert result.output.count(": completed after 2.50 h") == 17

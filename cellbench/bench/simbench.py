@@ -13,11 +13,14 @@ from cellbench.bench.clock import Clock
 from cellbench.bench.config import BenchConfig, CellConfig, ChannelConfig, InstrumentConfig
 from cellbench.bench.engine import Progress
 from cellbench.bench.run import ChannelResult, ProgressCallback, run_bench
+from cellbench.drivers.registry import driver
 from cellbench.profiles.checks import instrument_problems
+from cellbench.profiles.parse import InputError
 from cellbench.profiles.schema import Profile
 from cellbench.simulators.cell import SolidStateCell
 from cellbench.simulators.espec import EspecChamberSim
 from cellbench.simulators.keithley2450 import Keithley2450Sim
+from cellbench.simulators.maccor import MaccorServer, MaccorSim
 from cellbench.simulators.palmsens import PalmSensSim
 from cellbench.simulators.parameters import PELLET, CellParameters
 from cellbench.simulators.press import PressServer, PressSim
@@ -224,22 +227,40 @@ async def rehearse(
 ) -> list[ChannelResult]:
     """A dry run of a bench file: every channel with its own cell (its capacity, area and window) on its own
     simulated instruments, the roles the bench file gives it, on the virtual clock. Instruments the bench's
-    channels share (a chamber, a press) are simulated once per channel."""
+    channels share (a chamber, a press) are simulated once per channel; a multi-channel cycler box once, with
+    a cell on each channel the bench uses."""
+    boxes = {ch.cycler for ch in bench.channels.values() if driver(bench.instruments[ch.cycler].driver).multi_channel}
+    on_boxes = {n: ch for n, ch in bench.channels.items() if ch.cycler in boxes}
+    for name, ch in on_boxes.items():
+        if ch.chamber or ch.press or ch.potentiostat:
+            raise InputError([f"channel '{name}': rehearsing a chamber, a press or a potentiostat beside a "
+                              "multi-channel cycler is not built yet; rehearse its cycler alone"])
     sims = {name: SimulatedBench(rehearsal_params(bench.cells[ch.cell], base), initial_soc=initial_soc, seed=seed + k,
                                  temperature_c=temperature_c, chamber=ch.chamber is not None,
                                  press=ch.press is not None, potentiostat=ch.potentiostat is not None)
-            for k, (name, ch) in enumerate(bench.channels.items())}
+            for k, (name, ch) in enumerate(bench.channels.items()) if name not in on_boxes}
+    loop = asyncio.get_running_loop()
+    box_servers: dict[str, MaccorServer] = {}
+    for box in boxes:
+        used = {ch.cycler_channel: bench.cells[ch.cell] for ch in on_boxes.values() if ch.cycler == box}
+        count = max(k for k in used if k is not None) + 1
+        cells = [SolidStateCell(rehearsal_params(used[k], base) if k in used else base, soc=initial_soc,
+                                temperature_c=temperature_c) for k in range(count)]
+        box_servers[box] = await MaccorServer(MaccorSim(cells, loop.time)).start()
     for sim in sims.values():
         await sim.__aenter__()
     try:
-        instruments, channels = {}, {}
+        instruments: dict[str, InstrumentConfig] = {
+            box: InstrumentConfig(driver="maccor", resource=server.resource, address=server.bin_port)
+            for box, server in box_servers.items()}
+        channels = dict(on_boxes)
         for name, sim in sims.items():
             part = sim.config
             renamed = {role: f"{name}-{role}" for role in part.instruments}
             instruments.update({renamed[r]: cfg for r, cfg in part.instruments.items()})
-            ch = part.channels["ch1"].model_dump(exclude_none=True)
+            roles = part.channels["ch1"].model_dump(exclude_none=True)
             channels[name] = ChannelConfig(**{k: renamed.get(v, v) if k != "cell" else bench.channels[name].cell
-                                              for k, v in ch.items()})
+                                              for k, v in roles.items()})
         config = BenchConfig(name=f"{bench.name} (rehearsal)", operator=bench.operator, comment=bench.comment,
                              instruments=instruments, cells=bench.cells, channels=channels)
         return await run_bench(config, profile, profile_text, clock, runs_dir=runs_dir, on_progress=on_progress,
@@ -248,6 +269,8 @@ async def rehearse(
     finally:
         for sim in sims.values():
             await sim.__aexit__()
+        for server in box_servers.values():
+            await server.close()
 
 
 def needs_environment(profile: Profile) -> bool:
