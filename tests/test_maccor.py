@@ -226,3 +226,43 @@ def test_the_pilot_line_example_rehearses_seventeen_channels(tmp_path: object) -
     names = sorted(p.stem.split("Z-", 1)[1] for p in runs.glob("*.sqlite"))
     assert names == [f"P-{k:02d}" for k in range(1, 17)] + ["REF-01"]
     assert result.output.count(": completed after 2.50 h") == 17
+
+
+def test_each_channel_runs_the_profile_its_bench_file_names(tmp_path: object) -> None:
+    from pathlib import Path
+
+    from typer.testing import CliRunner
+
+    from cellbench.bench.cli import app
+    from cellbench.bench.store import open_run
+
+    here = Path(str(tmp_path))
+    (here / "charge.yaml").write_text("name: charge only\nsample_period: 5 min\nsteps:\n"
+                                      "  - charge: {current: C/20, until: 1 h}\n")
+    (here / "discharge.yaml").write_text("name: discharge only\nsample_period: 5 min\nsteps:\n"
+                                         "  - discharge: {current: C/20, until: 30 min}\n")
+    (here / "rest.yaml").write_text("name: rest\nsample_period: 5 min\nsteps:\n  - rest: 15 min\n")
+    bench = here / "bench.yaml"
+    bench.write_text(
+        "name: mixed\ninstruments:\n  box1: {driver: maccor, resource: \"TCPIP::10.0.0.21::57570::SOCKET\"}\n"
+        "cells:\n" + "".join(f"  C{k}: {{capacity: 3.5 mAh, voltage_min: 2.5 V, voltage_max: 4.3 V}}\n"
+                             for k in range(3)) +
+        "channels:\n  a: {cycler: box1, cycler_channel: 0, cell: C0, profile: charge.yaml}\n"
+        "  b: {cycler: box1, cycler_channel: 1, cell: C1, profile: discharge.yaml}\n"
+        "  c: {cycler: box1, cycler_channel: 2, cell: C2}\n")
+    runner = CliRunner()
+    refused = runner.invoke(app, ["run", "--dry-run", "--bench", str(bench), "--runs-dir", str(here / "runs")],
+                            env={"COLUMNS": "200"})
+    assert refused.exit_code == 2 and "channel(s) c name no profile in the bench file" in refused.output
+    result = runner.invoke(app, ["run", str(here / "rest.yaml"), "--dry-run", "--bench", str(bench), "--runs-dir",
+                                 str(here / "runs"), "--soc", "0.5"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    found = {}
+    for db in (here / "runs").glob("*.sqlite"):
+        with open_run(db) as store:
+            meta, samples = store.metadata(), store.samples()
+        found[meta["cell_id"]] = (meta["profile_name"], samples[-1].test_time, max(s.charge_ah for s in samples),
+                                  max(s.discharge_ah for s in samples))
+    assert found["C0"][:2] == ("charge only", 3600.0) and found["C0"][2] == pytest.approx(0.175e-3, rel=0.01)
+    assert found["C1"][:2] == ("discharge only", 1800.0) and found["C1"][3] == pytest.approx(0.0875e-3, rel=0.01)
+    assert found["C2"][:2] == ("rest", 900.0) and found["C2"][2] == found["C2"][3] == 0

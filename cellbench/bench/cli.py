@@ -21,7 +21,14 @@ from cellbench.bench import engine, runs
 from cellbench.bench.analysis import run_cycle_table
 from cellbench.bench.clock import RealClock, VirtualClock
 from cellbench.bench.config import BenchConfig, load_bench
-from cellbench.bench.run import ChannelResult, channel_range_problems, exit_code, resume_run, run_bench
+from cellbench.bench.run import (
+    ChannelResult,
+    ProfileFile,
+    channel_range_problems,
+    exit_code,
+    resume_run,
+    run_bench,
+)
 from cellbench.bench.store import NotARun, open_run
 from cellbench.drivers.errors import InstrumentFault
 from cellbench.drivers.registry import DriverSpec, drivers, simulator
@@ -83,7 +90,7 @@ def _plain(channel: str, p: engine.Progress, last: dict[str, tuple[float, int]])
                   highlight=False, soft_wrap=True)
 
 
-def _reporter(progress: Progress, profile: Profile) -> Any:
+def _reporter(progress: Progress) -> Any:
     tasks: dict[str, Any] = {}
     last: dict[str, tuple[float, int]] = {}
 
@@ -92,7 +99,7 @@ def _reporter(progress: Progress, profile: Profile) -> Any:
             _plain(channel, p, last)
             return
         if channel not in tasks:
-            tasks[channel] = progress.add_task(channel, total=profile.executed_step_count())
+            tasks[channel] = progress.add_task(channel, total=p.total_steps)
         progress.update(
             tasks[channel],
             completed=p.step_count - 1,
@@ -162,7 +169,7 @@ def _simulate(
             result, _ = clock.run(
                 run_simulated(
                     prof, text, clock, params=params, initial_soc=soc, seed=seed, temperature_c=temperature,
-                    runs_dir=runs_dir, on_progress=_reporter(progress, prof), profile_source=path.name,
+                    runs_dir=runs_dir, on_progress=_reporter(progress), profile_source=path.name,
                     base_dir=path.parent, environment=environment, extra_metadata=identity, on_start=_announce,
                 )
             )
@@ -173,25 +180,27 @@ def _simulate(
 
 
 def _rehearse(
-    path: Path, bench: Path, *, seed: int, runs_dir: Path, cell: str, soc: float, temperature: float,
+    path: Path | None, bench: Path, *, seed: int, runs_dir: Path, cell: str, soc: float, temperature: float,
     identity: dict[str, object],
 ) -> None:
     """`run --dry-run --bench`: the bench file's channels and cells, each on its own simulated instruments."""
     from cellbench.bench.simbench import rehearse
 
-    prof, text = _load(path)
-    _warn(prof, text, path)
     cfg = _bench(bench)
+    shared, own = _profiles(path, cfg)
     base = _preset(cell)
-    console.print(f"[bold]{prof.name}[/bold] rehearsed on bench '{cfg.name}': {len(cfg.channels)} channel(s), "
+    what = f"[bold]{shared.profile.name}[/bold]" if shared and not own else "each channel's profile"
+    console.print(f"{what} rehearsed on bench '{cfg.name}': {len(cfg.channels)} channel(s), "
                   f"each cell simulated from the {cell} preset at {temperature:g} degC, on the virtual clock")
     clock = VirtualClock()
     try:
         with _progress_bar() as progress:
             results = clock.run(rehearse(
-                cfg, prof, text, clock, base=base, initial_soc=soc, seed=seed, temperature_c=temperature,
-                runs_dir=runs_dir, on_progress=_reporter(progress, prof), profile_source=path.name,
-                base_dir=path.parent, extra_metadata=identity, on_start=_announce))
+                cfg, shared.profile if shared else None, shared.text if shared else "", clock, base=base,
+                initial_soc=soc, seed=seed, temperature_c=temperature, runs_dir=runs_dir,
+                on_progress=_reporter(progress), profile_source=shared.source if shared else "<profile>",
+                base_dir=shared.base_dir if shared else Path("."), extra_metadata=identity, on_start=_announce,
+                channel_profiles=own))
     except InputError as exc:
         raise _fail(exc.problems) from None
     _show_results(results)
@@ -223,7 +232,8 @@ def demo(
 
 @app.command()
 def run(
-    profile: Annotated[Path, typer.Argument(help="the profile YAML file, or the name of a library profile")],
+    profile: Annotated[Path | None, typer.Argument(help="the profile YAML file, or the name of a library profile "
+                                                        "(for the channels of the bench that name none)")] = None,
     bench: Annotated[Path | None, typer.Option("--bench", help="the bench YAML file naming instruments")] = None,
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="run on the simulated cell on the virtual clock, recorded as a real run")
@@ -240,13 +250,17 @@ def run(
     = None,
     comment: Annotated[str | None, typer.Option(help="a comment recorded with the run")] = None,
 ) -> None:
-    """Run a profile on every channel of a bench in real time, or with --dry-run on a simulated bench."""
-    path = _profile_path(profile)
+    """Run a profile on every channel of a bench in real time (or each channel the profile its bench file names),
+    or with --dry-run on a simulated bench."""
+    if profile is None and bench is None:
+        raise _fail("name a profile, or a bench file whose channels name theirs (--bench)")
+    path = _profile_path(profile) if profile is not None else None
     identity: dict[str, object] = {k: v for k, v in (("operator", operator), ("comment", comment)) if v is not None}
     if dry_run and bench is not None:
         _rehearse(path, bench, seed=seed, runs_dir=runs_dir, cell=cell, soc=soc, temperature=temperature,
                   identity=identity)
         return
+    assert path is not None
     if dry_run:
         result = _simulate(path, seed=seed, runs_dir=runs_dir, cell=cell, soc=soc, temperature=temperature,
                            environment=environment, identity=identity)
@@ -255,12 +269,29 @@ def run(
         return
     if bench is None:
         raise _fail("say which bench to run on with --bench BENCH.yaml, or use --dry-run")
-    prof, text = _load(path)
-    _warn(prof, text, path)
     cfg = _bench(bench)
+    shared, own = _profiles(path, cfg)
     _on_real_bench(lambda clock, progress: run_bench(
-        cfg, prof, text, clock, runs_dir=runs_dir, on_progress=_reporter(progress, prof), profile_source=path.name,
-        base_dir=path.parent, extra_metadata=identity, on_start=_announce))
+        cfg, shared.profile if shared else None, shared.text if shared else "", clock, runs_dir=runs_dir,
+        on_progress=_reporter(progress), profile_source=shared.source if shared else "<profile>",
+        base_dir=shared.base_dir if shared else Path("."), extra_metadata=identity, on_start=_announce,
+        channel_profiles=own))
+
+
+def _profiles(path: Path | None, cfg: BenchConfig) -> tuple[ProfileFile | None, dict[str, ProfileFile]]:
+    """The profile given on the command line (for channels naming none) and each channel's own, loaded and
+    warned about; one line and exit 2 when a channel has none."""
+    def load(where: Path) -> ProfileFile:
+        prof, text = _load(where)
+        _warn(prof, text, where)
+        return ProfileFile(prof, text, where.name, where.parent)
+
+    shared = load(path) if path is not None else None
+    own = {name: load(_profile_path(Path(ch.profile))) for name, ch in cfg.channels.items() if ch.profile}
+    if shared is None and (missing := [n for n in cfg.channels if n not in own]):
+        raise _fail(f"channel(s) {', '.join(missing)} name no profile in the bench file: give one on the command "
+                    "line for them")
+    return shared, own
 
 
 def _on_real_bench(work: Callable[[RealClock, Progress], Coroutine[Any, Any, list[ChannelResult]]]) -> None:

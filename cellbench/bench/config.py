@@ -66,6 +66,8 @@ class ChannelConfig(Strict):
     cycler_channel: int | None = Field(default=None, ge=0, description="the channel of a multi-channel cycler "
                                                                         "(0-based, as on its wire)")
     cell: str
+    profile: str | None = Field(default=None, description="this channel's own profile: a file (relative to the "
+                                                          "bench file) or a library name")
     chamber: str | None = None
     press: str | None = None
     potentiostat: str | None = None
@@ -145,4 +147,8 @@ class BenchConfig(Strict):
 def load_bench(path: str | Path) -> BenchConfig:
     p = Path(path)
     text = read_text(p, "bench file")
-    return validate_yaml(text, p.name, BenchConfig, BenchConfig.reference_problems)
+    bench = validate_yaml(text, p.name, BenchConfig, BenchConfig.reference_problems)
+    beside = {name: ch.model_copy(update={"profile": str((p.parent / ch.profile).resolve())})
+              for name, ch in bench.channels.items()  # a channel's profile file is found beside the bench file
+              if ch.profile is not None and (p.parent / ch.profile).is_file()}
+    return bench.model_copy(update={"channels": {**bench.channels, **beside}}) if beside else bench

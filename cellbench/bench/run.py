@@ -137,9 +137,19 @@ class _Coordinator:
         self._signals = []
 
 
+@dataclass(frozen=True)
+class ProfileFile:
+    """A profile as a channel runs it: the model, its text (recorded), where it came from, its folder."""
+
+    profile: Profile
+    text: str
+    source: str = "<profile>"
+    base_dir: Path = Path(".")
+
+
 async def run_bench(
     bench: BenchConfig,
-    profile: Profile,
+    profile: Profile | None,
     profile_text: str,
     clock: Clock,
     *,
@@ -151,42 +161,58 @@ async def run_bench(
     handle_signals: bool = True,
     supervise: bool | None = None,
     on_start: Callable[[str, Path], None] | None = None,
+    channel_profiles: dict[str, ProfileFile] | None = None,
 ) -> list[ChannelResult]:
-    """Run the profile on every channel of the bench at once; one database per channel.
+    """Run a profile on every channel of the bench at once (or each channel its own, `channel_profiles`); one
+    database per channel.
 
-    Raises InputError, before any instrument is touched, when the profile asks a cell for
+    Raises InputError, before any instrument is touched, when a profile asks a cell for
     voltages outside its window. With `handle_signals` (on the main thread), SIGINT, SIGTERM and
     SIGHUP end every channel in the safe state, recorded `interrupted`. One channel's failure never
     stops another, but a storage failure stops them all (they share the disk). Each channel has a safety
     supervisor beside its engine (`supervise`; by default on the real clock only: on the virtual clock it
     would read the instruments once a simulated second).
     """
-    problems = []
+    shared = ProfileFile(profile, profile_text, profile_source, base_dir) if profile is not None else None
+    runs_of = {name: (channel_profiles or {}).get(name) or shared for name in bench.channels}
+    if missing := [name for name, pf in runs_of.items() if pf is None]:
+        raise InputError([f"channel '{name}' has no profile: name one for it in the bench file, or give one "
+                          "for every channel" for name in missing])
+    problems: dict[int, tuple[ProfileFile, list[tuple[tuple[str | int, ...], str]]]] = {}
     for name, ch in bench.channels.items():
+        pf = runs_of[name]
+        assert pf is not None
         cell = bench.cells[ch.cell]
-        found = cell_problems(profile, cell.voltage_min, cell.voltage_max)
-        problems += [(path, f"{message} (cell '{ch.cell}')") for path, message in found]
-        found = instrument_problems(profile, has_chamber=ch.chamber is not None, has_press=ch.press is not None,
+        found = cell_problems(pf.profile, cell.voltage_min, cell.voltage_max)
+        said = [(path, f"{message} (cell '{ch.cell}')") for path, message in found]
+        found = instrument_problems(pf.profile, has_chamber=ch.chamber is not None, has_press=ch.press is not None,
                                     has_potentiostat=ch.potentiostat is not None)
-        found += channel_range_problems(bench, name, profile)
+        found += channel_range_problems(bench, name, pf.profile)
         if ch.press is not None and not driver(bench.instruments[ch.press].driver).sets_pressure:
-            found += pressure_settings(profile)
-        problems += [(path, f"{message} (channel '{name}')") for path, message in found]
+            found += pressure_settings(pf.profile)
+        said += [(path, f"{message} (channel '{name}')") for path, message in found]
+        if said:
+            problems.setdefault(id(pf), (pf, []))[1].extend(said)
     if problems:
-        raise InputError(locate(profile_text, profile_source, problems))
+        raise InputError([line for pf, said in problems.values() for line in locate(pf.text, pf.source, said)])
     rids = run_ids(bench)
-    extra = {"bench": bench.model_dump(mode="json"), "bench_as_written": bench.as_written(),
-             "profile_source": profile_source, "total_steps": profile.executed_step_count(),
-             "operator": bench.operator, "comment": bench.comment,
-             "base_dir": str(Path.cwd() / base_dir), **(extra_metadata or {})}  # base_dir: for a resume
+    common = {"bench": bench.model_dump(mode="json"), "bench_as_written": bench.as_written(),
+              "operator": bench.operator, "comment": bench.comment, **(extra_metadata or {})}
+
+    def extra(pf: ProfileFile) -> dict[str, object]:
+        return {**common, "profile_source": pf.source, "total_steps": pf.profile.executed_step_count(),
+                "base_dir": str(Path.cwd() / pf.base_dir)}  # base_dir: for a resume
 
     def jobs(instruments: Instruments, coordinator: _Coordinator, paths: dict[str, Path]) -> list[Any]:
-        return [
-            _run_channel(instruments.channel(name), profile, profile_text, clock, paths[name], on_progress,
-                         extra, base_dir, coordinator, instruments.notices_for(name), supervise=supervise,
-                         about=About(bench.name, _text(extra.get("operator")), bench.notify, on_start))
-            for name in bench.channels
-        ]
+        out = []
+        for name in bench.channels:
+            pf = runs_of[name]
+            assert pf is not None
+            out.append(_run_channel(
+                instruments.channel(name), pf.profile, pf.text, clock, paths[name], on_progress, extra(pf),
+                pf.base_dir, coordinator, instruments.notices_for(name), supervise=supervise,
+                about=About(bench.name, _text(common.get("operator")), bench.notify, on_start)))
+        return out
 
     return await _on_bench(bench, clock, lambda: {n: reserve(runs_dir, rids[n]) for n in bench.channels},
                            jobs, handle_signals)

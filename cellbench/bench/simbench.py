@@ -12,7 +12,7 @@ from pathlib import Path
 from cellbench.bench.clock import Clock
 from cellbench.bench.config import BenchConfig, CellConfig, ChannelConfig, InstrumentConfig
 from cellbench.bench.engine import Progress
-from cellbench.bench.run import ChannelResult, ProgressCallback, run_bench
+from cellbench.bench.run import ChannelResult, ProfileFile, ProgressCallback, run_bench
 from cellbench.drivers.registry import driver
 from cellbench.profiles.checks import instrument_problems
 from cellbench.profiles.parse import InputError
@@ -210,7 +210,7 @@ def rehearsal_params(cell: CellConfig, base: CellParameters = PELLET) -> CellPar
 
 async def rehearse(
     bench: BenchConfig,
-    profile: Profile,
+    profile: Profile | None,
     profile_text: str,
     clock: Clock,
     *,
@@ -224,6 +224,7 @@ async def rehearse(
     base_dir: Path = Path("."),
     extra_metadata: dict[str, object] | None = None,
     on_start: Callable[[str, Path], None] | None = None,
+    channel_profiles: dict[str, ProfileFile] | None = None,
 ) -> list[ChannelResult]:
     """A dry run of a bench file: every channel with its own cell (its capacity, area and window) on its own
     simulated instruments, the roles the bench file gives it, on the virtual clock. Instruments the bench's
@@ -265,7 +266,8 @@ async def rehearse(
                              instruments=instruments, cells=bench.cells, channels=channels)
         return await run_bench(config, profile, profile_text, clock, runs_dir=runs_dir, on_progress=on_progress,
                                extra_metadata={"rehearsal_of": bench.name, **(extra_metadata or {})},
-                               profile_source=profile_source, base_dir=base_dir, on_start=on_start)
+                               profile_source=profile_source, base_dir=base_dir, on_start=on_start,
+                               channel_profiles=channel_profiles)
     finally:
         for sim in sims.values():
             await sim.__aexit__()
