@@ -366,37 +366,34 @@ def _free_port(host: str) -> int:
 @contextlib.asynccontextmanager
 async def serve(options: ServeOptions) -> AsyncIterator[str]:
     """A simulated press holding a cell, for `cellbench sim serve press`: Modbus TCP, or RTU on a serial pty."""
-    from cellbench.simulators.serial_link import NullModem
-
     params = PRESETS[options.cell]
     press = PressSim(asyncio.get_running_loop().time, [SolidStateCell(params, soc=options.soc)],
                      area_cm2=params.area_cm2, holding_mpa=5.0)
-    cable = await NullModem().open() if options.serial else None
-    server = await (PressServer(press).start_rtu(cable.ends[0]) if cable
-                    else PressServer(press).start_tcp(options.host, options.port))
-    try:
-        yield (f"a simulated stack press at ASRL{cable.ends[1]}::INSTR (Modbus RTU)" if cable
-               else f"a simulated stack press at {server.resource} (Modbus TCP)")
-    finally:
-        await server.close()
-        if cable:
-            await cable.close()
+    async with _served(press, options, "stack press") as where:
+        yield where
 
 
 @contextlib.asynccontextmanager
 async def serve_load_cell(options: ServeOptions) -> AsyncIterator[str]:
     """A simulated load cell under a spring fixture, for `cellbench sim serve load-cell`."""
-    from cellbench.simulators.serial_link import NullModem
-
     params = PRESETS[options.cell]
     sensor = LoadCellSim(asyncio.get_running_loop().time, [SolidStateCell(params, soc=options.soc)],
                          area_cm2=params.area_cm2, preload_kn=0.5 * params.area_cm2)
+    async with _served(sensor, options, "load cell") as where:
+        yield where
+
+
+@contextlib.asynccontextmanager
+async def _served(device: PressSim | LoadCellSim, options: ServeOptions, what: str) -> AsyncIterator[str]:
+    """A Modbus device on TCP, or on RTU at one end of a null-modem pty pair (the client takes the other)."""
+    from cellbench.simulators.serial_link import NullModem
+
     cable = await NullModem().open() if options.serial else None
-    server = await (PressServer(sensor).start_rtu(cable.ends[0]) if cable
-                    else PressServer(sensor).start_tcp(options.host, options.port))
+    server = await (PressServer(device).start_rtu(cable.ends[0]) if cable
+                    else PressServer(device).start_tcp(options.host, options.port))
     try:
-        yield (f"a simulated load cell at ASRL{cable.ends[1]}::INSTR (Modbus RTU)" if cable
-               else f"a simulated load cell at {server.resource} (Modbus TCP)")
+        yield (f"a simulated {what} at ASRL{cable.ends[1]}::INSTR (Modbus RTU)" if cable
+               else f"a simulated {what} at {server.resource} (Modbus TCP)")
     finally:
         await server.close()
         if cable:
