@@ -322,3 +322,12 @@ steps:
 
     outcome = engine.clock.run(main())
     assert outcome.completed and outcome.cycles == 4, outcome
+
+
+def test_samples_stay_on_their_schedule_when_a_wake_up_is_late() -> None:
+    from cellbench.bench.policy import next_sample_at
+
+    assert next_sample_at(10.0, 10.3, 1.0) == 11.0  # late by 0.3 s: the next one is still at 11, no drift
+    assert next_sample_at(10.0, 10.0, 1.0) == 11.0  # on time (the virtual clock): as before
+    assert next_sample_at(10.0, 9.5, 1.0) == 10.5  # woken early for a deadline: an interval from then
+    assert next_sample_at(10.0, 12.2, 1.0) == 13.2  # more than an interval late: no burst to catch up

@@ -386,6 +386,7 @@ class Engine:
         while True:
             deadline = policy.next_deadline(limits, step.start, st.budgets)
             edge_at = step.start + edges[0] if edges else math.inf
+            scheduled = next_sample
             await self._sleep_until(min(next_sample, deadline, edge_at))
             t = self._t()
             try:
@@ -441,7 +442,7 @@ class Engine:
                 if edges:
                     t_apply = min(t_apply, edges[0] - 1e-6)
                 await self._apply_surely(ctl, t_apply, reading.voltage)
-            next_sample = t + interval
+            next_sample = policy.next_sample_at(scheduled, t, interval)
 
     async def _run_set(self, pc: int, body: SetBody) -> int:
         """New temperature and pressure setpoints, in sequence with the steps; takes no time."""

@@ -104,6 +104,14 @@ def next_deadline(limits: Sequence[Limit], step_start: float, budgets: Sequence[
     return min([*times, *(b.deadline for b in budgets)], default=math.inf)
 
 
+def next_sample_at(scheduled: float, woke: float, interval: float) -> float:
+    """When to sample next: on the schedule, not from the wake-up, so a late wake (a busy loop, a slow
+    instrument) does not push every later sample back; woken early (for a deadline or an edge), from then;
+    more than an interval late, an interval from now (the missed moment is not made up in a burst)."""
+    base = scheduled if scheduled <= woke else woke
+    return base + interval if base + interval > woke else woke + interval
+
+
 def next_interval(period: float, limits: Sequence[Limit], history: History) -> float:
     """The sample period, shortened while the voltage closes in on a voltage limit.
 
