@@ -266,3 +266,54 @@ def test_each_channel_runs_the_profile_its_bench_file_names(tmp_path: object) ->
     assert found["C0"][:2] == ("charge only", 3600.0) and found["C0"][2] == pytest.approx(0.175e-3, rel=0.01)
     assert found["C1"][:2] == ("discharge only", 1800.0) and found["C1"][3] == pytest.approx(0.0875e-3, rel=0.01)
     assert found["C2"][:2] == ("rest", 900.0) and found["C2"][2] == found["C2"][3] == 0
+
+
+def test_a_box_dropping_off_the_network_fails_its_channels_and_the_other_box_finishes(tmp_path: object) -> None:
+    """Two boxes, two channels each; one box goes away mid-run for good. Its channels reconnect for their
+    grace time, then fail in the safe state with the cause; the other box's channels finish their profile."""
+    from pathlib import Path
+
+    from cellbench.bench.clock import VirtualClock
+    from cellbench.bench.config import BenchConfig
+    from cellbench.bench.run import run_bench
+    from cellbench.bench.runstate import RunStatus
+    from cellbench.profiles.parse import parse_profile
+
+    text = "name: two hours\nsample_period: 1 min\nsteps:\n  - charge: {current: C/20, until: [2 h, 4.2 V]}\n"
+    clock = VirtualClock()
+
+    async def main() -> list[object]:
+        loop = asyncio.get_running_loop()
+        servers = [await MaccorServer(MaccorSim([SolidStateCell(soc=0.3) for _ in range(2)], loop.time)).start()
+                   for _ in range(2)]
+        bench = BenchConfig.model_validate({
+            "name": "two-boxes",
+            "instruments": {f"box{b}": {"driver": "maccor", "resource": s.resource, "address": s.bin_port,
+                                        "reconnect_grace": "30 s", "timeout": "2 s"}
+                            for b, s in enumerate(servers)},
+            "cells": {f"c{b}{k}": {"capacity": "3.5 mAh", "voltage_min": "2.5 V", "voltage_max": "4.3 V"}
+                      for b in range(2) for k in range(2)},
+            "channels": {f"b{b}k{k}": {"cycler": f"box{b}", "cycler_channel": k, "cell": f"c{b}{k}"}
+                         for b in range(2) for k in range(2)},
+        })
+
+        async def pull_the_cable() -> None:
+            await asyncio.sleep(1800)
+            await servers[1].close()  # box 1 is gone: its port refuses connections from now on
+
+        cable = asyncio.ensure_future(pull_the_cable())
+        try:
+            return list(await run_bench(bench, parse_profile(text), text, clock, runs_dir=Path(str(tmp_path)),
+                                        handle_signals=False))
+        finally:
+            await cable
+            await servers[0].close()
+
+    results = {r.channel: r.outcome for r in clock.run(main())}  # type: ignore[attr-defined]
+    assert results["b0k0"].completed and results["b0k1"].completed
+    assert results["b0k0"].test_time == pytest.approx(7200.0)
+    for name in ("b1k0", "b1k1"):
+        outcome = results[name]
+        assert outcome.status is RunStatus.FAULT, outcome
+        assert 1800 <= outcome.test_time <= 1800 + 60 + 30 + 5  # the next sample, then the 30 s grace
+        assert outcome.reason.startswith(f"instrument fault: box1/{name[-1]}: not recovered within 30 s")
