@@ -604,6 +604,7 @@ def sim_serve(
     channels: Annotated[int, typer.Option(min=1, max=128, help="channels of a multi-channel cycler box")] = 8,
     bin_port: Annotated[int, typer.Option(help="the binary-message port of a Maccor box (0 picks a free one)")]
     = 57560,
+    login: Annotated[str, typer.Option(help="user:password the simulated Arbin cycler accepts")] = "admin:000000",
 ) -> None:
     """Serve a simulated instrument until interrupted, in real time, for any client."""
     from cellbench.simulators.server import ServeOptions
@@ -614,7 +615,7 @@ def sim_serve(
     serve_instrument = simulator(spec)
     port = int(spec.extra.get("port", 5025)) if port is None else port
     options = ServeOptions(host=host, port=port, serial=serial, soc=soc, seed=seed, cell=cell, channels=channels,
-                           bin_port=bin_port)
+                           bin_port=bin_port, login=login)
 
     async def serve() -> None:
         async with serve_instrument(options) as where:

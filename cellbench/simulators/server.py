@@ -231,6 +231,7 @@ class ServeOptions:
     cell: str = "pellet"  # a preset of simulators.parameters
     channels: int = 8  # of a multi-channel cycler box
     bin_port: int = 0  # a second port (MacNet's binary messages)
+    login: str | None = None  # user:password a simulated cycler accepts (Arbin CTI)
 
 
 @contextlib.asynccontextmanager

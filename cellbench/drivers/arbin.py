@@ -1,0 +1,195 @@
+"""Arbin cyclers over CTI (the Console TCP/IP Interface), binary messages on TCP port 9031.
+
+`ArbinCTI` is one logged-in connection to one cycler: channel status (readings), assigning a schedule,
+starting and stopping it, setting meta variables. Schedules run on the cycler: CTI has no host-driven
+setpoints, so `ArbinChannel` (a channel as a `Cycler`) reads and stops but refuses a current or a voltage in
+one line. Frame: 0x11DDDDDDDDDDDDDD, a 4-byte length of what follows, command code, extended code, body,
+a 2-byte checksum (sum of the bytes before it). Login from the instrument's `login` in the bench file or
+$ARBIN_CTI_USERNAME / $ARBIN_CTI_PASSWORD. Sources: Arbin's CTI documents, pycti-arbin's field layouts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import struct
+from dataclasses import dataclass
+
+from cellbench.bench.roles import Reading
+from cellbench.drivers.errors import ConnectionLost, InstrumentError, InstrumentTimeout, ProtocolError
+from cellbench.drivers.registry import DriverSpec, Opened, OpenRequest
+from cellbench.drivers.transport import parse_resource
+
+HEADER = 0x11DDDDDDDDDDDDDD
+LOGIN, CHANNEL_INFO, ASSIGN, START, STOP, SET_MV = (0xEEAB0001, 0xEEAB0003, 0xBB210001, 0xBB320004, 0xBB310001,
+                                                    0xBB150001)
+RUNNING = {2, 3, 4, 5, 6, 9, 10, 11, 12, 18}  # charge, discharge, rest, wait, ... pause: a schedule is on
+MV_CODES = {1: 52, 2: 53, 3: 54, 4: 55, **{5 + k: 105 + k for k in range(12)}}
+RESULTS = {0: "success", 16: "invalid channel", 17: "the channel is not running, or someone else controls it",
+           18: "the channel is running or unsafe", 21: "no schedule assigned"}
+
+
+def message(code: int, size: int, fields: list[tuple[int, str, object]]) -> bytes:
+    """A request of `size` bytes after the length field (as CTI counts it), checksum included."""
+    body = bytearray(12 + size - 2)
+    struct.pack_into("<QLLL", body, 0, HEADER, size, code, 0)
+    for offset, fmt, value in fields:
+        struct.pack_into(fmt, body, offset, value)
+    return bytes(body) + struct.pack("<H", sum(body) & 0xFFFF)
+
+
+@dataclass(frozen=True)
+class ChannelStatus:
+    status: int
+    test_time: float
+    voltage: float
+    current: float
+    charge_ah: float
+    discharge_ah: float
+
+
+class ArbinCTI:
+    model = "Arbin cycler (CTI)"
+
+    def __init__(self, name: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, timeout: float):
+        self.name, self.timeout = name, timeout
+        self._reader, self._writer = reader, writer
+        self._lock = asyncio.Lock()
+        self.channels = 0
+        self.serial = ""
+
+    @classmethod
+    async def open(cls, resource: str, *, name: str, timeout: float = 5.0, login: str | None = None) -> ArbinCTI:
+        res = parse_resource(resource)
+        if not res.is_socket:
+            raise ValueError(f"{resource}: an Arbin cycler is reached by CTI on TCP (TCPIP::host::9031::SOCKET)")
+        try:
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(res.host, res.port or 9031), timeout)
+        except (OSError, TimeoutError) as exc:
+            raise ConnectionLost(name, f"cannot connect to CTI at {res.host}:{res.port}: {exc}") from None
+        cti = cls(name, reader, writer, timeout)
+        user, _, password = (login or f"{os.environ.get('ARBIN_CTI_USERNAME', '')}:"
+                                      f"{os.environ.get('ARBIN_CTI_PASSWORD', '')}").partition(":")
+        reply = await cti.ask(message(LOGIN, 74, [(20, "32s", user.encode()), (52, "32s", password.encode())]))
+        result = struct.unpack_from("<I", reply, 20)[0]
+        if result not in (1, 3):
+            await cti.close()
+            raise InstrumentError(name, ["CTI login refused (check the user and password)"], "login")
+        cti.serial = reply[28:44].split(b"\0", 1)[0].decode("ascii", errors="replace")
+        cti.channels = struct.unpack_from("<I", reply, 8664)[0]
+        return cti
+
+    async def close(self) -> None:
+        self._writer.close()
+
+    async def identify(self) -> str:
+        return f"{self.model} {self.serial}, {self.channels} channels"
+
+    async def ask(self, request: bytes) -> bytes:
+        """Send one message and read its reply whole (at least the length its header says, and its checksum)."""
+        async with self._lock:
+            try:
+                self._writer.write(request)
+                await self._writer.drain()
+                head = await asyncio.wait_for(self._reader.readexactly(12), self.timeout)
+                magic, length = struct.unpack("<QL", head)
+                if magic != HEADER:
+                    raise ProtocolError(self.name, "CTI", head.hex(), "a CTI header")
+                rest = await asyncio.wait_for(self._reader.readexactly(length - 12 + 2), self.timeout)
+            except TimeoutError:
+                raise InstrumentTimeout(self.name, "CTI", self.timeout, b"") from None
+            except (OSError, asyncio.IncompleteReadError) as exc:
+                raise ConnectionLost(self.name, f"CTI: {exc}") from None
+        return head + rest
+
+    async def status(self, chan: int) -> ChannelStatus:
+        reply = await self.ask(message(CHANNEL_INFO, 50, [(20, "<h", chan), (22, "<h", 1)]))
+        if struct.unpack_from("<I", reply, 20)[0] < 1:
+            raise InstrumentError(self.name, [f"no channel {chan}"], "channel info")
+        status = struct.unpack_from("<h", reply, 28)[0]
+        test_time = struct.unpack_from("<d", reply, 1685)[0]
+        v, i, _, qc, qd = struct.unpack_from("<5f", reply, 1701)
+        return ChannelStatus(status, test_time, v, i, qc, qd)
+
+    async def _command(self, request: bytes, what: str) -> None:
+        result = (await self.ask(request))[24]
+        if result != 0:
+            raise InstrumentError(self.name, [f"CTI {what}: {RESULTS.get(result, f'result {result}')}"], what)
+
+    async def assign_schedule(self, chan: int, schedule: str) -> None:
+        await self._command(message(ASSIGN, 659, [(20, "<i", chan), (25, "400s", schedule.encode("utf-16-le"))]),
+                            "assign schedule")
+
+    async def start(self, chan: int, test_name: str) -> None:
+        await self._command(message(START, 160, [(20, "144s", test_name.encode("utf-16-le")), (164, "<I", 1),
+                                                 (168, "<H", chan)]), "start")
+
+    async def stop(self, chan: int) -> None:
+        await self._command(message(STOP, 116, [(20, "<I", chan)]), "stop")
+
+    async def set_meta_variable(self, chan: int, number: int, value: float) -> None:
+        if number not in MV_CODES:
+            raise ValueError(f"meta variable {number} is not 1 to 16")
+        await self._command(message(SET_MV, 62, [(20, "<I", chan), (24, "<i", 1), (28, "<i", MV_CODES[number]),
+                                                 (48, "<i", 1), (52, "<f", value)]), "set meta variable")
+
+    async def output(self, on: bool) -> None:
+        """Stop every running channel (what a guardian or a connect-time check does)."""
+        for chan in range(self.channels):
+            if (await self.status(chan)).status in RUNNING:
+                await self.stop(chan)
+
+    async def output_is_on(self) -> bool:
+        for chan in range(self.channels):
+            if (await self.status(chan)).status in RUNNING:
+                return True
+        return False
+
+    def channel(self, number: int) -> ArbinChannel:
+        if not 0 <= number < self.channels:
+            raise ValueError(f"{self.name} has channels 0 to {self.channels - 1}, not {number}")
+        return ArbinChannel(self, number)
+
+
+class ArbinChannel:
+    """One channel of an Arbin as a Cycler: it reads and stops; its schedule is the cycler's."""
+
+    def __init__(self, cti: ArbinCTI, chan: int) -> None:
+        self.cti, self.chan, self.name = cti, chan, f"{cti.name}/{chan}"
+
+    async def identify(self) -> str:
+        return f"{await self.cti.identify()}, channel {self.chan}"
+
+    async def source_current(self, amps: float, *, voltage_limit: float) -> None:
+        raise InstrumentError(self.name, ["an Arbin runs its own schedules: CTI sets no current from the host"],
+                              "source current")
+
+    async def source_voltage(self, volts: float, *, current_limit: float) -> None:
+        raise InstrumentError(self.name, ["an Arbin runs its own schedules: CTI sets no voltage from the host"],
+                              "source voltage")
+
+    async def output(self, on: bool) -> None:
+        if not on:
+            await self.cti.stop(self.chan)
+
+    async def output_is_on(self) -> bool:
+        return (await self.cti.status(self.chan)).status in RUNNING
+
+    async def measure(self) -> Reading:
+        status = await self.cti.status(self.chan)
+        return Reading(status.voltage, status.current)
+
+
+async def _open(req: OpenRequest) -> Opened:
+    cti = await ArbinCTI.open(req.resource, name=req.name, timeout=req.timeout)
+    try:
+        return Opened(cti, await cti.identify(), cti.close)
+    except BaseException:
+        await cti.close()
+        raise
+
+
+DRIVERS = [
+    DriverSpec("arbin", ("cycler",), _open, "Arbin cycler over CTI (TCP 9031): reads, schedules, meta variables",
+               simulator="cellbench.simulators.arbin:serve", extra={"port": 9031}, multi_channel=True),
+]
