@@ -250,8 +250,8 @@ def run(
     = None,
     comment: Annotated[str | None, typer.Option(help="a comment recorded with the run")] = None,
 ) -> None:
-    """Run a profile on every channel of a bench in real time (or each channel the profile its bench file names),
-    or with --dry-run on a simulated bench."""
+    """Run a profile (or each channel's own, named in the bench file) on every channel of a bench in real
+    time, or with --dry-run on a simulated bench."""
     if profile is None and bench is None:
         raise _fail("name a profile, or a bench file whose channels name theirs (--bench)")
     path = _profile_path(profile) if profile is not None else None
