@@ -317,3 +317,41 @@ def test_a_box_dropping_off_the_network_fails_its_channels_and_the_other_box_fin
         assert outcome.status is RunStatus.FAULT, outcome
         assert 1800 <= outcome.test_time <= 1800 + 60 + 30 + 5  # the next sample, then the 30 s grace
         assert outcome.reason.startswith(f"instrument fault: box1/{name[-1]}: not recovered within 30 s")
+
+
+def test_a_channel_left_sourcing_by_a_dead_controller_is_rested_on_connect(tmp_path: object) -> None:
+    """A box whose channel 5 still charges (a controller died without its guardian): a run that connects to
+    the box turns it off before anything else and records a notice."""
+    from pathlib import Path
+
+    from cellbench.bench.clock import VirtualClock
+    from cellbench.bench.config import BenchConfig
+    from cellbench.bench.run import run_bench
+    from cellbench.bench.store import open_run
+    from cellbench.profiles.parse import parse_profile
+
+    text = "name: rest\nsample_period: 1 min\nsteps:\n  - rest: 10 min\n"
+    clock = VirtualClock()
+
+    async def main() -> tuple[object, float]:
+        sim = MaccorSim([SolidStateCell(soc=0.3) for _ in range(8)], asyncio.get_running_loop().time)
+        sim.answer({"jsonrpc": "2.0", "method": "MacNet", "id": 1,  # (6, 7): direct mode, charging 1 mA
+                    "params": {"FClass": 6, "FNum": 7, "Chan": 5, "TestName": "orphan", "Current": 1e-3,
+                               "Voltage": 4.2, "ChMode": "C"}})
+        await asyncio.sleep(60)
+        assert sim.channels[5].reading[0] == pytest.approx(1e-3)  # sourcing before the run connects
+        async with MaccorServer(sim) as server:
+            bench = BenchConfig.model_validate({
+                "name": "b", "instruments": {"box1": {"driver": "maccor", "resource": server.resource,
+                                                      "address": server.bin_port}},
+                "cells": {"c": {"capacity": "3.5 mAh", "voltage_min": "2.5 V", "voltage_max": "4.3 V"}},
+                "channels": {"ch": {"cycler": "box1", "cycler_channel": 0, "cell": "c"}}})
+            (result,) = await run_bench(bench, parse_profile(text), text, clock, runs_dir=Path(str(tmp_path)),
+                                        handle_signals=False)
+            return result, sim.channels[5].reading[0]
+
+    result, orphan_current = clock.run(main())
+    assert orphan_current == 0  # rested by the connect-time check
+    with open_run(result.database) as store:  # type: ignore[attr-defined]
+        notices = [e["message"] for e in store.events() if e["kind"] == "notice"]
+    assert notices == ["box1's output was on when connected; it was turned off"]

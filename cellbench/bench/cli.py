@@ -90,9 +90,11 @@ def _plain(channel: str, p: engine.Progress, last: dict[str, tuple[float, int]])
                   highlight=False, soft_wrap=True)
 
 
-def _reporter(progress: Progress) -> Any:
+def _reporter(progress: Progress, label: str = "") -> Any:
+    """Progress for every channel: a bar each on a terminal, plain lines otherwise (`label`: e.g. "resumed")."""
     tasks: dict[str, Any] = {}
     last: dict[str, tuple[float, int]] = {}
+    tag = f" · {label}" if label else ""
 
     def report(channel: str, p: engine.Progress) -> None:
         if not console.is_terminal:
@@ -104,7 +106,7 @@ def _reporter(progress: Progress) -> Any:
             tasks[channel],
             completed=p.step_count - 1,
             description=(
-                f"{channel} · cycle {p.cycle} · {p.step_type:<12} · {p.voltage:6.3f} V "
+                f"{channel}{tag} · cycle {p.cycle} · {p.step_type:<12} · {p.voltage:6.3f} V "
                 f"{p.current * 1e3:+8.4f} mA · test time {p.test_time / 3600:7.2f} h"
             ),
         )
@@ -326,26 +328,10 @@ def resume(
         raise _fail(exc.problems) from None
 
     async def one(clock: RealClock, progress: Progress) -> list[ChannelResult]:
-        return [await resume_run(run_db, clock, bench=cfg, on_progress=_resume_reporter(progress),
+        return [await resume_run(run_db, clock, bench=cfg, on_progress=_reporter(progress, "resumed"),
                                  clear_latch=clear_latch, on_start=_announce)]
 
     _on_real_bench(one)
-
-
-def _resume_reporter(progress: Progress) -> Any:
-    tasks: dict[str, Any] = {}
-    last: dict[str, tuple[float, int]] = {}
-
-    def report(channel: str, p: engine.Progress) -> None:
-        if not console.is_terminal:
-            _plain(channel, p, last)
-            return
-        if channel not in tasks:
-            tasks[channel] = progress.add_task(channel, total=p.total_steps)
-        progress.update(tasks[channel], completed=p.step_count - 1,
-                        description=f"{channel} · resumed · cycle {p.cycle} · {p.step_type:<12} · {p.voltage:6.3f} V")
-
-    return report
 
 
 def _profile_path(profile: Path) -> Path:

@@ -59,7 +59,7 @@ class MacNetBox:
         self.channels = 0
         self.share_window = 0.25  # s: channels sampled within it share one read of the whole box
         self._shared: tuple[float, list[ChannelReading]] | None = None
-        self._reading: asyncio.Future[list[ChannelReading]] | None = None
+        self._reading: asyncio.Task[list[ChannelReading]] | None = None
 
     @classmethod
     async def open(cls, resource: str, *, name: str, timeout: float = 5.0, bin_port: int | None = None) -> MacNetBox:
@@ -147,24 +147,22 @@ class MacNetBox:
 
     async def shared_read(self) -> list[ChannelReading]:
         """Every channel's reading, read once for all the channels that ask within `share_window` seconds: N
-        channels sampled each period cost three requests to the box, not N."""
+        channels sampled each period cost three requests to the box, not N. The read is a task of its own:
+        one channel cancelled mid-read (its run stopped) does not cancel the read the others wait for."""
         loop = asyncio.get_running_loop()
-        if self._reading is not None:
-            return await asyncio.shield(self._reading)
-        if self._shared is not None and loop.time() - self._shared[0] <= self.share_window:
-            return self._shared[1]
-        self._reading = loop.create_future()
+        if self._reading is None:
+            if self._shared is not None and loop.time() - self._shared[0] <= self.share_window:
+                return self._shared[1]
+            self._reading = asyncio.ensure_future(self._read_and_share())
+        return await asyncio.shield(self._reading)
+
+    async def _read_and_share(self) -> list[ChannelReading]:
         try:
             readings = await self.read_many()
-        except BaseException as exc:
-            self._reading.set_exception(exc)
-            self._reading.exception()  # retrieved: a waiter may not exist
-            raise
+            self._shared = (asyncio.get_running_loop().time(), readings)
+            return readings
         finally:
-            done, self._reading = self._reading, None
-        done.set_result(readings)
-        self._shared = (loop.time(), readings)
-        return readings
+            self._reading = None
 
     def forget(self) -> None:
         """A setpoint changed: the next read is a fresh one."""

@@ -21,7 +21,7 @@ from typing import Any
 
 from cellbench.simulators.cell import SolidStateCell
 from cellbench.simulators.parameters import PRESETS
-from cellbench.simulators.server import ServeOptions
+from cellbench.simulators.server import ServeOptions, StreamServers
 
 HEADER = 0x11DDDDDDDDDDDDDD
 LOGIN, CHANNEL_INFO = 0xEEAB0001, 0xEEAB0003
@@ -189,21 +189,11 @@ class ArbinServer:
     def __init__(self, sim: ArbinSim) -> None:
         self.sim = sim
         self.host, self.port = "127.0.0.1", 0
-        self._server: asyncio.Server | None = None
-        self._clients: set[asyncio.Task[Any]] = set()
+        self._listeners = StreamServers()
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> ArbinServer:
-        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            task = asyncio.current_task()
-            assert task is not None
-            self._clients.add(task)
-            try:
-                await _client(self.sim, reader, writer)
-            finally:
-                self._clients.discard(task)
-
-        self._server = await asyncio.start_server(handle, host, port)
-        self.host, self.port = host, self._server.sockets[0].getsockname()[1]
+        self.host = host
+        self.port = await self._listeners.listen(lambda r, w: _client(self.sim, r, w), host, port)
         return self
 
     @property
@@ -211,14 +201,7 @@ class ArbinServer:
         return f"TCPIP::{self.host}::{self.port}::SOCKET"
 
     async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            for task in list(self._clients):
-                task.cancel()
-            await asyncio.gather(*self._clients, return_exceptions=True)
-            with contextlib.suppress(Exception):
-                await self._server.wait_closed()
-            self._server = None
+        await self._listeners.close()
 
 
 @contextlib.asynccontextmanager

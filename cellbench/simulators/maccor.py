@@ -23,7 +23,7 @@ from typing import Any
 
 from cellbench.simulators.cell import SolidStateCell
 from cellbench.simulators.parameters import PRESETS
-from cellbench.simulators.server import ServeOptions
+from cellbench.simulators.server import ServeOptions, StreamServers
 
 AVAILABLE, ACTIVE, SUSPENDED, COMPLETED, PROBLEM = 0, 2, 3, 4, 5  # Stat codes (4, 1)
 RF1_CHARGE, RF1_DISCHARGE, RF1_REST, RF1_AVAILABLE = 1, 2, 4, 0  # RF1: what the controller board does
@@ -314,44 +314,20 @@ class MaccorServer:
         self.sim = sim
         self.host = "127.0.0.1"
         self.port = self.bin_port = 0
-        self._servers: list[asyncio.Server] = []
-        self._clients: set[asyncio.Task[Any]] = set()
+        self._listeners = StreamServers()
 
     async def start(self, host: str = "127.0.0.1", port: int = 0, bin_port: int = 0) -> MaccorServer:
         self.host = host
-        json_server = await asyncio.start_server(self._track(_json_client), host, port)
-        bin_server = await asyncio.start_server(self._track(_binary_client), host, bin_port)
-        self._servers = [json_server, bin_server]
-        self.port = json_server.sockets[0].getsockname()[1]
-        self.bin_port = bin_server.sockets[0].getsockname()[1]
+        self.port = await self._listeners.listen(lambda r, w: _json_client(self.sim, r, w), host, port)
+        self.bin_port = await self._listeners.listen(lambda r, w: _binary_client(self.sim, r, w), host, bin_port)
         return self
 
     @property
     def resource(self) -> str:
         return f"TCPIP::{self.host}::{self.port}::SOCKET"
 
-    def _track(self, client: Callable[..., Any]) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], Any]:
-        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            task = asyncio.current_task()
-            assert task is not None
-            self._clients.add(task)
-            try:
-                await client(self.sim, reader, writer)
-            finally:
-                self._clients.discard(task)
-
-        return handle
-
     async def close(self) -> None:
-        for server in self._servers:
-            server.close()
-        for task in list(self._clients):
-            task.cancel()
-        await asyncio.gather(*self._clients, return_exceptions=True)
-        for server in self._servers:
-            with contextlib.suppress(Exception):
-                await server.wait_closed()
-        self._servers = []
+        await self._listeners.close()
 
     async def __aenter__(self) -> MaccorServer:
         return await self.start()

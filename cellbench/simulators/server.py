@@ -10,9 +10,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 log = logging.getLogger(__name__)
 
@@ -217,6 +217,44 @@ class PtySimServer(SimServer):
             os.close(self._master)
             os.close(self._slave)
             self._master = self._slave = -1
+
+
+StreamClient = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+class StreamServers:
+    """TCP listeners for simulators with their own framing (binary, JSON): each client a tracked task, every
+    listener and client closed by `close()`, so a test or `sim serve` leaves no half-open connection."""
+
+    def __init__(self) -> None:
+        self._servers: list[asyncio.Server] = []
+        self._clients: set[asyncio.Task[Any]] = set()
+
+    async def listen(self, client: StreamClient, host: str, port: int) -> int:
+        """Serve `client` on host:port (0: a free one); the port it listens on."""
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            task = asyncio.current_task()
+            assert task is not None
+            self._clients.add(task)
+            try:
+                await client(reader, writer)
+            finally:
+                self._clients.discard(task)
+
+        server = await asyncio.start_server(handle, host, port)
+        self._servers.append(server)
+        return int(server.sockets[0].getsockname()[1])
+
+    async def close(self) -> None:
+        for server in self._servers:
+            server.close()
+        for task in list(self._clients):
+            task.cancel()
+        await asyncio.gather(*self._clients, return_exceptions=True)
+        for server in self._servers:
+            with contextlib.suppress(Exception):
+                await server.wait_closed()
+        self._servers = []
 
 
 @dataclass(frozen=True)
