@@ -355,8 +355,12 @@ async def _run_channel(
     with RunLog(path.with_suffix(".log"), path.stem) as run_log:
         log.info("%s %s on channel %s (cell %s), recording to %s", "resuming" if resume else "starting",
                  profile.name, channel.name, entry.cell_id, path)
-        result = await _channel_run(channel, profile, profile_text, clock, path, on_progress, extra, base_dir,
-                                    coordinator, notices, resume, outage, supervise, run_log)
+        try:
+            result = await _channel_run(channel, profile, profile_text, clock, path, on_progress, extra, base_dir,
+                                        coordinator, notices, resume, outage, supervise, run_log)
+        except BaseException as exc:  # the registry must not say `running` for a run that is not
+            runs.end(entry, RunStatus.FAILED.value, f"failed: {type(exc).__name__}: {exc}")
+            raise
         outcome = result.outcome
         log.info("%s: %s after %.1f s of test time", channel.name, outcome.reason, outcome.test_time)
         runs.end(entry, outcome.status.value, outcome.reason)
