@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import settings
 
 from cellbench.simulators.cell import SolidStateCell
 from cellbench.simulators.keithley2450 import Keithley2450Sim
@@ -21,6 +22,12 @@ from cellbench.simulators.server import SimServer
 # The runs registry of every test (and of the subprocesses they start) is the session's own, never the
 # user's ~/.local/state; a test that looks at the registry sets its own folder.
 os.environ["CELLBENCH_STATE_DIR"] = tempfile.mkdtemp(prefix="cellbench-test-state-")
+
+# The fuzzers draw the same cases on every run, so CI passes or fails on the code alone; to hunt for new
+# cases, run with HYPOTHESIS_PROFILE=explore (fresh random draws each run).
+settings.register_profile("ci", derandomize=True, database=None)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 class ScriptedTransport:

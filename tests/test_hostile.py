@@ -68,6 +68,7 @@ def test_a_mutated_bench_file_validates_or_says_why_in_one_line(text: str) -> No
     ("name: a\x00b\nsteps:\n  - rest: 1 min\n", "p.yaml:1: a character YAML does not allow ('\\x00')"),
     ("name: c\nsteps:\n  - charge: {current: C/0, until: 4.2 V}\n", "p.yaml:3: steps[0].charge.current: 'C/0' is not"),
     ("name: r\nsteps:\n  - rest: 1/0 min\n", "p.yaml:3: steps[0].rest: '1/0 min' is not a duration"),
+    ("name: r\nsteps:\n  - rest\n", "p.yaml:3: steps[0]: 'rest' never ends"),
     ("name: r\nsteps:\n  - rest: (1 min\n", "p.yaml:3: steps[0].rest: '(1 min' is not a duration"),
     ("name: r\nsteps:\n  - rest: 9**9**9 s\n", "p.yaml:3: steps[0].rest: '9**9**9 s' is not a duration"),
     ("name: s\nsample_period: 1e-9 s\nsteps:\n  - rest: 1 min\n", "p.yaml:2: sample_period: "),

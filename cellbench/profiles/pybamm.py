@@ -67,6 +67,8 @@ def pybamm_step(text: str) -> dict[str, Any]:
     if verb == "rest":
         if m.group("value"):
             raise PydanticCustomError("pybamm", "'{text}': a rest has no 'at' value", {"text": text})
+        if not until:
+            raise PydanticCustomError("pybamm", "'{text}' never ends: add 'for ...' or 'until ...'", {"text": text})
         return {"rest": {"for": until[0], **({"until": until[1:]} if until[1:] else {}), **body}}
     value = m.group("value")
     if value is None:
