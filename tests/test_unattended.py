@@ -281,3 +281,79 @@ def test_resume_refuses_what_is_not_a_run_in_one_line(tmp_path: Path) -> None:
         result = runner.invoke(app, ["resume", str(db)])
         assert result.exit_code == 2, (db, result.output)
         assert says in result.output and isinstance(result.exception, SystemExit)
+
+
+def cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """A second terminal's cellbench command, beside the running controller (same registry)."""
+    return subprocess.run([sys.executable, "-m", "cellbench.bench.cli", *args], capture_output=True, text=True,
+                          env=run_env(tmp_path), timeout=60)
+
+
+def test_one_channel_is_paused_resumed_and_stopped_from_another_terminal_while_the_other_runs_on(
+        tmp_path: Path) -> None:
+    servers = [serve("keithley2450", "--port", "0", "--soc", "0.3") for _ in range(2)]
+    try:
+        (p1, r1), (p2, r2) = servers
+        bench = tmp_path / "bench.yaml"
+        bench.write_text(textwrap.dedent(f"""
+            name: pair
+            instruments:
+              smu1: {{driver: keithley2450, resource: "{r1}", timeout: 2 s}}
+              smu2: {{driver: keithley2450, resource: "{r2}", timeout: 2 s}}
+            cells:
+              A-1: {{capacity: 3.5 mAh, voltage_min: 2.5 V, voltage_max: 4.3 V}}
+              A-2: {{capacity: 3.5 mAh, voltage_min: 2.5 V, voltage_max: 4.3 V}}
+            channels:
+              ch1: {{cycler: smu1, cell: A-1}}
+              ch2: {{cycler: smu2, cell: A-2}}
+        """))
+        profile = tmp_path / "charge.yaml"
+        profile.write_text(PROFILE)
+        proc = start_run(tmp_path, bench, profile)
+        wait_until_sourcing(r1)
+        wait_until_sourcing(r2)
+        time.sleep(2.0)
+        done = cli(tmp_path, "pause", "ch1", "--reason", "checking the crimp")
+        assert done.returncode == 0 and "pauses" in done.stdout, done.stdout + done.stderr
+        deadline = time.monotonic() + 10
+        while ask(r1, ":OUTP?") != "0" and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert ask(r1, ":OUTP?") == "0" and ask(r2, ":OUTP?") == "1"  # only the paused channel rests
+        status = cli(tmp_path, "status", "--json")
+        states = {row["channel"]: row["state"] for row in __import__("json").loads(status.stdout)}
+        assert states == {"ch1": "paused", "ch2": "running"}, status.stdout
+        again = cli(tmp_path, "pause", "ch1")
+        assert again.returncode == 1 and "already paused" in again.stderr + again.stdout
+        time.sleep(3.0)  # paused: not test time
+        assert cli(tmp_path, "resume", "ch1").returncode == 0
+        wait_until_sourcing(r1)
+        time.sleep(2.0)
+        stopped = cli(tmp_path, "stop", "ch2")
+        assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+        deadline = time.monotonic() + 10
+        while ask(r2, ":OUTP?") != "0" and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert ask(r2, ":OUTP?") == "0" and ask(r1, ":OUTP?") == "1"  # the other channel sources on
+        assert cli(tmp_path, "stop", "nope").returncode == 2
+        time.sleep(1.5)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+        assert proc.returncode == 143, out
+        assert ask(r1, ":OUTP?") == "0"
+        dbs = {sqlite3.connect(db).execute("SELECT value FROM meta WHERE key = 'channel'").fetchone()[0]: db
+               for db in (tmp_path / "runs").glob("*.sqlite")}
+        one = sqlite3.connect(dbs['"ch1"'])
+        kinds = [k for (k,) in one.execute("SELECT kind FROM events ORDER BY rowid")]
+        assert kinds.count("start") == 1 and kinds.count("end") == 1 and kinds[-1] == "end"
+        assert kinds.index("paused") < kinds.index("resumed")
+        times = [t for (t,) in one.execute('SELECT "Test Time / s" FROM samples ORDER BY rowid')]
+        gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+        assert max(gaps) < 2.5  # the 3 s pause is not test time: samples go on from where they stood
+        two = sqlite3.connect(dbs['"ch2"'])
+        assert two.execute("SELECT message FROM events WHERE kind = 'end'").fetchone()[0] == \
+            "interrupted: stopped by an operator"
+        assert "Traceback" not in out
+    finally:
+        for p, _ in servers:
+            p.terminate()
+            p.wait(timeout=10)

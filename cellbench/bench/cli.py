@@ -17,7 +17,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.tree import Tree
 
-from cellbench.bench import engine, runs
+from cellbench.bench import control, engine, runs
 from cellbench.bench.analysis import run_cycle_table
 from cellbench.bench.clock import RealClock, VirtualClock
 from cellbench.bench.config import BenchConfig, load_bench
@@ -315,13 +315,19 @@ def _on_real_bench(work: Callable[[RealClock, Progress], Coroutine[Any, Any, lis
 
 @app.command()
 def resume(
-    run_db: Annotated[Path, typer.Argument(help="the run database of the run to continue (runs/....sqlite)")],
+    target: Annotated[str, typer.Argument(help="a paused channel of a running controller (its run ID or channel "
+                                               "name), or the run database of a run to continue (runs/....sqlite)")],
     bench: Annotated[Path | None, typer.Option("--bench", help="a bench file, if the instruments have moved")] = None,
     clear_latch: Annotated[
         bool, typer.Option("--clear-latch", help="resume a run that a safety stop ended, the cell checked")
     ] = False,
 ) -> None:
-    """Continue a run that was killed or interrupted, in its own database, at the step where it stood."""
+    """Carry on a paused channel, or a run that was killed or interrupted (in its own database, at the step where
+    it stood)."""
+    if (entry := _live_run(target, need=False)) is not None and entry.state == runs.PAUSED:
+        _command("resume", entry, "by an operator")
+        return
+    run_db = Path(target)
     try:
         cfg = load_bench(bench) if bench is not None else None
     except InputError as exc:
@@ -332,6 +338,58 @@ def resume(
                                  clear_latch=clear_latch, on_start=_announce)]
 
     _on_real_bench(one)
+
+
+TargetArgument = Annotated[str, typer.Argument(help="the channel's run ID (see `cellbench runs`), its channel name, "
+                                                    "or its database")]
+ReasonOption = Annotated[str, typer.Option(help="why (recorded in the run's events)")]
+
+
+@app.command()
+def pause(target: TargetArgument, reason: ReasonOption = "by an operator") -> None:
+    """Pause one running channel of a controller: its output off and its state saved, the others running on;
+    `cellbench resume` carries it on."""
+    entry = _live_run(target)
+    assert entry is not None
+    _command("pause", entry, reason)
+
+
+@app.command()
+def stop(target: TargetArgument, reason: ReasonOption = "stopped by an operator") -> None:
+    """Stop one running or paused channel of a controller (output off, recorded interrupted); the others run on."""
+    entry = _live_run(target)
+    assert entry is not None
+    _command("stop", entry, reason)
+
+
+def _live_run(target: str, *, need: bool = True) -> runs.RunEntry | None:
+    """The running or paused run a target names (run ID, channel, or database); one line and exit 2 when none
+    or several do (unless not `need`: then None)."""
+    here = [e for e in runs.entries() if e.state in (runs.RUNNING, runs.PAUSED)]
+    path = Path(target)
+    found = [e for e in here if e.run_id == target] or [e for e in here if e.channel == target] or [
+        e for e in here if path.exists() and Path(e.database).exists() and Path(e.database).samefile(path)]
+    if len(found) == 1:
+        return found[0]
+    if not need:
+        return None
+    if found:
+        raise _fail(f"'{target}' names {len(found)} live runs ({', '.join(e.run_id for e in found)}): give the run ID")
+    raise _fail(f"no running or paused run is '{target}' (see `cellbench status`)")
+
+
+def _command(action: str, entry: runs.RunEntry, reason: str) -> None:
+    if entry.control is None:
+        raise _fail(f"run {entry.run_id}: its controller takes no commands (a dry run, or an older cellbench); "
+                    f"stop it with a signal to pid {entry.pid}")
+    try:
+        reply = asyncio.run(control.send(Path(entry.control), control.Command(
+            action=action, channel=entry.channel, reason=reason)))
+    except (OSError, TimeoutError) as exc:
+        raise _fail(f"run {entry.run_id}: its controller (pid {entry.pid}) did not answer: {exc}", 1) from None
+    if not reply.ok:
+        raise _fail(f"run {entry.run_id}: {reply.message}", 1)
+    console.print(f"{entry.run_id}: {reply.message}", highlight=False)
 
 
 def _profile_path(profile: Path) -> Path:
@@ -533,8 +591,9 @@ def _hms(seconds: float | None) -> str:
 
 def _status_table(lives: list[runs.Live]) -> Table:
     table = Table(title=f"running on this machine at {runs.utc(time.time())}")
-    for col in ("run ID", "cell", "channel", "step", "cycle", "V", "mA", "degC", "MPa", "elapsed", "remaining"):
-        table.add_column(col, justify="right" if col not in ("run ID", "cell", "channel", "step") else "left")
+    for col in ("run ID", "cell", "channel", "state", "step", "cycle", "V", "mA", "degC", "MPa", "elapsed",
+                "remaining"):
+        table.add_column(col, justify="right" if col not in ("run ID", "cell", "channel", "state", "step") else "left")
 
     def num(value: float | None, fmt: str, scale: float = 1.0) -> str:
         return "-" if value is None else format(value * scale, fmt)
@@ -542,7 +601,7 @@ def _status_table(lives: list[runs.Live]) -> Table:
     for lv in lives:
         step = "-" if lv.step_count is None else f"{lv.step_count}/{lv.total_steps or '?'} {lv.step_type}"
         cycle = "-" if lv.cycle is None else str(lv.cycle)
-        table.add_row(lv.entry.run_id, lv.entry.cell_id, lv.entry.channel, step, cycle,
+        table.add_row(lv.entry.run_id, lv.entry.cell_id, lv.entry.channel, lv.entry.state, step, cycle,
                       num(lv.voltage, ".4f"), num(lv.current, "+.4f", 1e3), num(lv.temperature_c, ".1f"),
                       num(lv.pressure_mpa, ".2f"), _hms(lv.test_time), _hms(lv.remaining_s))
     return table
@@ -554,9 +613,9 @@ def status(
     watch: Annotated[bool | None, typer.Option(help="refresh until Ctrl-C (default: on a terminal)")] = None,
     interval: Annotated[float, typer.Option(min=0.2, help="seconds between refreshes")] = 2.0,
 ) -> None:
-    """The live state of every running channel on this machine, from any terminal."""
+    """The live state of every running or paused channel on this machine, from any terminal."""
     def now() -> list[runs.Live]:
-        return [runs.live(e) for e in runs.select(runs.entries(), state=runs.RUNNING)]
+        return [runs.live(e) for e in runs.entries() if e.state in (runs.RUNNING, runs.PAUSED)]
 
     if as_json:
         print(json.dumps([lv.as_dict() for lv in now()], indent=1, default=str))

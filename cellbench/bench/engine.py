@@ -76,6 +76,11 @@ class Interrupted(Exception):
     """Stopped from outside (a signal, an operator): the run ends in the safe state, recorded `interrupted`."""
 
 
+class Paused(Interrupted):
+    """An operator paused the channel: the output goes off and the state is saved, and the run's own controller
+    may carry it on from there (`Engine.run(resume=...)`); the pause is not test time."""
+
+
 @dataclass(frozen=True)
 class Progress:
     test_time: float
@@ -193,7 +198,8 @@ class Engine:
         finally:
             await self._output_off()
             self._checkpoint()
-            self._note(NoteKind.END, reason)
+            if status is not RunStatus.PAUSED:  # a paused run has not ended
+                self._note(NoteKind.END, reason)
         return Outcome(status is RunStatus.COMPLETED, reason, self._t(), self.state.step_count, self.state.cycle,
                        status)
 
@@ -231,6 +237,9 @@ class Engine:
             self.events.publish(SafetyTripped(str(exc), self._t()))
             self._note(NoteKind.SAFETY, str(exc))
             return RunStatus.SAFETY_STOP, f"safety stop: {exc}"
+        if isinstance(exc, Paused):
+            self._note(NoteKind.PAUSED, str(exc))
+            return RunStatus.PAUSED, f"paused: {exc}"
         if isinstance(exc, RecordingFailed):
             self._note(NoteKind.RECORDING, str(exc))
             return RunStatus.RECORDING_FAILED, f"recording failed: {exc}"

@@ -35,6 +35,7 @@ class NoteKind(StrEnum):
     RECOVERED = "recovered"
     SHORT = "short"
     RESUMED = "resumed"
+    PAUSED = "paused"
 
 
 @dataclass(frozen=True, slots=True)

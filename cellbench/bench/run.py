@@ -3,23 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import re
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from cellbench.bench import guardian, runs
+from cellbench.bench import control, guardian, runs
 from cellbench.bench.channel import Channel
 from cellbench.bench.clock import Clock
 from cellbench.bench.config import BenchConfig
-from cellbench.bench.engine import Engine, Interrupted, Outcome, Progress, RecordingFailed
-from cellbench.bench.events import EventBus
+from cellbench.bench.engine import Engine, Interrupted, Outcome, Paused, Progress, RecordingFailed
+from cellbench.bench.events import EventBus, Note, NoteKind
 from cellbench.bench.instruments import Instruments
 from cellbench.bench.runlog import RunLog
 from cellbench.bench.runstate import RunState, RunStatus
@@ -97,11 +98,14 @@ def exit_code(results: list[ChannelResult]) -> int:
 
 
 class _Coordinator:
-    """What the channels of one bench share: stop signals, and a storage failure that stops them all."""
+    """What the channels of one bench share: stop signals, a storage failure that stops them all, and the
+    operator's commands to one channel (pause, resume, stop) that leave the others running."""
 
     def __init__(self) -> None:
-        self.engines: list[Engine] = []
+        self.engines: dict[str, Engine] = {}  # each channel's engine while it runs
+        self.held: dict[str, asyncio.Future[tuple[str, str]]] = {}  # paused channels: ("resume"|"stop", why)
         self.stopping: Interrupted | RecordingFailed | None = None
+        self.control: Path | None = None  # the socket this controller takes commands on (`bench.control`)
         self._main: asyncio.Task[Any] | None = None
         self._signals: list[signal.Signals] = []
 
@@ -109,15 +113,54 @@ class _Coordinator:
         if self.stopping is None:
             self.stopping = reason
             log.warning("stopping every channel: %s", reason)
-        for engine in self.engines:
+        for engine in self.engines.values():
             engine.stop(reason)
-        if not self.engines and self._main is not None:
+        for waiting in self.held.values():
+            if not waiting.done():
+                waiting.set_result(("stop", str(reason)))
+        if not self.engines and not self.held and self._main is not None:
             self._main.cancel()  # still opening instruments: stop that
 
-    def add(self, engine: Engine) -> None:
-        self.engines.append(engine)
+    def add(self, name: str, engine: Engine) -> None:
+        self.engines[name] = engine
         if self.stopping is not None:
             engine.stop(self.stopping)
+
+    def done(self, name: str) -> None:
+        self.engines.pop(name, None)
+
+    async def hold(self, name: str) -> tuple[str, str]:
+        """Wait, paused, for the operator's "resume" or "stop" (or every channel's stop), and why."""
+        if self.stopping is not None:
+            return "stop", str(self.stopping)
+        waiting: asyncio.Future[tuple[str, str]] = asyncio.get_running_loop().create_future()
+        self.held[name] = waiting
+        try:
+            return await waiting
+        finally:
+            del self.held[name]
+
+    def command(self, action: str, name: str, reason: str) -> tuple[bool, str]:
+        """Pause, resume or stop one channel; returns whether it was done and what to tell the operator."""
+        engine, waiting = self.engines.get(name), self.held.get(name)
+        if engine is None and waiting is None:
+            known = ", ".join(sorted({*self.engines, *self.held})) or "none"
+            return False, f"channel '{name}' is not running on this controller (running or paused: {known})"
+        if action == "pause":
+            if engine is None:
+                return False, f"channel '{name}' is already paused"
+            engine.stop(Paused(reason))
+            return True, f"channel '{name}' pauses: output off, state saved"
+        if action == "resume":
+            if waiting is None or waiting.done():
+                return False, f"channel '{name}' is not paused"
+            waiting.set_result(("resume", reason))
+            return True, f"channel '{name}' resumes where it stood"
+        if engine is not None:
+            engine.stop(Interrupted(reason))
+        elif waiting is not None and not waiting.done():
+            waiting.set_result(("stop", reason))
+        return True, f"channel '{name}' stops: output off, recorded interrupted"
 
     def catch_signals(self) -> None:
         """SIGINT, SIGTERM and SIGHUP stop every channel in the safe state (main thread only)."""
@@ -231,7 +274,9 @@ async def _on_bench(
     if handle_signals:
         coordinator.catch_signals()
     try:
-        async with Instruments(bench) as instruments:
+        # the operator's commands to one channel, from another terminal: the controller of a real bench only
+        commands = control.serving(coordinator.command) if handle_signals and not clock.virtual else _no_commands()
+        async with commands as coordinator.control, Instruments(bench) as instruments:
             where = paths()
             # on a real bench a guardian process turns the outputs off if this process dies a hard death
             watchdog = None if clock.virtual else await asyncio.to_thread(
@@ -248,6 +293,11 @@ async def _on_bench(
         if isinstance(r, BaseException):
             raise r
     return [r for r in results if isinstance(r, ChannelResult)]
+
+
+@contextlib.asynccontextmanager
+async def _no_commands() -> AsyncIterator[None]:
+    yield None
 
 
 async def resume_run(
@@ -351,13 +401,18 @@ async def _run_channel(
     if about.on_start is not None:
         about.on_start(channel.name, path)
     entry = runs.begin(path, channel=channel.name, cell_id=channel.cell_id or channel.name, bench=about.bench,
-                       profile=profile.name, clock="virtual" if clock.virtual else "real", operator=about.operator)
+                       profile=profile.name, clock="virtual" if clock.virtual else "real", operator=about.operator,
+                       control=None if coordinator is None or coordinator.control is None else str(coordinator.control))
+
+    def on_state(state: str, reason: str) -> None:  # paused, or running again
+        runs.save(entry.model_copy(update={"state": state, "reason": reason}))
+
     with RunLog(path.with_suffix(".log"), path.stem) as run_log:
         log.info("%s %s on channel %s (cell %s), recording to %s", "resuming" if resume else "starting",
                  profile.name, channel.name, entry.cell_id, path)
         try:
             result = await _channel_run(channel, profile, profile_text, clock, path, on_progress, extra, base_dir,
-                                        coordinator, notices, resume, outage, supervise, run_log)
+                                        coordinator, notices, resume, outage, supervise, run_log, on_state)
         except BaseException as exc:  # the registry must not say `running` for a run that is not
             runs.end(entry, RunStatus.FAILED.value, f"failed: {type(exc).__name__}: {exc}")
             raise
@@ -425,6 +480,7 @@ async def _channel_run(
     outage: tuple[float, float] | None,
     supervise: bool | None,
     run_log: RunLog,
+    on_state: Callable[[str, str], None],
 ) -> ChannelResult:
     cell = channel.cell
     loop = asyncio.get_running_loop()
@@ -455,16 +511,31 @@ async def _channel_run(
         events.subscribe(store.record)
         events.subscribe(run_log.on_event)
         progress = (lambda p: on_progress(channel.name, p)) if on_progress else None
-        engine = Engine(profile, channel, events, clock, on_progress=progress, base_dir=base_dir, notices=notices)
-        coordinator.add(engine)
         watch = not clock.virtual if supervise is None else supervise
-        watcher = asyncio.ensure_future(Supervisor(engine, channel, profile, clock).run()) if watch else None
-        try:
-            outcome = await engine.run(resume, outage)
-        finally:
-            if watcher is not None:
-                watcher.cancel()
-                await asyncio.gather(watcher, return_exceptions=True)
+        while True:  # one pass, or one per pause: the operator may pause and resume the channel
+            engine = Engine(profile, channel, events, clock, on_progress=progress, base_dir=base_dir, notices=notices)
+            coordinator.add(channel.name, engine)
+            watcher = asyncio.ensure_future(Supervisor(engine, channel, profile, clock).run()) if watch else None
+            try:
+                outcome = await engine.run(resume, outage)
+            finally:
+                coordinator.done(channel.name)
+                if watcher is not None:
+                    watcher.cancel()
+                    await asyncio.gather(watcher, return_exceptions=True)
+            if outcome.status is not RunStatus.PAUSED:
+                break
+            log.warning("%s: %s", channel.name, outcome.reason)
+            on_state(RunStatus.PAUSED.value, outcome.reason)
+            action, why = await coordinator.hold(channel.name)
+            if action == "stop":
+                outcome = Outcome(False, f"interrupted: {why}", outcome.test_time, outcome.steps, outcome.cycles,
+                                  RunStatus.INTERRUPTED)
+                events.publish(Note(NoteKind.END, outcome.reason, outcome.test_time, time.time()))
+                break
+            log.info("%s: resumed by the operator (%s)", channel.name, why)
+            on_state(runs.RUNNING, "")
+            resume, outage, notices = engine.state, None, None
     finally:
         # the last batch is committed off the control loop on the real clock (other channels keep sampling)
         if clock.virtual:

@@ -27,6 +27,7 @@ from cellbench.bench.locks import alive
 
 log = logging.getLogger(__name__)
 RUNNING = "running"
+PAUSED = "paused"
 
 
 def state_dir() -> Path:
@@ -59,11 +60,12 @@ class RunEntry(BaseModel):
     started: float  # Unix time
     ended: float | None = None
     operator: str | None = None
+    control: str | None = None  # the controller's command socket (pause, resume, stop), while it runs
 
     @property
     def gone(self) -> bool:
         """Registered as running by a process of this machine that no longer exists."""
-        return self.state == RUNNING and self.host == socket.gethostname() and not alive(self.pid)
+        return self.state in (RUNNING, PAUSED) and self.host == socket.gethostname() and not alive(self.pid)
 
     def shown(self) -> RunEntry:
         """The entry as it should be read: a run whose process died is interrupted."""

@@ -49,6 +49,7 @@ class RunStatus(StrEnum):
     FAULT = "instrument fault"
     RECORDING_FAILED = "recording failed"
     INTERRUPTED = "interrupted"  # a signal (SIGINT, SIGTERM, SIGHUP) or an operator stopped it
+    PAUSED = "paused"  # an operator paused it: output off, state saved, its controller may resume it
     CANCELLED = "cancelled"
 
 
