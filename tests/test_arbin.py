@@ -104,3 +104,90 @@ async def test_our_driver_runs_a_schedule_and_stops_the_channel() -> None:
     finally:
         await cti.close()
         await server.close()
+
+
+ON_BOARD = """
+name: formation on the cycler
+sample_period: 1 min
+steps:
+  - schedule: {name: Formation_C10.sdx, variables: {1: 0.00025}}  # MV_UD1: its charge current, A
+  - schedule: {name: Formation_C10.sdx, until: 10 min}
+"""
+
+
+def arbin_bench(resource: str, login: Path, channels: int = 2) -> object:
+    from cellbench.bench.config import BenchConfig
+
+    return BenchConfig.model_validate({
+        "name": "arbin", "instruments": {"a1": {"driver": "arbin", "resource": resource, "login_file": str(login)}},
+        "cells": {f"C-{k}": {"capacity": "3.5 mAh", "voltage_min": "2.5 V", "voltage_max": "4.3 V"}
+                  for k in range(channels)},
+        "channels": {f"ch{k}": {"cycler": "a1", "cycler_channel": k, "cell": f"C-{k}"} for k in range(channels)},
+    })
+
+
+def test_a_profile_runs_the_cyclers_own_schedule_steered_by_a_variable_and_records_it(tmp_path: Path) -> None:
+    """On-board steps: cellbench assigns and starts the schedule, sets its variable, samples it like any step,
+    ends the step when the schedule finishes, and stops it itself on a limit of its own."""
+    from cellbench.bench.clock import VirtualClock
+    from cellbench.bench.run import run_bench
+    from cellbench.bench.store import open_run
+    from cellbench.profiles.parse import parse_profile
+
+    text = ON_BOARD
+    login = tmp_path / "arbin.login"
+    login.write_text("u:p\n")
+    clock = VirtualClock()
+    cells = [SolidStateCell(soc=0.3) for _ in range(2)]
+
+    charged_by_sim: list[float] = []  # channel 0's own charge counter as each new schedule starts
+
+    async def main() -> list[object]:
+        sim = ArbinSim(cells, asyncio.get_running_loop().time, username="u", password="p")
+        answer = sim.answer
+
+        def counting(code: int, body: bytes, logged_in: bool) -> tuple[bytes, bool]:
+            if code == 0xBB320004 and int.from_bytes(body[156:158], "little") == 0:
+                charged_by_sim.append(sim.channels[0].charge_ah)
+            return answer(code, body, logged_in)
+
+        sim.answer = counting  # type: ignore[method-assign]
+        server = await ArbinServer(sim).start()
+        try:
+            out = await run_bench(arbin_bench(server.resource, login), parse_profile(text), text,  # type: ignore[arg-type]
+                                  clock, runs_dir=tmp_path, handle_signals=False)
+            assert [ch.status for ch in sim.channels] == [0, 0]  # our limit stopped the second schedule: Idle
+            return list(out)
+        finally:
+            await server.close()
+
+    results = clock.run(main())
+    assert [r.outcome.completed for r in results] == [True, True]  # type: ignore[attr-defined]
+    with open_run(results[0].database) as store:  # type: ignore[attr-defined]
+        steps, events, samples = store.steps(), store.events(), store.samples()
+    assert [(s["step_type"], s["end_reason"]) for s in steps] == [
+        ("Schedule", "the cycler's schedule 'Formation_C10.sdx' ended"), ("Schedule", "time 600 s")]
+    assert any(e["kind"] == "schedule" and "with variables 1 = 0.00025" in e["message"] for e in events)
+    first = [s for s in samples if s.step_count == 1]
+    assert max(s.current for s in first) == pytest.approx(0.25e-3, rel=1e-3)  # steered: not the C/10 default
+    assert {s.step_type for s in first} == {"Schedule"}
+    # the charge the record integrates from one-minute samples agrees with the cycler's own counter
+    assert charged_by_sim[1] > 2e-3
+    assert max(s.charge_ah for s in first) == pytest.approx(charged_by_sim[1], rel=2e-3)
+    assert len({round(s.test_time) for s in samples if s.step_count == 2}) >= 10
+
+
+def test_host_driven_steps_on_an_arbin_and_schedules_on_a_2450_are_refused_before_the_run(tmp_path: Path) -> None:
+    from cellbench.bench.config import BenchConfig
+    from cellbench.bench.run import channel_problems
+    from cellbench.profiles.parse import parse_profile
+
+    bench = arbin_bench("TCPIP::127.0.0.1::9031::SOCKET", tmp_path / "none", 1)
+    said = channel_problems(bench, "ch0", parse_profile("name: x\nsteps:\n  - charge: {current: C/10, until: 4.2 V}\n"))  # type: ignore[arg-type]
+    assert said == [(("steps", 0), "arbin 'a1' runs only its own schedules: name one in a 'schedule' step")]
+    smu = BenchConfig.model_validate({
+        "name": "s", "instruments": {"smu1": {"driver": "keithley2450", "resource": "TCPIP::127.0.0.1::5025::SOCKET"}},
+        "cells": {"c": {"capacity": "3.5 mAh", "voltage_min": "2.5 V", "voltage_max": "4.3 V"}},
+        "channels": {"ch1": {"cycler": "smu1", "cell": "c"}}})
+    said = channel_problems(smu, "ch1", parse_profile(ON_BOARD))
+    assert said[0][1] == "keithley2450 'smu1' runs no schedules of its own: write the steps out"

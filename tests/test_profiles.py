@@ -83,7 +83,7 @@ def test_every_problem_is_reported_not_just_the_first() -> None:
     )
     assert found == [
         "cycle.yaml:3: steps[0]: unknown step 'rset' (expected one of: charge, discharge, cc, hold, cv, cccv, "
-        "rest, ramp, drive, pulse, wait, set, eis, repeat)",
+        "rest, ramp, drive, pulse, wait, set, eis, schedule, repeat)",
         "cycle.yaml:4: steps[1].rest: 1 has no unit: a duration needs one, e.g. '1 s'",
         "cycle.yaml:5: steps[2].charge.current: '4 parsecs' is not a current (e.g. '2 mA' or 'C/10')",
         "cycle.yaml:6: steps[3].hold: a step needs at least one limit in 'until', or it never ends",

@@ -6,6 +6,7 @@ over the real wire, and asks the simulated 2450 itself whether its output is sti
 
 from __future__ import annotations
 
+import itertools
 import signal
 import socket
 import sqlite3
@@ -293,7 +294,7 @@ def test_one_channel_is_paused_resumed_and_stopped_from_another_terminal_while_t
         tmp_path: Path) -> None:
     servers = [serve("keithley2450", "--port", "0", "--soc", "0.3") for _ in range(2)]
     try:
-        (p1, r1), (p2, r2) = servers
+        (_p1, r1), (_p2, r2) = servers
         bench = tmp_path / "bench.yaml"
         bench.write_text(textwrap.dedent(f"""
             name: pair
@@ -347,7 +348,7 @@ def test_one_channel_is_paused_resumed_and_stopped_from_another_terminal_while_t
         assert kinds.count("start") == 1 and kinds.count("end") == 1 and kinds[-1] == "end"
         assert kinds.index("paused") < kinds.index("resumed")
         times = [t for (t,) in one.execute('SELECT "Test Time / s" FROM samples ORDER BY rowid')]
-        gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+        gaps = [b - a for a, b in itertools.pairwise(times)]
         assert max(gaps) < 2.5  # the 3 s pause is not test time: samples go on from where they stood
         two = sqlite3.connect(dbs['"ch2"'])
         assert two.execute("SELECT message FROM events WHERE kind = 'end'").fetchone()[0] == \

@@ -24,6 +24,7 @@ from cellbench.bench.config import BenchConfig, load_bench
 from cellbench.bench.run import (
     ChannelResult,
     ProfileFile,
+    channel_problems,
     channel_range_problems,
     exit_code,
     resume_run,
@@ -32,7 +33,7 @@ from cellbench.bench.run import (
 from cellbench.bench.store import NotARun, open_run
 from cellbench.drivers.errors import InstrumentFault
 from cellbench.drivers.registry import DriverSpec, drivers, simulator
-from cellbench.profiles.checks import cell_problems, instrument_problems, loop_warnings
+from cellbench.profiles.checks import cell_problems, loop_warnings
 from cellbench.profiles.library import library_path
 from cellbench.profiles.parse import InputError, load_profile, locate
 from cellbench.profiles.schema import Profile, RepeatStep, body_of
@@ -421,10 +422,8 @@ def validate(
     problems = []
     for name, ch in cfg.channels.items():
         c = cfg.cells[ch.cell]
-        found = cell_problems(prof, c.voltage_min, c.voltage_max) + channel_range_problems(cfg, name, prof)
-        if bench is not None:
-            found += instrument_problems(prof, has_chamber=ch.chamber is not None, has_press=ch.press is not None,
-                                         has_potentiostat=ch.potentiostat is not None)
+        found = cell_problems(prof, c.voltage_min, c.voltage_max)
+        found += channel_problems(cfg, name, prof) if bench is not None else channel_range_problems(cfg, name, prof)
         problems += [(p, f"{m} ({where}, channel '{name}')" if bench is not None else f"{m} ({where})")
                      for p, m in found]
     if problems:

@@ -45,6 +45,9 @@ class InstrumentConfig(Strict):
     baud_rate: int | None = Field(default=None, gt=0, description="serial lines only; by default the driver's")
     address: int | None = Field(default=None, ge=0, description="RS-485 address of an ESPEC chamber")
     device_id: int = Field(default=1, ge=0, le=247, description="Modbus unit id of a press")
+    login_file: Path | None = Field(default=None, description="a file holding 'user:password' for an instrument "
+                                                              "that asks for a login (Arbin CTI); read when it is "
+                                                              "opened, never recorded")
     reconnect_grace: Duration = Field(
         default=60.0, ge=0, description="how long a lost, silent or garbling instrument is reconnected before its "
                                         "channels are made safe and fail (0: at once)")
@@ -101,10 +104,10 @@ class BenchConfig(Strict):
             "name": self.name,
             **{k: v for k, v in (("operator", self.operator), ("comment", self.comment), ("notify", self.notify))
                if v is not None},
-            "instruments": {n: {**i.model_dump(exclude_none=True), "timeout": f"{i.timeout!r} s",
+            "instruments": {n: {**i.model_dump(mode="json", exclude_none=True), "timeout": f"{i.timeout!r} s",
                                 "reconnect_grace": f"{i.reconnect_grace!r} s"} for n, i in self.instruments.items()},
             "cells": {n: c.as_written() for n, c in self.cells.items()},
-            "channels": {n: c.model_dump(exclude_none=True) for n, c in self.channels.items()},
+            "channels": {n: c.model_dump(mode="json", exclude_none=True) for n, c in self.channels.items()},
         }
 
     def reference_problems(self) -> list[tuple[tuple[str | int, ...], str]]:

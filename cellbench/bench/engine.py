@@ -43,6 +43,7 @@ from cellbench.bench.roles import (
     ConnectionLost,
     InstrumentFault,
     InstrumentTimeout,
+    OnBoard,
     ProtocolError,
     Reading,
 )
@@ -52,7 +53,7 @@ from cellbench.bench.walker import Walker, dotted
 from cellbench.profiles.conditions import SetBody, WaitBody
 from cellbench.profiles.controls import PULSE_SETTLE, Control, SourceMode, StepType, build_control
 from cellbench.profiles.program import END, Program, compile_profile
-from cellbench.profiles.schema import Check, EisBody, Limit, Profile, RecordRule, body_of
+from cellbench.profiles.schema import Check, EisBody, Limit, Profile, RecordRule, ScheduleBody, body_of
 from cellbench.profiles.units import human_duration
 
 log = logging.getLogger(__name__)
@@ -384,8 +385,12 @@ class Engine:
             step = resumed
             step.stable_since = None
         self._checkpoint()
-        await self._apply(ctl, self._t() - step.start, last.voltage)
-        await self.channel.cycler.output(True)
+        onboard = ins.node.kind == "schedule"
+        if onboard:
+            await self._start_schedule(body, again=resumed is not None)
+        else:
+            await self._apply(ctl, self._t() - step.start, last.voltage)
+            await self.channel.cycler.output(True)
         period = body.sample_period or self.profile.sample_period
         rule = body.record or self.profile.record
         limits = policy.resolve_limits(ctl, capacity=self._capacity(), last_voltage=last.voltage)
@@ -419,6 +424,7 @@ class Engine:
                 policy.budget_ended(st.budgets, t)
                 or self._limit_reached(ctl, limits, work, step.totals, reading, t_step)
                 or (self._stable(body, step, t) if ins.node.kind == "wait" else None)
+                or (await self._schedule_ended(body) if onboard else None)
             )
             unsafe = policy.unsafe(reading, cell, self.profile.safety, self._cond)
             planned_end = ended is not None and self.walker.resolve(pc, ended.target) == END
@@ -431,6 +437,8 @@ class Engine:
             if unsafe and not planned_end:  # a limit that ends the test on this reading was planned for it
                 raise SafetyStop(unsafe)
             if ended:
+                if onboard and ended.kind is not EndKind.SCHEDULE:  # a limit of ours ends the cycler's schedule
+                    await self.channel.cycler.output(False)
                 st.cycle_totals.resolution_ah += work.last_ah
                 ended = self._checked(body.check, ended, ctl, step.totals)
                 self._end_step(ended, t)
@@ -452,6 +460,29 @@ class Engine:
                     t_apply = min(t_apply, edges[0] - 1e-6)
                 await self._apply_surely(ctl, t_apply, reading.voltage)
             next_sample = policy.next_sample_at(scheduled, t, interval)
+
+    async def _start_schedule(self, body: ScheduleBody, *, again: bool) -> None:
+        """Assign and start the cycler's own schedule, and set its variables; on a resume, watch it again if it
+        still runs (a schedule is never started twice for one step)."""
+        cycler = self.channel.cycler
+        if not isinstance(cycler, OnBoard):
+            raise ProfileFailed(f"{cycler.name} runs no schedules of its own")
+        self.state.setpoint = None  # nothing to apply again after a reconnect: the cycler runs the step
+        if again:
+            running = await cycler.schedule_running()
+            self._note(NoteKind.SCHEDULE, f"schedule '{body.name}' on {cycler.name} "
+                                          f"{'still runs: watched again' if running else 'ended while unwatched'}")
+            return
+        name = f"{self.profile.name} step {self.state.step_count}"[:72]
+        await cycler.start_schedule(body.name, test_name=name, variables=dict(body.variables))
+        said = ", ".join(f"{k} = {v:g}" for k, v in sorted(body.variables.items()))
+        self._note(NoteKind.SCHEDULE, f"schedule '{body.name}' started on {cycler.name}"
+                                      + (f" with variables {said}" if said else ""))
+
+    async def _schedule_ended(self, body: ScheduleBody) -> Ending | None:
+        if await self.channel.cycler.schedule_running():  # type: ignore[attr-defined]
+            return None
+        return Ending(EndKind.SCHEDULE, f"the cycler's schedule '{body.name}' ended", "next")
 
     async def _run_set(self, pc: int, body: SetBody) -> int:
         """New temperature and pressure setpoints, in sequence with the steps; takes no time."""

@@ -36,6 +36,7 @@ class NoteKind(StrEnum):
     SHORT = "short"
     RESUMED = "resumed"
     PAUSED = "paused"
+    SCHEDULE = "schedule"
 
 
 @dataclass(frozen=True, slots=True)

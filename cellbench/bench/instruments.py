@@ -41,7 +41,8 @@ class Instruments:
         lock.acquire(f"bench '{self.bench.name}'")
         self._locks.append(lock)
         request = OpenRequest(name=name, resource=cfg.resource, timeout=cfg.timeout, backend=cfg.backend,
-                              baud_rate=cfg.baud, address=cfg.address, device_id=cfg.device_id, area_cm2=cell.area)
+                              baud_rate=cfg.baud, address=cfg.address, device_id=cfg.device_id, area_cm2=cell.area,
+                              login_file=None if cfg.login_file is None else str(cfg.login_file.resolve()))
         opened = await driver(cfg.driver).open(request)
         self.requests[name] = (cfg.driver, request)
         self._closers[name] = opened.close

@@ -150,6 +150,19 @@ class Cycler(Instrument, Protocol):
 
 
 @runtime_checkable
+class OnBoard(Protocol):
+    """A cycler channel that runs schedules stored on the cycler (a profile's `schedule` step). Its `output(False)`
+    stops the schedule, as with every cycler."""
+
+    async def start_schedule(self, name: str, *, test_name: str, variables: dict[int, float]) -> None: ...
+
+    async def schedule_running(self) -> bool:
+        """Whether the schedule still runs; raises InstrumentFault when the cycler stopped it on a fault of its
+        own (unsafe, error)."""
+        ...
+
+
+@runtime_checkable
 class Chamber(Instrument, Protocol):
     """Holds the air around the cells at a temperature."""
 

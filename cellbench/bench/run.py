@@ -58,6 +58,19 @@ def channel_range_problems(bench: BenchConfig, channel: str, profile: Profile) -
     return range_problems(profile, bench.cells[ch.cell].capacity, spec.max_current, f"{spec.name} '{ch.cycler}'")
 
 
+def channel_problems(bench: BenchConfig, channel: str, profile: Profile) -> list[Problem]:
+    """What the profile asks of the channel that its instruments cannot do (besides the cell's window)."""
+    ch = bench.channels[channel]
+    spec = driver(bench.instruments[ch.cycler].driver)
+    found = instrument_problems(profile, has_chamber=ch.chamber is not None, has_press=ch.press is not None,
+                                has_potentiostat=ch.potentiostat is not None, runs_schedules=spec.runs_schedules,
+                                host_driven=spec.host_driven, cycler=f"{spec.name} '{ch.cycler}'")
+    found += channel_range_problems(bench, channel, profile)
+    if ch.press is not None and not driver(bench.instruments[ch.press].driver).sets_pressure:
+        found += pressure_settings(profile)
+    return found
+
+
 def run_ids(bench: BenchConfig, started: float | None = None) -> dict[str, str]:
     """Each channel's run ID: the start in UTC (ISO 8601 basic, with the zone) and the cell's ID, with the
     channel's name too where two channels of the bench carry cells of one ID. It names the run's files."""
@@ -102,7 +115,7 @@ class _Coordinator:
     operator's commands to one channel (pause, resume, stop) that leave the others running."""
 
     def __init__(self) -> None:
-        self.engines: dict[str, Engine] = {}  # each channel's engine while it runs
+        self.engines: list[Engine] = []  # each running channel's engine
         self.held: dict[str, asyncio.Future[tuple[str, str]]] = {}  # paused channels: ("resume"|"stop", why)
         self.stopping: Interrupted | RecordingFailed | None = None
         self.control: Path | None = None  # the socket this controller takes commands on (`bench.control`)
@@ -113,7 +126,7 @@ class _Coordinator:
         if self.stopping is None:
             self.stopping = reason
             log.warning("stopping every channel: %s", reason)
-        for engine in self.engines.values():
+        for engine in self.engines:
             engine.stop(reason)
         for waiting in self.held.values():
             if not waiting.done():
@@ -121,13 +134,13 @@ class _Coordinator:
         if not self.engines and not self.held and self._main is not None:
             self._main.cancel()  # still opening instruments: stop that
 
-    def add(self, name: str, engine: Engine) -> None:
-        self.engines[name] = engine
+    def add(self, engine: Engine) -> None:
+        self.engines.append(engine)
         if self.stopping is not None:
             engine.stop(self.stopping)
 
-    def done(self, name: str) -> None:
-        self.engines.pop(name, None)
+    def done(self, engine: Engine) -> None:
+        self.engines.remove(engine)
 
     async def hold(self, name: str) -> tuple[str, str]:
         """Wait, paused, for the operator's "resume" or "stop" (or every channel's stop), and why."""
@@ -142,9 +155,10 @@ class _Coordinator:
 
     def command(self, action: str, name: str, reason: str) -> tuple[bool, str]:
         """Pause, resume or stop one channel; returns whether it was done and what to tell the operator."""
-        engine, waiting = self.engines.get(name), self.held.get(name)
+        engine = next((e for e in self.engines if e.channel.name == name), None)
+        waiting = self.held.get(name)
         if engine is None and waiting is None:
-            known = ", ".join(sorted({*self.engines, *self.held})) or "none"
+            known = ", ".join(sorted({*(e.channel.name for e in self.engines), *self.held})) or "none"
             return False, f"channel '{name}' is not running on this controller (running or paused: {known})"
         if action == "pause":
             if engine is None:
@@ -228,12 +242,7 @@ async def run_bench(
         cell = bench.cells[ch.cell]
         found = cell_problems(pf.profile, cell.voltage_min, cell.voltage_max)
         said = [(path, f"{message} (cell '{ch.cell}')") for path, message in found]
-        found = instrument_problems(pf.profile, has_chamber=ch.chamber is not None, has_press=ch.press is not None,
-                                    has_potentiostat=ch.potentiostat is not None)
-        found += channel_range_problems(bench, name, pf.profile)
-        if ch.press is not None and not driver(bench.instruments[ch.press].driver).sets_pressure:
-            found += pressure_settings(pf.profile)
-        said += [(path, f"{message} (channel '{name}')") for path, message in found]
+        said += [(path, f"{message} (channel '{name}')") for path, message in channel_problems(bench, name, pf.profile)]
         if said:
             problems.setdefault(id(pf), (pf, []))[1].extend(said)
     if problems:
@@ -514,12 +523,12 @@ async def _channel_run(
         watch = not clock.virtual if supervise is None else supervise
         while True:  # one pass, or one per pause: the operator may pause and resume the channel
             engine = Engine(profile, channel, events, clock, on_progress=progress, base_dir=base_dir, notices=notices)
-            coordinator.add(channel.name, engine)
+            coordinator.add(engine)
             watcher = asyncio.ensure_future(Supervisor(engine, channel, profile, clock).run()) if watch else None
             try:
                 outcome = await engine.run(resume, outage)
             finally:
-                coordinator.done(channel.name)
+                coordinator.done(engine)
                 if watcher is not None:
                     watcher.cancel()
                     await asyncio.gather(watcher, return_exceptions=True)

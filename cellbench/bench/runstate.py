@@ -38,6 +38,7 @@ class EndKind(StrEnum):
     STABLE = "stable"  # a wait step's conditions held long enough
     SET = "set"  # a set step took its setpoints
     SPECTRUM = "spectrum"  # an EIS step measured its spectrum
+    SCHEDULE = "schedule"  # the cycler's own schedule ended
 
 
 class RunStatus(StrEnum):

@@ -2,10 +2,13 @@
 
 `ArbinCTI` is one logged-in connection to one cycler: channel status (readings), assigning a schedule,
 starting and stopping it, setting meta variables. Schedules run on the cycler: CTI has no host-driven
-setpoints, so `ArbinChannel` (a channel as a `Cycler`) reads and stops but refuses a current or a voltage in
-one line. Frame: 0x11DDDDDDDDDDDDDD, a 4-byte length of what follows, command code, extended code, body,
-a 2-byte checksum (sum of the bytes before it). Login from the instrument's `login` in the bench file or
-$ARBIN_CTI_USERNAME / $ARBIN_CTI_PASSWORD. Sources: Arbin's CTI documents, pycti-arbin's field layouts.
+setpoints, so `ArbinChannel` (a channel as a `Cycler` and `OnBoard`) starts schedules, steers them through
+meta variables, reads and stops, but refuses a current or a voltage in one line.
+
+Frame: 0x11DDDDDDDDDDDDDD, a 4-byte length of what follows, command code, extended code, body, a 2-byte
+checksum (sum of the bytes before it). Login from the instrument's `login_file` in the bench file
+('user:password') or $ARBIN_CTI_USERNAME / $ARBIN_CTI_PASSWORD. Sources: Arbin's CTI documents, pycti-arbin's
+field layouts.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import asyncio
 import os
 import struct
 from dataclasses import dataclass
+from pathlib import Path
 
 from cellbench.bench.roles import Reading
 from cellbench.drivers.errors import ConnectionLost, InstrumentError, InstrumentTimeout, ProtocolError
@@ -23,7 +27,10 @@ from cellbench.drivers.transport import parse_resource
 HEADER = 0x11DDDDDDDDDDDDDD
 LOGIN, CHANNEL_INFO, ASSIGN, START, STOP, SET_MV = (0xEEAB0001, 0xEEAB0003, 0xBB210001, 0xBB320004, 0xBB310001,
                                                     0xBB150001)
-RUNNING = {2, 3, 4, 5, 6, 9, 10, 11, 12, 18}  # charge, discharge, rest, wait, ... pause: a schedule is on
+# channel status codes in which no schedule runs: Idle, Unsafe, Error, Finished, Empty, Idle from MCU; in every
+# other one (charge, rest, transition, start, pause, go stop, ...) a schedule is under way and may source
+STOPPED = {0: "Idle", 8: "Unsafe", 14: "Error", 15: "Finished", 19: "Empty", 20: "Idle from MCU"}
+FAULTED = (8, 14)
 MV_CODES = {1: 52, 2: 53, 3: 54, 4: 55, **{5 + k: 105 + k for k in range(12)}}
 RESULTS = {0: "success", 16: "invalid channel", 17: "the channel is not running, or someone else controls it",
            18: "the channel is running or unsafe", 21: "no schedule assigned"}
@@ -136,12 +143,12 @@ class ArbinCTI:
     async def output(self, on: bool) -> None:
         """Stop every running channel (what a guardian or a connect-time check does)."""
         for chan in range(self.channels):
-            if (await self.status(chan)).status in RUNNING:
+            if (await self.status(chan)).status not in STOPPED:
                 await self.stop(chan)
 
     async def output_is_on(self) -> bool:
         for chan in range(self.channels):
-            if (await self.status(chan)).status in RUNNING:
+            if (await self.status(chan)).status not in STOPPED:
                 return True
         return False
 
@@ -173,15 +180,41 @@ class ArbinChannel:
             await self.cti.stop(self.chan)
 
     async def output_is_on(self) -> bool:
-        return (await self.cti.status(self.chan)).status in RUNNING
+        return (await self.cti.status(self.chan)).status not in STOPPED
+
+    async def start_schedule(self, name: str, *, test_name: str, variables: dict[int, float]) -> None:
+        """Assign the schedule, start it under the test's name, then set its meta variables (CTI sets them on a
+        running channel only)."""
+        await self.cti.assign_schedule(self.chan, name)
+        await self.cti.start(self.chan, test_name)
+        for number, value in sorted(variables.items()):
+            await self.cti.set_meta_variable(self.chan, number, value)
+
+    async def schedule_running(self) -> bool:
+        status = (await self.cti.status(self.chan)).status
+        if status in FAULTED:
+            raise InstrumentError(self.name, [f"the cycler stopped the schedule: channel status {STOPPED[status]}"],
+                                  "channel info")
+        return status not in STOPPED
 
     async def measure(self) -> Reading:
         status = await self.cti.status(self.chan)
         return Reading(status.voltage, status.current)
 
 
+def read_login(path: str, name: str) -> str:
+    try:
+        text = Path(path).read_text(encoding="utf-8")[:1000].strip()
+    except OSError as exc:
+        raise InstrumentError(name, [f"the login file cannot be read: {exc}"], "login") from None
+    if ":" not in text:
+        raise InstrumentError(name, [f"the login file {path} holds no 'user:password'"], "login")
+    return text
+
+
 async def _open(req: OpenRequest) -> Opened:
-    cti = await ArbinCTI.open(req.resource, name=req.name, timeout=req.timeout)
+    login = read_login(req.login_file, req.name) if req.login_file else None
+    cti = await ArbinCTI.open(req.resource, name=req.name, timeout=req.timeout, login=login)
     try:
         return Opened(cti, await cti.identify(), cti.close)
     except BaseException:
@@ -191,5 +224,6 @@ async def _open(req: OpenRequest) -> Opened:
 
 DRIVERS = [
     DriverSpec("arbin", ("cycler",), _open, "Arbin cycler over CTI (TCP 9031): reads, schedules, meta variables",
-               simulator="cellbench.simulators.arbin:serve", extra={"port": 9031}, multi_channel=True),
+               simulator="cellbench.simulators.arbin:serve", extra={"port": 9031}, multi_channel=True,
+               runs_schedules=True, host_driven=False),
 ]

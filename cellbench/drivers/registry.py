@@ -30,6 +30,7 @@ class OpenRequest:
     address: int | None = None  # an RS-485 address, where the protocol has one
     device_id: int = 1  # a Modbus unit id
     area_cm2: float = 1.0  # the cell's active area (a press works in force, the lab in pressure)
+    login_file: str | None = None  # 'user:password' in a file, for an instrument that asks for a login
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,8 @@ class DriverSpec:
     max_current: float | None = None  # A a cycler can source at all (its largest range), checked before a run
     sets_pressure: bool = True  # False: a press that only reads (a load cell under a fixture set by hand)
     multi_channel: bool = False  # a box of channels: bench channels name one with `cycler_channel`
+    runs_schedules: bool = False  # a cycler that runs schedules stored on it (a profile's `schedule` step)
+    host_driven: bool = True  # False: a cycler that takes no current or voltage from the host, only schedules
     extra: dict[str, Any] = field(default_factory=dict)
 
 

@@ -152,15 +152,24 @@ def cell_problems(profile: Profile, v_min: float, v_max: float, whose: str = "th
     return problems
 
 
+HOST_FREE = ("schedule", "set", "eis")  # steps that set no current or voltage from the host
+
+
 def instrument_problems(
-    profile: Profile, *, has_chamber: bool, has_press: bool, has_potentiostat: bool = True
+    profile: Profile, *, has_chamber: bool, has_press: bool, has_potentiostat: bool = True,
+    runs_schedules: bool = True, host_driven: bool = True, cycler: str = "the cycler",
 ) -> list[Problem]:
-    """What the profile reads or sets that the channel has no instrument for."""
+    """What the profile reads or sets that the channel has no instrument for, or its cycler cannot do."""
     have = {"temperature": has_chamber, "pressure": has_press}
     problems: list[Problem] = []
     for ins in compile_profile(profile).instrs:
         if ins.op == "step" and ins.node.kind == "eis" and not has_potentiostat:
             problems.append((_path_key(ins.path), "an impedance step needs a potentiostat on the channel"))
+        if ins.op == "step" and ins.node.kind == "schedule" and not runs_schedules:
+            problems.append((_path_key(ins.path), f"{cycler} runs no schedules of its own: write the steps out"))
+        if ins.op == "step" and ins.node.kind not in HOST_FREE and not host_driven:
+            problems.append((_path_key(ins.path), f"{cycler} runs only its own schedules: name one in a "
+                                                   "'schedule' step"))
     for i, cond in enumerate(profile.conditions):
         body = next(iter(cond.model_dump(by_alias=True).values()))
         for quantity in ("temperature", "pressure"):

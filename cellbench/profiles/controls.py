@@ -37,6 +37,7 @@ class StepType(StrEnum):
     PULSE = "Pulse"
     EIS = "EIS"
     SET = "Set"
+    SCHEDULE = "Schedule"  # the cycler's own schedule or procedure (on-board)
 
     @property
     def is_constant_current(self) -> bool:
@@ -134,6 +135,8 @@ def build_control(
         return Control(StepType.REST, SourceMode.CURRENT, lambda t, v: 0.0, v_max, limits, 0, duration=body.duration)
     if kind == "wait":  # at rest while the conditions settle; the engine ends it on stability
         return Control(StepType.REST, SourceMode.CURRENT, lambda t, v: 0.0, v_max, limits, 0)
+    if kind == "schedule":  # run by the cycler: nothing is applied from here, the engine only watches
+        return Control(StepType.SCHEDULE, SourceMode.CURRENT, lambda t, v: 0.0, v_max, limits, 0)
     if kind == "ramp":
         return _ramp(body, limits, capacity, v_max)
     if kind == "drive":

@@ -138,7 +138,8 @@ def _successors(program: Program, pc: int) -> set[int]:
 
 def _implicitly_ends(step: Any) -> bool:
     body = body_of(step)
-    return getattr(body, "duration", None) is not None or step.kind in ("ramp", "pulse", "wait", "set", "eis") or (
+    ends_itself = ("ramp", "pulse", "wait", "set", "eis", "schedule")
+    return getattr(body, "duration", None) is not None or step.kind in ends_itself or (
         step.kind == "drive" and not body.repeat
     )
 

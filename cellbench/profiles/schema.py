@@ -335,6 +335,17 @@ class PulseBody(StepBody):
     voltage_limit: Voltage | None = None
 
 
+class ScheduleBody(StepBody):
+    """A schedule (Arbin) or procedure (Maccor) stored on the cycler, run by the cycler itself: cellbench assigns
+    and starts it, steers it through the cycler's variables, samples and supervises it, and ends the step when
+    the schedule ends (or earlier, on a limit of `until`, by stopping it)."""
+
+    name: str = Field(min_length=1, max_length=200, description="the schedule's or procedure's name on the cycler")
+    variables: dict[Annotated[int, Field(ge=1, le=16)], float] = Field(
+        default_factory=dict, description="the cycler's variables to set once it runs (Arbin MV_UD1-16, Maccor "
+                                          "VarNum 1-15)")
+
+
 Frequency = Annotated[float, BeforeValidator(lambda v: to_si(v, "Hz", "a frequency (e.g. '100 kHz')"))]
 
 
@@ -380,6 +391,7 @@ if TYPE_CHECKING:  # made at run time by _step: to a type checker each is a Stri
     EisStep: TypeAlias = Strict
     WaitStep: TypeAlias = Strict
     SetStep: TypeAlias = Strict
+    ScheduleStep: TypeAlias = Strict
 else:
     ChargeStep = _step("ChargeStep", "charge", CurrentBody)
     DischargeStep = _step("DischargeStep", "discharge", CurrentBody)
@@ -394,6 +406,7 @@ else:
     EisStep = _step("EisStep", "eis", EisBody)
     WaitStep = _step("WaitStep", "wait", WaitBody)
     SetStep = _step("SetStep", "set", SetBody)
+    ScheduleStep = _step("ScheduleStep", "schedule", ScheduleBody)
 
 
 class RepeatStep(Strict):
@@ -408,7 +421,7 @@ class RepeatStep(Strict):
 
 LEAF_STEPS: tuple[type[Strict], ...] = (
     ChargeStep, DischargeStep, CCStep, HoldStep, CVStep, CCCVStep, RestStep, RampStep, DriveStep, PulseStep,
-    WaitStep, SetStep, EisStep,
+    WaitStep, SetStep, EisStep, ScheduleStep,
 )
 STEP_KINDS = (*(c.kind for c in LEAF_STEPS), "repeat")  # type: ignore[attr-defined]
 
@@ -457,6 +470,7 @@ Step = Annotated[
     | Annotated[WaitStep, Tag("wait")]
     | Annotated[SetStep, Tag("set")]
     | Annotated[EisStep, Tag("eis")]
+    | Annotated[ScheduleStep, Tag("schedule")]
     | Annotated[RepeatStep, Tag("repeat")],
     Discriminator(step_kind),
     BeforeValidator(_known_step),

@@ -6,8 +6,10 @@ it, reads the channel's status and sets its meta variables. Every message: an 8-
 code, the body, and a 2-byte checksum (the sum of the bytes before it). Sources: Arbin's CTI protocol
 documents and the field layouts published with the Battery Data Alliance's pycti-arbin.
 
-The simulated schedule is a constant-current charge at C/10 of the channel's cell until 4.2 V, then rest
-(no schedule file interpreter); meta variables are kept and read back in the channel's status.
+Whatever schedule is assigned, the simulated one (there is no schedule file interpreter) is a charge at C/10 of
+the channel's cell up to 4.2 V, held there until the current falls to C/100, then ten minutes of rest, then
+Finished. Meta variables steer it while it runs: MV_UD1 > 0 is the charge current in A, MV_UD2 > 0 the upper
+voltage in V.
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ LOGIN, CHANNEL_INFO = 0xEEAB0001, 0xEEAB0003
 ASSIGN, START, STOP, SET_MV = 0xBB210001, 0xBB320004, 0xBB310001, 0xBB150001
 REPLY = {LOGIN: (0xEEBA0001, 8678), CHANNEL_INFO: (0xEEBA0003, 1779), ASSIGN: (0xBB120001, 128),
          START: (0xBB230004, 128), STOP: (0xBB130001, 128), SET_MV: (0xBB510001, 128)}
-IDLE, CHARGE, REST = 0, 2, 4  # channel status codes
+IDLE, CHARGE, REST, FINISHED = 0, 2, 4, 15  # channel status codes
+FINAL_REST = 600.0  # s of rest that end the simulated schedule
 MV_CODES = {52: 1, 53: 2, 54: 3, 55: 4, **{105 + k: 5 + k for k in range(12)}}  # meta code -> MV_UD number
 MAX_BODY = 1_000_000
 MAX_SUBSTEP = 5.0
@@ -88,9 +91,11 @@ class ArbinSim:
         current = 0.0
         if ch.status == CHARGE:
             e, r = ch.cell.thevenin(dt)
-            current = min(0.1 * ch.cell.params.capacity_ah, max(0.0, (4.2 - e) / r))
-            if e + current * r >= 4.2 - 1e-4 and current < 0.01 * ch.cell.params.capacity_ah:
-                ch.status, current = REST, 0.0  # the simulated schedule's charge is done
+            amps = ch.meta.get(1, 0.0) if ch.meta.get(1, 0.0) > 0 else 0.1 * ch.cell.params.capacity_ah
+            top = ch.meta.get(2, 0.0) if ch.meta.get(2, 0.0) > 0 else 4.2
+            current = min(amps, max(0.0, (top - e) / r))
+            if e + current * r >= top - 1e-4 and current < 0.01 * ch.cell.params.capacity_ah:
+                ch.status, current, ch.step_time = REST, 0.0, 0.0  # the simulated schedule's charge is done
         ch.voltage = ch.cell.apply_current(current, dt)
         ch.current = current
         if ch.status in (CHARGE, REST):
@@ -98,6 +103,8 @@ class ArbinSim:
             ch.step_time += dt
             ch.charge_ah += current * dt / 3600.0
             ch.charge_wh += current * ch.voltage * dt / 3600.0
+            if ch.status == REST and ch.step_time >= FINAL_REST:
+                ch.status = FINISHED
 
     def answer(self, code: int, body: bytes, logged_in: bool) -> tuple[bytes, bool]:
         """The reply to one message (its command code and the bytes after the length field); the login state."""
@@ -130,13 +137,13 @@ class ArbinSim:
             ch.schedule = body[13:413].decode("utf-16-le", errors="replace").rstrip("\0")
             result = 0 if ch.schedule else 16
         elif code == START:
-            if ch.status == CHARGE:
+            if ch.status in (CHARGE, REST):
                 result = 18  # running
             elif not ch.schedule:
                 result = 21  # no schedule assigned
             else:
                 ch.test_name = body[8:152].decode("utf-16-le", errors="replace").rstrip("\0")
-                ch.status, ch.test_time, ch.step_time = CHARGE, 0.0, 0.0
+                ch.status, ch.test_time, ch.step_time, ch.meta = CHARGE, 0.0, 0.0, {}
                 ch.charge_ah = ch.discharge_ah = ch.charge_wh = ch.discharge_wh = 0.0
         elif code == STOP:
             ch.status, ch.current = IDLE, 0.0
