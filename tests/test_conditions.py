@@ -160,31 +160,32 @@ def test_warm_pressing_formation_forms_warm_then_cools_under_pressure(tmp_path: 
 
 
 def test_one_chamber_and_one_press_shared_by_two_channels(tmp_path: Path) -> None:
+    """The owner's profile sets the shared chamber and press; the other channel's waits on them and reads them.
+    The press holds both cells side by side: it converts pressure to force over their summed area."""
+    from cellbench.bench.run import ProfileFile
+
     text = (
         "name: shared\nsample_period: 60 s\nsteps:\n  - set: {temperature: 40 degC, pressure: 8 MPa}\n"
         "  - wait: {temperature: 40 degC, pressure: 8 MPa, for: 10 min, timeout: 6 h}\n"
         "  - discharge: {current: C/10, until: 30 min}\n"
     )
+    reader = (
+        "name: reader\nsample_period: 60 s\nsteps:\n"
+        "  - wait: {temperature: 40 degC, pressure: 8 MPa, for: 10 min, timeout: 6 h}\n"
+        "  - discharge: {current: C/10, until: 30 min}\n"
+    )
     profile = parse_profile(text, "shared.yaml")
     clock = VirtualClock()
+    area = 2 * PELLET.area_cm2
+    forces: list[float] = []
 
-    async def main() -> list:
-        loop = asyncio.get_running_loop()
-        cells = [SolidStateCell(soc=0.5), SolidStateCell(soc=0.6)]
-        chamber = EspecChamberSim(loop.time, cells)
-        press = PressSim(loop.time, cells, area_cm2=1.0, holding_mpa=5.0)
-        smus = [Keithley2450Sim(c, loop.time) for c in cells]
-        for smu in smus:
-            smu.surroundings += [chamber, press]
-        servers = [await SimServer(s).start() for s in smus]
-        cs = await SimServer(chamber, read_termination=b"\r\n", write_termination=b"\r\n").start()
-        ps = await PressServer(press).start_tcp()
-        bench = BenchConfig(
+    def bench_at(resources: list[str], owner: str | None) -> BenchConfig:
+        return BenchConfig(
             instruments={
-                "smu1": InstrumentConfig(driver="keithley2450", resource=servers[0].resource),
-                "smu2": InstrumentConfig(driver="keithley2450", resource=servers[1].resource),
-                "oven": InstrumentConfig(driver="espec", resource=cs.resource),
-                "press": InstrumentConfig(driver="modbus-press", resource=ps.resource),
+                "smu1": InstrumentConfig(driver="keithley2450", resource=resources[0]),
+                "smu2": InstrumentConfig(driver="keithley2450", resource=resources[1]),
+                "oven": InstrumentConfig(driver="espec", resource=resources[2], owner=owner),
+                "press": InstrumentConfig(driver="modbus-press", resource=resources[3], owner=owner),
             },
             cells={"a": cell_config(PELLET), "b": cell_config(PELLET)},
             channels={
@@ -192,19 +193,63 @@ def test_one_chamber_and_one_press_shared_by_two_channels(tmp_path: Path) -> Non
                 "ch2": ChannelConfig(cycler="smu2", cell="b", chamber="oven", press="press"),
             },
         )
+
+    async def main() -> list:
+        loop = asyncio.get_running_loop()
+        cells = [SolidStateCell(soc=0.5), SolidStateCell(soc=0.6)]
+        chamber = EspecChamberSim(loop.time, cells)
+        press = PressSim(loop.time, cells, area_cm2=area, holding_mpa=5.0)
+        smus = [Keithley2450Sim(c, loop.time) for c in cells]
+        for smu in smus:
+            smu.surroundings += [chamber, press]
+        servers = [await SimServer(s).start() for s in smus]
+        cs = await SimServer(chamber, read_termination=b"\r\n", write_termination=b"\r\n").start()
+        ps = await PressServer(press).start_tcp()
+        resources = [servers[0].resource, servers[1].resource, cs.resource, ps.resource]
         try:
-            return await run_bench(bench, profile, text, clock, runs_dir=tmp_path)
+            # both profiles set the shared instruments and none owns them: refused before anything moves
+            with pytest.raises(InputError) as refused:
+                await run_bench(bench_at(resources, None), profile, text, clock, runs_dir=tmp_path,
+                                profile_source="shared.yaml")
+            assert "shared.yaml:4: steps[0]: sets a temperature, but 'oven' is shared by ch1, ch2 and names no " \
+                   "owner" in refused.value.problems[0]
+            return await run_bench(bench_at(resources, "ch1"), profile, text, clock, runs_dir=tmp_path,
+                                   channel_profiles={"ch2": ProfileFile(parse_profile(reader), reader, "reader.yaml")})
         finally:
+            forces.append(press.force_kn)
             for s in (*servers, cs, ps):
                 await s.close()
 
     results = clock.run(main())
     assert [r.outcome.completed for r in results] == [True, True]
+    assert forces[0] == pytest.approx(8.0 * area / 10.0, rel=0.01)  # kN: 8 MPa over both cells
     for r in results:
         with open_run(r.database) as store:
             last = store.samples()[-1]
             assert set(store.metadata()["instruments"]) == {"smu1" if r.channel == "ch1" else "smu2", "oven", "press"}
         assert last.ambient_c == pytest.approx(40, abs=0.2) and last.pressure_pa == pytest.approx(8e6, rel=0.01)
+
+
+def test_a_channel_that_does_not_own_a_shared_instrument_may_not_set_it() -> None:
+    from cellbench.bench.run import channel_problems
+
+    spec = {
+        "name": "b", "instruments": {
+            "smu1": {"driver": "keithley2450", "resource": "TCPIP::127.0.0.1::1::SOCKET"},
+            "smu2": {"driver": "keithley2450", "resource": "TCPIP::127.0.0.1::2::SOCKET"},
+            "oven": {"driver": "espec", "resource": "TCPIP::127.0.0.1::3::SOCKET", "owner": "ch1"}},
+        "cells": {"a": {"capacity": "3.5 mAh", "voltage_min": "2.5 V", "voltage_max": "4.3 V"}},
+        "channels": {"ch1": {"cycler": "smu1", "cell": "a", "chamber": "oven"},
+                     "ch2": {"cycler": "smu2", "cell": "a", "chamber": "oven"}}}
+    bench = BenchConfig.model_validate(spec)
+    assert bench.reference_problems() == []
+    hot = parse_profile("name: hot\nsteps:\n  - set: {temperature: 60 degC}\n  - rest: 1 h\n")
+    assert channel_problems(bench, "ch1", hot) == []
+    assert channel_problems(bench, "ch2", hot) == [
+        (("steps", 0), "sets a temperature, but 'oven' is shared by ch1, ch2 and set by its owner, channel 'ch1'")]
+    spec["instruments"]["oven"]["owner"] = "ch9"  # type: ignore[index]
+    assert BenchConfig.model_validate(spec).reference_problems() == [
+        (("instruments", "oven", "owner"), "'ch9' is not a channel using 'oven' (ch1, ch2)")]
 
 
 def test_simulated_bench_without_environment_records_no_conditions(tmp_path: Path) -> None:

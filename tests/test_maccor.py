@@ -208,7 +208,10 @@ def test_three_channels_of_one_box_run_a_profile_on_the_bench(tmp_path: object) 
 
 def test_the_pilot_line_example_rehearses_seventeen_channels(tmp_path: object) -> None:
     """The bench example with two 8-channel Maccor boxes and a 2450 reference channel, as a dry run through
-    the CLI: every channel its own run, each named by its cell."""
+    the CLI: every channel its own run, each named by its cell. The reference channel owns the oven and the
+    press and runs its own profile (warm pressing); box2's channels sit in that oven and read what it does,
+    and P-09 sits in the press beside the reference cell."""
+    import sqlite3
     from pathlib import Path
 
     from typer.testing import CliRunner
@@ -217,15 +220,28 @@ def test_the_pilot_line_example_rehearses_seventeen_channels(tmp_path: object) -
 
     runs = Path(str(tmp_path)) / "runs"
     profile = Path(str(tmp_path)) / "short.yaml"
-    profile.write_text("name: short\nsample_period: 5 min\nsteps:\n  - charge: {current: C/20, until: [2 h, 4.2 V]}\n"
-                       "  - rest: 30 min\n")
+    profile.write_text("name: short\nsample_period: 5 min\nsteps:\n  - rest: 6 h\n"
+                       "  - charge: {current: C/20, until: [2 h, 4.2 V]}\n  - rest: 30 min\n")
     example = Path(__file__).resolve().parent.parent / "cellbench/bench/examples/pilot-line.yaml"
     result = CliRunner().invoke(app, ["run", str(profile), "--dry-run", "--bench", str(example), "--runs-dir",
                                       str(runs), "--soc", "0.2"], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
-    names = sorted(p.stem.split("Z-", 1)[1] for p in runs.glob("*.sqlite"))
-    assert names == [f"P-{k:02d}" for k in range(1, 17)] + ["REF-01"]
-    assert result.output.count(": completed after 2.50 h") == 17
+    dbs = {p.stem.split("Z-", 1)[1]: p for p in runs.glob("*.sqlite")}
+    assert sorted(dbs) == [f"P-{k:02d}" for k in range(1, 17)] + ["REF-01"]
+    assert result.output.count(": completed after 8.50 h") == 16 and "ref: completed" in result.output
+
+    def hottest(cell: str) -> tuple[float | None, float | None]:
+        con = sqlite3.connect(dbs[cell])
+        return con.execute('SELECT max("Ambient Temperature / degC"), max("Applied Pressure / Pa") FROM samples '
+                           'WHERE "Test Time / s" <= 6 * 3600').fetchone()
+
+    # within the first six hours the reference's profile has the oven at 60 degC and the press at 10 MPa
+    ref, beside, inside, outside = hottest("REF-01"), hottest("P-09"), hottest("P-12"), hottest("P-01")
+    assert ref[0] == pytest.approx(60, abs=1) and inside[0] == pytest.approx(60, abs=1)
+    assert outside == (None, None)  # box1's cells are in neither
+    # the press holds two cells: 10 MPa is the force over both areas, and each cell feels 10 MPa
+    assert ref[1] == pytest.approx(10e6, rel=0.02) and beside[1] == pytest.approx(10e6, rel=0.02)
+    assert inside[1] is None
 
 
 def test_each_channel_runs_the_profile_its_bench_file_names(tmp_path: object) -> None:

@@ -45,6 +45,8 @@ class InstrumentConfig(Strict):
     baud_rate: int | None = Field(default=None, gt=0, description="serial lines only; by default the driver's")
     address: int | None = Field(default=None, ge=0, description="RS-485 address of an ESPEC chamber")
     device_id: int = Field(default=1, ge=0, le=247, description="Modbus unit id of a press")
+    owner: str | None = Field(default=None, description="of a chamber or a press several channels share: the "
+                                                         "channel whose profile sets it (the others only read it)")
     login_file: Path | None = Field(default=None, description="a file holding 'user:password' for an instrument "
                                                               "that asks for a login (Arbin CTI); read when it is "
                                                               "opened, never recorded")
@@ -92,6 +94,15 @@ class BenchConfig(Strict):
     instruments: dict[str, InstrumentConfig]
     cells: dict[str, CellConfig]
     channels: dict[str, ChannelConfig] = Field(min_length=1)
+
+    def sharing(self, instrument: str) -> list[str]:
+        """The channels that name an instrument, in the bench file's order."""
+        return [name for name, ch in self.channels.items() if instrument in ch.instruments]
+
+    def held_area(self, press: str) -> float:
+        """cm² under a press: the areas of the distinct cells of the channels it holds, side by side."""
+        cells = dict.fromkeys(self.channels[name].cell for name in self.sharing(press))
+        return sum(self.cells[c].area for c in cells if c in self.cells)
 
     def cell_id(self, channel: str) -> str:
         """The ID of the channel's cell: its `id`, or its key in the bench file."""
@@ -144,6 +155,10 @@ class BenchConfig(Strict):
                     inst = self.instruments[ref]
                     what = " or ".join(inst.roles)
                     problems.append((("channels", name, role), f"'{ref}' is a {what} ({inst.driver}), not a {role}"))
+        for ref, inst in self.instruments.items():
+            if inst.owner is not None and inst.owner not in self.sharing(ref):
+                problems.append((("instruments", ref, "owner"), f"'{inst.owner}' is not a channel using '{ref}' "
+                                 f"({', '.join(self.sharing(ref)) or 'none does'})"))
         return problems
 
 

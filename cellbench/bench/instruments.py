@@ -40,13 +40,18 @@ class Instruments:
         lock = InstrumentLock(name, cfg.resource)
         lock.acquire(f"bench '{self.bench.name}'")
         self._locks.append(lock)
+        # a press converts force over the area of every cell it holds, side by side under its platen
+        area = self.bench.held_area(name) if "press" in cfg.roles else cell.area
         request = OpenRequest(name=name, resource=cfg.resource, timeout=cfg.timeout, backend=cfg.backend,
-                              baud_rate=cfg.baud, address=cfg.address, device_id=cfg.device_id, area_cm2=cell.area,
+                              baud_rate=cfg.baud, address=cfg.address, device_id=cfg.device_id, area_cm2=area,
                               login_file=None if cfg.login_file is None else str(cfg.login_file.resolve()))
         opened = await driver(cfg.driver).open(request)
         self.requests[name] = (cfg.driver, request)
         self._closers[name] = opened.close
         self.drivers[name], self.identity[name] = opened.driver, opened.identity
+        if "press" in cfg.roles and len(held := self.bench.sharing(name)) > 1:
+            self.notices.setdefault(name, []).append(
+                f"{name} holds the cells of {', '.join(held)}: force and pressure are converted over {area:g} cm^2")
         if "cycler" in cfg.roles and await opened.driver.output_is_on():
             # left on by a controller that died, or by hand: safe first, then say so
             await opened.driver.output(False)

@@ -27,7 +27,14 @@ from cellbench.bench.runstate import RunState, RunStatus
 from cellbench.bench.store import RunStore
 from cellbench.bench.supervisor import Supervisor
 from cellbench.drivers.registry import driver
-from cellbench.profiles.checks import Problem, cell_problems, instrument_problems, pressure_settings, range_problems
+from cellbench.profiles.checks import (
+    Problem,
+    cell_problems,
+    instrument_problems,
+    pressure_settings,
+    range_problems,
+    settings,
+)
 from cellbench.profiles.parse import InputError, locate, parse_profile
 from cellbench.profiles.schema import Profile
 
@@ -68,6 +75,14 @@ def channel_problems(bench: BenchConfig, channel: str, profile: Profile) -> list
     found += channel_range_problems(bench, channel, profile)
     if ch.press is not None and not driver(bench.instruments[ch.press].driver).sets_pressure:
         found += pressure_settings(profile)
+    for quantity, ref in (("temperature", ch.chamber), ("pressure", ch.press)):
+        if ref is None or len(users := bench.sharing(ref)) < 2 or bench.instruments[ref].owner == channel:
+            continue
+        owner = bench.instruments[ref].owner
+        found += settings(profile, quantity, f"'{ref}' is shared by {', '.join(users)} and "
+                          + (f"set by its owner, channel '{owner}'" if owner else
+                             "names no owner: give it 'owner: CHANNEL' in the bench file, the channel whose profile "
+                             "sets it"))
     return found
 
 

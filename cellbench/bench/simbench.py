@@ -4,10 +4,13 @@ estimates and tests. A face of the project: the real run path (`cellbench.bench.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cellbench.bench.clock import Clock
 from cellbench.bench.config import BenchConfig, CellConfig, ChannelConfig, InstrumentConfig
@@ -15,15 +18,15 @@ from cellbench.bench.engine import Progress
 from cellbench.bench.run import ChannelResult, ProfileFile, ProgressCallback, run_bench
 from cellbench.drivers.registry import driver
 from cellbench.profiles.checks import instrument_problems
-from cellbench.profiles.parse import InputError
 from cellbench.profiles.schema import Profile
+from cellbench.simulators.arbin import ArbinServer, ArbinSim
 from cellbench.simulators.cell import SolidStateCell
 from cellbench.simulators.espec import EspecChamberSim
 from cellbench.simulators.keithley2450 import Keithley2450Sim
 from cellbench.simulators.maccor import MaccorServer, MaccorSim
 from cellbench.simulators.palmsens import PalmSensSim
 from cellbench.simulators.parameters import PELLET, CellParameters
-from cellbench.simulators.press import PressServer, PressSim
+from cellbench.simulators.press import LoadCellSim, PressServer, PressSim
 from cellbench.simulators.server import SimServer
 
 
@@ -226,53 +229,102 @@ async def rehearse(
     on_start: Callable[[str, Path], None] | None = None,
     channel_profiles: dict[str, ProfileFile] | None = None,
 ) -> list[ChannelResult]:
-    """A dry run of a bench file: every channel with its own cell (its capacity, area and window) on its own
-    simulated instruments, the roles the bench file gives it, on the virtual clock. Instruments the bench's
-    channels share (a chamber, a press) are simulated once per channel; a multi-channel cycler box once, with
-    a cell on each channel the bench uses."""
-    boxes = {ch.cycler for ch in bench.channels.values() if driver(bench.instruments[ch.cycler].driver).multi_channel}
-    on_boxes = {n: ch for n, ch in bench.channels.items() if ch.cycler in boxes}
-    for name, ch in on_boxes.items():
-        if ch.chamber or ch.press or ch.potentiostat:
-            raise InputError([f"channel '{name}': rehearsing a chamber, a press or a potentiostat beside a "
-                              "multi-channel cycler is not built yet; rehearse its cycler alone"])
-    sims = {name: SimulatedBench(rehearsal_params(bench.cells[ch.cell], base), initial_soc=initial_soc, seed=seed + k,
-                                 temperature_c=temperature_c, chamber=ch.chamber is not None,
-                                 press=ch.press is not None, potentiostat=ch.potentiostat is not None)
-            for k, (name, ch) in enumerate(bench.channels.items()) if name not in on_boxes}
+    """A dry run of a bench file: every channel with its own simulated cell (its capacity, area and window), every
+    instrument of the bench simulated once under its own name, on the virtual clock. A shared chamber holds the
+    cells of every channel naming it, a shared press presses all of them (over their summed area), a multi-channel
+    cycler box has a cell on each channel the bench uses."""
     loop = asyncio.get_running_loop()
-    box_servers: dict[str, MaccorServer] = {}
-    for box in boxes:
-        used = {ch.cycler_channel: bench.cells[ch.cell] for ch in on_boxes.values() if ch.cycler == box}
-        count = max(k for k in used if k is not None) + 1
-        cells = [SolidStateCell(rehearsal_params(used[k], base) if k in used else base, soc=initial_soc,
-                                temperature_c=temperature_c) for k in range(count)]
-        box_servers[box] = await MaccorServer(MaccorSim(cells, loop.time)).start()
-    for sim in sims.values():
-        await sim.__aenter__()
-    try:
-        instruments: dict[str, InstrumentConfig] = {
-            box: InstrumentConfig(driver="maccor", resource=server.resource, address=server.bin_port)
-            for box, server in box_servers.items()}
-        channels = dict(on_boxes)
-        for name, sim in sims.items():
-            part = sim.config
-            renamed = {role: f"{name}-{role}" for role in part.instruments}
-            instruments.update({renamed[r]: cfg for r, cfg in part.instruments.items()})
-            roles = part.channels["ch1"].model_dump(exclude_none=True)
-            channels[name] = ChannelConfig(**{k: renamed.get(v, v) if k != "cell" else bench.channels[name].cell
-                                              for k, v in roles.items()})
+    cells = {}
+    for name, ch in bench.channels.items():
+        params = rehearsal_params(bench.cells[ch.cell], base)
+        cells[name] = SolidStateCell(params, soc=initial_soc, temperature_c=temperature_c,
+                                     pressure_mpa=params.p_ref_mpa)
+    async with contextlib.AsyncExitStack() as stack:
+        served: dict[str, InstrumentConfig] = {}
+        hosts: dict[str, Any] = {}  # each cycler simulator by instrument name: what chambers and presses join
+        for k, (ref, cfg) in enumerate(bench.instruments.items()):
+            users = bench.sharing(ref)
+            if not users:
+                continue
+            held = [cells[u] for u in users]
+            roles, spec = cfg.roles, driver(cfg.driver)
+            if "cycler" in roles and spec.multi_channel:
+                on = {bench.channels[u].cycler_channel: cells[u] for u in users}
+                count = max((c for c in on if c is not None), default=0) + 1
+                box_cells = [on.get(c) or SolidStateCell(base, soc=initial_soc, temperature_c=temperature_c)
+                             for c in range(count)]
+                served[ref], hosts[ref] = await _serve_box(cfg, box_cells, loop, stack)
+            elif "cycler" in roles:
+                sim = Keithley2450Sim(held[0], loop.time, noise_v=20e-6, noise_i=2e-9, seed=seed + k)
+                server = await SimServer(sim).start()
+                stack.push_async_callback(server.close)
+                served[ref], hosts[ref] = InstrumentConfig(driver="keithley2450", resource=server.resource), sim
+            elif "chamber" in roles:
+                chamber = EspecChamberSim(loop.time, held, room_c=temperature_c)
+                chamber.mode, chamber.setpoint_c = "CONSTANT", temperature_c
+                server = await SimServer(chamber, read_termination=b"\r\n", write_termination=b"\r\n").start()
+                stack.push_async_callback(server.close)
+                served[ref] = InstrumentConfig(driver="espec", resource=server.resource, owner=cfg.owner)
+                _surround(bench, users, hosts, chamber)
+            elif "press" in roles:
+                device: PressSim | LoadCellSim
+                area, mpa = bench.held_area(ref), held[0].params.p_ref_mpa
+                if spec.sets_pressure:
+                    device = PressSim(loop.time, held, area_cm2=area, holding_mpa=mpa)
+                else:
+                    device = LoadCellSim(loop.time, held, area_cm2=area, preload_kn=mpa * area / 10)
+                press_server = await PressServer(device).start_tcp()
+                stack.push_async_callback(press_server.close)
+                served[ref] = InstrumentConfig(driver=cfg.driver, resource=press_server.resource, owner=cfg.owner)
+                _surround(bench, users, hosts, device)
+            elif "potentiostat" in roles:  # one cell: a potentiostat shared by channels measures the first one's
+                pstat = PalmSensSim(held[0], loop.time, seed=seed + k, noise=0.002)
+                server = await SimServer(pstat).start()
+                stack.push_async_callback(server.close)
+                served[ref] = InstrumentConfig(driver="palmsens", resource=server.resource)
         config = BenchConfig(name=f"{bench.name} (rehearsal)", operator=bench.operator, comment=bench.comment,
-                             instruments=instruments, cells=bench.cells, channels=channels)
+                             instruments=served, cells=bench.cells, channels=bench.channels)
+        # time passes for every cell, asked about or not (a box whose channels have finished, in a warm chamber)
+        ticking = asyncio.ensure_future(_tick(list(hosts.values())))
+        stack.push_async_callback(_cancel, ticking)
         return await run_bench(config, profile, profile_text, clock, runs_dir=runs_dir, on_progress=on_progress,
                                extra_metadata={"rehearsal_of": bench.name, **(extra_metadata or {})},
                                profile_source=profile_source, base_dir=base_dir, on_start=on_start,
                                channel_profiles=channel_profiles)
-    finally:
-        for sim in sims.values():
-            await sim.__aexit__()
-        for server in box_servers.values():
-            await server.close()
+
+
+async def _serve_box(cfg: InstrumentConfig, cells: list[SolidStateCell], loop: asyncio.AbstractEventLoop,
+                     stack: contextlib.AsyncExitStack) -> tuple[InstrumentConfig, Any]:
+    """A simulated multi-channel cycler like the bench's (Maccor or Arbin), served for the rehearsal."""
+    if cfg.driver == "arbin":
+        folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="cellbench-rehearsal-")))
+        (folder / "login").write_text("rehearsal:rehearsal")
+        arbin = ArbinServer(ArbinSim(cells, loop.time, username="rehearsal", password="rehearsal"))
+        await arbin.start()
+        stack.push_async_callback(arbin.close)
+        return InstrumentConfig(driver="arbin", resource=arbin.resource, login_file=folder / "login"), arbin.sim
+    maccor = await MaccorServer(MaccorSim(cells, loop.time)).start()
+    stack.push_async_callback(maccor.close)
+    return InstrumentConfig(driver="maccor", resource=maccor.resource, address=maccor.bin_port), maccor.sim
+
+
+async def _tick(sims: list[Any], every: float = 60.0) -> None:
+    while True:
+        await asyncio.sleep(every)
+        for sim in sims:
+            sim.advance()
+
+
+async def _cancel(task: asyncio.Future[None]) -> None:
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
+def _surround(bench: BenchConfig, users: list[str], hosts: dict[str, Any], part: Any) -> None:
+    """A chamber or a press joins the physics of the cyclers of the channels it acts on (each once)."""
+    for cycler in dict.fromkeys(bench.channels[u].cycler for u in users):
+        if cycler in hosts:
+            hosts[cycler].surroundings.append(part)
 
 
 def needs_environment(profile: Profile) -> bool:

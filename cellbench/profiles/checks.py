@@ -112,20 +112,24 @@ def loop_warnings(profile: Profile) -> list[Problem]:
     return warnings
 
 
-def pressure_settings(profile: Profile) -> list[Problem]:
-    """Where the profile sets a stack pressure (a conditions entry or a `set` step): refused on a press that
-    only reads."""
+def settings(profile: Profile, quantity: str, why: str) -> list[Problem]:
+    """Where the profile sets a `quantity` ("temperature" or "pressure": a conditions entry or a `set` step),
+    each said with `why` it may not."""
     problems: list[Problem] = []
     for i, cond in enumerate(profile.conditions):
-        body = next(iter(cond.model_dump(by_alias=True).values()))
-        if isinstance(body, dict) and body.get("pressure") is not None:
-            problems.append((("conditions", i), "sets a pressure, but the channel's press only reads (a load cell): "
-                                                "set the fixture by hand and wait for the pressure instead"))
+        (kind, body), = cond.model_dump(by_alias=True).items()
+        if kind != "wait stable" and isinstance(body, dict) and body.get(quantity) is not None:  # a wait only reads
+            problems.append((("conditions", i), f"sets a {quantity}, but {why}"))
     for ins in compile_profile(profile).instrs:
-        if ins.op == "step" and ins.node.kind == "set" and getattr(body_of(ins.node), "pressure", None) is not None:
-            problems.append((_path_key(ins.path), "sets a pressure, but the channel's press only reads (a load "
-                                                  "cell): set the fixture by hand and wait for the pressure instead"))
+        if ins.op == "step" and ins.node.kind == "set" and getattr(body_of(ins.node), quantity, None) is not None:
+            problems.append((_path_key(ins.path), f"sets a {quantity}, but {why}"))
     return problems
+
+
+def pressure_settings(profile: Profile) -> list[Problem]:
+    """Where the profile sets a stack pressure: refused on a press that only reads."""
+    return settings(profile, "pressure", "the channel's press only reads (a load cell): set the fixture by hand "
+                                         "and wait for the pressure instead")
 
 
 def cell_problems(profile: Profile, v_min: float, v_max: float, whose: str = "the cell's") -> list[Problem]:

@@ -77,12 +77,15 @@ class ArbinSim:
         self.channels = [ArbinChannel(cell, voltage=cell.ocv()) for cell in cells]
         self._now = now
         self._t = now()
+        self.surroundings: list[Any] = []  # chambers and presses around its cells, advanced with them
         self.username, self.password = username, password
 
     def advance(self) -> None:
         now = self._now()
         while self._t < now:
             dt = min(MAX_SUBSTEP, now - self._t)
+            for part in self.surroundings:
+                part.advance(self._t)
             for ch in self.channels:
                 self._step(ch, dt)
             self._t += dt

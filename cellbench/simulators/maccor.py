@@ -65,6 +65,7 @@ class MaccorSim:
         self.channels = [MaccorChannel(cell) for cell in cells]
         self._now = now
         self._t = now()
+        self.surroundings: list[Any] = []  # chambers and presses around its cells, advanced with them
         for ch in self.channels:
             ch.reading = (0.0, ch.cell.ocv())
 
@@ -73,6 +74,8 @@ class MaccorSim:
         now = self._now()
         while self._t < now:
             dt = min(MAX_SUBSTEP, now - self._t)
+            for part in self.surroundings:
+                part.advance(self._t)
             for ch in self.channels:
                 self._step(ch, dt)
             self._t += dt

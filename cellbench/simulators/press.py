@@ -142,7 +142,7 @@ class PressSim:
             STATUS: self._status(),
             DISPLACEMENT: self.displacement_um(),
             FORCE_LIMIT: self.limit_kn,
-            PLATEN_T: self.cells[0].temperature_c if self.cells else 25.0,
+            PLATEN_T: sum(c.temperature_c for c in self.cells) / len(self.cells) if self.cells else 25.0,
             POSITION_SETPOINT: self.position_setpoint_mm,
         }[address]
 
