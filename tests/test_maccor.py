@@ -371,3 +371,53 @@ def test_a_channel_left_sourcing_by_a_dead_controller_is_rested_on_connect(tmp_p
     with open_run(result.database) as store:  # type: ignore[attr-defined]
         notices = [e["message"] for e in store.events() if e["kind"] == "notice"]
     assert notices == ["box1's output was on when connected; it was turned off"]
+
+
+def test_sixteen_channels_on_two_boxes_and_a_2450_run_different_library_profiles_at_once(tmp_path: object) -> None:
+    """A mixed bench: two simulated Maccor boxes and a 2450, sixteen channels, three library profiles at once.
+    Every channel runs its own profile to its end, and a channel's numbers do not depend on its neighbours:
+    the same profile on the same kind of cell gives the same per-cycle table on either box."""
+    from pathlib import Path
+
+    from typer.testing import CliRunner
+
+    from cellbench.bench.analysis import cycle_table
+    from cellbench.bench.cli import app
+    from cellbench.bench.store import open_run
+    from cellbench.profiles.library import library_path
+    from cellbench.profiles.parse import parse_profile
+
+    here = Path(str(tmp_path))
+    plan = ["critical-current-density", "hppc", "formation", "critical-current-density"]
+    layout = [*[(f"box{b}", k) for b in (1, 2) for k in range(8)][:15], ("smu1", None)]
+    channels = {f"ch{n:02d}": (box, k, plan[n % 4] if k is not None else "hppc") for n, (box, k) in enumerate(layout)}
+    bench = here / "bench.yaml"
+    bench.write_text(
+        "name: mixed\ninstruments:\n"
+        "  box1: {driver: maccor, resource: \"TCPIP::10.0.0.21::57570::SOCKET\"}\n"
+        "  box2: {driver: maccor, resource: \"TCPIP::10.0.0.22::57570::SOCKET\"}\n"
+        "  smu1: {driver: keithley2450, resource: \"TCPIP::10.0.0.30::5025::SOCKET\"}\n"
+        "cells:\n" + "".join(f"  C{n:02d}: {{capacity: 3.5 mAh, voltage_min: 2.5 V, voltage_max: 4.3 V}}\n"
+                             for n in range(16)) +
+        "channels:\n" + "".join(
+            f"  {name}: {{cycler: {box}, {'' if k is None else f'cycler_channel: {k}, '}cell: C{name[2:]}, "
+            f"profile: {profile}}}\n" for name, (box, k, profile) in channels.items()))
+    result = CliRunner().invoke(app, ["run", "--dry-run", "--bench", str(bench), "--runs-dir", str(here / "runs")],
+                                env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output[-3000:]
+    tables: dict[str, list[tuple[float, float]]] = {}
+    for db in (here / "runs").glob("*.sqlite"):
+        with open_run(db) as store:
+            meta, samples, steps = store.metadata(), store.samples(), store.steps()
+        name = meta["channel"]
+        expected = parse_profile(library_path(channels[name][2]).read_text())
+        assert meta["profile_name"] == expected.name
+        assert steps and steps[-1]["end_reason"] and samples[-1].step_count == len(steps)
+        tables[name] = [q for c in cycle_table(samples) for q in (c.charge_ah, c.discharge_ah)]
+    assert len(tables) == 16
+    # the same profile on box1 and on box2 (channels n and n + 8 share a profile): the same numbers
+    for n in range(7):
+        a, b = f"ch{n:02d}", f"ch{n + 8:02d}"
+        assert channels[a][2] == channels[b][2]
+        assert tables[a] == pytest.approx(tables[b], rel=1e-6), (a, b)
+    assert all(max(t) > 0 for t in tables.values())  # every channel moved charge

@@ -238,6 +238,8 @@ class StreamServers:
             self._clients.add(task)
             try:
                 await client(reader, writer)
+            except asyncio.CancelledError:  # closed by close(): the end of this client, not an error to log
+                writer.close()
             finally:
                 self._clients.discard(task)
 
