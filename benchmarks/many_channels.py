@@ -94,7 +94,8 @@ def main() -> None:
         clean = [n for n, (missed, _) in found.items() if missed == 0]
         print(f"largest N with no missed sample: {max(clean) if clean else 'none'}")
         met = [n for n, (missed, p99) in found.items() if n >= 1000 and missed == 0 and p99 < 0.1]
-        print(f"target (1,000 channels, none missed, p99 under 100 ms): {'met at ' + str(min(met)) if met else 'not met'}")
+        verdict = f"met at {min(met)}" if met else "not met"
+        print(f"target (1,000 channels, none missed, p99 under 100 ms): {verdict}")
     finally:
         for proc in procs:
             proc.terminate()
