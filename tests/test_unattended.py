@@ -7,6 +7,7 @@ over the real wire, and asks the simulated 2450 itself whether its output is sti
 from __future__ import annotations
 
 import itertools
+import json
 import signal
 import socket
 import sqlite3
@@ -354,6 +355,69 @@ def test_one_channel_is_paused_resumed_and_stopped_from_another_terminal_while_t
         assert two.execute("SELECT message FROM events WHERE kind = 'end'").fetchone()[0] == \
             "interrupted: stopped by an operator"
         assert "Traceback" not in out
+    finally:
+        for p, _ in servers:
+            p.terminate()
+            p.wait(timeout=10)
+
+
+def test_a_run_is_started_on_an_idle_channel_of_a_running_controller(tmp_path: Path) -> None:
+    """`run --stay` keeps the controller and its instruments after its runs end; `cellbench start` adds a run on
+    an idle channel from another terminal, checked like any run before it touches the cell."""
+    servers = [serve("keithley2450", "--port", "0", "--soc", "0.3") for _ in range(2)]
+    try:
+        (_, r1), (_, r2) = servers
+        (tmp_path / "short.yaml").write_text("name: short\nsample_period: 1 s\nsteps:\n  - rest: 2 s\n")
+        (tmp_path / "bad.yaml").write_text("name: bad\nsteps:\n  - charge: {current: C/10, until: 4.6 V}\n")
+        profile = tmp_path / "charge.yaml"
+        profile.write_text(PROFILE)
+        bench = tmp_path / "bench.yaml"
+        bench.write_text(textwrap.dedent(f"""
+            name: line
+            instruments:
+              smu1: {{driver: keithley2450, resource: "{r1}", timeout: 2 s}}
+              smu2: {{driver: keithley2450, resource: "{r2}", timeout: 2 s}}
+            cells:
+              A-1: {{capacity: 3.5 mAh, voltage_min: 2.5 V, voltage_max: 4.3 V}}
+              A-2: {{capacity: 3.5 mAh, voltage_min: 2.5 V, voltage_max: 4.3 V}}
+            channels:
+              ch1: {{cycler: smu1, cell: A-1, profile: {tmp_path / 'short.yaml'}}}
+              ch2: {{cycler: smu2, cell: A-2}}
+        """))
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "cellbench.bench.cli", "run", "--bench", str(bench), "--stay", "--runs-dir",
+             str(tmp_path / "runs")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env=run_env(tmp_path))
+        deadline = time.monotonic() + 30
+        while not list((tmp_path / "state" / "control").glob("*.json")) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(4.0)  # ch1's two-second rest has ended; the controller stays
+        assert proc.poll() is None
+        assert ask(r2, ":OUTP?") == "0"  # ch2 idle
+        started = cli(tmp_path, "start", "ch2", str(profile))
+        assert started.returncode == 0 and "starts 'long charge'" in started.stdout, started.stdout + started.stderr
+        wait_until_sourcing(r2)
+        busy = cli(tmp_path, "start", "ch2", str(profile))
+        assert busy.returncode == 1 and "running a test" in busy.stdout + busy.stderr
+        refused = cli(tmp_path, "start", "ch1", str(tmp_path / "bad.yaml"))
+        assert refused.returncode == 1 and "bad.yaml:3" in refused.stdout + refused.stderr
+        assert "4.6 V" in refused.stdout + refused.stderr
+        nowhere = cli(tmp_path, "start", "ch9", str(profile))
+        assert nowhere.returncode == 2 and "no running controller holds a channel 'ch9'" in nowhere.stderr
+        assert cli(tmp_path, "stop", "ch2").returncode == 0
+        deadline = time.monotonic() + 10
+        while ask(r2, ":OUTP?") != "0" and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert ask(r2, ":OUTP?") == "0"
+        time.sleep(1.0)
+        assert proc.poll() is None  # idle again, and still there
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+        assert "Traceback" not in out
+        states = {json.loads(p.read_text())["channel"]: json.loads(p.read_text())["state"]
+                  for p in (tmp_path / "state" / "runs").glob("*.json")}
+        assert states == {"ch1": "completed", "ch2": "interrupted"}
+        assert not list((tmp_path / "state" / "control").glob("*"))  # socket and its note removed
     finally:
         for p, _ in servers:
             p.terminate()

@@ -252,19 +252,25 @@ def run(
     operator: Annotated[str | None, typer.Option(help="who runs the test (recorded; overrides the bench file's)")]
     = None,
     comment: Annotated[str | None, typer.Option(help="a comment recorded with the run")] = None,
+    stay: Annotated[bool, typer.Option("--stay", help="keep the controller running when its channels end, "
+                                                      "taking new runs (`cellbench start`) until stopped; channels "
+                                                      "with no profile start idle")] = False,
 ) -> None:
     """Run a profile (or each channel's own, named in the bench file) on every channel of a bench in real
     time, or with --dry-run on a simulated bench."""
     if profile is None and bench is None:
         raise _fail("name a profile, or a bench file whose channels name theirs (--bench)")
+    if stay and (dry_run or bench is None):
+        raise _fail("--stay keeps a real bench's controller running: give --bench, without --dry-run")
     path = _profile_path(profile) if profile is not None else None
     identity: dict[str, object] = {k: v for k, v in (("operator", operator), ("comment", comment)) if v is not None}
     if dry_run and bench is not None:
         _rehearse(path, bench, seed=seed, runs_dir=runs_dir, cell=cell, soc=soc, temperature=temperature,
                   identity=identity)
         return
-    assert path is not None
     if dry_run:
+        if path is None:
+            raise _fail("a dry run without --bench needs a profile")
         result = _simulate(path, seed=seed, runs_dir=runs_dir, cell=cell, soc=soc, temperature=temperature,
                            environment=environment, identity=identity)
         if code := exit_code([result]):
@@ -273,15 +279,16 @@ def run(
     if bench is None:
         raise _fail("say which bench to run on with --bench BENCH.yaml, or use --dry-run")
     cfg = _bench(bench)
-    shared, own = _profiles(path, cfg)
+    shared, own = _profiles(path, cfg, idle_ok=stay)
     _on_real_bench(lambda clock, progress: run_bench(
         cfg, shared.profile if shared else None, shared.text if shared else "", clock, runs_dir=runs_dir,
         on_progress=_reporter(progress), profile_source=shared.source if shared else "<profile>",
         base_dir=shared.base_dir if shared else Path("."), extra_metadata=identity, on_start=_announce,
-        channel_profiles=own))
+        channel_profiles=own, keep_open=stay))
 
 
-def _profiles(path: Path | None, cfg: BenchConfig) -> tuple[ProfileFile | None, dict[str, ProfileFile]]:
+def _profiles(path: Path | None, cfg: BenchConfig, *, idle_ok: bool = False
+              ) -> tuple[ProfileFile | None, dict[str, ProfileFile]]:
     """The profile given on the command line (for channels naming none) and each channel's own, loaded and
     warned about; one line and exit 2 when a channel has none."""
     def load(where: Path) -> ProfileFile:
@@ -291,7 +298,7 @@ def _profiles(path: Path | None, cfg: BenchConfig) -> tuple[ProfileFile | None, 
 
     shared = load(path) if path is not None else None
     own = {name: load(_profile_path(Path(ch.profile))) for name, ch in cfg.channels.items() if ch.profile}
-    if shared is None and (missing := [n for n in cfg.channels if n not in own]):
+    if shared is None and not idle_ok and (missing := [n for n in cfg.channels if n not in own]):
         raise _fail(f"channel(s) {', '.join(missing)} name no profile in the bench file: give one on the command "
                     "line for them")
     return shared, own
@@ -341,6 +348,26 @@ def resume(
     _on_real_bench(one)
 
 
+@app.command()
+def start(
+    channel: Annotated[str, typer.Argument(help="an idle channel of a running controller (run --stay)")],
+    profile: Annotated[Path, typer.Argument(help="the profile YAML file, or the name of a library profile")],
+    bench: Annotated[str | None, typer.Option(help="the bench's name, where controllers share a channel name")]
+    = None,
+) -> None:
+    """Start a new run on an idle channel of a running controller; its other channels run on."""
+    found = [c for c in control.controllers() if channel in c.channels and (bench is None or c.bench == bench)]
+    if not found:
+        raise _fail(f"no running controller holds a channel '{channel}' (start one with `cellbench run --bench "
+                    "BENCH.yaml --stay`)")
+    if len(found) > 1:
+        raise _fail(f"channel '{channel}' is on several running benches ({', '.join(c.bench for c in found)}): "
+                    "name one with --bench")
+    path = _profile_path(profile).resolve()
+    _ask(found[0].socket, f"bench '{found[0].bench}'", control.Command(action="start", channel=channel,
+                                                                       profile=str(path)))
+
+
 TargetArgument = Annotated[str, typer.Argument(help="the channel's run ID (see `cellbench runs`), its channel name, "
                                                     "or its database")]
 ReasonOption = Annotated[str, typer.Option(help="why (recorded in the run's events)")]
@@ -383,14 +410,19 @@ def _command(action: str, entry: runs.RunEntry, reason: str) -> None:
     if entry.control is None:
         raise _fail(f"run {entry.run_id}: its controller takes no commands (a dry run, or an older cellbench); "
                     f"stop it with a signal to pid {entry.pid}")
+    _ask(entry.control, f"run {entry.run_id}", control.Command(
+        action=action, channel=entry.channel, reason=reason))
+
+
+def _ask(socket: str, who: str, command: control.Command) -> None:
+    """One command to a controller's socket; its answer printed, or one line and exit 1."""
     try:
-        reply = asyncio.run(control.send(Path(entry.control), control.Command(
-            action=action, channel=entry.channel, reason=reason)))
+        reply = asyncio.run(control.send(Path(socket), command))
     except (OSError, TimeoutError) as exc:
-        raise _fail(f"run {entry.run_id}: its controller (pid {entry.pid}) did not answer: {exc}", 1) from None
+        raise _fail(f"{who}: its controller did not answer: {exc}", 1) from None
     if not reply.ok:
-        raise _fail(f"run {entry.run_id}: {reply.message}", 1)
-    console.print(f"{entry.run_id}: {reply.message}", highlight=False)
+        raise _fail(f"{who}: {reply.message}", 1)
+    console.print(f"{who}: {reply.message}", highlight=False)
 
 
 def _profile_path(profile: Path) -> Path:

@@ -1,10 +1,11 @@
-"""A running controller's command socket: pause, resume or stop one channel from another terminal.
+"""A running controller's command socket: start, pause, resume or stop one channel from another terminal.
 
 Each controller on the real clock listens on a Unix socket of its own, `$CELLBENCH_STATE_DIR/control/<pid>.sock`
-(mode 0600 in a 0700 folder: only the user who runs the bench may command it), and records its path in the
-runs registry beside each of its runs. A client sends one JSON line, a `Command`, and reads one JSON line back,
-a `Reply`. Commands go through the runner (`run._Coordinator.command`), never to an instrument directly; one
-channel's command leaves the others running.
+(mode 0600 in a 0700 folder: only the user who runs the bench may command it), says which bench and channels
+it holds in `<pid>.json` beside it, and records the socket's path in the runs registry beside each of its
+runs. A client sends one JSON line, a `Command`, and reads one JSON line back, a `Reply`. Commands go through
+the runner (`run._Coordinator.command`), never to an instrument directly; one channel's command leaves the
+others running.
 """
 
 from __future__ import annotations
@@ -30,9 +31,10 @@ class Command(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    action: Literal["pause", "resume", "stop"]
+    action: Literal["start", "pause", "resume", "stop"]
     channel: str = Field(min_length=1, max_length=200)
     reason: str = Field("by an operator", max_length=500)
+    profile: str | None = Field(default=None, max_length=4096, description="start: the profile file's full path")
 
 
 class Reply(BaseModel):
@@ -40,7 +42,31 @@ class Reply(BaseModel):
     message: str
 
 
-Handler = Callable[[str, str, str], tuple[bool, str]]  # (action, channel, reason) -> (done, message)
+Handler = Callable[[str, str, str, str | None], tuple[bool, str]]  # (action, channel, reason, profile) -> (done, said)
+
+
+class Controller(BaseModel):
+    """What a running controller says of itself beside its socket, so a client finds it by channel."""
+
+    pid: int
+    bench: str
+    channels: list[str]
+    socket: str
+
+
+def controllers() -> list[Controller]:
+    """The controllers running on this machine now (their process alive)."""
+    from cellbench.bench.locks import alive
+
+    found = []
+    for path in (state_dir() / "control").glob("*.json"):
+        try:
+            c = Controller.model_validate_json(path.read_bytes()[:100_000])
+        except (OSError, ValidationError):
+            continue
+        if alive(c.pid) and Path(c.socket).exists():
+            found.append(c)
+    return found
 
 
 def socket_path(pid: int | None = None) -> Path:
@@ -48,10 +74,12 @@ def socket_path(pid: int | None = None) -> Path:
 
 
 @contextlib.asynccontextmanager
-async def serving(handler: Handler, path: Path | None = None) -> AsyncIterator[Path | None]:
+async def serving(handler: Handler, bench: str = "bench", channels: list[str] | None = None,
+                  path: Path | None = None) -> AsyncIterator[Path | None]:
     """Take commands on this process's socket for as long as the block runs; yields its path, or None when
     no socket could be made (the run goes on without remote commands, and the log says so)."""
     path = path or socket_path()
+    about = path.with_suffix(".json")
 
     async def session(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -61,7 +89,7 @@ async def serving(handler: Handler, path: Path | None = None) -> AsyncIterator[P
             except ValidationError as exc:
                 reply = Reply(ok=False, message=f"not a command: {exc.errors()[0]['msg']}")
             else:
-                done, message = handler(cmd.action, cmd.channel, cmd.reason)
+                done, message = handler(cmd.action, cmd.channel, cmd.reason, cmd.profile)
                 log.warning("command %s %s (%s): %s", cmd.action, cmd.channel, cmd.reason, message)
                 reply = Reply(ok=done, message=message)
             writer.write(reply.model_dump_json().encode() + b"\n")
@@ -81,6 +109,8 @@ async def serving(handler: Handler, path: Path | None = None) -> AsyncIterator[P
             server = await asyncio.start_unix_server(session, path=str(path), limit=MAX_LINE)
         finally:
             os.umask(old)
+        about.write_text(Controller(pid=os.getpid(), bench=bench, channels=channels or [],
+                                   socket=str(path)).model_dump_json())
     except (OSError, NotImplementedError, AttributeError) as exc:
         log.warning("no command socket (%s): channels can be stopped only by a signal to the controller", exc)
     try:
@@ -88,8 +118,9 @@ async def serving(handler: Handler, path: Path | None = None) -> AsyncIterator[P
     finally:
         if server is not None:
             server.close()
-            with contextlib.suppress(OSError):
-                path.unlink()
+            for done in (path, about):
+                with contextlib.suppress(OSError):
+                    done.unlink()
 
 
 async def send(path: Path, command: Command, timeout: float = 10.0) -> Reply:

@@ -9,7 +9,7 @@ import logging
 import re
 import signal
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -35,7 +35,7 @@ from cellbench.profiles.checks import (
     range_problems,
     settings,
 )
-from cellbench.profiles.parse import InputError, locate, parse_profile
+from cellbench.profiles.parse import InputError, locate, parse_profile, read_text
 from cellbench.profiles.schema import Profile
 
 ProgressCallback = Callable[[str, Progress], None]
@@ -134,6 +134,11 @@ class _Coordinator:
         self.held: dict[str, asyncio.Future[tuple[str, str]]] = {}  # paused channels: ("resume"|"stop", why)
         self.stopping: Interrupted | RecordingFailed | None = None
         self.control: Path | None = None  # the socket this controller takes commands on (`bench.control`)
+        self.keep_open = False  # stay when every channel has ended, taking new runs (`start`) until stopped
+        self.starter: Callable[[str, str], tuple[bool, str]] | None = None  # starts a run on an idle channel
+        self.tasks: list[asyncio.Future[Any]] = []  # every channel's run, started with the bench or later
+        self.opened = False  # the instruments are open: a stop ends the runs, not the opening
+        self._changed = asyncio.Event()
         self._main: asyncio.Task[Any] | None = None
         self._signals: list[signal.Signals] = []
 
@@ -146,7 +151,8 @@ class _Coordinator:
         for waiting in self.held.values():
             if not waiting.done():
                 waiting.set_result(("stop", str(reason)))
-        if not self.engines and not self.held and self._main is not None:
+        self._changed.set()
+        if not self.opened and self._main is not None:
             self._main.cancel()  # still opening instruments: stop that
 
     def add(self, engine: Engine) -> None:
@@ -168,10 +174,35 @@ class _Coordinator:
         finally:
             del self.held[name]
 
-    def command(self, action: str, name: str, reason: str) -> tuple[bool, str]:
-        """Pause, resume or stop one channel; returns whether it was done and what to tell the operator."""
+    def launch(self, job: Coroutine[Any, Any, Any]) -> None:
+        self.tasks.append(asyncio.ensure_future(job))
+        self._changed.set()
+
+    async def finish(self) -> list[Any]:
+        """Wait for every run, those started later too; with `keep_open`, until a stop as well. Each run's
+        result, or its exception."""
+        while True:
+            pending = [t for t in self.tasks if not t.done()]
+            if not pending and (not self.keep_open or self.stopping is not None):
+                break
+            self._changed.clear()
+            changed = asyncio.ensure_future(self._changed.wait())
+            try:
+                await asyncio.wait([*pending, changed], return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                changed.cancel()
+        return list(await asyncio.gather(*self.tasks, return_exceptions=True))
+
+    def command(self, action: str, name: str, reason: str, profile: str | None = None) -> tuple[bool, str]:
+        """Start, pause, resume or stop one channel; returns whether it was done and what to tell the operator."""
         engine = next((e for e in self.engines if e.channel.name == name), None)
         waiting = self.held.get(name)
+        if action == "start":
+            if engine is not None or waiting is not None:
+                return False, f"channel '{name}' is running a test: stop it first"
+            if self.starter is None or self.stopping is not None or profile is None:
+                return False, "this controller takes no new runs"
+            return self.starter(name, profile)
         if engine is None and waiting is None:
             known = ", ".join(sorted({*(e.channel.name for e in self.engines), *self.held})) or "none"
             return False, f"channel '{name}' is not running on this controller (running or paused: {known})"
@@ -234,9 +265,11 @@ async def run_bench(
     supervise: bool | None = None,
     on_start: Callable[[str, Path], None] | None = None,
     channel_profiles: dict[str, ProfileFile] | None = None,
+    keep_open: bool = False,
 ) -> list[ChannelResult]:
     """Run a profile on every channel of the bench at once (or each channel its own, `channel_profiles`); one
-    database per channel.
+    database per channel. With `keep_open` the controller stays when its runs have ended, until a signal, and
+    takes new runs on its idle channels (`cellbench start`); channels with no profile start idle.
 
     Raises InputError, before any instrument is touched, when a profile asks a cell for
     voltages outside its window. With `handle_signals` (on the main thread), SIGINT, SIGTERM and
@@ -247,42 +280,61 @@ async def run_bench(
     """
     shared = ProfileFile(profile, profile_text, profile_source, base_dir) if profile is not None else None
     runs_of = {name: (channel_profiles or {}).get(name) or shared for name in bench.channels}
-    if missing := [name for name, pf in runs_of.items() if pf is None]:
+    if (missing := [name for name, pf in runs_of.items() if pf is None]) and not keep_open:
         raise InputError([f"channel '{name}' has no profile: name one for it in the bench file, or give one "
                           "for every channel" for name in missing])
     problems: dict[int, tuple[ProfileFile, list[tuple[tuple[str | int, ...], str]]]] = {}
-    for name, ch in bench.channels.items():
-        pf = runs_of[name]
-        assert pf is not None
-        cell = bench.cells[ch.cell]
-        found = cell_problems(pf.profile, cell.voltage_min, cell.voltage_max)
-        said = [(path, f"{message} (cell '{ch.cell}')") for path, message in found]
-        said += [(path, f"{message} (channel '{name}')") for path, message in channel_problems(bench, name, pf.profile)]
-        if said:
+    for name, pf in runs_of.items():
+        if pf is not None and (said := profile_problems(bench, name, pf.profile)):
             problems.setdefault(id(pf), (pf, []))[1].extend(said)
     if problems:
         raise InputError([line for pf, said in problems.values() for line in locate(pf.text, pf.source, said)])
-    rids = run_ids(bench)
     common = {"bench": bench.model_dump(mode="json"), "bench_as_written": bench.as_written(),
               "operator": bench.operator, "comment": bench.comment, **(extra_metadata or {})}
 
-    def extra(pf: ProfileFile) -> dict[str, object]:
-        return {**common, "profile_source": pf.source, "total_steps": pf.profile.executed_step_count(),
-                "base_dir": str(Path.cwd() / pf.base_dir)}  # base_dir: for a resume
+    def job(instruments: Instruments, coordinator: _Coordinator, name: str, pf: ProfileFile, path: Path) -> Any:
+        extra = {**common, "profile_source": pf.source, "total_steps": pf.profile.executed_step_count(),
+                 "base_dir": str(Path.cwd() / pf.base_dir)}  # base_dir: for a resume
+        return _run_channel(instruments.channel(name), pf.profile, pf.text, clock, path, on_progress, extra,
+                            pf.base_dir, coordinator, instruments.notices_for(name), supervise=supervise,
+                            about=About(bench.name, _text(common.get("operator")), bench.notify, on_start))
+
+    def start(instruments: Instruments, coordinator: _Coordinator, name: str, source: str) -> tuple[bool, str]:
+        """A new run on an idle channel of the running bench (the operator's `cellbench start`)."""
+        if name not in bench.channels:
+            return False, f"the bench has no channel '{name}' (it has {', '.join(bench.channels)})"
+        where = Path(source)
+        try:
+            pf = ProfileFile(parse_profile(read_text(where, "profile"), where.name, where.parent),
+                             read_text(where, "profile"), where.name, where.parent)
+            if said := profile_problems(bench, name, pf.profile):
+                raise InputError(locate(pf.text, pf.source, said))
+        except InputError as exc:
+            return False, "; ".join(exc.problems[:3]) + (f" (and {len(exc.problems) - 3} more)"
+                                                        if len(exc.problems) > 3 else "")
+        path = reserve(runs_dir, run_ids(bench)[name])
+        coordinator.launch(job(instruments, coordinator, name, pf, path))
+        return True, f"channel '{name}' starts '{pf.profile.name}', recording to {path}"
 
     def jobs(instruments: Instruments, coordinator: _Coordinator, paths: dict[str, Path]) -> list[Any]:
-        out = []
-        for name in bench.channels:
-            pf = runs_of[name]
-            assert pf is not None
-            out.append(_run_channel(
-                instruments.channel(name), pf.profile, pf.text, clock, paths[name], on_progress, extra(pf),
-                pf.base_dir, coordinator, instruments.notices_for(name), supervise=supervise,
-                about=About(bench.name, _text(common.get("operator")), bench.notify, on_start)))
-        return out
+        coordinator.keep_open = keep_open
+        coordinator.starter = lambda name, source: start(instruments, coordinator, name, source)
+        return [job(instruments, coordinator, name, pf, paths[name]) for name, pf in runs_of.items()
+                if pf is not None]
 
-    return await _on_bench(bench, clock, lambda: {n: reserve(runs_dir, rids[n]) for n in bench.channels},
-                           jobs, handle_signals)
+    rids = run_ids(bench)
+    return await _on_bench(bench, clock, lambda: {n: reserve(runs_dir, rids[n]) for n, pf in runs_of.items()
+                                                  if pf is not None}, jobs, handle_signals)
+
+
+def profile_problems(bench: BenchConfig, channel: str, profile: Profile) -> list[tuple[tuple[str | int, ...], str]]:
+    """Everything that stops the profile from running on the channel: the cell's window, its instruments."""
+    ch = bench.channels[channel]
+    cell = bench.cells[ch.cell]
+    said = [(path, f"{message} (cell '{ch.cell}')")
+            for path, message in cell_problems(profile, cell.voltage_min, cell.voltage_max)]
+    return said + [(path, f"{message} (channel '{channel}')") for path, message in
+                   channel_problems(bench, channel, profile)]
 
 
 async def _on_bench(
@@ -299,15 +351,19 @@ async def _on_bench(
         coordinator.catch_signals()
     try:
         # the operator's commands to one channel, from another terminal: the controller of a real bench only
-        commands = control.serving(coordinator.command) if handle_signals and not clock.virtual else _no_commands()
+        commands = (control.serving(coordinator.command, bench.name, list(bench.channels))
+                    if handle_signals and not clock.virtual else _no_commands())
         async with commands as coordinator.control, Instruments(bench) as instruments:
             where = paths()
             # on a real bench a guardian process turns the outputs off if this process dies a hard death
             watchdog = None if clock.virtual else await asyncio.to_thread(
                 guardian.spawn, instruments.cyclers(), list(where.values()))
+            coordinator.opened = True
             try:
-                # every channel runs to its own end before the shared connections close
-                results = await asyncio.gather(*jobs(instruments, coordinator, where), return_exceptions=True)
+                # every channel runs to its own end (and any run started later) before the connections close
+                for one in jobs(instruments, coordinator, where):
+                    coordinator.launch(one)
+                results = await coordinator.finish()
             finally:
                 if watchdog is not None:
                     await asyncio.to_thread(guardian.dismiss, watchdog)
