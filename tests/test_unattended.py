@@ -291,134 +291,128 @@ def cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
                           env=run_env(tmp_path), timeout=60)
 
 
-def test_one_channel_is_paused_resumed_and_stopped_from_another_terminal_while_the_other_runs_on(
-        tmp_path: Path) -> None:
+@pytest.fixture
+def two_smus() -> Iterator[tuple[str, str]]:
+    """Two simulated 2450s served in processes of their own: their resources."""
     servers = [serve("keithley2450", "--port", "0", "--soc", "0.3") for _ in range(2)]
-    try:
-        (_p1, r1), (_p2, r2) = servers
-        bench = tmp_path / "bench.yaml"
-        bench.write_text(textwrap.dedent(f"""
-            name: pair
-            instruments:
-              smu1: {{driver: keithley2450, resource: "{r1}", timeout: 2 s}}
-              smu2: {{driver: keithley2450, resource: "{r2}", timeout: 2 s}}
-            cells:
-              A-1: {{capacity: 3.5 mAh, voltage_min: 2.5 V, voltage_max: 4.3 V}}
-              A-2: {{capacity: 3.5 mAh, voltage_min: 2.5 V, voltage_max: 4.3 V}}
-            channels:
-              ch1: {{cycler: smu1, cell: A-1}}
-              ch2: {{cycler: smu2, cell: A-2}}
-        """))
-        profile = tmp_path / "charge.yaml"
-        profile.write_text(PROFILE)
-        proc = start_run(tmp_path, bench, profile)
-        wait_until_sourcing(r1)
-        wait_until_sourcing(r2)
-        time.sleep(2.0)
-        done = cli(tmp_path, "pause", "ch1", "--reason", "checking the crimp")
-        assert done.returncode == 0 and "pauses" in done.stdout, done.stdout + done.stderr
-        deadline = time.monotonic() + 10
-        while ask(r1, ":OUTP?") != "0" and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert ask(r1, ":OUTP?") == "0" and ask(r2, ":OUTP?") == "1"  # only the paused channel rests
-        status = cli(tmp_path, "status", "--json")
-        states = {row["channel"]: row["state"] for row in __import__("json").loads(status.stdout)}
-        assert states == {"ch1": "paused", "ch2": "running"}, status.stdout
-        again = cli(tmp_path, "pause", "ch1")
-        assert again.returncode == 1 and "already paused" in again.stderr + again.stdout
-        time.sleep(3.0)  # paused: not test time
-        assert cli(tmp_path, "resume", "ch1").returncode == 0
-        wait_until_sourcing(r1)
-        time.sleep(2.0)
-        stopped = cli(tmp_path, "stop", "ch2")
-        assert stopped.returncode == 0, stopped.stdout + stopped.stderr
-        deadline = time.monotonic() + 10
-        while ask(r2, ":OUTP?") != "0" and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert ask(r2, ":OUTP?") == "0" and ask(r1, ":OUTP?") == "1"  # the other channel sources on
-        assert cli(tmp_path, "stop", "nope").returncode == 2
-        time.sleep(1.5)
-        proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=30)
-        assert proc.returncode == 143, out
-        assert ask(r1, ":OUTP?") == "0"
-        dbs = {sqlite3.connect(db).execute("SELECT value FROM meta WHERE key = 'channel'").fetchone()[0]: db
-               for db in (tmp_path / "runs").glob("*.sqlite")}
-        one = sqlite3.connect(dbs['"ch1"'])
-        kinds = [k for (k,) in one.execute("SELECT kind FROM events ORDER BY rowid")]
-        assert kinds.count("start") == 1 and kinds.count("end") == 1 and kinds[-1] == "end"
-        assert kinds.index("paused") < kinds.index("resumed")
-        times = [t for (t,) in one.execute('SELECT "Test Time / s" FROM samples ORDER BY rowid')]
-        gaps = [b - a for a, b in itertools.pairwise(times)]
-        assert max(gaps) < 2.5  # the 3 s pause is not test time: samples go on from where they stood
-        two = sqlite3.connect(dbs['"ch2"'])
-        assert two.execute("SELECT message FROM events WHERE kind = 'end'").fetchone()[0] == \
-            "interrupted: stopped by an operator"
-        assert "Traceback" not in out
-    finally:
-        for p, _ in servers:
-            p.terminate()
-            p.wait(timeout=10)
+    yield servers[0][1], servers[1][1]
+    for p, _ in servers:
+        p.terminate()
+        p.wait(timeout=10)
 
 
-def test_a_run_is_started_on_an_idle_channel_of_a_running_controller(tmp_path: Path) -> None:
+def pair_bench(tmp_path: Path, smus: tuple[str, str], ch1_profile: str = "") -> Path:
+    """A two-channel bench on the two 2450s (ch1 may name its own profile)."""
+    bench = tmp_path / "bench.yaml"
+    own = f", profile: {ch1_profile}" if ch1_profile else ""
+    bench.write_text(textwrap.dedent(f"""
+        name: pair
+        instruments:
+          smu1: {{driver: keithley2450, resource: "{smus[0]}", timeout: 2 s}}
+          smu2: {{driver: keithley2450, resource: "{smus[1]}", timeout: 2 s}}
+        cells:
+          A-1: {{capacity: 3.5 mAh, voltage_min: 2.5 V, voltage_max: 4.3 V}}
+          A-2: {{capacity: 3.5 mAh, voltage_min: 2.5 V, voltage_max: 4.3 V}}
+        channels:
+          ch1: {{cycler: smu1, cell: A-1{own}}}
+          ch2: {{cycler: smu2, cell: A-2}}
+    """))
+    return bench
+
+
+def test_one_channel_is_paused_resumed_and_stopped_from_another_terminal_while_the_other_runs_on(
+        tmp_path: Path, two_smus: tuple[str, str]) -> None:
+    r1, r2 = two_smus
+    bench = pair_bench(tmp_path, two_smus)
+    profile = tmp_path / "charge.yaml"
+    profile.write_text(PROFILE)
+    proc = start_run(tmp_path, bench, profile)
+    wait_until_sourcing(r1)
+    wait_until_sourcing(r2)
+    time.sleep(2.0)
+    done = cli(tmp_path, "pause", "ch1", "--reason", "checking the crimp")
+    assert done.returncode == 0 and "pauses" in done.stdout, done.stdout + done.stderr
+    deadline = time.monotonic() + 10
+    while ask(r1, ":OUTP?") != "0" and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert ask(r1, ":OUTP?") == "0" and ask(r2, ":OUTP?") == "1"  # only the paused channel rests
+    status = cli(tmp_path, "status", "--json")
+    states = {row["channel"]: row["state"] for row in __import__("json").loads(status.stdout)}
+    assert states == {"ch1": "paused", "ch2": "running"}, status.stdout
+    again = cli(tmp_path, "pause", "ch1")
+    assert again.returncode == 1 and "already paused" in again.stderr + again.stdout
+    time.sleep(3.0)  # paused: not test time
+    assert cli(tmp_path, "resume", "ch1").returncode == 0
+    wait_until_sourcing(r1)
+    time.sleep(2.0)
+    stopped = cli(tmp_path, "stop", "ch2")
+    assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+    deadline = time.monotonic() + 10
+    while ask(r2, ":OUTP?") != "0" and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert ask(r2, ":OUTP?") == "0" and ask(r1, ":OUTP?") == "1"  # the other channel sources on
+    assert cli(tmp_path, "stop", "nope").returncode == 2
+    time.sleep(1.5)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 143, out
+    assert ask(r1, ":OUTP?") == "0"
+    dbs = {sqlite3.connect(db).execute("SELECT value FROM meta WHERE key = 'channel'").fetchone()[0]: db
+           for db in (tmp_path / "runs").glob("*.sqlite")}
+    one = sqlite3.connect(dbs['"ch1"'])
+    kinds = [k for (k,) in one.execute("SELECT kind FROM events ORDER BY rowid")]
+    assert kinds.count("start") == 1 and kinds.count("end") == 1 and kinds[-1] == "end"
+    assert kinds.index("paused") < kinds.index("resumed")
+    times = [t for (t,) in one.execute('SELECT "Test Time / s" FROM samples ORDER BY rowid')]
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    assert max(gaps) < 2.5  # the 3 s pause is not test time: samples go on from where they stood
+    two = sqlite3.connect(dbs['"ch2"'])
+    assert two.execute("SELECT message FROM events WHERE kind = 'end'").fetchone()[0] == \
+        "interrupted: stopped by an operator"
+    assert "Traceback" not in out
+
+
+def test_a_run_is_started_on_an_idle_channel_of_a_running_controller(tmp_path: Path,
+                                                                     two_smus: tuple[str, str]) -> None:
     """`run --stay` keeps the controller and its instruments after its runs end; `cellbench start` adds a run on
     an idle channel from another terminal, checked like any run before it touches the cell."""
-    servers = [serve("keithley2450", "--port", "0", "--soc", "0.3") for _ in range(2)]
-    try:
-        (_, r1), (_, r2) = servers
-        (tmp_path / "short.yaml").write_text("name: short\nsample_period: 1 s\nsteps:\n  - rest: 2 s\n")
-        (tmp_path / "bad.yaml").write_text("name: bad\nsteps:\n  - charge: {current: C/10, until: 4.6 V}\n")
-        profile = tmp_path / "charge.yaml"
-        profile.write_text(PROFILE)
-        bench = tmp_path / "bench.yaml"
-        bench.write_text(textwrap.dedent(f"""
-            name: line
-            instruments:
-              smu1: {{driver: keithley2450, resource: "{r1}", timeout: 2 s}}
-              smu2: {{driver: keithley2450, resource: "{r2}", timeout: 2 s}}
-            cells:
-              A-1: {{capacity: 3.5 mAh, voltage_min: 2.5 V, voltage_max: 4.3 V}}
-              A-2: {{capacity: 3.5 mAh, voltage_min: 2.5 V, voltage_max: 4.3 V}}
-            channels:
-              ch1: {{cycler: smu1, cell: A-1, profile: {tmp_path / 'short.yaml'}}}
-              ch2: {{cycler: smu2, cell: A-2}}
-        """))
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "cellbench.bench.cli", "run", "--bench", str(bench), "--stay", "--runs-dir",
-             str(tmp_path / "runs")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            env=run_env(tmp_path))
-        deadline = time.monotonic() + 30
-        while not list((tmp_path / "state" / "control").glob("*.json")) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        time.sleep(4.0)  # ch1's two-second rest has ended; the controller stays
-        assert proc.poll() is None
-        assert ask(r2, ":OUTP?") == "0"  # ch2 idle
-        started = cli(tmp_path, "start", "ch2", str(profile))
-        assert started.returncode == 0 and "starts 'long charge'" in started.stdout, started.stdout + started.stderr
-        wait_until_sourcing(r2)
-        busy = cli(tmp_path, "start", "ch2", str(profile))
-        assert busy.returncode == 1 and "running a test" in busy.stdout + busy.stderr
-        refused = cli(tmp_path, "start", "ch1", str(tmp_path / "bad.yaml"))
-        assert refused.returncode == 1 and "bad.yaml:3" in refused.stdout + refused.stderr
-        assert "4.6 V" in refused.stdout + refused.stderr
-        nowhere = cli(tmp_path, "start", "ch9", str(profile))
-        assert nowhere.returncode == 2 and "no running controller holds a channel 'ch9'" in nowhere.stderr
-        assert cli(tmp_path, "stop", "ch2").returncode == 0
-        deadline = time.monotonic() + 10
-        while ask(r2, ":OUTP?") != "0" and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert ask(r2, ":OUTP?") == "0"
-        time.sleep(1.0)
-        assert proc.poll() is None  # idle again, and still there
-        proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=30)
-        assert "Traceback" not in out
-        states = {json.loads(p.read_text())["channel"]: json.loads(p.read_text())["state"]
-                  for p in (tmp_path / "state" / "runs").glob("*.json")}
-        assert states == {"ch1": "completed", "ch2": "interrupted"}
-        assert not list((tmp_path / "state" / "control").glob("*"))  # socket and its note removed
-    finally:
-        for p, _ in servers:
-            p.terminate()
-            p.wait(timeout=10)
+    r2 = two_smus[1]
+    (tmp_path / "short.yaml").write_text("name: short\nsample_period: 1 s\nsteps:\n  - rest: 2 s\n")
+    (tmp_path / "bad.yaml").write_text("name: bad\nsteps:\n  - charge: {current: C/10, until: 4.6 V}\n")
+    profile = tmp_path / "charge.yaml"
+    profile.write_text(PROFILE)
+    bench = pair_bench(tmp_path, two_smus, str(tmp_path / "short.yaml"))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cellbench.bench.cli", "run", "--bench", str(bench), "--stay", "--runs-dir",
+         str(tmp_path / "runs")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=run_env(tmp_path))
+    deadline = time.monotonic() + 30
+    while not list((tmp_path / "state" / "control").glob("*.json")) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(4.0)  # ch1's two-second rest has ended; the controller stays
+    assert proc.poll() is None
+    assert ask(r2, ":OUTP?") == "0"  # ch2 idle
+    started = cli(tmp_path, "start", "ch2", str(profile))
+    assert started.returncode == 0 and "starts 'long charge'" in started.stdout, started.stdout + started.stderr
+    wait_until_sourcing(r2)
+    busy = cli(tmp_path, "start", "ch2", str(profile))
+    assert busy.returncode == 1 and "running a test" in busy.stdout + busy.stderr
+    refused = cli(tmp_path, "start", "ch1", str(tmp_path / "bad.yaml"))
+    assert refused.returncode == 1 and "bad.yaml:3" in refused.stdout + refused.stderr
+    assert "4.6 V" in refused.stdout + refused.stderr
+    nowhere = cli(tmp_path, "start", "ch9", str(profile))
+    assert nowhere.returncode == 2 and "no running controller holds a channel 'ch9'" in nowhere.stderr
+    assert cli(tmp_path, "stop", "ch2").returncode == 0
+    deadline = time.monotonic() + 10
+    while ask(r2, ":OUTP?") != "0" and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert ask(r2, ":OUTP?") == "0"
+    time.sleep(1.0)
+    assert proc.poll() is None  # idle again, and still there
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=30)
+    assert "Traceback" not in out
+    states = {json.loads(p.read_text())["channel"]: json.loads(p.read_text())["state"]
+              for p in (tmp_path / "state" / "runs").glob("*.json")}
+    assert states == {"ch1": "completed", "ch2": "interrupted"}
+    assert not list((tmp_path / "state" / "control").glob("*"))  # socket and its note removed
