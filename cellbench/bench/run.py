@@ -181,16 +181,22 @@ class _Coordinator:
     async def finish(self) -> list[Any]:
         """Wait for every run, those started later too; with `keep_open`, until a stop as well. Each run's
         result, or its exception."""
-        while True:
-            pending = [t for t in self.tasks if not t.done()]
-            if not pending and (not self.keep_open or self.stopping is not None):
-                break
-            self._changed.clear()
-            changed = asyncio.ensure_future(self._changed.wait())
-            try:
-                await asyncio.wait([*pending, changed], return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                changed.cancel()
+        try:
+            while True:
+                pending = [t for t in self.tasks if not t.done()]
+                if not pending and (not self.keep_open or self.stopping is not None):
+                    break
+                self._changed.clear()
+                changed = asyncio.ensure_future(self._changed.wait())
+                try:
+                    await asyncio.wait([*pending, changed], return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    changed.cancel()
+        except asyncio.CancelledError:  # cancelled from outside: every run ends (output off) before we go
+            for task in self.tasks:
+                task.cancel()
+            await asyncio.gather(*self.tasks, return_exceptions=True)
+            raise
         return list(await asyncio.gather(*self.tasks, return_exceptions=True))
 
     def command(self, action: str, name: str, reason: str, profile: str | None = None) -> tuple[bool, str]:
