@@ -451,7 +451,7 @@ class Engine:
                 await self._apply_surely(ctl, t_step, reading.voltage)
                 next_sample = t + PULSE_SETTLE
                 continue
-            interval = policy.next_interval(period, limits, work.history)
+            interval = policy.next_interval(period, limits, work.history, self._emptied(ctl))
             if ctl.dynamic:
                 # hold the value of the middle of the coming interval: a ramp or a linear drive is
                 # then followed with its charge exact, as by the midpoint rule
@@ -628,6 +628,14 @@ class Engine:
         }
         return policy.limit_reached(limits, values)
 
+    def _emptied(self, ctl: Control) -> float | None:
+        """How much of the cycle's charge a discharge to a voltage cut-off has taken out so far (None for other
+        steps, or before anything was charged in the cycle)."""
+        charged = self.state.cycle_totals.charge_ah
+        if ctl.direction >= 0 or charged <= 0 or not any(lim.kind == "voltage" for lim in ctl.limits):
+            return None
+        return self.state.cycle_totals.discharge_ah / charged
+
     def _stable(self, body: WaitBody, step: StepProgress, t: float) -> Ending | None:
         """A wait step: ended once temperature and pressure have been within tolerance long enough."""
         tol_t, tol_p = body.tolerances()
@@ -701,10 +709,11 @@ class Engine:
         if work.history:
             sp = self.state.setpoint
             held = sp.value if sp is not None and sp.mode is SourceMode.CURRENT else None
-            ah, wh = policy.interval_charge(work.history[-1], t, r, held)
-            work.last_ah = abs(ah)
-            totals.add(ah, wh)
-            self.state.cycle_totals.add(ah, wh)
+            pieces = policy.interval_charge(work.history[-1], t, r, held)
+            work.last_ah = sum(abs(ah) for ah, _ in pieces)
+            for ah, wh in pieces:
+                totals.add(ah, wh)
+                self.state.cycle_totals.add(ah, wh)
         work.history = [*work.history[-1:], (t, r)]
         self.state.accounted_until = t
         self._last = r

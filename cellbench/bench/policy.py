@@ -17,6 +17,8 @@ from cellbench.profiles.schema import Limit, Range, RecordRule, ShortDetection
 VOLTAGE_TOLERANCE = 1e-3  # V: a reading this close to a voltage limit counts as reaching it
 MIN_INTERVAL = 1.0  # s: the shortest sample interval when closing in on a voltage limit
 APPROACH_WINDOW = 0.05  # V: closer than this to a voltage limit, sample at MIN_INTERVAL
+CURRENT_WINDOW = 0.02  # of a current limit: closer than this, sample at MIN_INTERVAL
+KNEE_FROM = 0.8  # of the cycle's charge taken out by a discharge to a cut-off: from here sampling closes in
 SAFE_MARGIN_LOW, SAFE_MARGIN_HIGH = 0.2, 0.1  # V outside the cell's window that stop the run
 
 History = Sequence[tuple[float, Reading]]  # the step's last two samples: (test time, reading)
@@ -112,35 +114,49 @@ def next_sample_at(scheduled: float, woke: float, interval: float) -> float:
     return base + interval if base + interval > woke else woke + interval
 
 
-def next_interval(period: float, limits: Sequence[Limit], history: History) -> float:
-    """The sample period, shortened while the voltage closes in on a voltage limit.
+def next_interval(period: float, limits: Sequence[Limit], history: History, emptied: float | None = None) -> float:
+    """The sample period, shortened while the voltage closes in on a voltage limit (or a held voltage's current
+    on its current limit).
 
     The interval shrinks to a quarter of the time to the crossing the last two samples predict,
     and to MIN_INTERVAL inside the approach window, so a steep end-of-discharge knee is caught
-    within a second, not a period.
+    within a second, not a period. `emptied` is the fraction of the cycle's charge a discharge to a voltage
+    cut-off has taken out so far: past KNEE_FROM of it the interval shrinks with the square of what is left,
+    to MIN_INTERVAL at the end, because the knee of a lithium-metal cell falls from a plateau faster than
+    two samples on the plateau can tell.
     """
+    interval = period
+    if emptied is not None and emptied >= KNEE_FROM:
+        left = max(0.0, 1.0 - emptied) / (1.0 - KNEE_FROM)
+        interval = min(interval, max(MIN_INTERVAL, period * left * left))
     if len(history) < 2:
-        return period
+        return interval
     (t0, a), (t1, b) = history
     if t1 <= t0:
-        return period
-    slope = (b.voltage - a.voltage) / (t1 - t0)
-    interval = period
+        return interval
     for lim in limits:
-        if lim.kind != "voltage":
+        if lim.kind == "voltage":
+            slope, gap, window = (b.voltage - a.voltage) / (t1 - t0), lim.value - b.voltage, APPROACH_WINDOW
+        elif lim.kind == "current":  # a held voltage's current tapering to its end (a CV's C/50)
+            slope = (abs(b.current) - abs(a.current)) / (t1 - t0)
+            gap, window = lim.value - abs(b.current), CURRENT_WINDOW * lim.value
+        else:
             continue
-        gap = lim.value - b.voltage
         if slope == 0 or gap / slope <= 0:
             continue
-        if abs(gap) < APPROACH_WINDOW:  # a knee can steepen tenfold between two samples
+        if abs(gap) < window:  # a knee can steepen tenfold between two samples
             interval = min(interval, MIN_INTERVAL)
         else:
             interval = min(interval, max(MIN_INTERVAL, gap / slope / 4))
     return interval
 
 
-def interval_charge(previous: tuple[float, Reading], now: float, r: Reading, held: float | None) -> tuple[float, float]:
-    """Charge (Ah) and energy (Wh) since the previous sample; positive is into the cell.
+def interval_charge(previous: tuple[float, Reading], now: float, r: Reading, held: float | None
+                    ) -> list[tuple[float, float]]:
+    """Charge (Ah) and energy (Wh) since the previous sample, positive into the cell: one (Ah, Wh) piece, or
+    two where the current changed sign in between (a voltage source at a cut-off that began to charge the
+    cell), split where the straight line between the readings crosses zero, so that no charge counted on one
+    side is netted against the other.
 
     While a current source holds its setpoint the current was that value all interval long
     (readings are taken under the held source), so the interval counts at the reading's
@@ -150,9 +166,13 @@ def interval_charge(previous: tuple[float, Reading], now: float, r: Reading, hel
     t0, r0 = previous
     hours = (now - t0) / 3600.0
     if held is not None and abs(r.current - held) <= max(1e-8, 1e-3 * abs(held)):
-        return r.current * hours, r.current * (r0.voltage + r.voltage) / 2 * hours
-    return ((r0.current + r.current) / 2 * hours,
-            (r0.current * r0.voltage + r.current * r.voltage) / 2 * hours)
+        return [(r.current * hours, r.current * (r0.voltage + r.voltage) / 2 * hours)]
+    if r0.current * r.current < 0:  # through zero: the crossing, by the straight line
+        f = r0.current / (r0.current - r.current)
+        return [(r0.current / 2 * hours * f, r0.current * r0.voltage / 2 * hours * f),
+                (r.current / 2 * hours * (1 - f), r.current * r.voltage / 2 * hours * (1 - f))]
+    return [((r0.current + r.current) / 2 * hours,
+             (r0.current * r0.voltage + r.current * r.voltage) / 2 * hours)]
 
 
 def unsafe(r: Reading, cell: CellConfig, safety: Range | None, conditions: Conditions) -> str | None:
