@@ -59,6 +59,7 @@ def test_hppc_gives_a_dcir_at_every_state_of_charge(tmp_path: Path) -> None:
         before, after = at[10.0], at[10.01]  # the end of the 1C discharge pulse
         dcir = (after.voltage - before.voltage) / (after.current - before.current)
         assert r0 < dcir < r_total
+        assert 0.0 not in at and 0.01 in at  # the step's own edge (rest to 1C) is read 10 ms after it too
 
 
 def test_critical_current_density_is_found_where_the_lithium_shorts(tmp_path: Path) -> None:

@@ -193,3 +193,27 @@ def test_compare_states_the_cycle_life_ratio_of_two_cells(tmp_path: Path) -> Non
     assert "protected-li: cycle life to 80 % 600.0 cycles" in result.output
     assert "cycle-life ratio protected-li / bare-li: 3.00" in result.output
     assert (tmp_path / "cmp.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_dcir_takes_noisy_currents_as_held_and_ignores_noise_edges_and_zero_ms_pairs() -> None:
+    def s(t: float, v: float, i: float) -> Sample:
+        return Sample(t, t, v, i, 1, 1, 1, "Pulse", 0, 0, 0, 0)
+
+    noise = 1.9e-9  # A: the reading noise of a held current
+    samples = [
+        s(0.0, 3.800, 2e-9), s(5.0, 3.800, -1e-9),  # a rest: its noise steps are no edges
+        s(10.0, 3.800, 0.0), s(10.0, 3.790, -1e-3),  # a reading at the edge itself: no 10 ms value
+        s(20.0, 3.750, -1e-3), s(20.01, 3.7773, 0.0), s(22.0, 3.7853, noise),  # an edge, 2 s later held at 0
+    ]
+    (edge,) = dcir(samples)
+    # by hand: (3.7773 - 3.750) / (0 - -1 mA) = 27.3 ohm at 10 ms, (3.7853 - 3.750) / 1 mA = 35.3 ohm at 2 s
+    assert edge.test_time == 20.0 and edge.delta_current == pytest.approx(1e-3)
+    assert edge.resistance_10ms == pytest.approx(27.3) and edge.resistance_2s == pytest.approx(35.3)
+
+
+def test_coulombic_efficiency_is_not_shown_for_noise() -> None:
+    from cellbench.bench.analysis import CycleSummary
+
+    assert CycleSummary(1, 3.4e-9, 5.9e-9, 0, 0).coulombic_efficiency is None  # both 0.0000 mAh
+    assert CycleSummary(1, 3.5e-3, 0.0, 0, 0).coulombic_efficiency is None
+    assert CycleSummary(1, 3.5e-3, 3.43e-3, 0, 0).coulombic_efficiency == pytest.approx(0.98)

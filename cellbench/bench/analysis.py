@@ -10,6 +10,9 @@ from typing import Any
 from cellbench.bench.store import Sample
 
 EDGE_MAX_GAP = 0.05  # s: two samples this close around a current step are a DCIR pair
+EDGE_MIN_GAP = 0.005  # s: ... and at least this far apart (a reading at the edge itself is no 10 ms value)
+EDGE_FLOOR_A = 1e-7  # A: no smaller change of current is an edge
+CE_FLOOR_AH = 1e-7  # Ah: below this a cycle's charge or discharge is noise, and its CE is not shown
 
 
 @dataclass(frozen=True)
@@ -37,8 +40,10 @@ class CycleSummary:
 
     @property
     def coulombic_efficiency(self) -> float | None:
-        """Discharge over charge of the same cycle; None when the cycle had no charge."""
-        return self.discharge_ah / self.charge_ah if self.charge_ah > 0 else None
+        """Discharge over charge of the same cycle; None unless both are above the noise floor (CE_FLOOR_AH)."""
+        if self.charge_ah < CE_FLOOR_AH or self.discharge_ah < CE_FLOOR_AH:
+            return None
+        return self.discharge_ah / self.charge_ah
 
     @property
     def energy_efficiency(self) -> float | None:
@@ -121,20 +126,25 @@ class Dcir:
 
 
 def dcir(samples: Sequence[Sample]) -> list[Dcir]:
-    """DC internal resistance at each current step sampled on both sides (HPPC pulse edges).
+    """DC internal resistance at each current step sampled on both sides (HPPC pulse edges, step starts).
 
-    At ~10 ms: ΔV/ΔI between the sample just before the edge and the one just after. At 2 s: from
-    the sample before the edge to the one 2 s after it, where the sampling has one.
+    At 10 ms: ΔV/ΔI between the sample just before the edge and the one 10 ms after it (the engine samples
+    there after every current edge; a pair closer than 5 ms is not a 10 ms value and is skipped). At 2 s:
+    from the sample before the edge to the one 2 to 2.5 s after it, where the current still holds the new
+    value within 1 % of the step. Steps smaller than 1 % of the run's largest current (noise on a rest, an
+    impedance-only run) are not edges.
     """
+    floor = max(EDGE_FLOOR_A, 0.01 * max((abs(s.current) for s in samples), default=0.0))
     out = []
     for k in range(1, len(samples)):
         a, b = samples[k - 1], samples[k]
-        di = b.current - a.current
-        if b.test_time - a.test_time > EDGE_MAX_GAP or abs(di) < 1e-9:
+        di, gap = b.current - a.current, b.test_time - a.test_time
+        if not EDGE_MIN_GAP <= gap <= EDGE_MAX_GAP or abs(di) < floor:
             continue
         later = next((s for s in samples[k:] if s.test_time - a.test_time >= 2.0 - 1e-6), None)
         r2 = None
-        if later is not None and later.test_time - a.test_time <= 2.5 and abs(later.current - b.current) < 1e-9:
+        if (later is not None and later.test_time - a.test_time <= 2.5
+                and abs(later.current - b.current) <= 0.01 * abs(di)):
             r2 = (later.voltage - a.voltage) / di
         out.append(Dcir(a.test_time, di, (b.voltage - a.voltage) / di, r2))
     return out

@@ -57,6 +57,7 @@ from cellbench.profiles.schema import Check, EisBody, Limit, Profile, RecordRule
 from cellbench.profiles.units import human_duration
 
 log = logging.getLogger(__name__)
+EDGE_FLOOR = 1e-7  # A: a change of current smaller than this is no edge
 
 CHECKPOINT_EVERY = 60.0  # s of test time between saved run states within a step
 
@@ -397,6 +398,9 @@ class Engine:
         edges = [e for e in ctl.edges if step.start + e > self._t()]
         work = _Samples()
         next_sample = max(step.start, self._t())
+        if resumed is None and not onboard and ctl.mode is SourceMode.CURRENT and abs(
+                ctl.setpoint(0.0, last.voltage) - last.current) > max(EDGE_FLOOR, 0.01 * abs(last.current)):
+            next_sample += PULSE_SETTLE  # a current edge: the first reading 10 ms after it (a true 10 ms DCIR)
         while True:
             deadline = policy.next_deadline(limits, step.start, st.budgets)
             edge_at = step.start + edges[0] if edges else math.inf
