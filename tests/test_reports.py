@@ -217,3 +217,28 @@ def test_coulombic_efficiency_is_not_shown_for_noise() -> None:
     assert CycleSummary(1, 3.4e-9, 5.9e-9, 0, 0).coulombic_efficiency is None  # both 0.0000 mAh
     assert CycleSummary(1, 3.5e-3, 0.0, 0, 0).coulombic_efficiency is None
     assert CycleSummary(1, 3.5e-3, 3.43e-3, 0, 0).coulombic_efficiency == pytest.approx(0.98)
+
+
+def test_retention_and_cycle_life_compare_reference_steps_only() -> None:
+    """A synthetic run: cycle 1 a slow reference (10 mAh), cycles 2-3 fast (9 mAh then 8.6), cycle 4 a slow
+    reference again (7.5 mAh). Against the first reference the fast cycles would read 90 % and 86 %; only the
+    references count: cycle 4 is at 75 %, and 80 % fell two thirds of the way from cycle 1 to cycle 4."""
+    from cellbench.bench.analysis import references
+
+    def s(t: float, cycle: int, step: int, q: float) -> Sample:
+        return Sample(t, t, 3.0, -1e-3, cycle, step, step, "CC Discharge", 0, q, 0, 0)
+
+    samples = [s(0, 1, 1, 0.0), s(1, 1, 1, 10e-3), s(2, 2, 2, 9e-3), s(3, 3, 3, 8.6e-3),
+               s(4, 4, 4, 0.0), s(5, 4, 4, 7.5e-3)]
+    steps = [{"step_count": n, "path": path, "end_reason": "voltage <= 2.5 V"}
+             for n, path in ((1, "[0].steps[0]"), (2, "[0].steps[1]"), (3, "[0].steps[1]"), (4, "[0].steps[0]"))]
+    profile = ("name: r\nsteps:\n  - repeat: 2\n    steps:\n"
+               "      - discharge: {current: C/20, until: 2.5 V, reference: true}\n"
+               "      - discharge: {current: C/3, until: 2.5 V}\n")
+    refs = references(samples, steps, profile)
+    assert refs == {1: pytest.approx(10e-3), 4: pytest.approx(7.5e-3)}
+    rows = cycle_table(samples, references=refs)
+    assert [r.retention for r in rows] == [pytest.approx(1.0), None, None, pytest.approx(0.75)]
+    # by hand: from 100 % at cycle 1 to 75 % at cycle 4, 80 % is reached at 1 + 0.8 x 3 = cycle 3.4: 2.4 after
+    assert cycle_life([1.0, 0.75], cycles=[1, 4]) == pytest.approx(2.4)
+    assert references(samples, steps, "name: r\nsteps:\n  - rest: 1 h\n") == {}  # no marks: no references

@@ -72,19 +72,64 @@ class CycleSummary:
         return self.discharge_wh / (self.stack_volume_cm3 / 1000.0)
 
 
-def run_cycle_table(samples: Iterable[Sample], cell: dict[str, Any] | None) -> list[CycleSummary]:
+def run_cycle_table(samples: Iterable[Sample], cell: dict[str, Any] | None,
+                    references: dict[int, float] | None = None) -> list[CycleSummary]:
     """The per-cycle table of a run, scaled by the cell its metadata records (volume, thickness, mass, area)."""
     cell = cell or {}
     dims = cell.get("dimensions")
     return cycle_table(samples, cell.get("volume_cm3"), dims[2] if dims else None,
-                       mass_g=cell.get("active_mass_g"), area_cm2=cell.get("area"))
+                       mass_g=cell.get("active_mass_g"), area_cm2=cell.get("area"), references=references)
+
+
+def store_table(store: Any) -> list[CycleSummary]:
+    """A run store's per-cycle table, its retention taken from its reference steps where the profile marks them."""
+    samples, meta = store.samples(), store.metadata()
+    return run_cycle_table(samples, meta.get("cell"), references(samples, store.steps(), meta.get("profile_text")))
+
+
+def references(samples: Sequence[Sample], steps: Sequence[dict[str, Any]], profile_text: str | None
+               ) -> dict[int, float]:
+    """Each cycle's reference capacity (Ah): what its discharge steps marked `reference: true` in the profile
+    took out, where they ended on their voltage limit. Empty when the profile marks none."""
+    from cellbench.bench.walker import dotted
+    from cellbench.profiles.parse import InputError, parse_profile
+    from cellbench.profiles.program import compile_profile
+    from cellbench.profiles.schema import body_of
+
+    if not profile_text:
+        return {}
+    try:
+        program = compile_profile(parse_profile(profile_text))
+    except InputError:
+        return {}
+    marked = {dotted(ins.path) for ins in program.instrs
+              if ins.op == "step" and getattr(body_of(ins.node), "reference", False)}
+    ends = {s["step_count"] for s in steps if s["path"] in marked and str(s["end_reason"]).startswith("voltage")}
+    before: dict[int, float] = {}
+    last: dict[int, Sample] = {}
+    previous: Sample | None = None
+    for smp in samples:
+        if smp.step_count in ends:
+            if smp.step_count not in before:
+                same = previous is not None and previous.cycle == smp.cycle
+                before[smp.step_count] = previous.discharge_ah if same and previous is not None else 0.0
+            last[smp.step_count] = smp
+        previous = smp
+    out: dict[int, float] = {}
+    for step, smp in sorted(last.items()):
+        out.setdefault(smp.cycle, smp.discharge_ah - before[step])
+    return out
 
 
 def cycle_table(
     samples: Iterable[Sample], volume_cm3: float | None = None, thickness_mm: float | None = None,
-    *, mass_g: float | None = None, area_cm2: float | None = None,
+    *, mass_g: float | None = None, area_cm2: float | None = None, references: dict[int, float] | None = None,
 ) -> list[CycleSummary]:
     """One row per cycle; the accumulators restart each cycle, so a cycle's last sample holds its totals.
+
+    Retention is each cycle's discharge capacity over the first cycle's that had one; with `references`
+    (cycle -> reference capacity, `references()`), only the reference cycles have one: their reference
+    capacity over the first, so a fast ageing cycle is never compared with a slow reference.
 
     With the cell's thickness and a recorded displacement, the stack volume of each cycle is the
     cell's volume stretched by the largest displacement of that cycle.
@@ -96,24 +141,33 @@ def cycle_table(
         if s.displacement_um is not None:
             swell[s.cycle] = max(swell.get(s.cycle, s.displacement_um), s.displacement_um)
     reference = next((s.discharge_ah for _, s in sorted(last.items()) if s.discharge_ah > 0), None)
+    first_ref = next((q for _, q in sorted((references or {}).items()) if q > 0), None)
     rows = []
     for c, s in sorted(last.items()):
         stack = None
         if volume_cm3 and thickness_mm and c in swell:
             stack = volume_cm3 * (thickness_mm + swell[c] / 1000.0) / thickness_mm
+        if references:
+            retention = references[c] / first_ref if first_ref and c in references else None
+        else:
+            retention = s.discharge_ah / reference if reference else None
         rows.append(CycleSummary(
-            c, s.charge_ah, s.discharge_ah, s.charge_wh, s.discharge_wh,
-            s.discharge_ah / reference if reference else None, volume_cm3, stack, mass_g, area_cm2,
+            c, s.charge_ah, s.discharge_ah, s.charge_wh, s.discharge_wh, retention, volume_cm3, stack, mass_g,
+            area_cm2,
         ))
     return rows
 
 
-def cycle_life(retention: Sequence[float], threshold: float = 0.8) -> float | None:
-    """Cycles after the first until the retention falls to the threshold (interpolated), or None."""
+def cycle_life(retention: Sequence[float], threshold: float = 0.8, cycles: Sequence[int] | None = None
+               ) -> float | None:
+    """Cycles after the first until the retention falls to the threshold (interpolated), or None. `cycles` are
+    the cycle numbers the retentions belong to (reference cycles every 25, say); by default one apart."""
+    at = list(cycles) if cycles is not None else list(range(len(retention)))
     for k in range(1, len(retention)):
         a, b = retention[k - 1], retention[k]
         if b <= threshold:
-            return k - 1 + (a - threshold) / (a - b) if a > b else float(k)
+            x = at[k - 1] + (a - threshold) / (a - b) * (at[k] - at[k - 1]) if a > b else float(at[k])
+            return x - at[0]
     return None
 
 

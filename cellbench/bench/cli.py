@@ -18,7 +18,7 @@ from rich.table import Table
 from rich.tree import Tree
 
 from cellbench.bench import control, engine, runs
-from cellbench.bench.analysis import run_cycle_table
+from cellbench.bench.analysis import store_table
 from cellbench.bench.clock import RealClock, VirtualClock
 from cellbench.bench.config import BenchConfig, load_bench
 from cellbench.bench.run import (
@@ -119,7 +119,7 @@ def _show_results(results: list[ChannelResult]) -> None:
     for res in results:
         with open_run(res.database) as store:
             meta = store.metadata()
-            rows = run_cycle_table(store.iter_samples(), meta.get("cell"))
+            rows = store_table(store)
         cell_id = meta.get("cell_id")
         table = Table(title=f"{res.channel}{f' (cell {cell_id})' if cell_id else ''}: per-cycle summary")
         per_gram = any(r.specific_capacity_mah_g is not None for r in rows)

@@ -12,6 +12,7 @@ output goes off at the end, on any error, and on cancellation.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 from collections import deque
@@ -446,7 +447,7 @@ class Engine:
                 st.cycle_totals.resolution_ah += work.last_ah
                 ended = self._checked(body.check, ended, ctl, step.totals)
                 self._end_step(ended, t)
-                self._after_step(ctl, ended, step.totals)
+                self._after_step(ctl, ended, step.totals, getattr(body, "reference", False))
                 return self.walker.resolve(pc, ended.target)
             if t - self._saved_at >= self.checkpoint_every:
                 self._checkpoint()
@@ -594,12 +595,13 @@ class Engine:
             st.discharged = True
         return finished
 
-    def _after_step(self, ctl: Control, ending: Ending, totals: Totals) -> None:
-        """A discharge that reached its voltage limit measures the capacity (the first is the reference)."""
+    def _after_step(self, ctl: Control, ending: Ending, totals: Totals, reference: bool = False) -> None:
+        """A discharge that reached its voltage limit measures the capacity; the first reference discharge (the
+        first discharge at all, where the profile marks none) is the reference for retention."""
         st = self.state
         if ctl.step_type is StepType.CC_DISCHARGE and ending.kind is EndKind.VOLTAGE and totals.discharge_ah > 0:
             st.measured_capacity = totals.discharge_ah
-            if st.reference_capacity is None:
+            if st.reference_capacity is None and (reference or not self._marks_references):
                 st.reference_capacity = totals.discharge_ah
 
     def _checked(self, checks: list[Check], ending: Ending, ctl: Control, totals: Totals) -> Ending:
@@ -610,6 +612,10 @@ class Engine:
                 said = f"{ending.reason}; then {check.kind} {check.op} {check.value:g}"
                 return Ending(ending.kind, said, check.then)
         return ending
+
+    @functools.cached_property
+    def _marks_references(self) -> bool:
+        return any(ins.op == "step" and getattr(body_of(ins.node), "reference", False) for ins in self.program.instrs)
 
     def _check_value(self, kind: str, ctl: Control, totals: Totals) -> float | None:
         if kind == "retention":

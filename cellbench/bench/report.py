@@ -10,7 +10,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from cellbench.bench.analysis import CycleSummary, cycle_life, cycle_table, dcir, dqdv, run_cycle_table
+from cellbench.bench.analysis import CycleSummary, cycle_life, dcir, dqdv, store_table
 from cellbench.bench.store import check_run, open_run
 
 FIGSIZE = (8, 4.5)
@@ -26,6 +26,12 @@ def _plt() -> Any:
     return plt
 
 
+def _retention(rows: list[CycleSummary]) -> tuple[list[float], list[int]]:
+    """The retentions a run has (every cycle's, or its reference cycles') and their cycle numbers."""
+    found = [(r.retention, r.cycle) for r in rows if r.retention is not None]
+    return [x for x, _ in found], [c for _, c in found]
+
+
 def write_report(database: str | Path, out_dir: str | Path | None = None) -> Path:
     """Plots and an index.html for one run; returns the page."""
     db = Path(database)
@@ -34,7 +40,7 @@ def write_report(database: str | Path, out_dir: str | Path | None = None) -> Pat
     out.mkdir(parents=True, exist_ok=True)
     with open_run(db) as store:
         samples, meta, spectra, fits = store.samples(), store.metadata(), store.spectra(), store.fits()
-    rows = run_cycle_table(samples, meta.get("cell"))
+        rows = store_table(store)
     plt = _plt()
     images = [_time_series(plt, samples, out / "time-series.png"), _cycles(plt, rows, out / "cycles.png")]
     if (curve := dqdv(samples)):
@@ -153,7 +159,8 @@ def _page(meta: dict[str, Any], rows: list[CycleSummary], images: list[Path], sa
         f"<td>{cell(r.areal_capacity_mah_cm2, '.3f')}</td></tr>"
         for r in rows
     )
-    life = cycle_life([r.retention for r in rows if r.retention is not None])
+    retention, cycles = _retention(rows)
+    life = cycle_life(retention, cycles=cycles)
     pulses = dcir(samples)
     dcir_line = (f"<p>DCIR at 10 ms over {len(pulses)} current steps: median "
                  f"{sorted(p.resistance_10ms for p in pulses)[len(pulses) // 2]:.3g} ohm</p>") if pulses else ""
@@ -186,10 +193,10 @@ def compare_runs(databases: list[Path], out: Path) -> tuple[Path, dict[str, floa
         check_run(db)
     for db in databases:
         with open_run(db) as store:
-            rows = cycle_table(store.iter_samples())
-        retention = [r.retention for r in rows if r.retention is not None]
-        lives[db.stem] = cycle_life(retention)
-        ax.plot(range(len(retention)), [x * 100 for x in retention], label=db.stem)
+            rows = store_table(store)
+        retention, cycles = _retention(rows)
+        lives[db.stem] = cycle_life(retention, cycles=cycles)
+        ax.plot([c - cycles[0] for c in cycles], [x * 100 for x in retention], label=db.stem)
     ax.axhline(80, color="grey", ls=":")
     ax.set_xlabel("Cycles after the first")
     ax.set_ylabel("Capacity retention / %")

@@ -235,6 +235,9 @@ class CurrentBody(StepBody):
     power: Power | None = None
     resistance: Resistance | None = Field(default=None, gt=0)
     voltage_limit: Voltage | None = None
+    reference: bool = Field(default=False, description="a reference capacity (a discharge at the reference rate): "
+                                                       "retention and cycle life compare these steps with the "
+                                                       "first of them only")
 
     @model_validator(mode="after")
     def _one_control(self) -> CurrentBody:
