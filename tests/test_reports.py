@@ -88,7 +88,31 @@ def test_dcir_at_10_ms_and_2_s_from_a_current_step() -> None:
 def test_dqdv_of_a_linear_curve_is_flat() -> None:
     samples = [Sample(t, t, 4.0 - 0.001 * t, -1e-3, 1, 1, 1, "CC Discharge", 0, 1e-5 * t, 0, 0) for t in range(500)]
     curve = dqdv(samples, bin_v=0.01)
-    assert curve and all(d == pytest.approx(1e-2, rel=0.05) for _, d in curve[1:-1])  # the end bins are partial
+    assert curve and all(d == pytest.approx(1e-2, rel=1e-6) for _, d in curve)
+
+
+def test_dqdv_finds_one_cycles_plateau_without_the_others_or_the_rests() -> None:
+    """By hand: Q(V) = 1 mAh/V x (4.2 - V) + 0.2 mAh x (1 - tanh((V - V0) / 0.02)) / 2 has dQ/dV = 1 mAh/V plus
+    a peak of 0.2 / (2 x 0.02) = 5 mAh/V at V0. Cycle 1 has its plateau at 3.70 V, cycle 2 at 3.65 V; a rest
+    with noisy currents sits between them."""
+    import math
+
+    def q(v: float, v0: float) -> float:
+        return 1e-3 * (4.2 - v) + 0.2e-3 * (1 - math.tanh((v - v0) / 0.02)) / 2
+
+    samples = []
+    for cycle, v0 in ((1, 3.70), (2, 3.65)):
+        for k in range(1200):
+            v = 4.2 - 0.001 * k
+            samples.append(Sample(k, k, v, -1e-3, cycle, cycle, 1, "CC Discharge", 0, q(v, v0) - q(4.2, v0), 0, 0))
+        samples += [Sample(2000 + k, 0, 3.0 + 1e-4 * k, (-1) ** k * 2e-9, cycle, 9, 2, "Rest", 0, 0, 0, 0)
+                    for k in range(50)]
+    curve = dqdv(samples, cycle=1)
+    v_peak, peak = max(curve, key=lambda p: p[1])
+    assert v_peak == pytest.approx(3.70, abs=0.005) and peak == pytest.approx(6e-3, rel=0.05)
+    away = [d for v, d in curve if abs(v - 3.70) > 0.2]
+    assert away and all(d == pytest.approx(1e-3, rel=0.02) for d in away)  # no trace of cycle 2 nor the rests
+    assert max(dqdv(samples, cycle=2), key=lambda p: p[1])[0] == pytest.approx(3.65, abs=0.005)
 
 
 @pytest.fixture(scope="module")

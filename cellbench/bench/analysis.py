@@ -204,18 +204,35 @@ def dcir(samples: Sequence[Sample]) -> list[Dcir]:
     return out
 
 
-def dqdv(samples: Sequence[Sample], *, discharge: bool = True, bin_v: float = 0.01) -> list[tuple[float, float]]:
-    """Incremental capacity dQ/dV (Ah/V) against voltage: the capacity interpolated at voltage steps of bin_v
-    along the last charge or discharge, differenced."""
-    points = [(s.voltage, s.discharge_ah if discharge else s.charge_ah) for s in samples
-              if (s.current < 0) == discharge and s.current != 0]
-    if len(points) < 3:
+def dqdv(samples: Sequence[Sample], *, cycle: int | None = None, discharge: bool = True, bin_v: float = 0.002,
+         window: int = 9) -> list[tuple[float, float]]:
+    """Incremental capacity dQ/dV (Ah/V) against voltage for one half-cycle: the constant-current samples of
+    `cycle` (by default the last cycle that has that half) running the chosen way; rests, noise and a CV tail
+    are left out (the current must be within 2 % of the half's median). The capacity is interpolated on a
+    voltage grid of `bin_v` and differentiated by a Savitzky-Golay filter over `window` grid points."""
+    from scipy.signal import savgol_filter
+
+    def flowing(s: Sample) -> bool:
+        return (s.current < 0) if discharge else (s.current > 0)
+
+    cycles = sorted({s.cycle for s in samples if flowing(s)})
+    if not cycles:
         return []
-    points.sort()
+    chosen = cycles[-1] if cycle is None else cycle
+    half = [s for s in samples if s.cycle == chosen and flowing(s)]
+    if not half:
+        return []
+    median = sorted(abs(s.current) for s in half)[len(half) // 2]
+    points = sorted((s.voltage, s.discharge_ah if discharge else s.charge_ah)
+                    for s in half if abs(abs(s.current) - median) <= 0.02 * median)
+    if len(points) < 3 or points[-1][0] - points[0][0] < window * bin_v:
+        return []
     vs, qs = [v for v, _ in points], [q for _, q in points]
-    edges = [vs[0] + k * bin_v for k in range(int((vs[-1] - vs[0]) / bin_v) + 1)]
-    at = [_interp(vs, qs, v) for v in edges]
-    return [((a + b) / 2, abs(qb - qa) / bin_v) for a, b, qa, qb in zip(edges, edges[1:], at, at[1:], strict=False)]
+    grid = [vs[0] + k * bin_v for k in range(int((vs[-1] - vs[0]) / bin_v) + 1)]
+    q = [_interp(vs, qs, v) for v in grid]
+    slope = savgol_filter(q, window_length=min(window, len(q) - (1 - len(q) % 2)), polyorder=2, deriv=1,
+                          delta=bin_v)
+    return [(v, abs(float(d))) for v, d in zip(grid, slope, strict=True)]
 
 
 def _interp(xs: list[float], ys: list[float], x: float) -> float:

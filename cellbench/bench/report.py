@@ -43,8 +43,12 @@ def write_report(database: str | Path, out_dir: str | Path | None = None) -> Pat
         rows = store_table(store)
     plt = _plt()
     images = [_time_series(plt, samples, out / "time-series.png"), _cycles(plt, rows, out / "cycles.png")]
-    if (curve := dqdv(samples)):
-        images.append(_dqdv(plt, curve, out / "dqdv.png"))
+    with_discharge = sorted({s.cycle for s in samples if s.current < 0})
+    chosen = sorted({with_discharge[0], with_discharge[len(with_discharge) // 2], with_discharge[-1]}) \
+        if with_discharge else []
+    curves = {c: curve for c in chosen if (curve := dqdv(samples, cycle=c))}
+    if curves:
+        images.append(_dqdv(plt, curves, out / "dqdv.png"))
     if spectra:
         images.append(_nyquist(plt, spectra, fits, out / "nyquist.png"))
     page = out / "index.html"
@@ -90,9 +94,11 @@ def _cycles(plt: Any, rows: list[CycleSummary], path: Path) -> Path:
     return path
 
 
-def _dqdv(plt: Any, curve: list[tuple[float, float]], path: Path) -> Path:
+def _dqdv(plt: Any, curves: dict[int, list[tuple[float, float]]], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=FIGSIZE, dpi=DPI)
-    ax.plot([v for v, _ in curve], [d * 1e3 for _, d in curve])
+    for c, curve in curves.items():
+        ax.plot([v for v, _ in curve], [d * 1e3 for _, d in curve], label=f"cycle {c}")
+    ax.legend()
     ax.set_xlabel("Voltage / V")
     ax.set_ylabel("dQ/dV (discharge) / mAh/V")
     ax.grid(alpha=0.3)
