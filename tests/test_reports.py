@@ -135,7 +135,7 @@ def simulated_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_the_export_passes_the_battery_data_formats_own_validator(simulated_run: Path, tmp_path: Path) -> None:
     files = export_run(simulated_run, tmp_path)
-    for kind in ("csv", "parquet"):
+    for kind in ("csv", "parquet", "eis"):
         result = subprocess.run(
             [str(Path(sys.executable).parent / "bdf"), "validate", "--strict", str(files[kind])],
             capture_output=True, text=True, timeout=300,
@@ -151,8 +151,15 @@ def test_the_export_passes_the_battery_data_formats_own_validator(simulated_run:
     header = files["csv"].read_text().splitlines()[0].split(",")
     assert header[:4] == ["Test Time / s", "Unix Time / s", "Voltage / V", "Current / A"]
     assert "Applied Pressure / Pa" in header and "Net Capacity / Ah" in header
-    eis_header = files["eis"].read_text().splitlines()[0]
-    assert eis_header == "Step Count / 1,Frequency / Hz,Real Impedance / ohm,Imaginary Impedance / ohm"
+    eis_lines = files["eis"].read_text().splitlines()
+    assert eis_lines[0] == ("Test Time / s,Voltage / V,Current / A,Step Count / 1,Frequency / Hz,"
+                            "Real Impedance / ohm,Imaginary Impedance / ohm")
+    t, v, i = (float(x) for x in eis_lines[1].split(",")[:3])
+    assert t > 0 and 3.5 < v < 4.4 and i == 0.0  # after the charge: the bias is the charged cell's OCV
+    # the BDF tooling's layout: each table's sidecar beside it, named after it; it says how capacities add up
+    assert files["metadata"].name == files["csv"].name + ".metadata.json"
+    assert files["eis-metadata"].name == files["eis"].name + ".metadata.json"
+    assert meta["capacity_accumulation"]["Charging Capacity / Ah"].startswith("per cycle")
 
 
 def test_pyprobe_reads_the_export(simulated_run: Path, tmp_path: Path) -> None:

@@ -513,7 +513,7 @@ def export(
     run_db: Annotated[Path, typer.Argument(help="a run database (runs/....sqlite)")],
     out: Annotated[Path | None, typer.Option(help="folder for the files (default: beside the run)")] = None,
 ) -> None:
-    """Export a run to the Battery Data Format: .bdf.csv, .bdf.parquet and a .metadata.json sidecar."""
+    """Export a run to the Battery Data Format: .bdf.csv, .bdf.parquet (.eis.bdf.csv), each with a .metadata.json."""
     from cellbench.bench.export import export_run
 
     try:

@@ -1,9 +1,11 @@
-"""Export a run to the Battery Data Format: `.bdf.csv`, `.bdf.parquet` and a `.metadata.json` sidecar.
+"""Export a run to the Battery Data Format: `.bdf.csv`, `.bdf.parquet`, each with its `.metadata.json` sidecar.
 
 The tables carry the Battery Data Format's column labels (quantity / unit, current positive on
 charge). Columns a run never filled (no chamber, no press) are left out; labels that are not in
-the standard (displacement) are declared in the sidecar. Impedance spectra, when the run has
-them, go to their own `.eis.bdf.csv`.
+the standard (displacement) are declared in the sidecar, which also says how capacities accumulate
+(per cycle). Impedance spectra, when the run has them, go to their own `.eis.bdf.csv` (time, DC bias and
+current, then the points). Each table's sidecar sits beside it as `<table>.metadata.json`, the BDF
+tooling's layout.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ NON_STANDARD = {
     "Displacement / um": "stack thickness change since the press was tared, micrometres",
     "Step Type": "what the step did: CC Charge, CC Discharge, CV, CCCV Charge, CP Discharge, Rest, Pulse, EIS, ...",
 }
-EIS_COLUMNS = ("Step Count / 1", "Test Time / s", "Frequency / Hz", "Real Impedance / ohm", "Imaginary Impedance / ohm")
+EIS_COLUMNS = ("Test Time / s", "Voltage / V", "Current / A", "Step Count / 1", "Frequency / Hz",
+               "Real Impedance / ohm", "Imaginary Impedance / ohm")
 
 
 def export_run(database: str | Path, out_dir: str | Path | None = None) -> dict[str, Path]:
@@ -38,20 +41,29 @@ def export_run(database: str | Path, out_dir: str | Path | None = None) -> dict[
         events = store.events()
     all_labels = [label for _, label, _ in COLUMNS] + [NET]
     labels = [label for label in all_labels if any(r[label] is not None for r in rows)] or all_labels[:4]
-    files = {"csv": stem.with_suffix(".bdf.csv"), "parquet": stem.with_suffix(".bdf.parquet"),
-             "metadata": stem.with_suffix(".metadata.json")}
+    files = {"csv": stem.with_suffix(".bdf.csv"), "parquet": stem.with_suffix(".bdf.parquet")}
     _write_csv(files["csv"], labels, rows)
     _write_parquet(files["parquet"], labels, rows)
     if spectra:
         files["eis"] = stem.with_suffix(".eis.bdf.csv")
-        eis_rows = [dict(zip(EIS_COLUMNS, (step, None, *p), strict=True)) for step, pts in spectra.items() for p in pts]
-        _write_csv(files["eis"], [c for c in EIS_COLUMNS if c != "Test Time / s"], eis_rows)
+        _write_csv(files["eis"], list(EIS_COLUMNS), _eis_rows(spectra, rows))
+    tables = dict(files)
     sidecar = {
         "format": "Battery Data Format",
         "files": {k: p.name for k, p in files.items() if k != "metadata"},
         "columns": labels,
         "non_standard_columns": {k: v for k, v in NON_STANDARD.items() if k in labels},
         "current_sign": "positive on charge",
+        "capacity_accumulation": {
+            "Charging Capacity / Ah": "per cycle: restarts at 0 where each cycle starts (Cycle Count / 1)",
+            "Discharging Capacity / Ah": "per cycle: restarts at 0 where each cycle starts (Cycle Count / 1)",
+            "Charging Energy / Wh": "per cycle, like the capacities",
+            "Discharging Energy / Wh": "per cycle, like the capacities",
+            NET: "over the whole test: charge minus discharge since its start",
+        },
+        "eis_table": None if not spectra else (
+            "one row per impedance point; Voltage / V is the spectrum's DC bias (the open-circuit voltage measured "
+            "before it, or the profile's bias), Current / A its DC current (0: potentiostatic at the bias)"),
         "cell_id": meta.get("cell_id"),
         "cell": meta.get("cell"),
         "operator": meta.get("operator"),
@@ -67,8 +79,26 @@ def export_run(database: str | Path, out_dir: str | Path | None = None) -> dict[
         "impedance_fits": fits,
         "events": events,
     }
-    files["metadata"].write_text(json.dumps(sidecar, indent=2, default=str))
+    # the Battery Data Format tooling's layout: each table's sidecar beside it, named after it
+    text = json.dumps(sidecar, indent=2, default=str)
+    for kind, table in tables.items():
+        files["metadata" if kind == "csv" else f"{kind}-metadata"] = sidecar_path = table.with_name(
+            table.name + ".metadata.json")
+        sidecar_path.write_text(text)
     return files
+
+
+def _eis_rows(spectra: dict[int, list[tuple[float, float, float]]], rows: list[dict[str, Any]]
+              ) -> list[dict[str, Any]]:
+    """The impedance points as a Battery Data Format table: time, the spectrum's DC bias and current, the point."""
+    at = {r["Step Count / 1"]: r for r in rows}  # each EIS step's recorded sample: its time and bias
+    out = []
+    for step, points in spectra.items():
+        sample = at.get(step, {})
+        for f, zr, zi in points:
+            out.append(dict(zip(EIS_COLUMNS, (sample.get("Test Time / s"), sample.get("Voltage / V"), 0.0, step, f,
+                                             zr, zi), strict=True)))
+    return out
 
 
 def _with_net_capacity(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
