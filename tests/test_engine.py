@@ -164,3 +164,13 @@ def test_an_instrument_that_goes_silent_ends_the_run_with_a_fault_event(tmp_path
     assert "the output-off command was sent on a new connection but the instrument did not confirm" in \
         events[3]["message"]
     assert bench.sim is not None and bench.sim.tree.values["output"] is False  # a silent 2450 still obeys
+
+
+def test_a_dry_run_past_194_days_of_test_time_finishes(tmp_path: Path) -> None:
+    """Past 2^24 s a float cannot add asyncio's 1 ns clock resolution to the loop's time: a timer due exactly
+    then was never run and the loop spun forever. A 250-day storage test ends, sampled on schedule."""
+    from tests.conftest import dry_run
+
+    run = dry_run("name: storage\nsample_period: 1 d\nsteps:\n  - rest: 250 d\n", tmp_path, soc=0.5)
+    assert run.outcome.completed and run.outcome.test_time == pytest.approx(250 * 86400)
+    assert [round(s.test_time / 86400) for s in run.samples][-3:] == [248, 249, 250]

@@ -19,6 +19,7 @@ T = TypeVar("T")
 # Loop passes with nothing ready before virtual time jumps. Loopback replies between in-process
 # peers are readable within a pass or two; a few more leave room without slowing the run.
 NOOP_CYCLES = 5
+VIRTUAL_RESOLUTION = 1e-6  # s: looptime's tick
 
 
 class Clock:
@@ -76,6 +77,10 @@ class VirtualClock(Clock):
 
     def run(self, main: Coroutine[Any, Any, T]) -> T:
         loop = looptime.new_event_loop(start=0.0, noop_cycles=NOOP_CYCLES)
+        # asyncio takes a timer as due when it falls before now + the clock's resolution (1 ns); past 2^24 s
+        # (194 days of test time) a float cannot add 1 ns to now, a timer due exactly now is never run, and the
+        # loop spins. Virtual time moves in looptime's 1 us ticks: that is its resolution.
+        loop._clock_resolution = max(loop._clock_resolution, VIRTUAL_RESOLUTION)  # type: ignore[attr-defined]
         try:
             asyncio.set_event_loop(loop)
             return loop.run_until_complete(main)

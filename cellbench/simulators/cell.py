@@ -24,6 +24,8 @@ from cellbench.simulators.parameters import (
     CellParameters,
 )
 
+TIME_EPS = 1e-6  # s: simulators integrate up to this close to now; past 2^24 s a float cannot add 4 ns
+
 BOLTZMANN_EV = 8.617333262e-5
 KELVIN = 273.15
 # Beyond the tabulated window the OCV is continued steeply so over-charge and over-discharge
@@ -251,8 +253,10 @@ class SolidStateCell:
         losses = abs(current * (voltage - self.ocv()))
         if self.state.short_ohm is not None:
             losses += voltage**2 / self.state.short_ohm
-        rate = (p.heat_transfer_w_k * (self.ambient_c - self.temperature_c) + losses) / p.heat_capacity_j_k
-        self.temperature_c += rate * dt
+        # exactly, for losses and air held over dt: stable for any step (a long rest is integrated in few)
+        settled = self.ambient_c + losses / p.heat_transfer_w_k
+        self.temperature_c = settled + (self.temperature_c - settled) * math.exp(
+            -dt * p.heat_transfer_w_k / p.heat_capacity_j_k)
 
     def thickness_change_um(self) -> float:
         """Swelling of the stack against its thickness at SOC 0: lithium plates on charge."""

@@ -12,7 +12,7 @@ import contextlib
 import re
 from collections.abc import AsyncIterator, Callable
 
-from cellbench.simulators.cell import SolidStateCell
+from cellbench.simulators.cell import TIME_EPS, SolidStateCell
 from cellbench.simulators.parameters import PRESETS
 from cellbench.simulators.server import ServeOptions, serve_lines
 
@@ -55,7 +55,7 @@ class EspecChamberSim:
     def advance(self, t: float | None = None) -> None:
         """Integrate the air up to t (default: now) and tell the cells inside."""
         t = self._now() if t is None else t
-        while self._t < t:
+        while t - self._t > TIME_EPS:  # a remainder below it cannot be added to a large time
             dt = min(MAX_SUBSTEP, t - self._t)
             target = self.setpoint_c if self.powered and self.mode == "CONSTANT" else self.room_c
             if abs(target - self.air_c) < 1e-6:

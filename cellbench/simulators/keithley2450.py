@@ -14,7 +14,7 @@ import re
 from collections.abc import AsyncIterator, Callable
 from typing import Protocol
 
-from cellbench.simulators.cell import SolidStateCell
+from cellbench.simulators.cell import TIME_EPS, SolidStateCell
 from cellbench.simulators.parameters import PRESETS
 from cellbench.simulators.scpi import Handler, ScpiError, ScpiTree, Setting, format_number, unquote
 from cellbench.simulators.server import ServeOptions, serve_lines
@@ -23,6 +23,7 @@ IDN = "KEITHLEY INSTRUMENTS,MODEL 2450,SIM0001,1.7.12b"
 MAX_CURRENT = 1.05
 MAX_VOLTAGE = 210.0
 MAX_SUBSTEP = 5.0  # s of cell time per integration step (the RC settles in ms; SOC moves slowly)
+REST_SUBSTEP = 600.0  # s per step while no current flows (see Keithley2450Sim._idle)
 OVERFLOW = 9.9e37
 # IEEE 488.2 bits: standard event register, status byte
 OPC, QYE, DDE, EXE, CME = 1, 4, 8, 16, 32
@@ -309,13 +310,20 @@ class Keithley2450Sim:
     def advance(self) -> None:
         """Integrate the cell from the last command to now under the present source state."""
         now = self._now()
-        while self._t < now:
-            dt = min(MAX_SUBSTEP, now - self._t)
+        while now - self._t > TIME_EPS:  # a remainder below it cannot be added to a large time
+            dt = min(REST_SUBSTEP if self._idle() else MAX_SUBSTEP, now - self._t)
             for part in self.surroundings:
                 part.advance(self._t)
             self._step(dt)
             self._t += dt
         self._run_trigger()
+
+    def _idle(self) -> bool:
+        """No current flows (output off, or a 0 A source) and the cell has no short: nothing but its relaxation,
+        which is integrated exactly, moves; long steps lose nothing."""
+        v = self.tree.values
+        quiet = not v["output"] or (v["source"] == "CURR" and v["i_set"] == 0.0)
+        return quiet and self.cell.state.short_ohm is None and not self.surroundings
 
     def _solve(self, dt: float) -> tuple[float, float, bool]:
         """(current, voltage, in compliance) of the source on the cell over the next dt (0: this instant)."""

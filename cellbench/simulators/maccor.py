@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from cellbench.simulators.cell import SolidStateCell
+from cellbench.simulators.cell import TIME_EPS, SolidStateCell
 from cellbench.simulators.parameters import PRESETS
 from cellbench.simulators.server import ServeOptions, StreamServers
 
@@ -72,7 +72,7 @@ class MaccorSim:
     # --- physics --------------------------------------------------------------------------
     def advance(self) -> None:
         now = self._now()
-        while self._t < now:
+        while now - self._t > TIME_EPS:  # a remainder below it cannot be added to a large time
             dt = min(MAX_SUBSTEP, now - self._t)
             for part in self.surroundings:
                 part.advance(self._t)

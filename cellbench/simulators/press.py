@@ -20,7 +20,7 @@ from pymodbus.exceptions import NoSuchIdException
 from pymodbus.framer import FramerType
 from pymodbus.server import ModbusSerialServer, ModbusTcpServer
 
-from cellbench.simulators.cell import SolidStateCell
+from cellbench.simulators.cell import TIME_EPS, SolidStateCell
 from cellbench.simulators.parameters import PRESETS
 from cellbench.simulators.server import ServeOptions
 
@@ -87,7 +87,7 @@ class PressSim:
 
     def advance(self, t: float | None = None) -> None:
         t = self._now() if t is None else t
-        while self._t < t:
+        while t - self._t > TIME_EPS:  # a remainder below it cannot be added to a large time
             self._trip_if_over_force()
             dt = min(MAX_SUBSTEP, t - self._t)
             target = self._target_kn()
