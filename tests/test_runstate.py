@@ -75,7 +75,8 @@ def run_engine(
 
 def test_the_saved_state_says_where_the_run_stood_when_it_was_cancelled(tmp_path: Path) -> None:
     # cycle 1: charge 0-3600 s, rest to 4200 s, discharge to 7800 s; cycle 2's charge from 7800 s;
-    # cancelled at 9030 s, 30 s after the sample at 9000 s (1200 s into that charge)
+    # cancelled at 9030 s, 30 s after the sample at 9000.01 s (a step's samples run from 10 ms after its
+    # current edge; the held current counts from the edge): 1200.01 s into that charge
     store = RunStore(tmp_path / "run.sqlite", durable=False)
     cycler = FakeCycler()
     engine, _, _ = run_engine(CYCLES, cycler=cycler, cancel_at=9030.0, subscribe=store.record)
@@ -88,8 +89,8 @@ def test_the_saved_state_says_where_the_run_stood_when_it_was_cancelled(tmp_path
     assert saved.counters == {0: 1}  # one pass of the loop done
     assert saved.step_count == 4 and saved.cycle == 2
     assert saved.step is not None and saved.step.start == pytest.approx(7800.0)
-    assert saved.step.totals.charge_ah == pytest.approx(1e-3 * 1200 / 3600, rel=1e-9)
-    assert saved.cycle_totals.charge_ah == pytest.approx(1e-3 * 1200 / 3600, rel=1e-9)
+    assert saved.step.totals.charge_ah == pytest.approx(1e-3 * 1200.01 / 3600, rel=1e-9)
+    assert saved.cycle_totals.charge_ah == pytest.approx(1e-3 * 1200.01 / 3600, rel=1e-9)
     assert saved.cycle_totals.discharge_ah == 0.0  # the cycle's totals started again with cycle 2
     assert saved.setpoint is not None and saved.setpoint.value == pytest.approx(1e-3)
     assert saved.reference_capacity is None  # no discharge ended on a voltage limit
@@ -261,9 +262,10 @@ def test_a_stack_that_swells_past_its_displacement_range_stops_the_run() -> None
     outcome = engine.clock.run(main())
     assert outcome.status is RunStatus.SAFETY_STOP
     assert "displacement 80.0 um is outside the profile's safety range 0 to 50 um" in outcome.reason
-    assert outcome.test_time == pytest.approx(1860.0)  # the next sample after the swelling
+    # the next sample after the swelling (the step's samples run from 10 ms after its current edge)
+    assert outcome.test_time == pytest.approx(1860.01)
     last = [e.sample for e in events if isinstance(e, SampleTaken)][-1]
-    assert last.displacement_um == 80.0 and last.test_time == pytest.approx(1860.0)  # the tripping reading is kept
+    assert last.displacement_um == 80.0 and last.test_time == pytest.approx(1860.01)  # the tripping reading is kept
     assert cycler.commands[-1] == "OFF"
 
 

@@ -120,6 +120,7 @@ class _Samples:
     shorts: set[str] = field(default_factory=set)  # kinds of short already found in this step
     last_ah: float = 0.0  # charge of the last sampling interval (how far a limit may have been overshot)
     last_recorded: tuple[float, Reading] | None = None
+    counted_from: float | None = None  # the step's edge, when its first reading comes 10 ms after it
 
 
 class Engine:
@@ -402,6 +403,7 @@ class Engine:
         if resumed is None and not onboard and ctl.mode is SourceMode.CURRENT and abs(
                 ctl.setpoint(0.0, last.voltage) - last.current) > max(EDGE_FLOOR, 0.01 * abs(last.current)):
             next_sample += PULSE_SETTLE  # a current edge: the first reading 10 ms after it (a true 10 ms DCIR)
+            work.counted_from = step.start  # ... and the held current counted from the edge, not from then
         while True:
             deadline = policy.next_deadline(limits, step.start, st.budgets)
             edge_at = step.start + edges[0] if edges else math.inf
@@ -716,9 +718,11 @@ class Engine:
     # --- samples ---------------------------------------------------------------------------
     def _take(self, work: _Samples, totals: Totals, t: float, r: Reading) -> None:
         """Count charge and energy since the previous sample of this step, into the step and the cycle."""
+        sp = self.state.setpoint
+        held = sp.value if sp is not None and sp.mode is SourceMode.CURRENT else None
+        if not work.history and work.counted_from is not None and held is not None and t > work.counted_from:
+            work.history = [(work.counted_from, r)]  # from the edge to the first reading, at the held current
         if work.history:
-            sp = self.state.setpoint
-            held = sp.value if sp is not None and sp.mode is SourceMode.CURRENT else None
             pieces = policy.interval_charge(work.history[-1], t, r, held)
             work.last_ah = sum(abs(ah) for ah, _ in pieces)
             for ah, wh in pieces:
