@@ -15,7 +15,7 @@ from cellbench.bench.analysis import cycle_life, cycle_table, dcir, dqdv, run_cy
 from cellbench.bench.cli import app
 from cellbench.bench.export import export_run
 from cellbench.bench.report import write_report
-from cellbench.bench.store import RunStore, Sample
+from cellbench.bench.store import RunStore, Sample, open_run
 from tests.conftest import dry_run
 
 
@@ -182,6 +182,14 @@ def test_pyprobe_reads_the_export(simulated_run: Path, tmp_path: Path) -> None:
     discharge = cell.procedure["formation"].discharge(-1)
     capacity = discharge.data["Capacity [Ah]"]
     assert capacity.max() - capacity.min() == pytest.approx(3.5e-3, rel=0.03)
+    # every discharge as PyProBE reads it from the export equals ours, within 0.05 %
+    with open_run(simulated_run) as store:
+        ours = [row.discharge_ah for row in cycle_table(store.samples()) if row.discharge_ah > 0]
+    theirs = []
+    for k in range(len(ours)):
+        q = cell.procedure["formation"].discharge(k).data["Capacity [Ah]"]
+        theirs.append(q.max() - q.min())
+    assert len(ours) == 2 and theirs == pytest.approx(ours, rel=5e-4)
 
 
 def test_the_report_writes_real_pngs_and_a_page_with_the_cycle_table(simulated_run: Path, tmp_path: Path) -> None:
