@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from cellbench.bench.analysis import cycle_life, cycle_table, dcir, dqdv, run_cycle_table
 from cellbench.bench.cli import app
+from cellbench.bench.events import Note, NoteKind
 from cellbench.bench.export import export_run
 from cellbench.bench.report import write_report
 from cellbench.bench.store import RunStore, Sample, open_run
@@ -197,7 +198,8 @@ def test_the_report_writes_real_pngs_and_a_page_with_the_cycle_table(simulated_r
     assert result.exit_code == 0, result.output
     out = tmp_path / "report"
     pngs = {p.name for p in out.glob("*.png")}
-    assert pngs == {"time-series.png", "cycles.png", "dqdv.png", "nyquist.png"}
+    assert pngs == {"time-series.png", "cycles.png", "dqdv.png", "nyquist.png", "voltage-capacity.png",
+                    "retention.png", "resistance.png"}
     for name in pngs:
         data = (out / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n"
@@ -206,6 +208,8 @@ def test_the_report_writes_real_pngs_and_a_page_with_the_cycle_table(simulated_r
     assert int.from_bytes((out / "cycles.png").read_bytes()[16:20], "big") == 800
     page = (out / "index.html").read_text()
     assert page.count("<tr><td>") == 2 and "cycles.png" in page and "nyquist.png" in page
+    assert "<strong>Outcome: completed</strong>" in page and "Cycle life to 80 % retention: not reached" in page
+    assert all(f'src="{name}"' in page for name in pngs)  # every image the page shows is there
 
 
 def test_the_report_works_on_a_run_that_is_still_going(tmp_path: Path) -> None:
@@ -281,3 +285,15 @@ def test_retention_and_cycle_life_compare_reference_steps_only() -> None:
     # by hand: from 100 % at cycle 1 to 75 % at cycle 4, 80 % is reached at 1 + 0.8 x 3 = cycle 3.4: 2.4 after
     assert cycle_life([1.0, 0.75], cycles=[1, 4]) == pytest.approx(2.4)
     assert references(samples, steps, "name: r\nsteps:\n  - rest: 1 h\n") == {}  # no marks: no references
+
+
+def test_a_run_that_did_not_finish_says_so_first_and_claims_no_cycle_life(tmp_path: Path) -> None:
+    db = tmp_path / "stopped.sqlite"
+    store = RunStore(db, durable=False)
+    for t, (c, q) in enumerate([(1, 3.5e-3), (2, 3.4e-3), (3, 0.6e-3)]):  # the third discharge cut short
+        store.add(Sample(float(t), float(t), 3.0, -1e-3, c, c, 1, "CC Discharge", 0, q, 0, 0), float(t))
+    store.record(Note(NoteKind.END, "safety stop: hard short: 0.41 V", 3.0, 3.0))
+    store.close()
+    page = write_report(db, tmp_path / "report").read_text()
+    assert page.index("Outcome: safety stop: hard short: 0.41 V") < page.index("<table>")
+    assert "No cycle life: the run did not reach the end of its profile" in page  # not "0.2 cycles"

@@ -5,6 +5,7 @@ Works on a run that is still going: it reads what has been committed so far.
 
 from __future__ import annotations
 
+import bisect
 import html
 import warnings
 from pathlib import Path
@@ -40,9 +41,17 @@ def write_report(database: str | Path, out_dir: str | Path | None = None) -> Pat
     out.mkdir(parents=True, exist_ok=True)
     with open_run(db) as store:
         samples, meta, spectra, fits = store.samples(), store.metadata(), store.spectra(), store.fits()
-        rows = store_table(store)
+        rows, events = store_table(store), store.events()
     plt = _plt()
     images = [_time_series(plt, samples, out / "time-series.png"), _cycles(plt, rows, out / "cycles.png")]
+    if samples:
+        images.append(_voltage_capacity(plt, samples, out / "voltage-capacity.png"))
+    retention, cycles = _retention(rows)
+    if retention:
+        images.append(_retention_plot(plt, retention, cycles, out / "retention.png"))
+    cycle_of = {s.step_count: s.cycle for s in samples}
+    if fits or dcir(samples):
+        images.append(_resistance(plt, samples, fits, cycle_of, out / "resistance.png"))
     with_discharge = sorted({s.cycle for s in samples if s.current < 0})
     chosen = sorted({with_discharge[0], with_discharge[len(with_discharge) // 2], with_discharge[-1]}) \
         if with_discharge else []
@@ -50,9 +59,9 @@ def write_report(database: str | Path, out_dir: str | Path | None = None) -> Pat
     if curves:
         images.append(_dqdv(plt, curves, out / "dqdv.png"))
     if spectra:
-        images.append(_nyquist(plt, spectra, fits, out / "nyquist.png"))
+        images.append(_nyquist(plt, spectra, fits, cycle_of, out / "nyquist.png"))
     page = out / "index.html"
-    page.write_text(_page(meta, rows, images, samples))
+    page.write_text(_page(meta, rows, images, samples, events))
     return page
 
 
@@ -83,6 +92,7 @@ def _cycles(plt: Any, rows: list[CycleSummary], path: Path) -> Path:
     ax.set_xlabel("Cycle")
     ax.set_ylabel("Capacity / mAh")
     ax.grid(alpha=0.3)
+    _integer_ticks(ax)
     ce = ax.twinx()
     ce.plot(cycles, [(r.coulombic_efficiency or float("nan")) * 100 for r in rows], "^:", color="tab:green",
             label="CE")
@@ -109,22 +119,122 @@ def _dqdv(plt: Any, curves: dict[int, list[tuple[float, float]]], path: Path) ->
 
 
 def _nyquist(plt: Any, spectra: dict[int, list[tuple[float, float, float]]], fits: list[dict[str, Any]],
-             path: Path) -> Path:
-    fig, ax = plt.subplots(figsize=(6, 6), dpi=DPI)
+             cycle_of: dict[int, int], path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(7, 6), dpi=DPI)
     fitted = {f["step_count"]: f for f in fits}
-    for step, points in spectra.items():
-        (line,) = ax.plot([p[1] for p in points], [-p[2] for p in points], "o", ms=3, label=f"step {step}")
+    cycles = [cycle_of.get(step, 0) for step in spectra]
+    colours, bar = _by_cycle(plt, cycles)
+    for (step, points), c in zip(spectra.items(), cycles, strict=True):
+        ax.plot([p[1] for p in points], [-p[2] for p in points], "o", ms=3, color=colours(c))
         if step in fitted:
-            _plot_fit(ax, [p[0] for p in points], fitted[step], line.get_color())
+            _plot_fit(ax, [p[0] for p in points], fitted[step], colours(c))
     ax.set_xlabel("Z' / ohm")
     ax.set_ylabel("-Z'' / ohm")
     ax.set_aspect("equal", adjustable="datalim")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    _integer_ticks(ax, fig.colorbar(bar, ax=ax, label="Cycle").ax.yaxis)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def _integer_ticks(ax: Any, axis: Any = None) -> None:
+    """Whole cycle numbers on an axis (the x axis by default), however few cycles there are."""
+    from matplotlib.ticker import MaxNLocator
+
+    axis = axis if axis is not None else ax.xaxis
+    axis.set_major_locator(MaxNLocator(integer=True))
+    if axis is ax.xaxis:
+        low, high = ax.get_xlim()
+        if high - low < 2:
+            middle = round((low + high) / 2)
+            ax.set_xlim(middle - 1, middle + 1)
+
+
+def _by_cycle(plt: Any, cycles: list[int]) -> tuple[Any, Any]:
+    """A sequential colour for each cycle number, and the mappable for its colour bar."""
+    import matplotlib as mpl
+
+    low, high = (min(cycles), max(cycles)) if cycles else (1, 1)
+    norm = mpl.colors.Normalize(vmin=low, vmax=max(high, low + 1))
+    cmap = mpl.colormaps["viridis"]
+    bar = mpl.cm.ScalarMappable(norm=norm, cmap=cmap)
+    return (lambda c: cmap(norm(c))), bar
+
+
+def _voltage_capacity(plt: Any, samples: list[Any], path: Path) -> Path:
+    """Voltage against capacity, each cycle's charge and discharge, coloured by cycle."""
+    fig, ax = plt.subplots(figsize=FIGSIZE, dpi=DPI)
+    cycles = sorted({s.cycle for s in samples})
+    colours, bar = _by_cycle(plt, cycles)
+    for c in cycles:
+        mine = [s for s in samples if s.cycle == c and s.step_type != "Rest"]
+        for flows, q in ((lambda s: s.current > 0, lambda s: s.charge_ah),
+                         (lambda s: s.current < 0, lambda s: s.discharge_ah)):
+            half = [s for s in mine if flows(s)]
+            if half:
+                ax.plot([q(s) * 1e3 for s in half], [s.voltage for s in half], lw=0.8, color=colours(c))
+    ax.set_xlabel("Capacity / mAh")
+    ax.set_ylabel("Voltage / V")
+    ax.grid(alpha=0.3)
+    _integer_ticks(ax, fig.colorbar(bar, ax=ax, label="Cycle").ax.yaxis)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _retention_plot(plt: Any, retention: list[float], cycles: list[int], path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=FIGSIZE, dpi=DPI)
+    ax.plot(cycles, [x * 100 for x in retention], "o-")
+    ax.axhline(80, color="grey", ls=":", label="80 %")
+    ax.set_xlabel("Cycle")
+    ax.set_ylabel("Capacity retention / %")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    _integer_ticks(ax)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _resistance(plt: Any, samples: list[Any], fits: list[dict[str, Any]], cycle_of: dict[int, int],
+                path: Path) -> Path:
+    """Resistance over cycles: the EIS fits' ohmic and interfacial parts, and the median DCIR of each cycle."""
+    fig, ax = plt.subplots(figsize=FIGSIZE, dpi=DPI)
+    if fits:
+        at = [cycle_of.get(f["step_count"], 0) for f in fits]
+        ax.plot(at, [f["r_ohmic"] for f in fits], "o-", label="EIS: ohmic")
+        ax.plot(at, [f["r_interfacial"] for f in fits], "s-", label="EIS: interfacial")
+    by_cycle: dict[int, list[float]] = {}
+    times = [s.test_time for s in samples]
+    for p in dcir(samples):
+        k = min(max(0, bisect.bisect_left(times, p.test_time)), len(samples) - 1)
+        by_cycle.setdefault(samples[k].cycle, []).append(p.resistance_10ms)
+    if by_cycle:
+        cycles = sorted(by_cycle)
+        ax.plot(cycles, [sorted(v)[len(v) // 2] for v in (by_cycle[c] for c in cycles)], "^-",
+                label="DCIR at 10 ms (median)")
+    ax.set_xlabel("Cycle")
+    ax.set_ylabel("Resistance / ohm")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    _integer_ticks(ax)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _outcome(events: list[dict[str, Any]]) -> tuple[str, bool]:
+    """How the run ended, in its own words, and whether it reached the end of its profile."""
+    ended = [e for e in events if e["kind"] == "end"]
+    if not ended:
+        return "no end recorded: still running, or its controller died (see `cellbench runs`)", False
+    said = str(ended[-1]["message"])
+    return said, said == "completed"
 
 
 def _plot_fit(ax: Any, frequency: list[float], fit: dict[str, Any], color: str) -> None:
@@ -152,7 +262,8 @@ def _identity(meta: dict[str, Any]) -> str:
     return f"<p>{', '.join(shown)}.</p>" if shown else ""
 
 
-def _page(meta: dict[str, Any], rows: list[CycleSummary], images: list[Path], samples: list[Any]) -> str:
+def _page(meta: dict[str, Any], rows: list[CycleSummary], images: list[Path], samples: list[Any],
+          events: list[dict[str, Any]]) -> str:
     def cell(value: float | None, fmt: str) -> str:
         return "" if value is None else format(value, fmt)
 
@@ -166,7 +277,17 @@ def _page(meta: dict[str, Any], rows: list[CycleSummary], images: list[Path], sa
         for r in rows
     )
     retention, cycles = _retention(rows)
+    outcome, completed = _outcome(events)
+    if not completed:  # the last cycle of a run that was stopped may be cut short: it says nothing of ageing
+        retention, cycles = retention[:-1], cycles[:-1]
     life = cycle_life(retention, cycles=cycles)
+    if life is not None:
+        life_line = f"Cycle life to 80 % retention: {life:.1f} cycles" + ("" if completed else
+                                                                         " (before the run stopped)")
+    elif completed:
+        life_line = "Cycle life to 80 % retention: not reached"
+    else:
+        life_line = "No cycle life: the run did not reach the end of its profile"
     pulses = dcir(samples)
     dcir_line = (f"<p>DCIR at 10 ms over {len(pulses)} current steps: median "
                  f"{sorted(p.resistance_10ms for p in pulses)[len(pulses) // 2]:.3g} ohm</p>") if pulses else ""
@@ -177,10 +298,11 @@ def _page(meta: dict[str, Any], rows: list[CycleSummary], images: list[Path], sa
 <style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:2px 8px;text-align:right}}img{{max-width:100%}}</style></head>
 <body><h1>{title}</h1>
+<p class="outcome"><strong>Outcome: {html.escape(outcome)}</strong></p>
 <p>Run {html.escape(str(meta.get("run_id", "")))}, channel {html.escape(str(meta.get("channel", "")))},
 {len(samples)} samples, {samples[-1].test_time / 3600 if samples else 0:.2f} h of test time.</p>
 {_identity(meta)}
-<p>Cycle life to 80 % retention: {"not reached" if life is None else f"{life:.1f} cycles"}</p>
+<p>{life_line}</p>
 {dcir_line}
 <table><tr><th>cycle</th><th>charge / mAh</th><th>discharge / mAh</th><th>CE / %</th>
 <th>mean charge V</th><th>mean discharge V</th><th>retention / %</th><th>Wh/L</th>
