@@ -189,8 +189,13 @@ def _retention_plot(plt: Any, retention: list[float], cycles: list[int], path: P
     fig, ax = plt.subplots(figsize=FIGSIZE, dpi=DPI)
     ax.plot(cycles, [x * 100 for x in retention], "o-")
     ax.axhline(80, color="grey", ls=":", label="80 %")
+    return _by_cycle_axes(plt, fig, ax, "Capacity retention / %", path)
+
+
+def _by_cycle_axes(plt: Any, fig: Any, ax: Any, ylabel: str, path: Path) -> Path:
+    """Finish a plot over whole cycles (labels, grid, legend, integer ticks) and write it."""
     ax.set_xlabel("Cycle")
-    ax.set_ylabel("Capacity retention / %")
+    ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend()
     _integer_ticks(ax)
@@ -217,15 +222,7 @@ def _resistance(plt: Any, samples: list[Any], fits: list[dict[str, Any]], cycle_
         cycles = sorted(by_cycle)
         ax.plot(cycles, [sorted(v)[len(v) // 2] for v in (by_cycle[c] for c in cycles)], "^-",
                 label="DCIR at 10 ms (median)")
-    ax.set_xlabel("Cycle")
-    ax.set_ylabel("Resistance / ohm")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    _integer_ticks(ax)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _by_cycle_axes(plt, fig, ax, "Resistance / ohm", path)
 
 
 def _outcome(events: list[dict[str, Any]]) -> tuple[str, bool]:
