@@ -21,7 +21,8 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from cellbench.simulators.cell import TIME_EPS, SolidStateCell
+from cellbench.simulators.box import Box
+from cellbench.simulators.cell import SolidStateCell
 from cellbench.simulators.parameters import PRESETS
 from cellbench.simulators.server import ServeOptions, StreamServers
 
@@ -34,7 +35,6 @@ IDLE, CHARGE, REST, FINISHED = 0, 2, 4, 15  # channel status codes
 FINAL_REST = 600.0  # s of rest that end the simulated schedule
 MV_CODES = {52: 1, 53: 2, 54: 3, 55: 4, **{105 + k: 5 + k for k in range(12)}}  # meta code -> MV_UD number
 MAX_BODY = 1_000_000
-MAX_SUBSTEP = 5.0
 
 
 @dataclass
@@ -67,28 +67,15 @@ def text(value: str, size: int, encoding: str = "utf-16-le") -> bytes:
     return value.encode(encoding)[:size].ljust(size, b"\0")
 
 
-class ArbinSim:
+class ArbinSim(Box[ArbinChannel]):
     """One Arbin cycler: its channels, their cells, the CTI messages it answers, and one login."""
 
     name = "arbin"
 
     def __init__(self, cells: list[SolidStateCell], now: Callable[[], float], *, username: str = "admin",
                  password: str = "000000") -> None:
-        self.channels = [ArbinChannel(cell, voltage=cell.ocv()) for cell in cells]
-        self._now = now
-        self._t = now()
-        self.surroundings: list[Any] = []  # chambers and presses around its cells, advanced with them
+        super().__init__([ArbinChannel(cell, voltage=cell.ocv()) for cell in cells], now)
         self.username, self.password = username, password
-
-    def advance(self) -> None:
-        now = self._now()
-        while now - self._t > TIME_EPS:  # a remainder below it cannot be added to a large time
-            dt = min(MAX_SUBSTEP, now - self._t)
-            for part in self.surroundings:
-                part.advance(self._t)
-            for ch in self.channels:
-                self._step(ch, dt)
-            self._t += dt
 
     def _step(self, ch: ArbinChannel, dt: float) -> None:
         current = 0.0

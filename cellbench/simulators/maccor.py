@@ -21,13 +21,13 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from cellbench.simulators.cell import TIME_EPS, SolidStateCell
+from cellbench.simulators.box import Box
+from cellbench.simulators.cell import SolidStateCell
 from cellbench.simulators.parameters import PRESETS
 from cellbench.simulators.server import ServeOptions, StreamServers
 
 AVAILABLE, ACTIVE, SUSPENDED, COMPLETED, PROBLEM = 0, 2, 3, 4, 5  # Stat codes (4, 1)
 RF1_CHARGE, RF1_DISCHARGE, RF1_REST, RF1_AVAILABLE = 1, 2, 4, 0  # RF1: what the controller board does
-MAX_SUBSTEP = 5.0  # s of cell time per integration step
 BIN_HEADER = struct.Struct("<HHHH")  # FClass, FNum, Chan, Len
 BIN_DIRECT = struct.Struct("<ffffBB")  # Current, Voltage, Power, Resistance, CurrentRange, ChMode
 MAX_REQUEST = 1_000_000  # bytes of a JSON request not yet complete before the connection is dropped
@@ -56,30 +56,17 @@ class MaccorChannel:
     reading: tuple[float, float] = (0.0, 0.0)  # (signed current, voltage) at the last integration
 
 
-class MaccorSim:
+class MaccorSim(Box[MaccorChannel]):
     """One Maccor box: its channels, their cells, and the MacNet messages it answers."""
 
     name = "maccor"
 
     def __init__(self, cells: list[SolidStateCell], now: Callable[[], float]) -> None:
-        self.channels = [MaccorChannel(cell) for cell in cells]
-        self._now = now
-        self._t = now()
-        self.surroundings: list[Any] = []  # chambers and presses around its cells, advanced with them
+        super().__init__([MaccorChannel(cell) for cell in cells], now)
         for ch in self.channels:
             ch.reading = (0.0, ch.cell.ocv())
 
     # --- physics --------------------------------------------------------------------------
-    def advance(self) -> None:
-        now = self._now()
-        while now - self._t > TIME_EPS:  # a remainder below it cannot be added to a large time
-            dt = min(MAX_SUBSTEP, now - self._t)
-            for part in self.surroundings:
-                part.advance(self._t)
-            for ch in self.channels:
-                self._step(ch, dt)
-            self._t += dt
-
     def _solve(self, ch: MaccorChannel, dt: float) -> float:
         """The signed current the channel drives over the next dt: its setting, mutually limited by its voltage."""
         if ch.stat != ACTIVE or ch.mode == "R" or ch.current == 0:
