@@ -141,6 +141,7 @@ def test_a_profile_runs_the_cyclers_own_schedule_steered_by_a_variable_and_recor
     cells = [SolidStateCell(soc=0.3) for _ in range(2)]
 
     charged_by_sim: list[float] = []  # channel 0's own charge counter as each new schedule starts
+    reads = [0]  # channel-info requests for channel 0
 
     async def main() -> list[object]:
         sim = ArbinSim(cells, asyncio.get_running_loop().time, username="u", password="p")
@@ -149,6 +150,8 @@ def test_a_profile_runs_the_cyclers_own_schedule_steered_by_a_variable_and_recor
         def counting(code: int, body: bytes, logged_in: bool) -> tuple[bytes, bool]:
             if code == 0xBB320004 and int.from_bytes(body[156:158], "little") == 0:
                 charged_by_sim.append(sim.channels[0].charge_ah)
+            if code == 0xEEAB0003 and int.from_bytes(body[8:10], "little", signed=True) == 0:
+                reads[0] += 1
             return answer(code, body, logged_in)
 
         sim.answer = counting  # type: ignore[method-assign]
@@ -175,6 +178,8 @@ def test_a_profile_runs_the_cyclers_own_schedule_steered_by_a_variable_and_recor
     assert charged_by_sim[1] > 2e-3
     assert max(s.charge_ah for s in first) == pytest.approx(charged_by_sim[1], rel=2e-3)
     assert len({round(s.test_time) for s in samples if s.step_count == 2}) >= 10
+    # one status request per sample answers both the reading and whether the schedule still runs
+    assert reads[0] <= len(samples) + 4, (reads[0], len(samples))
 
 
 def test_host_driven_steps_on_an_arbin_and_schedules_on_a_2450_are_refused_before_the_run(tmp_path: Path) -> None:

@@ -163,6 +163,7 @@ class ArbinChannel:
 
     def __init__(self, cti: ArbinCTI, chan: int) -> None:
         self.cti, self.chan, self.name = cti, chan, f"{cti.name}/{chan}"
+        self._read: ChannelStatus | None = None  # the status the last measure() read, until it is used once
 
     async def identify(self) -> str:
         return f"{await self.cti.identify()}, channel {self.chan}"
@@ -191,14 +192,16 @@ class ArbinChannel:
             await self.cti.set_meta_variable(self.chan, number, value)
 
     async def schedule_running(self) -> bool:
-        status = (await self.cti.status(self.chan)).status
+        """From the status the sample's own measure() just read (one request per sample), else a new read."""
+        read, self._read = self._read, None
+        status = (read or await self.cti.status(self.chan)).status
         if status in FAULTED:
             raise InstrumentError(self.name, [f"the cycler stopped the schedule: channel status {STOPPED[status]}"],
                                   "channel info")
         return status not in STOPPED
 
     async def measure(self) -> Reading:
-        status = await self.cti.status(self.chan)
+        status = self._read = await self.cti.status(self.chan)
         return Reading(status.voltage, status.current)
 
 
