@@ -11,7 +11,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from cellbench.bench.analysis import CycleSummary, cycle_life, dcir, dqdv, store_table
+from cellbench.bench.analysis import CycleSummary, Dcir, cycle_life, dcir, dqdv, store_table
 from cellbench.bench.store import check_run, open_run
 
 FIGSIZE = (8, 4.5)
@@ -50,8 +50,9 @@ def write_report(database: str | Path, out_dir: str | Path | None = None) -> Pat
     if retention:
         images.append(_retention_plot(plt, retention, cycles, out / "retention.png"))
     cycle_of = {s.step_count: s.cycle for s in samples}
-    if fits or dcir(samples):
-        images.append(_resistance(plt, samples, fits, cycle_of, out / "resistance.png"))
+    pulses = dcir(samples)
+    if fits or pulses:
+        images.append(_resistance(plt, samples, pulses, fits, cycle_of, out / "resistance.png"))
     with_discharge = sorted({s.cycle for s in samples if s.current < 0})
     chosen = sorted({with_discharge[0], with_discharge[len(with_discharge) // 2], with_discharge[-1]}) \
         if with_discharge else []
@@ -61,7 +62,7 @@ def write_report(database: str | Path, out_dir: str | Path | None = None) -> Pat
     if spectra:
         images.append(_nyquist(plt, spectra, fits, cycle_of, out / "nyquist.png"))
     page = out / "index.html"
-    page.write_text(_page(meta, rows, images, samples, events))
+    page.write_text(_page(meta, rows, images, samples, events, pulses))
     return page
 
 
@@ -166,10 +167,12 @@ def _by_cycle(plt: Any, cycles: list[int]) -> tuple[Any, Any]:
 def _voltage_capacity(plt: Any, samples: list[Any], path: Path) -> Path:
     """Voltage against capacity, each cycle's charge and discharge, coloured by cycle."""
     fig, ax = plt.subplots(figsize=FIGSIZE, dpi=DPI)
-    cycles = sorted({s.cycle for s in samples})
-    colours, bar = _by_cycle(plt, cycles)
-    for c in cycles:
-        mine = [s for s in samples if s.cycle == c and s.step_type != "Rest"]
+    by_cycle: dict[int, list[Any]] = {}
+    for s in samples:  # one pass: a long run has hundreds of cycles
+        if s.step_type != "Rest":
+            by_cycle.setdefault(s.cycle, []).append(s)
+    colours, bar = _by_cycle(plt, sorted(by_cycle))
+    for c, mine in sorted(by_cycle.items()):
         for flows, q in ((lambda s: s.current > 0, lambda s: s.charge_ah),
                          (lambda s: s.current < 0, lambda s: s.discharge_ah)):
             half = [s for s in mine if flows(s)]
@@ -205,7 +208,8 @@ def _by_cycle_axes(plt: Any, fig: Any, ax: Any, ylabel: str, path: Path) -> Path
     return path
 
 
-def _resistance(plt: Any, samples: list[Any], fits: list[dict[str, Any]], cycle_of: dict[int, int],
+def _resistance(plt: Any, samples: list[Any], pulses: list[Dcir], fits: list[dict[str, Any]],
+                cycle_of: dict[int, int],
                 path: Path) -> Path:
     """Resistance over cycles: the EIS fits' ohmic and interfacial parts, and the median DCIR of each cycle."""
     fig, ax = plt.subplots(figsize=FIGSIZE, dpi=DPI)
@@ -215,7 +219,7 @@ def _resistance(plt: Any, samples: list[Any], fits: list[dict[str, Any]], cycle_
         ax.plot(at, [f["r_interfacial"] for f in fits], "s-", label="EIS: interfacial")
     by_cycle: dict[int, list[float]] = {}
     times = [s.test_time for s in samples]
-    for p in dcir(samples):
+    for p in pulses:
         k = min(max(0, bisect.bisect_left(times, p.test_time)), len(samples) - 1)
         by_cycle.setdefault(samples[k].cycle, []).append(p.resistance_10ms)
     if by_cycle:
@@ -260,7 +264,7 @@ def _identity(meta: dict[str, Any]) -> str:
 
 
 def _page(meta: dict[str, Any], rows: list[CycleSummary], images: list[Path], samples: list[Any],
-          events: list[dict[str, Any]]) -> str:
+          events: list[dict[str, Any]], pulses: list[Dcir]) -> str:
     def cell(value: float | None, fmt: str) -> str:
         return "" if value is None else format(value, fmt)
 
@@ -285,7 +289,6 @@ def _page(meta: dict[str, Any], rows: list[CycleSummary], images: list[Path], sa
         life_line = "Cycle life to 80 % retention: not reached"
     else:
         life_line = "No cycle life: the run did not reach the end of its profile"
-    pulses = dcir(samples)
     dcir_line = (f"<p>DCIR at 10 ms over {len(pulses)} current steps: median "
                  f"{sorted(p.resistance_10ms for p in pulses)[len(pulses) // 2]:.3g} ohm</p>") if pulses else ""
     figures = "".join(f'<figure><img src="{img.name}" alt="{img.stem}"></figure>' for img in images)
