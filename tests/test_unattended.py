@@ -353,6 +353,10 @@ def test_one_channel_is_paused_resumed_and_stopped_from_another_terminal_while_t
     assert ask(r2, ":OUTP?") == "0" and ask(r1, ":OUTP?") == "1"  # the other channel sources on
     assert cli(tmp_path, "stop", "nope").returncode == 2
     time.sleep(1.5)
+    assert cli(tmp_path, "pause", "ch1").returncode == 0  # paused again: the controller is stopped while so
+    deadline = time.monotonic() + 10
+    while ask(r1, ":OUTP?") != "0" and time.monotonic() < deadline:
+        time.sleep(0.1)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=30)
     assert proc.returncode == 143, out
@@ -362,7 +366,12 @@ def test_one_channel_is_paused_resumed_and_stopped_from_another_terminal_while_t
     one = sqlite3.connect(dbs['"ch1"'])
     kinds = [k for (k,) in one.execute("SELECT kind FROM events ORDER BY rowid")]
     assert kinds.count("start") == 1 and kinds.count("end") == 1 and kinds[-1] == "end"
-    assert kinds.index("paused") < kinds.index("resumed")
+    assert kinds.index("paused") < kinds.index("resumed") and kinds.count("paused") == 2
+    assert one.execute("SELECT message FROM events WHERE kind = 'end'").fetchone()[0] == \
+        "interrupted: SIGTERM received"
+    from cellbench.bench.run import read_for_resume
+
+    assert not read_for_resume(dbs['"ch1"'])[1].finished  # a run stopped while paused can be resumed
     times = [t for (t,) in one.execute('SELECT "Test Time / s" FROM samples ORDER BY rowid')]
     gaps = [b - a for a, b in itertools.pairwise(times)]
     assert max(gaps) < 2.5  # the 3 s pause is not test time: samples go on from where they stood
