@@ -4,10 +4,6 @@ simulator served by `cellbench sim serve arbin`, and our driver against it."""
 from __future__ import annotations
 
 import asyncio
-import os
-import re
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,25 +14,14 @@ from cellbench.drivers.arbin import ArbinCTI
 from cellbench.drivers.errors import InstrumentError
 from cellbench.simulators.arbin import ArbinServer, ArbinSim
 from cellbench.simulators.cell import SolidStateCell
+from tests.test_cli import announced
 
 
 @pytest.fixture
 def served_arbin() -> Iterator[int]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "cellbench.bench.cli", "sim", "serve", "arbin", "--port", "0", "--channels", "8",
-         "--login", "tester:s3cret", "--soc", "0.3"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "300"})
-    assert proc.stdout is not None
-    port, deadline = None, time.monotonic() + 30
-    while port is None and time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        if m := re.search(r"TCPIP::127\.0\.0\.1::(\d+)::SOCKET", line):
-            port = int(m.group(1))
-    if port is None:
-        proc.kill()
-        raise AssertionError("sim serve arbin did not announce its port")
+    proc, m = announced("arbin", "--port", "0", "--channels", "8", "--login", "tester:s3cret", "--soc", "0.3",
+                        pattern=r"TCPIP::127\.0\.0\.1::(\d+)::SOCKET")
+    port = int(m.group(1))
     yield port
     proc.terminate()
     proc.wait(timeout=10)

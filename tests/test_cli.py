@@ -22,12 +22,12 @@ from cellbench.bench.report import write_report
 from cellbench.bench.store import open_run
 
 
-def serve(*args: str) -> tuple[subprocess.Popen[str], str]:
-    """`cellbench sim serve ...` as its own process; returns it and the resource it announced."""
+def announced(*args: str, pattern: str) -> tuple[subprocess.Popen[str], re.Match[str]]:
+    """`cellbench sim serve ...` as its own process; returns it and the match of `pattern` in what it announced."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "cellbench.bench.cli", "sim", "serve", *args],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200"},
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "300"},
     )
     deadline = time.monotonic() + 30
     assert proc.stdout is not None
@@ -35,10 +35,17 @@ def serve(*args: str) -> tuple[subprocess.Popen[str], str]:
         line = proc.stdout.readline()
         if not line:
             break
-        if m := re.search(r"((TCPIP::127\.0\.0\.1::\d+::SOCKET)|(ASRL\S+::INSTR))", line):
-            return proc, m.group(1)
-    proc.terminate()
-    raise AssertionError("sim serve did not announce its resource")
+        if m := re.search(pattern, line):
+            return proc, m
+    proc.kill()
+    proc.wait(timeout=10)
+    raise AssertionError(f"sim serve {' '.join(args)} did not announce where it serves")
+
+
+def serve(*args: str) -> tuple[subprocess.Popen[str], str]:
+    """`cellbench sim serve ...` as its own process; returns it and the resource it announced."""
+    proc, m = announced(*args, pattern=r"((TCPIP::127\.0\.0\.1::\d+::SOCKET)|(ASRL\S+::INSTR))")
+    return proc, m.group(1)
 
 
 @pytest.fixture

@@ -5,11 +5,7 @@ MaccorSpoofer, and many channels read in three requests."""
 from __future__ import annotations
 
 import asyncio
-import os
-import re
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 
@@ -19,26 +15,15 @@ from cellbench.bench.roles import Reading
 from cellbench.drivers.maccor import MacNetBox
 from cellbench.simulators.cell import SolidStateCell
 from cellbench.simulators.maccor import MaccorServer, MaccorSim
+from tests.test_cli import announced
 
 
 @pytest.fixture
 def served_box() -> Iterator[tuple[int, int]]:
     """`cellbench sim serve maccor` as its own process; its (JSON port, binary port)."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "cellbench.bench.cli", "sim", "serve", "maccor", "--port", "0", "--bin-port", "0",
-         "--soc", "0.5"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "300"})
-    assert proc.stdout is not None
-    deadline, ports = time.monotonic() + 30, None
-    while time.monotonic() < deadline and ports is None:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        if m := re.search(r"::(\d+)::SOCKET \(MacNet JSON\), binary port (\d+)", line):
-            ports = int(m.group(1)), int(m.group(2))
-    if ports is None:
-        proc.kill()
-        raise AssertionError("sim serve maccor did not announce its ports")
+    proc, m = announced("maccor", "--port", "0", "--bin-port", "0", "--soc", "0.5",
+                        pattern=r"::(\d+)::SOCKET \(MacNet JSON\), binary port (\d+)")
+    ports = int(m.group(1)), int(m.group(2))
     yield ports
     proc.terminate()
     proc.wait(timeout=10)
