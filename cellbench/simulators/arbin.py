@@ -164,22 +164,17 @@ class ArbinSim(Box[ArbinChannel]):
 
 async def _client(sim: ArbinSim, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     logged_in = False
-    try:
-        while True:
-            head = await reader.readexactly(12)
-            magic, length = struct.unpack("<QL", head)
-            if magic != HEADER or not 8 <= length <= MAX_BODY:
-                break  # not CTI: drop the connection
-            body = await reader.readexactly(length)
-            code = struct.unpack_from("<L", body, 0)[0]
-            reply, logged_in = sim.answer(code, body, logged_in)
-            if reply:
-                writer.write(reply)
-                await writer.drain()
-    except (ConnectionError, asyncio.IncompleteReadError):
-        pass
-    finally:
-        writer.close()
+    while True:
+        head = await reader.readexactly(12)
+        magic, length = struct.unpack("<QL", head)
+        if magic != HEADER or not 8 <= length <= MAX_BODY:
+            break  # not CTI: drop the connection
+        body = await reader.readexactly(length)
+        code = struct.unpack_from("<L", body, 0)[0]
+        reply, logged_in = sim.answer(code, body, logged_in)
+        if reply:
+            writer.write(reply)
+            await writer.drain()
 
 
 class ArbinServer:

@@ -259,42 +259,32 @@ class MaccorSim(Box[MaccorChannel]):
 async def _json_client(sim: MaccorSim, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     decoder = json.JSONDecoder()
     buffer = ""
-    try:
-        while chunk := await reader.read(65536):
-            buffer += chunk.decode("utf-8", errors="replace")
-            while True:
-                text = buffer.lstrip()
-                if not text:
+    while chunk := await reader.read(65536):
+        buffer += chunk.decode("utf-8", errors="replace")
+        while True:
+            text = buffer.lstrip()
+            if not text:
+                buffer = ""
+                break
+            try:
+                request, end = decoder.raw_decode(text)
+            except json.JSONDecodeError:
+                if len(text) > MAX_REQUEST or not text.startswith(("{", "[")):
+                    writer.write(json.dumps({"jsonrpc": "2.0", "error": {"code": -32700, "message":
+                                             "Parse error"}, "id": None}).encode() + b"\r\n")
                     buffer = ""
-                    break
-                try:
-                    request, end = decoder.raw_decode(text)
-                except json.JSONDecodeError:
-                    if len(text) > MAX_REQUEST or not text.startswith(("{", "[")):
-                        writer.write(json.dumps({"jsonrpc": "2.0", "error": {"code": -32700, "message":
-                                                 "Parse error"}, "id": None}).encode() + b"\r\n")
-                        buffer = ""
-                    break
-                buffer = text[end:]
-                writer.write(json.dumps(sim.answer(request), indent=1).encode() + b"\r\n")
-            await writer.drain()
-    except (ConnectionError, asyncio.IncompleteReadError):
-        pass
-    finally:
-        writer.close()
+                break
+            buffer = text[end:]
+            writer.write(json.dumps(sim.answer(request), indent=1).encode() + b"\r\n")
+        await writer.drain()
 
 
 async def _binary_client(sim: MaccorSim, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    try:
-        while True:
-            header = BIN_HEADER.unpack(await reader.readexactly(BIN_HEADER.size))
-            payload = await reader.readexactly(min(header[3], 4096))
-            writer.write(sim.binary(header, payload))
-            await writer.drain()
-    except (ConnectionError, asyncio.IncompleteReadError):
-        pass
-    finally:
-        writer.close()
+    while True:
+        header = BIN_HEADER.unpack(await reader.readexactly(BIN_HEADER.size))
+        payload = await reader.readexactly(min(header[3], 4096))
+        writer.write(sim.binary(header, payload))
+        await writer.drain()
 
 
 class MaccorServer:

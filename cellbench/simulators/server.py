@@ -224,7 +224,8 @@ StreamClient = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[
 
 class StreamServers:
     """TCP listeners for simulators with their own framing (binary, JSON): each client a tracked task, every
-    listener and client closed by `close()`, so a test or `sim serve` leaves no half-open connection."""
+    listener and client closed by `close()`, so a test or `sim serve` leaves no half-open connection. A client
+    coroutine just serves its stream; a dropped connection ends it quietly and its writer is closed here."""
 
     def __init__(self) -> None:
         self._servers: list[asyncio.Server] = []
@@ -238,9 +239,10 @@ class StreamServers:
             self._clients.add(task)
             try:
                 await client(reader, writer)
-            except asyncio.CancelledError:  # closed by close(): the end of this client, not an error to log
-                writer.close()
+            except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):
+                pass  # the client went away, or close() ended it: the end of this client, not an error to log
             finally:
+                writer.close()
                 self._clients.discard(task)
 
         server = await asyncio.start_server(handle, host, port)
