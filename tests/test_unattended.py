@@ -401,6 +401,14 @@ def test_a_run_is_started_on_an_idle_channel_of_a_running_controller(tmp_path: P
     time.sleep(4.0)  # ch1's two-second rest has ended; the controller stays
     assert proc.poll() is None
     assert ask(r2, ":OUTP?") == "0"  # ch2 idle
+    runs = tmp_path / "runs"
+    runs.rename(tmp_path / "runs-aside")
+    runs.write_text("a file where the runs folder should be")  # the run file cannot be made: nothing starts
+    nowhere_to_write = cli(tmp_path, "start", "ch2", str(profile))
+    assert nowhere_to_write.returncode == 1 and "no run file could be made" in nowhere_to_write.stderr
+    assert ask(r2, ":OUTP?") == "0" and proc.poll() is None
+    runs.unlink()
+    (tmp_path / "runs-aside").rename(runs)
     started = cli(tmp_path, "start", "ch2", str(profile))
     assert started.returncode == 0 and "starts 'long charge'" in started.stdout, started.stdout + started.stderr
     wait_until_sourcing(r2)

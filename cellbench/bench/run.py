@@ -318,7 +318,10 @@ async def run_bench(
         except InputError as exc:
             return False, "; ".join(exc.problems[:3]) + (f" (and {len(exc.problems) - 3} more)"
                                                         if len(exc.problems) > 3 else "")
-        path = reserve(runs_dir, run_ids(bench)[name])
+        try:
+            path = reserve(runs_dir, run_ids(bench)[name])
+        except OSError as exc:  # a full disk, a folder that cannot be written: said to the operator, nothing runs
+            return False, f"no run file could be made in {runs_dir}: {exc}"
         coordinator.launch(job(instruments, coordinator, name, pf, path))
         return True, f"channel '{name}' starts '{pf.profile.name}', recording to {path}"
 
