@@ -147,7 +147,14 @@ def test_stack_pressure_sweep_polarisation_falls_as_pressure_rises(tmp_path: Pat
     assert list(polarisation) == [1, 2, 5, 10, 20]
     values = list(polarisation.values())
     assert values == sorted(values, reverse=True)
-    assert values[0] > 1.5 * values[2]  # contact loss at 1 MPa
+    # contact loss at 1 MPa, by hand: the same C/10 through the resistance at 1 MPa instead of 5 MPa (diffusion,
+    # which the pressure does not touch, adds the same to both)
+    from cellbench.simulators.cell import SolidStateCell
+
+    def resistance(mpa: float) -> float:
+        return SolidStateCell(pressure_mpa=mpa).dc_resistance()
+
+    assert values[0] - values[2] == pytest.approx(0.35e-3 * (resistance(1.0) - resistance(5.0)), rel=0.1)
 
 
 def test_warm_pressing_formation_forms_warm_then_cools_under_pressure(tmp_path: Path) -> None:

@@ -65,8 +65,12 @@ def test_recorded_capacity_matches_the_models_coulomb_count(demo_run: tuple[Simu
     assert [r.cycle for r in rows] == [1, 2, 3, 4]
     for r in rows:
         assert r.discharge_ah == pytest.approx(3.5e-3, rel=0.03)  # a fresh 3.5 mAh pellet
-    for r in rows[1:]:  # a fresh cell: coulombic efficiency near 100 %
-        assert r.coulombic_efficiency == pytest.approx(1.0, abs=0.005)
+    # cycle 2 charges what the C/20 formation discharge took out but discharges at C/10, which leaves more lithium
+    # in the cathode's bulk: by hand (C/10 - C/20) / 3600 s * R^2 / (15 D) of the capacity, 0.63 %, stays in
+    lead_1c = (5.22e-4) ** 2 / 4e-11 / 15 / 3600
+    assert rows[1].coulombic_efficiency == pytest.approx(1.0 - 0.05 * lead_1c * 3.5e-3 / rows[1].charge_ah, abs=1e-3)
+    for r in rows[2:]:  # then the same depth every cycle: a coulombic efficiency of 100 %
+        assert r.coulombic_efficiency == pytest.approx(1.0, abs=5e-4)
 
 
 def test_the_run_ends_with_the_output_off_and_its_record_complete(demo_run: tuple[SimulatedBench, Path]) -> None:

@@ -178,7 +178,7 @@ def test_cycle_life_with_impedance_sees_the_interphase_grow(tmp_path) -> None:
     from cellbench.simulators.parameters import PELLET
     from tests.conftest import dry_run
 
-    fast_ageing = PELLET.model_copy(update={"cycles_to_80pct": 12.0})
+    fast_ageing = PELLET.model_copy(update={"cycles_to_80pct": 48.0})  # ~12 at 60 degC and C/3
     run = dry_run(library_path("cycle-life-eis").read_text(), tmp_path, soc=0.0, temperature=60.0,
                   params=fast_ageing, noise=False)
     assert run.outcome.completed, run.outcome.reason

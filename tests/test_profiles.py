@@ -135,7 +135,8 @@ def test_cellbench_validate_prints_the_steps_or_the_errors_without_a_traceback(t
     # the runner keeps an exception out of the output: a clean exit is a SystemExit, nothing else
     assert isinstance(result.exception, SystemExit), result.exception
     unknown = runner.invoke(app, ["validate", "formation-and-cycling", "--cell", "coin", "--no-estimate"])
-    assert unknown.exit_code == 2 and "unknown cell 'coin' (expected one of: pellet, pouch)" in unknown.output
+    presets = "pellet, pellet-protected, pouch, polymer"
+    assert unknown.exit_code == 2 and f"unknown cell 'coin' (expected one of: {presets})" in unknown.output
 
 
 def test_a_sample_period_must_be_finite() -> None:

@@ -397,6 +397,11 @@ class Engine:
         period = body.sample_period or self.profile.sample_period
         rule = body.record or self.profile.record
         limits = policy.resolve_limits(ctl, capacity=self._capacity(), last_voltage=last.voltage)
+        # a CCCV's current phase ends where its voltage reaches the held value: closed in on like a cut-off, so that
+        # the current's first fall is sampled and counted exactly
+        approach = limits
+        if ctl.step_type in (StepType.CCCV_CHARGE, StepType.CCCV_DISCHARGE):
+            approach = [*limits, Limit(kind="voltage", value=ctl.setpoint(0.0, last.voltage))]
         edges = [e for e in ctl.edges if step.start + e > self._t()]
         work = _Samples()
         next_sample = max(step.start, self._t())
@@ -458,7 +463,9 @@ class Engine:
                 await self._apply_surely(ctl, t_step, reading.voltage)
                 next_sample = t + PULSE_SETTLE
                 continue
-            interval = policy.next_interval(period, limits, work.history, self._emptied(ctl))
+            interval = policy.next_interval(period, approach, work.history, self._emptied(ctl))
+            if approach is not limits and _reached_hold(work.history, approach[-1].value):
+                interval = policy.MIN_INTERVAL  # a CCCV's current has just begun to fall: fastest at first
             if ctl.dynamic:
                 # hold the value of the middle of the coming interval: a ramp or a linear drive is
                 # then followed with its charge exact, as by the midpoint rule
@@ -723,7 +730,8 @@ class Engine:
         if not work.history and work.counted_from is not None and held is not None and t > work.counted_from:
             work.history = [(work.counted_from, r)]  # from the edge to the first reading, at the held current
         if work.history:
-            pieces = policy.interval_charge(work.history[-1], t, r, held)
+            pieces = policy.interval_charge(work.history[-1], t, r, held,
+                                            taper=sp is not None and sp.mode is SourceMode.VOLTAGE)
             work.last_ah = sum(abs(ah) for ah, _ in pieces)
             for ah, wh in pieces:
                 totals.add(ah, wh)
@@ -789,3 +797,11 @@ class Engine:
 def _wake(waiter: asyncio.Future[None]) -> None:
     if not waiter.done():
         waiter.set_result(None)
+
+
+def _reached_hold(history: policy.History, volts: float) -> bool:
+    """Whether the last reading is the first at a CCCV's held voltage (within a millivolt)."""
+    if len(history) < 2:
+        return False
+    (_, a), (_, b) = history
+    return abs(a.voltage - volts) > 1e-3 >= abs(b.voltage - volts)

@@ -17,6 +17,7 @@ from cellbench.profiles.schema import Limit, Range, RecordRule, ShortDetection
 VOLTAGE_TOLERANCE = 1e-3  # V: a reading this close to a voltage limit counts as reaching it
 MIN_INTERVAL = 1.0  # s: the shortest sample interval when closing in on a voltage limit
 APPROACH_WINDOW = 0.05  # V: closer than this to a voltage limit, sample at MIN_INTERVAL
+TAPER_STEP = 0.1  # the largest fraction a tapering current may fall between two samples
 CURRENT_WINDOW = 0.02  # of a current limit: closer than this, sample at MIN_INTERVAL
 KNEE_FROM = 0.8  # of the cycle's charge taken out by a discharge to a cut-off: from here sampling closes in
 SAFE_MARGIN_LOW, SAFE_MARGIN_HIGH = 0.2, 0.1  # V outside the cell's window that stop the run
@@ -140,6 +141,8 @@ def next_interval(period: float, limits: Sequence[Limit], history: History, empt
         elif lim.kind == "current":  # a held voltage's current tapering to its end (a CV's C/50)
             slope = (abs(b.current) - abs(a.current)) / (t1 - t0)
             gap, window = lim.value - abs(b.current), CURRENT_WINDOW * lim.value
+            if slope < 0:  # a taper is counted by the trapezoid rule: a tenth of the current per interval at most
+                interval = min(interval, max(MIN_INTERVAL, TAPER_STEP * abs(b.current) / -slope))
         else:
             continue
         if slope == 0 or gap / slope <= 0:
@@ -151,8 +154,8 @@ def next_interval(period: float, limits: Sequence[Limit], history: History, empt
     return interval
 
 
-def interval_charge(previous: tuple[float, Reading], now: float, r: Reading, held: float | None
-                    ) -> list[tuple[float, float]]:
+def interval_charge(previous: tuple[float, Reading], now: float, r: Reading, held: float | None,
+                    taper: bool = False) -> list[tuple[float, float]]:
     """Charge (Ah) and energy (Wh) since the previous sample, positive into the cell: one (Ah, Wh) piece, or
     two where the current changed sign in between (a voltage source at a cut-off that began to charge the
     cell), split where the straight line between the readings crosses zero, so that no charge counted on one
@@ -161,7 +164,9 @@ def interval_charge(previous: tuple[float, Reading], now: float, r: Reading, hel
     While a current source holds its setpoint the current was that value all interval long
     (readings are taken under the held source), so the interval counts at the reading's
     current; otherwise (a voltage source, or a current source in compliance) the current
-    moved, and the trapezoid rule counts it.
+    moved, and the trapezoid rule counts it. Under a held voltage (`taper`) a current falling without
+    changing sign decays as relaxation does, exponentially: the logarithmic mean of the two readings counts it
+    exactly (the trapezoid would count the convex fall high, 0.1 % of a CV's charge at a tenth per interval).
     """
     t0, r0 = previous
     hours = (now - t0) / 3600.0
@@ -171,6 +176,9 @@ def interval_charge(previous: tuple[float, Reading], now: float, r: Reading, hel
         f = r0.current / (r0.current - r.current)
         return [(r0.current / 2 * hours * f, r0.current * r0.voltage / 2 * hours * f),
                 (r.current / 2 * hours * (1 - f), r.current * r.voltage / 2 * hours * (1 - f))]
+    if taper and 0.0 < r.current / r0.current < 1.0 - 1e-9:
+        mean = (r0.current - r.current) / math.log(r0.current / r.current)
+        return [(mean * hours, mean * (r0.voltage + r.voltage) / 2 * hours)]
     return [((r0.current + r.current) / 2 * hours,
              (r0.current * r0.voltage + r.current * r.voltage) / 2 * hours)]
 

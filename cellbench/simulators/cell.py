@@ -1,26 +1,28 @@
-"""Equivalent-circuit model of a sulfide solid-state cell with a lithium-metal anode.
+"""Equivalent-circuit model of a solid-state cell with a lithium-metal anode.
 
-V = OCV(SOC, T) + I·R0 + V_rc, current positive on charge (the Battery Data Format's sign).
-R0 is the electrolyte (Arrhenius in T) plus contact (power law in stack pressure); the RC pair
-is the interfacial charge-transfer resistance of both electrodes (Arrhenius and pressure law)
-with the cathode double layer. Charge is counted coulombically; capacity fades with throughput,
-faster under low stack pressure; plating above the critical current density grows a dendrite
-that first touches as a soft short (a high, falling leak resistance) and ends in a hard one.
-The model is deterministic: no randomness lives here.
+V = OCV(surface SOC, T) + I·R0 + V_li + V_cat, current positive on charge (the Battery Data Format's sign).
+R0 is the electrolyte (Arrhenius in T) plus contact (power law in stack pressure). Each interface (Li|SE,
+cathode|SE) is an RC whose time constant is its impedance arc's, (R·Q)^(1/n). Diffusion in the cathode
+particles lets the surface run ahead of the bulk: its lead relaxes with the sphere's slowest mode (minutes)
+and reaches (dSOC/dt)·R²/(15 D) under a steady current, so a fast discharge reaches the cut-off with
+lithium left in the bulk and a cell keeps relaxing minutes after a pulse. Charge is counted coulombically;
+capacity fades with throughput, faster when warm, at high rate and under low stack pressure, mostly at the
+Li|SE interface (where a protective film acts). Plating above the critical current density, or lithium
+creeping into the electrolyte under high stack pressure, grows a dendrite that first touches as a soft
+short (a high, falling leak resistance) and ends in a hard one. The model is deterministic.
 """
 
 from __future__ import annotations
 
 import bisect
+import cmath
 import math
 from dataclasses import dataclass
 
 from cellbench.simulators.parameters import (
-    DUDT_MV_PER_K,
-    DUDT_SOC,
-    OCV_SOC,
-    OCV_V,
     PELLET,
+    SPHERE_SLOWEST_MODE,
+    SPHERE_STEADY_LAG,
     CellParameters,
 )
 
@@ -28,6 +30,7 @@ TIME_EPS = 1e-6  # s: simulators integrate up to this close to now; past 2^24 s 
 
 BOLTZMANN_EV = 8.617333262e-5
 KELVIN = 273.15
+OCV_T_REF_C = 25.0  # the OCV tables are at 25 degC; dU/dT moves them
 # Beyond the tabulated window the OCV is continued steeply so over-charge and over-discharge
 # show as a voltage run-away rather than a flat line.
 OVERRUN_SLOPE_V = 100.0  # V per unit SOC: the cathode cannot take more lithium than at SOC 0
@@ -52,7 +55,9 @@ def arrhenius(ea_ev: float, temperature_k: float, t_ref_k: float) -> float:
 @dataclass
 class CellState:
     soc: float
-    v_rc: float = 0.0
+    v_li: float = 0.0  # across the Li|SE interface's RC
+    v_cat: float = 0.0  # across the cathode|SE interface's RC
+    surface_lead: float = 0.0  # surface SOC of the cathode particles minus the bulk's (diffusion)
     capacity_ah: float = 0.0
     throughput_ah: float = 0.0
     charged_ah: float = 0.0  # external charge passed in, the model's own coulomb count
@@ -82,7 +87,10 @@ class SolidStateCell:
         self.state = CellState(soc=soc, capacity_ah=params.capacity_ah,
                                formation_left_ah=params.formation_loss_fraction * params.capacity_ah)
         self._r_key: tuple[float, float, float] | None = None
-        self._r = (0.0, 0.0)
+        self._r = (0.0, 0.0, 0.0, 0.0, 0.0)  # R0, R_li, R_cat, tau_li, tau_cat
+        # diffusion: the lead relaxes with tau_diff and reaches lag_s * dSOC/dt under a steady current
+        self._tau_diff = params.diffusion_time_s / SPHERE_SLOWEST_MODE
+        self._lag_s = params.diffusion_time_s / SPHERE_STEADY_LAG
         self.state.voltage = self.ocv()
 
     # --- what the cell is ------------------------------------------------------------------
@@ -106,32 +114,48 @@ class SolidStateCell:
         return ohm is not None and ohm <= self.params.short_ohm_cm2 / self.params.area_cm2
 
     def ocv(self) -> float:
-        """Open-circuit voltage at the present SOC and temperature."""
-        soc = self.state.soc
-        v = interpolate(OCV_SOC, OCV_V, soc)
+        """Open-circuit voltage at the present SOC and temperature: where the cell relaxes to."""
+        return self._ocv_at(self.state.soc)
+
+    def _ocv_at(self, soc: float) -> float:
+        p = self.params
+        v = interpolate(p.ocv_soc, p.ocv_v, soc)
         if soc < 0.0:
             v += OVERRUN_SLOPE_V * soc
         elif soc > 1.0:
             v += OVERRUN_SLOPE_V * (soc - 1.0)
-        dudt = interpolate(DUDT_SOC, DUDT_MV_PER_K, soc) * 1e-3
-        v += dudt * (self.temperature_c - (self.params.t_ref_k - KELVIN))
+        dudt = interpolate(p.dudt_soc, p.dudt_mv_per_k, soc) * 1e-3
+        v += dudt * (self.temperature_c - OCV_T_REF_C)
         return max(v, 0.0)  # an emptied (or shorted) cell sits at 0 V; it does not reverse
+
+    def _ocv_slope(self, soc: float) -> float:
+        """dOCV/dSOC (V per unit SOC) of the table's segment at soc, or of the overrun beyond it."""
+        xs, ys = self.params.ocv_soc, self.params.ocv_v
+        if soc < xs[0] or soc > xs[-1]:
+            return OVERRUN_SLOPE_V
+        k = min(max(bisect.bisect_right(xs, soc), 1), len(xs) - 1)
+        return (ys[k] - ys[k - 1]) / (xs[k] - xs[k - 1])
 
     def _pressure_factor(self) -> float:
         p = max(self.pressure_mpa, self.params.p_floor_mpa)
         return float((p / self.params.p_ref_mpa) ** self.params.pressure_exponent)
 
-    def _resistances(self) -> tuple[float, float]:
-        """(ohmic, interfacial) in ohms, recomputed only when temperature or pressure change."""
+    def _resistances(self) -> tuple[float, float, float, float, float]:
+        """(ohmic, Li|SE, cathode|SE) in ohms and the two interfaces' time constants in s, recomputed only
+        when temperature, pressure or ageing change."""
         key = (round(self.temperature_c, 2), round(self.pressure_mpa, 4), round(self._ageing(), 4))
         if self._r_key != key:
             p, t_k = self.params, self.temperature_c + KELVIN
             r_se = p.r_se_ohm_cm2 * arrhenius(p.ea_se_ev, t_k, p.t_ref_k)
             r_contact = p.r_contact_ohm_cm2 * self._pressure_factor()
-            r_cat = p.r_ct_cathode_ohm_cm2 * arrhenius(p.ea_ct_cathode_ev, t_k, p.t_ref_k)
-            r_li = p.r_ct_li_ohm_cm2 * arrhenius(p.ea_ct_li_ev, t_k, p.t_ref_k)
-            interfaces = (r_cat + r_li) * self._pressure_factor() * self._ageing() / p.area_cm2
-            self._r = ((r_se + r_contact) / p.area_cm2, interfaces)
+            scale = self._pressure_factor() * self._ageing() / p.area_cm2
+            film = p.anode_film.r_ct_li_factor if p.anode_film is not None else 1.0
+            r_cat = p.r_ct_cathode_ohm_cm2 * arrhenius(p.ea_ct_cathode_ev, t_k, p.t_ref_k) * scale
+            r_li = p.r_ct_li_ohm_cm2 * film * arrhenius(p.ea_ct_li_ev, t_k, p.t_ref_k) * scale
+            # an arc R || CPE(Q, n) peaks at 1 / (2 pi (R Q)^(1/n)): its relaxation time
+            tau_li = (r_li * p.q_li_f_cm2 * p.area_cm2) ** (1.0 / p.n_li)
+            tau_cat = (r_cat * p.q_cathode_f_cm2 * p.area_cm2) ** (1.0 / p.n_cathode)
+            self._r = ((r_se + r_contact) / p.area_cm2, r_li, r_cat, tau_li, tau_cat)
             self._r_key = key
         return self._r
 
@@ -141,7 +165,22 @@ class SolidStateCell:
 
     def interfacial_resistance(self) -> float:
         """Charge-transfer resistance of the cathode and lithium interfaces in ohms."""
-        return self._resistances()[1]
+        r = self._resistances()
+        return r[1] + r[2]
+
+    def time_constants(self) -> tuple[float, float, float]:
+        """(Li|SE, cathode|SE, diffusion) relaxation times in s."""
+        r = self._resistances()
+        return r[3], r[4], self._tau_diff
+
+    def diffusion_resistance(self) -> float:
+        """What diffusion adds to the resistance under a steady current, in ohms, at the present SOC."""
+        return self._ocv_slope(self.surface_soc) * self._lag_s / (self.state.capacity_ah * 3600.0)
+
+    @property
+    def surface_soc(self) -> float:
+        """SOC at the surface of the cathode particles, which sets the voltage."""
+        return self.state.soc + self.state.surface_lead
 
     def _ageing(self) -> float:
         """Factor on the interfacial resistance from interphase growth as the cell loses capacity."""
@@ -150,45 +189,55 @@ class SolidStateCell:
 
     def interfacial_parts(self) -> tuple[float, float]:
         """(cathode, lithium) charge-transfer resistances in ohms."""
-        p, t_k = self.params, self.temperature_c + KELVIN
-        scale = self._pressure_factor() * self._ageing() / p.area_cm2
-        return (p.r_ct_cathode_ohm_cm2 * arrhenius(p.ea_ct_cathode_ev, t_k, p.t_ref_k) * scale,
-                p.r_ct_li_ohm_cm2 * arrhenius(p.ea_ct_li_ev, t_k, p.t_ref_k) * scale)
+        r = self._resistances()
+        return r[2], r[1]
 
     def impedance(self, frequency: float) -> complex:
-        """Z(f): ohmic resistance, the Li|SE and cathode arcs (R in parallel with a CPE), and Warburg diffusion."""
+        """Z(f): ohmic resistance, the Li|SE and cathode arcs (R in parallel with a CPE), and diffusion as a
+        finite Warburg (R_d tanh(sqrt(j w T)) / sqrt(j w T), its slowest mode the time domain's)."""
         p = self.params
         w = 2 * math.pi * frequency
         r_cat, r_li = self.interfacial_parts()
         a = p.area_cm2
         z_li = 1 / (1 / r_li + p.q_li_f_cm2 * a * (1j * w) ** p.n_li)
         z_cat = 1 / (1 / r_cat + p.q_cathode_f_cm2 * a * (1j * w) ** p.n_cathode)
-        sigma = p.warburg_ohm_cm2_s_half / a
-        return self.ohmic_resistance() + z_li + z_cat + sigma * (1 - 1j) / math.sqrt(w)
+        root = cmath.sqrt(1j * w * self._tau_diff * math.pi**2 / 4)
+        z_d = self.diffusion_resistance() * (cmath.tanh(root) / root if abs(root) < 20 else 1 / root)
+        return self.ohmic_resistance() + z_li + z_cat + z_d
 
     def dc_resistance(self) -> float:
-        """Steady-state resistance seen by a constant current."""
-        return sum(self._resistances())
+        """Resistance seen by a constant current once the interfaces have settled (a few ms), before
+        diffusion builds up (minutes)."""
+        r = self._resistances()
+        return r[0] + r[1] + r[2]
 
     def critical_current_density(self) -> float:
         """Current density (mA/cm²) above which plating grows dendrites."""
         p, t_k = self.params, self.temperature_c + KELVIN
-        pressure = min(max(self.pressure_mpa, 1.0), p.p_ref_mpa)
-        return p.ccd_ma_cm2 / arrhenius(p.ccd_ea_ev, t_k, p.t_ref_k) * pressure / p.p_ref_mpa
+        pressure = max(self.pressure_mpa, 1.0) / p.p_ref_mpa
+        contact = pressure if pressure <= 1.0 else pressure**p.ccd_exponent_above_ref
+        film = p.anode_film.ccd_factor if p.anode_film is not None else 1.0
+        return p.ccd_ma_cm2 / arrhenius(p.ccd_ea_ev, t_k, p.t_ref_k) * contact * film
 
     # --- dynamics --------------------------------------------------------------------------
-    def _rc_decay(self, dt: float) -> float:
-        tau = self.interfacial_resistance() * self.params.c_dl_f_cm2 * self.params.area_cm2
-        return math.exp(-dt / tau) if tau > 0 else 0.0
+    def _decays(self, dt: float) -> tuple[float, float, float]:
+        """exp(-dt/tau) of the Li, cathode and diffusion branches."""
+        tau_li, tau_cat, tau_d = self.time_constants()
+        return math.exp(-dt / tau_li), math.exp(-dt / tau_cat), math.exp(-dt / tau_d)
 
     def thevenin(self, dt: float) -> tuple[float, float]:
         """(E, R) such that the terminal voltage over the next dt is E + I·R for external current I."""
-        r0, r_ct = self._resistances()
-        a = self._rc_decay(dt)
-        e = self.ocv() + self.state.v_rc * a
-        r = r0 + r_ct * (1.0 - a)
-        if self.state.short_ohm is not None:
-            k = 1.0 + r / self.state.short_ohm
+        r0, r_li, r_cat, _, _ = self._resistances()
+        a_li, a_cat, a_d = self._decays(dt)
+        st = self.state
+        surface = st.soc + st.surface_lead * a_d
+        # surface SOC per ampere at the end of dt: the bulk's own move and the lead's growth (the cut-off of an
+        # emptying cell is on the OCV's steep end, where an interval's move alone is tens of mV)
+        gain = (dt + self._lag_s * (1.0 - a_d)) / (st.capacity_ah * 3600.0)
+        e = self._ocv_at(surface) + st.v_li * a_li + st.v_cat * a_cat
+        r = r0 + r_li * (1.0 - a_li) + r_cat * (1.0 - a_cat) + self._ocv_slope(surface) * gain
+        if st.short_ohm is not None:
+            k = 1.0 + r / st.short_ohm
             e, r = e / k, r / k
         return e, r
 
@@ -199,9 +248,12 @@ class SolidStateCell:
         internal = current
         if self.state.short_ohm is not None:
             internal -= voltage / self.state.short_ohm
-        a = self._rc_decay(dt)
+        _, r_li, r_cat, _, _ = self._resistances()
+        a_li, a_cat, a_d = self._decays(dt)
         st = self.state
-        st.v_rc = st.v_rc * a + internal * self.interfacial_resistance() * (1.0 - a)
+        st.v_li = st.v_li * a_li + internal * r_li * (1.0 - a_li)
+        st.v_cat = st.v_cat * a_cat + internal * r_cat * (1.0 - a_cat)
+        st.surface_lead = st.surface_lead * a_d + internal * self._lag_s / (st.capacity_ah * 3600.0) * (1.0 - a_d)
         ah = internal * dt / 3600.0
         stored = ah
         if ah > 0 and st.formation_left_ah > 0:  # a fresh cell's first charge forms its interphases
@@ -209,7 +261,7 @@ class SolidStateCell:
             st.formation_left_ah -= lost
             stored -= lost
         st.soc += stored / st.capacity_ah
-        self._age(abs(ah))
+        self._age(abs(ah), abs(internal))
         self._grow_dendrite(current, dt)  # the current pushed in drives plating at the filament tip
         self._heat(voltage, internal, dt)
         if current > 0:
@@ -219,25 +271,50 @@ class SolidStateCell:
         st.voltage, st.current = voltage, current
         return voltage
 
-    def _age(self, ah: float) -> float:
-        """Capacity loss with throughput: 20 % over cycles_to_80pct equivalent full cycles."""
+    def fade_stress(self, current: float) -> float:
+        """How much faster than at the reference (t_ref, C/10, reference pressure, bare lithium) the cell
+        loses capacity per ampere-hour passed at this current."""
         p = self.params
+        warm = 1.0 / arrhenius(p.fade_ea_ev, self.temperature_c + KELVIN, p.t_ref_k)
+        c_rate = current / p.capacity_ah
+        rate = (1.0 + p.fade_per_c_rate * c_rate) / (1.0 + p.fade_per_c_rate * p.fade_ref_c_rate)
+        contact = max(1.0, self._pressure_factor())  # lost contact speeds fade
+        film = p.anode_film.anode_fade_factor if p.anode_film is not None else 1.0
+        where = 1.0 - p.anode_fade_share + p.anode_fade_share * film
+        return warm * rate * contact * where
+
+    def _age(self, ah: float, current: float) -> float:
+        """Capacity loss with throughput: 20 % over cycles_to_80pct equivalent full cycles at the reference."""
+        p = self.params
+        if ah == 0.0:
+            return 0.0
         per_ah = 0.1 / p.cycles_to_80pct  # an equivalent full cycle passes 2 × capacity
-        stress = max(1.0, self._pressure_factor())  # lost contact speeds fade
-        loss = per_ah * stress * ah
-        self.state.capacity_ah = max(self.state.capacity_ah - loss, 1e-3 * p.capacity_ah)
-        self.state.throughput_ah += ah
+        loss = per_ah * self.fade_stress(current) * ah
+        st = self.state
+        # cathode material loses contact (loss of active material); the lithium anode's excess keeps the
+        # charge stored, so the cell holds less but what it holds is not lost with it
+        before, st.capacity_ah = st.capacity_ah, max(st.capacity_ah - loss, 1e-3 * p.capacity_ah)
+        st.soc *= before / st.capacity_ah
+        st.throughput_ah += ah
         return loss
+
+    def _dendrite_capacity(self) -> float:
+        p = self.params
+        return p.dendrite_capacity_mah_cm2 * (p.anode_film.dendrite_capacity_factor if p.anode_film else 1.0)
 
     def _grow_dendrite(self, current: float, dt: float) -> None:
         p = self.params
-        if current <= 0 or self.hard_shorted:
-            return  # lithium plates on the anode while the cell charges
-        excess = current * 1e3 / p.area_cm2 - self.critical_current_density()
-        if excess <= 0:
+        if self.hard_shorted:
             return
-        self.state.dendrite_mah_cm2 += excess * dt / 3600.0
-        grown = self.state.dendrite_mah_cm2 / p.dendrite_capacity_mah_cm2
+        grown_mah_cm2 = 0.0
+        if current > 0:  # lithium plates on the anode while the cell charges
+            grown_mah_cm2 += max(current * 1e3 / p.area_cm2 - self.critical_current_density(), 0.0) * dt / 3600.0
+        if self.pressure_mpa > p.creep_onset_mpa:  # and creeps into the electrolyte under a high stack pressure
+            grown_mah_cm2 += p.creep_mah_cm2_h_per_mpa * (self.pressure_mpa - p.creep_onset_mpa) * dt / 3600.0
+        if grown_mah_cm2 <= 0:
+            return
+        self.state.dendrite_mah_cm2 += grown_mah_cm2
+        grown = self.state.dendrite_mah_cm2 / self._dendrite_capacity()
         if grown < p.soft_short_at:
             return
         # soft: from soft_short_ohm_cm2 when the filament touches, log-linearly down to the hard short
