@@ -25,7 +25,7 @@ def test_cccv_charges_at_constant_current_then_holds_until_its_own_end_current(t
         steps:
           - cccv: {current: C/20, voltage: 4.2 V, until: C/50}
         """, tmp_path)
-    assert run.sequence == [("CCCV Charge", "current <= 0.02C")]
+    assert run.sequence == [("CCCV Charge", "current <= C/50")]
     samples = run.samples
     assert samples[1].current == pytest.approx(3.5e-3 / 20, rel=1e-3)  # CC phase
     assert samples[-1].voltage == pytest.approx(4.2, abs=1e-3)  # CV phase

@@ -147,3 +147,10 @@ def test_a_sample_period_must_be_finite() -> None:
     assert problems("name: x\nsteps:\n  - rest: {duration: 1 h, sample_period: inf s}\n") == [
         "cycle.yaml:3: steps[0].rest.sample_period: Input should be a finite number"
     ]
+
+
+def test_c_rates_are_written_as_a_lab_writes_them() -> None:
+    from cellbench.profiles.units import c_rate_text
+
+    written = [c_rate_text(x) for x in (1 / 3, 0.05, 2.0, 0.4, -1 / 20, 1.0)]
+    assert written == ["C/3", "C/20", "2C", "0.4C", "-C/20", "1C"]

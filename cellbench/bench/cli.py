@@ -213,7 +213,8 @@ def _rehearse(
 
 SeedOption = Annotated[int, typer.Option(help="seed of the simulated measurement noise")]
 RunsOption = Annotated[Path, typer.Option(help="where run databases go")]
-CELLS_HELP = "simulated cell preset: pellet (3.5 mAh) or pouch"
+CELLS_HELP = ("simulated cell preset: pellet (3.5 mAh, NMC811 | Li6PS5Cl | Li), pellet-protected (its lithium "
+              "under a Li3N/Li2O film), pouch (5 Ah) or polymer (1.5 mAh, LFP | PEO-oxide | Li, for 60-80 degC)")
 CellOption = Annotated[str, typer.Option(help=CELLS_HELP)]
 SocOption = Annotated[float, typer.Option(help="initial state of charge of the simulated cell, 0 to 1")]
 TempOption = Annotated[float, typer.Option(help="temperature of the simulated cell, degC")]

@@ -51,6 +51,7 @@ from cellbench.profiles.units import (
     Resistance,
     Temperature,
     Voltage,
+    c_rate_text,
     compact,
     human_duration,
     kind_of,
@@ -83,7 +84,7 @@ class Limit(Strict):
 
     def describe(self) -> str:
         if self.c_rate is not None:
-            value = f"{self.c_rate:g}C"
+            value = c_rate_text(self.c_rate)
         elif self.kind == "time":
             value = human_duration(self.value)
         elif self.kind == "temperature":

@@ -69,8 +69,16 @@ class CurrentSpec:
 
     def __str__(self) -> str:
         if self.c_rate is not None:
-            return f"{self.c_rate:g}C"
+            return c_rate_text(self.c_rate)
         return compact(self.amps, "A")  # type: ignore[arg-type]
+
+
+def c_rate_text(rate: float) -> str:
+    """A C-rate as a lab writes it: "C/3" for a third (not "0.333333C"), "2C", "0.4C", "-C/20"."""
+    sign, size = ("-" if rate < 0 else ""), abs(rate)
+    if 0 < size < 1 and abs(1 / size - round(1 / size)) < 1e-6:
+        return f"{sign}C/{round(1 / size)}"
+    return f"{rate:g}C"
 
 
 def parse_c_rate(text: str) -> float | None:
