@@ -330,3 +330,41 @@ def test_a_protected_anode_lives_longer_by_its_mechanism_and_compare_shows_the_r
     assert result.exit_code == 0, result.output
     ratio = float(result.output.split("cycle-life ratio protected / bare:")[1].split()[0])
     assert ratio == pytest.approx(1 / (0.25 + 0.75 * 0.1), rel=0.05)
+
+
+def test_the_report_page_renders_in_a_real_browser_with_no_broken_image(simulated_run: Path, tmp_path: Path) -> None:
+    """Headless Chromium (Debian's chromium and chromium-driver, which .ci/run installs) opens the page: every
+    image loads, the outcome heads the page, and a screenshot is taken."""
+    import shutil
+
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+
+    if not (shutil.which("chromium") and shutil.which("chromedriver")):
+        pytest.skip("no chromium/chromedriver: `make test` installs Debian's chromium and chromium-driver as root")
+    page = write_report(simulated_run, tmp_path / "report")
+    (tmp_path / "report" / "broken.png").write_bytes(b"not a png")  # the check itself must see a broken image
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium") or ""
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1280,2000",
+                "--allow-file-access-from-files"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
+    try:
+        driver.get(page.as_uri())
+        images = driver.execute_script(
+            "return Array.from(document.images).map(i => [i.getAttribute('src'), i.complete && i.naturalWidth > 0])")
+        assert len(images) == 7 and all(ok for _, ok in images), images
+        driver.execute_script("const i = document.createElement('img'); i.src = 'broken.png'; document.body.append(i);")
+        driver.execute_script("return new Promise(r => setTimeout(r, 200))")
+        loaded = driver.execute_script("return Array.from(document.images).map(i => i.naturalWidth > 0)")
+        assert loaded[-1] is False  # a broken image is told apart
+        first = driver.find_element(By.CSS_SELECTOR, "p.outcome").text
+        assert first == "Outcome: completed"
+        shot = tmp_path / "report.png"  # (kept with the test's files, for a look)
+        assert driver.save_screenshot(str(shot))
+        data = shot.read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and int.from_bytes(data[16:20], "big") >= 1000
+    finally:
+        driver.quit()

@@ -6,7 +6,6 @@ Works on a run that is still going: it reads what has been committed so far.
 from __future__ import annotations
 
 import bisect
-import html
 import warnings
 from pathlib import Path
 from typing import Any
@@ -251,7 +250,7 @@ def _plot_fit(ax: Any, frequency: list[float], fit: dict[str, Any], color: str) 
     ax.plot(z.real, -z.imag, "-", lw=1, color=color)
 
 
-def _identity(meta: dict[str, Any]) -> str:
+def _identity(meta: dict[str, Any]) -> list[str]:
     """Cell ID, batch, active mass and area, operator and comment, where the run records them."""
     cell = meta.get("cell") or {}
     mass = cell.get("active_mass_g")
@@ -259,24 +258,25 @@ def _identity(meta: dict[str, Any]) -> str:
              ("active mass", None if mass is None else f"{mass * 1e3:.4g} mg"),
              ("area", None if cell.get("area") is None else f"{cell['area']:.4g} cm²"),
              ("operator", meta.get("operator")), ("comment", meta.get("comment"))]
-    shown = [f"{name} {html.escape(str(value))}" for name, value in parts if value not in (None, "")]
-    return f"<p>{', '.join(shown)}.</p>" if shown else ""
+    return [f"{name} {value}" for name, value in parts if value not in (None, "")]
 
 
 def _page(meta: dict[str, Any], rows: list[CycleSummary], images: list[Path], samples: list[Any],
           events: list[dict[str, Any]], pulses: list[Dcir]) -> str:
+    """The page, from the package's template (autoescaped: a cell ID or comment is text, never markup)."""
+    import jinja2
+
     def cell(value: float | None, fmt: str) -> str:
         return "" if value is None else format(value, fmt)
 
-    table = "".join(
-        f"<tr><td>{r.cycle}</td><td>{r.charge_ah * 1e3:.4f}</td><td>{r.discharge_ah * 1e3:.4f}</td>"
-        f"<td>{cell(r.coulombic_efficiency and r.coulombic_efficiency * 100, '.2f')}</td>"
-        f"<td>{cell(r.mean_charge_voltage, '.3f')}</td><td>{cell(r.mean_discharge_voltage, '.3f')}</td>"
-        f"<td>{cell(r.retention and r.retention * 100, '.1f')}</td><td>{cell(r.energy_density_wh_l, '.1f')}</td>"
-        f"<td>{cell(r.stack_energy_density_wh_l, '.1f')}</td><td>{cell(r.specific_capacity_mah_g, '.1f')}</td>"
-        f"<td>{cell(r.areal_capacity_mah_cm2, '.3f')}</td></tr>"
+    table = [
+        (str(r.cycle), f"{r.charge_ah * 1e3:.4f}", f"{r.discharge_ah * 1e3:.4f}",
+         cell(r.coulombic_efficiency and r.coulombic_efficiency * 100, ".2f"), cell(r.mean_charge_voltage, ".3f"),
+         cell(r.mean_discharge_voltage, ".3f"), cell(r.retention and r.retention * 100, ".1f"),
+         cell(r.energy_density_wh_l, ".1f"), cell(r.stack_energy_density_wh_l, ".1f"),
+         cell(r.specific_capacity_mah_g, ".1f"), cell(r.areal_capacity_mah_cm2, ".3f"))
         for r in rows
-    )
+    ]
     retention, cycles = _retention(rows)
     outcome, completed = _outcome(events)
     if not completed:  # the last cycle of a run that was stopped may be cut short: it says nothing of ageing
@@ -289,27 +289,16 @@ def _page(meta: dict[str, Any], rows: list[CycleSummary], images: list[Path], sa
         life_line = "Cycle life to 80 % retention: not reached"
     else:
         life_line = "No cycle life: the run did not reach the end of its profile"
-    dcir_line = (f"<p>DCIR at 10 ms over {len(pulses)} current steps: median "
-                 f"{sorted(p.resistance_10ms for p in pulses)[len(pulses) // 2]:.3g} ohm</p>") if pulses else ""
-    figures = "".join(f'<figure><img src="{img.name}" alt="{img.stem}"></figure>' for img in images)
-    title = html.escape(str(meta.get("profile_name", "run")))
-    return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>{title}</title>
-<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}
-td,th{{border:1px solid #ccc;padding:2px 8px;text-align:right}}img{{max-width:100%}}</style></head>
-<body><h1>{title}</h1>
-<p class="outcome"><strong>Outcome: {html.escape(outcome)}</strong></p>
-<p>Run {html.escape(str(meta.get("run_id", "")))}, channel {html.escape(str(meta.get("channel", "")))},
-{len(samples)} samples, {samples[-1].test_time / 3600 if samples else 0:.2f} h of test time.</p>
-{_identity(meta)}
-<p>{life_line}</p>
-{dcir_line}
-<table><tr><th>cycle</th><th>charge / mAh</th><th>discharge / mAh</th><th>CE / %</th>
-<th>mean charge V</th><th>mean discharge V</th><th>retention / %</th><th>Wh/L</th>
-<th>Wh/L (stack under pressure)</th><th>mAh/g</th><th>mAh/cm²</th></tr>{table}</table>
-{figures}
-</body></html>
-"""
+    env = jinja2.Environment(loader=jinja2.PackageLoader("cellbench.bench", "templates"),
+                             autoescape=True, undefined=jinja2.StrictUndefined)
+    return env.get_template("report.html").render(
+        title=str(meta.get("profile_name", "run")), outcome=outcome, completed=completed,
+        run_id=str(meta.get("run_id", "")), channel=str(meta.get("channel", "")), n_samples=len(samples),
+        hours=samples[-1].test_time / 3600 if samples else 0.0, identity=_identity(meta), life_line=life_line,
+        n_pulses=len(pulses),
+        dcir_median=sorted(p.resistance_10ms for p in pulses)[len(pulses) // 2] if pulses else None,
+        rows=table, images=images,
+    )
 
 
 def compare_runs(databases: list[Path], out: Path) -> tuple[Path, dict[str, float | None]]:
