@@ -2,13 +2,14 @@
 # Both create .venv when it is missing and install the project into it; `make test` adds the
 # test tools (pytest, ruff, mypy, and the Battery Data Format validator and PyProBE as consumers)
 # and, where the machine lacks them, Debian's chromium and chromium-driver (the report is checked in
-# a real headless browser); without root or sudo that test is skipped and says why.
+# a real headless browser) and mosquitto with its clients (MQTT tests start a broker of their own);
+# without root or sudo those tests are skipped and say why.
 PYTHON ?= python3
 VENV := .venv
 RUNTIME := $(VENV)/.installed
 TESTING := $(VENV)/.installed-test
 
-.PHONY: demo test lint clean browser
+.PHONY: demo test lint clean system
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,14 +26,17 @@ $(TESTING): pyproject.toml $(RUNTIME)
 demo: $(RUNTIME)
 	$(VENV)/bin/cellbench demo
 
-browser:
-	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
-	  SUDO=$$( [ "$$(id -u)" = 0 ] && echo "" || echo "sudo -n" ); \
-	  $$SUDO apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 || \
-	  { $$SUDO apt-get update -q >/dev/null 2>&1 && $$SUDO apt-get install -y -q chromium chromium-driver >/dev/null 2>&1; } || \
-	  echo "chromium could not be installed: the report's browser test will be skipped"; }
+SYSTEM_PACKAGES := chromium chromium-driver mosquitto mosquitto-clients
 
-test: $(TESTING) browser
+system:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null && \
+	  { command -v mosquitto >/dev/null || test -x /usr/sbin/mosquitto; } && command -v mosquitto_sub >/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] && echo "" || echo "sudo -n" ); \
+	  $$SUDO apt-get install -y -q $(SYSTEM_PACKAGES) >/dev/null 2>&1 || \
+	  { $$SUDO apt-get update -q >/dev/null 2>&1 && $$SUDO apt-get install -y -q $(SYSTEM_PACKAGES) >/dev/null 2>&1; } || \
+	  echo "$(SYSTEM_PACKAGES) could not be installed: the browser and MQTT tests will be skipped"; }
+
+test: $(TESTING) system
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 	$(VENV)/bin/python -m pytest

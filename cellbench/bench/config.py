@@ -18,6 +18,7 @@ from pydantic import AfterValidator, Field
 from pydantic_core import PydanticCustomError
 
 from cellbench.bench.cells import CellConfig
+from cellbench.bench.mqtt import MqttConfig
 from cellbench.drivers.registry import driver, drivers
 from cellbench.profiles.parse import read_text, validate_yaml
 from cellbench.profiles.schema import Strict
@@ -94,6 +95,8 @@ class BenchConfig(Strict):
     instruments: dict[str, InstrumentConfig]
     cells: dict[str, CellConfig]
     channels: dict[str, ChannelConfig] = Field(min_length=1)
+    mqtt: MqttConfig | None = Field(default=None, description="telemetry and remote control through an MQTT "
+                                                              "broker; off when absent")
 
     def sharing(self, instrument: str) -> list[str]:
         """The channels that name an instrument, in the bench file's order."""
@@ -115,6 +118,8 @@ class BenchConfig(Strict):
             "name": self.name,
             **{k: v for k, v in (("operator", self.operator), ("comment", self.comment), ("notify", self.notify))
                if v is not None},
+            **({"mqtt": {**self.mqtt.model_dump(mode="json", exclude_none=True),
+                         "telemetry_every": f"{self.mqtt.telemetry_every!r} s"}} if self.mqtt else {}),
             "instruments": {n: {**i.model_dump(mode="json", exclude_none=True), "timeout": f"{i.timeout!r} s",
                                 "reconnect_grace": f"{i.reconnect_grace!r} s"} for n, i in self.instruments.items()},
             "cells": {n: c.as_written() for n, c in self.cells.items()},

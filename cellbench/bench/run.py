@@ -22,6 +22,7 @@ from cellbench.bench.config import BenchConfig
 from cellbench.bench.engine import Engine, Interrupted, Outcome, Paused, Progress, RecordingFailed
 from cellbench.bench.events import EventBus, Note, NoteKind
 from cellbench.bench.instruments import Instruments
+from cellbench.bench.mqtt import ChannelLink, MqttBridge
 from cellbench.bench.runlog import RunLog
 from cellbench.bench.runstate import RunState, RunStatus
 from cellbench.bench.store import RunStore
@@ -138,6 +139,7 @@ class _Coordinator:
         self.starter: Callable[[str, str], tuple[bool, str]] | None = None  # starts a run on an idle channel
         self.tasks: list[asyncio.Future[Any]] = []  # every channel's run, started with the bench or later
         self.opened = False  # the instruments are open: a stop ends the runs, not the opening
+        self.mqtt: MqttBridge | None = None  # telemetry and remote commands, where the bench file asks for them
         self._changed = asyncio.Event()
         self._main: asyncio.Task[Any] | None = None
         self._signals: list[signal.Signals] = []
@@ -358,6 +360,8 @@ async def _on_bench(
     coordinator = _Coordinator()
     if handle_signals:
         coordinator.catch_signals()
+    if bench.mqtt is not None and not clock.virtual:
+        coordinator.mqtt = MqttBridge(bench.mqtt, bench.name, coordinator.command)
     try:
         # the operator's commands to one channel, from another terminal: the controller of a real bench only
         commands = (control.serving(coordinator.command, bench.name, list(bench.channels))
@@ -553,6 +557,14 @@ async def notify(command: list[str], payload: dict[str, Any]) -> None:
                   stderr.decode(errors="replace").strip()[-300:])
 
 
+def _mqtt_state(outcome: Outcome | None) -> str:
+    """The state a channel's MQTT status ends in."""
+    if outcome is None:
+        return "failed"
+    return {RunStatus.COMPLETED: "completed", RunStatus.SAFETY_STOP: "safety stop",
+            RunStatus.INTERRUPTED: "interrupted"}.get(outcome.status, "failed")
+
+
 def _text(value: object) -> str | None:
     return None if value is None else str(value)
 
@@ -583,6 +595,8 @@ async def _channel_run(
         loop.call_soon_threadsafe(coordinator.stop_all, RecordingFailed(f"{path.name}: {exc}"))
 
     store = RunStore(path, durable=not clock.virtual, on_failure=failed)
+    link: ChannelLink | None = None
+    ended: Outcome | None = None  # how the run ended, for the MQTT status
     try:
         if resume is not None:
             store.set_metadata(last_resumed_unix_time=time.time())
@@ -602,6 +616,10 @@ async def _channel_run(
             )
         events.subscribe(store.record)
         events.subscribe(run_log.on_event)
+        if coordinator.mqtt is not None:
+            link = coordinator.mqtt.link(channel.name, path.stem, channel.cell_id or channel.name,
+                                         path.with_suffix(".outbox.sqlite"))
+            events.subscribe(link.on_event)
         progress = (lambda p: on_progress(channel.name, p)) if on_progress else None
         watch = not clock.virtual if supervise is None else supervise
         while True:  # one pass, or one per pause: the operator may pause and resume the channel
@@ -615,6 +633,7 @@ async def _channel_run(
                 if watcher is not None:
                     watcher.cancel()
                     await asyncio.gather(watcher, return_exceptions=True)
+            ended = outcome
             if outcome.status is not RunStatus.PAUSED:
                 break
             log.warning("%s: %s", channel.name, outcome.reason)
@@ -623,12 +642,15 @@ async def _channel_run(
             if action == "stop":
                 outcome = Outcome(False, f"interrupted: {why}", outcome.test_time, outcome.steps, outcome.cycles,
                                   RunStatus.INTERRUPTED)
+                ended = outcome
                 events.publish(Note(NoteKind.END, outcome.reason, outcome.test_time, time.time()))
                 break
             log.info("%s: resumed by the operator (%s)", channel.name, why)
             on_state(runs.RUNNING, "")
             resume, outage, notices = engine.state, None, None
     finally:
+        if link is not None:
+            await link.close(_mqtt_state(ended), None if ended is None else ended.reason)
         # the last batch is committed off the control loop on the real clock (other channels keep sampling)
         if clock.virtual:
             store.close()

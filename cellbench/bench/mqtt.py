@@ -1,0 +1,419 @@
+"""MQTT telemetry and remote control: a subscriber of each channel's event stream, never in the run's way.
+
+Topics, under `<prefix>/<bench>/<channel>/` (payloads in docs/mqtt.md, whose JSON Schemas come from the models
+below):
+
+- `status`: retained `Status`; the connection's will sets it `offline`, a clean stop publishes `offline` itself.
+- `telemetry`: `Telemetry` at the configured rate; `event`: `Event` (step changes, notes, faults, safety trips),
+  QoS 1. Both carry one per-channel sequence number, continuous over outages and resumes.
+- `cmd/<name>` (pause, resume, abort, clear_latch, set_variable): a `CommandMessage` with a correlation ID; the
+  answer (`Reply`) goes to its `reply_to` topic or to `reply`. A repeated ID is answered again, not executed twice.
+
+The engine's subscriber only appends to a list and sets an event; each channel's link is a task of its own that
+moves messages into a durable outbox (SQLite beside the run's database, bounded) and publishes them in order
+from there, deleting what the broker acknowledged. When the broker is down the run goes on and the outbox
+fills; when it returns, the outbox is replayed by sequence number and the status comes back online. Who may
+command what is the broker's decision (its password file and ACL); the bench connects with its own credentials.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import logging
+import math
+import sqlite3
+import ssl
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from cellbench.bench.events import Note, NoteKind, RunEvent, SafetyTripped, SampleTaken, StepEnded, StepStarted
+from cellbench.profiles.schema import Strict
+from cellbench.profiles.units import Duration
+
+log = logging.getLogger(__name__)
+
+COMMANDS = ("pause", "resume", "abort", "clear_latch", "set_variable")
+CLOSE_WAIT = 5.0  # s a clean stop waits for the outbox to drain before it leaves the rest for a resume
+ANSWERS_KEPT = 1000  # correlation IDs remembered per channel (QoS 1 redelivery is seconds, not hours)
+
+
+class MqttConfig(Strict):
+    """The `mqtt:` section of a bench file; telemetry is off when it is absent."""
+
+    what: ClassVar[str] = "mqtt key"
+    host: str = Field(min_length=1)
+    port: int = Field(1883, ge=1, le=65535)
+    username: str | None = None
+    password_file: Path | None = Field(default=None, description="a file whose first line is the password "
+                                                                 "(never written to a run's record)")
+    tls: bool = False
+    ca_file: Path | None = Field(default=None, description="the broker's CA certificate (TLS); the system's if absent")
+    prefix: str = Field("cellbench", pattern=r"^[^#+/][^#+]*$")
+    telemetry_every: Duration = Field(10.0, ge=0.1)
+    outbox_limit: int = Field(100_000, ge=100, description="messages kept while the broker is away; the oldest "
+                                                           "telemetry goes first, events are kept")
+    keepalive: int = Field(30, ge=5, le=3600)
+
+    def password(self) -> str | None:
+        if self.password_file is None:
+            return None
+        try:
+            return self.password_file.read_text().splitlines()[0].strip()
+        except (OSError, IndexError) as exc:
+            raise ValueError(f"mqtt password_file {self.password_file}: {exc}") from None
+
+    def client_kwargs(self) -> dict[str, Any]:
+        """What aiomqtt.Client takes for this broker (TLS, credentials, keepalive)."""
+        kwargs: dict[str, Any] = {"hostname": self.host, "port": self.port, "username": self.username,
+                                  "password": self.password(), "keepalive": self.keepalive, "timeout": 10.0}
+        if self.tls:
+            kwargs["tls_context"] = ssl.create_default_context(
+                cafile=None if self.ca_file is None else str(self.ca_file))
+        return kwargs
+
+
+# --- payloads -------------------------------------------------------------------------------------------------
+class Status(BaseModel):
+    """`status`, retained: where the channel stands."""
+
+    model_config = ConfigDict(extra="forbid")
+    state: Literal["starting", "running", "paused", "completed", "interrupted", "failed", "safety stop", "offline"]
+    time: str = Field(description="UTC, ISO 8601")
+    bench: str
+    channel: str
+    run_id: str | None = None
+    cell_id: str | None = None
+    step: str | None = Field(default=None, description="the step type, as the Battery Data Format names it")
+    step_count: int | None = None
+    cycle: int | None = None
+    reason: str | None = Field(default=None, description="why the run ended or paused")
+
+
+class Quantity(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    value: float
+    unit: str
+
+
+class Telemetry(BaseModel):
+    """`telemetry`: one sample, at most one per `telemetry_every`."""
+
+    model_config = ConfigDict(extra="forbid")
+    time: str = Field(description="UTC, ISO 8601, of the reading")
+    seq: int = Field(ge=1, description="per channel, shared with `event`, continuous")
+    run_id: str
+    test_time: float = Field(description="s")
+    cycle: int
+    step_count: int
+    step: str
+    values: dict[str, Quantity]
+
+
+class Event(BaseModel):
+    """`event`, QoS 1: a step began or ended, a note of the record (start, end, fault, safety, ...)."""
+
+    model_config = ConfigDict(extra="forbid")
+    time: str
+    seq: int = Field(ge=1)
+    run_id: str
+    kind: str = Field(description="step_started, step_ended, safety, or a note's kind (start, end, fault, ...)")
+    message: str
+    test_time: float
+
+
+class CommandMessage(BaseModel):
+    """What a client publishes to `cmd/<name>`."""
+
+    model_config = ConfigDict(extra="forbid")
+    id: str = Field(min_length=1, max_length=200, description="correlation ID: a repeat is answered, not re-run")
+    reason: str = Field("by an MQTT client", max_length=500)
+    reply_to: str | None = Field(default=None, max_length=500, pattern=r"^[^#+]+$")
+    name: str | None = Field(default=None, max_length=200, description="set_variable: the variable")
+    value: float | str | None = Field(default=None, description="set_variable: its value")
+
+
+class Reply(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    id: str
+    command: str
+    ok: bool
+    message: str
+
+
+PAYLOADS: dict[str, type[BaseModel]] = {"status": Status, "telemetry": Telemetry, "event": Event,
+                                        "cmd/<name>": CommandMessage, "reply": Reply}
+
+
+def _utc(unix_time: float | None = None) -> str:
+    return datetime.fromtimestamp(time.time() if unix_time is None else unix_time, UTC).isoformat(
+        timespec="milliseconds").replace("+00:00", "Z")
+
+
+# --- the outbox -----------------------------------------------------------------------------------------------
+class Outbox:
+    """Messages not yet acknowledged by the broker, in sequence order, on disk (bounded)."""
+
+    def __init__(self, path: Path, limit: int) -> None:
+        self.limit = limit
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("CREATE TABLE IF NOT EXISTS outbox (seq INTEGER PRIMARY KEY, topic TEXT NOT NULL, "
+                         "payload TEXT NOT NULL, qos INTEGER NOT NULL, telemetry INTEGER NOT NULL)")
+        self._db.execute("CREATE TABLE IF NOT EXISTS last (id INTEGER PRIMARY KEY CHECK (id = 1), seq INTEGER)")
+
+    def last_seq(self) -> int:
+        row = self._db.execute("SELECT seq FROM last").fetchone()
+        return int(row[0]) if row else 0
+
+    def add(self, rows: list[tuple[int, str, str, int, int]]) -> None:
+        with self._db:
+            self._db.execute("BEGIN")
+            self._db.executemany("INSERT OR REPLACE INTO outbox VALUES (?, ?, ?, ?, ?)", rows)
+            self._db.execute("INSERT OR REPLACE INTO last VALUES (1, ?)", (rows[-1][0],))
+            over = self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0] - self.limit
+            if over > 0:  # the oldest telemetry goes first: events and the sequence stay
+                self._db.execute("DELETE FROM outbox WHERE seq IN (SELECT seq FROM outbox WHERE telemetry = 1 "
+                                 "ORDER BY seq LIMIT ?)", (over,))
+
+    def head(self, n: int) -> list[tuple[int, str, str, int]]:
+        return self._db.execute("SELECT seq, topic, payload, qos FROM outbox ORDER BY seq LIMIT ?", (n,)).fetchall()
+
+    def sent(self, upto: int) -> None:
+        self._db.execute("DELETE FROM outbox WHERE seq <= ?", (upto,))
+
+    def __len__(self) -> int:
+        return int(self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
+
+    def close(self) -> None:
+        self._db.close()
+
+
+# --- one channel's link -------------------------------------------------------------------------------------
+CommandFn = Callable[[str, str, str], tuple[bool, str]]  # (action, channel, reason) -> (done, message)
+
+
+class ChannelLink:
+    """One channel's connection to the broker: its will, its telemetry and events, its commands."""
+
+    def __init__(self, cfg: MqttConfig, bench: str, channel: str, run_id: str, cell_id: str | None,
+                 outbox: Path, command: CommandFn) -> None:
+        self.cfg, self.channel, self.run_id = cfg, channel, run_id
+        self.topic = f"{cfg.prefix}/{bench}/{channel}"
+        self._command = command
+        self._outbox = Outbox(outbox, cfg.outbox_limit)
+        self._seq = self._outbox.last_seq()
+        self._pending: list[tuple[int, str, str, int, int]] = []
+        self._wake = asyncio.Event()
+        self._status = Status(state="starting", time=_utc(), bench=bench, channel=channel, run_id=run_id,
+                              cell_id=cell_id)
+        self._status_sent: str | None = None
+        self._last_telemetry = -math.inf
+        self._answers: collections.OrderedDict[str, Reply] = collections.OrderedDict()
+        self._closing = False
+        self.connected = False
+        self._task = asyncio.ensure_future(self._run())
+
+    # on the control loop: hand on and return ---------------------------------------------------------------
+    def on_event(self, event: RunEvent) -> None:
+        """The engine's subscriber: builds the message and wakes the link; never waits."""
+        if isinstance(event, SampleTaken):
+            s = event.sample
+            if s.unix_time - self._last_telemetry < self.cfg.telemetry_every:
+                return
+            self._last_telemetry = s.unix_time
+            values = {"voltage": (s.voltage, "V"), "current": (s.current, "A"), "charge": (s.charge_ah, "Ah"),
+                      "discharge": (s.discharge_ah, "Ah"), "charge_energy": (s.charge_wh, "Wh"),
+                      "discharge_energy": (s.discharge_wh, "Wh"), "cell_temperature": (s.t1_c, "degC"),
+                      "ambient_temperature": (s.ambient_c, "degC"), "pressure": (s.pressure_pa, "Pa"),
+                      "displacement": (s.displacement_um, "um")}
+            msg: BaseModel = Telemetry(
+                time=_utc(s.unix_time), seq=self._next(), run_id=self.run_id, test_time=s.test_time, cycle=s.cycle,
+                step_count=s.step_count, step=s.step_type,
+                values={k: Quantity(value=v, unit=u) for k, (v, u) in values.items() if v is not None})
+            self._queue("telemetry", msg, qos=0, telemetry=True)
+            return
+        if isinstance(event, StepStarted):
+            self._set_status("running", step=event.step_type, step_count=event.step_count, cycle=event.cycle)
+            kind, message, test_time = "step_started", f"step {event.step_count}: {event.step_type}", event.test_time
+        elif isinstance(event, StepEnded):
+            kind, message, test_time = "step_ended", f"step {event.step_count}: {event.reason}", event.test_time
+        elif isinstance(event, SafetyTripped):
+            kind, message, test_time = "safety", event.reason, event.test_time
+        elif isinstance(event, Note):
+            kind, message, test_time = event.kind.value, event.message, event.test_time
+            if event.kind is NoteKind.PAUSED:
+                self._set_status("paused", reason=event.message)
+            elif event.kind in (NoteKind.RESUMED, NoteKind.START):
+                self._set_status("running", reason=None)
+        else:
+            return
+        self._queue("event", Event(time=_utc(), seq=self._next(), run_id=self.run_id, kind=kind, message=message,
+                                   test_time=test_time), qos=1, telemetry=False)
+
+    def _next(self) -> int:
+        self._seq += 1
+        return self._seq
+
+    def _queue(self, suffix: str, msg: BaseModel, *, qos: int, telemetry: bool) -> None:
+        self._pending.append((getattr(msg, "seq", 0), f"{self.topic}/{suffix}", msg.model_dump_json(), qos,
+                              int(telemetry)))
+        self._wake.set()
+
+    def _set_status(self, state: str, **changes: Any) -> None:
+        self._status = self._status.model_copy(update={"state": state, "time": _utc(), **changes})
+        self._wake.set()
+
+    async def close(self, state: str, reason: str | None) -> None:
+        """The run has ended: publish its end, drain the outbox (briefly), then say `offline` and disconnect."""
+        self._set_status(state, reason=reason)
+        self._closing = True
+        self._wake.set()
+        try:
+            await asyncio.wait_for(asyncio.shield(self._task), CLOSE_WAIT)
+        except TimeoutError:
+            log.warning("%s: MQTT broker unreachable at the end; %d message(s) stay in the outbox",
+                        self.channel, len(self._outbox) + len(self._pending))
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        finally:
+            await self._spill()
+            self._outbox.close()
+
+    # the link's own task -----------------------------------------------------------------------------------
+    async def _spill(self) -> None:
+        """Move what the engine handed on into the outbox (off the loop)."""
+        if self._pending:
+            rows, self._pending = self._pending, []
+            await asyncio.to_thread(self._outbox.add, rows)
+
+    async def _run(self) -> None:
+        import aiomqtt
+
+        backoff = 1.0
+        said_down = False
+        while True:
+            await self._spill()
+            will = aiomqtt.Will(f"{self.topic}/status", self._offline().model_dump_json(), qos=1, retain=True)
+            try:
+                async with aiomqtt.Client(**self.cfg.client_kwargs(), will=will,
+                                          identifier=f"cellbench-{self.topic.replace('/', '-')}") as client:
+                    self.connected, backoff = True, 1.0
+                    if said_down:
+                        log.info("%s: MQTT broker back; replaying %d message(s)", self.channel, len(self._outbox))
+                        said_down = False
+                    self._status_sent = None  # say where we stand on every new connection
+                    await client.subscribe(f"{self.topic}/cmd/+", qos=1)
+                    listener = asyncio.ensure_future(self._listen(client))
+                    try:
+                        await self._publish(client)
+                        await client.publish(f"{self.topic}/status", self._offline().model_dump_json(), qos=1,
+                                             retain=True)
+                        return
+                    finally:
+                        listener.cancel()
+                        await asyncio.gather(listener, return_exceptions=True)
+            except aiomqtt.MqttError as exc:
+                self.connected = False
+                if not said_down:
+                    log.warning("%s: MQTT broker %s:%d unreachable (%s); the run goes on, telemetry waits in the "
+                                "outbox", self.channel, self.cfg.host, self.cfg.port, exc)
+                    said_down = True
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), backoff)
+            except TimeoutError:
+                pass
+            backoff = min(backoff * 2, 10.0)
+
+    def _offline(self) -> Status:
+        return self._status.model_copy(update={"state": "offline", "time": _utc()})
+
+    async def _publish(self, client: Any) -> None:
+        """Status when it changed, then the outbox in order; returns once closing and everything is out."""
+        while True:
+            await self._spill()
+            status = self._status.model_dump_json(exclude={"time"})
+            if status != self._status_sent:
+                await client.publish(f"{self.topic}/status", self._status.model_dump_json(), qos=1, retain=True)
+                self._status_sent = status
+            rows = await asyncio.to_thread(self._outbox.head, 500)
+            for _, topic, payload, qos in rows:
+                await client.publish(topic, payload, qos=qos)
+            if rows:
+                await asyncio.to_thread(self._outbox.sent, rows[-1][0])
+                continue
+            if self._closing and not self._pending:
+                return
+            self._wake.clear()
+            if not self._pending and self._status.model_dump_json(exclude={"time"}) == self._status_sent:
+                await self._wake.wait()
+
+    async def _listen(self, client: Any) -> None:
+        async for message in client.messages:
+            name = str(message.topic).rsplit("/", 1)[-1]
+            reply, to = self.answer(name, bytes(message.payload or b""))
+            await client.publish(to, reply.model_dump_json(), qos=1)
+
+    def answer(self, name: str, payload: bytes) -> tuple[Reply, str]:
+        """The reply to one command message and the topic it goes to; a repeated correlation ID gets the first
+        answer again."""
+        reply_to = f"{self.topic}/reply"
+        try:
+            cmd = CommandMessage.model_validate_json(payload)
+        except ValidationError as exc:
+            try:
+                ident = str(json.loads(payload).get("id", "")) or "?"
+            except (ValueError, AttributeError):
+                ident = "?"
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or "payload"
+            return Reply(id=ident, command=name, ok=False, message=f"refused: {where}: {first['msg']}"), reply_to
+        to = cmd.reply_to or reply_to
+        if cmd.id in self._answers:
+            return self._answers[cmd.id], to
+        reply = Reply(id=cmd.id, command=name, **self._execute(name, cmd))
+        self._answers[cmd.id] = reply
+        while len(self._answers) > ANSWERS_KEPT:
+            self._answers.popitem(last=False)
+        log.info("%s: MQTT command %s (%s): %s", self.channel, name, cmd.id, reply.message)
+        return reply, to
+
+    def _execute(self, name: str, cmd: CommandMessage) -> dict[str, Any]:
+        if name not in COMMANDS:
+            return {"ok": False, "message": f"refused: unknown command '{name}' (expected one of: "
+                                            f"{', '.join(COMMANDS)})"}
+        if name == "clear_latch":
+            return {"ok": False, "message": "refused: a safety stop ends the run on this controller (no latch to "
+                                            "clear): check the cell, then start a new run"}
+        if name == "set_variable":
+            return {"ok": False, "message": "refused: profile variables are fixed when a step starts; stop and "
+                                            "start the run with the new value"}
+        ok, message = self._command("stop" if name == "abort" else name, self.channel, cmd.reason)
+        return {"ok": ok, "message": message if ok else f"refused: {message}"}
+
+
+class MqttBridge:
+    """The bench's MQTT side: one link per channel run."""
+
+    def __init__(self, cfg: MqttConfig, bench: str, command: CommandFn) -> None:
+        self.cfg, self.bench, self.command = cfg, bench, command
+        cfg.password()  # a missing password file is said before any run starts
+
+    def link(self, channel: str, run_id: str, cell_id: str | None, outbox: Path) -> ChannelLink:
+        return ChannelLink(self.cfg, self.bench, channel, run_id, cell_id, outbox, self.command)
+
+
+def schema_doc() -> str:
+    """The JSON Schemas of every payload, as docs/mqtt.md lists them."""
+    parts = []
+    for topic, model in PAYLOADS.items():
+        parts.append(f"### `{topic}`: {model.__name__}\n\n```json\n"
+                     f"{json.dumps(model.model_json_schema(), indent=2)}\n```\n")
+    return "\n".join(parts)

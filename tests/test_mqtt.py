@@ -1,0 +1,216 @@
+"""MQTT telemetry and commands through a real Mosquitto of the test's own, with a real `cellbench run` process
+against a served 2450: standard clients read it, commands are the broker's to allow, outages lose nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import signal
+import subprocess
+import textwrap
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+import pytest
+
+from cellbench.bench import mqtt
+from tests.broker import Broker
+from tests.test_cli import serve
+from tests.test_unattended import ask, start_run, wait_until_sourcing
+
+PROFILE = """
+name: long charge
+sample_period: 0.5 s
+steps:
+  - charge: {current: 0.2 mA, until: [4.2 V, 2 h]}
+"""
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[Broker]:
+    b = Broker(tmp_path / "broker")
+    yield b
+    b.stop()
+
+
+@pytest.fixture
+def smu() -> Iterator[str]:
+    proc, resource = serve("keithley2450", "--port", "0", "--soc", "0.3")
+    yield resource
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+def bench_file(tmp_path: Path, resource: str, broker: Broker) -> tuple[Path, Path]:
+    bench = tmp_path / "bench.yaml"
+    bench.write_text(textwrap.dedent(f"""
+        name: night
+        instruments:
+          smu1: {{driver: keithley2450, resource: "{resource}", timeout: 2 s}}
+        cells:
+          pellet: {{capacity: 3.5 mAh, voltage_min: 2.5 V, voltage_max: 4.3 V}}
+        channels:
+          ch1: {{cycler: smu1, cell: pellet}}
+        mqtt:
+          host: 127.0.0.1
+          port: {broker.port}
+          username: bench
+          password_file: {broker.password_file("bench")}
+          telemetry_every: 0.5 s
+    """))
+    profile = tmp_path / "charge.yaml"
+    profile.write_text(PROFILE)
+    return bench, profile
+
+
+class Watcher:
+    """A client of our own (as Grafana or a LIMS would be): every message under the channel, reconnecting."""
+
+    def __init__(self, broker: Broker, user: str = "viewer") -> None:
+        self.broker, self.user = broker, user
+        self.messages: list[tuple[str, dict[str, Any], bool]] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Watcher:
+        self._task = asyncio.ensure_future(self._run())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                async with aiomqtt.Client("127.0.0.1", self.broker.port, username=self.user,
+                                          password=f"{self.user}-secret") as client:
+                    await client.subscribe("cellbench/night/ch1/#", qos=1)
+                    async for m in client.messages:
+                        self.messages.append((str(m.topic), json.loads(bytes(m.payload)), bool(m.retain)))
+            except aiomqtt.MqttError:
+                await asyncio.sleep(0.2)
+
+    def of(self, suffix: str) -> list[dict[str, Any]]:
+        return [p for t, p, _ in self.messages if t == f"cellbench/night/ch1/{suffix}"]
+
+    async def until(self, what: str, test: Any, timeout: float = 30.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for payload in reversed(self.of(what)):
+                if test(payload):
+                    return payload
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"no {what} message like that within {timeout} s: {self.of(what)[-3:]}")
+
+
+async def command(broker: Broker, user: str, name: str, payload: dict[str, Any]) -> None:
+    async with aiomqtt.Client("127.0.0.1", broker.port, username=user, password=f"{user}-secret") as client:
+        await client.publish(f"cellbench/night/ch1/cmd/{name}", json.dumps(payload), qos=1)
+
+
+def sequence(w: Watcher) -> list[int]:
+    return sorted({p["seq"] for p in w.of("telemetry") + w.of("event")})
+
+
+@contextlib.asynccontextmanager
+async def running(tmp_path: Path, smu: str, broker: Broker) -> AsyncIterator[subprocess.Popen[str]]:
+    bench, profile = bench_file(tmp_path, smu, broker)
+    proc = start_run(tmp_path, bench, profile)
+    try:
+        await asyncio.to_thread(wait_until_sourcing, smu)
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        out = await asyncio.to_thread(proc.communicate, timeout=30)
+        print(out[0][-3000:])
+
+
+async def test_telemetry_commands_and_the_will_through_mosquitto(tmp_path: Path, smu: str, broker: Broker) -> None:
+    async with Watcher(broker) as w, running(tmp_path, smu, broker) as proc:
+        status = await w.until("status", lambda p: p["state"] == "running")
+        assert status["run_id"].endswith("-pellet") and status["step"] == "CC Charge"
+        await w.until("telemetry", lambda p: p["seq"] >= 5)
+        for payload in w.of("telemetry"):  # every message parses against the documented schema
+            t = mqtt.Telemetry.model_validate(payload)
+            assert t.values["current"].unit == "A" and t.values["current"].value == pytest.approx(0.2e-3, rel=0.01)
+        assert w.of("event")[0]["kind"] in ("start", "step_started")
+        seq = sequence(w)
+        assert seq == list(range(seq[0], seq[-1] + 1))  # continuous: telemetry and events share one sequence
+
+        # a viewer may read but not command: the broker drops it, nothing is paused and nobody answers
+        await command(broker, "viewer", "pause", {"id": "v1"})
+        await asyncio.sleep(1.5)
+        assert not w.of("reply") and ask(smu, ":OUTP?") == "1"
+
+        # an operator pauses; the same correlation ID again is answered again, not executed twice
+        await command(broker, "operator", "pause", {"id": "p1", "reason": "bench check"})
+        first = await w.until("reply", lambda p: p["id"] == "p1")
+        assert first["ok"] and first["command"] == "pause"
+        await w.until("status", lambda p: p["state"] == "paused")
+        assert ask(smu, ":OUTP?") == "0"
+        await command(broker, "operator", "pause", {"id": "p1"})
+        await w.until("reply", lambda p: p["id"] == "p1" and len([r for r in w.of("reply") if r["id"] == "p1"]) > 1)
+        assert [r for r in w.of("reply") if r["id"] == "p1"] == [first, first]
+        # unsafe or impossible commands are refused with a reason; malformed ones too
+        await command(broker, "operator", "clear_latch", {"id": "c1"})
+        refused = await w.until("reply", lambda p: p["id"] == "c1")
+        assert not refused["ok"] and refused["message"].startswith("refused: a safety stop ends the run")
+        await command(broker, "operator", "resume", {"id": "r0", "speed": "fast"})
+        bad = await w.until("reply", lambda p: p["id"] == "r0")
+        assert not bad["ok"] and "speed" in bad["message"]
+        await command(broker, "operator", "resume", {"id": "r1", "reply_to": "cellbench/night/ch1/answers/r1"})
+        assert (await w.until("answers/r1", lambda p: True))["ok"]
+        await w.until("status", lambda p: p["state"] == "running" and p["time"] > first.get("time", ""))
+        await asyncio.to_thread(wait_until_sourcing, smu)
+
+        # the bench process dies a hard death: the broker publishes its will
+        proc.send_signal(signal.SIGKILL)
+        offline = await w.until("status", lambda p: p["state"] == "offline")
+        assert offline["run_id"] == status["run_id"]
+
+
+async def test_a_broker_outage_mid_run_loses_nothing_and_the_run_never_waits(
+        tmp_path: Path, smu: str, broker: Broker) -> None:
+    async with Watcher(broker) as w, running(tmp_path, smu, broker) as proc:
+        await w.until("telemetry", lambda p: p["seq"] >= 3)
+        broker.stop()
+        await asyncio.sleep(4)  # about 8 samples' telemetry goes to the outbox; the run goes on
+        assert proc.poll() is None and ask(smu, ":OUTP?") == "1"
+        before = sequence(w)[-1]
+        broker.start()
+        await w.until("telemetry", lambda p: p["seq"] >= before + 10, timeout=40)
+        await w.until("status", lambda p: p["state"] == "running")
+        seq = sequence(w)
+        assert seq == list(range(seq[0], seq[-1] + 1))  # replayed in order: no gap
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.to_thread(proc.wait, 30)
+        # a clean stop says where it ended, then offline, itself
+        ended = await w.until("status", lambda p: p["state"] == "offline")
+        assert ended["reason"].startswith("interrupted")
+
+
+async def test_standard_clients_read_telemetry_and_send_a_pause(tmp_path: Path, smu: str, broker: Broker) -> None:
+    async with Watcher(broker) as w, running(tmp_path, smu, broker):
+        sub = await asyncio.to_thread(subprocess.run, [
+            "mosquitto_sub", "-h", "127.0.0.1", "-p", str(broker.port), "-u", "viewer", "-P", "viewer-secret",
+            "-t", "cellbench/night/ch1/telemetry", "-C", "1", "-W", "20"], capture_output=True, text=True, timeout=30)
+        assert sub.returncode == 0, sub.stderr
+        mqtt.Telemetry.model_validate_json(sub.stdout)
+        pub = await asyncio.to_thread(subprocess.run, [
+            "mosquitto_pub", "-h", "127.0.0.1", "-p", str(broker.port), "-u", "operator", "-P", "operator-secret",
+            "-q", "1", "-t", "cellbench/night/ch1/cmd/pause", "-m", '{"id": "from-the-shell"}'],
+            capture_output=True, text=True, timeout=30)
+        assert pub.returncode == 0, pub.stderr
+        assert (await w.until("reply", lambda p: p["id"] == "from-the-shell"))["ok"]
+        await w.until("status", lambda p: p["state"] == "paused")
+
+
+def test_the_documented_schemas_are_the_models_own() -> None:
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "mqtt.md").read_text()
+    assert mqtt.schema_doc() in doc, "docs/mqtt.md is out of date: regenerate its schemas from cellbench.bench.mqtt"
