@@ -214,3 +214,41 @@ async def test_standard_clients_read_telemetry_and_send_a_pause(tmp_path: Path, 
 def test_the_documented_schemas_are_the_models_own() -> None:
     doc = (Path(__file__).resolve().parent.parent / "docs" / "mqtt.md").read_text()
     assert mqtt.schema_doc() in doc, "docs/mqtt.md is out of date: regenerate its schemas from cellbench.bench.mqtt"
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "cellbench.bench.cli", *args], capture_output=True, text=True,
+                          timeout=60, env={"PATH": "/usr/bin:/bin", "COLUMNS": "200",
+                                           "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+
+
+def test_mqtt_check_tells_a_technician_what_their_credentials_can_do(tmp_path: Path, broker: Broker) -> None:
+    bench, _ = bench_file(tmp_path, "TCPIP::127.0.0.1::1::SOCKET", broker)
+    good = cli("mqtt", "check", "--bench", str(bench))
+    assert good.returncode == 0, good.stdout + good.stderr
+    assert "ok  connect: 127.0.0.1" in good.stdout and "ok  publish cellbench/night/_check/event: read back" in (
+        good.stdout)
+    url = f"mqtt://viewer@127.0.0.1:{broker.port}"
+    viewer = cli("mqtt", "check", "--broker", url, "--password-file", str(broker.password_file("viewer")),
+                 "--name", "night")
+    assert viewer.returncode == 1
+    assert "no  publish cellbench/night/_check/event: not read back" in viewer.stdout
+    wrong = tmp_path / "wrong.password"
+    wrong.write_text("guess\n")
+    denied = cli("mqtt", "check", "--broker", url, "--password-file", str(wrong))
+    assert denied.returncode == 1 and "no  connect: 127.0.0.1" in denied.stdout
+    bad = cli("mqtt", "check", "--broker", f"mqtt://viewer:secret@127.0.0.1:{broker.port}")
+    assert bad.returncode == 2 and "put the password in a file" in bad.stderr and "Traceback" not in bad.stderr
+
+
+async def test_status_from_the_broker_shows_every_bench(tmp_path: Path, smu: str, broker: Broker) -> None:
+    async with Watcher(broker) as w, running(tmp_path, smu, broker):
+        await w.until("status", lambda p: p["state"] == "running")
+        url = f"mqtt://viewer@127.0.0.1:{broker.port}"
+        shown = await asyncio.to_thread(cli, "status", "--broker", url, "--password-file",
+                                        str(broker.password_file("viewer")), "--json")
+        assert shown.returncode == 0, shown.stderr
+        (ch1,) = json.loads(shown.stdout)
+        assert (ch1["bench"], ch1["channel"], ch1["state"], ch1["step"]) == ("night", "ch1", "running", "CC Charge")

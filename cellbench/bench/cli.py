@@ -644,8 +644,16 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="print once as JSON, for scripts")] = False,
     watch: Annotated[bool | None, typer.Option(help="refresh until Ctrl-C (default: on a terminal)")] = None,
     interval: Annotated[float, typer.Option(min=0.2, help="seconds between refreshes")] = 2.0,
+    broker: Annotated[str | None, typer.Option(help="instead of this machine: every bench on this MQTT broker, "
+                                                     "mqtt://[user@]host[:port][/prefix] (mqtts:// for TLS)")]
+    = None,
+    password_file: PasswordFileOption = None,
 ) -> None:
-    """The live state of every running or paused channel on this machine, from any terminal."""
+    """The live state of every running or paused channel on this machine (or on an MQTT broker), from any
+    terminal."""
+    if broker is not None:
+        _broker_status(broker, password_file, as_json)
+        return
     def now() -> list[runs.Live]:
         return [runs.live(e) for e in runs.entries() if e.state in (runs.RUNNING, runs.PAUSED)]
 
@@ -664,6 +672,77 @@ def status(
                 screen.update(_status_table(now()), refresh=True)
     except KeyboardInterrupt:
         pass
+
+
+PasswordFileOption = Annotated[Path | None, typer.Option(help="a file whose first line is the broker password")]
+
+
+def _broker_config(url: str, password_file: Path | None) -> Any:
+    from cellbench.bench import mqtt
+
+    try:
+        cfg = mqtt.from_url(url, password_file)
+        cfg.password()
+    except ValueError as exc:
+        raise _fail(str(exc)) from None
+    return cfg
+
+
+def _broker_status(url: str, password_file: Path | None, as_json: bool) -> None:
+    import aiomqtt
+
+    from cellbench.bench import mqtt
+
+    cfg = _broker_config(url, password_file)
+    try:
+        found = asyncio.run(mqtt.statuses(cfg))
+    except aiomqtt.MqttError as exc:
+        raise _fail(f"broker {cfg.host}:{cfg.port}: {exc}", code=1) from None
+    if as_json:
+        print(json.dumps([st.model_dump() for st in found], indent=1))
+        return
+    table = Table(title=f"{len(found)} channel(s) on {cfg.host}:{cfg.port}")
+    for column in ("bench", "channel", "state", "run", "step", "cycle", "since"):
+        table.add_column(column)
+    for st in found:
+        table.add_row(st.bench, st.channel, st.state, st.run_id or "-", st.step or "-",
+                      "-" if st.cycle is None else str(st.cycle), st.time)
+    console.print(table)
+
+
+mqtt_app = typer.Typer(help="The MQTT side of a bench: telemetry and remote commands.", no_args_is_help=True)
+app.add_typer(mqtt_app, name="mqtt")
+
+
+@mqtt_app.command("check")
+def mqtt_check(
+    bench: Annotated[Path | None, typer.Option(help="the bench file whose 'mqtt:' section to check")] = None,
+    broker: Annotated[str | None, typer.Option(help="or a broker URL, mqtt://user@host[:port][/prefix]")] = None,
+    password_file: PasswordFileOption = None,
+    name: Annotated[str, typer.Option(help="with --broker: the bench name whose topics to check")] = "bench",
+) -> None:
+    """Whether these credentials can do what a bench does on the broker: connect, take commands, publish."""
+    from cellbench.bench import mqtt
+
+    if (bench is None) == (broker is None):
+        raise _fail("give either --bench FILE or --broker URL")
+    if bench is not None:
+        cfg_bench = _bench(bench)
+        if cfg_bench.mqtt is None:
+            raise _fail(f"{bench}: the bench file has no 'mqtt:' section (telemetry is off)")
+        cfg, name = cfg_bench.mqtt, cfg_bench.name
+        try:
+            cfg.password()
+        except ValueError as exc:
+            raise _fail(str(exc)) from None
+    else:
+        cfg = _broker_config(broker or "", password_file)
+    results = asyncio.run(mqtt.check(cfg, name))
+    for what, ok, detail in results:
+        mark = "[green]ok[/green]" if ok else "[red]no[/red]"
+        console.print(f"{mark}  {what}: {detail}", highlight=False, soft_wrap=True)
+    if not all(ok for _, ok, _ in results):
+        raise typer.Exit(1)
 
 
 @sim_app.command("serve")

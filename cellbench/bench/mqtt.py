@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import json
 import logging
 import math
@@ -408,6 +409,87 @@ class MqttBridge:
 
     def link(self, channel: str, run_id: str, cell_id: str | None, outbox: Path) -> ChannelLink:
         return ChannelLink(self.cfg, self.bench, channel, run_id, cell_id, outbox, self.command)
+
+
+def from_url(url: str, password_file: Path | None = None) -> MqttConfig:
+    """`mqtt://user@host:port/prefix` (or `mqtts://` for TLS) as broker settings; the password from a file."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
+        raise ValueError(f"broker {url!r}: give it as mqtt://[user@]host[:port] (mqtts:// for TLS)")
+    if parts.password:
+        raise ValueError("broker URL: put the password in a file (--password-file), not on the command line")
+    try:
+        port = parts.port
+    except ValueError:
+        raise ValueError(f"broker {url!r}: the port is not a number") from None
+    tls = parts.scheme == "mqtts"
+    return MqttConfig(host=parts.hostname, port=port or (8883 if tls else 1883), username=parts.username or None,
+                      password_file=password_file, tls=tls, prefix=parts.path.strip("/") or "cellbench")
+
+
+async def statuses(cfg: MqttConfig, wait: float = 2.0) -> list[Status]:
+    """Every channel's retained status on the broker (all benches under the prefix), read for `wait` seconds."""
+    import aiomqtt
+
+    found: dict[str, Status] = {}
+    async with aiomqtt.Client(**cfg.client_kwargs(), identifier=None) as client:
+        await client.subscribe(f"{cfg.prefix}/+/+/status", qos=1)
+
+        async def read() -> None:
+            async for m in client.messages:
+                try:
+                    found[str(m.topic)] = Status.model_validate_json(bytes(m.payload or b""))
+                except ValidationError:
+                    continue  # someone else's message under the prefix
+
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(read(), wait)
+    return sorted(found.values(), key=lambda st: (st.bench, st.channel))
+
+
+async def check(cfg: MqttConfig, bench: str, wait: float = 3.0) -> list[tuple[str, bool, str]]:
+    """Whether these credentials can do what a bench does: connect, take commands, publish and be read back."""
+    import aiomqtt
+
+    results: list[tuple[str, bool, str]] = []
+    probe = f"{cfg.prefix}/{bench}/_check/event"
+    try:
+        async with aiomqtt.Client(**cfg.client_kwargs(), identifier=None) as client:
+            results.append(("connect", True, f"{cfg.host}:{cfg.port} as {cfg.username or 'anonymous'}"))
+            for topic in (f"{cfg.prefix}/{bench}/+/cmd/+", probe):
+                try:
+                    granted = await client.subscribe(topic, qos=1)
+                    refused = any(_failed(code) for code in (granted or ()))
+                    results.append((f"subscribe {topic}", not refused, "refused by the broker" if refused
+                                    else "granted"))
+                except aiomqtt.MqttError as exc:
+                    results.append((f"subscribe {topic}", False, f"refused by the broker ({exc})"))
+            token = f"cellbench check {time.time()}"
+            await client.publish(probe, json.dumps({"check": token}), qos=1)
+
+            async def echo() -> bool:
+                async for m in client.messages:
+                    if str(m.topic) == probe and token in bytes(m.payload or b"").decode(errors="replace"):
+                        return True
+                return False
+
+            try:
+                back = await asyncio.wait_for(echo(), wait)
+            except TimeoutError:
+                back = False
+            results.append((f"publish {probe}", back, "read back" if back else
+                            f"not read back within {wait:g} s: the broker's ACL drops this user's publishing there"))
+    except aiomqtt.MqttError as exc:
+        results.append(("connect", False, f"{cfg.host}:{cfg.port}: {exc}"))
+    return results
+
+
+def _failed(code: object) -> bool:
+    """A SUBACK's code for one topic: 0x80 and above refuse it (an int in MQTT 3.1.1, a ReasonCode in 5)."""
+    value = getattr(code, "value", code)
+    return isinstance(value, int) and value >= 0x80
 
 
 def schema_doc() -> str:
