@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 
 COMMANDS = ("pause", "resume", "abort", "clear_latch", "set_variable")
 CLOSE_WAIT = 5.0  # s a clean stop waits for the outbox to drain before it leaves the rest for a resume
+IN_FLIGHT = 100  # publishes awaited together (aiomqtt counts its pending calls one by one: not thousands)
 ANSWERS_KEPT = 1000  # correlation IDs remembered per channel (QoS 1 redelivery is seconds, not hours)
 
 
@@ -306,6 +307,7 @@ class ChannelLink:
                 async with aiomqtt.Client(**self.cfg.client_kwargs(), will=will,
                                           identifier=f"cellbench-{self.topic.replace('/', '-')}") as client:
                     self.connected, backoff = True, 1.0
+                    client.pending_calls_threshold = IN_FLIGHT + 10  # ours, by design: no warning for them
                     if said_down:
                         log.info("%s: MQTT broker back; replaying %d message(s)", self.channel, len(self._outbox))
                         said_down = False
@@ -345,8 +347,11 @@ class ChannelLink:
                 await client.publish(f"{self.topic}/status", self._status.model_dump_json(), qos=1, retain=True)
                 self._status_sent = status
             rows = await asyncio.to_thread(self._outbox.head, 500)
-            for _, topic, payload, qos in rows:
-                await client.publish(topic, payload, qos=qos)
+            # many in flight together (the client keeps their order on the wire); each acknowledged before the
+            # outbox lets it go
+            for k in range(0, len(rows), IN_FLIGHT):
+                await asyncio.gather(*(client.publish(topic, payload, qos=qos)
+                                       for _, topic, payload, qos in rows[k:k + IN_FLIGHT]))
             if rows:
                 await asyncio.to_thread(self._outbox.sent, rows[-1][0])
                 continue
