@@ -44,9 +44,10 @@ def free_port() -> int:
 class Broker:
     """One Mosquitto process; `stop()` kills it, `start()` brings it back on the same port."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, tls: bool = False) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         self.folder, self.port = folder, free_port()
+        self.ca_file = make_certificates(folder) if tls else None
         passwd = folder / "passwd"
         passwd.write_text("")
         tool = shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd"
@@ -57,7 +58,9 @@ class Broker:
         self.config.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous false\npassword_file {passwd}\n"
                                f"acl_file {folder / 'acl'}\npersistence false\nlog_dest stderr\n"
                                # as root it would switch to the mosquitto user, who cannot read the test's folder
-                               "user root\n")
+                               "user root\n"
+                               + (f"cafile {self.ca_file}\ncertfile {folder / 'server.crt'}\n"
+                                  f"keyfile {folder / 'server.key'}\n" if tls else ""))
         self.proc: subprocess.Popen[bytes] | None = None
         self.start()
 
@@ -84,3 +87,18 @@ class Broker:
         path.write_text(USERS[user] + "\n")
         path.chmod(0o600)
         return path
+
+
+def make_certificates(folder: Path) -> Path:
+    """A throw-away CA and a server certificate for 127.0.0.1 (openssl); returns the CA's file."""
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=folder)
+
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days", "2",
+            "-subj", "/CN=cellbench test CA")
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr",
+            "-subj", "/CN=127.0.0.1")
+    (folder / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+            "-out", "server.crt", "-days", "2", "-extfile", "san.ext")
+    return folder / "ca.crt"

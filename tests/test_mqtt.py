@@ -252,3 +252,19 @@ async def test_status_from_the_broker_shows_every_bench(tmp_path: Path, smu: str
         assert shown.returncode == 0, shown.stderr
         (ch1,) = json.loads(shown.stdout)
         assert (ch1["bench"], ch1["channel"], ch1["state"], ch1["step"]) == ("night", "ch1", "running", "CC Charge")
+
+
+def test_a_bench_reaches_its_broker_over_tls_and_refuses_a_broker_it_cannot_verify(tmp_path: Path) -> None:
+    secure = Broker(tmp_path / "tls-broker", tls=True)
+    try:
+        bench, _ = bench_file(tmp_path, "TCPIP::127.0.0.1::1::SOCKET", secure)
+        text = bench.read_text()
+        bench.write_text(text + f"  tls: true\n  ca_file: {secure.ca_file}\n")
+        good = cli("mqtt", "check", "--bench", str(bench))
+        assert good.returncode == 0, good.stdout + good.stderr
+        unverified = tmp_path / "unverified.yaml"
+        unverified.write_text(text + "  tls: true\n")  # the system's CAs do not know the test's CA
+        bad = cli("mqtt", "check", "--bench", str(unverified))
+        assert bad.returncode == 1 and "no  connect" in bad.stdout
+    finally:
+        secure.stop()
