@@ -111,18 +111,21 @@ class LineTransport(ABC):
         self.write_termination = write_termination.encode()
         self._lock = asyncio.Lock()
         self._owed = 0  # replies of timed-out queries that may still arrive
+        # stale bytes may wait on the line: before the first exchange, after a command with no reply expected
+        # (one that answers all the same), after an interrupt; a completed query leaves the line clean
+        self._suspect = True
 
     async def write(self, command: str) -> None:
         async with self._lock:
             await self._resync()
             await self._send(command.encode("ascii") + self.write_termination)
+            self._suspect = True
 
     async def query(self, command: str) -> str:
         async with self._lock:
             await self._resync()
-            await self._send(command.encode("ascii") + self.write_termination)
             try:
-                line = await self._receive(self.timeout)
+                line = await self._exchange(command.encode("ascii") + self.write_termination, self.timeout)
             except TimeoutError:
                 self._owed += 1
                 raise InstrumentTimeout(self.name, command, self.timeout, self._partial()) from None
@@ -139,6 +142,7 @@ class LineTransport(ABC):
 
     async def interrupt(self, command: str) -> None:
         """Send at once, past the lock: for an abort while another caller waits on a long reply."""
+        self._suspect = True
         await self._send(command.encode("ascii") + self.write_termination)
 
     async def _read_lines(self, command: str, until: Callable[[str], bool], timeout: float) -> list[str]:
@@ -167,8 +171,19 @@ class LineTransport(ABC):
                 break
             log.info("%s: discarded a late reply %r", self.name, late)
             self._owed -= 1
-        if self._owed == 0:
+            self._suspect = True
+        if self._owed == 0 and (self._suspect or self._has_buffered()):
             await self._discard_buffered()
+            self._suspect = False
+
+    def _has_buffered(self) -> bool:
+        """Whether bytes are known to wait unread (where the transport can tell without waiting)."""
+        return False
+
+    async def _exchange(self, data: bytes, timeout: float) -> bytes:
+        """Send one command and receive one reply (a transport may do both in one go)."""
+        await self._send(data)
+        return await self._receive(timeout)
 
     @abstractmethod
     async def _send(self, data: bytes) -> None: ...
@@ -219,7 +234,8 @@ class StreamTransport(LineTransport):
             if remaining <= 0:
                 raise TimeoutError
             try:
-                chunk = await asyncio.wait_for(self._reader.read(4096), remaining)
+                async with asyncio.timeout(remaining):  # (no task per read, as wait_for makes on 3.11)
+                    chunk = await self._reader.read(4096)
             except TimeoutError:  # (a subclass of OSError: it must be let through first)
                 raise
             except (ConnectionError, OSError) as exc:
@@ -233,6 +249,9 @@ class StreamTransport(LineTransport):
 
     def _partial(self) -> bytes:
         return bytes(self._buf)
+
+    def _has_buffered(self) -> bool:
+        return bool(self._buf) or bool(len(getattr(self._reader, "_buffer", b"")))
 
     async def _discard_buffered(self) -> None:
         self._buf.clear()
@@ -287,22 +306,32 @@ class VisaTransport(LineTransport):
             raise ConnectionLost(self.name, f"write failed: {exc}") from exc
 
     async def _receive(self, timeout: float) -> bytes:
+        return await self._exchange(b"", timeout)
+
+    async def _exchange(self, data: bytes, timeout: float) -> bytes:
+        """The write and the read in one hop to the session's thread (two hops cost as much as the exchange)."""
         import pyvisa
 
-        def _read() -> bytes:
+        def _write_read() -> bytes:
             session = self._session
             assert session is not None
-            session.timeout = max(1, int(timeout * 1000))
+            if data:
+                try:
+                    session.write_raw(data)
+                except Exception as exc:
+                    raise ConnectionLost(self.name, f"write failed: {exc}") from exc
+            if session.timeout != (ms := max(1, int(timeout * 1000))):
+                session.timeout = ms
             return bytes(session.read_raw())
 
         try:
-            data = await self._call(_read)
+            reply = await self._call(_write_read)
         except pyvisa.errors.VisaIOError as exc:
             if exc.error_code == pyvisa.constants.StatusCode.error_timeout:
                 raise TimeoutError from exc
             raise ConnectionLost(self.name, f"read failed: {exc}") from exc
-        assert isinstance(data, bytes)
-        return data.removesuffix(self.read_termination)
+        assert isinstance(reply, bytes)
+        return reply.removesuffix(self.read_termination)
 
     def _partial(self) -> bytes:
         return b""
