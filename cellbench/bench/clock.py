@@ -13,8 +13,6 @@ import time
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
-import looptime
-
 T = TypeVar("T")
 # Loop passes with nothing ready before virtual time jumps. Loopback replies between in-process
 # peers are readable within a pass or two; a few more leave room without slowing the run.
@@ -76,6 +74,8 @@ class VirtualClock(Clock):
         super().__init__(unix_start=unix_start)
 
     def run(self, main: Coroutine[Any, Any, T]) -> T:
+        import looptime  # (it imports pytest: only simulated runs pay for it)
+
         loop = looptime.new_event_loop(start=0.0, noop_cycles=NOOP_CYCLES)
         # asyncio takes a timer as due when it falls before now + the clock's resolution (1 ns); past 2^24 s
         # (194 days of test time) a float cannot add 1 ns to now, a timer due exactly now is never run, and the

@@ -9,11 +9,13 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from functools import cache
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-import pint
 from pydantic import BeforeValidator, PlainSerializer
 from pydantic_core import PydanticCustomError
+
+if TYPE_CHECKING:
+    import pint
 
 # What a quantity may look like before pint sees it: a number, then a unit expression. pint evaluates what
 # it is given as arithmetic ("9**9**9 V" would never return, "1/0 min" divides by zero), so anything else
@@ -40,6 +42,9 @@ _C_RATE = re.compile(r"^\s*([+-])?\s*(?:(\d+(?:\.\d*)?|\.\d+)\s*)?C(?:\s*/\s*(\d
 
 @cache
 def registry() -> pint.UnitRegistry:
+    """pint's registry, made (and pint imported, with numpy) on the first quantity read, not at start-up."""
+    import pint
+
     return pint.UnitRegistry(autoconvert_offset_to_baseunit=True)
 
 
@@ -135,7 +140,7 @@ def kind_of(text: str) -> str | None:
     if parse_c_rate(text) is not None:
         return "current"
     quantity = _quantity(text)
-    if not isinstance(quantity, pint.Quantity):
+    if quantity is None or not hasattr(quantity, "check"):  # no quantity, or a bare number
         return None
     for kind, unit in UNIT_KINDS:
         if quantity.check(registry().parse_units(unit).dimensionality):
