@@ -761,6 +761,9 @@ def sim_serve(
     bin_port: Annotated[int, typer.Option(help="the binary-message port of a Maccor box (0 picks a free one)")]
     = 57560,
     login: Annotated[str, typer.Option(help="user:password the simulated Arbin cycler accepts")] = "admin:000000",
+    temperature: Annotated[float, typer.Option(help="temperature of the simulated cell, degC")] = 25.0,
+    fault: Annotated[list[str] | None, typer.Option(help="inject a fault into a line instrument: silent, garbage, "
+                                                         "drop, stuck or delay=SECONDS (repeatable)")] = None,
 ) -> None:
     """Serve a simulated instrument until interrupted, in real time, for any client."""
     from cellbench.simulators.server import ServeOptions
@@ -770,8 +773,14 @@ def sim_serve(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     serve_instrument = simulator(spec)
     port = int(spec.extra.get("port", 5025)) if port is None else port
+    from cellbench.simulators.server import faults_of
+
+    try:
+        faults_of(tuple(fault or ()))
+    except ValueError as exc:
+        raise _fail(str(exc)) from None
     options = ServeOptions(host=host, port=port, serial=serial, soc=soc, seed=seed, cell=cell, channels=channels,
-                           bin_port=bin_port, login=login)
+                           bin_port=bin_port, login=login, temperature_c=temperature, faults=tuple(fault or ()))
 
     async def serve() -> None:
         async with serve_instrument(options) as where:

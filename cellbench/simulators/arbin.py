@@ -23,8 +23,7 @@ from typing import Any
 
 from cellbench.simulators.box import Box
 from cellbench.simulators.cell import SolidStateCell
-from cellbench.simulators.parameters import PRESETS
-from cellbench.simulators.server import ServeOptions, StreamServers
+from cellbench.simulators.server import ServeOptions, StreamServers, cell_of
 
 HEADER = 0x11DDDDDDDDDDDDDD
 LOGIN, CHANNEL_INFO = 0xEEAB0001, 0xEEAB0003
@@ -200,7 +199,7 @@ class ArbinServer:
 async def serve(options: ServeOptions) -> AsyncIterator[str]:
     """A simulated Arbin cycler for `cellbench sim serve arbin --port 9031 --login user:password`."""
     user, _, password = (options.login or "admin:000000").partition(":")
-    cells = [SolidStateCell(PRESETS[options.cell], soc=options.soc) for _ in range(options.channels)]
+    cells = [cell_of(options) for _ in range(options.channels)]
     server = await ArbinServer(ArbinSim(cells, asyncio.get_running_loop().time, username=user,
                                         password=password)).start(options.host, options.port)
     try:

@@ -13,8 +13,7 @@ import re
 from collections.abc import AsyncIterator, Callable
 
 from cellbench.simulators.cell import TIME_EPS, SolidStateCell
-from cellbench.simulators.parameters import PRESETS
-from cellbench.simulators.server import ServeOptions, serve_lines
+from cellbench.simulators.server import ServeOptions, cell_of, serve_lines
 
 MODES = ("OFF", "STANDBY", "CONSTANT")
 TEMP_RANGE = (-70.0, 180.0)
@@ -142,6 +141,6 @@ class EspecChamberSim:
 @contextlib.asynccontextmanager
 async def serve(options: ServeOptions) -> AsyncIterator[str]:
     """A simulated ESPEC chamber with a cell inside, for `cellbench sim serve espec`."""
-    cell = SolidStateCell(PRESETS[options.cell], soc=options.soc)
+    cell = cell_of(options)
     async with serve_lines(EspecChamberSim(asyncio.get_running_loop().time, [cell]), options, crlf=True) as resource:
         yield f"a simulated ESPEC chamber at {resource}"

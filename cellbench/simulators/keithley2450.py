@@ -15,9 +15,8 @@ from collections.abc import AsyncIterator, Callable
 from typing import Protocol
 
 from cellbench.simulators.cell import TIME_EPS, SolidStateCell
-from cellbench.simulators.parameters import PRESETS
 from cellbench.simulators.scpi import Handler, ScpiError, ScpiTree, Setting, format_number, unquote
-from cellbench.simulators.server import ServeOptions, serve_lines
+from cellbench.simulators.server import ServeOptions, cell_of, serve_lines
 
 IDN = "KEITHLEY INSTRUMENTS,MODEL 2450,SIM0001,1.7.12b"
 MAX_CURRENT = 1.05
@@ -421,7 +420,7 @@ class SimpleLoop:
 @contextlib.asynccontextmanager
 async def serve(options: ServeOptions) -> AsyncIterator[str]:
     """A simulated 2450 with a simulated cell, for `cellbench sim serve keithley2450`."""
-    cell = SolidStateCell(PRESETS[options.cell], soc=options.soc)
+    cell = cell_of(options)
     sim = Keithley2450Sim(cell, asyncio.get_running_loop().time, noise_v=20e-6, seed=options.seed)
     async with serve_lines(sim, options) as resource:
         yield f"a simulated Keithley 2450 ({options.cell} cell) at {resource}"

@@ -23,8 +23,7 @@ from typing import Any
 
 from cellbench.simulators.box import Box
 from cellbench.simulators.cell import SolidStateCell
-from cellbench.simulators.parameters import PRESETS
-from cellbench.simulators.server import ServeOptions, StreamServers
+from cellbench.simulators.server import ServeOptions, StreamServers, cell_of
 
 AVAILABLE, ACTIVE, SUSPENDED, COMPLETED, PROBLEM = 0, 2, 3, 4, 5  # Stat codes (4, 1)
 RF1_CHARGE, RF1_DISCHARGE, RF1_REST, RF1_AVAILABLE = 1, 2, 4, 0  # RF1: what the controller board does
@@ -319,7 +318,7 @@ class MaccorServer:
 @contextlib.asynccontextmanager
 async def serve(options: ServeOptions) -> AsyncIterator[str]:
     """A simulated 8-channel Maccor box for `cellbench sim serve maccor` (JSON port --port, binary --bin-port)."""
-    cells = [SolidStateCell(PRESETS[options.cell], soc=options.soc) for _ in range(options.channels)]
+    cells = [cell_of(options) for _ in range(options.channels)]
     server = await MaccorServer(MaccorSim(cells, asyncio.get_running_loop().time)).start(
         options.host, options.port, options.bin_port)
     try:

@@ -24,8 +24,7 @@ import re
 from collections.abc import AsyncIterator, Callable
 
 from cellbench.simulators.cell import SolidStateCell
-from cellbench.simulators.parameters import PRESETS
-from cellbench.simulators.server import ServeOptions, serve_lines
+from cellbench.simulators.server import ServeOptions, cell_of, serve_lines
 
 PREFIX = {"a": 1e-18, "f": 1e-15, "p": 1e-12, "n": 1e-9, "u": 1e-6, "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9}
 ENCODE = [("G", 1e9), ("M", 1e6), ("k", 1e3), (" ", 1.0), ("m", 1e-3), ("u", 1e-6), ("n", 1e-9), ("p", 1e-12),
@@ -261,7 +260,7 @@ class PalmSensSim:
 @contextlib.asynccontextmanager
 async def serve(options: ServeOptions) -> AsyncIterator[str]:
     """A simulated PalmSens potentiostat on a cell, for `cellbench sim serve palmsens` (best with --serial)."""
-    cell = SolidStateCell(PRESETS[options.cell], soc=options.soc)
+    cell = cell_of(options)
     sim = PalmSensSim(cell, asyncio.get_running_loop().time, seed=options.seed)
     async with serve_lines(sim, options) as resource:
         yield f"a simulated PalmSens potentiostat ({options.cell} cell) at {resource}"

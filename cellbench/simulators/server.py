@@ -12,7 +12,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +23,9 @@ class LineInstrument(Protocol):
     name: str
 
     def handle(self, line: str) -> str | AsyncIterator[str] | None: ...
+
+if TYPE_CHECKING:
+    from cellbench.simulators.cell import SolidStateCell
 
 
 @dataclass
@@ -274,6 +277,33 @@ class ServeOptions:
     channels: int = 8  # of a multi-channel cycler box
     bin_port: int = 0  # a second port (MacNet's binary messages)
     login: str | None = None  # user:password a simulated cycler accepts (Arbin CTI)
+    temperature_c: float = 25.0  # of the simulated cell (and of the air around it)
+    faults: tuple[str, ...] = ()  # line instruments: silent, garbage, drop, stuck, delay=SECONDS
+
+
+def cell_of(options: ServeOptions) -> SolidStateCell:
+    """The simulated cell `sim serve` was asked for."""
+    from cellbench.simulators.cell import SolidStateCell
+    from cellbench.simulators.parameters import PRESETS
+
+    return SolidStateCell(PRESETS[options.cell], soc=options.soc, temperature_c=options.temperature_c)
+
+
+def faults_of(names: tuple[str, ...]) -> Faults:
+    """Faults from their names as `sim serve --fault` takes them; ValueError naming a wrong one."""
+    faults = Faults()
+    for name in names:
+        key, _, value = name.partition("=")
+        if key == "delay":
+            try:
+                faults.delay = float(value)
+            except ValueError:
+                raise ValueError(f"fault {name!r}: give the delay in seconds, e.g. delay=0.5") from None
+        elif key in ("silent", "garbage", "drop", "stuck") and not value:
+            setattr(faults, key, True)
+        else:
+            raise ValueError(f"unknown fault {name!r} (expected silent, garbage, drop, stuck or delay=SECONDS)")
+    return faults
 
 
 @contextlib.asynccontextmanager
@@ -281,6 +311,7 @@ async def serve_lines(instrument: LineInstrument, options: ServeOptions, *, crlf
     """Serve a line instrument on TCP or a pty until the block ends; yields its resource string."""
     kw = {"read_termination": b"\r\n", "write_termination": b"\r\n"} if crlf else {}
     server: SimServer = PtySimServer(instrument, **kw) if options.serial else SimServer(instrument, **kw)
+    server.faults = faults_of(options.faults)
     await server.start(options.host, options.port)
     try:
         yield server.resource

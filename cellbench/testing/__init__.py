@@ -1,0 +1,1 @@
+"""Testing helpers shipped with cellbench: the pytest plugin (`cellbench.testing.plugin`)."""

@@ -1,0 +1,276 @@
+"""cellbench's pytest plugin (registered through the `pytest11` entry point: installing cellbench is enough).
+
+Fixtures:
+
+- `cellbench_serve(instrument, *, cell, soc, seed, temperature, faults, serial)`: starts a simulated instrument
+  (`cellbench sim serve`, its own process, a free loopback port or a pty) and returns its VISA resource string;
+  everything started is stopped after the test. `keithley2450`, `espec`, `press`, `load_cell`, `palmsens`,
+  `maccor` and `arbin` are one each, with the options of a `@pytest.mark.cellbench(...)` marker.
+- `cellbench_dry_run(profile, *, cell, temperature, soc, seed)`: runs a profile (a file, a library name or
+  YAML text) on the simulated bench on the virtual clock and returns a `DryRunResult` with pandas frames and
+  the helpers a lab asserts with.
+
+Profiles as tests: `pytest --cellbench-profiles DIR` (or the ini option `cellbench_profiles`) collects every
+profile in DIR as a test that checks it (against the ini option `cellbench_bench`, a bench file, when given)
+and dry-runs it, failing with the profile's `file:line` message or the simulated run's outcome.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from cellbench.bench.engine import Outcome
+
+# what `sim serve` announces: the resource string (TCPIP socket or serial line) of what it serves
+ANNOUNCED = re.compile(r"((?:TCPIP::\S+::SOCKET)|(?:ASRL\S+::INSTR))")
+START_TIMEOUT = 30.0  # s a simulator has to say where it serves
+
+
+# --- simulated instruments --------------------------------------------------------------------------------
+def _options(request: pytest.FixtureRequest) -> dict[str, Any]:
+    marker = request.node.get_closest_marker("cellbench")
+    return dict(marker.kwargs) if marker is not None else {}
+
+
+class Served:
+    """The simulators a test started, stopped when it ends."""
+
+    def __init__(self, defaults: dict[str, Any]) -> None:
+        self.defaults = defaults
+        self.procs: list[subprocess.Popen[str]] = []
+
+    def __call__(self, instrument: str, *, cell: str | None = None, soc: float | None = None,
+                 seed: int | None = None, temperature: float | None = None, faults: tuple[str, ...] | None = None,
+                 serial: bool = False) -> str:
+        opts = {**self.defaults, **{k: v for k, v in (("cell", cell), ("soc", soc), ("seed", seed),
+                                                      ("temperature", temperature), ("faults", faults))
+                                    if v is not None}}
+        args = [sys.executable, "-m", "cellbench.bench.cli", "sim", "serve", instrument,
+                *(["--serial"] if serial else ["--port", "0"]),
+                "--cell", str(opts.get("cell", "pellet")), "--soc", str(opts.get("soc", 0.5)),
+                "--seed", str(opts.get("seed", 0)), "--temperature", str(opts.get("temperature", 25.0))]
+        for fault in opts.get("faults", ()):
+            args += ["--fault", fault]
+        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                env={**_environ(), "PYTHONUNBUFFERED": "1", "COLUMNS": "300"})
+        self.procs.append(proc)
+        said: list[str] = []
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            said.append(line)
+            if m := ANNOUNCED.search(line):
+                return m.group(1)
+            if len(said) > 200:
+                break
+        raise RuntimeError(f"the simulated {instrument} did not start: {''.join(said)[-1000:]}")
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            proc.terminate()
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def _environ() -> dict[str, str]:
+    import os
+
+    return dict(os.environ)
+
+
+@pytest.fixture
+def cellbench_serve(request: pytest.FixtureRequest) -> Iterator[Served]:
+    """Start simulated instruments by name; each call returns a VISA resource string."""
+    served = Served(_options(request))
+    try:
+        yield served
+    finally:
+        served.stop()
+
+
+def _one(instrument: str) -> Callable[..., Iterator[str]]:
+    def fixture(cellbench_serve: Served) -> Iterator[str]:
+        yield cellbench_serve(instrument)
+
+    fixture.__doc__ = f"A simulated {instrument} on a free loopback port: its VISA resource string."
+    fixture.__name__ = instrument.replace("-", "_")
+    return fixture
+
+
+keithley2450 = pytest.fixture(_one("keithley2450"), name="keithley2450")
+espec = pytest.fixture(_one("espec"), name="espec")
+press = pytest.fixture(_one("modbus-press"), name="press")
+load_cell = pytest.fixture(_one("modbus-load-cell"), name="load_cell")
+palmsens = pytest.fixture(_one("palmsens"), name="palmsens")
+maccor = pytest.fixture(_one("maccor"), name="maccor")
+arbin = pytest.fixture(_one("arbin"), name="arbin")
+
+
+# --- dry runs ---------------------------------------------------------------------------------------------
+@dataclass
+class DryRunResult:
+    """A simulated run, as a lab asserts on it."""
+
+    outcome: Outcome
+    database: Path
+    samples: pd.DataFrame
+    steps: pd.DataFrame
+    events: pd.DataFrame
+    cycles: pd.DataFrame
+
+    @property
+    def completed(self) -> bool:
+        return bool(self.outcome.completed)
+
+    @property
+    def last_step(self) -> tuple[str, str]:
+        """(step type, why it ended) of the last step."""
+        row = self.steps.iloc[-1]
+        return str(row["step_type"]), str(row["end_reason"])
+
+    def retention_above(self, fraction: float) -> bool:
+        """Whether the last cycle's discharge capacity is above `fraction` of the first's."""
+        capacity = self.cycles["discharge_ah"]
+        capacity = capacity[capacity > 0]
+        return bool(len(capacity) and capacity.iloc[-1] > fraction * capacity.iloc[0])
+
+    def safety_events(self) -> list[str]:
+        """The messages of safety trips and shorts, if any."""
+        kinds = {"safety", "short"}
+        return [str(m) for k, m in zip(self.events["kind"], self.events["message"], strict=True) if k in kinds]
+
+
+def dry_run(profile: str | Path, *, runs_dir: Path, cell: str = "pellet", temperature: float = 25.0,
+            soc: float = 0.0, seed: int = 0) -> DryRunResult:
+    """Run a profile on the simulated bench on the virtual clock (works inside a running event loop too)."""
+    import pandas as pd
+
+    import cellbench
+    from cellbench.bench.analysis import store_table
+    from cellbench.bench.store import open_run
+
+    result = cellbench.run(profile, dry_run=True, runs_dir=runs_dir, cell=cell, temperature=temperature, soc=soc,
+                           seed=seed)
+    with open_run(result.database) as store:
+        rows = store_table(store)
+    cycles = pd.DataFrame([{"cycle": r.cycle, "charge_ah": r.charge_ah, "discharge_ah": r.discharge_ah,
+                            "coulombic_efficiency": r.coulombic_efficiency, "retention": r.retention}
+                           for r in rows])
+    return DryRunResult(result.outcome, result.database, cellbench.read_samples(result.database),
+                        cellbench.read_steps(result.database), cellbench.read_events(result.database), cycles)
+
+
+@pytest.fixture
+def cellbench_dry_run(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[..., DryRunResult]:
+    """`cellbench_dry_run(profile, cell=, temperature=, soc=, seed=)` -> DryRunResult (marker options apply)."""
+    defaults = _options(request)
+    defaults.pop("faults", None)
+
+    def run(profile: str | Path, **options: Any) -> DryRunResult:
+        return dry_run(profile, runs_dir=tmp_path / "runs", **{**defaults, **options})
+
+    return run
+
+
+# --- profiles as tests ------------------------------------------------------------------------------------
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("cellbench")
+    group.addoption("--cellbench-profiles", action="append", default=[], metavar="DIR",
+                    help="collect every profile (*.yaml) in DIR as a test: checked, then dry-run")
+    group.addoption("--cellbench-bench", default=None, metavar="FILE", help="check the profiles against this bench")
+    group.addoption("--cellbench-cell", default=None, help="simulated cell preset of the dry runs (default pellet)")
+    group.addoption("--cellbench-temperature", default=None, type=float, help="of the dry runs, degC (default 25)")
+    parser.addini("cellbench_profiles", "folders whose profiles are collected as tests", type="paths", default=[])
+    parser.addini("cellbench_bench", "a bench file the collected profiles are checked against", default="")
+    parser.addini("cellbench_cell", "simulated cell preset of the dry runs", default="pellet")
+    parser.addini("cellbench_temperature", "temperature of the dry runs, degC", default="25")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "cellbench(cell=, soc=, seed=, temperature=, faults=): options of the "
+                                       "simulated instruments and dry runs of a test")
+    for folder in _profile_dirs(config):
+        if str(folder) not in config.args:
+            config.args.append(str(folder))
+
+
+def _profile_dirs(config: pytest.Config) -> list[Path]:
+    given = [Path(d).resolve() for d in config.getoption("cellbench_profiles", default=[]) or []]
+    return given + [Path(p).resolve() for p in config.getini("cellbench_profiles")]
+
+
+def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> pytest.Collector | None:
+    if file_path.suffix not in (".yaml", ".yml"):
+        return None
+    if any(file_path.resolve().is_relative_to(d) for d in _profile_dirs(parent.config)):
+        return ProfileFile.from_parent(parent, path=file_path)
+    return None
+
+
+class ProfileFailure(Exception):
+    """A profile's own message: shown as it is, without a traceback."""
+
+
+class ProfileFile(pytest.File):
+    def collect(self) -> Iterator[ProfileItem]:
+        yield ProfileItem.from_parent(self, name=self.path.name)
+
+
+class ProfileItem(pytest.Item):
+    """One profile: parsed (file:line errors), checked against the bench file when one is named, dry-run."""
+
+    def runtest(self) -> None:
+        from cellbench.profiles.parse import InputError, load_profile, locate
+
+        config = self.config
+        try:
+            prof, text = load_profile(self.path)
+        except InputError as exc:
+            raise ProfileFailure("\n".join(exc.problems)) from None
+        bench_file = config.getoption("cellbench_bench") or config.getini("cellbench_bench")
+        if bench_file:
+            from cellbench.bench.config import load_bench
+            from cellbench.bench.run import profile_problems
+
+            base = Path(config.rootpath)
+            bench_path = Path(bench_file) if Path(bench_file).is_absolute() else base / bench_file
+            try:
+                bench = load_bench(bench_path)
+            except InputError as exc:
+                raise ProfileFailure("\n".join(exc.problems)) from None
+            problems = [p for ch in bench.channels for p in profile_problems(bench, ch, prof)]
+            if problems:
+                raise ProfileFailure("\n".join(locate(text, self.path.name, problems)))
+        cell = config.getoption("cellbench_cell") or config.getini("cellbench_cell")
+        temperature = config.getoption("cellbench_temperature")
+        if temperature is None:
+            temperature = float(config.getini("cellbench_temperature"))
+        with tempfile.TemporaryDirectory(prefix="cellbench-") as tmp:
+            result = dry_run(self.path, runs_dir=Path(tmp), cell=cell, temperature=temperature)
+        if not result.completed:
+            raise ProfileFailure(f"{self.path.name}: the simulated run on a {cell} cell at {temperature:g} degC "
+                                 f"ended early: {result.outcome.reason}")
+
+    def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException],
+                     style: Any = None) -> str | Any:
+        if isinstance(excinfo.value, ProfileFailure):
+            return str(excinfo.value)
+        return super().repr_failure(excinfo)
+
+    def reportinfo(self) -> tuple[Path, int, str]:
+        return self.path, 0, f"cellbench profile {self.path.name}"

@@ -1,0 +1,107 @@
+"""The pytest plugin as a lab's CI meets it: a separate pytest run (pytester, in a subprocess) with the plugin
+loaded from the installed entry point, simulated instruments behind plain pyvisa, dry runs, profiles as tests."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+
+pytest_plugins = ["pytester"]
+
+
+def test_fixtures_serve_simulated_instruments_to_a_labs_own_pyvisa_code(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_lab=textwrap.dedent("""
+        import pytest
+        import pyvisa
+
+        def query(resource, command, timeout=3000, settings=()):
+            rm = pyvisa.ResourceManager("@py")
+            inst = rm.open_resource(resource, read_termination="\\n", write_termination="\\n", timeout=timeout)
+            try:
+                for setting in settings:
+                    inst.write(setting)
+                return inst.query(command)
+            finally:
+                inst.close()
+                rm.close()
+
+        def test_identifies(keithley2450):
+            assert "2450" in query(keithley2450, "*IDN?")
+
+        @pytest.mark.cellbench(soc=0.95)
+        def test_a_charged_cell(cellbench_serve):
+            resource = cellbench_serve("keithley2450")
+            volts = query(resource, ":MEAS:VOLT?", settings=(":SOUR:FUNC CURR", ":SOUR:CURR 0", ":OUTP ON"))
+            assert float(volts) > 4.15
+
+        @pytest.mark.cellbench(faults=("silent",))
+        def test_a_silent_instrument_times_out(keithley2450):
+            with pytest.raises(pyvisa.errors.VisaIOError):
+                query(keithley2450, "*IDN?", timeout=500)
+    """))
+    result = pytester.runpytest_subprocess("-q", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=3)
+
+
+def test_a_dry_run_fixture_gives_frames_and_helpers(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_dry=textwrap.dedent("""
+        import pytest
+
+        PROFILE = '''
+        name: two cycles
+        sample_period: 5 min
+        steps:
+          - repeat: 2
+            steps:
+              - charge: {current: C/5, until: 4.3 V}
+              - discharge: {current: C/5, until: 2.5 V}
+        '''
+
+        @pytest.mark.cellbench(temperature=60.0)
+        def test_cycles(cellbench_dry_run):
+            run = cellbench_dry_run(PROFILE)
+            assert run.completed and run.safety_events() == []
+            assert list(run.cycles["cycle"]) == [1, 2]
+            assert run.retention_above(0.95) and not run.retention_above(1.01)
+            assert run.last_step == ("CC Discharge", "voltage <= 2.5 V")
+            assert {"Voltage / V", "Current / A"} <= set(run.samples.columns)
+
+        async def test_inside_a_running_loop(cellbench_dry_run):
+            assert cellbench_dry_run("formation", temperature=60.0).completed
+    """))
+    pytester.makeini("[pytest]\nasyncio_mode = auto\n")
+    result = pytester.runpytest_subprocess("-q", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=2)
+
+
+def test_profiles_are_collected_as_tests_with_file_line_failures(pytester: pytest.Pytester) -> None:
+    profiles = pytester.mkdir("profiles")
+    (profiles / "good.yaml").write_text("name: good\nsample_period: 1 min\nsteps:\n"
+                                        "  - discharge: {current: C/10, until: [2.5 V, 30 min]}\n")
+    (profiles / "typo.yaml").write_text("name: typo\nsample_period: 1 min\nsteps:\n"
+                                        "  - dischrage: {current: C/10, until: 2.5 V}\n")
+    (profiles / "too-high.yaml").write_text("name: high\nsample_period: 1 min\nsteps:\n"
+                                            "  - charge: {current: 1 mA, until: 4.5 V}\n")
+    # 1 mA/cm2 at 25 degC is above the lithium's critical current density: the simulated cell shorts
+    (profiles / "shorts.yaml").write_text("name: shorts\nsample_period: 1 min\n"
+                                          "steps:\n  - charge: {current: 1 mA, until: [4.3 V, 10 h]}\n")
+    pytester.makefile(".yaml", bench=textwrap.dedent("""
+        name: lab
+        instruments:
+          smu1: {driver: keithley2450, resource: "TCPIP::127.0.0.1::5025::SOCKET"}
+        cells:
+          pellet: {capacity: 3.5 mAh, voltage_min: 2.5 V, voltage_max: 4.3 V}
+        channels:
+          ch1: {cycler: smu1, cell: pellet}
+    """))
+    pytester.makeini("[pytest]\ncellbench_bench = bench.yaml\n")
+    result = pytester.runpytest_subprocess("--cellbench-profiles", "profiles", "-p", "no:cacheprovider",
+                                           "--junitxml", "report.xml", "-rf")
+    result.assert_outcomes(passed=1, failed=3)
+    text = result.stdout.str()
+    assert "typo.yaml:4: steps[0]" in text and "dischrage" in text
+    assert "too-high.yaml:4:" in text and "above the cell's maximum 4.3 V" in text
+    assert "shorts.yaml: the simulated run on a pellet cell at 25 degC ended early" in text
+    assert "Traceback" not in text
+    assert (pytester.path / "report.xml").read_text().count("<testcase") == 4
