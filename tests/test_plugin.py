@@ -3,7 +3,11 @@ loaded from the installed entry point, simulated instruments behind plain pyvisa
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -105,3 +109,27 @@ def test_profiles_are_collected_as_tests_with_file_line_failures(pytester: pytes
     assert "shorts.yaml: the simulated run on a pellet cell at 25 degC ended early" in text
     assert "Traceback" not in text
     assert (pytester.path / "report.xml").read_text().count("<testcase") == 4
+
+
+def test_the_example_lab_repository_passes_with_only_the_built_wheel_installed(tmp_path: Path) -> None:
+    """Build the wheel, install it with pytest in a fresh virtual environment (nothing of this checkout on its
+    path), and run examples/ci there as a lab's CI would."""
+    root = Path(__file__).resolve().parent.parent
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", str(root), "-w", str(tmp_path / "dist")],
+                   check=True, capture_output=True, timeout=300)
+    (wheel,) = (tmp_path / "dist").glob("cellbench-*.whl")
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    python = str(venv / "bin" / "python")
+    installed = subprocess.run([python, "-m", "pip", "install", "-q", str(wheel), "pytest", "pytest-asyncio"],
+                               capture_output=True, text=True, timeout=900)
+    assert installed.returncode == 0, installed.stderr[-2000:]
+    lab = tmp_path / "lab"
+    shutil.copytree(root / "examples" / "ci", lab)
+    result = subprocess.run([python, "-m", "pytest", "-p", "no:cacheprovider", "-q", "--junitxml", "junit.xml"],
+                            cwd=lab, capture_output=True, text=True, timeout=600,
+                            env={"PATH": f"{venv / 'bin'}:/usr/bin:/bin", "HOME": str(tmp_path)})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    assert "4 passed" in result.stdout
+    junit = (lab / "junit.xml").read_text()
+    assert 'name="formation.yaml"' in junit and 'name="pulse-check.yaml"' in junit
