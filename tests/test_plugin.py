@@ -133,3 +133,32 @@ def test_the_example_lab_repository_passes_with_only_the_built_wheel_installed(t
     assert "4 passed" in result.stdout
     junit = (lab / "junit.xml").read_text()
     assert 'name="formation.yaml"' in junit and 'name="pulse-check.yaml"' in junit
+
+
+def test_a_whole_bench_file_is_served_by_simulators_and_a_real_time_run_goes_through_it(
+        pytester: pytest.Pytester) -> None:
+    pytester.makefile(".yaml", bench=textwrap.dedent("""
+        name: lab
+        instruments:
+          smu1: {driver: keithley2450, resource: "TCPIP::10.0.0.5::5025::SOCKET", timeout: 2 s}
+          oven: {driver: espec, resource: "TCPIP::10.0.0.6::57732::SOCKET", timeout: 2 s}
+        cells:
+          pellet: {capacity: 3.5 mAh, voltage_min: 2.5 V, voltage_max: 4.3 V}
+        channels:
+          ch1: {cycler: smu1, chamber: oven, cell: pellet}
+    """))
+    pytester.makepyfile(test_bench=textwrap.dedent("""
+        import cellbench
+
+        PROFILE = "name: short\\nsample_period: 0.5 s\\nsteps:\\n  - discharge: {current: 0.1 mA, until: 2 s}\\n"
+
+        def test_the_labs_bench_file_on_simulators(cellbench_bench, tmp_path):
+            bench = cellbench_bench("bench.yaml")
+            assert "10.0.0.5" not in bench.read_text()
+            result = cellbench.run(PROFILE, bench=bench, runs_dir=tmp_path / "runs")
+            assert result.completed, result.outcome.reason
+            samples = cellbench.read_samples(result.database)
+            assert len(samples) >= 3 and (samples["Ambient Temperature / degC"].notna()).all()
+    """))
+    result = pytester.runpytest_subprocess("-q", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1)

@@ -6,6 +6,7 @@ Fixtures:
   (`cellbench sim serve`, its own process, a free loopback port or a pty) and returns its VISA resource string;
   everything started is stopped after the test. `keithley2450`, `espec`, `press`, `load_cell`, `palmsens`,
   `maccor` and `arbin` are one each, with the options of a `@pytest.mark.cellbench(...)` marker.
+- `cellbench_bench(bench_file)`: a copy of a bench file whose instruments are simulators started for the test.
 - `cellbench_dry_run(profile, *, cell, temperature, soc, seed)`: runs a profile (a file, a library name or
   YAML text) on the simulated bench on the virtual clock and returns a `DryRunResult` with pandas frames and
   the helpers a lab asserts with.
@@ -119,6 +120,31 @@ load_cell = pytest.fixture(_one("modbus-load-cell"), name="load_cell")
 palmsens = pytest.fixture(_one("palmsens"), name="palmsens")
 maccor = pytest.fixture(_one("maccor"), name="maccor")
 arbin = pytest.fixture(_one("arbin"), name="arbin")
+
+
+@pytest.fixture
+def cellbench_bench(cellbench_serve: Served, tmp_path: Path) -> Callable[[str | Path], Path]:
+    """`cellbench_bench(bench_file)` -> a copy of the bench file whose every instrument is a simulator of its
+    driver, started for the test (each with a cell of its own: the protocols are real, the physics of a
+    chamber and a cycler sharing one cell is not coupled here; `cellbench_dry_run` couples it)."""
+    def make(bench_file: str | Path) -> Path:
+        import json
+
+        from cellbench.bench.config import load_bench
+
+        bench = load_bench(bench_file)
+        written = bench.as_written()
+        for name, instrument in bench.instruments.items():
+            written["instruments"][name]["resource"] = cellbench_serve(instrument.driver)
+            if instrument.login_file is not None:  # the simulated cycler's own login
+                login = tmp_path / f"{name}.login"
+                login.write_text("admin:000000\n")
+                written["instruments"][name]["login_file"] = str(login)
+        path = tmp_path / f"{Path(bench_file).stem}.simulated.yaml"
+        path.write_text(json.dumps(written, indent=1))  # JSON is YAML
+        return path
+
+    return make
 
 
 # --- dry runs ---------------------------------------------------------------------------------------------
