@@ -1,4 +1,5 @@
-"""The arrows between layers run one way: language <- run-time -> roles <- drivers; faces on top.
+"""The arrows between layers run one way: language <- run-time -> roles <- drivers; faces (the CLI, the Python
+API, the pytest plugin, ...) on top.
 
 Read from the source with the ast module, so a wrong import fails here before it ships.
 """
@@ -24,7 +25,7 @@ def module_name(path: Path) -> str:
 
 
 def layer(module: str) -> str:
-    if module == "cellbench":
+    if module == "cellbench" or module.startswith("cellbench.testing"):  # the pytest plugin is a face too
         return "face"
     if module.startswith("cellbench.profiles"):
         return "language"

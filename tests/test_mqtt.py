@@ -8,7 +8,6 @@ import contextlib
 import json
 import signal
 import subprocess
-import textwrap
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -20,7 +19,7 @@ import pytest
 from cellbench.bench import mqtt
 from tests.broker import Broker
 from tests.test_cli import serve
-from tests.test_unattended import ask, start_run, wait_until_sourcing
+from tests.test_unattended import ask, files, start_run, wait_until_sourcing
 
 PROFILE = """
 name: long charge
@@ -46,25 +45,14 @@ def smu() -> Iterator[str]:
 
 
 def bench_file(tmp_path: Path, resource: str, broker: Broker) -> tuple[Path, Path]:
-    bench = tmp_path / "bench.yaml"
-    bench.write_text(textwrap.dedent(f"""
-        name: night
-        instruments:
-          smu1: {{driver: keithley2450, resource: "{resource}", timeout: 2 s}}
-        cells:
-          pellet: {{capacity: 3.5 mAh, voltage_min: 2.5 V, voltage_max: 4.3 V}}
-        channels:
-          ch1: {{cycler: smu1, cell: pellet}}
+    return files(tmp_path, resource, more=f"""
         mqtt:
           host: 127.0.0.1
           port: {broker.port}
           username: bench
           password_file: {broker.password_file("bench")}
           telemetry_every: 0.5 s
-    """))
-    profile = tmp_path / "charge.yaml"
-    profile.write_text(PROFILE)
-    return bench, profile
+    """, profile_text=PROFILE)
 
 
 class Watcher:

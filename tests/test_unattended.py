@@ -52,7 +52,8 @@ def served() -> Iterator[str]:
     proc.wait(timeout=10)
 
 
-def files(tmp_path: Path, resource: str) -> tuple[Path, Path]:
+def files(tmp_path: Path, resource: str, more: str = "", profile_text: str = PROFILE) -> tuple[Path, Path]:
+    """A one-channel bench on the served 2450 (with `more` bench-file text) and a profile."""
     bench = tmp_path / "bench.yaml"
     bench.write_text(textwrap.dedent(f"""
         name: night
@@ -62,9 +63,9 @@ def files(tmp_path: Path, resource: str) -> tuple[Path, Path]:
           pellet: {{capacity: 3.5 mAh, voltage_min: 2.5 V, voltage_max: 4.3 V}}
         channels:
           ch1: {{cycler: smu1, cell: pellet}}
-    """))
+    """) + textwrap.dedent(more))
     profile = tmp_path / "charge.yaml"
-    profile.write_text(PROFILE)
+    profile.write_text(profile_text)
     return bench, profile
 
 
