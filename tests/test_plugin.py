@@ -39,13 +39,22 @@ def test_fixtures_serve_simulated_instruments_to_a_labs_own_pyvisa_code(pytester
             volts = query(resource, ":MEAS:VOLT?", settings=(":SOUR:FUNC CURR", ":SOUR:CURR 0", ":OUTP ON"))
             assert float(volts) > 4.15
 
+        def test_pymeasure_drives_it_too(keithley2450):
+            from pymeasure.instruments.keithley import Keithley2450
+
+            smu = Keithley2450(keithley2450, visa_library="@py", read_termination="\\n", write_termination="\\n")
+            try:
+                assert "MODEL 2450" in smu.id
+            finally:
+                smu.adapter.close()
+
         @pytest.mark.cellbench(faults=("silent",))
         def test_a_silent_instrument_times_out(keithley2450):
             with pytest.raises(pyvisa.errors.VisaIOError):
                 query(keithley2450, "*IDN?", timeout=500)
     """))
     result = pytester.runpytest_subprocess("-q", "-p", "no:cacheprovider")
-    result.assert_outcomes(passed=3)
+    result.assert_outcomes(passed=4)
 
 
 def test_a_dry_run_fixture_gives_frames_and_helpers(pytester: pytest.Pytester) -> None:
