@@ -235,11 +235,14 @@ class ChannelLink:
                       "discharge_energy": (s.discharge_wh, "Wh"), "cell_temperature": (s.t1_c, "degC"),
                       "ambient_temperature": (s.ambient_c, "degC"), "pressure": (s.pressure_pa, "Pa"),
                       "displacement": (s.displacement_um, "um")}
-            msg: BaseModel = Telemetry(
-                time=_utc(s.unix_time), seq=self._next(), run_id=self.run_id, test_time=s.test_time, cycle=s.cycle,
-                step_count=s.step_count, step=s.step_type,
-                values={k: Quantity(value=v, unit=u) for k, (v, u) in values.items() if v is not None})
-            self._queue("telemetry", msg, qos=0, telemetry=True)
+            # the `Telemetry` model's JSON, written directly: this runs on the control loop for every sample
+            seq = self._next()
+            payload = json.dumps({
+                "time": _utc(s.unix_time), "seq": seq, "run_id": self.run_id, "test_time": s.test_time,
+                "cycle": s.cycle, "step_count": s.step_count, "step": s.step_type,
+                "values": {k: {"value": v, "unit": u} for k, (v, u) in values.items() if v is not None}})
+            self._pending.append((seq, f"{self.topic}/telemetry", payload, 0, 1))
+            self._wake.set()
             return
         if isinstance(event, StepStarted):
             self._set_status("running", step=event.step_type, step_count=event.step_count, cycle=event.cycle)
