@@ -196,6 +196,24 @@ def test_pyprobe_reads_the_export(simulated_run: Path, tmp_path: Path) -> None:
     assert len(ours) == 2 and theirs == pytest.approx(ours, rel=5e-4)
 
 
+def test_cellpy_reads_the_export_with_the_instrument_file_beside_it(simulated_run: Path, tmp_path: Path) -> None:
+    """cellpy (not ours) reads the CSV through the cellpy.yml the export writes, and gets our capacities."""
+    import cellpy
+
+    files = export_run(simulated_run, tmp_path)
+    sidecar = json.loads(files["metadata"].read_text())
+    assert sidecar["readers"]["cellpy"] == (f"cellpy.get('{files['csv'].name}', instrument='custom', "
+                                            f"instrument_file='{files['cellpy'].name}')")
+    cell = cellpy.get(str(files["csv"]), instrument="custom", instrument_file=str(files["cellpy"]), mass=1.0,
+                      cycle_mode="full_cell")
+    summary = cell.data.summary
+    with open_run(simulated_run) as store:
+        ours = cycle_table(store.samples())
+    assert list(summary.index) == [r.cycle for r in ours]
+    assert list(summary["charge_capacity"]) == pytest.approx([r.charge_ah for r in ours], rel=1e-6)
+    assert list(summary["discharge_capacity"]) == pytest.approx([r.discharge_ah for r in ours], rel=1e-6)
+
+
 def test_the_report_writes_real_pngs_and_a_page_with_the_cycle_table(simulated_run: Path, tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["report", str(simulated_run), "--out", str(tmp_path / "report")])
     assert result.exit_code == 0, result.output

@@ -18,7 +18,9 @@ from typing import Any
 from cellbench.bench.store import COLUMNS, check_run, open_run
 
 NET = "Net Capacity / Ah"
+DATA_POINT = "Data Point / 1"
 NON_STANDARD = {
+    DATA_POINT: "the row's number from 1, in time order (cellpy and other readers index rows by it)",
     "Displacement / um": "stack thickness change since the press was tared, micrometres",
     "Step Type": "what the step did: CC Charge, CC Discharge, CV, CCCV Charge, CP Discharge, Rest, Pulse, EIS, ...",
 }
@@ -39,7 +41,9 @@ def export_run(database: str | Path, out_dir: str | Path | None = None) -> dict[
         spectra = store.spectra()
         fits = store.fits()
         events = store.events()
-    all_labels = [label for _, label, _ in COLUMNS] + [NET]
+    for number, r in enumerate(rows, 1):
+        r[DATA_POINT] = number
+    all_labels = [label for _, label, _ in COLUMNS] + [NET, DATA_POINT]
     labels = [label for label in all_labels if any(r[label] is not None for r in rows)] or all_labels[:4]
     files = {"csv": stem.with_suffix(".bdf.csv"), "parquet": stem.with_suffix(".bdf.parquet")}
     _write_csv(files["csv"], labels, rows)
@@ -48,12 +52,17 @@ def export_run(database: str | Path, out_dir: str | Path | None = None) -> dict[
         files["eis"] = stem.with_suffix(".eis.bdf.csv")
         _write_csv(files["eis"], list(EIS_COLUMNS), _eis_rows(spectra, rows))
     tables = dict(files)
+    # a cellpy instrument definition for the CSV, beside it: cellpy reads it without a loader of its own
+    files["cellpy"] = stem.with_suffix(".cellpy.yml")
+    files["cellpy"].write_bytes((Path(__file__).parent / "cellpy_instrument.yml").read_bytes())
     sidecar = {
         "format": "Battery Data Format",
         "files": {k: p.name for k, p in files.items() if k != "metadata"},
         "columns": labels,
         "non_standard_columns": {k: v for k, v in NON_STANDARD.items() if k in labels},
         "current_sign": "positive on charge",
+        "readers": {"cellpy": f"cellpy.get('{files['csv'].name}', instrument='custom', "
+                              f"instrument_file='{files['cellpy'].name}')"},
         "capacity_accumulation": {
             "Charging Capacity / Ah": "per cycle: restarts at 0 where each cycle starts (Cycle Count / 1)",
             "Discharging Capacity / Ah": "per cycle: restarts at 0 where each cycle starts (Cycle Count / 1)",
