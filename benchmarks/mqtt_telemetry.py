@@ -23,7 +23,7 @@ import paho.mqtt.client as paho
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cellbench.bench.events import Sample, SampleTaken
-from cellbench.bench.mqtt import ChannelLink, MqttConfig
+from cellbench.bench.mqtt import ChannelLink, MqttConfig, MqttLoop
 from tests.broker import Broker
 
 N = int(sys.argv[1]) if len(sys.argv) > 1 else 20_000
@@ -77,8 +77,9 @@ async def ours(port: int, rx: Receiver, folder: Path) -> tuple[float, float, flo
                                         "telemetry_every": 0.0})
     object.__setattr__(cfg, "password_file", folder / "bench.password")
     (folder / "bench.password").write_text("bench-secret\n")
+    mqtt_loop = MqttLoop()
     link = ChannelLink(cfg, "perf", "ch1", "run", "cell", folder / "outbox.sqlite",
-                       lambda a, c, r: (False, "no"))
+                       lambda a, c, r: (False, "no"), mqtt_loop)
     while not link.connected:  # noqa: ASYNC110  (the link offers no event for it; a benchmark may poll)
         await asyncio.sleep(0.01)
     rx.reset(N)
@@ -94,6 +95,7 @@ async def ours(port: int, rx: Receiver, folder: Path) -> tuple[float, float, flo
     await asyncio.to_thread(rx.done.wait, 120)
     rate, p99 = figures(rx, t0)
     await link.close("completed", None)
+    mqtt_loop.stop()
     return rate, p99, loop_time / N * 1e6
 
 

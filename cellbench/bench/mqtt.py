@@ -9,9 +9,10 @@ below):
 - `cmd/<name>` (pause, resume, abort, clear_latch, set_variable): a `CommandMessage` with a correlation ID; the
   answer (`Reply`) goes to its `reply_to` topic or to `reply`. A repeated ID is answered again, not executed twice.
 
-The engine's subscriber only appends to a list and sets an event; each channel's link is a task of its own that
-moves messages into a durable outbox (SQLite beside the run's database, bounded) and publishes them in order
-from there, deleting what the broker acknowledged. When the broker is down the run goes on and the outbox
+The engine's subscriber only appends to a queue and wakes its link; the links run on an event loop of their own,
+on a thread of its own (publishing never takes the control loop's time), move messages into a durable outbox
+(SQLite beside the run's database, bounded) and publish them in order from there, deleting what the broker
+acknowledged. Commands are carried out on the control loop. When the broker is down the run goes on and the outbox
 fills; when it returns, the outbox is replayed by sequence number and the status comes back online. Who may
 command what is the broker's decision (its password file and ACL); the bench connects with its own credentials.
 """
@@ -20,17 +21,19 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import contextlib
 import json
 import logging
 import math
 import sqlite3
 import ssl
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -39,6 +42,7 @@ from cellbench.profiles.schema import Strict
 from cellbench.profiles.units import Duration
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 COMMANDS = ("pause", "resume", "abort", "clear_latch", "set_variable")
 CLOSE_WAIT = 5.0  # s a clean stop waits for the outbox to drain before it leaves the rest for a resume
@@ -201,18 +205,45 @@ class Outbox:
 CommandFn = Callable[[str, str, str], tuple[bool, str]]  # (action, channel, reason) -> (done, message)
 
 
+class MqttLoop:
+    """An event loop on a thread of its own, for every channel link of a bench: publishing, the outbox and the
+    broker's answers never take the control loop's time."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._serve, name="cellbench-mqtt", daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_forever()
+
+    def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=5)
+
+
 class ChannelLink:
-    """One channel's connection to the broker: its will, its telemetry and events, its commands."""
+    """One channel's connection to the broker: its will, its telemetry and events, its commands.
+
+    Made and fed on the control loop; its connection, outbox and commands live on the `MqttLoop`'s thread.
+    """
 
     def __init__(self, cfg: MqttConfig, bench: str, channel: str, run_id: str, cell_id: str | None,
-                 outbox: Path, command: CommandFn) -> None:
+                 outbox: Path, command: CommandFn, mqtt_loop: MqttLoop) -> None:
         self.cfg, self.channel, self.run_id = cfg, channel, run_id
         self.topic = f"{cfg.prefix}/{bench}/{channel}"
         self._command = command
+        self._control = asyncio.get_running_loop()
+        self._mqtt = mqtt_loop
         self._outbox = Outbox(outbox, cfg.outbox_limit)
         self._seq = self._outbox.last_seq()
-        self._pending: list[tuple[int, str, str, int, int]] = []
-        self._wake = asyncio.Event()
+        self._pending: collections.deque[tuple[int, str, str, int, int]] = collections.deque()
+        self._wake = asyncio.Event()  # set on the MQTT loop only (`_notify` from the control loop)
+        self._woken = False
         self._status = Status(state="starting", time=_utc(), bench=bench, channel=channel, run_id=run_id,
                               cell_id=cell_id)
         self._status_sent: str | None = None
@@ -220,7 +251,13 @@ class ChannelLink:
         self._answers: collections.OrderedDict[str, Reply] = collections.OrderedDict()
         self._closing = False
         self.connected = False
-        self._task = asyncio.ensure_future(self._run())
+        self._done = mqtt_loop.submit(self._run())
+
+    def _notify(self) -> None:
+        """Wake the link's task (on the MQTT loop) once, however many messages come before it runs."""
+        if not self._woken:
+            self._woken = True
+            self._mqtt.loop.call_soon_threadsafe(self._wake.set)
 
     # on the control loop: hand on and return ---------------------------------------------------------------
     def on_event(self, event: RunEvent) -> None:
@@ -242,7 +279,7 @@ class ChannelLink:
                 "cycle": s.cycle, "step_count": s.step_count, "step": s.step_type,
                 "values": {k: {"value": v, "unit": u} for k, (v, u) in values.items() if v is not None}})
             self._pending.append((seq, f"{self.topic}/telemetry", payload, 0, 1))
-            self._wake.set()
+            self._notify()
             return
         if isinstance(event, StepStarted):
             self._set_status("running", step=event.step_type, step_count=event.step_count, cycle=event.cycle)
@@ -269,33 +306,34 @@ class ChannelLink:
     def _queue(self, suffix: str, msg: BaseModel, *, qos: int, telemetry: bool) -> None:
         self._pending.append((getattr(msg, "seq", 0), f"{self.topic}/{suffix}", msg.model_dump_json(), qos,
                               int(telemetry)))
-        self._wake.set()
+        self._notify()
 
     def _set_status(self, state: str, **changes: Any) -> None:
         self._status = self._status.model_copy(update={"state": state, "time": _utc(), **changes})
-        self._wake.set()
+        self._notify()
 
     async def close(self, state: str, reason: str | None) -> None:
         """The run has ended: publish its end, drain the outbox (briefly), then say `offline` and disconnect."""
         self._set_status(state, reason=reason)
         self._closing = True
-        self._wake.set()
+        self._notify()
+        done = asyncio.wrap_future(self._done)
         try:
-            await asyncio.wait_for(asyncio.shield(self._task), CLOSE_WAIT)
+            await asyncio.wait_for(asyncio.shield(done), CLOSE_WAIT)
         except TimeoutError:
             log.warning("%s: MQTT broker unreachable at the end; %d message(s) stay in the outbox",
                         self.channel, len(self._outbox) + len(self._pending))
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            self._done.cancel()
+            await asyncio.gather(done, return_exceptions=True)
         finally:
             await self._spill()
             self._outbox.close()
 
     # the link's own task -----------------------------------------------------------------------------------
     async def _spill(self) -> None:
-        """Move what the engine handed on into the outbox (off the loop)."""
+        """Move what the engine handed on into the outbox (on a worker thread)."""
         if self._pending:
-            rows, self._pending = self._pending, []
+            rows = [self._pending.popleft() for _ in range(len(self._pending))]  # what came after stays
             await asyncio.to_thread(self._outbox.add, rows)
 
     async def _run(self) -> None:
@@ -331,7 +369,7 @@ class ChannelLink:
                     log.warning("%s: MQTT broker %s:%d unreachable (%s); the run goes on, telemetry waits in the "
                                 "outbox", self.channel, self.cfg.host, self.cfg.port, exc)
                     said_down = True
-            self._wake.clear()
+            self._sleep_ready()
             try:
                 await asyncio.wait_for(self._wake.wait(), backoff)
             except TimeoutError:
@@ -360,17 +398,22 @@ class ChannelLink:
                 continue
             if self._closing and not self._pending:
                 return
-            self._wake.clear()
+            self._sleep_ready()
             if not self._pending and self._status.model_dump_json(exclude={"time"}) == self._status_sent:
                 await self._wake.wait()
+
+    def _sleep_ready(self) -> None:
+        """Before waiting: the next message wakes the task again."""
+        self._woken = False
+        self._wake.clear()
 
     async def _listen(self, client: Any) -> None:
         async for message in client.messages:
             name = str(message.topic).rsplit("/", 1)[-1]
-            reply, to = self.answer(name, bytes(message.payload or b""))
+            reply, to = await self.answer(name, bytes(message.payload or b""))
             await client.publish(to, reply.model_dump_json(), qos=1)
 
-    def answer(self, name: str, payload: bytes) -> tuple[Reply, str]:
+    async def answer(self, name: str, payload: bytes) -> tuple[Reply, str]:
         """The reply to one command message and the topic it goes to; a repeated correlation ID gets the first
         answer again."""
         reply_to = f"{self.topic}/reply"
@@ -387,14 +430,14 @@ class ChannelLink:
         to = cmd.reply_to or reply_to
         if cmd.id in self._answers:
             return self._answers[cmd.id], to
-        reply = Reply(id=cmd.id, command=name, **self._execute(name, cmd))
+        reply = Reply(id=cmd.id, command=name, **await self._execute(name, cmd))
         self._answers[cmd.id] = reply
         while len(self._answers) > ANSWERS_KEPT:
             self._answers.popitem(last=False)
         log.info("%s: MQTT command %s (%s): %s", self.channel, name, cmd.id, reply.message)
         return reply, to
 
-    def _execute(self, name: str, cmd: CommandMessage) -> dict[str, Any]:
+    async def _execute(self, name: str, cmd: CommandMessage) -> dict[str, Any]:
         if name not in COMMANDS:
             return {"ok": False, "message": f"refused: unknown command '{name}' (expected one of: "
                                             f"{', '.join(COMMANDS)})"}
@@ -404,19 +447,30 @@ class ChannelLink:
         if name == "set_variable":
             return {"ok": False, "message": "refused: profile variables are fixed when a step starts; stop and "
                                             "start the run with the new value"}
-        ok, message = self._command("stop" if name == "abort" else name, self.channel, cmd.reason)
+        async def on_control_loop() -> tuple[bool, str]:  # the coordinator is the control loop's
+            return self._command("stop" if name == "abort" else name, self.channel, cmd.reason)
+
+        ok, message = await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(on_control_loop(), self._control))
         return {"ok": ok, "message": message if ok else f"refused: {message}"}
 
 
 class MqttBridge:
-    """The bench's MQTT side: one link per channel run."""
+    """The bench's MQTT side: one link per channel run, all on one `MqttLoop`."""
 
     def __init__(self, cfg: MqttConfig, bench: str, command: CommandFn) -> None:
         self.cfg, self.bench, self.command = cfg, bench, command
         cfg.password()  # a missing password file is said before any run starts
+        self._loop: MqttLoop | None = None
 
     def link(self, channel: str, run_id: str, cell_id: str | None, outbox: Path) -> ChannelLink:
-        return ChannelLink(self.cfg, self.bench, channel, run_id, cell_id, outbox, self.command)
+        if self._loop is None:
+            self._loop = MqttLoop()
+        return ChannelLink(self.cfg, self.bench, channel, run_id, cell_id, outbox, self.command, self._loop)
+
+    def close(self) -> None:
+        if self._loop is not None:
+            self._loop.stop()
+            self._loop = None
 
 
 def from_url(url: str, password_file: Path | None = None) -> MqttConfig:

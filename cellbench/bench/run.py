@@ -382,6 +382,8 @@ async def _on_bench(
                     await asyncio.to_thread(guardian.dismiss, watchdog)
     finally:
         coordinator.release_signals()
+        if coordinator.mqtt is not None:
+            coordinator.mqtt.close()
     for r in results:
         if isinstance(r, BaseException):
             raise r
