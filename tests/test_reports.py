@@ -196,8 +196,10 @@ def test_pyprobe_reads_the_export(simulated_run: Path, tmp_path: Path) -> None:
     assert len(ours) == 2 and theirs == pytest.approx(ours, rel=5e-4)
 
 
-def test_cellpy_reads_the_export_with_the_instrument_file_beside_it(simulated_run: Path, tmp_path: Path) -> None:
+def test_cellpy_reads_the_export_with_the_instrument_file_beside_it(simulated_run: Path, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """cellpy (not ours) reads the CSV through the cellpy.yml the export writes, and gets our capacities."""
+    monkeypatch.chdir(tmp_path)  # cellpy writes its logs into the working directory
     import cellpy
 
     files = export_run(simulated_run, tmp_path)
