@@ -442,8 +442,8 @@ class ChannelLink:
             return {"ok": False, "message": f"refused: unknown command '{name}' (expected one of: "
                                             f"{', '.join(COMMANDS)})"}
         if name == "clear_latch":
-            return {"ok": False, "message": "refused: a safety stop ends the run on this controller (no latch to "
-                                            "clear): check the cell, then start a new run"}
+            return {"ok": False, "message": "refused: a safety stop ends the run and latches it; check the cell, "
+                                            "then `cellbench resume RUN --clear-latch` on the bench's machine"}
         if name == "set_variable":
             return {"ok": False, "message": "refused: profile variables are fixed when a step starts; stop and "
                                             "start the run with the new value"}
