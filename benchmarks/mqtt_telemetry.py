@@ -3,7 +3,8 @@ the engine's subscriber (ChannelLink: outbox on disk, publisher task) and from a
 in one run, with their ratio. Also what the control loop pays per sample in `on_event`.
 
 A Mosquitto of its own on a free loopback port (the test suite's generated configuration), a paho subscriber
-on its own thread stamping arrival times. Run: .venv/bin/python benchmarks/mqtt_telemetry.py [messages]
+in a process of its own (as a dashboard would be) stamping arrival times.
+Run: .venv/bin/python benchmarks/mqtt_telemetry.py [messages]
 """
 
 from __future__ import annotations
@@ -11,9 +12,9 @@ from __future__ import annotations
 import asyncio
 import json
 import statistics
+import subprocess
 import sys
 import tempfile
-import threading
 import time
 from datetime import datetime
 from pathlib import Path
@@ -29,47 +30,71 @@ from tests.broker import Broker
 N = int(sys.argv[1]) if len(sys.argv) > 1 else 20_000
 
 
+RECEIVER = r"""
+import json, sys, threading, time
+from datetime import datetime
+import paho.mqtt.client as paho
+
+port, topic = int(sys.argv[1]), sys.argv[2]
+state = {"expect": 0, "got": []}
+done = threading.Event()
+
+def on_message(client, userdata, msg):
+    if state["expect"] and len(state["got"]) < state["expect"]:
+        state["got"].append((time.time(), msg.payload))
+        if len(state["got"]) >= state["expect"]:
+            done.set()
+
+client = paho.Client(paho.CallbackAPIVersion.VERSION2)
+client.username_pw_set("viewer", "viewer-secret")
+client.on_message = on_message
+ready = threading.Event()
+client.on_subscribe = lambda *a: ready.set()
+client.connect("127.0.0.1", port)
+client.loop_start()
+client.subscribe(topic, qos=0)
+ready.wait(10)
+print("ready", flush=True)
+for line in sys.stdin:
+    done.clear()
+    state["got"], state["expect"] = [], int(line)
+    print("armed", flush=True)
+    done.wait(120)
+    sent = [datetime.fromisoformat(json.loads(p)["time"].replace("Z", "+00:00")).timestamp() for _, p in state["got"]]
+    print(json.dumps({"last": state["got"][-1][0], "latencies_ms": [(a - s) * 1e3 for (a, _), s in
+                                                                    zip(state["got"], sent)]}), flush=True)
+"""
+
+
 class Receiver:
-    """A paho subscriber on its own thread: arrival time of every message on a topic."""
+    """A paho subscriber in a process of its own (as Grafana or a LIMS would be): arrival time of every message."""
 
     def __init__(self, port: int, topic: str) -> None:
-        self.arrived: list[tuple[float, bytes]] = []
-        self.done = threading.Event()
-        self.expect = 0
-        self.client = paho.Client(paho.CallbackAPIVersion.VERSION2)
-        self.client.username_pw_set("viewer", "viewer-secret")
-        self.client.on_message = self._on_message
-        subscribed = threading.Event()
-        self.client.on_subscribe = lambda *a: subscribed.set()
-        self.client.connect("127.0.0.1", port)
-        self.client.loop_start()
-        self.client.subscribe(topic, qos=0)
-        subscribed.wait(10)
-
-    def _on_message(self, client: object, userdata: object, msg: paho.MQTTMessage) -> None:
-        self.arrived.append((time.time(), msg.payload))
-        if len(self.arrived) >= self.expect:
-            self.done.set()
+        self.proc = subprocess.Popen([sys.executable, "-c", RECEIVER, str(port), topic], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None and self.proc.stdout.readline().strip() == "ready"
 
     def reset(self, expect: int) -> None:
-        self.arrived, self.expect = [], expect
-        self.done.clear()
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(f"{expect}\n")
+        self.proc.stdin.flush()
+        assert self.proc.stdout.readline().strip() == "armed"
+
+    def wait(self) -> tuple[float, list[float]]:
+        assert self.proc.stdout is not None
+        got = json.loads(self.proc.stdout.readline())
+        return got["last"], got["latencies_ms"]
 
     def close(self) -> None:
-        self.client.loop_stop()
-        self.client.disconnect()
-
-
-def sent_at(payload: bytes) -> float:
-    stamp = json.loads(payload)["time"]
-    return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+        self.proc.kill()
+        self.proc.wait()
 
 
 def figures(rx: Receiver, t0: float) -> tuple[float, float]:
     """(messages per second from the first publish to the last arrival, p99 latency in ms)."""
-    last = rx.arrived[-1][0]
-    latencies = sorted((at - sent_at(p)) * 1e3 for at, p in rx.arrived)
-    return len(rx.arrived) / (last - t0), latencies[int(0.99 * (len(latencies) - 1))]
+    last, latencies = rx.wait()
+    latencies.sort()
+    return len(latencies) / (last - t0), latencies[int(0.99 * (len(latencies) - 1))]
 
 
 async def ours(port: int, rx: Receiver, folder: Path) -> tuple[float, float, float]:
@@ -92,8 +117,7 @@ async def ours(port: int, rx: Receiver, folder: Path) -> tuple[float, float, flo
         loop_time += time.perf_counter() - c0
         if i % 200 == 199:
             await asyncio.sleep(0)  # a control loop that samples: the link runs between samples
-    await asyncio.to_thread(rx.done.wait, 120)
-    rate, p99 = figures(rx, t0)
+    rate, p99 = await asyncio.to_thread(figures, rx, t0)
     await link.close("completed", None)
     mqtt_loop.stop()
     return rate, p99, loop_time / N * 1e6
@@ -110,10 +134,10 @@ def bare(port: int, rx: Receiver) -> tuple[float, float]:
         payload = json.dumps({"time": datetime.fromtimestamp(time.time()).astimezone().isoformat(), "seq": i + 1,
                               "values": {"voltage": {"value": 3.7, "unit": "V"}}})
         client.publish("cellbench/perf/ch1/telemetry", payload, qos=0)
-    rx.done.wait(120)
+    result = figures(rx, t0)
     client.loop_stop()
     client.disconnect()
-    return figures(rx, t0)
+    return result
 
 
 def main() -> None:
