@@ -16,10 +16,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import queue
 import re
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, TypeVar
 
@@ -266,17 +267,55 @@ class StreamTransport(LineTransport):
             await self._writer.wait_closed()
 
 
+class _Worker:
+    """One thread that owns a blocking session: calls run there in order, their results come back to the loop.
+    (A ThreadPoolExecutor's work items and wrapped futures cost as much as a short exchange itself.)"""
+
+    def __init__(self, name: str) -> None:
+        self._calls: queue.SimpleQueue[tuple[Any, tuple[Any, ...], asyncio.Future[Any]] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while (item := self._calls.get()) is not None:
+            fn, args, future = item
+            loop = future.get_loop()
+            try:
+                result = fn(*args)
+            except BaseException as exc:  # handed to the awaiting coroutine, whatever it is
+                loop.call_soon_threadsafe(_settle, future, None, exc)
+            else:
+                loop.call_soon_threadsafe(_settle, future, result, None)
+
+    async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._calls.put((fn, args, future))
+        return await future
+
+    def shutdown(self) -> None:
+        self._calls.put(None)
+
+
+def _settle(future: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:
+    if future.cancelled():
+        return
+    if exc is not None:
+        future.set_exception(exc)
+    else:
+        future.set_result(result)
+
+
 class VisaTransport(LineTransport):
     """pyvisa + pyvisa-py, the session confined to one worker thread."""
 
     def __init__(self, name: str, resource: str, *, baud_rate: int | None = None, **kw: object) -> None:
         super().__init__(name, resource, **kw)  # type: ignore[arg-type]
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"visa-{name}")
+        self._executor = _Worker(f"visa-{name}")
         self._baud_rate = baud_rate
         self._session: Any = None
 
     async def _call(self, fn: object, *args: object) -> object:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)  # type: ignore[arg-type]
+        return await self._executor.call(fn, *args)  # type: ignore[arg-type]
 
     async def open(self) -> VisaTransport:
         import pyvisa
@@ -346,7 +385,7 @@ class VisaTransport(LineTransport):
             with contextlib.suppress(Exception):
                 await self._call(self._session.close)
             self._session = None
-        self._executor.shutdown(wait=False)
+        self._executor.shutdown()
 
 
 async def open_transport(
