@@ -256,3 +256,14 @@ def test_a_bench_reaches_its_broker_over_tls_and_refuses_a_broker_it_cannot_veri
         assert bad.returncode == 1 and "no  connect" in bad.stdout
     finally:
         secure.stop()
+
+
+def test_an_unreadable_broker_password_is_said_in_one_line_before_anything_is_touched(
+        tmp_path: Path, smu: str, broker: Broker) -> None:
+    bench, profile = bench_file(tmp_path, smu, broker)
+    bench.write_text(bench.read_text().replace(str(broker.password_file("bench")), str(tmp_path / "missing")))
+    proc = start_run(tmp_path, bench, profile)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 2, out
+    assert f"bench 'night': mqtt password_file {tmp_path / 'missing'}" in out and "Traceback" not in out
+    assert ask(smu, ":OUTP?") == "0"

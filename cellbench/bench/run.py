@@ -361,7 +361,11 @@ async def _on_bench(
     if handle_signals:
         coordinator.catch_signals()
     if bench.mqtt is not None and not clock.virtual:
-        coordinator.mqtt = MqttBridge(bench.mqtt, bench.name, coordinator.command)
+        try:
+            coordinator.mqtt = MqttBridge(bench.mqtt, bench.name, coordinator.command)
+        except ValueError as exc:  # the password file cannot be read: said before anything is touched
+            coordinator.release_signals()
+            raise InputError([f"bench '{bench.name}': {exc}"]) from None
     try:
         # the operator's commands to one channel, from another terminal: the controller of a real bench only
         commands = (control.serving(coordinator.command, bench.name, list(bench.channels))
