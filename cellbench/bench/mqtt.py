@@ -26,6 +26,8 @@ import contextlib
 import json
 import logging
 import math
+import os
+import socket
 import sqlite3
 import ssl
 import threading
@@ -251,6 +253,8 @@ class ChannelLink:
         self._answers: collections.OrderedDict[str, Reply] = collections.OrderedDict()
         self._closing = False
         self.connected = False
+        # unique on the broker: two labs' benches may share a name, a broker drops the older of two equal IDs
+        self._identifier = f"cellbench-{socket.gethostname()}-{os.getpid()}-{bench}-{channel}"
         self._done = mqtt_loop.submit(self._run())
 
     def _notify(self) -> None:
@@ -346,7 +350,7 @@ class ChannelLink:
             will = aiomqtt.Will(f"{self.topic}/status", self._offline().model_dump_json(), qos=1, retain=True)
             try:
                 async with aiomqtt.Client(**self.cfg.client_kwargs(), will=will,
-                                          identifier=f"cellbench-{self.topic.replace('/', '-')}") as client:
+                                          identifier=self._identifier) as client:
                     self.connected, backoff = True, 1.0
                     client.pending_calls_threshold = IN_FLIGHT + 10  # ours, by design: no warning for them
                     if said_down:
