@@ -88,6 +88,9 @@ class SolidStateCell:
                                formation_left_ah=params.formation_loss_fraction * params.capacity_ah)
         self._r_key: tuple[float, float, float] | None = None
         self._r = (0.0, 0.0, 0.0, 0.0, 0.0)  # R0, R_li, R_cat, tau_li, tau_cat
+        self._r_now: tuple[float, float, float] | None = None  # (T, P, capacity) the last call saw
+        self._decay_key: tuple[float, float, float] | None = None
+        self._decay = (0.0, 0.0, 0.0)
         # diffusion: the lead relaxes with tau_diff and reaches lag_s * dSOC/dt under a steady current
         self._tau_diff = params.diffusion_time_s / SPHERE_SLOWEST_MODE
         self._lag_s = params.diffusion_time_s / SPHERE_STEADY_LAG
@@ -143,6 +146,10 @@ class SolidStateCell:
     def _resistances(self) -> tuple[float, float, float, float, float]:
         """(ohmic, Li|SE, cathode|SE) in ohms and the two interfaces' time constants in s, recomputed only
         when temperature, pressure or ageing change."""
+        now = (self.temperature_c, self.pressure_mpa, self.state.capacity_ah)
+        if now == self._r_now:  # nothing moved since the last call (several per step)
+            return self._r
+        self._r_now = now
         key = (round(self.temperature_c, 2), round(self.pressure_mpa, 4), round(self._ageing(), 4))
         if self._r_key != key:
             p, t_k = self.params, self.temperature_c + KELVIN
@@ -221,9 +228,14 @@ class SolidStateCell:
 
     # --- dynamics --------------------------------------------------------------------------
     def _decays(self, dt: float) -> tuple[float, float, float]:
-        """exp(-dt/tau) of the Li, cathode and diffusion branches."""
+        """exp(-dt/tau) of the Li, cathode and diffusion branches (an instrument asks thevenin, then applies,
+        for the same dt: computed once)."""
         tau_li, tau_cat, tau_d = self.time_constants()
-        return math.exp(-dt / tau_li), math.exp(-dt / tau_cat), math.exp(-dt / tau_d)
+        key = (dt, tau_li, tau_cat)
+        if key != self._decay_key:
+            self._decay_key = key
+            self._decay = (math.exp(-dt / tau_li), math.exp(-dt / tau_cat), math.exp(-dt / tau_d))
+        return self._decay
 
     def thevenin(self, dt: float) -> tuple[float, float]:
         """(E, R) such that the terminal voltage over the next dt is E + I·R for external current I."""
