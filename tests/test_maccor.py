@@ -214,6 +214,12 @@ def test_the_pilot_line_example_rehearses_seventeen_channels(tmp_path: object) -
     dbs = {p.stem.split("Z-", 1)[1]: p for p in runs.glob("*.sqlite")}
     assert sorted(dbs) == [f"P-{k:02d}" for k in range(1, 17)] + ["REF-01"]
     assert result.output.count(": completed after 8.50 h") == 16 and "ref: completed" in result.output
+    # each run records its own slice of the bench (its channel, cell and instruments), not all seventeen
+    import json
+
+    (recorded,) = sqlite3.connect(dbs["P-01"]).execute("SELECT value FROM meta WHERE key = 'bench'").fetchone()
+    own = json.loads(recorded)
+    assert list(own["channels"]) == ["ch01"] and list(own["instruments"]) == ["box1"]
 
     def hottest(cell: str) -> tuple[float | None, float | None]:
         con = sqlite3.connect(dbs[cell])

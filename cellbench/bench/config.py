@@ -107,6 +107,13 @@ class BenchConfig(Strict):
         cells = dict.fromkeys(self.channels[name].cell for name in self.sharing(press))
         return sum(self.cells[c].area for c in cells if c in self.cells)
 
+    def only(self, channel: str) -> BenchConfig:
+        """The bench as one channel sees it: that channel, its cell and its instruments (what its run records,
+        so that a run's metadata does not grow with the bench)."""
+        ch = self.channels[channel]
+        return self.model_copy(update={"instruments": {r: self.instruments[r] for r in ch.instruments},
+                                       "cells": {ch.cell: self.cells[ch.cell]}, "channels": {channel: ch}})
+
     def cell_id(self, channel: str) -> str:
         """The ID of the channel's cell: its `id`, or its key in the bench file."""
         key = self.channels[channel].cell

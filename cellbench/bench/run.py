@@ -297,11 +297,12 @@ async def run_bench(
             problems.setdefault(id(pf), (pf, []))[1].extend(said)
     if problems:
         raise InputError([line for pf, said in problems.values() for line in locate(pf.text, pf.source, said)])
-    common = {"bench": bench.model_dump(mode="json"), "bench_as_written": bench.as_written(),
-              "operator": bench.operator, "comment": bench.comment, **(extra_metadata or {})}
+    common = {"operator": bench.operator, "comment": bench.comment, **(extra_metadata or {})}
 
     def job(instruments: Instruments, coordinator: _Coordinator, name: str, pf: ProfileFile, path: Path) -> Any:
-        extra = {**common, "profile_source": pf.source, "total_steps": pf.profile.executed_step_count(),
+        own = bench.only(name)  # each run records its own slice of the bench, not every channel's
+        extra = {"bench": own.model_dump(mode="json"), "bench_as_written": own.as_written(), **common,
+                 "profile_source": pf.source, "total_steps": pf.profile.executed_step_count(),
                  "base_dir": str(Path.cwd() / pf.base_dir)}  # base_dir: for a resume
         return _run_channel(instruments.channel(name), pf.profile, pf.text, clock, path, on_progress, extra,
                             pf.base_dir, coordinator, instruments.notices_for(name), supervise=supervise,
