@@ -78,10 +78,7 @@ def _time_series(plt: Any, samples: list[Any], path: Path) -> Path:
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     axes[-1].set_xlabel("Test time / h")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _written(plt, fig, path)
 
 
 def _cycles(plt: Any, rows: list[CycleSummary], path: Path) -> Path:
@@ -98,10 +95,7 @@ def _cycles(plt: Any, rows: list[CycleSummary], path: Path) -> Path:
             label="CE")
     ce.set_ylabel("Coulombic efficiency / %")
     ax.legend(loc="lower left")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _written(plt, fig, path)
 
 
 def _dqdv(plt: Any, curves: dict[int, list[tuple[float, float]]], path: Path) -> Path:
@@ -112,10 +106,7 @@ def _dqdv(plt: Any, curves: dict[int, list[tuple[float, float]]], path: Path) ->
     ax.set_xlabel("Voltage / V")
     ax.set_ylabel("dQ/dV (discharge) / mAh/V")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _written(plt, fig, path)
 
 
 def _nyquist(plt: Any, spectra: dict[int, list[tuple[float, float, float]]], fits: list[dict[str, Any]],
@@ -131,12 +122,7 @@ def _nyquist(plt: Any, spectra: dict[int, list[tuple[float, float, float]]], fit
     ax.set_xlabel("Z' / ohm")
     ax.set_ylabel("-Z'' / ohm")
     ax.set_aspect("equal", adjustable="datalim")
-    ax.grid(alpha=0.3)
-    _integer_ticks(ax, fig.colorbar(bar, ax=ax, label="Cycle").ax.yaxis)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _with_cycle_bar(plt, fig, ax, bar, path)
 
 
 def _integer_ticks(ax: Any, axis: Any = None) -> None:
@@ -179,12 +165,7 @@ def _voltage_capacity(plt: Any, samples: list[Any], path: Path) -> Path:
                 ax.plot([q(s) * 1e3 for s in half], [s.voltage for s in half], lw=0.8, color=colours(c))
     ax.set_xlabel("Capacity / mAh")
     ax.set_ylabel("Voltage / V")
-    ax.grid(alpha=0.3)
-    _integer_ticks(ax, fig.colorbar(bar, ax=ax, label="Cycle").ax.yaxis)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _with_cycle_bar(plt, fig, ax, bar, path)
 
 
 def _retention_plot(plt: Any, retention: list[float], cycles: list[int], path: Path) -> Path:
@@ -194,6 +175,21 @@ def _retention_plot(plt: Any, retention: list[float], cycles: list[int], path: P
     return _by_cycle_axes(plt, fig, ax, "Capacity retention / %", path)
 
 
+def _written(plt: Any, fig: Any, path: Path) -> Path:
+    """Lay a figure out, write it and free it."""
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _with_cycle_bar(plt: Any, fig: Any, ax: Any, bar: Any, path: Path) -> Path:
+    """Finish a plot coloured by cycle: grid, a colour bar with whole cycle numbers; write it."""
+    ax.grid(alpha=0.3)
+    _integer_ticks(ax, fig.colorbar(bar, ax=ax, label="Cycle").ax.yaxis)
+    return _written(plt, fig, path)
+
+
 def _by_cycle_axes(plt: Any, fig: Any, ax: Any, ylabel: str, path: Path) -> Path:
     """Finish a plot over whole cycles (labels, grid, legend, integer ticks) and write it."""
     ax.set_xlabel("Cycle")
@@ -201,10 +197,7 @@ def _by_cycle_axes(plt: Any, fig: Any, ax: Any, ylabel: str, path: Path) -> Path
     ax.grid(alpha=0.3)
     ax.legend()
     _integer_ticks(ax)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _written(plt, fig, path)
 
 
 def _resistance(plt: Any, samples: list[Any], pulses: list[Dcir], fits: list[dict[str, Any]],
@@ -320,7 +313,4 @@ def compare_runs(databases: list[Path], out: Path) -> tuple[Path, dict[str, floa
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(out)
-    plt.close(fig)
-    return out, lives
+    return _written(plt, fig, out), lives
