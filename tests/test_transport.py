@@ -82,6 +82,17 @@ async def test_nobody_listening_is_reported_with_the_address() -> None:
         await open_transport(f"TCPIP::127.0.0.1::{port}::SOCKET", timeout=0.5)
 
 
+async def test_failed_visa_opens_leave_no_thread_behind() -> None:
+    """A pulled cable: the bench retries opening for hours; each failed VISA attempt's session thread ends."""
+    import threading
+
+    for _ in range(5):
+        with pytest.raises(ConnectionLost, match="cannot open"):
+            await open_transport("ASRL/dev/cellbench-unplugged::INSTR", name="gone", timeout=0.5, backend="visa")
+    await asyncio.sleep(0.2)
+    assert [t.name for t in threading.enumerate() if t.name == "visa-gone"] == []
+
+
 async def test_concurrent_callers_never_get_each_others_replies(smu_sim: SimServer) -> None:
     io = await open_transport(smu_sim.resource, name="smu", timeout=2.0)
     try:

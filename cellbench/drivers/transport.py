@@ -334,6 +334,7 @@ class VisaTransport(LineTransport):
         try:
             self._session = await self._call(_open)
         except Exception as exc:
+            self._executor.shutdown()  # its thread ends: a cable pulled for hours must not leave one per attempt
             raise ConnectionLost(self.name, f"cannot open {self.resource}: {exc}") from exc
         return self
 
