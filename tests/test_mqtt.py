@@ -267,3 +267,39 @@ def test_an_unreadable_broker_password_is_said_in_one_line_before_anything_is_to
     assert proc.returncode == 2, out
     assert f"bench 'night': mqtt password_file {tmp_path / 'missing'}" in out and "Traceback" not in out
     assert ask(smu, ":OUTP?") == "0"
+
+
+async def test_hostile_commands_are_refused_and_a_full_disk_stops_telemetry_not_the_run(
+        tmp_path: Path, broker: Broker, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A link in this process against the test's broker: payloads nested or sized beyond reason get a refusal,
+    and an outbox that cannot be written (a full disk) ends the link's telemetry with a log line; closing the
+    link then raises nothing, so the run's own end (output off, recorded) stands."""
+    import sqlite3
+
+    from cellbench.bench.events import Note, NoteKind
+
+    cfg = mqtt.MqttConfig(host="127.0.0.1", port=broker.port, username="bench",
+                          password_file=broker.password_file("bench"))
+    loop = mqtt.MqttLoop()
+    link = mqtt.ChannelLink(cfg, "night", "ch1", "run-1", "cell", tmp_path / "o.sqlite",
+                            lambda action, ch, why: (True, "done"), loop)
+    try:
+        for payload in (b"[" * 200_000, b"{" * 10_000, b'{"id": "x"' + b" " * 20_000 + b"}"):
+            reply, _ = await link.answer("pause", payload)
+            assert not reply.ok and reply.message.startswith("refused:")
+        reply, _ = await link.answer("pause", b'{"id": "ok-1"}')
+        assert reply.ok  # the link still answers
+
+        def full(self: object, rows: object) -> None:
+            raise sqlite3.OperationalError("database or disk is full")
+
+        monkeypatch.setattr(mqtt.Outbox, "add", full)
+        link.on_event(Note(NoteKind.NOTICE, "something", 1.0, time.time()))
+        deadline = time.monotonic() + 10
+        while not link._done.done() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert link._done.done()
+        await link.close("completed", None)  # raises nothing
+        assert "MQTT telemetry stopped" in caplog.text and "disk is full" in caplog.text
+    finally:
+        loop.stop()

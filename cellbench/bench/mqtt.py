@@ -50,6 +50,7 @@ COMMANDS = ("pause", "resume", "abort", "clear_latch", "set_variable")
 CLOSE_WAIT = 5.0  # s a clean stop waits for the outbox to drain before it leaves the rest for a resume
 IN_FLIGHT = 100  # publishes awaited together (aiomqtt counts its pending calls one by one: not thousands)
 ANSWERS_KEPT = 1000  # correlation IDs remembered per channel (QoS 1 redelivery is seconds, not hours)
+MAX_COMMAND_BYTES = 16_384  # a command is a few fields: anything larger is refused unread
 
 
 class MqttConfig(Strict):
@@ -256,6 +257,11 @@ class ChannelLink:
         # unique on the broker: two labs' benches may share a name, a broker drops the older of two equal IDs
         self._identifier = f"cellbench-{socket.gethostname()}-{os.getpid()}-{bench}-{channel}"
         self._done = mqtt_loop.submit(self._run())
+        self._done.add_done_callback(self._stopped)
+
+    def _stopped(self, done: concurrent.futures.Future[None]) -> None:
+        if not done.cancelled() and (exc := done.exception()) is not None:
+            log.error("%s: MQTT telemetry stopped (the run goes on): %s", self.channel, exc)
 
     def _notify(self) -> None:
         """Wake the link's task (on the MQTT loop) once, however many messages come before it runs."""
@@ -329,8 +335,11 @@ class ChannelLink:
                         self.channel, len(self._outbox) + len(self._pending))
             self._done.cancel()
             await asyncio.gather(done, return_exceptions=True)
+        except (sqlite3.Error, OSError) as exc:  # the link had stopped already (a full disk): the run's end stands
+            log.error("%s: MQTT telemetry stopped: %s", self.channel, exc)
         finally:
-            await self._spill()
+            with contextlib.suppress(sqlite3.Error, OSError):
+                await self._spill()
             self._outbox.close()
 
     # the link's own task -----------------------------------------------------------------------------------
@@ -421,12 +430,15 @@ class ChannelLink:
         """The reply to one command message and the topic it goes to; a repeated correlation ID gets the first
         answer again."""
         reply_to = f"{self.topic}/reply"
+        if len(payload) > MAX_COMMAND_BYTES:
+            return Reply(id="?", command=name, ok=False,
+                         message=f"refused: a command is at most {MAX_COMMAND_BYTES} bytes"), reply_to
         try:
             cmd = CommandMessage.model_validate_json(payload)
         except ValidationError as exc:
             try:
-                ident = str(json.loads(payload).get("id", "")) or "?"
-            except (ValueError, AttributeError):
+                ident = str(json.loads(payload).get("id", ""))[:200] or "?"
+            except (ValueError, AttributeError, RecursionError):  # not JSON, not an object, nested beyond reason
                 ident = "?"
             first = exc.errors()[0]
             where = ".".join(str(p) for p in first["loc"]) or "payload"
