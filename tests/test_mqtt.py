@@ -295,9 +295,7 @@ async def test_hostile_commands_are_refused_and_a_full_disk_stops_telemetry_not_
 
         monkeypatch.setattr(mqtt.Outbox, "add", full)
         link.on_event(Note(NoteKind.NOTICE, "something", 1.0, time.time()))
-        deadline = time.monotonic() + 10
-        while not link._done.done() and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
+        await asyncio.wait([asyncio.wrap_future(link._done)], timeout=10)
         assert link._done.done()
         await link.close("completed", None)  # raises nothing
         assert "MQTT telemetry stopped" in caplog.text and "disk is full" in caplog.text

@@ -155,6 +155,7 @@ def test_a_whole_bench_file_is_served_by_simulators_and_a_real_time_run_goes_thr
           pellet: {capacity: 3.5 mAh, voltage_min: 2.5 V, voltage_max: 4.3 V}
         channels:
           ch1: {cycler: smu1, chamber: oven, cell: pellet}
+        mqtt: {host: broker.lab.invalid, username: bench-07}
     """))
     pytester.makepyfile(test_bench=textwrap.dedent("""
         import cellbench
@@ -164,6 +165,7 @@ def test_a_whole_bench_file_is_served_by_simulators_and_a_real_time_run_goes_thr
         def test_the_labs_bench_file_on_simulators(cellbench_bench, tmp_path):
             bench = cellbench_bench("bench.yaml")
             assert "10.0.0.5" not in bench.read_text()
+            assert "broker.lab.invalid" not in bench.read_text()  # never the lab's own broker from a test
             result = cellbench.run(PROFILE, bench=bench, runs_dir=tmp_path / "runs")
             assert result.completed, result.outcome.reason
             samples = cellbench.read_samples(result.database)
@@ -171,3 +173,17 @@ def test_a_whole_bench_file_is_served_by_simulators_and_a_real_time_run_goes_thr
     """))
     result = pytester.runpytest_subprocess("-q", "-p", "no:cacheprovider")
     result.assert_outcomes(passed=1)
+
+
+def test_a_simulator_that_cannot_start_is_said_with_its_own_words() -> None:
+    from cellbench.testing.plugin import Served
+
+    served = Served({})
+    try:
+        with pytest.raises(RuntimeError, match=r"did not start.*unknown instrument 'thermostat'"):
+            served("thermostat")
+        resource = served("keithley2450", faults=("delay=0.01",))  # and one that does, with its options
+        assert resource.startswith("TCPIP::127.0.0.1::")
+    finally:
+        served.stop()
+    assert all(proc.poll() is not None for proc in served.procs)

@@ -18,10 +18,14 @@ and dry-runs it, failing with the profile's `file:line` message or the simulated
 
 from __future__ import annotations
 
+import os
+import queue
 import re
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,17 +69,28 @@ class Served:
         for fault in opts.get("faults", ()):
             args += ["--fault", fault]
         proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                env={**_environ(), "PYTHONUNBUFFERED": "1", "COLUMNS": "300"})
+                                env={**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "300"})
         self.procs.append(proc)
+        lines: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+        listening = threading.Event()
+        listening.set()
+        # read its output for as long as it runs: a simulator whose log fills an unread pipe would stop answering
+        threading.Thread(target=_drain, args=(proc, lines, listening), daemon=True).start()
         said: list[str] = []
-        assert proc.stdout is not None
-        for line in proc.stdout:
+        deadline = time.monotonic() + START_TIMEOUT
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                line = lines.get(timeout=left)
+            except queue.Empty:
+                break
+            if line is None:  # it ended
+                break
             said.append(line)
             if m := ANNOUNCED.search(line):
+                listening.clear()  # the rest of its log is read and dropped
                 return m.group(1)
-            if len(said) > 200:
-                break
-        raise RuntimeError(f"the simulated {instrument} did not start: {''.join(said)[-1000:]}")
+        raise RuntimeError(f"the simulated {instrument} did not start within {START_TIMEOUT:g} s: "
+                           f"{''.join(said)[-1000:]}")
 
     def stop(self) -> None:
         for proc in self.procs:
@@ -88,10 +103,12 @@ class Served:
                 proc.wait()
 
 
-def _environ() -> dict[str, str]:
-    import os
-
-    return dict(os.environ)
+def _drain(proc: subprocess.Popen[str], lines: queue.SimpleQueue[str | None], listening: threading.Event) -> None:
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if listening.is_set():
+            lines.put(line)
+    lines.put(None)
 
 
 @pytest.fixture
@@ -134,6 +151,7 @@ def cellbench_bench(cellbench_serve: Served, tmp_path: Path) -> Callable[[str | 
 
         bench = load_bench(bench_file)
         written = bench.as_written()
+        written.pop("mqtt", None)  # a test on simulators never publishes to the lab's own broker
         for name, instrument in bench.instruments.items():
             written["instruments"][name]["resource"] = cellbench_serve(instrument.driver)
             if instrument.login_file is not None:  # the simulated cycler's own login
