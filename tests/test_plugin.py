@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -187,3 +188,33 @@ def test_a_simulator_that_cannot_start_is_said_with_its_own_words() -> None:
     finally:
         served.stop()
     assert all(proc.poll() is not None for proc in served.procs)
+
+
+def test_the_temperature_option_reaches_the_simulated_cell() -> None:
+    """`sim serve --temperature`: the same 1 mA discharge drops less voltage in a warm cell (its electrolyte
+    and interfaces conduct better), as a lab's script sees it over the wire."""
+    import pyvisa
+
+    from cellbench.testing.plugin import Served
+
+    served = Served({"soc": 0.5})
+    volts = {}
+    try:
+        for temperature in (25.0, 60.0):
+            rm = pyvisa.ResourceManager("@py")
+            smu = rm.open_resource(served("keithley2450", temperature=temperature), read_termination="\n",
+                                   write_termination="\n", timeout=5000)
+            for setting in (":SOUR:FUNC CURR", ":SOUR:CURR -0.001", ":SOUR:CURR:VLIM 4.3", ":OUTP ON"):
+                smu.write(setting)
+            time.sleep(0.3)
+            volts[temperature] = float(smu.query(":MEAS:VOLT?"))
+            smu.write(":OUTP OFF")
+            smu.close()
+            rm.close()
+    finally:
+        served.stop()
+    # by hand, from the model: 1 mA through about 67 ohm at 25 degC and about 14 ohm at 60 degC
+    from cellbench.simulators.cell import SolidStateCell
+
+    drop = {t: 1e-3 * SolidStateCell(soc=0.5, temperature_c=t).dc_resistance() for t in (25.0, 60.0)}
+    assert volts[60.0] - volts[25.0] == pytest.approx(drop[25.0] - drop[60.0], abs=0.01)
