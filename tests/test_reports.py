@@ -388,3 +388,17 @@ def test_the_report_page_renders_in_a_real_browser_with_no_broken_image(simulate
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and int.from_bytes(data[16:20], "big") >= 1000
     finally:
         driver.quit()
+
+
+def test_the_report_page_shows_hostile_run_metadata_as_text(tmp_path: Path) -> None:
+    """A cell ID, comment or profile name is what someone typed: the page shows it, never runs it."""
+    db = tmp_path / "hostile.sqlite"
+    store = RunStore(db, durable=False)
+    store.set_metadata(cell_id="<script>alert('cell')</script>", comment='<img src=x onerror="alert(1)">',
+                       profile_name="</title><script>alert('name')</script>", operator="O'Brien & Co")
+    for t in range(3):
+        store.add(Sample(float(t), float(t), 3.8, 1e-3, 1, 1, 1, "CC Charge", 1e-6 * t, 0, 0, 0), float(t))
+    store.close()
+    page = write_report(db, tmp_path / "out").read_text()
+    assert "<script>" not in page and "<img src=x" not in page
+    assert "&lt;script&gt;alert(&#39;cell&#39;)&lt;/script&gt;" in page and "O&#39;Brien &amp; Co" in page
