@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import calendar
 import json
 import logging
@@ -13,33 +12,19 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
-from rich.tree import Tree
 
-from cellbench.bench import control, engine, runs
-from cellbench.bench.analysis import store_table
-from cellbench.bench.clock import RealClock, VirtualClock
-from cellbench.bench.config import BenchConfig, load_bench
-from cellbench.bench.run import (
-    ChannelResult,
-    ProfileFile,
-    channel_problems,
-    channel_range_problems,
-    exit_code,
-    resume_run,
-    run_bench,
-)
-from cellbench.bench.store import NotARun, open_run
-from cellbench.drivers.errors import InstrumentFault
-from cellbench.drivers.registry import DriverSpec, drivers, simulator
-from cellbench.profiles.checks import cell_problems, loop_warnings
-from cellbench.profiles.library import library_path
-from cellbench.profiles.parse import InputError, load_profile, locate
-from cellbench.profiles.schema import Profile, RepeatStep, body_of
-from cellbench.profiles.units import format_quantity, human_duration
-
+# Everything else is imported where it is used: `cellbench --help` and a mistyped option stay fast.
 if TYPE_CHECKING:
+    from rich.progress import Progress
+    from rich.table import Table
+    from rich.tree import Tree
+
+    from cellbench.bench import control, engine, runs
+    from cellbench.bench.clock import RealClock
+    from cellbench.bench.config import BenchConfig
+    from cellbench.bench.run import ChannelResult, ProfileFile
+    from cellbench.drivers.registry import DriverSpec
+    from cellbench.profiles.schema import Profile
     from cellbench.simulators.parameters import CellParameters
 
 app = typer.Typer(help="Hardware-in-the-loop test bench for solid-state battery cells.", no_args_is_help=True)
@@ -58,6 +43,8 @@ def _fail(problems: list[str] | str, code: int = 2) -> typer.Exit:
 
 
 def _load(path: Path) -> tuple[Profile, str]:
+    from cellbench.profiles.parse import InputError, load_profile
+
     try:
         return load_profile(path)
     except InputError as exc:
@@ -65,6 +52,8 @@ def _load(path: Path) -> tuple[Profile, str]:
 
 
 def _progress_bar() -> Progress:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
     return Progress(
         TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
         TimeElapsedColumn(), console=console, transient=True,
@@ -81,6 +70,8 @@ def _announce(channel: str, database: Path) -> None:
 
 def _plain(channel: str, p: engine.Progress, last: dict[str, tuple[float, int]]) -> None:
     """Progress as plain lines (under nohup, systemd, a CI log): at a new step and every PLAIN_EVERY s."""
+    from cellbench.bench import runs
+
     now = time.monotonic()
     seen = last.get(channel)
     if seen is not None and now - seen[0] < (PLAIN_NEW_STEP if seen[1] != p.step_count else PLAIN_EVERY):
@@ -116,6 +107,11 @@ def _reporter(progress: Progress, label: str = "") -> Any:
 
 
 def _show_results(results: list[ChannelResult]) -> None:
+    from rich.table import Table
+
+    from cellbench.bench.analysis import store_table
+    from cellbench.bench.store import open_run
+
     for res in results:
         with open_run(res.database) as store:
             meta = store.metadata()
@@ -157,7 +153,9 @@ def _simulate(
     path: Path, *, seed: int, runs_dir: Path, cell: str, soc: float, temperature: float, environment: bool = False,
     identity: dict[str, object] | None = None,
 ) -> ChannelResult:
+    from cellbench.bench.clock import VirtualClock
     from cellbench.bench.simbench import run_simulated
+    from cellbench.profiles.parse import InputError
 
     prof, text = _load(path)
     _warn(prof, text, path)
@@ -187,7 +185,10 @@ def _rehearse(
     identity: dict[str, object],
 ) -> None:
     """`run --dry-run --bench`: the bench file's channels and cells, each on its own simulated instruments."""
+    from cellbench.bench.clock import VirtualClock
+    from cellbench.bench.run import exit_code
     from cellbench.bench.simbench import rehearse
+    from cellbench.profiles.parse import InputError
 
     cfg = _bench(bench)
     shared, own = _profiles(path, cfg)
@@ -227,6 +228,9 @@ def demo(
     profile: Annotated[Path | None, typer.Option(help="a profile file instead of the bundled demo")] = None,
 ) -> None:
     """Run the bundled formation-and-cycling profile on a simulated bench, faster than real time."""
+    from cellbench.bench.run import exit_code
+    from cellbench.profiles.library import library_path
+
     result = _simulate(
         profile or library_path(DEMO_PROFILE), seed=seed, runs_dir=runs_dir, cell="pellet", soc=0.0, temperature=25.0
     )
@@ -259,6 +263,8 @@ def run(
 ) -> None:
     """Run a profile (or each channel's own, named in the bench file) on every channel of a bench in real
     time, or with --dry-run on a simulated bench."""
+    from cellbench.bench.run import exit_code, run_bench
+
     if profile is None and bench is None:
         raise _fail("name a profile, or a bench file whose channels name theirs (--bench)")
     if stay and (dry_run or bench is None):
@@ -292,6 +298,8 @@ def _profiles(path: Path | None, cfg: BenchConfig, *, idle_ok: bool = False
               ) -> tuple[ProfileFile | None, dict[str, ProfileFile]]:
     """The profile given on the command line (for channels naming none) and each channel's own, loaded and
     warned about; one line and exit 2 when a channel has none."""
+    from cellbench.bench.run import ProfileFile
+
     def load(where: Path) -> ProfileFile:
         prof, text = _load(where)
         _warn(prof, text, where)
@@ -307,6 +315,13 @@ def _profiles(path: Path | None, cfg: BenchConfig, *, idle_ok: bool = False
 
 def _on_real_bench(work: Callable[[RealClock, Progress], Coroutine[Any, Any, list[ChannelResult]]]) -> None:
     """Run on the real clock with a progress display; show the results and exit as they say."""
+    import asyncio
+
+    from cellbench.bench.clock import RealClock
+    from cellbench.bench.run import exit_code
+    from cellbench.drivers.errors import InstrumentFault
+    from cellbench.profiles.parse import InputError
+
     clock = RealClock()
     try:
         with _progress_bar() as progress:
@@ -333,6 +348,11 @@ def resume(
 ) -> None:
     """Carry on a paused channel, or a run that was killed or interrupted (in its own database, at the step where
     it stood)."""
+    from cellbench.bench import runs
+    from cellbench.bench.config import load_bench
+    from cellbench.bench.run import resume_run
+    from cellbench.profiles.parse import InputError
+
     if (entry := _live_run(target, need=False)) is not None and entry.state == runs.PAUSED:
         _command("resume", entry, "by an operator")
         return
@@ -357,6 +377,8 @@ def start(
     = None,
 ) -> None:
     """Start a new run on an idle channel of a running controller; its other channels run on."""
+    from cellbench.bench import control
+
     found = [c for c in control.controllers() if channel in c.channels and (bench is None or c.bench == bench)]
     if not found:
         raise _fail(f"no running controller holds a channel '{channel}' (start one with `cellbench run --bench "
@@ -394,6 +416,8 @@ def stop(target: TargetArgument, reason: ReasonOption = "stopped by an operator"
 def _live_run(target: str, *, need: bool = True) -> runs.RunEntry | None:
     """The running or paused run a target names (run ID, channel, or database); one line and exit 2 when none
     or several do (unless not `need`: then None)."""
+    from cellbench.bench import runs
+
     here = [e for e in runs.entries() if e.state in (runs.RUNNING, runs.PAUSED)]
     path = Path(target)
     found = [e for e in here if e.run_id == target] or [e for e in here if e.channel == target] or [
@@ -408,6 +432,8 @@ def _live_run(target: str, *, need: bool = True) -> runs.RunEntry | None:
 
 
 def _command(action: str, entry: runs.RunEntry, reason: str) -> None:
+    from cellbench.bench import control
+
     if entry.control is None:
         raise _fail(f"run {entry.run_id}: its controller takes no commands (a dry run, or an older cellbench); "
                     f"stop it with a signal to pid {entry.pid}")
@@ -417,6 +443,10 @@ def _command(action: str, entry: runs.RunEntry, reason: str) -> None:
 
 def _ask(socket: str, who: str, command: control.Command) -> None:
     """One command to a controller's socket; its answer printed, or one line and exit 1."""
+    import asyncio
+
+    from cellbench.bench import control
+
     try:
         reply = asyncio.run(control.send(Path(socket), command))
     except (OSError, TimeoutError) as exc:
@@ -427,6 +457,8 @@ def _ask(socket: str, who: str, command: control.Command) -> None:
 
 
 def _profile_path(profile: Path) -> Path:
+    from cellbench.profiles.library import library_path
+
     if profile.exists() or profile.suffix:
         return profile
     try:
@@ -445,7 +477,13 @@ def validate(
     temperature: TempOption = 25.0,
 ) -> None:
     """Check a profile without touching any instrument, show its steps and estimate how long it runs."""
+    from rich.tree import Tree
+
+    from cellbench.bench.run import channel_problems, channel_range_problems
     from cellbench.bench.simbench import estimate_duration, simulated_config
+    from cellbench.profiles.checks import cell_problems
+    from cellbench.profiles.parse import locate
+    from cellbench.profiles.units import human_duration
 
     path = _profile_path(profile)
     prof, text = _load(path)
@@ -477,6 +515,9 @@ def validate(
 
 
 def _bench(path: Path) -> BenchConfig:
+    from cellbench.bench.config import load_bench
+    from cellbench.profiles.parse import InputError
+
     try:
         return load_bench(path)
     except InputError as exc:
@@ -485,11 +526,17 @@ def _bench(path: Path) -> BenchConfig:
 
 def _warn(prof: Profile, text: str, path: Path) -> None:
     """What the profile may do that it probably should not, as file:line warnings (the run still goes)."""
+    from cellbench.profiles.checks import loop_warnings
+    from cellbench.profiles.parse import locate
+
     for line in locate(text, path.name, loop_warnings(prof)):
         err.print(f"[yellow]warning: {line}[/yellow]", highlight=False, soft_wrap=True)
 
 
 def _add_steps(tree: Tree, steps: list[Any]) -> None:
+    from cellbench.profiles.schema import RepeatStep
+    from cellbench.profiles.units import human_duration
+
     for step in steps:
         if isinstance(step, RepeatStep):
             budget = f", at most {human_duration(step.time_limit)}" if step.time_limit else ""
@@ -500,6 +547,9 @@ def _add_steps(tree: Tree, steps: list[Any]) -> None:
 
 
 def _describe(step: Any) -> str:
+    from cellbench.profiles.schema import body_of
+    from cellbench.profiles.units import format_quantity
+
     body = body_of(step)
     shown = body.model_dump(exclude_defaults=True, exclude={"until", "label", "check"}).keys()
     text = ", ".join(f"{k}: {format_quantity(k, getattr(body, k))}" for k in shown)
@@ -516,6 +566,7 @@ def export(
 ) -> None:
     """Export a run to the Battery Data Format: .bdf.csv, .bdf.parquet (.eis.bdf.csv), each with a .metadata.json."""
     from cellbench.bench.export import export_run
+    from cellbench.bench.store import NotARun
 
     try:
         files = export_run(run_db, out)
@@ -532,6 +583,7 @@ def report(
 ) -> None:
     """Plots (PNG) and one HTML page with the per-cycle table."""
     from cellbench.bench.report import write_report
+    from cellbench.bench.store import NotARun
 
     try:
         page = write_report(run_db, out)
@@ -547,6 +599,7 @@ def compare(
 ) -> None:
     """Overlay the capacity retention of several cells and state their cycle-life ratio."""
     from cellbench.bench.report import compare_runs
+    from cellbench.bench.store import NotARun
 
     if len(runs) < 2:
         raise _fail("compare needs at least two runs")
@@ -565,6 +618,8 @@ def compare(
 
 def _simulated(instrument: str) -> DriverSpec:
     """A registered driver with a simulator, by its name or (where only one fits) its role or a short name."""
+    from cellbench.drivers.registry import drivers
+
     with_sim = {n: d for n, d in drivers().items() if d.simulator}
     key = instrument.lower()
     if key in with_sim:
@@ -596,6 +651,10 @@ def runs_command(
     as_json: Annotated[bool, typer.Option("--json", help="one JSON array, for scripts")] = False,
 ) -> None:
     """Every run this machine has started, newest first: state, cell, where its database and log are."""
+    from rich.table import Table
+
+    from cellbench.bench import runs
+
     found = runs.select(runs.entries(), state=state, cell=cell, since=_since(since))
     if as_json:
         print(json.dumps([e.model_dump() for e in found], indent=1))
@@ -622,6 +681,10 @@ def _hms(seconds: float | None) -> str:
 
 
 def _status_table(lives: list[runs.Live]) -> Table:
+    from rich.table import Table
+
+    from cellbench.bench import runs
+
     table = Table(title=f"running on this machine at {runs.utc(time.time())}")
     for col in ("run ID", "cell", "channel", "state", "step", "cycle", "V", "mA", "degC", "MPa", "elapsed",
                 "remaining"):
@@ -651,6 +714,8 @@ def status(
 ) -> None:
     """The live state of every running or paused channel on this machine (or on an MQTT broker), from any
     terminal."""
+    from cellbench.bench import runs
+
     if broker is not None:
         _broker_status(broker, password_file, as_json)
         return
@@ -689,7 +754,10 @@ def _broker_config(url: str, password_file: Path | None) -> Any:
 
 
 def _broker_status(url: str, password_file: Path | None, as_json: bool) -> None:
+    import asyncio
+
     import aiomqtt
+    from rich.table import Table
 
     from cellbench.bench import mqtt
 
@@ -722,6 +790,8 @@ def mqtt_check(
     name: Annotated[str, typer.Option(help="with --broker: the bench name whose topics to check")] = "bench",
 ) -> None:
     """Whether these credentials can do what a bench does on the broker: connect, take commands, publish."""
+    import asyncio
+
     from cellbench.bench import mqtt
 
     if (bench is None) == (broker is None):
@@ -766,6 +836,9 @@ def sim_serve(
                                                          "drop, stuck or delay=SECONDS (repeatable)")] = None,
 ) -> None:
     """Serve a simulated instrument until interrupted, in real time, for any client."""
+    import asyncio
+
+    from cellbench.drivers.registry import simulator
     from cellbench.simulators.server import ServeOptions
 
     spec = _simulated(instrument)
