@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
     from cellbench.bench.runstate import EndKind, RunState
@@ -39,9 +39,9 @@ class NoteKind(StrEnum):
     SCHEDULE = "schedule"
 
 
-@dataclass(frozen=True, slots=True)
-class Sample:
-    """One recorded row; capacities and energies accumulate within a cycle."""
+class Sample(NamedTuple):
+    """One recorded row; capacities and energies accumulate within a cycle. A tuple in the store's column
+    order, so it is written as it is (no conversion per sample on the control loop)."""
 
     test_time: float
     unix_time: float
