@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from rich.table import Table
     from rich.tree import Tree
 
-    from cellbench.bench import control, engine, runs
+    from cellbench.bench import control, runs
     from cellbench.bench.clock import RealClock
     from cellbench.bench.config import BenchConfig
     from cellbench.bench.run import ChannelResult, ProfileFile
@@ -60,50 +60,16 @@ def _progress_bar() -> Progress:
     )
 
 
-PLAIN_EVERY = 60.0  # s of wall time between two progress lines when the output is not a terminal
-PLAIN_NEW_STEP = 2.0  # s at least between two lines for new steps (a dry run changes step every few ms)
-
-
 def _announce(channel: str, database: Path) -> None:
     console.print(f"{channel}: recording to {database}", highlight=False, soft_wrap=True)
 
 
-def _plain(channel: str, p: engine.Progress, last: dict[str, tuple[float, int]]) -> None:
-    """Progress as plain lines (under nohup, systemd, a CI log): at a new step and every PLAIN_EVERY s."""
-    from cellbench.bench import runs
-
-    now = time.monotonic()
-    seen = last.get(channel)
-    if seen is not None and now - seen[0] < (PLAIN_NEW_STEP if seen[1] != p.step_count else PLAIN_EVERY):
-        return
-    last[channel] = (now, p.step_count)
-    console.print(f"{runs.utc(time.time())} {channel} step {p.step_count}/{p.total_steps} {p.step_type} "
-                  f"cycle {p.cycle} {p.voltage:.4f} V {p.current * 1e3:+.4f} mA test time {p.test_time / 3600:.3f} h",
-                  highlight=False, soft_wrap=True)
-
-
 def _reporter(progress: Progress, label: str = "") -> Any:
-    """Progress for every channel: a bar each on a terminal, plain lines otherwise (`label`: e.g. "resumed")."""
-    tasks: dict[str, Any] = {}
-    last: dict[str, tuple[float, int]] = {}
-    tag = f" · {label}" if label else ""
+    """Progress for every channel: a bar each while they are few, one summary line when many; plain lines when
+    the output is not a terminal (`label`: e.g. "resumed")."""
+    from cellbench.bench.display import Display
 
-    def report(channel: str, p: engine.Progress) -> None:
-        if not console.is_terminal:
-            _plain(channel, p, last)
-            return
-        if channel not in tasks:
-            tasks[channel] = progress.add_task(channel, total=p.total_steps)
-        progress.update(
-            tasks[channel],
-            completed=p.step_count - 1,
-            description=(
-                f"{channel}{tag} · cycle {p.cycle} · {p.step_type:<12} · {p.voltage:6.3f} V "
-                f"{p.current * 1e3:+8.4f} mA · test time {p.test_time / 3600:7.2f} h"
-            ),
-        )
-
-    return report
+    return Display(progress, label)
 
 
 def _show_results(results: list[ChannelResult]) -> None:

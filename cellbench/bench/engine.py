@@ -753,9 +753,8 @@ class Engine:
             step_type, *st.cycle_totals.as_tuple(), c.ambient_c, c.cell_c,
             None if c.pressure_mpa is None else c.pressure_mpa * 1e6, c.displacement_um,
         )
-        self.events.publish(SampleTaken(sample))
-        if not self.clock.virtual:  # a real run can be resumed: its saved state accounts for every recorded sample
-            self._checkpoint()
+        # a real run can be resumed: the state that goes to disk with a sample accounts for it
+        self.events.publish(SampleTaken(sample, None if self.clock.virtual else self._snapshot()))
     # --- time, state and notes -------------------------------------------------------------
     @property
     def test_time(self) -> float:
@@ -783,11 +782,16 @@ class Engine:
         if self._interrupt is not None:
             raise self._interrupt
 
-    def _checkpoint(self) -> None:
+    def _snapshot(self) -> str:
+        """The run state as of now, as JSON (what a resume starts from)."""
         st = self.state
         st.test_time = self._saved_at = self._t()
         st.temperature, st.pressure_mpa = self._track.temperature, self._track.pressure
-        self.events.publish(StateSaved(st.test_time, st.model_dump_json()))
+        return st.model_dump_json()
+
+    def _checkpoint(self) -> None:
+        state = self._snapshot()
+        self.events.publish(StateSaved(self.state.test_time, state))
 
     def _note(self, kind: NoteKind, message: str) -> None:
         now = self.clock.now()

@@ -63,7 +63,11 @@ class Sample(NamedTuple):
 
 @dataclass(frozen=True, slots=True)
 class SampleTaken:
+    """A recorded sample; on a real bench with the run state that accounts for it (JSON), so that the two reach
+    the disk together."""
+
     sample: Sample
+    state_json: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -83,6 +83,7 @@ CREATE TABLE IF NOT EXISTS eis_fits (
 
 _Op = tuple[str, list[tuple[Any, ...]]]  # SQL and the parameters of each row it writes
 _sql = operator.itemgetter(0)
+_SAVE_STATE = "INSERT OR REPLACE INTO run_state VALUES (1, ?, ?)"
 _INSERT_SAMPLE = f"INSERT INTO samples VALUES ({', '.join('?' * len(COLUMNS))})"
 
 
@@ -188,6 +189,7 @@ class RunStore:
         self._writer: _Writer | None = None
         self._buffer: list[_Op] = []
         self._rows: list[tuple[Any, ...]] = []  # samples since the last other op: written with one executemany
+        self._state: tuple[float, str] | None = None  # the run state the last of those samples came with
         self._flush_interval = flush_interval
         self._max_batch = max_batch
         self._batch_start: float | None = None
@@ -206,6 +208,8 @@ class RunStore:
     def record(self, event: RunEvent) -> None:
         """Subscriber of the run's event stream: each event to its table."""
         if isinstance(event, SampleTaken):
+            if event.state_json is not None:  # goes with the sample, in the same transaction
+                self._state = (event.sample.test_time, event.state_json)
             self.add(event.sample, event.sample.test_time)
         elif isinstance(event, StepStarted):
             self.step_started(event.step_count, event.step_index, event.step_type, event.path, event.cycle,
@@ -220,7 +224,7 @@ class RunStore:
             self.add_fit(event.step_count, event.test_time, event.circuit, event.r_ohmic, event.r_interfacial,
                          event.parameters, event.rel_rmse)
         elif isinstance(event, StateSaved):
-            self._now("INSERT OR REPLACE INTO run_state VALUES (1, ?, ?)", [(event.test_time, event.state_json)])
+            self._now(_SAVE_STATE, [(event.test_time, event.state_json)])
 
     def set_metadata(self, **values: Any) -> None:
         self._now("INSERT OR REPLACE INTO meta VALUES (?, ?)", [(k, json.dumps(v)) for k, v in values.items()])
@@ -288,6 +292,9 @@ class RunStore:
         if self._rows:
             self._buffer.append((_INSERT_SAMPLE, self._rows))
             self._rows = []
+        if self._state is not None:  # only the latest matters: one row, replaced
+            self._buffer.append((_SAVE_STATE, [self._state]))
+            self._state = None
 
     def _hand_over(self) -> None:
         self._batch_start = None
@@ -302,7 +309,7 @@ class RunStore:
 
     # --- reading ---------------------------------------------------------------------------
     def _sync(self) -> None:
-        if self._writer is not None or self._buffer or self._rows:
+        if self._writer is not None or self._buffer or self._rows or self._state:
             self.flush()
 
     def state(self) -> RunState | None:

@@ -1,0 +1,67 @@
+"""A long life test on the virtual clock: C/3 cycles at 60 degC, logging every 10 s, through the whole stack
+(engine, supervisor, store, the simulated 2450 on its TCP wire). Prints test time, wall time, CPU time and how
+many times faster than real time it ran; the target for 1,000 cycles is 300,000x.
+
+The pellet-protected cell is used (its protected lithium lives past 100 cycles at 60 degC); cycles shorten as it
+fades, which the speed-up (test time over wall time) does not depend on.
+Run: .venv/bin/python benchmarks/life_test.py [cycles] [--profile FILE]   (default 1000; writes FILE.prof)
+"""
+
+from __future__ import annotations
+
+import cProfile
+import pstats
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from cellbench.bench.clock import VirtualClock
+from cellbench.bench.simbench import run_simulated
+from cellbench.bench.store import open_run
+from cellbench.profiles.parse import parse_profile
+from cellbench.simulators.parameters import PRESETS
+
+CYCLES = int(sys.argv[1]) if len(sys.argv) > 1 and sys.argv[1].isdigit() else 1000
+PROFILE = f"""
+name: life test
+sample_period: 10 s
+steps:
+  - repeat: {CYCLES}
+    steps:
+      - charge: {{current: C/3, until: 4.3 V}}
+      - discharge: {{current: C/3, until: 2.5 V}}
+"""
+TARGET = 300_000
+
+
+def main() -> None:
+    profile = parse_profile(PROFILE)
+    prof_out = sys.argv[sys.argv.index("--profile") + 1] if "--profile" in sys.argv else None
+    profiler = cProfile.Profile() if prof_out else None
+    with tempfile.TemporaryDirectory() as tmp:
+        clock = VirtualClock()
+        cpu0, t0 = time.process_time(), time.perf_counter()
+        if profiler:
+            profiler.enable()
+        result, cell = clock.run(run_simulated(profile, PROFILE, clock, params=PRESETS["pellet-protected"],
+                                               initial_soc=0.5, temperature_c=60.0, runs_dir=Path(tmp)))
+        if profiler:
+            profiler.disable()
+        wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+        with open_run(result.database) as store:
+            samples = sum(1 for _ in store.iter_samples())
+            cycles = max((s["cycle"] for s in store.steps()), default=0)
+    test_time = result.outcome.test_time
+    print(f"{cycles} C/3 cycles at 60 degC, 10 s logging: test time {test_time / 3600:.0f} h, wall {wall:.1f} s, "
+          f"CPU {cpu:.1f} s, {samples} samples ({samples / wall:.0f} per wall s)")
+    print(f"speed-up {test_time / wall:,.0f}x real time (target {TARGET:,}x: "
+          f"{'met' if test_time / wall >= TARGET else 'not met'}); {test_time / 3600 / wall:.1f} simulated h per "
+          f"wall s; outcome: {result.outcome.reason or 'completed'}")
+    if profiler and prof_out:
+        profiler.dump_stats(prof_out)
+        pstats.Stats(prof_out).sort_stats("tottime").print_stats(25)
+
+
+if __name__ == "__main__":
+    main()

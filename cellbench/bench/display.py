@@ -1,0 +1,102 @@
+"""The live progress of a run's channels: a bar per channel while they are few, one line summing them all up
+when they are many (a thousand bars would cost the control loop its timing and show nothing readable), and
+plain lines when the output is not a terminal (nohup, systemd, a CI log).
+
+A `Display` is the runner's `on_progress`: called with every sample of every channel, it only notes the
+channel's latest progress; what is shown is redrawn at most every SUMMARY_EVERY s of wall time.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from typing import TYPE_CHECKING, Any
+
+from cellbench.bench.runs import utc
+
+if TYPE_CHECKING:
+    from rich.progress import Progress as Bars
+
+    from cellbench.bench.engine import Progress
+
+MAX_BARS = 8  # channels shown with a bar each; more are summed up on one line
+SUMMARY_EVERY = 0.5  # s of wall time between two redraws of the summary
+PLAIN_EVERY = 60.0  # s of wall time between two progress lines (per channel, or of the summary) off a terminal
+PLAIN_NEW_STEP = 2.0  # s at least between two lines for a channel's new steps (a dry run changes step every few ms)
+
+
+def summary(latest: dict[str, Progress]) -> str:
+    """One line for many channels: how many, what they do, the lowest and highest voltage and where."""
+    doing = Counter(p.step_type for p in latest.values())
+    what = ", ".join(f"{n} {kind}" for kind, n in doing.most_common(3))
+    if len(doing) > 3:
+        what += f", {sum(n for _, n in doing.most_common()[3:])} other"
+    low = min(latest, key=lambda c: latest[c].voltage)
+    high = max(latest, key=lambda c: latest[c].voltage)
+    longest = max(p.test_time for p in latest.values())
+    return (f"{len(latest)} channels · {what} · {latest[low].voltage:.3f} V ({low}) to {latest[high].voltage:.3f} V "
+            f"({high}) · test time up to {longest / 3600:.2f} h")
+
+
+class Display:
+    """Progress for every channel of a run on `bars` (a rich Progress); `label` tags it (e.g. "resumed")."""
+
+    def __init__(self, bars: Bars, label: str = "", *, max_bars: int = MAX_BARS) -> None:
+        self.bars, self.max_bars = bars, max_bars
+        self.tag = f" · {label}" if label else ""
+        self.terminal = bars.console.is_terminal
+        self.latest: dict[str, Progress] = {}
+        self.tasks: dict[str, Any] = {}  # a bar per channel, while they are few
+        self.summary_task: Any = None
+        self.shown = 0.0  # when the summary was last drawn (time.monotonic)
+        self.last_line: dict[str, tuple[float, int]] = {}  # plain lines: (when, step) by channel
+
+    @property
+    def summarised(self) -> bool:
+        return len(self.latest) > self.max_bars
+
+    def __call__(self, channel: str, p: Progress) -> None:
+        self.latest[channel] = p
+        if self.summarised:
+            self._summary()
+        elif self.terminal:
+            self._bar(channel, p)
+        else:
+            self._plain(channel, p)
+
+    def _bar(self, channel: str, p: Progress) -> None:
+        if channel not in self.tasks:
+            self.tasks[channel] = self.bars.add_task(channel, total=p.total_steps)
+        self.bars.update(self.tasks[channel], completed=p.step_count - 1, description=(
+            f"{channel}{self.tag} · cycle {p.cycle} · {p.step_type:<12} · {p.voltage:6.3f} V "
+            f"{p.current * 1e3:+8.4f} mA · test time {p.test_time / 3600:7.2f} h"))
+
+    def _summary(self) -> None:
+        now = time.monotonic()
+        if now - self.shown < (SUMMARY_EVERY if self.terminal else PLAIN_EVERY):
+            return
+        self.shown = now
+        line = summary(self.latest)
+        if not self.terminal:
+            self.bars.console.print(f"{utc(time.time())} {line}", highlight=False, soft_wrap=True)
+            return
+        for task in self.tasks.values():  # the bars of the first channels give way to the summary
+            self.bars.remove_task(task)
+        self.tasks.clear()
+        done = sum(p.step_count - 1 for p in self.latest.values())
+        total = sum(p.total_steps for p in self.latest.values())
+        if self.summary_task is None:
+            self.summary_task = self.bars.add_task(line, total=total)
+        self.bars.update(self.summary_task, completed=done, total=total, description=f"{line}{self.tag}")
+
+    def _plain(self, channel: str, p: Progress) -> None:
+        """A line at a channel's new step (at most every PLAIN_NEW_STEP s) and every PLAIN_EVERY s."""
+        now = time.monotonic()
+        seen = self.last_line.get(channel)
+        if seen is not None and now - seen[0] < (PLAIN_NEW_STEP if seen[1] != p.step_count else PLAIN_EVERY):
+            return
+        self.last_line[channel] = (now, p.step_count)
+        self.bars.console.print(
+            f"{utc(time.time())} {channel}{self.tag} step {p.step_count}/{p.total_steps} {p.step_type} cycle "
+            f"{p.cycle} {p.voltage:.4f} V {p.current * 1e3:+.4f} mA test time {p.test_time / 3600:.3f} h",
+            highlight=False, soft_wrap=True)
