@@ -14,6 +14,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import math
 import operator
 import queue
 import sqlite3
@@ -92,56 +93,53 @@ class _Barrier:
         self.done = threading.Event()
 
 
-_STOP = object()
-COMMIT_GAP = 0.25  # s of wall time at least between two commits: a fast simulated run writes in real batches
+COMMIT_GAP = 0.25  # s of wall time at least between two commits of a run: a fast simulated run writes in real batches
+WRITER_THREADS = 4  # writer threads in a process, whatever the number of runs (a thread per run of a 1,000-channel
+# controller made the control loop wait its turn for the GIL behind hundreds of them at every sampling instant)
 
 
-class _Writer(threading.Thread):
-    """The one writer of a run's database: commits what it is handed, in order, in as few transactions as it can."""
+class _Sink:
+    """One run's database as its writer thread sees it: what it has been handed and not yet committed."""
 
     def __init__(self, path: Path, durable: bool, pragmas: tuple[str, ...],
                  on_failure: Callable[[BaseException], None] | None) -> None:
-        super().__init__(name=f"store-writer {path.name}", daemon=True)
-        self.path, self.durable, self.pragmas = path, durable, pragmas
-        self.on_failure = on_failure
-        self.queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self.path, self.durable, self.pragmas, self.on_failure = path, durable, pragmas, on_failure
+        self.db: sqlite3.Connection | None = None
+        self.opened = False
         self.failure: BaseException | None = None
         self.commits = 0
         self.last_commit = 0.0
         self.commit_gap = COMMIT_GAP
+        self.ops: list[_Op] = []  # handed over, waiting for the commit gap
+        self.waiting: list[_Barrier] = []  # flushes waiting for what was handed over before them
+        self.stop: threading.Event | None = None  # set once closed
 
-    def run(self) -> None:
-        try:
-            db = _connect(self.path, self.durable)
-            for pragma in self.pragmas:
-                db.execute(f"PRAGMA {pragma}")
-        except sqlite3.Error as exc:
-            self._failed(exc)
-            db = None
-        try:
-            stop = False
-            while not stop:
-                item = self.queue.get()
-                items = [item]
-                # everything handed over until the commit gap has passed goes into the same transaction;
-                # a flush or the close does not wait
-                while not (isinstance(item, _Barrier) or item is _STOP):
-                    wait = self.last_commit + self.commit_gap - time.monotonic()
-                    try:
-                        item = self.queue.get(timeout=wait) if wait > 0 else self.queue.get_nowait()
-                    except queue.Empty:
-                        break
-                    items.append(item)
-                ops = [op for item in items if isinstance(item, list) for op in item]
-                if ops and db is not None and self.failure is None:
-                    self._commit(db, ops)
-                for item in items:
-                    if isinstance(item, _Barrier):
-                        item.done.set()
-                    stop = stop or item is _STOP
-        finally:
-            if db is not None:
-                db.close()
+    def due(self, now: float) -> float:
+        """When this sink's pending work should be committed (now or later)."""
+        if self.waiting or self.stop is not None:
+            return now
+        return self.last_commit + self.commit_gap if self.ops else math.inf
+
+    def commit(self) -> None:
+        if not self.opened:
+            self.opened = True
+            try:
+                self.db = _connect(self.path, self.durable)
+                for pragma in self.pragmas:
+                    self.db.execute(f"PRAGMA {pragma}")
+            except sqlite3.Error as exc:
+                self._failed(exc)
+        ops, self.ops = self.ops, []
+        if ops and self.db is not None and self.failure is None:
+            self._commit(self.db, ops)
+        for barrier in self.waiting:
+            barrier.done.set()
+        self.waiting.clear()
+        if self.stop is not None:
+            if self.db is not None:
+                self.db.close()
+                self.db = None
+            self.stop.set()
 
     def _commit(self, db: sqlite3.Connection, ops: list[_Op]) -> None:
         try:
@@ -165,6 +163,68 @@ class _Writer(threading.Thread):
             self.on_failure(exc)
 
 
+class _Writer(threading.Thread):
+    """A writer thread: commits what the runs it serves hand it, each run in order and in as few transactions as
+    its commit gap allows; a flush or a close does not wait for the gap."""
+
+    def __init__(self, number: int) -> None:
+        super().__init__(name=f"store-writer-{number}", daemon=True)
+        self.queue: queue.SimpleQueue[tuple[_Sink, Any]] = queue.SimpleQueue()
+        self.sinks = 0  # runs it serves (for sharing the work out)
+
+    def run(self) -> None:
+        pending: set[_Sink] = set()
+        while True:
+            now = time.monotonic()
+            wait = min((sink.due(now) for sink in pending), default=math.inf) - now
+            got: list[tuple[_Sink, Any]] = []
+            try:
+                got.append(self.queue.get() if wait == math.inf else self.queue.get(timeout=max(wait, 0.0)))
+                while True:  # and everything else already handed over
+                    got.append(self.queue.get_nowait())
+            except queue.Empty:
+                pass
+            for sink, item in got:
+                if isinstance(item, list):
+                    sink.ops.extend(item)
+                elif isinstance(item, _Barrier):
+                    sink.waiting.append(item)
+                else:
+                    sink.stop = item
+                pending.add(sink)
+            now = time.monotonic()
+            for sink in [s for s in pending if s.due(now) <= now]:
+                try:
+                    sink.commit()
+                except Exception:  # a writer thread must outlive one run's trouble
+                    log.exception("%s: the writer failed", sink.path)
+                pending.discard(sink)
+
+
+class _Writers:
+    """The process's writer threads, started as runs need them; each run is served by the least busy."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.threads: list[_Writer] = []
+
+    def take(self) -> _Writer:
+        with self.lock:
+            if len(self.threads) < WRITER_THREADS:
+                self.threads.append(_Writer(len(self.threads)))
+                self.threads[-1].start()
+            writer = min(self.threads, key=lambda w: w.sinks)
+            writer.sinks += 1
+            return writer
+
+    def give_back(self, writer: _Writer) -> None:
+        with self.lock:
+            writer.sinks -= 1
+
+
+_writers = _Writers()
+
+
 def _connect(path: Path, durable: bool) -> sqlite3.Connection:
     db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     db.execute("PRAGMA journal_mode=WAL")
@@ -185,8 +245,8 @@ class RunStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._db = _connect(self.path, durable)
         self._db.executescript(_SCHEMA)
-        self._durable, self._pragmas, self._on_failure = durable, pragmas, on_failure
-        self._writer: _Writer | None = None
+        self._sink = _Sink(self.path, durable, pragmas, on_failure)
+        self._writer: _Writer | None = None  # the writer thread serving this run, from its first hand-over
         self._buffer: list[_Op] = []
         self._rows: list[tuple[Any, ...]] = []  # samples since the last other op: written with one executemany
         self._state: tuple[float, str] | None = None  # the run state the last of those samples came with
@@ -198,12 +258,12 @@ class RunStore:
     @property
     def failure(self) -> BaseException | None:
         """Why writing failed, if it did."""
-        return self._writer.failure if self._writer else None
+        return self._sink.failure
 
     @property
     def commits(self) -> int:
         """Transactions committed by the writer so far."""
-        return self._writer.commits if self._writer else 0
+        return self._sink.commits
 
     def record(self, event: RunEvent) -> None:
         """Subscriber of the run's event stream: each event to its table."""
@@ -263,16 +323,18 @@ class RunStore:
     def flush(self, now: float | None = None) -> None:
         """Hand over what is buffered and wait until the writer has committed it (never on the control loop)."""
         self._hand_over()
-        if self._writer is not None and self._writer.is_alive():
+        if self._writer is not None:
             barrier = _Barrier()
-            self._writer.queue.put(barrier)
+            self._writer.queue.put((self._sink, barrier))
             barrier.done.wait()
 
     def close(self) -> None:
         self.flush()
         if self._writer is not None:
-            self._writer.queue.put(_STOP)
-            self._writer.join()
+            closed = threading.Event()
+            self._writer.queue.put((self._sink, closed))
+            closed.wait()
+            _writers.give_back(self._writer)
             self._writer = None
         self._db.close()
 
@@ -302,10 +364,9 @@ class RunStore:
         if not self._buffer:
             return
         if self._writer is None:
-            self._writer = _Writer(self.path, self._durable, self._pragmas, self._on_failure)
-            self._writer.start()
+            self._writer = _writers.take()
         batch, self._buffer = self._buffer, []
-        self._writer.queue.put(batch)
+        self._writer.queue.put((self._sink, batch))
 
     # --- reading ---------------------------------------------------------------------------
     def _sync(self) -> None:
