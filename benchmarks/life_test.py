@@ -44,7 +44,7 @@ def main() -> None:
         cpu0, t0 = time.process_time(), time.perf_counter()
         if profiler:
             profiler.enable()
-        result, cell = clock.run(run_simulated(profile, PROFILE, clock, params=PRESETS["pellet-protected"],
+        result, _ = clock.run(run_simulated(profile, PROFILE, clock, params=PRESETS["pellet-protected"],
                                                initial_soc=0.5, temperature_c=60.0, runs_dir=Path(tmp)))
         if profiler:
             profiler.disable()
