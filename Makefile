@@ -9,7 +9,7 @@ VENV := .venv
 RUNTIME := $(VENV)/.installed
 TESTING := $(VENV)/.installed-test
 
-.PHONY: demo test lint clean system
+.PHONY: demo test lint clean system benchmarks
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,14 @@ test: $(TESTING) system
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 	$(VENV)/bin/python -m pytest
+
+# Not part of `make test`: every benchmark in turn, each printing both sides and their ratio (about 25 min;
+# benchmarks/README.md keeps the latest table). Peers: PyMeasure (a test tool here), paho-mqtt (under aiomqtt).
+BENCHMARKS := cli_startup transport store_writer reaction_time virtual_clock life_test many_channels \
+	campaign_memory mqtt_telemetry
+
+benchmarks: $(TESTING) system
+	@for b in $(BENCHMARKS); do echo "== benchmarks/$$b.py"; $(VENV)/bin/python benchmarks/$$b.py || exit 1; done
 
 lint: $(TESTING)
 	$(VENV)/bin/ruff check .
