@@ -56,6 +56,23 @@ def test_readings_into_a_named_buffer_and_back(smu: tuple[Keithley2450Sim, list[
     assert sim.handle(":SYST:ERR?").startswith("-222,")  # beyond what the buffer holds
 
 
+def test_a_full_buffer_keeps_its_newest_readings(smu: tuple[Keithley2450Sim, list[float]]) -> None:
+    sim, clock = smu
+    sim.handle(':TRAC:MAKE "Small", 10')  # the smallest a 2450 makes
+    sim.handle(':SOUR:FUNC CURR;:SOUR:CURR -1e-3;:SOUR:CURR:VLIM 4.3;:SENS:FUNC "VOLT";:OUTP ON')
+    for k in range(13):
+        clock[0] = float(k)
+        sim.handle(':TRAC:TRIG "Small"')
+    assert sim.handle(':TRAC:ACT? "Small"') == "10"
+    relative = [float(x) for x in sim.handle(':TRAC:DATA? 1, 10, "Small", REL').split(",")]
+    assert relative == [float(k) for k in range(3, 13)]  # the three oldest dropped
+    assert float(sim.handle(':TRAC:DATA? 2, 2, "Small", REL')) == 4.0
+    sim.handle(':TRAC:POIN 11, "Small"')  # resized: emptied, and then holds eleven
+    for _ in range(12):
+        sim.handle(':TRAC:TRIG "Small"')
+    assert sim.handle(':TRAC:ACT? "Small"') == "11" and sim.handle(':TRAC:POIN? "Small"') == "11"
+
+
 def test_a_simple_loop_of_readings_and_opc_waiting_for_it(smu: tuple[Keithley2450Sim, list[float]]) -> None:
     sim, clock = smu
     sim.handle(':TRAC:MAKE "log", 10')
