@@ -82,3 +82,41 @@ def test_a_full_disk_is_reported_not_swallowed(tmp_path: Path) -> None:
         store.flush()
         assert store.failure is not None and "full" in str(store.failure)
         assert seen == [store.failure]
+
+
+def test_many_runs_share_a_few_writer_threads(tmp_path: Path) -> None:
+    import threading
+
+    from cellbench.bench import store as store_module
+
+    before = {t.name for t in threading.enumerate()}
+    stores = [RunStore(tmp_path / f"run{k}.sqlite", durable=False) for k in range(40)]
+    for t in range(3):
+        for k, st in enumerate(stores):
+            st.add(sample(float(t), cycle=k + 1), float(t) * 2)  # every add is a flush interval on: handed over
+    writers = {t.name for t in threading.enumerate() if t.name.startswith("store-writer")}
+    assert len(writers - before) <= store_module.WRITER_THREADS and len(writers) <= store_module.WRITER_THREADS
+    for st in stores:
+        st.close()
+    for k in range(40):  # each run's rows in its own file, in order
+        with open_run(tmp_path / f"run{k}.sqlite") as back:
+            assert [(s.test_time, s.cycle) for s in back.samples()] == [(0.0, k + 1), (1.0, k + 1), (2.0, k + 1)]
+
+
+def test_a_sample_and_the_state_it_came_with_go_to_disk_together(tmp_path: Path) -> None:
+    from cellbench.bench.events import SampleTaken
+    from cellbench.bench.runstate import RunState
+
+    def state(t: float) -> str:
+        return RunState(test_time=t, cycle=7).model_dump_json()
+
+    with RunStore(tmp_path / "run.sqlite", durable=False, flush_interval=10.0) as st:
+        st.record(SampleTaken(sample(0.0), state(0.0)))
+        st.record(SampleTaken(sample(5.0), state(5.0)))
+        assert st.commits == 0  # nothing handed over yet: the batch is younger than its flush interval
+        st.record(SampleTaken(sample(10.0), state(10.0)))  # the batch is due: the three samples and the last state
+        st.flush()
+        assert st.commits == 1
+        saved = st.state()
+        assert saved is not None and saved.test_time == 10.0 and saved.cycle == 7
+        assert [s.test_time for s in st.samples()] == [0.0, 5.0, 10.0]
