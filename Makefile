@@ -42,11 +42,13 @@ test: $(TESTING) system
 	$(VENV)/bin/python -m pytest
 
 # Not part of `make test`: every benchmark in turn, each printing both sides and their ratio (about 25 min;
-# benchmarks/README.md keeps the latest table). Peers: PyMeasure (a test tool here), paho-mqtt (under aiomqtt).
-BENCHMARKS := cli_startup transport store_writer reaction_time virtual_clock life_test many_channels \
-	campaign_memory mqtt_telemetry
+# benchmarks/README.md keeps the latest table). Peers: PyBaMM (the `bench` extra), PyMeasure (a test tool here),
+# paho-mqtt (under aiomqtt).
+BENCHMARKS := cli_startup transport store_writer reaction_time virtual_clock life_test pybamm_compare \
+	many_channels campaign_memory mqtt_telemetry
 
 benchmarks: $(TESTING) system
+	$(VENV)/bin/python -m pip install --quiet -e '.[test,bench]'
 	@for b in $(BENCHMARKS); do echo "== benchmarks/$$b.py"; $(VENV)/bin/python benchmarks/$$b.py || exit 1; done
 
 lint: $(TESTING)

@@ -23,41 +23,50 @@ from cellbench.profiles.parse import parse_profile
 from cellbench.simulators.parameters import PRESETS
 
 CYCLES = int(sys.argv[1]) if len(sys.argv) > 1 and sys.argv[1].isdigit() else 1000
-PROFILE = f"""
+TARGET = 300_000
+
+
+def life_profile(cycles: int) -> str:
+    return f"""
 name: life test
 sample_period: 10 s
 steps:
-  - repeat: {CYCLES}
+  - repeat: {cycles}
     steps:
       - charge: {{current: C/3, until: 4.3 V}}
       - discharge: {{current: C/3, until: 2.5 V}}
 """
-TARGET = 300_000
 
 
-def main() -> None:
-    profile = parse_profile(PROFILE)
-    prof_out = sys.argv[sys.argv.index("--profile") + 1] if "--profile" in sys.argv else None
-    profiler = cProfile.Profile() if prof_out else None
+def ours(cycles: int, profiler: cProfile.Profile | None = None) -> tuple[float, float, float, int, int, str]:
+    """(test time, wall, CPU seconds, samples, cycles, outcome) of the life test through the whole stack."""
+    text = life_profile(cycles)
+    profile = parse_profile(text)
     with tempfile.TemporaryDirectory() as tmp:
         clock = VirtualClock()
         cpu0, t0 = time.process_time(), time.perf_counter()
         if profiler:
             profiler.enable()
-        result, _ = clock.run(run_simulated(profile, PROFILE, clock, params=PRESETS["pellet-protected"],
-                                               initial_soc=0.5, temperature_c=60.0, runs_dir=Path(tmp)))
+        result, _ = clock.run(run_simulated(profile, text, clock, params=PRESETS["pellet-protected"],
+                                            initial_soc=0.5, temperature_c=60.0, runs_dir=Path(tmp)))
         if profiler:
             profiler.disable()
         wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
         with open_run(result.database) as store:
             samples = sum(1 for _ in store.iter_samples())
-            cycles = max((s["cycle"] for s in store.steps()), default=0)
-    test_time = result.outcome.test_time
+            done = max((s["cycle"] for s in store.steps()), default=0)
+    return result.outcome.test_time, wall, cpu, samples, done, result.outcome.reason or "completed"
+
+
+def main() -> None:
+    prof_out = sys.argv[sys.argv.index("--profile") + 1] if "--profile" in sys.argv else None
+    profiler = cProfile.Profile() if prof_out else None
+    test_time, wall, cpu, samples, cycles, outcome = ours(CYCLES, profiler)
     print(f"{cycles} C/3 cycles at 60 degC, 10 s logging: test time {test_time / 3600:.0f} h, wall {wall:.1f} s, "
           f"CPU {cpu:.1f} s, {samples} samples ({samples / wall:.0f} per wall s)")
     print(f"speed-up {test_time / wall:,.0f}x real time (target {TARGET:,}x: "
           f"{'met' if test_time / wall >= TARGET else 'not met'}); {test_time / 3600 / wall:.1f} simulated h per "
-          f"wall s; outcome: {result.outcome.reason or 'completed'}")
+          f"wall s; outcome: {outcome}")
     if profiler and prof_out:
         profiler.dump_stats(prof_out)
         pstats.Stats(prof_out).sort_stats("tottime").print_stats(25)
