@@ -41,7 +41,7 @@ test: $(TESTING) system
 	$(VENV)/bin/mypy
 	$(VENV)/bin/python -m pytest
 
-# Not part of `make test`: every benchmark in turn, each printing both sides and their ratio (about 25 min;
+# Not part of `make test`: every benchmark in turn, each printing both sides and their ratio (about 45 min;
 # benchmarks/README.md keeps the latest table). Peers: PyBaMM (the `bench` extra), PyMeasure (a test tool here),
 # paho-mqtt (under aiomqtt).
 BENCHMARKS := cli_startup transport store_writer reaction_time virtual_clock life_test pybamm_compare \
