@@ -120,3 +120,19 @@ def test_a_sample_and_the_state_it_came_with_go_to_disk_together(tmp_path: Path)
         saved = st.state()
         assert saved is not None and saved.test_time == 10.0 and saved.cycle == 7
         assert [s.test_time for s in st.samples()] == [0.0, 5.0, 10.0]
+
+
+def test_a_batch_that_cannot_be_written_fails_the_run_and_never_hangs_its_close(tmp_path: Path) -> None:
+    import threading
+
+    failures: list[BaseException] = []
+    store = RunStore(tmp_path / "run.sqlite", durable=False, on_failure=failures.append)
+    store.add(sample(0.0), 0.0)
+    store._now("INSERT INTO events VALUES (?, ?, ?, ?)", [42])  # type: ignore[list-item]  # not a row at all
+    closing = threading.Thread(target=store.close)
+    closing.start()
+    closing.join(timeout=30)
+    assert not closing.is_alive(), "close() hung after a failed write"
+    assert len(failures) == 1 and isinstance(store.failure, TypeError)
+    with open_run(tmp_path / "run.sqlite") as back:
+        assert back.samples() == []  # the whole transaction rolled back: nothing half-written

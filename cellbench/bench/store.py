@@ -121,25 +121,28 @@ class _Sink:
         return self.last_commit + self.commit_gap if self.ops else math.inf
 
     def commit(self) -> None:
-        if not self.opened:
-            self.opened = True
-            try:
+        """Commit what is pending; whatever happens, release the flushes waiting and a close."""
+        try:
+            if not self.opened:
+                self.opened = True
                 self.db = _connect(self.path, self.durable)
                 for pragma in self.pragmas:
                     self.db.execute(f"PRAGMA {pragma}")
-            except sqlite3.Error as exc:
+            ops, self.ops = self.ops, []
+            if ops and self.db is not None and self.failure is None:
+                self._commit(self.db, ops)
+        except Exception as exc:  # (sqlite3.Error or worse): the run's writing has failed, and says so once
+            if self.failure is None:
                 self._failed(exc)
-        ops, self.ops = self.ops, []
-        if ops and self.db is not None and self.failure is None:
-            self._commit(self.db, ops)
-        for barrier in self.waiting:
-            barrier.done.set()
-        self.waiting.clear()
-        if self.stop is not None:
-            if self.db is not None:
-                self.db.close()
-                self.db = None
-            self.stop.set()
+        finally:
+            for barrier in self.waiting:
+                barrier.done.set()
+            self.waiting.clear()
+            if self.stop is not None:
+                if self.db is not None:
+                    self.db.close()
+                    self.db = None
+                self.stop.set()
 
     def _commit(self, db: sqlite3.Connection, ops: list[_Op]) -> None:
         try:
@@ -151,7 +154,7 @@ class _Sink:
             db.execute("COMMIT")
             self.commits += 1
             self.last_commit = time.monotonic()
-        except sqlite3.Error as exc:
+        except Exception as exc:  # a full disk (sqlite3.Error), or anything that could not be written
             if db.in_transaction:
                 db.rollback()
             self._failed(exc)
@@ -196,7 +199,7 @@ class _Writer(threading.Thread):
             for sink in [s for s in pending if s.due(now) <= now]:
                 try:
                     sink.commit()
-                except Exception:  # a writer thread must outlive one run's trouble
+                except Exception:  # a writer thread must outlive one run's trouble (an on_failure that raised)
                     log.exception("%s: the writer failed", sink.path)
                 pending.discard(sink)
 
