@@ -25,7 +25,7 @@ from cellbench.bench.store import open_run
 def announced(*args: str, pattern: str) -> tuple[subprocess.Popen[str], re.Match[str]]:
     """`cellbench sim serve ...` as its own process; returns it and the match of `pattern` in what it announced."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "cellbench.bench.cli", "sim", "serve", *args],
+        [sys.executable, "-m", "cellbench.bench.cli", "sim", "serve", "--exit-with-parent", *args],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "300"},
     )
@@ -256,3 +256,40 @@ def test_validate_says_when_and_why_the_simulated_cell_shorts() -> None:
     # C/3 of 3.5 mAh on 1 cm²: 1.17 mA/cm², against the model's 0.3 mA/cm² at 25 degC and 5 MPa
     assert ("charging at 1.17 mA/cm² is above the simulated cell's critical current density (0.3 mA/cm² at "
             "25 degC and 5 MPa); try 65 degC or C/20") in line
+
+
+def _running(pid: int) -> bool:
+    """Whether a process runs (a zombie nobody reaped has ended)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return False
+    return state != "Z"
+
+
+def test_sim_serve_with_exit_with_parent_ends_when_its_starter_is_killed(tmp_path: Path) -> None:
+    starter = tmp_path / "starter.py"
+    starter.write_text(textwrap.dedent("""\
+        import subprocess, sys, time
+        sim = subprocess.Popen([sys.executable, "-m", "cellbench.bench.cli", "sim", "serve", "keithley2450",
+                                "--port", "0", "--exit-with-parent"], stdout=subprocess.PIPE, text=True,
+                               env={**__import__("os").environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "300"})
+        print(sim.pid, flush=True)
+        print(sim.stdout.readline(), end="", flush=True)
+        time.sleep(600)
+        """))
+    parent = subprocess.Popen([sys.executable, str(starter)], stdout=subprocess.PIPE, text=True)
+    assert parent.stdout is not None
+    pid = int(parent.stdout.readline())
+    try:
+        assert "serving a simulated Keithley 2450" in parent.stdout.readline()
+        assert _running(pid)
+        parent.kill()  # as a test runner killed with -9: no chance to stop its children
+        parent.wait()
+        deadline = time.monotonic() + 20
+        while _running(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _running(pid), "the simulator outlived the process that started it"
+    finally:
+        if _running(pid):
+            os.kill(pid, 9)

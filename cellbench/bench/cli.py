@@ -5,6 +5,7 @@ from __future__ import annotations
 import calendar
 import json
 import logging
+import os
 import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
@@ -34,6 +35,7 @@ console = Console()
 err = Console(stderr=True)
 
 DEMO_PROFILE = "formation-and-cycling"
+PARENT_CHECK = 0.5  # s between two looks at whether `sim serve --exit-with-parent`'s parent still lives
 
 
 def _fail(problems: list[str] | str, code: int = 2) -> typer.Exit:
@@ -800,6 +802,9 @@ def sim_serve(
     temperature: Annotated[float, typer.Option(help="temperature of the simulated cell, degC")] = 25.0,
     fault: Annotated[list[str] | None, typer.Option(help="inject a fault into a line instrument: silent, garbage, "
                                                          "drop, stuck or delay=SECONDS (repeatable)")] = None,
+    exit_with_parent: Annotated[bool, typer.Option(help="stop when the process that started it dies (a test "
+                                                        "runner killed with -9 leaves no simulator behind)")]
+    = False,
 ) -> None:
     """Serve a simulated instrument until interrupted, in real time, for any client."""
     import asyncio
@@ -822,9 +827,15 @@ def sim_serve(
                            bin_port=bin_port, login=login, temperature_c=temperature, faults=tuple(fault or ()))
 
     async def serve() -> None:
+        parent = os.getppid()
         async with serve_instrument(options) as where:
             console.print(f"serving {where}", highlight=False)
-            await asyncio.Event().wait()
+            if not exit_with_parent:
+                await asyncio.Event().wait()
+            # an orphan is adopted by another process: its parent is gone (no event says so: it is polled)
+            while os.getppid() == parent:  # noqa: ASYNC110
+                await asyncio.sleep(PARENT_CHECK)
+            console.print(f"the process that started it (pid {parent}) is gone: stopped")
 
     try:
         asyncio.run(serve())

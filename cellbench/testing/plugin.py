@@ -62,7 +62,7 @@ class Served:
         opts = {**self.defaults, **{k: v for k, v in (("cell", cell), ("soc", soc), ("seed", seed),
                                                       ("temperature", temperature), ("faults", faults))
                                     if v is not None}}
-        args = [sys.executable, "-m", "cellbench.bench.cli", "sim", "serve", instrument,
+        args = [sys.executable, "-m", "cellbench.bench.cli", "sim", "serve", instrument, "--exit-with-parent",
                 *(["--serial"] if serial else ["--port", "0"]),
                 "--cell", str(opts.get("cell", "pellet")), "--soc", str(opts.get("soc", 0.5)),
                 "--seed", str(opts.get("seed", 0)), "--temperature", str(opts.get("temperature", 25.0))]
