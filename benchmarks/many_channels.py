@@ -41,9 +41,9 @@ PROFILE = "name: one minute\nsample_period: 1 s\nsteps:\n  - rest: 60 s\n"
 
 
 def serve_box() -> tuple[subprocess.Popen[str], int, int]:
-    proc = subprocess.Popen([sys.executable, "-m", "cellbench.bench.cli", "sim", "serve", "maccor", "--port", "0",
-                             "--bin-port", "0", "--channels", str(PER_BOX)], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen([sys.executable, "-m", "cellbench.bench.cli", "sim", "serve", "maccor",
+                             "--exit-with-parent", "--port", "0", "--bin-port", "0", "--channels", str(PER_BOX)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     assert proc.stdout is not None
     for line in proc.stdout:
         if m := re.search(r"::(\d+)::SOCKET \(MacNet JSON\), binary port (\d+)", line):

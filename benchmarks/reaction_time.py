@@ -101,8 +101,9 @@ class Proxy:
 
 
 def serve_2450() -> tuple[subprocess.Popen[str], int]:
-    proc = subprocess.Popen([sys.executable, "-m", "cellbench.bench.cli", "sim", "serve", "keithley2450", "--port",
-                             "0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen([sys.executable, "-m", "cellbench.bench.cli", "sim", "serve", "keithley2450",
+                             "--exit-with-parent", "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
     assert proc.stdout is not None
     for line in proc.stdout:
         if m := re.search(r"TCPIP::127\.0\.0\.1::(\d+)::SOCKET", line):
