@@ -301,3 +301,17 @@ async def test_hostile_commands_are_refused_and_a_full_disk_stops_telemetry_not_
         assert "MQTT telemetry stopped" in caplog.text and "disk is full" in caplog.text
     finally:
         loop.stop()
+
+
+def test_the_outbox_is_bounded_drops_the_oldest_telemetry_first_and_keeps_its_count(tmp_path: Path) -> None:
+    box = mqtt.Outbox(tmp_path / "outbox.sqlite", limit=5)
+    box.add([(1, "t/event", "e1", 1, 0)] + [(k, "t/telemetry", f"m{k}", 0, 1) for k in range(2, 6)])
+    box.add([(k, "t/telemetry", f"m{k}", 0, 1) for k in range(6, 9)])  # three too many
+    assert len(box) == 5
+    assert [seq for seq, *_ in box.head(10)] == [1, 5, 6, 7, 8]  # the event stays; telemetry 2-4 went
+    box.sent(5)
+    assert len(box) == 3 and [seq for seq, *_ in box.head(10)] == [6, 7, 8]
+    box.close()
+    again = mqtt.Outbox(tmp_path / "outbox.sqlite", limit=5)  # reopened (a resume): the count is the file's
+    assert len(again) == 3 and again.last_seq() == 8
+    again.close()

@@ -176,6 +176,8 @@ class Outbox:
         self._db.execute("CREATE TABLE IF NOT EXISTS outbox (seq INTEGER PRIMARY KEY, topic TEXT NOT NULL, "
                          "payload TEXT NOT NULL, qos INTEGER NOT NULL, telemetry INTEGER NOT NULL)")
         self._db.execute("CREATE TABLE IF NOT EXISTS last (id INTEGER PRIMARY KEY CHECK (id = 1), seq INTEGER)")
+        # how many wait, kept here: counting the table at every batch cost a full scan of a long outage's outbox
+        self._count = int(self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
 
     def last_seq(self) -> int:
         row = self._db.execute("SELECT seq FROM last").fetchone()
@@ -186,19 +188,23 @@ class Outbox:
             self._db.execute("BEGIN")
             self._db.executemany("INSERT OR REPLACE INTO outbox VALUES (?, ?, ?, ?, ?)", rows)
             self._db.execute("INSERT OR REPLACE INTO last VALUES (1, ?)", (rows[-1][0],))
-            over = self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0] - self.limit
+            count = self._count + len(rows)
+            if count > self.limit:  # (a replaced row would make that too many: counted exactly then)
+                count = int(self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
+            over = count - self.limit
             if over > 0:  # the oldest telemetry goes first: events and the sequence stay
-                self._db.execute("DELETE FROM outbox WHERE seq IN (SELECT seq FROM outbox WHERE telemetry = 1 "
-                                 "ORDER BY seq LIMIT ?)", (over,))
+                count -= self._db.execute("DELETE FROM outbox WHERE seq IN (SELECT seq FROM outbox WHERE "
+                                          "telemetry = 1 ORDER BY seq LIMIT ?)", (over,)).rowcount
+        self._count = count
 
     def head(self, n: int) -> list[tuple[int, str, str, int]]:
         return self._db.execute("SELECT seq, topic, payload, qos FROM outbox ORDER BY seq LIMIT ?", (n,)).fetchall()
 
     def sent(self, upto: int) -> None:
-        self._db.execute("DELETE FROM outbox WHERE seq <= ?", (upto,))
+        self._count -= self._db.execute("DELETE FROM outbox WHERE seq <= ?", (upto,)).rowcount
 
     def __len__(self) -> int:
-        return int(self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
+        return self._count
 
     def close(self) -> None:
         self._db.close()
