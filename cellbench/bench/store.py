@@ -2,11 +2,12 @@
 
 Writes never happen on the control loop. Samples are buffered and handed over as a batch once the
 batch is a flush interval old (on the run's clock) or full; steps, events and run states are handed
-over in order with them. A writer thread commits what has been handed over in one transaction (at most
-one commit per COMMIT_GAP of wall time, several batches at once). After a process crash every sample
-older than the last batch is on disk, less what the writer had not yet reached (at most COMMIT_GAP).
-A failed write (a full disk) is kept as `failure` and reported through `on_failure`; nothing more
-is written after it.
+over in order with them; on a real bench each sample brings the run state that accounts for it, and the
+latest goes in the same batch. One of the process's WRITER_THREADS (shared by every run) commits what a
+run has handed over in one transaction (at most one commit per COMMIT_GAP of wall time, several batches
+at once). After a process crash every sample older than the last batch is on disk, less what the writer
+had not yet reached (at most COMMIT_GAP). A failed write (a full disk) is kept as `failure` and reported
+through `on_failure`; nothing more is written after it.
 """
 
 from __future__ import annotations
@@ -109,7 +110,6 @@ class _Sink:
         self.failure: BaseException | None = None
         self.commits = 0
         self.last_commit = 0.0
-        self.commit_gap = COMMIT_GAP
         self.ops: list[_Op] = []  # handed over, waiting for the commit gap
         self.waiting: list[_Barrier] = []  # flushes waiting for what was handed over before them
         self.stop: threading.Event | None = None  # set once closed
@@ -118,7 +118,7 @@ class _Sink:
         """When this sink's pending work should be committed (now or later)."""
         if self.waiting or self.stop is not None:
             return now
-        return self.last_commit + self.commit_gap if self.ops else math.inf
+        return self.last_commit + COMMIT_GAP if self.ops else math.inf
 
     def commit(self) -> None:
         """Commit what is pending; whatever happens, release the flushes waiting and a close."""
