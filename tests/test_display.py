@@ -68,3 +68,24 @@ def test_the_summary_names_the_extremes() -> None:
     assert line.startswith("3 channels · 2 CC Charge, 1 Rest · 3.200 V (a) to 4.100 V (b)")
     many = {f"c{k}": progress(kind=f"kind{k}") for k in range(5)}
     assert "· 1 kind0, 1 kind1, 1 kind2, 2 other ·" in summary(many)
+
+
+def test_a_ten_channel_dry_run_is_summed_up_past_eight_channels(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from typer.testing import CliRunner
+
+    from cellbench.bench.cli import app
+
+    n = 10
+    (tmp_path / "bench.yaml").write_text("\n".join(
+        ["name: ten", "instruments:"]
+        + [f"  smu{k}: {{driver: keithley2450, resource: 'TCPIP::127.0.0.1::{5100 + k}::SOCKET'}}" for k in range(n)]
+        + ["cells:"] + [f"  c{k}: {{capacity: 3.5 mAh, voltage_min: 2.5 V, voltage_max: 4.3 V}}" for k in range(n)]
+        + ["channels:"] + [f"  ch{k}: {{cycler: smu{k}, cell: c{k}}}" for k in range(n)]) + "\n")
+    (tmp_path / "rest.yaml").write_text("name: rest\nsample_period: 10 s\nsteps:\n  - rest: 2 min\n")
+    result = CliRunner().invoke(app, ["run", str(tmp_path / "rest.yaml"), "--bench", str(tmp_path / "bench.yaml"),
+                                      "--dry-run", "--runs-dir", str(tmp_path / "runs")], env={"COLUMNS": "300"})
+    assert result.exit_code == 0, result.output
+    progress = [line for line in result.output.splitlines() if " step 1/1 " in line or " channels · " in line]
+    # off a terminal: a line for each of the first eight channels, then one summing them up, not one per channel
+    assert sum(" step 1/1 " in line for line in progress) == display.MAX_BARS
+    assert any(" 9 channels · 9 Rest · " in line for line in progress), progress
