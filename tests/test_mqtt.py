@@ -293,7 +293,7 @@ async def test_hostile_commands_are_refused_and_a_full_disk_stops_telemetry_not_
         def full(self: object, rows: object) -> None:
             raise sqlite3.OperationalError("database or disk is full")
 
-        monkeypatch.setattr(mqtt.Outbox, "add", full)
+        monkeypatch.setattr(mqtt.Outbox, "_add", full)
         link.on_event(Note(NoteKind.NOTICE, "something", 1.0, time.time()))
         await asyncio.wait([asyncio.wrap_future(link._done)], timeout=10)
         assert link._done.done()
@@ -305,13 +305,43 @@ async def test_hostile_commands_are_refused_and_a_full_disk_stops_telemetry_not_
 
 def test_the_outbox_is_bounded_drops_the_oldest_telemetry_first_and_keeps_its_count(tmp_path: Path) -> None:
     box = mqtt.Outbox(tmp_path / "outbox.sqlite", limit=5)
-    box.add([(1, "t/event", "e1", 1, 0)] + [(k, "t/telemetry", f"m{k}", 0, 1) for k in range(2, 6)])
-    box.add([(k, "t/telemetry", f"m{k}", 0, 1) for k in range(6, 9)])  # three too many
+    box.turn([(1, "t/event", "e1", 1, 0)] + [(k, "t/telemetry", f"m{k}", 0, 1) for k in range(2, 6)], 0, 0)
+    head = box.turn([(k, "t/telemetry", f"m{k}", 0, 1) for k in range(6, 9)], 0, 10)  # three too many
     assert len(box) == 5
-    assert [seq for seq, *_ in box.head(10)] == [1, 5, 6, 7, 8]  # the event stays; telemetry 2-4 went
-    box.sent(5)
-    assert len(box) == 3 and [seq for seq, *_ in box.head(10)] == [6, 7, 8]
+    assert [seq for seq, *_ in head] == [1, 5, 6, 7, 8]  # the event stays; telemetry 2-4 went
+    head = box.turn([], 5, 10)  # the broker took 1 and 5
+    assert len(box) == 3 and [seq for seq, *_ in head] == [6, 7, 8]
     box.close()
     again = mqtt.Outbox(tmp_path / "outbox.sqlite", limit=5)  # reopened (a resume): the count is the file's
     assert len(again) == 3 and again.last_seq() == 8
     again.close()
+
+
+async def test_telemetry_and_events_go_out_in_sequence_order(tmp_path: Path, broker: Broker) -> None:
+    """A burst of telemetry (QoS 0, handed to the client in runs) with events (QoS 1) among it reaches a
+    subscriber whole and in the order of the sequence numbers."""
+    from cellbench.bench.events import Note, NoteKind, Sample, SampleTaken
+
+    cfg = mqtt.MqttConfig.model_construct(**{**mqtt.MqttConfig(
+        host="127.0.0.1", port=broker.port, username="bench", password_file=broker.password_file("bench"),
+    ).model_dump(), "telemetry_every": 0.0})
+    loop = mqtt.MqttLoop()
+    link = mqtt.ChannelLink(cfg, "night", "ch1", "run-1", "cell", tmp_path / "o.sqlite",
+                            lambda action, ch, why: (True, "done"), loop)
+    try:
+        async with Watcher(broker) as w:
+            await w.until("status", lambda p: p["state"] == "starting")
+            for i in range(3000):
+                t = float(i)
+                link.on_event(SampleTaken(Sample(t, time.time(), 3.7, 1e-3, 1, 1, 1, "CC Charge", 0, 0, 0, 0)))
+                if i % 700 == 350:
+                    link.on_event(Note(NoteKind.NOTICE, f"note at {i}", t, time.time()))
+                if i % 100 == 0:
+                    await asyncio.sleep(0)
+            await w.until("telemetry", lambda p: p["seq"] == 3004)  # 3,000 samples and 4 notes
+            got = [p["seq"] for t, p, _ in w.messages if t.endswith(("/telemetry", "/event"))]
+            assert got == list(range(1, 3005))
+            assert [p["message"] for p in w.of("event")] == [f"note at {i}" for i in range(350, 3000, 700)]
+            await link.close("completed", None)
+    finally:
+        loop.stop()

@@ -183,25 +183,29 @@ class Outbox:
         row = self._db.execute("SELECT seq FROM last").fetchone()
         return int(row[0]) if row else 0
 
-    def add(self, rows: list[tuple[int, str, str, int, int]]) -> None:
+    def turn(self, rows: list[tuple[int, str, str, int, int]], acked: int, n: int) -> list[tuple[int, str, str, int]]:
+        """One pass of the publisher, in one transaction: forget what the broker has taken (sequence numbers up
+        to `acked`), add what the run handed on, and return the first `n` messages still to send."""
         with self._db:
             self._db.execute("BEGIN")
-            self._db.executemany("INSERT OR REPLACE INTO outbox VALUES (?, ?, ?, ?, ?)", rows)
-            self._db.execute("INSERT OR REPLACE INTO last VALUES (1, ?)", (rows[-1][0],))
-            count = self._count + len(rows)
-            if count > self.limit:  # (a replaced row would make that too many: counted exactly then)
-                count = int(self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
-            over = count - self.limit
-            if over > 0:  # the oldest telemetry goes first: events and the sequence stay
-                count -= self._db.execute("DELETE FROM outbox WHERE seq IN (SELECT seq FROM outbox WHERE "
-                                          "telemetry = 1 ORDER BY seq LIMIT ?)", (over,)).rowcount
+            if acked:
+                self._count -= self._db.execute("DELETE FROM outbox WHERE seq <= ?", (acked,)).rowcount
+            if rows:
+                self._add(rows)
+            return self._db.execute("SELECT seq, topic, payload, qos FROM outbox ORDER BY seq LIMIT ?",
+                                    (n,)).fetchall() if n else []
+
+    def _add(self, rows: list[tuple[int, str, str, int, int]]) -> None:
+        self._db.executemany("INSERT OR REPLACE INTO outbox VALUES (?, ?, ?, ?, ?)", rows)
+        self._db.execute("INSERT OR REPLACE INTO last VALUES (1, ?)", (rows[-1][0],))
+        count = self._count + len(rows)
+        if count > self.limit:  # (a replaced row would make that too many: counted exactly then)
+            count = int(self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
+        over = count - self.limit
+        if over > 0:  # the oldest telemetry goes first: events and the sequence stay
+            count -= self._db.execute("DELETE FROM outbox WHERE seq IN (SELECT seq FROM outbox WHERE "
+                                      "telemetry = 1 ORDER BY seq LIMIT ?)", (over,)).rowcount
         self._count = count
-
-    def head(self, n: int) -> list[tuple[int, str, str, int]]:
-        return self._db.execute("SELECT seq, topic, payload, qos FROM outbox ORDER BY seq LIMIT ?", (n,)).fetchall()
-
-    def sent(self, upto: int) -> None:
-        self._count -= self._db.execute("DELETE FROM outbox WHERE seq <= ?", (upto,)).rowcount
 
     def __len__(self) -> int:
         return self._count
@@ -259,6 +263,7 @@ class ChannelLink:
         self._last_telemetry = -math.inf
         self._answers: collections.OrderedDict[str, Reply] = collections.OrderedDict()
         self._closing = False
+        self._acked = 0  # the last sequence number the broker took that the outbox still holds
         self.connected = False
         # unique on the broker: two labs' benches may share a name, a broker drops the older of two equal IDs
         self._identifier = f"cellbench-{socket.gethostname()}-{os.getpid()}-{bench}-{channel}"
@@ -349,11 +354,19 @@ class ChannelLink:
             self._outbox.close()
 
     # the link's own task -----------------------------------------------------------------------------------
-    async def _spill(self) -> None:
-        """Move what the engine handed on into the outbox (on a worker thread)."""
-        if self._pending:
-            rows = [self._pending.popleft() for _ in range(len(self._pending))]  # what came after stays
-            await asyncio.to_thread(self._outbox.add, rows)
+    async def _spill(self, n: int = 0) -> list[tuple[int, str, str, int]]:
+        """Move what the engine handed on into the outbox and forget what the broker took (on a worker thread);
+        the first `n` messages still to send."""
+        rows = [self._pending.popleft() for _ in range(len(self._pending))]  # what comes meanwhile stays
+        if not rows and not self._acked and not n:
+            return []
+        acked, self._acked = self._acked, 0
+        try:
+            return await asyncio.to_thread(self._outbox.turn, rows, acked, n)
+        except BaseException:
+            self._pending.extendleft(reversed(rows))
+            self._acked = max(self._acked, acked)
+            raise
 
     async def _run(self) -> None:
         import aiomqtt
@@ -401,19 +414,14 @@ class ChannelLink:
     async def _publish(self, client: Any) -> None:
         """Status when it changed, then the outbox in order; returns once closing and everything is out."""
         while True:
-            await self._spill()
             status = self._status.model_dump_json(exclude={"time"})
             if status != self._status_sent:
                 await client.publish(f"{self.topic}/status", self._status.model_dump_json(), qos=1, retain=True)
                 self._status_sent = status
-            rows = await asyncio.to_thread(self._outbox.head, 500)
-            # many in flight together (the client keeps their order on the wire); each acknowledged before the
-            # outbox lets it go
-            for k in range(0, len(rows), IN_FLIGHT):
-                await asyncio.gather(*(client.publish(topic, payload, qos=qos)
-                                       for _, topic, payload, qos in rows[k:k + IN_FLIGHT]))
-            if rows:
-                await asyncio.to_thread(self._outbox.sent, rows[-1][0])
+            rows = await self._spill(500)
+            if rows:  # the outbox lets them go at the next pass, once each is out
+                await _send(client, rows)
+                self._acked = rows[-1][0]
                 continue
             if self._closing and not self._pending:
                 return
@@ -474,6 +482,32 @@ class ChannelLink:
 
         ok, message = await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(on_control_loop(), self._control))
         return {"ok": ok, "message": message if ok else f"refused: {message}"}
+
+
+async def _send(client: Any, rows: list[tuple[int, str, str, int]]) -> None:
+    """Publish outbox rows in order; returns once each is out (QoS 0: written to the socket; QoS 1: acknowledged).
+
+    aiomqtt awaits every publish on its own (an event, a timeout task and a callback per message), which halved
+    the telemetry rate against bare paho. A run of QoS 0 rows therefore goes to its paho client in one go and
+    only the last is awaited: paho writes its queue in order, so the last out means all are out."""
+    import aiomqtt
+
+    paho = getattr(client, "_client", None)  # aiomqtt's paho client; without it, each row is awaited
+    k = 0
+    while k < len(rows):
+        qos, end = rows[k][3], k + 1
+        while end < len(rows) and rows[end][3] == qos:
+            end += 1
+        if qos == 0 and paho is not None:
+            for _, topic, payload, _ in rows[k:end - 1]:
+                if (rc := paho.publish(topic, payload, 0).rc) != 0:  # not connected any more
+                    raise aiomqtt.MqttCodeError(rc, "Could not publish message")
+            await client.publish(rows[end - 1][1], rows[end - 1][2], qos=0)
+        else:  # many in flight together (the client keeps their order on the wire)
+            for j in range(k, end, IN_FLIGHT):
+                await asyncio.gather(*(client.publish(topic, payload, qos=q)
+                                       for _, topic, payload, q in rows[j:min(j + IN_FLIGHT, end)]))
+        k = end
 
 
 class MqttBridge:
