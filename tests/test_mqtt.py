@@ -18,8 +18,9 @@ import pytest
 
 from cellbench.bench import mqtt
 from tests.broker import Broker
-from tests.test_cli import serve
+from tests.test_cli import announced, serve
 from tests.test_unattended import ask, files, start_run, wait_until_sourcing
+from tests.test_unattended import cli as terminal
 
 PROFILE = """
 name: long charge
@@ -148,7 +149,7 @@ async def test_telemetry_commands_and_the_will_through_mosquitto(tmp_path: Path,
         # unsafe or impossible commands are refused with a reason; malformed ones too
         await command(broker, "operator", "clear_latch", {"id": "c1"})
         refused = await w.until("reply", lambda p: p["id"] == "c1")
-        assert not refused["ok"] and refused["message"].startswith("refused: a safety stop ends the run")
+        assert not refused["ok"] and refused["message"] == "refused: channel 'ch1' has no safety latch set"
         await command(broker, "operator", "resume", {"id": "r0", "speed": "fast"})
         bad = await w.until("reply", lambda p: p["id"] == "r0")
         assert not bad["ok"] and "speed" in bad["message"]
@@ -156,6 +157,11 @@ async def test_telemetry_commands_and_the_will_through_mosquitto(tmp_path: Path,
         assert (await w.until("answers/r1", lambda p: True))["ok"]
         await w.until("status", lambda p: p["state"] == "running" and p["time"] > first.get("time", ""))
         await asyncio.to_thread(wait_until_sourcing, smu)
+        # a host-driven step has no cycler variables to set
+        await command(broker, "operator", "set_variable", {"id": "v2", "name": "MV_UD1", "value": 1.0})
+        refused = await w.until("reply", lambda p: p["id"] == "v2")
+        assert not refused["ok"] and "run by the bench" in refused["message"]
+        assert ask(smu, ":SOUR:CURR?").startswith("2.0")  # 0.2 mA as before
 
         # the bench process dies a hard death: the broker publishes its will
         proc.send_signal(signal.SIGKILL)
@@ -345,3 +351,132 @@ async def test_telemetry_and_events_go_out_in_sequence_order(tmp_path: Path, bro
             await link.close("completed", None)
     finally:
         loop.stop()
+
+
+async def test_set_variable_steers_the_schedule_the_cycler_runs(tmp_path: Path, broker: Broker) -> None:
+    """A `cellbench run` on a served Arbin runs the cycler's own schedule; an operator's set_variable over MQTT
+    changes its charge current (MV_UD1) mid-step, the telemetry shows it and the run records who changed what.
+    A variable that is not one, or a value that is not a number, is refused with its reason."""
+    proc_sim, m = announced("arbin", "--port", "0", "--channels", "1", "--login", "tester:s3cret", "--soc", "0.3",
+                            pattern=r"(TCPIP::127\.0\.0\.1::\d+::SOCKET)")
+    login = tmp_path / "arbin.login"
+    login.write_text("tester:s3cret\n")
+    bench = tmp_path / "bench.yaml"
+    bench.write_text(f"""
+name: night
+instruments:
+  a1: {{driver: arbin, resource: "{m.group(1)}", login_file: {login}}}
+cells:
+  pellet: {{capacity: 3.5 mAh, voltage_min: 2.5 V, voltage_max: 4.3 V}}
+channels:
+  ch1: {{cycler: a1, cycler_channel: 0, cell: pellet}}
+mqtt:
+  host: 127.0.0.1
+  port: {broker.port}
+  username: bench
+  password_file: {broker.password_file("bench")}
+  telemetry_every: 0.5 s
+""")
+    profile = tmp_path / "formation.yaml"
+    profile.write_text("name: formation on the cycler\nsample_period: 0.5 s\n"
+                       "steps:\n  - schedule: {name: Formation_C10.sdx, until: 2 h}\n")
+    proc = start_run(tmp_path, bench, profile)
+    try:
+        async with Watcher(broker) as w:
+            before = await w.until("telemetry", lambda p: p["step"] == "Schedule" and p["seq"] >= 4)
+            assert before["values"]["current"]["value"] == pytest.approx(0.35e-3, rel=1e-3)  # the C/10 default
+            for ident, payload, why in (("x1", {"name": "MV_UD17", "value": 1}, "name: the cycler variable"),
+                                        ("x2", {"name": "1", "value": "fast"}, "value: a number")):
+                await command(broker, "operator", "set_variable", {"id": ident, **payload})
+                bad = await w.until("reply", lambda p, i=ident: p["id"] == i)
+                assert not bad["ok"] and bad["message"].startswith(f"refused: {why}")
+            await command(broker, "operator", "set_variable",
+                          {"id": "v1", "name": "MV_UD1", "value": 0.0007, "reason": "faster formation"})
+            done = await w.until("reply", lambda p: p["id"] == "v1")
+            assert done["ok"] and done["message"] == "variable 1 set to 0.0007 in step 1"
+            after = await w.until("telemetry", lambda p: p["seq"] > before["seq"]
+                                  and p["values"]["current"]["value"] > 0.5e-3)
+            assert after["values"]["current"]["value"] == pytest.approx(0.7e-3, rel=1e-3)
+            note = await w.until("event", lambda p: "set to 0.0007" in p["message"])
+            assert note["kind"] == "schedule" and "by the operator (faster formation)" in note["message"]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out = await asyncio.to_thread(proc.communicate, timeout=30)
+        proc_sim.terminate()
+        proc_sim.wait(timeout=10)
+    assert proc.returncode != 0, out[0][-2000:]  # interrupted, not completed
+
+
+TRIP = """
+name: trip on charge
+sample_period: 0.5 s
+safety: {voltage: [2.5 V, 3.74 V]}
+steps:
+  - charge: {current: 1 mA, until: 2 h}
+"""
+
+
+async def test_a_bench_that_holds_on_a_safety_stop_waits_latched_until_an_operator_clears_it(
+        tmp_path: Path, smu: str, broker: Broker) -> None:
+    """on_safety_stop: hold. The cell's voltage rises over the profile's safety limit on charge (3.70 V at
+    rest, 3.76 V at 1 mA): the channel is held, output off and latched, its controller still running. A resume
+    is refused while latched; clear_latch clears it (recorded) and the channel stays paused; a resume then
+    carries on, and the same limit trips it again. Stopped while latched, the record stays latched."""
+    from cellbench.bench.run import read_for_resume
+    from cellbench.bench.store import open_run
+    from cellbench.profiles.parse import InputError
+
+    bench, profile = bench_file(tmp_path, smu, broker)
+    told = tmp_path / "told.jsonl"
+    bench.write_text(bench.read_text() + f"on_safety_stop: hold\nnotify: [sh, -c, 'cat >> {told}; echo >> {told}']\n")
+    profile.write_text(TRIP)
+    proc = start_run(tmp_path, bench, profile)
+
+    def latched() -> list[dict[str, Any]]:
+        return [p for p in w.of("status") if p["state"] == "latched"]
+
+    try:
+        async with Watcher(broker) as w:
+            first = await w.until("status", lambda p: p["state"] == "latched")
+            assert "outside the profile's safety range 2.5 to 3.74 V" in first["reason"], first
+            assert ask(smu, ":OUTP?") == "0" and proc.poll() is None  # held, not ended
+            await command(broker, "operator", "resume", {"id": "r1"})
+            refused = await w.until("reply", lambda p: p["id"] == "r1")
+            assert not refused["ok"] and "latched" in refused["message"] and "clear the latch" in refused["message"]
+            await command(broker, "operator", "clear_latch", {"id": "c1", "reason": "cell checked by J. Doe"})
+            cleared = await w.until("reply", lambda p: p["id"] == "c1")
+            assert cleared["ok"], cleared
+            await w.until("status", lambda p: p["state"] == "paused" and "J. Doe" in (p["reason"] or ""))
+            assert ask(smu, ":OUTP?") == "0" and proc.poll() is None
+            await command(broker, "operator", "resume", {"id": "r2"})
+            assert (await w.until("reply", lambda p: p["id"] == "r2"))["ok"]
+            await w.until("status", lambda p: p["state"] == "running" and p["time"] > first["time"])
+            deadline = time.monotonic() + 20
+            while len(latched()) < 2 and time.monotonic() < deadline:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+            assert len(latched()) == 2 and ask(smu, ":OUTP?") == "0" and proc.poll() is None
+            # from another terminal: a plain resume is refused; with --clear-latch it clears, resumes, trips again
+            plain = await asyncio.to_thread(terminal, tmp_path, "resume", "ch1")
+            assert plain.returncode == 1 and "latched" in plain.stderr + plain.stdout
+            cleared_here = await asyncio.to_thread(terminal, tmp_path, "resume", "ch1", "--clear-latch")
+            assert cleared_here.returncode == 0, cleared_here.stderr
+            assert "latch cleared" in cleared_here.stdout and "resumes" in cleared_here.stdout
+            deadline = time.monotonic() + 20
+            while len(latched()) < 3 and time.monotonic() < deadline:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+            assert len(latched()) == 3 and proc.poll() is None
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        out = await asyncio.to_thread(proc.communicate, timeout=30)
+    assert proc.returncode != 0, out[0][-2000:]
+    (db,) = (p for p in (tmp_path / "runs").glob("*.sqlite") if not p.name.endswith(".outbox.sqlite"))
+    with pytest.raises(InputError, match="clears the latch"):
+        read_for_resume(db)  # stopped while latched: the record stays latched
+    with open_run(db) as store:
+        kinds = [e["kind"] for e in store.events()]
+    assert kinds.count("safety") == 3 and kinds.count("latch cleared") == 2 and kinds.count("resumed") == 2
+    # the bench's notify command was run at each trip (someone must come), and once at the end
+    said = [json.loads(line) for line in told.read_text().splitlines() if line.strip()]
+    assert [p["state"] for p in said] == ["latched"] * 3 + ["safety stop"]
+    assert all("safety range 2.5 to 3.74 V" in p["reason"] for p in said)

@@ -61,6 +61,13 @@ def test_a_safety_stop_is_latched_until_an_operator_clears_it(tmp_path: Path) ->
     assert "clears the latch (resume --clear-latch)" in caught.value.problems[0]
     _, state, _ = read_for_resume(result.database, clear_latch=True)
     assert state.step_count == 1 and not state.finished  # it stood in the rest
+    # once resumed with the latch cleared, the run is not latched any more (killed later, it resumes plainly)
+    import sqlite3
+
+    with sqlite3.connect(result.database) as con:
+        con.execute("INSERT INTO events VALUES (?, 0, 'resumed', 'resumed at step 1')", (SHORT_AT + 1,))
+    con.close()
+    assert read_for_resume(result.database)[1].step_count == 1
 
 
 @pytest.mark.parametrize("trip", ["press", "chamber"])

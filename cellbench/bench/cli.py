@@ -311,7 +311,7 @@ def resume(
                                                "name), or the run database of a run to continue (runs/....sqlite)")],
     bench: Annotated[Path | None, typer.Option("--bench", help="a bench file, if the instruments have moved")] = None,
     clear_latch: Annotated[
-        bool, typer.Option("--clear-latch", help="resume a run that a safety stop ended, the cell checked")
+        bool, typer.Option("--clear-latch", help="resume a run that a safety stop ended or holds, the cell checked")
     ] = False,
 ) -> None:
     """Carry on a paused channel, or a run that was killed or interrupted (in its own database, at the step where
@@ -322,6 +322,8 @@ def resume(
     from cellbench.profiles.parse import InputError
 
     if (entry := _live_run(target, need=False)) is not None and entry.state == runs.PAUSED:
+        if clear_latch:  # a channel its controller holds after a safety stop (on_safety_stop: hold)
+            _command("clear_latch", entry, "by an operator, the cell checked")
         _command("resume", entry, "by an operator")
         return
     run_db = Path(target)

@@ -97,6 +97,10 @@ class BenchConfig(Strict):
     channels: dict[str, ChannelConfig] = Field(min_length=1)
     mqtt: MqttConfig | None = Field(default=None, description="telemetry and remote control through an MQTT "
                                                               "broker; off when absent")
+    on_safety_stop: Literal["end", "hold"] = Field(
+        default="end", description="end: a safety stop ends the channel's run, latched (`cellbench resume RUN "
+                                   "--clear-latch` carries it on); hold: the channel waits, output off and latched, "
+                                   "until an operator clears the latch and resumes it, or stops it (real bench only)")
 
     def sharing(self, instrument: str) -> list[str]:
         """The channels that name an instrument, in the bench file's order."""
@@ -125,6 +129,7 @@ class BenchConfig(Strict):
             "name": self.name,
             **{k: v for k, v in (("operator", self.operator), ("comment", self.comment), ("notify", self.notify))
                if v is not None},
+            **({"on_safety_stop": self.on_safety_stop} if self.on_safety_stop != "end" else {}),
             **({"mqtt": {**self.mqtt.model_dump(mode="json", exclude_none=True),
                          "telemetry_every": f"{self.mqtt.telemetry_every!r} s"}} if self.mqtt else {}),
             "instruments": {n: {**i.model_dump(mode="json", exclude_none=True), "timeout": f"{i.timeout!r} s",

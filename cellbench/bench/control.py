@@ -1,4 +1,5 @@
-"""A running controller's command socket: start, pause, resume or stop one channel from another terminal.
+"""A running controller's command socket: start, pause, resume or stop one channel, or clear its safety latch,
+from another terminal.
 
 Each controller on the real clock listens on a Unix socket of its own, `$CELLBENCH_STATE_DIR/control/<pid>.sock`
 (mode 0600 in a 0700 folder: only the user who runs the bench may command it), says which bench and channels
@@ -31,7 +32,7 @@ class Command(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    action: Literal["start", "pause", "resume", "stop"]
+    action: Literal["start", "pause", "resume", "stop", "clear_latch"]
     channel: str = Field(min_length=1, max_length=200)
     reason: str = Field("by an operator", max_length=500)
     profile: str | None = Field(default=None, max_length=4096, description="start: the profile file's full path")

@@ -236,6 +236,25 @@ class Engine:
         elif self._task is not None and not self._task.done():
             self._task.cancel()
 
+    async def set_variable(self, number: int, value: float, reason: str) -> tuple[bool, str]:
+        """The operator changes a variable of the schedule the cycler runs now; call it on the run's loop. Returns
+        whether it was done and what to tell them; the change is recorded as a note. Refused when the step is the
+        bench's own (it has no cycler variables) or the run is ending."""
+        step = self.state.step
+        cycler = self.channel.cycler
+        if self._interrupt is not None or step is None:
+            return False, "the run is not in a step"
+        if step.step_type is not StepType.SCHEDULE or not isinstance(cycler, OnBoard):
+            return False, (f"step {step.step_count} ({step.step_type.value}) is run by the bench, not by a schedule "
+                           "on the cycler: it has no variables to set")
+        try:
+            await cycler.set_variable(number, value)
+        except InstrumentFault as exc:  # the schedule has just ended, or the cycler refused: the run goes on
+            return False, f"{cycler.name} did not set variable {number}: {exc}"
+        said = f"variable {number} set to {value:g} in step {step.step_count}"
+        self._note(NoteKind.SCHEDULE, f"{said} by the operator" + (f" ({reason})" if reason else ""))
+        return True, said
+
     def _stopped(self, exc: BaseException) -> tuple[RunStatus, str]:
         if isinstance(exc, SafetyStop):
             self.events.publish(SafetyTripped(str(exc), self._t()))

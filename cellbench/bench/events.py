@@ -37,6 +37,7 @@ class NoteKind(StrEnum):
     RESUMED = "resumed"
     PAUSED = "paused"
     SCHEDULE = "schedule"
+    LATCH_CLEARED = "latch cleared"
 
 
 class Sample(NamedTuple):

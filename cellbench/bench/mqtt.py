@@ -27,6 +27,7 @@ import json
 import logging
 import math
 import os
+import re
 import socket
 import sqlite3
 import ssl
@@ -93,7 +94,9 @@ class Status(BaseModel):
     """`status`, retained: where the channel stands."""
 
     model_config = ConfigDict(extra="forbid")
-    state: Literal["starting", "running", "paused", "completed", "interrupted", "failed", "safety stop", "offline"]
+    state: Literal["starting", "running", "paused", "latched", "completed", "interrupted", "failed", "safety stop",
+                   "offline"] = Field(description="latched: a safety stop holds the channel, output off, until an "
+                                                  "operator clears the latch (a bench with on_safety_stop: hold)")
     time: str = Field(description="UTC, ISO 8601")
     bench: str
     channel: str
@@ -144,8 +147,9 @@ class CommandMessage(BaseModel):
     id: str = Field(min_length=1, max_length=200, description="correlation ID: a repeat is answered, not re-run")
     reason: str = Field("by an MQTT client", max_length=500)
     reply_to: str | None = Field(default=None, max_length=500, pattern=r"^[^#+]+$")
-    name: str | None = Field(default=None, max_length=200, description="set_variable: the variable")
-    value: float | str | None = Field(default=None, description="set_variable: its value")
+    name: str | None = Field(default=None, max_length=200,
+                             description="set_variable: the cycler variable, 1 to 16 (also as MV_UD1 or VAR1)")
+    value: float | str | None = Field(default=None, description="set_variable: its value, a number")
 
 
 class Reply(BaseModel):
@@ -216,6 +220,23 @@ class Outbox:
 
 # --- one channel's link -------------------------------------------------------------------------------------
 CommandFn = Callable[[str, str, str], tuple[bool, str]]  # (action, channel, reason) -> (done, message)
+# (channel, variable number, value, reason) -> (done, message), on the control loop
+VariableFn = Callable[[str, int, float, str], Coroutine[Any, Any, tuple[bool, str]]]
+VARIABLE = re.compile(r"^(?:MV_UD|VAR)?\s*(\d{1,2})$", re.IGNORECASE)
+
+
+def variable_of(cmd: CommandMessage) -> tuple[int, float] | str:
+    """A set_variable command's (number, value), or why it cannot be one."""
+    m = VARIABLE.match((cmd.name or "").strip())
+    if m is None or not 1 <= int(m.group(1)) <= 16:
+        return "name: the cycler variable, 1 to 16 (or MV_UD1, VAR1, ...)"
+    try:
+        value = float(cmd.value) if cmd.value is not None else math.nan
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        return "value: a number"
+    return int(m.group(1)), value
 
 
 class MqttLoop:
@@ -246,10 +267,10 @@ class ChannelLink:
     """
 
     def __init__(self, cfg: MqttConfig, bench: str, channel: str, run_id: str, cell_id: str | None,
-                 outbox: Path, command: CommandFn, mqtt_loop: MqttLoop) -> None:
+                 outbox: Path, command: CommandFn, mqtt_loop: MqttLoop, variable: VariableFn | None = None) -> None:
         self.cfg, self.channel, self.run_id = cfg, channel, run_id
         self.topic = f"{cfg.prefix}/{bench}/{channel}"
-        self._command = command
+        self._command, self._variable = command, variable
         self._control = asyncio.get_running_loop()
         self._mqtt = mqtt_loop
         self._outbox = Outbox(outbox, cfg.outbox_limit)
@@ -308,10 +329,11 @@ class ChannelLink:
         elif isinstance(event, StepEnded):
             kind, message, test_time = "step_ended", f"step {event.step_count}: {event.reason}", event.test_time
         elif isinstance(event, SafetyTripped):
+            self._set_status("latched", reason=event.reason)
             kind, message, test_time = "safety", event.reason, event.test_time
         elif isinstance(event, Note):
             kind, message, test_time = event.kind.value, event.message, event.test_time
-            if event.kind is NoteKind.PAUSED:
+            if event.kind in (NoteKind.PAUSED, NoteKind.LATCH_CLEARED):
                 self._set_status("paused", reason=event.message)
             elif event.kind in (NoteKind.RESUMED, NoteKind.START):
                 self._set_status("running", reason=None)
@@ -471,16 +493,25 @@ class ChannelLink:
         if name not in COMMANDS:
             return {"ok": False, "message": f"refused: unknown command '{name}' (expected one of: "
                                             f"{', '.join(COMMANDS)})"}
-        if name == "clear_latch":
-            return {"ok": False, "message": "refused: a safety stop ends the run and latches it; check the cell, "
-                                            "then `cellbench resume RUN --clear-latch` on the bench's machine"}
         if name == "set_variable":
-            return {"ok": False, "message": "refused: profile variables are fixed when a step starts; stop and "
-                                            "start the run with the new value"}
+            return await self._set_variable(cmd)
+
         async def on_control_loop() -> tuple[bool, str]:  # the coordinator is the control loop's
             return self._command("stop" if name == "abort" else name, self.channel, cmd.reason)
 
-        ok, message = await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(on_control_loop(), self._control))
+        return await self._on_control(on_control_loop())
+
+    async def _set_variable(self, cmd: CommandMessage) -> dict[str, Any]:
+        got = variable_of(cmd)
+        if isinstance(got, str):
+            return {"ok": False, "message": f"refused: {got}"}
+        if self._variable is None:
+            return {"ok": False, "message": "refused: this bench takes no variable changes"}
+        return await self._on_control(self._variable(self.channel, *got, cmd.reason))
+
+    async def _on_control(self, job: Coroutine[Any, Any, tuple[bool, str]]) -> dict[str, Any]:
+        """Carry a command out on the control loop (the coordinator is its), and say how it went."""
+        ok, message = await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(job, self._control))
         return {"ok": ok, "message": message if ok else f"refused: {message}"}
 
 
@@ -513,15 +544,16 @@ async def _send(client: Any, rows: list[tuple[int, str, str, int]]) -> None:
 class MqttBridge:
     """The bench's MQTT side: one link per channel run, all on one `MqttLoop`."""
 
-    def __init__(self, cfg: MqttConfig, bench: str, command: CommandFn) -> None:
-        self.cfg, self.bench, self.command = cfg, bench, command
+    def __init__(self, cfg: MqttConfig, bench: str, command: CommandFn, variable: VariableFn | None = None) -> None:
+        self.cfg, self.bench, self.command, self.variable = cfg, bench, command, variable
         cfg.password()  # a missing password file is said before any run starts
         self._loop: MqttLoop | None = None
 
     def link(self, channel: str, run_id: str, cell_id: str | None, outbox: Path) -> ChannelLink:
         if self._loop is None:
             self._loop = MqttLoop()
-        return ChannelLink(self.cfg, self.bench, channel, run_id, cell_id, outbox, self.command, self._loop)
+        return ChannelLink(self.cfg, self.bench, channel, run_id, cell_id, outbox, self.command, self._loop,
+                           self.variable)
 
     def close(self) -> None:
         if self._loop is not None:

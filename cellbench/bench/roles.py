@@ -156,6 +156,10 @@ class OnBoard(Protocol):
 
     async def start_schedule(self, name: str, *, test_name: str, variables: dict[int, float]) -> None: ...
 
+    async def set_variable(self, number: int, value: float) -> None:
+        """Change one of the running schedule's variables (1 to 16); what it steers is the schedule's."""
+        ...
+
     async def schedule_running(self) -> bool:
         """Whether the schedule still runs; raises InstrumentFault when the cycler stopped it on a fault of its
         own (unsafe, error)."""

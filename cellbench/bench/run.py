@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import re
@@ -140,6 +141,9 @@ class _Coordinator:
         self.tasks: list[asyncio.Future[Any]] = []  # every channel's run, started with the bench or later
         self.opened = False  # the instruments are open: a stop ends the runs, not the opening
         self.mqtt: MqttBridge | None = None  # telemetry and remote commands, where the bench file asks for them
+        self.hold_on_trip = False  # a safety stop holds the channel, latched, rather than ending its run
+        # held channels that a safety stop latched: what tripped, and what clearing the latch does
+        self.latched: dict[str, tuple[str, Callable[[str], None]]] = {}
         self._changed = asyncio.Event()
         self._main: asyncio.Task[Any] | None = None
         self._signals: list[signal.Signals] = []
@@ -202,7 +206,8 @@ class _Coordinator:
         return list(await asyncio.gather(*self.tasks, return_exceptions=True))
 
     def command(self, action: str, name: str, reason: str, profile: str | None = None) -> tuple[bool, str]:
-        """Start, pause, resume or stop one channel; returns whether it was done and what to tell the operator."""
+        """Start, pause, resume or stop one channel, or clear its safety latch; returns whether it was done and
+        what to tell the operator."""
         engine = next((e for e in self.engines if e.channel.name == name), None)
         waiting = self.held.get(name)
         if action == "start":
@@ -214,6 +219,15 @@ class _Coordinator:
         if engine is None and waiting is None:
             known = ", ".join(sorted({*(e.channel.name for e in self.engines), *self.held})) or "none"
             return False, f"channel '{name}' is not running on this controller (running or paused: {known})"
+        if action == "clear_latch":
+            if name not in self.latched:
+                return False, f"channel '{name}' has no safety latch set"
+            tripped, cleared = self.latched.pop(name)
+            cleared(reason)
+            return True, f"channel '{name}': latch cleared ({tripped}); it stays paused until resumed"
+        if name in self.latched and action in ("pause", "resume"):
+            return False, (f"channel '{name}' is held by a {self.latched[name][0]}: output off and latched; check "
+                           "the cell, then clear the latch")
         if action == "pause":
             if engine is None:
                 return False, f"channel '{name}' is already paused"
@@ -229,6 +243,15 @@ class _Coordinator:
         elif waiting is not None and not waiting.done():
             waiting.set_result(("stop", reason))
         return True, f"channel '{name}' stops: output off, recorded interrupted"
+
+    async def set_variable(self, name: str, number: int, value: float, reason: str) -> tuple[bool, str]:
+        """Change a variable of the schedule a channel's cycler runs now; whether it was done and what to say."""
+        engine = next((e for e in self.engines if e.channel.name == name), None)
+        if engine is None:
+            if name in self.held:
+                return False, f"channel '{name}' is paused: resume it first"
+            return False, f"channel '{name}' is not running on this controller"
+        return await engine.set_variable(number, value, reason)
 
     def catch_signals(self) -> None:
         """SIGINT, SIGTERM and SIGHUP stop every channel in the safe state (main thread only)."""
@@ -359,11 +382,13 @@ async def _on_bench(
     """Open the bench's instruments (owning them), start a guardian on a real bench, run every channel's job
     to its end with signals handled, and close everything; the first error of a channel is raised after."""
     coordinator = _Coordinator()
+    coordinator.hold_on_trip = bench.on_safety_stop == "hold" and not clock.virtual
     if handle_signals:
         coordinator.catch_signals()
     if bench.mqtt is not None and not clock.virtual:
         try:
-            coordinator.mqtt = MqttBridge(bench.mqtt, bench.name, coordinator.command)
+            coordinator.mqtt = MqttBridge(bench.mqtt, bench.name, coordinator.command,
+                                          coordinator.set_variable)
         except ValueError as exc:  # the password file cannot be read: said before anything is touched
             coordinator.release_signals()
             raise InputError([f"bench '{bench.name}': {exc}"]) from None
@@ -445,6 +470,13 @@ async def resume_run(
     return result
 
 
+def _latch_cleared(events: EventBus, tripped: Outcome, on_state: Callable[[str], None], why: str) -> None:
+    """An operator has cleared a held channel's safety latch: recorded; it stays paused until resumed."""
+    events.publish(Note(NoteKind.LATCH_CLEARED, f"safety latch cleared by the operator ({why}) after the "
+                                                f"{tripped.reason}", tripped.test_time, time.time()))
+    on_state(f"latch cleared: {why}")
+
+
 def read_for_resume(database: Path, *, clear_latch: bool = False) -> tuple[dict[str, Any], RunState, float]:
     """A run's metadata, its saved state, and the Unix time of the last thing it recorded."""
     import json
@@ -458,7 +490,9 @@ def read_for_resume(database: Path, *, clear_latch: bool = False) -> tuple[dict[
         row = con.execute("SELECT state FROM run_state WHERE id = 1").fetchone()
         last = con.execute('SELECT max(t) FROM (SELECT max("Unix Time / s") AS t FROM samples '
                            "UNION ALL SELECT max(unix_time) FROM events)").fetchone()[0]
-        ended = con.execute("SELECT message FROM events WHERE kind = 'end' ORDER BY rowid DESC").fetchone()
+        # latched: the run's last end was a safety stop, and nothing resumed it after (an operator cleared it)
+        ended = con.execute("SELECT message FROM events WHERE kind IN ('end', 'resumed') ORDER BY rowid DESC "
+                            "LIMIT 1").fetchone()
     except (sqlite3.DatabaseError, ValueError) as exc:  # not SQLite, not our tables, or mangled JSON
         raise InputError([f"{database}: not a cellbench run database ({exc})"]) from None
     finally:
@@ -504,8 +538,13 @@ async def _run_channel(
                        profile=profile.name, clock="virtual" if clock.virtual else "real", operator=about.operator,
                        control=None if coordinator is None or coordinator.control is None else str(coordinator.control))
 
-    def on_state(state: str, reason: str) -> None:  # paused, or running again
-        runs.save(entry.model_copy(update={"state": state, "reason": reason}))
+    told: list[asyncio.Future[None]] = []  # notify commands run while the run goes on
+
+    def on_state(state: str, reason: str) -> None:  # paused, latched (held after a safety stop), or running again
+        runs.save(entry.model_copy(update={"state": runs.PAUSED if state == LATCHED else state, "reason": reason}))
+        if state == LATCHED and about.notify:  # someone must come and look at the cell: told now, not at the end
+            told.append(asyncio.ensure_future(notify(about.notify, {**entry.model_dump(), "state": state,
+                                                                     "reason": reason, "latched": time.time()})))
 
     with RunLog(path.with_suffix(".log"), path.stem) as run_log:
         log.info("%s %s on channel %s (cell %s), recording to %s", "resuming" if resume else "starting",
@@ -522,6 +561,7 @@ async def _run_channel(
             runs.end(entry, outcome.status.value, outcome.reason)
         else:  # a file written and renamed: off the control loop, where other channels are sampling
             await asyncio.to_thread(runs.end, entry, outcome.status.value, outcome.reason)
+        await asyncio.gather(*told)
         if about.notify:
             await notify(about.notify, {**entry.model_dump(), "state": outcome.status.value,
                                         "reason": outcome.reason, "test_time": outcome.test_time,
@@ -541,6 +581,7 @@ class About:
 
 
 NOTIFY_TIMEOUT = 30.0  # s a notify command may take before it is killed
+LATCHED = "latched"  # a channel held after a safety stop (on_safety_stop: hold): `paused` in the registry
 
 
 async def notify(command: list[str], payload: dict[str, Any]) -> None:
@@ -641,11 +682,18 @@ async def _channel_run(
                     watcher.cancel()
                     await asyncio.gather(watcher, return_exceptions=True)
             ended = outcome
-            if outcome.status is not RunStatus.PAUSED:
+            latched = (outcome.status is RunStatus.SAFETY_STOP and coordinator.hold_on_trip
+                       and coordinator.stopping is None)
+            if outcome.status is not RunStatus.PAUSED and not latched:
                 break
-            log.warning("%s: %s", channel.name, outcome.reason)
-            on_state(RunStatus.PAUSED.value, outcome.reason)
+            log.warning("%s: %s", channel.name, outcome.reason + (" (held, latched)" if latched else ""))
+            on_state(LATCHED if latched else RunStatus.PAUSED.value, outcome.reason)
+            if latched:
+                coordinator.latched[channel.name] = (outcome.reason, functools.partial(
+                    _latch_cleared, events, outcome, functools.partial(on_state, RunStatus.PAUSED.value)))
             action, why = await coordinator.hold(channel.name)
+            if coordinator.latched.pop(channel.name, None) is not None:  # stopped, the latch still set: it stands
+                break
             if action == "stop":
                 outcome = Outcome(False, f"interrupted: {why}", outcome.test_time, outcome.steps, outcome.cycles,
                                   RunStatus.INTERRUPTED)

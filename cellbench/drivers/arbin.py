@@ -191,6 +191,9 @@ class ArbinChannel:
         for number, value in sorted(variables.items()):
             await self.cti.set_meta_variable(self.chan, number, value)
 
+    async def set_variable(self, number: int, value: float) -> None:
+        await self.cti.set_meta_variable(self.chan, number, value)
+
     async def schedule_running(self) -> bool:
         """From the status the sample's own measure() just read (one request per sample), else a new read."""
         read, self._read = self._read, None
