@@ -22,7 +22,7 @@ import threading
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol, TypeVar
+from typing import Any, Literal, Protocol, TypeVar, cast
 
 from cellbench.drivers.errors import ConnectionLost, InstrumentTimeout
 from cellbench.drivers.registry import Opened, OpenRequest
@@ -209,62 +209,95 @@ class LineTransport(ABC):
         await self.close()
 
 
-class StreamTransport(LineTransport):
-    """Native asyncio streams: a TCP socket or a serial line (pyserial-asyncio-fast)."""
+class _Wire(asyncio.Protocol):
+    """A byte stream's receiving side: what arrives is gathered, and a waiting reader is woken when a
+    terminator may have completed a line (no stream reader between: one loop pass per reply)."""
 
-    def __init__(
-        self, name: str, resource: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, **kw: object
-    ) -> None:
+    def __init__(self, term: bytes) -> None:
+        self.term = term
+        self.buf = bytearray()
+        self.waiter: asyncio.Future[None] | None = None
+        self.lost: str | None = None  # why the connection is gone
+        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        # the terminator may straddle two chunks: look from just before this one
+        if self.waiter is not None and self.buf.find(self.term, -len(data) - len(self.term) + 1) >= 0:
+            _wake(self.waiter)
+
+    def eof_received(self) -> bool:
+        self.lost = "the instrument closed the connection"
+        return False  # the transport closes itself
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.lost is None:
+            self.lost = f"read failed: {exc}" if exc is not None else "the connection was closed"
+        if self.waiter is not None:
+            _wake(self.waiter)
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
+class StreamTransport(LineTransport):
+    """A native asyncio byte stream: a TCP socket, or a serial line (pyserial-asyncio-fast), read by a protocol
+    of our own."""
+
+    def __init__(self, name: str, resource: str, transport: asyncio.Transport, wire: _Wire, **kw: object) -> None:
         super().__init__(name, resource, **kw)  # type: ignore[arg-type]
-        self._reader, self._writer = reader, writer
-        self._buf = bytearray()
+        self._transport, self._wire = transport, wire
+        wire.term = self.read_termination
 
     async def _send(self, data: bytes) -> None:
+        if self._wire.lost is not None or self._transport.is_closing():
+            raise ConnectionLost(self.name, f"write failed: {self._wire.lost or 'the connection is closing'}")
         try:
-            self._writer.write(data)
-            await self._writer.drain()
-        except (ConnectionError, OSError) as exc:
+            self._transport.write(data)
+        except (ConnectionError, OSError, RuntimeError) as exc:
             raise ConnectionLost(self.name, f"write failed: {exc}") from exc
 
     async def _receive(self, timeout: float) -> bytes:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        term = self.read_termination
-        while (end := self._buf.find(term)) < 0:
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                raise TimeoutError
-            try:
-                async with asyncio.timeout(remaining):  # (no task per read, as wait_for makes on 3.11)
-                    chunk = await self._reader.read(4096)
-            except TimeoutError:  # (a subclass of OSError: it must be let through first)
-                raise
-            except (ConnectionError, OSError) as exc:
-                raise ConnectionLost(self.name, f"read failed: {exc}") from exc
-            if not chunk:
-                raise ConnectionLost(self.name, "the instrument closed the connection")
-            self._buf += chunk
-        line = bytes(self._buf[:end])
-        del self._buf[: end + len(term)]
+        wire, term = self._wire, self.read_termination
+        buf = wire.buf
+        if (end := buf.find(term)) < 0:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + timeout
+            while (end := buf.find(term)) < 0:
+                if wire.lost is not None:
+                    raise ConnectionLost(self.name, wire.lost)
+                if loop.time() >= deadline:
+                    raise TimeoutError
+                wire.waiter = loop.create_future()
+                expiry = loop.call_at(deadline, _wake, wire.waiter)  # (a handle, not a task per read)
+                try:
+                    await wire.waiter
+                finally:
+                    expiry.cancel()
+                    wire.waiter = None
+        line = bytes(buf[:end])
+        del buf[: end + len(term)]
         return line
 
     def _partial(self) -> bytes:
-        return bytes(self._buf)
+        return bytes(self._wire.buf)
 
     def _has_buffered(self) -> bool:
-        return bool(self._buf) or bool(len(getattr(self._reader, "_buffer", b"")))
+        return bool(self._wire.buf)
 
     async def _discard_buffered(self) -> None:
-        self._buf.clear()
-        await asyncio.sleep(0)  # let bytes that already arrived reach the stream's buffer
-        pending = len(getattr(self._reader, "_buffer", b""))  # what is there now is stale too
-        if pending:
-            await self._reader.read(pending)
+        self._wire.buf.clear()
+        await asyncio.sleep(0)  # let bytes that already arrived be received: they are stale too
+        self._wire.buf.clear()
 
     async def close(self) -> None:
-        self._writer.close()
+        self._transport.close()
         with contextlib.suppress(Exception):
-            await self._writer.wait_closed()
+            await asyncio.wait_for(asyncio.shield(self._wire.closed), 1.0)
 
 
 class _Worker:
@@ -313,6 +346,7 @@ class VisaTransport(LineTransport):
         self._executor = _Worker(f"visa-{name}")
         self._baud_rate = baud_rate
         self._session: Any = None
+        self._timeout_ms = int(self.timeout * 1000)  # the session's read timeout, as last set
 
     async def _call(self, fn: object, *args: object) -> object:
         return await self._executor.call(fn, *args)  # type: ignore[arg-type]
@@ -360,8 +394,8 @@ class VisaTransport(LineTransport):
                     session.write_raw(data)
                 except Exception as exc:
                     raise ConnectionLost(self.name, f"write failed: {exc}") from exc
-            if session.timeout != (ms := max(1, int(timeout * 1000))):
-                session.timeout = ms
+            if self._timeout_ms != (ms := max(1, int(timeout * 1000))):  # (reading pyvisa's costs a call into
+                session.timeout = self._timeout_ms = ms                   # the session: kept here)
             return bytes(session.read_raw())
 
         try:
@@ -405,21 +439,23 @@ async def open_transport(
     kw = {"timeout": timeout, "read_termination": read_termination, "write_termination": write_termination}
     native = backend == "native" or (backend == "auto" and (res.is_socket or res.interface == "ASRL"))
     if native and res.is_socket:
+        term = read_termination.encode()
         try:
-            reader, writer = await asyncio.wait_for(asyncio.open_connection(res.host, res.port), timeout)
+            sock, wire = await asyncio.wait_for(asyncio.get_running_loop().create_connection(
+                lambda: _Wire(term), res.host, res.port), timeout)
         except (OSError, TimeoutError) as exc:
             raise ConnectionLost(label, f"cannot connect to {res.host}:{res.port}: {exc}") from exc
-        return StreamTransport(label, resource, reader, writer, **kw)
+        return StreamTransport(label, resource, sock, wire, **kw)
     if native and res.interface == "ASRL":
         import serial_asyncio_fast
 
+        term = read_termination.encode()
         try:
-            reader, writer = await serial_asyncio_fast.open_serial_connection(
-                url=serial_device(res.device), baudrate=baud_rate
-            )
+            line, serial_wire = await serial_asyncio_fast.create_serial_connection(
+                asyncio.get_running_loop(), lambda: _Wire(term), serial_device(res.device), baudrate=baud_rate)
         except Exception as exc:
             raise ConnectionLost(label, f"cannot open serial port {res.device}: {exc}") from exc
-        return StreamTransport(label, resource, reader, writer, **kw)
+        return StreamTransport(label, resource, line, cast(_Wire, serial_wire), **kw)
     if native:
         raise ValueError(f"{resource}: no native transport for {res.interface}; use backend 'visa'")
     return await VisaTransport(label, resource, baud_rate=baud_rate if res.interface == "ASRL" else None, **kw).open()
