@@ -6,6 +6,7 @@ over the real wire, and asks the simulated 2450 itself whether its output is sti
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import signal
@@ -434,3 +435,32 @@ def test_a_run_is_started_on_an_idle_channel_of_a_running_controller(tmp_path: P
               for p in (tmp_path / "state" / "runs").glob("*.json")}
     assert states == {"ch1": "completed", "ch2": "interrupted"}
     assert not list((tmp_path / "state" / "control").glob("*"))  # socket and its note removed
+
+
+def test_a_run_started_later_is_the_guardians_too(served: str, tmp_path: Path) -> None:
+    """A run that `cellbench start` adds to a `run --stay` controller is guarded as the first ones are: the
+    controller killed with -9, the guardian turns the output off and records it in that run's database."""
+    bench, profile = files(tmp_path, served)
+    runs = tmp_path / "runs"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cellbench.bench.cli", "run", "--bench", str(bench), "--stay", "--runs-dir",
+         str(runs)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=run_env(tmp_path))
+    try:
+        deadline = time.monotonic() + 30
+        while not list((tmp_path / "state" / "control").glob("*.json")) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        started = cli(tmp_path, "start", "ch1", str(profile))
+        assert started.returncode == 0, started.stdout + started.stderr
+        wait_until_sourcing(served)
+    finally:
+        proc.kill()
+        proc.communicate(timeout=30)
+    (db,) = runs.glob("*.sqlite")
+    deadline = time.monotonic() + 20
+    said: list[str] = []
+    while not said and time.monotonic() < deadline:
+        time.sleep(0.2)
+        with contextlib.closing(sqlite3.connect(db)) as con:
+            said = [m for (m,) in con.execute("SELECT message FROM events WHERE kind = 'guardian'")]
+    assert said and "the controller died; smu1: output turned off by the guardian" in said[0], said
+    assert ask(served, ":OUTP?") == "0"

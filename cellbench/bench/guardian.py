@@ -1,12 +1,13 @@
 """The guardian: a small watchdog process that turns outputs off when the controller dies a hard death.
 
 A run on the real clock starts one guardian (`python -m cellbench.bench.guardian`) in a session of its
-own, tells it on its standard input which cyclers the run drives and where the run records, and keeps
-that pipe open. The guardian ignores SIGINT, SIGTERM and SIGHUP (the controller handles those itself and
-then says `done`). When the pipe closes without `done` — the controller was killed (SIGKILL, out of
-memory, a crash in a C extension) — the guardian takes each instrument's lock, connects, turns the
-output off, checks that it reads off, and records that in the run's database. It needs nothing of the
-dead process: the kernel closed its connections and released its locks.
+own, tells it on its standard input which cyclers the run drives and where the run records (and, line by
+line, where each run started later on the same controller records), and keeps that pipe open. The
+guardian ignores SIGINT, SIGTERM and SIGHUP (the controller handles those itself and then says `done`).
+When the pipe closes without `done` — the controller was killed (SIGKILL, out of memory, a crash in a C
+extension) — the guardian takes each instrument's lock, connects, turns the output off, checks that it
+reads off, and records that in the run's database. It needs nothing of the dead process: the kernel
+closed its connections and released its locks.
 
 The guarantee and its limits are in docs/unattended.md.
 """
@@ -14,6 +15,7 @@ The guarantee and its limits are in docs/unattended.md.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -46,6 +48,16 @@ def spawn(cyclers: list[tuple[str, OpenRequest]], databases: list[Path]) -> subp
     proc.stdin.write(json.dumps(spec) + "\n")
     proc.stdin.flush()
     return proc
+
+
+def watch_also(proc: subprocess.Popen[str], database: Path) -> None:
+    """A run started later on the same controller (`cellbench start`): its database is recorded in too."""
+    try:
+        assert proc.stdin is not None
+        proc.stdin.write(json.dumps({"database": str(database)}) + "\n")
+        proc.stdin.flush()
+    except (OSError, AssertionError) as exc:  # the guardian is gone: the outputs are still the guardian's to
+        log.error("the guardian was not told of %s: %s", database, exc)  # turn off, if it can; said here
 
 
 def dismiss(proc: subprocess.Popen[str]) -> None:
@@ -125,6 +137,8 @@ def watch(stdin: TextIO) -> int:
     for line in stdin:
         if line.strip() == "done":
             return 0
+        with contextlib.suppress(ValueError, TypeError, KeyError):  # a run started later: its database
+            spec["databases"].append(str(json.loads(line)["database"]))
     lines = asyncio.run(make_safe(spec))
     for line in lines:
         log.warning("%s", line)

@@ -138,6 +138,7 @@ class _Coordinator:
         self.control: Path | None = None  # the socket this controller takes commands on (`bench.control`)
         self.keep_open = False  # stay when every channel has ended, taking new runs (`start`) until stopped
         self.starter: Callable[[str, str], tuple[bool, str]] | None = None  # starts a run on an idle channel
+        self.guard: Callable[[Path], None] | None = None  # tells the guardian of a run started later
         self.tasks: list[asyncio.Future[Any]] = []  # every channel's run, started with the bench or later
         self.opened = False  # the instruments are open: a stop ends the runs, not the opening
         self.mqtt: MqttBridge | None = None  # telemetry and remote commands, where the bench file asks for them
@@ -348,6 +349,8 @@ async def run_bench(
             path = reserve(runs_dir, run_ids(bench)[name])
         except OSError as exc:  # a full disk, a folder that cannot be written: said to the operator, nothing runs
             return False, f"no run file could be made in {runs_dir}: {exc}"
+        if coordinator.guard is not None:
+            coordinator.guard(path)
         coordinator.launch(job(instruments, coordinator, name, pf, path))
         return True, f"channel '{name}' starts '{pf.profile.name}', recording to {path}"
 
@@ -401,6 +404,8 @@ async def _on_bench(
             # on a real bench a guardian process turns the outputs off if this process dies a hard death
             watchdog = None if clock.virtual else await asyncio.to_thread(
                 guardian.spawn, instruments.cyclers(), list(where.values()))
+            if watchdog is not None:
+                coordinator.guard = functools.partial(guardian.watch_also, watchdog)
             coordinator.opened = True
             try:
                 # every channel runs to its own end (and any run started later) before the connections close
