@@ -45,15 +45,14 @@ def smu() -> Iterator[str]:
     proc.wait(timeout=10)
 
 
+def mqtt_section(broker: Broker) -> str:
+    """The bench file's `mqtt:` section for the test's broker, as the bench's own user."""
+    return (f"mqtt:\n  host: 127.0.0.1\n  port: {broker.port}\n  username: bench\n"
+            f"  password_file: {broker.password_file('bench')}\n  telemetry_every: 0.5 s\n")
+
+
 def bench_file(tmp_path: Path, resource: str, broker: Broker) -> tuple[Path, Path]:
-    return files(tmp_path, resource, more=f"""
-        mqtt:
-          host: 127.0.0.1
-          port: {broker.port}
-          username: bench
-          password_file: {broker.password_file("bench")}
-          telemetry_every: 0.5 s
-    """, profile_text=PROFILE)
+    return files(tmp_path, resource, more=mqtt_section(broker), profile_text=PROFILE)
 
 
 class Watcher:
@@ -301,8 +300,9 @@ async def test_hostile_commands_are_refused_and_a_full_disk_stops_telemetry_not_
 
         monkeypatch.setattr(mqtt.Outbox, "_add", full)
         link.on_event(Note(NoteKind.NOTICE, "something", 1.0, time.time()))
-        await asyncio.wait([asyncio.wrap_future(link._done)], timeout=10)
-        assert link._done.done()
+        stopped = asyncio.wrap_future(link._done)
+        await asyncio.wait([stopped], timeout=10)
+        assert stopped.done() and isinstance(stopped.exception(), sqlite3.OperationalError)
         await link.close("completed", None)  # raises nothing
         assert "MQTT telemetry stopped" in caplog.text and "disk is full" in caplog.text
     finally:
@@ -370,13 +370,7 @@ cells:
   pellet: {{capacity: 3.5 mAh, voltage_min: 2.5 V, voltage_max: 4.3 V}}
 channels:
   ch1: {{cycler: a1, cycler_channel: 0, cell: pellet}}
-mqtt:
-  host: 127.0.0.1
-  port: {broker.port}
-  username: bench
-  password_file: {broker.password_file("bench")}
-  telemetry_every: 0.5 s
-""")
+""" + mqtt_section(broker))
     profile = tmp_path / "formation.yaml"
     profile.write_text("name: formation on the cycler\nsample_period: 0.5 s\n"
                        "steps:\n  - schedule: {name: Formation_C10.sdx, until: 2 h}\n")

@@ -228,8 +228,13 @@ class _Writers:
 _writers = _Writers()
 
 
+CACHE_KIB = 256  # page cache per connection: a run appends, so a few pages at the tables' ends are all it uses
+
+
 def _connect(path: Path, durable: bool) -> sqlite3.Connection:
     db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    # SQLite's default (2 MiB a connection) filled over weeks: a long campaign's memory grew with it
+    db.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
     db.execute("PRAGMA journal_mode=WAL")
     # FULL survives power loss; NORMAL (used for simulated runs) survives a process crash.
     db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")

@@ -387,29 +387,31 @@ def _elements(row: tuple[float, float, float], elements: list[str]) -> str:
 class Buffer:
     """A reading buffer: (reading, source value, relative time) rows, the oldest overwritten when full.
 
-    Kept as doubles in a ring (24 bytes a reading): a simulated 2450 of a month-long dry run fills its 100,000
-    readings, and a list of tuples held 13.6 MB of them per instrument."""
+    Kept as doubles in a ring (24 bytes a reading), taken whole at the first reading (2.4 MB for the 2450's
+    100,000), as the instrument's own memory is: a month-long dry run then holds the same memory from its first
+    day to its last, where a growing list held 13.6 MB of tuples per instrument by the time it was full."""
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self._data = array.array("d")
-        self._count, self._head = 0, 0  # readings held; where the oldest is once full
+        self._data: array.array[float] | None = None  # none until the first reading: an unused buffer costs nothing
+        self._count, self._next = 0, 0  # readings held; where the next goes
 
     def __len__(self) -> int:
         return self._count
 
     def add(self, row: tuple[float, float, float]) -> None:
-        if self._count < self.size:
-            self._data.extend(row)
-            self._count += 1
-            return
-        j = 3 * self._head
+        if self._data is None:
+            self._data = array.array("d", bytes(24 * self.size))
+        j = 3 * self._next
         self._data[j], self._data[j + 1], self._data[j + 2] = row
-        self._head = (self._head + 1) % self.size
+        self._next = (self._next + 1) % self.size
+        self._count = min(self._count + 1, self.size)
 
     def row(self, i: int) -> tuple[float, float, float]:
         """The i-th reading, 0 the oldest (negative from the newest)."""
-        j = 3 * ((self._head + i % self._count) % self._count)
+        assert self._data is not None and self._count, "no readings"
+        oldest = (self._next - self._count) % self.size
+        j = 3 * ((oldest + i % self._count) % self.size)
         return self._data[j], self._data[j + 1], self._data[j + 2]
 
     def between(self, start: int, end: int) -> list[tuple[float, float, float]]:
@@ -417,9 +419,9 @@ class Buffer:
         return [self.row(i) for i in range(start - 1, end)]
 
     def clear(self) -> None:
-        """Empty (at the size last set)."""
-        self._data = array.array("d")
-        self._count, self._head = 0, 0
+        """Empty (at the size last set): its memory is given back until the next reading."""
+        self._data = None
+        self._count, self._next = 0, 0
 
 
 class SimpleLoop:
