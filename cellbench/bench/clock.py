@@ -1,23 +1,25 @@
 """The one clock of cellbench: real time on a bench, virtual time for simulated runs.
 
 All control timing reads the running event loop's monotonic time. A real clock runs the loop
-as asyncio does; a virtual clock runs it under ``looptime``, which jumps the loop's time ahead
-whenever every task is waiting on a timer, so a 24-hour profile runs in seconds and gives the
-same data for the same seed. Loopback socket I/O between in-process peers takes no virtual time.
+as asyncio does; a virtual clock runs it on `VirtualLoop`, whose time stands still while anything
+can run and jumps ahead to the next timer when nothing can, so a 24-hour profile runs in seconds and
+gives the same data for the same seed. Loopback socket I/O between in-process peers takes no virtual time.
 """
 
 from __future__ import annotations
 
 import asyncio
+import selectors
 import time
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 T = TypeVar("T")
 # Loop passes with nothing ready before virtual time jumps. Loopback replies between in-process
-# peers are readable within a pass or two; a few more leave room without slowing the run.
-NOOP_CYCLES = 5
-VIRTUAL_RESOLUTION = 1e-6  # s: looptime's tick
+# peers are readable at once (the kernel hands the bytes over in the sending call); one spare pass
+# leaves room for a reply that needs a second read.
+NOOP_CYCLES = 2
+VIRTUAL_RESOLUTION = 1e-6  # s: a timer this close to now is due
 
 
 class Clock:
@@ -74,13 +76,7 @@ class VirtualClock(Clock):
         super().__init__(unix_start=unix_start)
 
     def run(self, main: Coroutine[Any, Any, T]) -> T:
-        import looptime  # (it imports pytest: only simulated runs pay for it)
-
-        loop = looptime.new_event_loop(start=0.0, noop_cycles=NOOP_CYCLES)
-        # asyncio takes a timer as due when it falls before now + the clock's resolution (1 ns); past 2^24 s
-        # (194 days of test time) a float cannot add 1 ns to now, a timer due exactly now is never run, and the
-        # loop spins. Virtual time moves in looptime's 1 us ticks: that is its resolution.
-        loop._clock_resolution = max(loop._clock_resolution, VIRTUAL_RESOLUTION)  # type: ignore[attr-defined]
+        loop = VirtualLoop()
         try:
             asyncio.set_event_loop(loop)
             return loop.run_until_complete(main)
@@ -88,6 +84,53 @@ class VirtualClock(Clock):
             _cancel_leftovers(loop)
             asyncio.set_event_loop(None)
             loop.close()
+
+
+class _Selector(selectors.DefaultSelector):
+    """The loop's selector: polls, and where the loop would sleep until its next timer, moves its time there."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.loop: VirtualLoop | None = None
+
+    def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
+        ready = super().select(0)  # I/O first: while anything is readable or writable, time stands still
+        loop = self.loop
+        assert loop is not None
+        if ready or timeout == 0:  # (0: callbacks are ready to run)
+            loop.idle = 0
+            return ready
+        if timeout is None:  # no timer at all: only I/O from outside or another thread can wake the loop
+            return super().select(None)
+        if loop.idle < NOOP_CYCLES:  # a pass or two with nothing ready before time moves
+            loop.idle += 1
+            return ready
+        loop.idle = 0
+        loop.advance(timeout)  # nothing can happen before the next timer: it is due now
+        return ready
+
+
+class VirtualLoop(asyncio.SelectorEventLoop):
+    """An asyncio loop on virtual time: it starts at 0 and moves only when every task waits on a timer (and no
+    I/O is ready), straight to the next one. Same sockets, same callbacks as a real loop; only `time()` and the
+    waiting differ. Work handed to threads takes no virtual time: simulated runs keep to the loop."""
+
+    def __init__(self) -> None:
+        selector = _Selector()
+        super().__init__(selector)
+        selector.loop = self
+        self.now = 0.0
+        self.idle = 0  # passes with nothing ready since the last one that had something
+        # asyncio takes a timer as due when it falls before now + the clock's resolution (1 ns); past 2^24 s
+        # (194 days of test time) a float cannot add 1 ns to now, a timer due exactly now would never run, and
+        # the loop would spin
+        self._clock_resolution = VIRTUAL_RESOLUTION
+
+    def time(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
 
 
 def _cancel_leftovers(loop: asyncio.AbstractEventLoop) -> None:
