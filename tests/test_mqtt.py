@@ -415,7 +415,7 @@ async def test_a_bench_that_holds_on_a_safety_stop_waits_latched_until_an_operat
     """on_safety_stop: hold. The cell's voltage rises over the profile's safety limit on charge (3.70 V at
     rest, 3.76 V at 1 mA): the channel is held, output off and latched, its controller still running. A resume
     is refused while latched; clear_latch clears it (recorded) and the channel stays paused; a resume then
-    carries on, and the same limit trips it again. Stopped while latched, the record stays latched."""
+    carries on, and the same limit trips it again. Aborted while latched, the record stays latched."""
     from cellbench.bench.run import read_for_resume
     from cellbench.bench.store import open_run
     from cellbench.profiles.parse import InputError
@@ -459,6 +459,11 @@ async def test_a_bench_that_holds_on_a_safety_stop_waits_latched_until_an_operat
             while len(latched()) < 3 and time.monotonic() < deadline:  # noqa: ASYNC110
                 await asyncio.sleep(0.05)
             assert len(latched()) == 3 and proc.poll() is None
+            # aborted while latched: the run ends in its safety stop, still latched, and the controller goes
+            await command(broker, "operator", "abort", {"id": "a1", "reason": "cell taken off the bench"})
+            aborted = await w.until("reply", lambda p: p["id"] == "a1")
+            assert aborted["ok"] and "still latched" in aborted["message"], aborted
+            await asyncio.to_thread(proc.wait, 30)
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
@@ -466,7 +471,7 @@ async def test_a_bench_that_holds_on_a_safety_stop_waits_latched_until_an_operat
     assert proc.returncode != 0, out[0][-2000:]
     (db,) = (p for p in (tmp_path / "runs").glob("*.sqlite") if not p.name.endswith(".outbox.sqlite"))
     with pytest.raises(InputError, match="clears the latch"):
-        read_for_resume(db)  # stopped while latched: the record stays latched
+        read_for_resume(db)  # aborted while latched: the record stays latched
     with open_run(db) as store:
         kinds = [e["kind"] for e in store.events()]
     assert kinds.count("safety") == 3 and kinds.count("latch cleared") == 2 and kinds.count("resumed") == 2

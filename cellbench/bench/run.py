@@ -243,6 +243,8 @@ class _Coordinator:
             engine.stop(Interrupted(reason))
         elif waiting is not None and not waiting.done():
             waiting.set_result(("stop", reason))
+        if name in self.latched:
+            return True, f"channel '{name}' stops: its run ends in its {self.latched[name][0]}, still latched"
         return True, f"channel '{name}' stops: output off, recorded interrupted"
 
     async def set_variable(self, name: str, number: int, value: float, reason: str) -> tuple[bool, str]:
