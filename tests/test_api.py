@@ -86,3 +86,17 @@ def test_importing_cellbench_loads_no_run_time() -> None:
     code = "import sys, cellbench; print(sorted(m for m in sys.modules if m.startswith('cellbench.')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
     assert out.stdout.strip() == "[]"
+
+
+def test_the_last_progress_of_a_run_says_how_it_ended(tmp_path: Path) -> None:
+    """Through the runner: every sample's progress, then the same once more with how the run stopped."""
+    from cellbench.bench.api import run
+
+    seen: list[tuple[str, object]] = []
+    result = run("name: short\nsample_period: 1 s\nsteps:\n  - rest: 5 s\n", runs_dir=tmp_path,
+                 on_progress=lambda channel, p: seen.append((channel, p)))
+    assert result.completed
+    *during, (channel, last) = seen
+    assert channel == during[0][0]
+    assert during and all(p.ended is None for _, p in during)  # type: ignore[attr-defined]
+    assert last.ended == "completed" and last.test_time == during[-1][1].test_time  # type: ignore[attr-defined]

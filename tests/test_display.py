@@ -89,3 +89,18 @@ def test_a_ten_channel_dry_run_is_summed_up_past_eight_channels(tmp_path) -> Non
     # off a terminal: a line for each of the first eight channels, then one summing them up, not one per channel
     assert sum(" step 1/1 " in line for line in progress) == display.MAX_BARS
     assert any(" 9 channels · 9 Rest · " in line for line in progress), progress
+
+
+def test_how_a_run_stopped_is_shown_and_counted() -> None:
+    """The runner tells the display once more when a channel's run stops (completed, paused, latched, ...): off a
+    terminal that line is always written, and the summary counts it in place of the step it stood in."""
+    from dataclasses import replace
+
+    shown, out = bars(terminal=False)
+    show = Display(shown)
+    show("ch1", progress(step=4))
+    show("ch1", replace(progress(step=4), ended="completed"))  # within a second of the last line: still said
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 2 and " ch1 completed at step 4/10 CC Charge" in lines[1]
+    latest = {"a": progress(), "b": replace(progress(), ended="completed"), "c": replace(progress(), ended="paused")}
+    assert summary(latest).startswith("3 channels · 1 CC Charge, 1 completed, 1 paused ·")

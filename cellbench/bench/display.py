@@ -26,8 +26,9 @@ PLAIN_NEW_STEP = 2.0  # s at least between two lines for a channel's new steps (
 
 
 def summary(latest: dict[str, Progress]) -> str:
-    """One line for many channels: how many, what they do, the lowest and highest voltage and where."""
-    doing = Counter(p.step_type for p in latest.values())
+    """One line for many channels: how many, what they do (or how their run stopped: completed, paused, ...), the
+    lowest and highest voltage and where."""
+    doing = Counter(p.ended or p.step_type for p in latest.values())
     what = ", ".join(f"{n} {kind}" for kind, n in doing.most_common(3))
     if len(doing) > 3:
         what += f", {sum(n for _, n in doing.most_common()[3:])} other"
@@ -58,7 +59,7 @@ class Display:
     def __call__(self, channel: str, p: Progress) -> None:
         self.latest[channel] = p
         if self.summarised:
-            self._summary()
+            self._summary()  # (runs that stop show at the next redraw: a thousand ends must not draw a thousand)
         elif self.terminal:
             self._bar(channel, p)
         else:
@@ -67,8 +68,9 @@ class Display:
     def _bar(self, channel: str, p: Progress) -> None:
         if channel not in self.tasks:
             self.tasks[channel] = self.bars.add_task(channel, total=p.total_steps)
-        self.bars.update(self.tasks[channel], completed=p.step_count - 1, description=(
-            f"{channel}{self.tag} · cycle {p.cycle} · {p.step_type:<12} · {p.voltage:6.3f} V "
+        done = p.total_steps if p.ended == "completed" else p.step_count - 1
+        self.bars.update(self.tasks[channel], completed=done, description=(
+            f"{channel}{self.tag} · cycle {p.cycle} · {p.ended or p.step_type:<12} · {p.voltage:6.3f} V "
             f"{p.current * 1e3:+8.4f} mA · test time {p.test_time / 3600:7.2f} h"))
 
     def _summary(self) -> None:
@@ -93,10 +95,12 @@ class Display:
         """A line at a channel's new step (at most every PLAIN_NEW_STEP s) and every PLAIN_EVERY s."""
         now = time.monotonic()
         seen = self.last_line.get(channel)
-        if seen is not None and now - seen[0] < (PLAIN_NEW_STEP if seen[1] != p.step_count else PLAIN_EVERY):
-            return
+        if p.ended is None and seen is not None and now - seen[0] < (
+                PLAIN_NEW_STEP if seen[1] != p.step_count else PLAIN_EVERY):
+            return  # (how a run stopped is always said)
         self.last_line[channel] = (now, p.step_count)
         self.bars.console.print(
-            f"{utc(time.time())} {channel}{self.tag} step {p.step_count}/{p.total_steps} {p.step_type} cycle "
+            f"{utc(time.time())} {channel}{self.tag} {p.ended + ' at ' if p.ended else ''}"
+            f"step {p.step_count}/{p.total_steps} {p.step_type} cycle "
             f"{p.cycle} {p.voltage:.4f} V {p.current * 1e3:+.4f} mA test time {p.test_time / 3600:.3f} h",
             highlight=False, soft_wrap=True)

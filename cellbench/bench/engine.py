@@ -93,6 +93,7 @@ class Progress:
     step_type: str
     voltage: float
     current: float
+    ended: str | None = None  # on a run's last progress: how it ended or stopped (completed, paused, latched, ...)
 
     @classmethod
     def of(cls, sample: Sample, total_steps: int) -> Progress:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
@@ -675,10 +676,20 @@ async def _channel_run(
             link = coordinator.mqtt.link(channel.name, path.stem, channel.cell_id or channel.name,
                                          path.with_suffix(".outbox.sqlite"))
             events.subscribe(link.on_event)
-        progress = (lambda p: on_progress(channel.name, p)) if on_progress else None
+        last: list[Progress] = []  # the channel's latest progress, told once more with how its run stopped
+
+        def progress(p: Progress) -> None:
+            last[:] = [p]
+            assert on_progress is not None
+            on_progress(channel.name, p)
+
+        def stopped(how: str) -> None:
+            if on_progress is not None and last:
+                on_progress(channel.name, dataclasses.replace(last[0], ended=how))
         watch = not clock.virtual if supervise is None else supervise
         while True:  # one pass, or one per pause: the operator may pause and resume the channel
-            engine = Engine(profile, channel, events, clock, on_progress=progress, base_dir=base_dir, notices=notices)
+            engine = Engine(profile, channel, events, clock, on_progress=progress if on_progress else None,
+                            base_dir=base_dir, notices=notices)
             coordinator.add(engine)
             watcher = asyncio.ensure_future(Supervisor(engine, channel, profile, clock).run()) if watch else None
             try:
@@ -691,6 +702,7 @@ async def _channel_run(
             ended = outcome
             latched = (outcome.status is RunStatus.SAFETY_STOP and coordinator.hold_on_trip
                        and coordinator.stopping is None)
+            stopped(LATCHED if latched else outcome.status.value)
             if outcome.status is not RunStatus.PAUSED and not latched:
                 break
             log.warning("%s: %s", channel.name, outcome.reason + (" (held, latched)" if latched else ""))
@@ -700,11 +712,13 @@ async def _channel_run(
                     _latch_cleared, events, outcome, functools.partial(on_state, RunStatus.PAUSED.value)))
             action, why = await coordinator.hold(channel.name)
             if coordinator.latched.pop(channel.name, None) is not None:  # stopped, the latch still set: it stands
+                stopped(outcome.status.value)
                 break
             if action == "stop":
                 outcome = Outcome(False, f"interrupted: {why}", outcome.test_time, outcome.steps, outcome.cycles,
                                   RunStatus.INTERRUPTED)
                 ended = outcome
+                stopped(outcome.status.value)
                 events.publish(Note(NoteKind.END, outcome.reason, outcome.test_time, time.time()))
                 break
             log.info("%s: resumed by the operator (%s)", channel.name, why)
