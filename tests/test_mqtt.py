@@ -426,14 +426,25 @@ async def test_a_bench_that_holds_on_a_safety_stop_waits_latched_until_an_operat
     profile.write_text(TRIP)
     proc = start_run(tmp_path, bench, profile)
 
-    def latched() -> list[dict[str, Any]]:
-        return [p for p in w.of("status") if p["state"] == "latched"]
+    def held(trips: int) -> bool:
+        """Tripped `trips` times (events: never coalesced, as a quickly replaced status may be) and held again:
+        the runs registry says paused, which is what another terminal goes by."""
+        entries = [json.loads(p.read_text()) for p in (tmp_path / "state" / "runs").glob("*.json")]
+        ends = [p for p in w.of("event") if p["kind"] == "end" and p["message"].startswith("safety stop")]
+        return (len(ends) == trips
+                and [e["state"] for e in entries] == ["paused"])
+
+    async def until_held(trips: int) -> None:
+        deadline = time.monotonic() + 20
+        while not held(trips) and time.monotonic() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+        assert held(trips) and ask(smu, ":OUTP?") == "0" and proc.poll() is None, w.of("event")[-3:]
 
     try:
         async with Watcher(broker) as w:
-            first = await w.until("status", lambda p: p["state"] == "latched")
+            first = await w.until("status", lambda p: p["state"] == "latched")  # (it stays so until cleared)
             assert "outside the profile's safety range 2.5 to 3.74 V" in first["reason"], first
-            assert ask(smu, ":OUTP?") == "0" and proc.poll() is None  # held, not ended
+            await until_held(1)  # held, not ended
             await command(broker, "operator", "resume", {"id": "r1"})
             refused = await w.until("reply", lambda p: p["id"] == "r1")
             assert not refused["ok"] and "latched" in refused["message"] and "clear the latch" in refused["message"]
@@ -444,21 +455,15 @@ async def test_a_bench_that_holds_on_a_safety_stop_waits_latched_until_an_operat
             assert ask(smu, ":OUTP?") == "0" and proc.poll() is None
             await command(broker, "operator", "resume", {"id": "r2"})
             assert (await w.until("reply", lambda p: p["id"] == "r2"))["ok"]
-            await w.until("status", lambda p: p["state"] == "running" and p["time"] > first["time"])
-            deadline = time.monotonic() + 20
-            while len(latched()) < 2 and time.monotonic() < deadline:  # noqa: ASYNC110
-                await asyncio.sleep(0.05)
-            assert len(latched()) == 2 and ask(smu, ":OUTP?") == "0" and proc.poll() is None
+            await w.until("event", lambda p: p["kind"] == "resumed")
+            await until_held(2)
             # from another terminal: a plain resume is refused; with --clear-latch it clears, resumes, trips again
             plain = await asyncio.to_thread(terminal, tmp_path, "resume", "ch1")
             assert plain.returncode == 1 and "latched" in plain.stderr + plain.stdout
             cleared_here = await asyncio.to_thread(terminal, tmp_path, "resume", "ch1", "--clear-latch")
             assert cleared_here.returncode == 0, cleared_here.stderr
             assert "latch cleared" in cleared_here.stdout and "resumes" in cleared_here.stdout
-            deadline = time.monotonic() + 20
-            while len(latched()) < 3 and time.monotonic() < deadline:  # noqa: ASYNC110
-                await asyncio.sleep(0.05)
-            assert len(latched()) == 3 and proc.poll() is None
+            await until_held(3)
             # aborted while latched: the run ends in its safety stop, still latched, and the controller goes
             await command(broker, "operator", "abort", {"id": "a1", "reason": "cell taken off the bench"})
             aborted = await w.until("reply", lambda p: p["id"] == "a1")
