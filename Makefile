@@ -44,7 +44,7 @@ test: $(TESTING) system
 # Not part of `make test`: every benchmark in turn, each printing both sides and their ratio (about 45 min;
 # benchmarks/README.md keeps the latest table). Peers: PyBaMM (the `bench` extra), PyMeasure (a test tool here),
 # paho-mqtt (under aiomqtt).
-BENCHMARKS := cli_startup transport store_writer reaction_time virtual_clock life_test pybamm_compare \
+BENCHMARKS := cli_startup transport transport_instructions store_writer reaction_time virtual_clock life_test pybamm_compare \
 	many_channels campaign_memory mqtt_telemetry
 
 benchmarks: $(TESTING) system
