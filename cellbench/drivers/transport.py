@@ -124,7 +124,8 @@ class LineTransport(ABC):
 
     async def query(self, command: str) -> str:
         async with self._lock:
-            await self._resync()
+            if self._owed or self._suspect or self._has_buffered():  # (the common case: a clean line, no await)
+                await self._resync()
             try:
                 line = await self._exchange(command.encode("ascii") + self.write_termination, self.timeout)
             except TimeoutError:
@@ -254,6 +255,9 @@ class StreamTransport(LineTransport):
         wire.term = self.read_termination
 
     async def _send(self, data: bytes) -> None:
+        self._write(data)
+
+    def _write(self, data: bytes) -> None:
         if self._wire.lost is not None or self._transport.is_closing():
             raise ConnectionLost(self.name, f"write failed: {self._wire.lost or 'the connection is closing'}")
         try:
@@ -282,6 +286,10 @@ class StreamTransport(LineTransport):
         line = bytes(buf[:end])
         del buf[: end + len(term)]
         return line
+
+    async def _exchange(self, data: bytes, timeout: float) -> bytes:
+        self._write(data)  # (a socket's write does not wait: no coroutine for it)
+        return await self._receive(timeout)
 
     def _partial(self) -> bytes:
         return bytes(self._wire.buf)
