@@ -190,6 +190,7 @@ def test_validate_estimates_the_duration_by_a_dry_run() -> None:
     assert result.exit_code == 0, result.output
     m = re.search(r"estimated duration on a simulated pellet cell at 25 degC: ([\d.]+) h", result.output)
     assert m and 120 < float(m.group(1)) < 150
+    assert "estimating the duration" not in result.output  # the status line is for a terminal only
 
 
 def test_run_dry_run_records_like_a_real_run(tmp_path: Path) -> None:
@@ -242,9 +243,11 @@ def test_an_estimate_is_bounded_by_simulated_time_and_the_same_on_any_machine() 
     bounded = estimate_duration(profile, text, limit=20 * 3600)
     assert not bounded.complete and 20 * 3600 < bounded.seconds < 21 * 3600
     assert "more than 20.0 h" in bounded.describe("pellet", 25)
-    whole = [estimate_duration(profile, text) for _ in range(2)]
+    reached: list[float] = []  # what a terminal's status line is told as the dry run goes
+    whole = [estimate_duration(profile, text, on_progress=reached.append), estimate_duration(profile, text)]
     assert whole[0] == whole[1] and whole[0].complete and whole[0].completed  # deterministic, to the sample
     assert 130 * 3600 < whole[0].seconds < 140 * 3600
+    assert len(reached) > 1000 and reached == sorted(reached) and reached[-1] <= whole[0].seconds
 
 
 def test_validate_says_when_and_why_the_simulated_cell_shorts() -> None:

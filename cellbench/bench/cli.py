@@ -480,7 +480,17 @@ def validate(
     console.print(f"[green]valid[/green]: {prof.executed_step_count()} steps when run without jumps")
     _warn(prof, text, path)
     if estimate:
-        guess = estimate_duration(prof, text, params=params, temperature_c=temperature, base_dir=path.parent)
+        # a long profile's dry run takes seconds: on a terminal, say how far it has got (off one, nothing)
+        with console.status("estimating the duration by a dry run") as status:
+            shown = [0.0]
+
+            def reached(test_time: float) -> None:
+                if (now := time.monotonic()) - shown[0] >= 0.2:
+                    shown[0] = now
+                    status.update(f"estimating the duration by a dry run: {test_time / 3600:.1f} h so far")
+
+            guess = estimate_duration(prof, text, params=params, temperature_c=temperature, base_dir=path.parent,
+                                      on_progress=reached)
         console.print(guess.describe(cell, temperature), highlight=False, soft_wrap=True)
 
 

@@ -375,10 +375,11 @@ def estimate_duration(
     base_dir: Path = Path("."),
     limit: float = ESTIMATE_LIMIT,
     max_samples: int = ESTIMATE_SAMPLES,
+    on_progress: Callable[[float], None] | None = None,
 ) -> Estimate:
     """Run the profile on the simulated cell (no noise, the virtual clock) until its end, a safety stop, or
     `limit` seconds of test time or `max_samples` samples, whichever comes first: the same answer on any
-    machine under any load."""
+    machine under any load. `on_progress` is told the test time reached at every sample."""
     import tempfile
 
     from cellbench.bench.clock import VirtualClock
@@ -388,6 +389,8 @@ def estimate_duration(
     def watch(channel: str, p: Progress) -> None:
         reached[0] = p.test_time
         reached[1] += 1
+        if on_progress is not None:
+            on_progress(p.test_time)
         if p.test_time > limit or reached[1] > max_samples:
             raise _OutOfTime
 
