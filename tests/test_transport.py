@@ -110,3 +110,36 @@ async def test_concurrent_callers_never_get_each_others_replies(smu_sim: SimServ
         )
     finally:
         await io.close()
+
+
+@pytest.mark.parametrize("backend", ["native", "visa"])
+async def test_bytes_that_arrived_unread_before_the_first_query_never_answer_it(backend: str) -> None:
+    """An instrument that says something on its own as the session opens (a greeting, the end of an earlier
+    session's reply) while the loop is busy elsewhere: those bytes wait in the kernel, unread, when the first
+    query goes out. They are stale, and the query gets its own reply."""
+    import socket
+    import threading
+    import time
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    arrived = threading.Event()
+
+    def instrument() -> None:
+        conn, _ = listener.accept()
+        with conn, conn.makefile("rb") as lines:
+            conn.sendall(b"STALE greeting\n")
+            arrived.set()
+            for line in lines:
+                conn.sendall(b"reply to " + line)
+
+    threading.Thread(target=instrument, daemon=True).start()
+    io = await open_transport(f"TCPIP::127.0.0.1::{port}::SOCKET", name="smu", timeout=2, backend=backend)
+    try:
+        assert arrived.wait(5)
+        time.sleep(0.2)  # noqa: ASYNC251  (the loop busy elsewhere, on purpose: the greeting is in, unread)
+        assert await io.query("*IDN?") == "reply to *IDN?"
+        assert await io.query(":MEAS:VOLT?") == "reply to :MEAS:VOLT?"
+    finally:
+        await io.close()
+        listener.close()

@@ -298,8 +298,10 @@ class StreamTransport(LineTransport):
         return bool(self._wire.buf)
 
     async def _discard_buffered(self) -> None:
-        self._wire.buf.clear()
-        await asyncio.sleep(0)  # let bytes that already arrived be received: they are stale too
+        # bytes already in the kernel are stale too: one pass lets the loop see the socket readable (its read
+        # runs after us in that pass), the second lets that read run; then everything is dropped
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
         self._wire.buf.clear()
 
     async def close(self) -> None:
