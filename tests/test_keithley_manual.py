@@ -73,6 +73,27 @@ def test_a_full_buffer_keeps_its_newest_readings(smu: tuple[Keithley2450Sim, lis
     assert sim.handle(':TRAC:ACT? "Small"') == "11" and sim.handle(':TRAC:POIN? "Small"') == "11"
 
 
+def test_buffer_sizes_a_client_may_not_set_and_memory_it_may_not_take(
+        smu: tuple[Keithley2450Sim, list[float]]) -> None:
+    """A size out of the instrument's range is refused (a buffer of none would divide by zero at its first
+    reading); a huge buffer holding one reading takes room for the default buffers' 100,000 at most, and grows
+    by doubling as readings come (a hostile client cannot take gigabytes with a few commands)."""
+    sim, _ = smu
+    for size in ("0", "-5", "9", "5000001"):
+        sim.handle(f':TRAC:POIN {size}, "defbuffer1"')
+        assert sim.handle(":SYST:ERR?").startswith("-222,"), size
+    assert sim.handle(':TRAC:POIN? "defbuffer1"') == "100000"
+    sim.handle(':TRAC:MAKE "Huge", 5000000')
+    sim.handle(':SOUR:FUNC CURR;:SOUR:CURR -1e-3;:SOUR:CURR:VLIM 4.3;:SENS:FUNC "VOLT";:OUTP ON')
+    sim.handle(':TRAC:TRIG "Huge"')
+    huge = sim.buffers["Huge"]
+    assert len(huge) == 1 and len(huge._data or ()) == 3 * 100_000  # 2.4 MB, not 120 MB
+    for k in range(100_001):  # past the room taken: it doubles
+        huge.add((float(k), 0.0, 0.0))
+    assert len(huge) == 100_002 and len(huge._data or ()) == 3 * 200_000
+    assert huge.row(-1)[0] == 100_000.0 and huge.row(1)[0] == 0.0
+
+
 def test_a_simple_loop_of_readings_and_opc_waiting_for_it(smu: tuple[Keithley2450Sim, list[float]]) -> None:
     sim, clock = smu
     sim.handle(':TRAC:MAKE "log", 10')

@@ -234,6 +234,8 @@ class Keithley2450Sim:
             size = int(float(args[0]))
         except (IndexError, ValueError):
             raise ScpiError(-104) from None
+        if not 10 <= size <= 5_000_000:  # as for a buffer made with :TRACe:MAKE
+            raise ScpiError(-222)
         buffer = self.buffers[self._buffer_name(args, 1, must_exist=True)]
         buffer.size = size
         buffer.clear()
@@ -387,9 +389,13 @@ def _elements(row: tuple[float, float, float], elements: list[str]) -> str:
 class Buffer:
     """A reading buffer: (reading, source value, relative time) rows, the oldest overwritten when full.
 
-    Kept as doubles in a ring (24 bytes a reading), taken whole at the first reading (2.4 MB for the 2450's
-    100,000), as the instrument's own memory is: a month-long dry run then holds the same memory from its first
-    day to its last, where a growing list held 13.6 MB of tuples per instrument by the time it was full."""
+    Kept as doubles in a ring (24 bytes a reading). The first reading takes room for RESERVE readings at once
+    (the default buffers' 100,000: 2.4 MB), as the instrument's own memory is, so a month-long dry run holds the
+    same memory from its first day to its last (a growing list held 13.6 MB of tuples per instrument by the
+    time it was full). A larger buffer grows by doubling past that, as readings come: a client that makes
+    buffers of millions of readings and stores one reading in each costs no more than the readings it took."""
+
+    RESERVE = 100_000
 
     def __init__(self, size: int) -> None:
         self.size = size
@@ -401,8 +407,10 @@ class Buffer:
 
     def add(self, row: tuple[float, float, float]) -> None:
         if self._data is None:
-            self._data = array.array("d", bytes(24 * self.size))
+            self._data = array.array("d", bytes(24 * min(self.size, self.RESERVE)))
         j = 3 * self._next
+        if j >= len(self._data):  # not full yet, and past the room taken: twice the room, at most the size
+            self._data.frombytes(bytes(8 * min(len(self._data), 3 * self.size - len(self._data))))
         self._data[j], self._data[j + 1], self._data[j + 2] = row
         self._next = (self._next + 1) % self.size
         self._count = min(self._count + 1, self.size)
