@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import pytest
 
@@ -140,6 +141,38 @@ async def test_bytes_that_arrived_unread_before_the_first_query_never_answer_it(
         time.sleep(0.2)  # noqa: ASYNC251  (the loop busy elsewhere, on purpose: the greeting is in, unread)
         assert await io.query("*IDN?") == "reply to *IDN?"
         assert await io.query(":MEAS:VOLT?") == "reply to :MEAS:VOLT?"
+    finally:
+        await io.close()
+        listener.close()
+
+
+async def test_an_instrument_that_floods_while_nobody_reads_does_not_fill_the_memory() -> None:
+    """Bytes with no end of line pour in between queries (a fault, a hostile peer): past a bound the socket is
+    left unread (the kernel and the sender wait), rather than the controller's memory taking them all."""
+    import socket
+    import threading
+
+    from cellbench.drivers import transport
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    sent = [0]
+
+    def instrument() -> None:
+        conn, _ = listener.accept()
+        conn.settimeout(2.0)
+        with conn, contextlib.suppress(OSError):
+            while sent[0] < 64 << 20:  # it stops when it can no longer send (the reader left it unread)
+                sent[0] += conn.send(b"x" * 65536)
+
+    threading.Thread(target=instrument, daemon=True).start()
+    io = await open_transport(f"TCPIP::127.0.0.1::{port}::SOCKET", name="smu", timeout=1, backend="native")
+    try:
+        await asyncio.sleep(1.5)
+        held = len(io._wire.buf)  # type: ignore[attr-defined]
+        assert sent[0] > 2 * transport.UNREAD_LIMIT  # it did flood
+        assert held <= transport.UNREAD_LIMIT + (1 << 18), held
+        assert sent[0] < 64 << 20  # and it was held back: the rest never left the sender
     finally:
         await io.close()
         listener.close()

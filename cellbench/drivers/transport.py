@@ -220,12 +220,27 @@ class _Wire(asyncio.Protocol):
         self.waiter: asyncio.Future[None] | None = None
         self.lost: str | None = None  # why the connection is gone
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.transport: asyncio.BaseTransport | None = None
+        self.paused = False  # reading paused: nobody was reading, and more than UNREAD_LIMIT waited
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
 
     def data_received(self, data: bytes) -> None:
         self.buf += data
         # the terminator may straddle two chunks: look from just before this one
         if self.waiter is not None and self.buf.find(self.term, -len(data) - len(self.term) + 1) >= 0:
             _wake(self.waiter)
+        elif self.waiter is None and len(self.buf) > UNREAD_LIMIT and isinstance(self.transport, asyncio.ReadTransport):
+            # an instrument talking on its own with nobody reading (a fault, a flood): the kernel holds the rest
+            self.transport.pause_reading()
+            self.paused = True
+
+    def resume(self) -> None:
+        """Read again (a reader is about to wait, or stale bytes are being dropped)."""
+        if self.paused and isinstance(self.transport, asyncio.ReadTransport):
+            self.paused = False
+            self.transport.resume_reading()
 
     def eof_received(self) -> bool:
         self.lost = "the instrument closed the connection"
@@ -240,6 +255,9 @@ class _Wire(asyncio.Protocol):
             self.closed.set_result(None)
 
 
+UNREAD_LIMIT = 1 << 20  # bytes gathered while nobody reads, before the socket is left unread
+
+
 def _wake(waiter: asyncio.Future[None]) -> None:
     if not waiter.done():
         waiter.set_result(None)
@@ -252,7 +270,6 @@ class StreamTransport(LineTransport):
     def __init__(self, name: str, resource: str, transport: asyncio.Transport, wire: _Wire, **kw: object) -> None:
         super().__init__(name, resource, **kw)  # type: ignore[arg-type]
         self._transport, self._wire = transport, wire
-        wire.term = self.read_termination
 
     async def _send(self, data: bytes) -> None:
         self._write(data)
@@ -277,6 +294,7 @@ class StreamTransport(LineTransport):
                 if loop.time() >= deadline:
                     raise TimeoutError
                 wire.waiter = loop.create_future()
+                wire.resume()
                 expiry = loop.call_at(deadline, _wake, wire.waiter)  # (a handle, not a task per read)
                 try:
                     await wire.waiter
@@ -300,6 +318,8 @@ class StreamTransport(LineTransport):
     async def _discard_buffered(self) -> None:
         # bytes already in the kernel are stale too: one pass lets the loop see the socket readable (its read
         # runs after us in that pass), the second lets that read run; then everything is dropped
+        self._wire.buf.clear()
+        self._wire.resume()
         await asyncio.sleep(0)
         await asyncio.sleep(0)
         self._wire.buf.clear()
