@@ -7,7 +7,7 @@ import contextlib
 import os
 import tempfile
 import textwrap
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -131,3 +131,15 @@ def _half_cell_resistances() -> tuple[float, float]:
 
 
 HALF_CELL_R = _half_cell_resistances()  # (ohmic, DC) of the pellet at 25 degC and 5 MPa
+
+
+@pytest.fixture
+def two_smus() -> Iterator[tuple[str, str]]:
+    """Two simulated 2450s served in processes of their own: their resources."""
+    from tests.test_cli import serve
+
+    servers = [serve("keithley2450", "--port", "0", "--soc", "0.3") for _ in range(2)]
+    yield servers[0][1], servers[1][1]
+    for p, _ in servers:
+        p.terminate()
+        p.wait(timeout=10)

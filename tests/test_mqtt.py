@@ -10,6 +10,7 @@ import signal
 import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -484,3 +485,22 @@ async def test_a_bench_that_holds_on_a_safety_stop_waits_latched_until_an_operat
     said = [json.loads(line) for line in told.read_text().splitlines() if line.strip()]
     assert [p["state"] for p in said] == ["latched"] * 3 + ["safety stop"]
     assert all("safety range 2.5 to 3.74 V" in p["reason"] for p in said)
+
+
+async def test_telemetry_keeps_the_wall_clocks_time_and_flows_again_at_once_after_a_pause(
+        tmp_path: Path, smu: str, broker: Broker) -> None:
+    """Before the clock kept one origin pair, a resume stamped telemetry in the past and held it back for the
+    test time at the pause plus the pause's length: a subscriber saw nothing, then times from minutes ago."""
+    async with Watcher(broker) as w, running(tmp_path, smu, broker):
+        await w.until("telemetry", lambda p: p["test_time"] >= 4.0)
+        await command(broker, "operator", "pause", {"id": "p1"})
+        await w.until("status", lambda p: p["state"] == "paused")
+        await asyncio.sleep(5.0)
+        await command(broker, "operator", "resume", {"id": "r1"})
+        await w.until("reply", lambda p: p["id"] == "r1" and p["ok"])
+        resumed = time.time()
+        await w.until("telemetry", lambda p: datetime.fromisoformat(p["time"]).timestamp() > resumed, timeout=5.0)
+        late = [p for p in w.of("telemetry") if datetime.fromisoformat(p["time"]).timestamp() > resumed]
+        assert abs(datetime.fromisoformat(late[0]["time"]).timestamp() - time.time()) < 2.0
+        times = [datetime.fromisoformat(p["time"]).timestamp() for p in w.of("telemetry")]
+        assert times == sorted(times)

@@ -402,3 +402,23 @@ def test_the_report_page_shows_hostile_run_metadata_as_text(tmp_path: Path) -> N
     page = write_report(db, tmp_path / "out").read_text()
     assert "<script>" not in page and "<img src=x" not in page
     assert "&lt;script&gt;alert(&#39;cell&#39;)&lt;/script&gt;" in page and "O&#39;Brien &amp; Co" in page
+
+
+def test_unix_time_going_backwards_is_said_by_the_export_and_the_report(tmp_path: Path) -> None:
+    """A run whose wall-clock stamps step back (as every channel's did after a pause before the clock kept one
+    origin): the sidecar, the export command and the report page say where and by how much; a clean run says
+    nothing."""
+    db = tmp_path / "stepped.sqlite"
+    with RunStore(db, durable=False) as store:
+        store.set_metadata(profile_name="stepped", run_id="stepped", channel="ch1")
+        for t, unix in enumerate([100.0, 101.0, 102.0, 99.5, 100.5, 103.0, 102.0]):
+            store.add(Sample(float(t), unix, 3.9, 1e-3, 1, 1, 1, "CC Charge", 0, 0, 0, 0), float(t))
+    said = "Unix time goes backwards 2 time(s) in this run, by up to 2.500 s (first at data point 4)"
+    files = export_run(db, tmp_path / "out")
+    assert json.loads(files["metadata"].read_text())["unix_time_problem"].startswith(said)
+    result = CliRunner().invoke(app, ["export", str(db), "--out", str(tmp_path / "again")])
+    assert result.exit_code == 0 and said in " ".join(result.output.split())
+    assert said in write_report(db, tmp_path / "report").read_text()
+    clean = synthetic_cycles(tmp_path / "clean.sqlite", 0.01, 3)
+    assert json.loads(export_run(clean, tmp_path / "clean")["metadata"].read_text())["unix_time_problem"] is None
+    assert "backwards" not in write_report(clean, tmp_path / "clean-report").read_text()

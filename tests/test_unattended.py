@@ -311,16 +311,6 @@ def cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
                           env=run_env(tmp_path), timeout=60)
 
 
-@pytest.fixture
-def two_smus() -> Iterator[tuple[str, str]]:
-    """Two simulated 2450s served in processes of their own: their resources."""
-    servers = [serve("keithley2450", "--port", "0", "--soc", "0.3") for _ in range(2)]
-    yield servers[0][1], servers[1][1]
-    for p, _ in servers:
-        p.terminate()
-        p.wait(timeout=10)
-
-
 def pair_bench(tmp_path: Path, smus: tuple[str, str], ch1_profile: str = "") -> Path:
     """A two-channel bench on the two 2450s (ch1 may name its own profile)."""
     bench = tmp_path / "bench.yaml"

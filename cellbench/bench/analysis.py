@@ -243,3 +243,25 @@ def _interp(xs: list[float], ys: list[float], x: float) -> float:
         return ys[-1]
     x0, x1 = xs[k - 1], xs[k]
     return ys[k - 1] + (ys[k] - ys[k - 1]) * ((x - x0) / (x1 - x0) if x1 != x0 else 0.0)
+
+
+def unix_time_problem(times: Iterable[float | None]) -> str | None:
+    """One line when a run's Unix time goes backwards anywhere (its samples in recorded order), else None.
+
+    Test time is the run's own; Unix time is what a lab lines up with its other records, so a step back (a
+    controller's clock that moved, a file stitched from two machines) is said wherever the run is read.
+    """
+    backwards, worst, first_at, previous = 0, 0.0, 0, None
+    for row, t in enumerate(times, 1):
+        if t is None:
+            continue
+        if previous is not None and t < previous:
+            backwards += 1
+            if backwards == 1:
+                first_at = row
+            worst = max(worst, previous - t)
+        previous = t
+    if not backwards:
+        return None
+    return (f"Unix time goes backwards {backwards} time(s) in this run, by up to {worst:.3f} s (first at data "
+            f"point {first_at}): its wall-clock stamps cannot be trusted there")

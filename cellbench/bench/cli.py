@@ -554,6 +554,8 @@ def export(
         raise _fail(str(exc)) from None
     for kind, path in files.items():
         console.print(f"{kind:>9}: {path}")
+    if problem := json.loads(files["metadata"].read_text()).get("unix_time_problem"):
+        err.print(f"[yellow]warning: {problem}[/yellow]", highlight=False, soft_wrap=True)
 
 
 @app.command()

@@ -28,19 +28,29 @@ class Clock:
     virtual: bool = False
 
     def __init__(self, *, unix_start: float | None = None) -> None:
-        self._unix_start = unix_start
+        self._fixed_unix = unix_start
+        self._unix_start: float | None = None
         self._mono_start: float | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def now(self) -> float:
         """Monotonic seconds on the running event loop."""
         return asyncio.get_running_loop().time()
 
     def start(self) -> float:
-        """Mark the start of a run; later Unix times are derived from this instant."""
-        self._mono_start = self.now()
-        if self._unix_start is None:
-            self._unix_start = time.time()
-        return self._mono_start
+        """The monotonic now of a run's start (or resume); Unix times are derived from one origin pair.
+
+        The pair (monotonic, Unix) is taken once per clock and loop, at the first start: a pause, a resume or
+        another channel's start on the same controller never moves it, so every channel's Unix time stays
+        the wall clock's. A new loop (a virtual clock run again) takes a new pair.
+        """
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if self._mono_start is None or self._loop is not loop:
+            self._loop = loop
+            self._mono_start = now
+            self._unix_start = time.time() if self._fixed_unix is None else self._fixed_unix
+        return now
 
     def unix(self, monotonic: float) -> float:
         """The Unix time of a monotonic instant of this clock."""

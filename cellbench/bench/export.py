@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from cellbench.bench.analysis import unix_time_problem
 from cellbench.bench.store import COLUMNS, check_run, open_run
 
 NET = "Net Capacity / Ah"
@@ -43,6 +44,7 @@ def export_run(database: str | Path, out_dir: str | Path | None = None) -> dict[
         events = store.events()
     for number, r in enumerate(rows, 1):
         r[DATA_POINT] = number
+    time_problem = unix_time_problem(r["Unix Time / s"] for r in rows)
     all_labels = [label for _, label, _ in COLUMNS] + [NET, DATA_POINT]
     labels = [label for label in all_labels if any(r[label] is not None for r in rows)] or all_labels[:4]
     files = {"csv": stem.with_suffix(".bdf.csv"), "parquet": stem.with_suffix(".bdf.parquet")}
@@ -84,6 +86,7 @@ def export_run(database: str | Path, out_dir: str | Path | None = None) -> dict[
         "run_id": meta.get("run_id"),
         "channel": meta.get("channel"),
         "clock": meta.get("clock"),
+        "unix_time_problem": time_problem,
         "simulation": meta.get("simulation"),
         "impedance_fits": fits,
         "events": events,

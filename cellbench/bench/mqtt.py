@@ -306,8 +306,8 @@ class ChannelLink:
         """The engine's subscriber: builds the message and wakes the link; never waits."""
         if isinstance(event, SampleTaken):
             s = event.sample
-            if s.unix_time - self._last_telemetry < self.cfg.telemetry_every:
-                return
+            if 0.0 <= s.unix_time - self._last_telemetry < self.cfg.telemetry_every:
+                return  # (a stamp behind the last one, as after a wall-clock step back, is never held back)
             self._last_telemetry = s.unix_time
             values = {"voltage": (s.voltage, "V"), "current": (s.current, "A"), "charge": (s.charge_ah, "Ah"),
                       "discharge": (s.discharge_ah, "Ah"), "charge_energy": (s.charge_wh, "Wh"),

@@ -10,7 +10,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from cellbench.bench.analysis import CycleSummary, Dcir, cycle_life, dcir, dqdv, store_table
+from cellbench.bench.analysis import CycleSummary, Dcir, cycle_life, dcir, dqdv, store_table, unix_time_problem
 from cellbench.bench.store import check_run, open_run
 
 FIGSIZE = (8, 4.5)
@@ -288,7 +288,7 @@ def _page(meta: dict[str, Any], rows: list[CycleSummary], images: list[Path], sa
         title=str(meta.get("profile_name", "run")), outcome=outcome, completed=completed,
         run_id=str(meta.get("run_id", "")), channel=str(meta.get("channel", "")), n_samples=len(samples),
         hours=samples[-1].test_time / 3600 if samples else 0.0, identity=_identity(meta), life_line=life_line,
-        n_pulses=len(pulses),
+        n_pulses=len(pulses), time_problem=unix_time_problem(s.unix_time for s in samples),
         dcir_median=sorted(p.resistance_10ms for p in pulses)[len(pulses) // 2] if pulses else None,
         rows=table, images=images,
     )

@@ -1,0 +1,108 @@
+"""A shared box operated as a lab does for a week: one `run --stay` controller, commands from other terminals.
+
+Every test runs the real controller as its own process against simulated 2450s served in processes of their own,
+and checks what a lab reads (Unix time against the wall clock, the records, the messages) rather than only what
+the run computes.
+"""
+
+from __future__ import annotations
+
+import itertools
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tests.test_unattended import PROFILE, ask, cli, pair_bench, run_env, wait_until_sourcing
+
+SLACK = 1.5  # s: a sample's stamp against the wall clock read around it (sample period 1 s, loaded machine)
+
+
+def stay(tmp_path: Path, bench: Path) -> subprocess.Popen[str]:
+    """`cellbench run --bench BENCH --stay` in a process of its own, once its control socket is up."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cellbench.bench.cli", "run", "--bench", str(bench), "--stay", "--runs-dir",
+         str(tmp_path / "runs")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=run_env(tmp_path))
+    deadline = time.monotonic() + 30
+    while not list((tmp_path / "state" / "control").glob("*.json")) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return proc
+
+
+def database_of(tmp_path: Path, channel: str) -> Path:
+    for db in sorted((tmp_path / "runs").glob("*.sqlite")):
+        with sqlite3.connect(db) as con:
+            if con.execute("SELECT value FROM meta WHERE key = 'channel'").fetchone()[0] == f'"{channel}"':
+                return db
+    raise AssertionError(f"no run database of {channel}")
+
+
+def unix_times(db: Path) -> tuple[list[float], list[tuple[str, float]]]:
+    with sqlite3.connect(db) as con:
+        samples = [t for (t,) in con.execute('SELECT "Unix Time / s" FROM samples ORDER BY rowid')]
+        events = [(k, t) for k, t in con.execute("SELECT kind, unix_time FROM events ORDER BY rowid")]
+    return samples, events
+
+
+def test_unix_time_is_the_wall_clocks_across_pause_resume_start_and_resume_after_kill(
+        tmp_path: Path, two_smus: tuple[str, str]) -> None:
+    """One controller's clock serves every channel: a pause and resume on ch1 and a later start on ch2 must not
+    move any channel's Unix time off the wall clock; a run resumed in a new process after kill -9 neither."""
+    r1, r2 = two_smus
+    profile = tmp_path / "charge.yaml"
+    profile.write_text(PROFILE)
+    launched = time.time()
+    proc = stay(tmp_path, pair_bench(tmp_path, two_smus, str(profile)))
+    try:
+        wait_until_sourcing(r1)
+        time.sleep(2.0)
+        assert cli(tmp_path, "pause", "ch1").returncode == 0
+        time.sleep(4.0)  # paused: the wall clock goes on, test time does not
+        assert cli(tmp_path, "resume", "ch1").returncode == 0
+        wait_until_sourcing(r1)
+        time.sleep(2.0)
+        started = cli(tmp_path, "start", "ch2", str(profile))
+        assert started.returncode == 0, started.stdout + started.stderr
+        wait_until_sourcing(r2)
+        time.sleep(3.0)
+        killed_at = time.time()
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    one, two = database_of(tmp_path, "ch1"), database_of(tmp_path, "ch2")
+    for db in (one, two):
+        samples, events = unix_times(db)
+        assert samples and all(b > a for a, b in itertools.pairwise(samples))  # never backwards
+        assert launched - SLACK < samples[0] and samples[-1] < killed_at + SLACK
+        assert samples[-1] > killed_at - 1.0 - SLACK  # the newest sample is now, not minutes ago
+        assert all(b >= a for (_, a), (_, b) in itertools.pairwise(events)), events
+    _, events = unix_times(one)
+    stamps = dict(events)
+    assert stamps["resumed"] - stamps["paused"] > 4.0 - 0.5  # the pause lasted as long on the records as it did
+    # resumed by hand in a new process after the kill: its samples are stamped with that process's now
+    resumed_at = time.time()
+    again = subprocess.Popen([sys.executable, "-m", "cellbench.bench.cli", "resume", str(one)],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=run_env(tmp_path))
+    try:
+        # the guardian turned the outputs off when the controller died; the resumed run turns ch1's on again
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and (ask(r1, ":OUTP?") != "1" or time.time() < resumed_at + 1):
+            time.sleep(0.1)
+        time.sleep(2.0)
+        stopped_at = time.time()
+        again.send_signal(signal.SIGTERM)
+        out, _ = again.communicate(timeout=30)
+    finally:
+        if again.poll() is None:
+            again.kill()
+    samples, events = unix_times(one)
+    after = [t for t in samples if t > killed_at]
+    assert after and resumed_at - SLACK < after[0] and after[-1] < stopped_at + SLACK, out
+    assert all(b > a for a, b in itertools.pairwise(samples))
+    outage = [t for k, t in events if k == "outage"]
+    assert outage and outage[-1] >= killed_at - SLACK
