@@ -11,6 +11,7 @@ import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pyvisa
@@ -296,3 +297,22 @@ def test_sim_serve_with_exit_with_parent_ends_when_its_starter_is_killed(tmp_pat
     finally:
         if _running(pid):
             os.kill(pid, 9)
+
+
+def test_every_commands_help_is_printed() -> None:
+    """Every command and subcommand, found from the app itself so a new one is covered too: its --help exits 0
+    and shows its own usage (a '[/prefix]' in an option's help once crashed `status --help` as rich markup)."""
+    import typer
+
+    def walk(group: Any, path: list[str]) -> list[list[str]]:
+        found = [path]
+        for name, sub in group.commands.items():
+            found += walk(sub, [*path, name]) if hasattr(sub, "commands") else [[*path, name]]
+        return found
+
+    commands = walk(typer.main.get_group(app), [])
+    assert ["status"] in commands and ["mqtt", "check"] in commands and ["sim", "serve"] in commands
+    for words in commands:
+        result = CliRunner().invoke(app, [*words, "--help"])
+        assert result.exit_code == 0, (words, result.output)
+        assert "Usage:" in result.output and " ".join(words) in result.output, words

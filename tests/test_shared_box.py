@@ -106,3 +106,61 @@ def test_unix_time_is_the_wall_clocks_across_pause_resume_start_and_resume_after
     assert all(b > a for a, b in itertools.pairwise(samples))
     outage = [t for k, t in events if k == "outage"]
     assert outage and outage[-1] >= killed_at - SLACK
+
+
+def events_of(db: Path) -> list[tuple[str, str]]:
+    with sqlite3.connect(db) as con:
+        return [(k, m) for k, m in con.execute("SELECT kind, message FROM events ORDER BY rowid")]
+
+
+def test_one_stopped_channel_is_resumed_inside_the_running_controller_and_messages_say_what_is_true(
+        tmp_path: Path, two_smus: tuple[str, str]) -> None:
+    """`stop ch2` then `resume RUN` continues ch2's run in its own database inside the controller that holds the
+    box, while ch1 runs on; a second stop (the loser of a race) is told the channel is idle and how its run
+    ended; every command's operator and reason are in the run's events."""
+    r1, r2 = two_smus
+    profile = tmp_path / "charge.yaml"
+    profile.write_text(PROFILE)
+    proc = stay(tmp_path, pair_bench(tmp_path, two_smus, str(profile)))
+    try:
+        assert cli(tmp_path, "start", "ch2", str(profile)).returncode == 0
+        wait_until_sourcing(r1)
+        wait_until_sourcing(r2)
+        time.sleep(2.0)
+        two = database_of(tmp_path, "ch2")
+        run_id = two.stem
+        stopped = cli(tmp_path, "stop", run_id, "--reason", "re-crimp", "--operator", "J. Doe")
+        assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+        deadline = time.monotonic() + 10
+        while ask(r2, ":OUTP?") != "0" and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert ask(r2, ":OUTP?") == "0" and ask(r1, ":OUTP?") == "1"
+        late = cli(tmp_path, "stop", "ch2")  # the second operator of a race
+        assert late.returncode == 1, late.stdout + late.stderr
+        said = " ".join(late.stderr.split())
+        assert f"ch2 is idle: its run {run_id} ended: interrupted: re-crimp (operator J. Doe) at" in said
+        missing = cli(tmp_path, "start", "ch2", str(tmp_path / "no-such.yaml"))
+        assert missing.returncode == 2 and "no such file" in missing.stderr
+        resumed = cli(tmp_path, "resume", str(two), "--operator", "A. Smith")
+        assert resumed.returncode == 0 and f"resumes run {run_id}" in resumed.stdout, resumed.stdout + resumed.stderr
+        wait_until_sourcing(r2)
+        time.sleep(2.0)
+        assert proc.poll() is None and ask(r1, ":OUTP?") == "1"
+        running = cli(tmp_path, "resume", run_id)
+        assert running.returncode == 1 and "nothing to resume" in running.stderr
+        assert cli(tmp_path, "stop", "ch2").returncode == 0
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "Traceback" not in out
+    assert len(list((tmp_path / "runs").glob("*.sqlite"))) == 2  # continued in its own database: no new file
+    events = events_of(two)
+    kinds = [k for k, _ in events]
+    assert kinds.count("start") == 1 and kinds.count("resumed") == 1 and kinds.count("end") == 2
+    assert ("interrupted", "re-crimp (operator J. Doe)") in events
+    assert ("notice", "resumed by command: by an operator (operator A. Smith)") in events
+    with sqlite3.connect(two) as con:
+        times = [t for (t,) in con.execute('SELECT "Test Time / s" FROM samples ORDER BY rowid')]
+    assert all(b > a for a, b in itertools.pairwise(times))  # test time goes on from where it stood

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 # Everything else is imported where it is used: `cellbench --help` and a mistyped option stay fast.
 if TYPE_CHECKING:
@@ -28,8 +29,10 @@ if TYPE_CHECKING:
     from cellbench.profiles.schema import Profile
     from cellbench.simulators.parameters import CellParameters
 
-app = typer.Typer(help="Hardware-in-the-loop test bench for solid-state battery cells.", no_args_is_help=True)
-sim_app = typer.Typer(help="Simulated instruments that speak the real protocols.", no_args_is_help=True)
+app = typer.Typer(help="Hardware-in-the-loop test bench for solid-state battery cells.", no_args_is_help=True,
+                  rich_markup_mode=None)
+sim_app = typer.Typer(help="Simulated instruments that speak the real protocols.", no_args_is_help=True,
+                  rich_markup_mode=None)
 app.add_typer(sim_app, name="sim")
 console = Console()
 err = Console(stderr=True)
@@ -40,7 +43,7 @@ PARENT_CHECK = 0.5  # s between two looks at whether `sim serve --exit-with-pare
 
 def _fail(problems: list[str] | str, code: int = 2) -> typer.Exit:
     for line in [problems] if isinstance(problems, str) else problems:
-        err.print(f"[red]{line}[/red]", highlight=False, soft_wrap=True)
+        err.print(f"[red]{escape(line)}[/red]", highlight=False, soft_wrap=True)
     return typer.Exit(code)
 
 
@@ -100,7 +103,7 @@ def _show_results(results: list[ChannelResult]) -> None:
                 *[f"{r.areal_capacity_mah_cm2 or 0:.3f}"] * per_area,
             )
         console.print(table)
-        state = "[green]completed[/green]" if res.outcome.completed else f"[red]{res.outcome.reason}[/red]"
+        state = "[green]completed[/green]" if res.outcome.completed else f"[red]{escape(res.outcome.reason)}[/red]"
         console.print(
             f"{res.channel}: {state} after {res.outcome.test_time / 3600:.2f} h of test time, "
             f"{res.outcome.steps} steps"
@@ -313,18 +316,27 @@ def resume(
     clear_latch: Annotated[
         bool, typer.Option("--clear-latch", help="resume a run that a safety stop ended or holds, the cell checked")
     ] = False,
+    operator: OperatorOption = None,
 ) -> None:
     """Carry on a paused channel, or a run that was killed or interrupted (in its own database, at the step where
-    it stood)."""
-    from cellbench.bench import runs
+    it stood): inside the running controller that holds its channel, or in a controller of its own."""
+    from cellbench.bench import control, runs
     from cellbench.bench.config import load_bench
     from cellbench.bench.run import resume_run
     from cellbench.profiles.parse import InputError
 
     if (entry := _live_run(target, need=False)) is not None and entry.state == runs.PAUSED:
         if clear_latch:  # a channel its controller holds after a safety stop (on_safety_stop: hold)
-            _command("clear_latch", entry, "by an operator, the cell checked")
-        _command("resume", entry, "by an operator")
+            _command("clear_latch", entry, "by an operator, the cell checked", operator)
+        _command("resume", entry, "by an operator", operator)
+        return
+    if entry is not None:
+        raise _fail(f"run {entry.run_id} is running on channel '{entry.channel}': there is nothing to resume", 1)
+    run_db = _database_of(target)
+    if bench is None and (holder := _holder_of(run_db)) is not None:  # its channel is on a running controller
+        _ask(holder.socket, f"bench '{holder.bench}'", control.Command(
+            action="resume", channel=_recorded(run_db)[1], reason="by an operator", operator=_operator(operator),
+            database=str(run_db.resolve())))
         return
     run_db = Path(target)
     try:
@@ -345,10 +357,13 @@ def start(
     profile: Annotated[Path, typer.Argument(help="the profile YAML file, or the name of a library profile")],
     bench: Annotated[str | None, typer.Option(help="the bench's name, where controllers share a channel name")]
     = None,
+    operator: OperatorOption = None,
 ) -> None:
     """Start a new run on an idle channel of a running controller; its other channels run on."""
-    from cellbench.bench import control
+    from cellbench.bench import control, runs
 
+    if not any(channel in c.channels for c in control.controllers()):  # a run ID names its channel too
+        channel = next((e.channel for e in runs.entries() if e.run_id == channel), channel)
     found = [c for c in control.controllers() if channel in c.channels and (bench is None or c.bench == bench)]
     if not found:
         raise _fail(f"no running controller holds a channel '{channel}' (start one with `cellbench run --bench "
@@ -357,30 +372,36 @@ def start(
         raise _fail(f"channel '{channel}' is on several running benches ({', '.join(c.bench for c in found)}): "
                     "name one with --bench")
     path = _profile_path(profile).resolve()
+    if not path.is_file():
+        raise _fail(f"{profile}: cannot read the profile: no such file")
     _ask(found[0].socket, f"bench '{found[0].bench}'", control.Command(action="start", channel=channel,
-                                                                       profile=str(path)))
+                                                                       profile=str(path),
+                                                                       operator=_operator(operator)))
 
 
+OperatorOption = Annotated[str | None, typer.Option(help="who gives the command (recorded with it; by default "
+                                                           "the login name)")]
 TargetArgument = Annotated[str, typer.Argument(help="the channel's run ID (see `cellbench runs`), its channel name, "
                                                     "or its database")]
 ReasonOption = Annotated[str, typer.Option(help="why (recorded in the run's events)")]
 
 
 @app.command()
-def pause(target: TargetArgument, reason: ReasonOption = "by an operator") -> None:
+def pause(target: TargetArgument, reason: ReasonOption = "by an operator", operator: OperatorOption = None) -> None:
     """Pause one running channel of a controller: its output off and its state saved, the others running on;
     `cellbench resume` carries it on."""
     entry = _live_run(target)
     assert entry is not None
-    _command("pause", entry, reason)
+    _command("pause", entry, reason, operator)
 
 
 @app.command()
-def stop(target: TargetArgument, reason: ReasonOption = "stopped by an operator") -> None:
+def stop(target: TargetArgument, reason: ReasonOption = "stopped by an operator",
+         operator: OperatorOption = None) -> None:
     """Stop one running or paused channel of a controller (output off, recorded interrupted); the others run on."""
     entry = _live_run(target)
     assert entry is not None
-    _command("stop", entry, reason)
+    _command("stop", entry, reason, operator)
 
 
 def _live_run(target: str, *, need: bool = True) -> runs.RunEntry | None:
@@ -398,17 +419,72 @@ def _live_run(target: str, *, need: bool = True) -> runs.RunEntry | None:
         return None
     if found:
         raise _fail(f"'{target}' names {len(found)} live runs ({', '.join(e.run_id for e in found)}): give the run ID")
+    ended = [e for e in runs.entries() if e.run_id == target or e.channel == target or (
+        path.exists() and Path(e.database).exists() and Path(e.database).samefile(path))]
+    if ended:  # newest first: what became of the last run it names
+        last = ended[0]
+        when = f" at {runs.utc(last.ended)}" if last.ended else ""
+        raise _fail(f"{last.channel} is idle: its run {last.run_id} ended: {last.reason or last.state}{when}", 1)
     raise _fail(f"no running or paused run is '{target}' (see `cellbench status`)")
 
 
-def _command(action: str, entry: runs.RunEntry, reason: str) -> None:
+def _operator(given: str | None) -> str:
+    """Who gives a command: --operator, or the login name."""
+    if given:
+        return given
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except (OSError, KeyError):
+        return "unknown"
+
+
+def _command(action: str, entry: runs.RunEntry, reason: str, operator: str | None = None) -> None:
     from cellbench.bench import control
 
     if entry.control is None:
         raise _fail(f"run {entry.run_id}: its controller takes no commands (a dry run, or an older cellbench); "
                     f"stop it with a signal to pid {entry.pid}")
     _ask(entry.control, f"run {entry.run_id}", control.Command(
-        action=action, channel=entry.channel, reason=reason))
+        action=action, channel=entry.channel, reason=reason, operator=_operator(operator)))
+
+
+def _database_of(target: str) -> Path:
+    """The run database a target names: its path, or a run ID of the registry."""
+    from cellbench.bench import runs
+
+    path = Path(target)
+    if path.exists() or path.suffix:
+        return path
+    return next((Path(e.database) for e in runs.entries() if e.run_id == target), path)
+
+
+def _recorded(database: Path) -> tuple[str | None, str]:
+    """The bench name and channel a run database records ((None, "") when it is no readable run)."""
+    import sqlite3
+
+    try:
+        con = sqlite3.connect(f"file:{database.resolve()}?mode=ro", uri=True)
+        try:
+            meta = {k: v for k, v in con.execute("SELECT key, value FROM meta WHERE key IN ('bench', 'channel')")}
+        finally:
+            con.close()
+        bench = json.loads(meta.get("bench", "null"))
+        return (bench.get("name") if isinstance(bench, dict) else None), str(json.loads(meta.get("channel", '""')))
+    except (sqlite3.DatabaseError, ValueError, OSError):
+        return None, ""
+
+
+def _holder_of(database: Path) -> control.Controller | None:
+    """The running controller of this machine that holds the run's channel on its bench, if one does."""
+    from cellbench.bench import control
+
+    if not database.is_file():
+        return None
+    bench, channel = _recorded(database)
+    return next((c for c in control.controllers() if channel and channel in c.channels
+                 and (bench is None or c.bench == bench)), None)
 
 
 def _ask(socket: str, who: str, command: control.Command) -> None:
@@ -510,7 +586,7 @@ def _warn(prof: Profile, text: str, path: Path) -> None:
     from cellbench.profiles.parse import locate
 
     for line in locate(text, path.name, loop_warnings(prof)):
-        err.print(f"[yellow]warning: {line}[/yellow]", highlight=False, soft_wrap=True)
+        err.print(f"[yellow]warning: {escape(line)}[/yellow]", highlight=False, soft_wrap=True)
 
 
 def _add_steps(tree: Tree, steps: list[Any]) -> None:
@@ -555,7 +631,7 @@ def export(
     for kind, path in files.items():
         console.print(f"{kind:>9}: {path}")
     if problem := json.loads(files["metadata"].read_text()).get("unix_time_problem"):
-        err.print(f"[yellow]warning: {problem}[/yellow]", highlight=False, soft_wrap=True)
+        err.print(f"[yellow]warning: {escape(problem)}[/yellow]", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -760,7 +836,8 @@ def _broker_status(url: str, password_file: Path | None, as_json: bool) -> None:
     console.print(table)
 
 
-mqtt_app = typer.Typer(help="The MQTT side of a bench: telemetry and remote commands.", no_args_is_help=True)
+mqtt_app = typer.Typer(help="The MQTT side of a bench: telemetry and remote commands.", no_args_is_help=True,
+                  rich_markup_mode=None)
 app.add_typer(mqtt_app, name="mqtt")
 
 

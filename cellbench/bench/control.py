@@ -36,6 +36,9 @@ class Command(BaseModel):
     channel: str = Field(min_length=1, max_length=200)
     reason: str = Field("by an operator", max_length=500)
     profile: str | None = Field(default=None, max_length=4096, description="start: the profile file's full path")
+    database: str | None = Field(default=None, max_length=4096,
+                                 description="resume: a run of an idle channel to continue, its database's full path")
+    operator: str | None = Field(default=None, max_length=200, description="who asks (recorded with the reason)")
 
 
 class Reply(BaseModel):
@@ -43,7 +46,7 @@ class Reply(BaseModel):
     message: str
 
 
-Handler = Callable[[str, str, str, str | None], tuple[bool, str]]  # (action, channel, reason, profile) -> (done, said)
+Handler = Callable[[Command], tuple[bool, str]]  # the command -> (done, what to say)
 
 
 class Controller(BaseModel):
@@ -90,8 +93,9 @@ async def serving(handler: Handler, bench: str = "bench", channels: list[str] | 
             except ValidationError as exc:
                 reply = Reply(ok=False, message=f"not a command: {exc.errors()[0]['msg']}")
             else:
-                done, message = handler(cmd.action, cmd.channel, cmd.reason, cmd.profile)
-                log.warning("command %s %s (%s): %s", cmd.action, cmd.channel, cmd.reason, message)
+                done, message = handler(cmd)
+                log.warning("command %s %s (%s, operator %s): %s", cmd.action, cmd.channel, cmd.reason,
+                            cmd.operator or "unnamed", message)
                 reply = Reply(ok=done, message=message)
             writer.write(reply.model_dump_json().encode() + b"\n")
             await writer.drain()

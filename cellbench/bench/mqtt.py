@@ -40,6 +40,7 @@ from typing import Any, ClassVar, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from cellbench.bench.control import Command
 from cellbench.bench.events import Note, NoteKind, RunEvent, SafetyTripped, SampleTaken, StepEnded, StepStarted
 from cellbench.profiles.schema import Strict
 from cellbench.profiles.units import Duration
@@ -146,6 +147,9 @@ class CommandMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
     id: str = Field(min_length=1, max_length=200, description="correlation ID: a repeat is answered, not re-run")
     reason: str = Field("by an MQTT client", max_length=500)
+    operator: str | None = Field(default=None, max_length=200,
+                                 description="who asks, recorded with the reason (as the client says: the broker's "
+                                             "ACL decides who may command at all)")
     reply_to: str | None = Field(default=None, max_length=500, pattern=r"^[^#+]+$")
     name: str | None = Field(default=None, max_length=200,
                              description="set_variable: the cycler variable, 1 to 16 (also as MV_UD1 or VAR1)")
@@ -219,7 +223,7 @@ class Outbox:
 
 
 # --- one channel's link -------------------------------------------------------------------------------------
-CommandFn = Callable[[str, str, str], tuple[bool, str]]  # (action, channel, reason) -> (done, message)
+CommandFn = Callable[[Command], tuple[bool, str]]  # the runner's command handler -> (done, message)
 # (channel, variable number, value, reason) -> (done, message), on the control loop
 VariableFn = Callable[[str, int, float, str], Coroutine[Any, Any, tuple[bool, str]]]
 VARIABLE = re.compile(r"^(?:MV_UD|VAR)?\s*(\d{1,2})$", re.IGNORECASE)
@@ -497,7 +501,9 @@ class ChannelLink:
             return await self._set_variable(cmd)
 
         async def on_control_loop() -> tuple[bool, str]:  # the coordinator is the control loop's
-            return self._command("stop" if name == "abort" else name, self.channel, cmd.reason)
+            return self._command(Command(action="stop" if name == "abort" else name,
+                                         channel=self.channel, reason=cmd.reason,
+                                         operator=cmd.operator or "an MQTT client"))
 
         return await self._on_control(on_control_loop())
 

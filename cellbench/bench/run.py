@@ -138,7 +138,10 @@ class _Coordinator:
         self.stopping: Interrupted | RecordingFailed | None = None
         self.control: Path | None = None  # the socket this controller takes commands on (`bench.control`)
         self.keep_open = False  # stay when every channel has ended, taking new runs (`start`) until stopped
-        self.starter: Callable[[str, str], tuple[bool, str]] | None = None  # starts a run on an idle channel
+        # starts (profile) or continues (database) a run on an idle channel: (channel, profile, database, why)
+        self.starter: Callable[[str, str | None, str | None, str], tuple[bool, str]] | None = None
+        self.channels: list[str] = []  # the bench's channels
+        self.ended: dict[str, tuple[str, str, float]] = {}  # each channel's last run here: (run ID, how, Unix time)
         self.guard: Callable[[Path], None] | None = None  # tells the guardian of a run started later
         self.tasks: list[asyncio.Future[Any]] = []  # every channel's run, started with the bench or later
         self.opened = False  # the instruments are open: a stop ends the runs, not the opening
@@ -207,20 +210,21 @@ class _Coordinator:
             raise
         return list(await asyncio.gather(*self.tasks, return_exceptions=True))
 
-    def command(self, action: str, name: str, reason: str, profile: str | None = None) -> tuple[bool, str]:
-        """Start, pause, resume or stop one channel, or clear its safety latch; returns whether it was done and
-        what to tell the operator."""
+    def command(self, cmd: control.Command) -> tuple[bool, str]:
+        """Start, pause, resume or stop one channel, or clear its safety latch, or continue a run of an idle
+        channel (resume with its database); returns whether it was done and what to tell the operator."""
+        action, name = cmd.action, cmd.channel
+        reason = cmd.reason if cmd.operator is None else f"{cmd.reason} (operator {cmd.operator})"
         engine = next((e for e in self.engines if e.channel.name == name), None)
         waiting = self.held.get(name)
-        if action == "start":
+        if action == "start" or (action == "resume" and cmd.database is not None and waiting is None):
             if engine is not None or waiting is not None:
                 return False, f"channel '{name}' is running a test: stop it first"
-            if self.starter is None or self.stopping is not None or profile is None:
+            if self.starter is None or self.stopping is not None or (cmd.profile or cmd.database) is None:
                 return False, "this controller takes no new runs"
-            return self.starter(name, profile)
+            return self.starter(name, cmd.profile, cmd.database, reason)
         if engine is None and waiting is None:
-            known = ", ".join(sorted({*(e.channel.name for e in self.engines), *self.held})) or "none"
-            return False, f"channel '{name}' is not running on this controller (running or paused: {known})"
+            return False, self.idle(name)
         if action == "clear_latch":
             if name not in self.latched:
                 return False, f"channel '{name}' has no safety latch set"
@@ -247,6 +251,15 @@ class _Coordinator:
         if name in self.latched:
             return True, f"channel '{name}' stops: its run ends in its {self.latched[name][0]}, still latched"
         return True, f"channel '{name}' stops: output off, recorded interrupted"
+
+    def idle(self, name: str) -> str:
+        """What is true of a channel with no live run here: idle, and how and when its last run ended."""
+        if self.channels and name not in self.channels:
+            return f"this controller has no channel '{name}' (it has {', '.join(self.channels)})"
+        if (last := self.ended.get(name)) is not None:
+            run_id, how, when = last
+            return f"channel '{name}' is idle: its run {run_id} ended: {how} at {runs.utc(when)}"
+        return f"channel '{name}' is idle: no run on it since this controller started"
 
     async def set_variable(self, name: str, number: int, value: float, reason: str) -> tuple[bool, str]:
         """Change a variable of the schedule a channel's cycler runs now; whether it was done and what to say."""
@@ -335,10 +348,15 @@ async def run_bench(
                             pf.base_dir, coordinator, instruments.notices_for(name), supervise=supervise,
                             about=About(bench.name, _text(common.get("operator")), bench.notify, on_start))
 
-    def start(instruments: Instruments, coordinator: _Coordinator, name: str, source: str) -> tuple[bool, str]:
-        """A new run on an idle channel of the running bench (the operator's `cellbench start`)."""
+    def start(instruments: Instruments, coordinator: _Coordinator, name: str, source: str | None,
+              database: str | None, why: str) -> tuple[bool, str]:
+        """A new run on an idle channel of the running bench (the operator's `cellbench start`), or one of its
+        runs continued where it stood (`cellbench resume RUN`)."""
         if name not in bench.channels:
             return False, f"the bench has no channel '{name}' (it has {', '.join(bench.channels)})"
+        if database is not None:
+            return go_on(instruments, coordinator, name, Path(database), why)
+        assert source is not None
         where = Path(source)
         try:
             pf = ProfileFile(parse_profile(read_text(where, "profile"), where.name, where.parent),
@@ -346,8 +364,7 @@ async def run_bench(
             if said := profile_problems(bench, name, pf.profile):
                 raise InputError(locate(pf.text, pf.source, said))
         except InputError as exc:
-            return False, "; ".join(exc.problems[:3]) + (f" (and {len(exc.problems) - 3} more)"
-                                                        if len(exc.problems) > 3 else "")
+            return False, _said(exc)
         try:
             path = reserve(runs_dir, run_ids(bench)[name])
         except OSError as exc:  # a full disk, a folder that cannot be written: said to the operator, nothing runs
@@ -357,9 +374,32 @@ async def run_bench(
         coordinator.launch(job(instruments, coordinator, name, pf, path))
         return True, f"channel '{name}' starts '{pf.profile.name}', recording to {path}"
 
+    def go_on(instruments: Instruments, coordinator: _Coordinator, name: str, database: Path,
+              why: str) -> tuple[bool, str]:
+        """Continue a run of this bench's idle channel in its own database, where it stood."""
+        try:
+            ready = prepare_resume(database)
+            recorded = ready.meta.get("bench")
+            on = str(recorded.get("name", bench.name)) if isinstance(recorded, dict) else bench.name
+            if on != bench.name or ready.channel != name:
+                raise InputError([f"{database.name} is a run of channel '{ready.channel}' on bench '{on}', not of "
+                                  f"channel '{name}' of bench '{bench.name}'"])
+            if said := profile_problems(bench, name, ready.profile):
+                raise InputError(locate(ready.text, ready.source, said))
+        except InputError as exc:
+            return False, _said(exc)
+        if coordinator.guard is not None:
+            coordinator.guard(database)
+        about = About(bench.name, _text(ready.meta.get("operator")), bench.notify, on_start)
+        coordinator.launch(_run_channel(instruments.channel(name), ready.profile, ready.text, clock, database,
+                                        on_progress, {}, ready.base, coordinator, instruments.notices_for(name),
+                                        resume=ready.state, outage=ready.outage, supervise=supervise, about=about,
+                                        why=why))
+        return True, f"channel '{name}' resumes run {database.stem} where it stood"
+
     def jobs(instruments: Instruments, coordinator: _Coordinator, paths: dict[str, Path]) -> list[Any]:
         coordinator.keep_open = keep_open
-        coordinator.starter = lambda name, source: start(instruments, coordinator, name, source)
+        coordinator.starter = functools.partial(start, instruments, coordinator)
         return [job(instruments, coordinator, name, pf, paths[name]) for name, pf in runs_of.items()
                 if pf is not None]
 
@@ -388,6 +428,7 @@ async def _on_bench(
     """Open the bench's instruments (owning them), start a guardian on a real bench, run every channel's job
     to its end with signals handled, and close everything; the first error of a channel is raised after."""
     coordinator = _Coordinator()
+    coordinator.channels = list(bench.channels)
     coordinator.hold_on_trip = bench.on_safety_stop == "hold" and not clock.virtual
     if handle_signals:
         coordinator.catch_signals()
@@ -448,11 +489,8 @@ async def resume_run(
     Raises InputError when there is nothing to resume: no saved state, a run that ended by reaching the
     end of its profile, or a dry run (its simulated instruments lived and died with its process).
     """
-    meta, state, last_unix = read_for_resume(database, clear_latch=clear_latch)
-    if meta.get("clock") == "virtual":
-        raise InputError([f"{database}: a dry run on the simulated bench cannot be resumed; run it again"])
-    base = Path(str(meta.get("base_dir", ".")))
-    profile = parse_profile(str(meta["profile_text"]), str(meta.get("profile_source", "<profile>")), base)
+    ready = prepare_resume(database, clear_latch=clear_latch)
+    meta = ready.meta
     if bench is None and "bench_as_written" not in meta:
         raise InputError([f"{database}: the run does not record its bench; name it with --bench"])
     try:
@@ -460,22 +498,53 @@ async def resume_run(
     except ValueError as exc:
         raise InputError([f"{database}: the bench it recorded cannot be read ({str(exc).splitlines()[0]}); "
                           "name one with --bench"]) from None
-    name = str(meta["channel"])
+    name = ready.channel
     if name not in whole.channels:
         raise InputError([f"{database}: the bench has no channel '{name}' (it has {', '.join(whole.channels)})"])
     ch = whole.channels[name]
     one = BenchConfig(name=whole.name, instruments={r: whole.instruments[r] for r in ch.instruments},
                       cells={ch.cell: whole.cells[ch.cell]}, channels={name: ch})
-    outage = (last_unix, time.time())
 
     def job(instruments: Instruments, coordinator: _Coordinator, paths: dict[str, Path]) -> list[Any]:
-        return [_run_channel(instruments.channel(name), profile, str(meta["profile_text"]), clock, database,
-                             on_progress, {}, base, coordinator, instruments.notices_for(name),
-                             resume=state, outage=outage,
+        return [_run_channel(instruments.channel(name), ready.profile, ready.text, clock, database,
+                             on_progress, {}, ready.base, coordinator, instruments.notices_for(name),
+                             resume=ready.state, outage=ready.outage,
                              about=About(whole.name, _text(meta.get("operator")), whole.notify, on_start))]
 
     (result,) = await _on_bench(one, clock, lambda: {name: database}, job, handle_signals)
     return result
+
+
+@dataclass(frozen=True)
+class ResumeReady:
+    """A run read back for continuing: its metadata, profile (text, source, folder), state and outage."""
+
+    meta: dict[str, Any]
+    channel: str
+    profile: Profile
+    text: str
+    source: str
+    base: Path
+    state: RunState
+    outage: tuple[float, float]  # Unix times: the last thing recorded, and now
+
+
+def prepare_resume(database: Path, *, clear_latch: bool = False) -> ResumeReady:
+    """Everything a resume needs from a run's database; InputError when there is nothing to resume."""
+    meta, state, last_unix = read_for_resume(database, clear_latch=clear_latch)
+    if meta.get("clock") == "virtual":
+        raise InputError([f"{database}: a dry run on the simulated bench cannot be resumed; run it again"])
+    base = Path(str(meta.get("base_dir", ".")))
+    source = str(meta.get("profile_source", "<profile>"))
+    profile = parse_profile(str(meta["profile_text"]), source, base)
+    return ResumeReady(meta, str(meta["channel"]), profile, str(meta["profile_text"]), source, base, state,
+                       (last_unix, time.time()))
+
+
+def _said(exc: InputError) -> str:
+    """An InputError's problems as one reply line (the first three)."""
+    more = len(exc.problems) - 3
+    return "; ".join(exc.problems[:3]) + (f" (and {more} more)" if more > 0 else "")
 
 
 def _latch_cleared(events: EventBus, tripped: Outcome, on_state: Callable[[str], None], why: str) -> None:
@@ -538,8 +607,11 @@ async def _run_channel(
     outage: tuple[float, float] | None = None,
     supervise: bool | None = None,
     about: About | None = None,
+    why: str | None = None,
 ) -> ChannelResult:
     about = about or About()
+    if why is not None:  # continued by an operator's command: who and why, in the run's events
+        notices = [*(notices or []), f"resumed by command: {why}"]
     if about.on_start is not None:
         about.on_start(channel.name, path)
     entry = runs.begin(path, channel=channel.name, cell_id=channel.cell_id or channel.name, bench=about.bench,
@@ -565,6 +637,8 @@ async def _run_channel(
             raise
         outcome = result.outcome
         log.info("%s: %s after %.1f s of test time", channel.name, outcome.reason, outcome.test_time)
+        if coordinator is not None:
+            coordinator.ended[channel.name] = (path.stem, outcome.reason, time.time())
         if clock.virtual:
             runs.end(entry, outcome.status.value, outcome.reason)
         else:  # a file written and renamed: off the control loop, where other channels are sampling
@@ -711,6 +785,9 @@ async def _channel_run(
                 coordinator.latched[channel.name] = (outcome.reason, functools.partial(
                     _latch_cleared, events, outcome, functools.partial(on_state, RunStatus.PAUSED.value)))
             action, why = await coordinator.hold(channel.name)
+            # every stop and resume of a held channel is an event with its reason (and who asked)
+            events.publish(Note(NoteKind.INTERRUPTED if action == "stop" else NoteKind.NOTICE,
+                                why if action == "stop" else f"resume asked: {why}", outcome.test_time, time.time()))
             if coordinator.latched.pop(channel.name, None) is not None:  # stopped, the latch still set: it stands
                 stopped(outcome.status.value)
                 break
