@@ -143,3 +143,14 @@ def two_smus() -> Iterator[tuple[str, str]]:
     for p, _ in servers:
         p.terminate()
         p.wait(timeout=10)
+
+
+@pytest.fixture
+def served() -> Iterator[str]:
+    """A simulated 2450 served in a process of its own: its resource."""
+    from tests.test_cli import serve
+
+    proc, resource = serve("keithley2450", "--port", "0", "--soc", "0.3")
+    yield resource
+    proc.terminate()
+    proc.wait(timeout=10)

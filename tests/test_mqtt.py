@@ -423,7 +423,7 @@ async def test_a_bench_that_holds_on_a_safety_stop_waits_latched_until_an_operat
 
     bench, profile = bench_file(tmp_path, smu, broker)
     told = tmp_path / "told.jsonl"
-    bench.write_text(bench.read_text() + f"on_safety_stop: hold\nnotify: [sh, -c, 'cat >> {told}; echo >> {told}']\n")
+    bench.write_text(bench.read_text() + f"on_safety_stop: hold\nnotify: [sh, -c, 'cat >> {told}']\n")
     profile.write_text(TRIP)
     proc = start_run(tmp_path, bench, profile)
 

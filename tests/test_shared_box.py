@@ -8,6 +8,7 @@ the run computes.
 from __future__ import annotations
 
 import itertools
+import json
 import signal
 import sqlite3
 import subprocess
@@ -15,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from tests.test_unattended import PROFILE, ask, cli, pair_bench, run_env, wait_until_sourcing
+from tests.test_unattended import PROFILE, ask, cli, files, pair_bench, run_env, start_run, wait_until_sourcing
 
 SLACK = 1.5  # s: a sample's stamp against the wall clock read around it (sample period 1 s, loaded machine)
 
@@ -164,3 +165,34 @@ def test_one_stopped_channel_is_resumed_inside_the_running_controller_and_messag
     with sqlite3.connect(two) as con:
         times = [t for (t,) in con.execute('SELECT "Test Time / s" FROM samples ORDER BY rowid')]
     assert all(b > a for a, b in itertools.pairwise(times))  # test time goes on from where it stood
+
+
+def test_the_guardian_tells_the_lab_of_a_hard_death_through_the_benchs_notify_command(
+        tmp_path: Path, served: str) -> None:
+    """kill -9 the controller: the guardian turns the output off, records it, and runs the bench's notify command
+    with the run's state `interrupted` and why, one JSON record a line, so nobody learns of it only by looking."""
+    told = tmp_path / "told.jsonl"
+    bench, profile = files(tmp_path, served, more=f"notify: [sh, -c, 'cat >> {told}']\n")
+    proc = start_run(tmp_path, bench, profile)
+    try:
+        wait_until_sourcing(served)
+        time.sleep(1.5)
+        proc.kill()
+        proc.wait(timeout=10)
+        deadline = time.monotonic() + 30
+        while not (told.exists() and told.read_text().endswith("\n")) and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    lines = told.read_text().split("\n")
+    assert lines[-1] == "" and len(lines) == 2, lines  # one record, ending in a newline
+    record = json.loads(lines[0])
+    db = next((tmp_path / "runs").glob("*.sqlite"))
+    assert record["state"] == "interrupted" and record["run_id"] == db.stem and record["channel"] == "ch1"
+    assert "the controller died" in record["reason"] and "output turned off by the guardian" in record["reason"]
+    assert ask(served, ":OUTP?") == "0"
+    with sqlite3.connect(db) as con:
+        (last_test_time,) = con.execute('SELECT max("Test Time / s") FROM samples').fetchone()
+        (stamped,) = con.execute("SELECT test_time FROM events WHERE kind = 'guardian'").fetchone()
+    assert stamped == last_test_time  # the dead time is no test time

@@ -16,7 +16,6 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -43,14 +42,6 @@ def ask(resource: str, command: str) -> str:
                 break
             data += chunk
     return data.decode().strip()
-
-
-@pytest.fixture
-def served() -> Iterator[str]:
-    proc, resource = serve("keithley2450", "--port", "0", "--soc", "0.3")
-    yield resource
-    proc.terminate()
-    proc.wait(timeout=10)
 
 
 def files(tmp_path: Path, resource: str, more: str = "", profile_text: str = PROFILE) -> tuple[Path, Path]:

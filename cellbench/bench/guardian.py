@@ -34,17 +34,20 @@ from cellbench.drivers.registry import OpenRequest, driver
 log = logging.getLogger("cellbench.guardian")
 
 ACT_WITHIN = 10.0  # s: how long the guardian keeps trying to reach an instrument after the controller died
+NOTIFY_TIMEOUT = 30.0  # s a notify command may take before it is killed (as the controller's)
 
 
-def spawn(cyclers: list[tuple[str, OpenRequest]], databases: list[Path]) -> subprocess.Popen[str]:
-    """Start a guardian for these cyclers (driver name, how to open it) and run databases."""
+def spawn(cyclers: list[tuple[str, OpenRequest]], databases: list[Path],
+          notify: list[str] | None = None) -> subprocess.Popen[str]:
+    """Start a guardian for these cyclers (driver name, how to open it) and run databases; after a hard death it
+    runs the bench's `notify` command for each run, as the controller would have at the run's end."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "cellbench.bench.guardian"],
         stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=None, text=True, start_new_session=True,
     )
     assert proc.stdin is not None
     spec = {"cyclers": [{"driver": d, **asdict(r)} for d, r in cyclers], "databases": [str(p) for p in databases],
-            "parent": os.getpid()}
+            "parent": os.getpid(), "notify": notify}
     proc.stdin.write(json.dumps(spec) + "\n")
     proc.stdin.flush()
     return proc
@@ -117,19 +120,48 @@ async def _off(driver_name: str, request: OpenRequest, parent: int) -> str:
     return f"{request.name}: the guardian could not turn the output off: {last}"
 
 
-def record(databases: list[str], lines: list[str]) -> None:
+def record(databases: list[str], lines: list[str]) -> list[dict[str, Any]]:
+    """The guardian's lines as events of every run; each run's notify payload (state `interrupted`)."""
     now = time.time()
+    told = []
     for db in databases:
         try:
             con = sqlite3.connect(db, timeout=5)
             with con:
-                start = con.execute("SELECT min(unix_time), min(test_time) FROM events").fetchone()
-                test_time = (start[1] or 0.0) + (now - start[0]) if start and start[0] is not None else None
+                # stamped at the run's last test time: the time the controller was dead is no test time
+                (test_time,) = con.execute(
+                    'SELECT max(t) FROM (SELECT max("Test Time / s") AS t FROM samples '
+                    "UNION ALL SELECT max(test_time) FROM events)").fetchone()
                 con.executemany("INSERT INTO events VALUES (?, ?, ?, ?)",
                                 [(test_time, now, "guardian", f"the controller died; {line}") for line in lines])
+                meta = {k: v for k, v in con.execute("SELECT key, value FROM meta WHERE key IN "
+                                                     "('run_id', 'channel', 'cell_id', 'profile_name')")}
             con.close()
         except sqlite3.Error as exc:
             log.error("%s: %s", db, exc)
+            meta = {}
+        about = {}
+        for key, value in meta.items():
+            with contextlib.suppress(ValueError):
+                about[key] = json.loads(value)
+        told.append({**about, "database": db, "state": "interrupted",
+                     "reason": "the controller died (" + "; ".join(lines) + ")", "ended": now})
+    return told
+
+
+def notify_all(command: list[str] | None, payloads: list[dict[str, Any]]) -> None:
+    """Run the bench's notify command once per run, its payload as JSON on standard input (a failure logged)."""
+    for payload in payloads if command else []:
+        assert command is not None
+        try:
+            done = subprocess.run(command, input=json.dumps(payload) + "\n", text=True, capture_output=True,
+                                  timeout=NOTIFY_TIMEOUT, check=False)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            log.error("the notify command %s failed: %s", command[0], exc)
+            continue
+        if done.returncode:
+            log.error("the notify command %s failed (exit %s): %s", command[0], done.returncode,
+                      done.stderr.strip()[-300:])
 
 
 def watch(stdin: TextIO) -> int:
@@ -142,7 +174,7 @@ def watch(stdin: TextIO) -> int:
     lines = asyncio.run(make_safe(spec))
     for line in lines:
         log.warning("%s", line)
-    record(spec["databases"], lines)
+    notify_all(spec.get("notify"), record(spec["databases"], lines))
     return 1
 
 

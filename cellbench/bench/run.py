@@ -447,7 +447,7 @@ async def _on_bench(
             where = paths()
             # on a real bench a guardian process turns the outputs off if this process dies a hard death
             watchdog = None if clock.virtual else await asyncio.to_thread(
-                guardian.spawn, instruments.cyclers(), list(where.values()))
+                guardian.spawn, instruments.cyclers(), list(where.values()), bench.notify)
             if watchdog is not None:
                 coordinator.guard = functools.partial(guardian.watch_also, watchdog)
             coordinator.opened = True
@@ -501,9 +501,7 @@ async def resume_run(
     name = ready.channel
     if name not in whole.channels:
         raise InputError([f"{database}: the bench has no channel '{name}' (it has {', '.join(whole.channels)})"])
-    ch = whole.channels[name]
-    one = BenchConfig(name=whole.name, instruments={r: whole.instruments[r] for r in ch.instruments},
-                      cells={ch.cell: whole.cells[ch.cell]}, channels={name: ch})
+    one = whole.only(name)  # with its notify command, broker and safety-stop rule
 
     def job(instruments: Instruments, coordinator: _Coordinator, paths: dict[str, Path]) -> list[Any]:
         return [_run_channel(instruments.channel(name), ready.profile, ready.text, clock, database,
@@ -676,7 +674,7 @@ async def notify(command: list[str], payload: dict[str, Any]) -> None:
         log.error("the notify command %s could not start: %s", command[0], exc)
         return
     try:
-        _, stderr = await asyncio.wait_for(proc.communicate(json.dumps(payload).encode()), NOTIFY_TIMEOUT)
+        _, stderr = await asyncio.wait_for(proc.communicate(json.dumps(payload).encode() + b"\n"), NOTIFY_TIMEOUT)
     except TimeoutError:
         proc.kill()
         await proc.wait()
