@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 import signal
 import sqlite3
 import subprocess
@@ -107,6 +108,8 @@ def test_unix_time_is_the_wall_clocks_across_pause_resume_start_and_resume_after
     assert all(b > a for a, b in itertools.pairwise(samples))
     outage = [t for k, t in events if k == "outage"]
     assert outage and outage[-1] >= killed_at - SLACK
+    said = [m for k, m in events_of(one) if k == "outage"]  # as times a person reads, not Unix seconds
+    assert re.fullmatch(r"no control from 20\d\d-\d\d-\d\dT\d\d:\d\d:\d\dZ to 20\S+Z \(.+\)", said[-1]), said
 
 
 def events_of(db: Path) -> list[tuple[str, str]]:
@@ -156,12 +159,19 @@ def test_one_stopped_channel_is_resumed_inside_the_running_controller_and_messag
         if proc.poll() is None:
             proc.kill()
     assert "Traceback" not in out
+    summary = " ".join(out[out.index("how every channel ended:"):].split())
+    assert f"ch1: run {database_of(tmp_path, 'ch1').stem}: interrupted: SIGTERM received" in summary, summary
+    assert f"ch2: run {run_id}: interrupted: re-crimp (operator J. Doe); run {run_id}: interrupted: stopped by an " \
+           "operator" in summary, summary
     assert len(list((tmp_path / "runs").glob("*.sqlite"))) == 2  # continued in its own database: no new file
     events = events_of(two)
     kinds = [k for k, _ in events]
     assert kinds.count("start") == 1 and kinds.count("resumed") == 1 and kinds.count("end") == 2
     assert ("interrupted", "re-crimp (operator J. Doe)") in events
     assert ("notice", "resumed by command: by an operator (operator A. Smith)") in events
+    # each run's log holds what concerns it: the command to ch2 is in ch2's log only
+    assert "re-crimp" in two.with_suffix(".log").read_text()
+    assert "re-crimp" not in database_of(tmp_path, "ch1").with_suffix(".log").read_text()
     with sqlite3.connect(two) as con:
         times = [t for (t,) in con.execute('SELECT "Test Time / s" FROM samples ORDER BY rowid')]
     assert all(b > a for a, b in itertools.pairwise(times))  # test time goes on from where it stood

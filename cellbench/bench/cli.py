@@ -111,6 +111,15 @@ def _show_results(results: list[ChannelResult]) -> None:
         console.print(f"run database: [bold]{res.database}[/bold]")
 
 
+def _summary(channels: list[str], results: list[ChannelResult]) -> None:
+    """How every channel of a controller ended, idle ones too: a line each, its runs in the order they ended."""
+    console.print("how every channel ended:", highlight=False)
+    for name in channels:
+        mine = [r for r in results if r.channel == name]
+        said = "; ".join(f"run {r.database.stem}: {r.outcome.reason}" for r in mine) or "idle: no run"
+        console.print(f"  {name}: {escape(said)}", highlight=False, soft_wrap=True)
+
+
 def _preset(cell: str) -> CellParameters:
     """A simulated cell preset by name (the simulators are imported only for simulated work)."""
     from cellbench.simulators.parameters import PRESETS
@@ -262,7 +271,7 @@ def run(
         cfg, shared.profile if shared else None, shared.text if shared else "", clock, runs_dir=runs_dir,
         on_progress=_reporter(progress), profile_source=shared.source if shared else "<profile>",
         base_dir=shared.base_dir if shared else Path("."), extra_metadata=identity, on_start=_announce,
-        channel_profiles=own, keep_open=stay))
+        channel_profiles=own, keep_open=stay), list(cfg.channels) if stay else None)
 
 
 def _profiles(path: Path | None, cfg: BenchConfig, *, idle_ok: bool = False
@@ -284,8 +293,10 @@ def _profiles(path: Path | None, cfg: BenchConfig, *, idle_ok: bool = False
     return shared, own
 
 
-def _on_real_bench(work: Callable[[RealClock, Progress], Coroutine[Any, Any, list[ChannelResult]]]) -> None:
-    """Run on the real clock with a progress display; show the results and exit as they say."""
+def _on_real_bench(work: Callable[[RealClock, Progress], Coroutine[Any, Any, list[ChannelResult]]],
+                   channels: list[str] | None = None) -> None:
+    """Run on the real clock with a progress display; show the results (and, given the bench's `channels`, how
+    every one of them ended) and exit as they say."""
     import asyncio
 
     from cellbench.bench.clock import RealClock
@@ -304,6 +315,8 @@ def _on_real_bench(work: Callable[[RealClock, Progress], Coroutine[Any, Any, lis
     except (KeyboardInterrupt, asyncio.CancelledError):
         raise _fail("interrupted while opening the instruments: no output had been turned on", 130) from None
     _show_results(results)
+    if channels is not None:
+        _summary(channels, results)
     if code := exit_code(results):
         raise typer.Exit(code)
 

@@ -95,7 +95,7 @@ async def serving(handler: Handler, bench: str = "bench", channels: list[str] | 
             else:
                 done, message = handler(cmd)
                 log.warning("command %s %s (%s, operator %s): %s", cmd.action, cmd.channel, cmd.reason,
-                            cmd.operator or "unnamed", message)
+                            cmd.operator or "unnamed", message, extra={"channel": cmd.channel})
                 reply = Reply(ok=done, message=message)
             writer.write(reply.model_dump_json().encode() + b"\n")
             await writer.drain()

@@ -48,6 +48,7 @@ from cellbench.bench.roles import (
     ProtocolError,
     Reading,
 )
+from cellbench.bench.runs import utc
 from cellbench.bench.runstate import Ending, EndKind, RunState, RunStatus, Setpoint, StepProgress, Totals
 from cellbench.bench.track import ProfileFailed, Track, out_of_tolerance
 from cellbench.bench.walker import Walker, dotted
@@ -219,7 +220,7 @@ class Engine:
         where = f"step {saved.step_count}, cycle {saved.cycle}, test time {human_duration(saved.accounted_until)}"
         if outage is not None:
             began, ended = outage
-            self._note(NoteKind.OUTAGE, f"no control from Unix time {began:.3f} to {ended:.3f} "
+            self._note(NoteKind.OUTAGE, f"no control from {utc(began)} to {utc(ended)} "
                                         f"({human_duration(ended - began)})")
         self._note(NoteKind.RESUMED, f"resumed at {where}")
 

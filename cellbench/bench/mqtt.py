@@ -490,7 +490,8 @@ class ChannelLink:
         self._answers[cmd.id] = reply
         while len(self._answers) > ANSWERS_KEPT:
             self._answers.popitem(last=False)
-        log.info("%s: MQTT command %s (%s): %s", self.channel, name, cmd.id, reply.message)
+        log.info("%s: MQTT command %s (%s, operator %s): %s", self.channel, name, cmd.id,
+                 cmd.operator or "unnamed", reply.message, extra={"channel": self.channel})
         return reply, to
 
     async def _execute(self, name: str, cmd: CommandMessage) -> dict[str, Any]:

@@ -624,7 +624,7 @@ async def _run_channel(
             told.append(asyncio.ensure_future(notify(about.notify, {**entry.model_dump(), "state": state,
                                                                      "reason": reason, "latched": time.time()})))
 
-    with RunLog(path.with_suffix(".log"), path.stem) as run_log:
+    with RunLog(path.with_suffix(".log"), path.stem, channel.name) as run_log:
         log.info("%s %s on channel %s (cell %s), recording to %s", "resuming" if resume else "starting",
                  profile.name, channel.name, entry.cell_id, path)
         try:

@@ -1,9 +1,10 @@
 """A log file per run beside its database: what happened, in plain lines with UTC timestamps and the run ID.
 
 The run's own records (steps, notes, faults, safety trips, from the event stream) and every `cellbench`
-logger record emitted while that run's task is current go to its file; records of no run in particular
-(a shared instrument, the guardian) go to every running run's file. A log that cannot be written (a full
-disk) is dropped quietly: the database is the record and has its own failure handling.
+logger record emitted while that run's task is current go to its file, and so do records that name its channel
+(`extra={"channel": ...}`: an operator's command, taken outside any run's task); records of no run or channel
+in particular (a shared instrument, a stop of every channel) go to every running run's file. A log that cannot
+be written (a full disk) is dropped quietly: the database is the record and has its own failure handling.
 """
 
 from __future__ import annotations
@@ -35,8 +36,8 @@ class _QuietFileHandler(logging.FileHandler):
 class RunLog:
     """Attach the run's log file for as long as the run lasts (a context manager); `on_event` subscribes."""
 
-    def __init__(self, path: Path, run_id: str) -> None:
-        self.path, self.run_id = path, run_id
+    def __init__(self, path: Path, run_id: str, channel: str | None = None) -> None:
+        self.path, self.run_id, self.channel = path, run_id, channel
         self.logger = logging.getLogger(f"{LOGGER}.run")
         self._handler: logging.Handler | None = None
         self._token: contextvars.Token[str | None] | None = None
@@ -60,7 +61,10 @@ class RunLog:
 
     def _ours(self, record: logging.LogRecord) -> bool:
         run = current_run.get()
-        return run is None or run == self.run_id
+        if run is not None:
+            return run == self.run_id
+        channel = getattr(record, "channel", None)  # a command to one channel, from outside any run's task
+        return channel is None or channel == self.channel
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         if self._handler is not None:
