@@ -206,3 +206,47 @@ def test_the_guardian_tells_the_lab_of_a_hard_death_through_the_benchs_notify_co
         (last_test_time,) = con.execute('SELECT max("Test Time / s") FROM samples').fetchone()
         (stamped,) = con.execute("SELECT test_time FROM events WHERE kind = 'guardian'").fetchone()
     assert stamped == last_test_time  # the dead time is no test time
+
+
+def test_status_tells_idle_and_ended_channels_why_one_is_paused_its_readings_age_and_the_steps_time_left(
+        tmp_path: Path, two_smus: tuple[str, str]) -> None:
+    r1, _ = two_smus
+    profile = tmp_path / "charge.yaml"
+    profile.write_text(PROFILE)  # one charge step: until 4.2 V or 2 h
+    proc = stay(tmp_path, pair_bench(tmp_path, two_smus, str(profile)))
+    try:
+        wait_until_sourcing(r1)
+        time.sleep(3.0)
+
+        def rows() -> dict[str, dict[str, object]]:
+            done = cli(tmp_path, "status", "--json")
+            assert done.returncode == 0, done.stderr
+            return {row["channel"]: row for row in json.loads(done.stdout)}
+
+        now = rows()
+        ch1, ch2 = now["ch1"], now["ch2"]
+        assert ch1["state"] == "running" and ch2["state"] == "idle"
+        assert ch2["reason"] == "no run since its controller started"
+        assert isinstance(ch1["reading_age_s"], float) and 0.0 <= ch1["reading_age_s"] < 3.0
+        assert isinstance(ch1["test_time"], float) and isinstance(ch1["remaining_s"], float)
+        assert abs(ch1["remaining_s"] + ch1["test_time"] - 7200.0) < 2.0  # the 2 h limit, less the time in step
+        assert "cell_temperature_c" in ch1 and "chamber_temperature_c" in ch1
+        assert cli(tmp_path, "pause", "ch1", "--reason", "checking the crimp", "--operator", "ana").returncode == 0
+        deadline = time.monotonic() + 10
+        while rows()["ch1"]["state"] != "paused" and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert rows()["ch1"]["reason"] == "paused: checking the crimp (operator ana)"
+        assert cli(tmp_path, "stop", "ch1").returncode == 0
+        deadline = time.monotonic() + 10
+        while rows()["ch1"]["state"] != "idle" and time.monotonic() < deadline:
+            time.sleep(0.2)
+        ended = rows()["ch1"]
+        assert re.fullmatch(r"its run ended: interrupted: stopped by an operator \(operator \S+\) at 20\S+Z",
+                            str(ended["reason"])), ended
+        table = cli(tmp_path, "status")  # the table, off a terminal: once
+        assert table.returncode == 0 and "idle" in table.stdout and "step left" in table.stdout, table.stdout
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -756,10 +756,11 @@ def _status_table(lives: list[runs.Live]) -> Table:
 
     from cellbench.bench import runs
 
-    table = Table(title=f"running on this machine at {runs.utc(time.time())}")
-    for col in ("run ID", "cell", "channel", "state", "step", "cycle", "V", "mA", "degC", "MPa", "elapsed",
-                "remaining"):
-        table.add_column(col, justify="right" if col not in ("run ID", "cell", "channel", "state", "step") else "left")
+    table = Table(title=f"channels on this machine at {runs.utc(time.time())}")
+    left = ("run ID", "cell", "channel", "state", "why", "step")
+    for col in (*left, "cycle", "V", "mA", "T1 cell degC", "chamber degC", "MPa", "reading age", "elapsed",
+                "step left"):
+        table.add_column(col, justify="left" if col in left else "right", overflow="fold")
 
     def num(value: float | None, fmt: str, scale: float = 1.0) -> str:
         return "-" if value is None else format(value * scale, fmt)
@@ -767,10 +768,37 @@ def _status_table(lives: list[runs.Live]) -> Table:
     for lv in lives:
         step = "-" if lv.step_count is None else f"{lv.step_count}/{lv.total_steps or '?'} {lv.step_type}"
         cycle = "-" if lv.cycle is None else str(lv.cycle)
-        table.add_row(lv.entry.run_id, lv.entry.cell_id, lv.entry.channel, lv.entry.state, step, cycle,
-                      num(lv.voltage, ".4f"), num(lv.current, "+.4f", 1e3), num(lv.temperature_c, ".1f"),
-                      num(lv.pressure_mpa, ".2f"), _hms(lv.test_time), _hms(lv.remaining_s))
+        why = lv.entry.reason if lv.entry.state != runs.RUNNING else ""
+        table.add_row(lv.entry.run_id, lv.entry.cell_id, lv.entry.channel, lv.entry.state, escape(why) or "-", step,
+                      cycle, num(lv.voltage, ".4f"), num(lv.current, "+.4f", 1e3), num(lv.cell_temperature_c, ".1f"),
+                      num(lv.chamber_temperature_c, ".1f"), num(lv.pressure_mpa, ".2f"), _hms(lv.reading_age_s),
+                      _hms(lv.test_time), _hms(lv.remaining_s))
     return table
+
+
+def _channels_now() -> list[runs.Live]:
+    """Every live run of this machine, and every idle channel of its running controllers with how and when its
+    last run ended."""
+    from cellbench.bench import control, runs
+
+    every = runs.entries()
+    lives = [runs.live(e) for e in every if e.state in (runs.RUNNING, runs.PAUSED)]
+    busy = {(lv.entry.bench, lv.entry.channel) for lv in lives}
+    for c in control.controllers():
+        for name in c.channels:
+            if (c.bench, name) in busy:
+                continue
+            last = next((e for e in every if e.bench == c.bench and e.channel == name), None)
+            if last is None:
+                idle = runs.RunEntry(run_id="-", channel=name, cell_id="-", bench=c.bench, profile="-", state="idle",
+                                     reason="no run since its controller started", database="", pid=c.pid, host="",
+                                     started=0.0)
+            else:
+                when = f" at {runs.utc(last.ended)}" if last.ended else ""
+                idle = last.model_copy(update={"state": "idle", "reason": f"its run ended: "
+                                                                          f"{last.reason or last.state}{when}"})
+            lives.append(runs.Live(idle))
+    return lives
 
 
 @app.command()
@@ -783,16 +811,13 @@ def status(
     = None,
     password_file: PasswordFileOption = None,
 ) -> None:
-    """The live state of every running or paused channel on this machine (or on an MQTT broker), from any
-    terminal."""
-    from cellbench.bench import runs
-
+    """The live state of every channel on this machine (or on an MQTT broker), from any terminal: running,
+    paused or latched and why, idle and how its last run ended; how old each reading is, the cell's (T1) and the
+    chamber's temperature, and at most how long the step has left by its time and capacity limits."""
     if broker is not None:
         _broker_status(broker, password_file, as_json)
         return
-    def now() -> list[runs.Live]:
-        return [runs.live(e) for e in runs.entries() if e.state in (runs.RUNNING, runs.PAUSED)]
-
+    now = _channels_now
     if as_json:
         print(json.dumps([lv.as_dict() for lv in now()], indent=1, default=str))
         return

@@ -133,17 +133,20 @@ class Live:
     cycle: int | None = None
     voltage: float | None = None
     current: float | None = None
-    temperature_c: float | None = None
+    temperature_c: float | None = None  # the cell's (T1) where it has one, else the chamber air's
     pressure_mpa: float | None = None
     test_time: float | None = None
-    remaining_s: float | None = None
+    remaining_s: float | None = None  # at most this long left in the step, from its time and capacity limits
+    cell_temperature_c: float | None = None  # T1: the press platen's thermocouple at the cell
+    chamber_temperature_c: float | None = None  # the chamber's air
+    reading_age_s: float | None = None  # how long ago its newest reading was taken (wall clock)
 
     def as_dict(self) -> dict[str, object]:
         out = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "entry"}
         return {**self.entry.model_dump(), **out}
 
 
-def live(entry: RunEntry) -> Live:
+def live(entry: RunEntry, now: float | None = None) -> Live:
     """Read the run's latest sample from its database (read-only, beside its writer)."""
     try:
         con = sqlite3.connect(f"file:{Path(entry.database).resolve()}?mode=ro", uri=True, timeout=1.0)
@@ -153,20 +156,56 @@ def live(entry: RunEntry) -> Live:
         row = con.execute(
             'SELECT "Step Count / 1", "Step Type", "Cycle Count / 1", "Voltage / V", "Current / A", '
             '"Surface Temperature T1 / degC", "Ambient Temperature / degC", "Applied Pressure / Pa", '
-            '"Test Time / s" FROM samples ORDER BY rowid DESC LIMIT 1').fetchone()
-        meta = dict(con.execute("SELECT key, value FROM meta WHERE key IN ('total_steps', 'estimate_s')"))
+            '"Test Time / s", "Unix Time / s" FROM samples ORDER BY rowid DESC LIMIT 1').fetchone()
+        meta = dict(con.execute("SELECT key, value FROM meta WHERE key IN ('total_steps', 'profile_text', "
+                                "'profile_source', 'base_dir')"))
+        saved = con.execute("SELECT state FROM run_state WHERE id = 1").fetchone()
     except sqlite3.Error:
         return Live(entry)
     finally:
         con.close()
     total = _json_number(meta.get("total_steps"))
-    estimate = _json_number(meta.get("estimate_s"))
     if row is None:
         return Live(entry, total_steps=None if total is None else int(total))
-    step, kind, cycle, v, i, t1, ambient, pa, t = row
-    remaining = max(estimate - t, 0.0) if estimate is not None and t is not None else None
+    step, kind, cycle, v, i, t1, ambient, pa, t, unix = row
+    remaining = None if saved is None or t is None else step_remaining(meta, saved[0], t, i)
+    age = None if unix is None else max((time.time() if now is None else now) - unix, 0.0)
     return Live(entry, step, None if total is None else int(total), kind, cycle, v, i,
-                t1 if t1 is not None else ambient, None if pa is None else pa / 1e6, t, remaining)
+                t1 if t1 is not None else ambient, None if pa is None else pa / 1e6, t, remaining, t1, ambient, age)
+
+
+def step_remaining(meta: dict[str, str], state_json: str, test_time: float, current: float | None) -> float | None:
+    """The most the running step has left (s), from its limits a clock can judge: its time limit or a rest's
+    duration, a step capacity at the present current, and the profile's or a loop's time budget. None when only
+    a voltage, current or other reading can end it (or the profile cannot be read back)."""
+    from cellbench.bench.runstate import RunState
+    from cellbench.profiles.parse import InputError, parse_profile
+    from cellbench.profiles.program import compile_profile
+    from cellbench.profiles.schema import body_of
+
+    try:
+        state = RunState.model_validate_json(state_json)
+        profile = parse_profile(json.loads(meta["profile_text"]), str(json.loads(meta.get("profile_source", '""'))),
+                                Path(str(json.loads(meta.get("base_dir", '"."')))))
+        program = compile_profile(profile)
+    except (InputError, ValueError, KeyError, TypeError):
+        return None
+    if state.step is None or not 0 <= state.step.pc < len(program.instrs):
+        return None
+    elapsed = test_time - state.step.start
+    body = body_of(program.instrs[state.step.pc].node)
+    bounds = [b.deadline - test_time for b in state.budgets]
+    if (duration := getattr(body, "duration", None)) is not None:
+        bounds.append(float(duration) - elapsed)
+    for limit in getattr(body, "until", []):
+        if limit.kind == "time":
+            bounds.append(limit.value - elapsed)
+        elif limit.kind == "step_capacity" and current:
+            totals = state.step.totals
+            done = (totals.charge_ah if current > 0 else totals.discharge_ah) + abs(current) * max(
+                test_time - state.test_time, 0.0) / 3600.0
+            bounds.append((limit.value - done) / abs(current) * 3600.0)
+    return max(min(bounds), 0.0) if bounds else None
 
 
 def _json_number(text: str | None) -> float | None:
