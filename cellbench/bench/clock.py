@@ -22,6 +22,11 @@ NOOP_CYCLES = 2
 VIRTUAL_RESOLUTION = 1e-6  # s: a timer this close to now is due
 
 
+def utc(unix: float) -> str:
+    """A Unix time as a person reads it: ISO 8601 in UTC, to the second."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(unix))
+
+
 class Clock:
     """Monotonic control time plus the Unix time it corresponds to."""
 

@@ -17,28 +17,14 @@ import logging
 import os
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ValidationError
 
+from cellbench.bench.commands import Command
 from cellbench.bench.runs import state_dir
 
 log = logging.getLogger(__name__)
 MAX_LINE = 4096  # bytes: a command is a few dozen
-
-
-class Command(BaseModel):
-    """One command to one channel of a running controller."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    action: Literal["start", "pause", "resume", "stop", "clear_latch"]
-    channel: str = Field(min_length=1, max_length=200)
-    reason: str = Field("by an operator", max_length=500)
-    profile: str | None = Field(default=None, max_length=4096, description="start: the profile file's full path")
-    database: str | None = Field(default=None, max_length=4096,
-                                 description="resume: a run of an idle channel to continue, its database's full path")
-    operator: str | None = Field(default=None, max_length=200, description="who asks (recorded with the reason)")
 
 
 class Reply(BaseModel):

@@ -23,7 +23,7 @@ from typing import Any
 
 from cellbench.bench import policy
 from cellbench.bench.channel import Channel
-from cellbench.bench.clock import Clock
+from cellbench.bench.clock import Clock, utc
 from cellbench.bench.events import (
     EventBus,
     Note,
@@ -48,7 +48,6 @@ from cellbench.bench.roles import (
     ProtocolError,
     Reading,
 )
-from cellbench.bench.runs import utc
 from cellbench.bench.runstate import Ending, EndKind, RunState, RunStatus, Setpoint, StepProgress, Totals
 from cellbench.bench.track import ProfileFailed, Track, out_of_tolerance
 from cellbench.bench.walker import Walker, dotted

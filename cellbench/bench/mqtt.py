@@ -40,7 +40,7 @@ from typing import Any, ClassVar, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from cellbench.bench.control import Command
+from cellbench.bench.commands import Command
 from cellbench.bench.events import Note, NoteKind, RunEvent, SafetyTripped, SampleTaken, StepEnded, StepStarted
 from cellbench.profiles.schema import Strict
 from cellbench.profiles.units import Duration

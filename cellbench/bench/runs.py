@@ -23,6 +23,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ValidationError
 
+from cellbench.bench.clock import utc  # noqa: F401  (runs.utc, as the faces read it)
 from cellbench.bench.locks import alive
 
 log = logging.getLogger(__name__)
@@ -36,10 +37,6 @@ def state_dir() -> Path:
         return Path(env)
     base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
     return Path(base) / "cellbench"
-
-
-def utc(unix: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(unix))
 
 
 class RunEntry(BaseModel):
