@@ -250,3 +250,37 @@ def test_status_tells_idle_and_ended_channels_why_one_is_paused_its_readings_age
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_a_dense_charge_is_refused_at_start_and_runs_only_when_allowed_which_the_run_records(
+        tmp_path: Path, two_smus: tuple[str, str]) -> None:
+    _, r2 = two_smus
+    bench = pair_bench(tmp_path, two_smus)
+    bench.write_text(bench.read_text().replace("A-2: {capacity: 3.5 mAh,", "A-2: {area: 1 cm^2, capacity: 3.5 mAh,"))
+    dense = tmp_path / "dense.yaml"
+    dense.write_text("name: dense\nsample_period: 1 s\nsteps:\n  - charge: {current: 3 mA, until: [4.2 V, 1 h]}\n")
+    proc = stay(tmp_path, bench)
+    try:
+        refused = cli(tmp_path, "start", "ch2", str(dense))
+        said = " ".join((refused.stdout + refused.stderr).split())
+        assert refused.returncode == 1 and "charges at 3 mA/cm² on 1 cm², above the 2.5 mA/cm²" in said, said
+        assert ask(r2, ":OUTP?") == "0"
+        allowed = cli(tmp_path, "start", "ch2", str(dense), "--allow-current-density")
+        assert allowed.returncode == 0, allowed.stdout + allowed.stderr
+        wait_until_sourcing(r2)
+        assert cli(tmp_path, "stop", "ch2").returncode == 0
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    db = database_of(tmp_path, "ch2")
+    with sqlite3.connect(db) as con:
+        assert con.execute("SELECT value FROM meta WHERE key = 'current_density_allowed'").fetchone() == ("true",)
+    notices = [m for k, m in events_of(db) if k == "notice"]
+    assert any(m.startswith("allowed by the operator (--allow-current-density): current 3 mA charges at 3 mA/cm²")
+               for m in notices), notices
+    # a run on the bench is refused before anything is touched, with the file and line
+    run = subprocess.run([sys.executable, "-m", "cellbench.bench.cli", "run", str(dense), "--bench", str(bench)],
+                         capture_output=True, text=True, env=run_env(tmp_path), timeout=60)
+    assert run.returncode == 2 and "dense.yaml:4" in run.stderr and ask(r2, ":OUTP?") == "0"

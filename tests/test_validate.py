@@ -181,3 +181,70 @@ def test_a_web_server_on_the_instruments_port_is_named_as_such(tmp_path: Path) -
     assert result.exit_code == 1
     assert "a web server answers at that address, not an instrument" in result.output
     assert "switch the instrument to SCPI" not in result.output
+
+
+def test_a_bench_is_validated_channel_by_channel_with_each_channels_own_profile(tmp_path: Path) -> None:
+    """Channels that name their own profile are checked with it, the others with the one given: an owner's
+    profile is not checked against the other channels (it once gave 110 false errors), and a fault in a
+    channel's own profile is found though the profile given is fine."""
+    own = tmp_path / "own.yaml"
+    own.write_text("name: owner's\nsteps:\n  - charge: {current: 1 mA, until: 4.25 V}\n")
+    (tmp_path / "bench.yaml").write_text(textwrap.dedent(f"""\
+        name: oven
+        instruments:
+          smu1: {{driver: keithley2450, resource: "TCPIP::127.0.0.1::5025::SOCKET"}}
+          smu2: {{driver: keithley2450, resource: "TCPIP::127.0.0.1::5026::SOCKET"}}
+        cells:
+          high: {{capacity: 3.5 mAh, voltage_min: 2.5 V, voltage_max: 4.3 V}}
+          low: {{capacity: 3.5 mAh, voltage_min: 2.5 V, voltage_max: 4.1 V}}
+        channels:
+          ch1: {{cycler: smu1, cell: high, profile: {own}}}
+          ch2: {{cycler: smu2, cell: low}}
+    """))
+    code, out = validate(tmp_path, "name: shared\nsteps:\n  - charge: {current: 1 mA, until: 4.0 V}\n",
+                         "--bench", str(tmp_path / "bench.yaml"))
+    assert code == 0, out
+    assert "ch1: own.yaml (owner's)" in out and "ch2: p.yaml (shared)" in out
+    own.write_text("name: owner's\nsteps:\n  - rest: 1 min\n  - charge: {current: 1 mA, until: 4.35 V}\n")
+    code, out = validate(tmp_path, "name: shared\nsteps:\n  - charge: {current: 1 mA, until: 4.0 V}\n",
+                         "--bench", str(tmp_path / "bench.yaml"))
+    assert code == 2 and "own.yaml:4: steps[1].charge" in out and "(bench 'oven', channel 'ch1')" in out, out
+    assert "p.yaml" not in out  # the profile given is fine for the channel it runs on
+    result = CliRunner().invoke(app, ["validate", "--bench", str(tmp_path / "bench.yaml"), "--no-estimate"],
+                                env={"COLUMNS": "300"})
+    assert result.exit_code == 2 and "own.yaml:4" in result.output  # a bench alone: its channels' own profiles
+
+
+@pytest.mark.parametrize("estimate", ["--estimate", "--no-estimate"])
+def test_charging_denser_than_the_cells_limit_is_refused_unless_allowed(tmp_path: Path, estimate: str) -> None:
+    """10 mA/cm² on a lithium pellet once printed `valid` and exit 0 with a warning after it (none with
+    --no-estimate): it is an error now, by the cell's declared limit or the lithium-metal default, and runs only
+    when the operator says so."""
+    dense = "name: dense\nsteps:\n  - rest: 1 min\n  - charge: {current: 10 mA, until: [4.2 V, 1 min]}\n"
+    (tmp_path / "p.yaml").write_text(dense)
+    result = CliRunner().invoke(app, ["validate", str(tmp_path / "p.yaml"), estimate], env={"COLUMNS": "300"})
+    out = " ".join(result.output.split())
+    assert result.exit_code == 2 and "valid" not in out, out
+    assert ("p.yaml:4: steps[1].charge: current 10 mA charges at 10 mA/cm² on 1 cm², above the 2.5 mA/cm² that "
+            "cell 'simulated pellet' takes (max_charge_current_density)") in out
+    allowed = CliRunner().invoke(app, ["validate", str(tmp_path / "p.yaml"), "--no-estimate",
+                                       "--allow-current-density"])
+    assert allowed.exit_code == 0 and "valid" in allowed.output
+    # a cell's own limit, declared in the bench file, is tighter: 1 mA/cm² on a 0.785 cm² pellet is 0.785 mA
+    (tmp_path / "bench.yaml").write_text(textwrap.dedent("""\
+        name: desk
+        instruments:
+          smu1: {driver: keithley2450, resource: "TCPIP::127.0.0.1::5025::SOCKET"}
+        cells:
+          P-7: {capacity: 3.5 mAh, voltage_min: 2.5 V, voltage_max: 4.3 V, area: 0.785 cm^2,
+                max_charge_current_density: 1 mA/cm^2}
+        channels:
+          ch1: {cycler: smu1, cell: P-7}
+    """))
+    (tmp_path / "p.yaml").write_text("name: fine\nsteps:\n  - charge: {current: 0.7 mA, until: 4.2 V}\n"
+                                     "  - charge: {current: 0.8 mA, until: 4.2 V}\n")
+    result = CliRunner().invoke(app, ["validate", str(tmp_path / "p.yaml"), "--bench", str(tmp_path / "bench.yaml"),
+                                      "--no-estimate"], env={"COLUMNS": "300"})
+    out = " ".join(result.output.split())
+    assert result.exit_code == 2 and "p.yaml:4: steps[1].charge: current 800 µA charges at 1.02 mA/cm²" in out, out
+    assert "p.yaml:3" not in out

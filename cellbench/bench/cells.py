@@ -15,6 +15,8 @@ Area = Annotated[float, BeforeValidator(lambda v: to_si(v, "cm**2", "an area (e.
 Length = Annotated[float, BeforeValidator(lambda v: to_si(v, "mm", "a length (e.g. '10 mm')"))]
 Mass = Annotated[float, BeforeValidator(lambda v: to_si(v, "g", "a mass (e.g. '12.5 mg')"))]
 Loading = Annotated[float, BeforeValidator(lambda v: to_si(v, "mg/cm**2", "an areal loading (e.g. '20 mg/cm^2')"))]
+Density = Annotated[float, BeforeValidator(lambda v: to_si(v, "A/cm**2", "a current density (e.g. '1 mA/cm^2')"))]
+LITHIUM_METAL_CCD = 2.5e-3  # A/cm²: the most any Li | argyrodite cell is reported to cycle stably (80 °C, 5 MPa)
 Label = Annotated[str, Field(min_length=1, max_length=80, pattern=r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")]
 
 class CellConfig(Strict):
@@ -31,6 +33,23 @@ class CellConfig(Strict):
     mass: Mass | None = Field(default=None, gt=0, description="active material mass in g")
     loading: Loading | None = Field(default=None, gt=0, description="active material loading in mg/cm²")
     dimensions: tuple[Length, Length, Length] | None = None
+    max_charge_current_density: Density | None = Field(
+        default=None, gt=0, description="the densest charging current the cell takes (A/cm²); a lithium-metal "
+                                        "cell whose area is written defaults to 2.5 mA/cm², other cells have none")
+
+    @property
+    def lithium_metal(self) -> bool:
+        """Whether the anode is lithium metal (the last part of the chemistry: 'Li', 'Li metal', ...)."""
+        anode = self.chemistry.split("|")[-1].strip().lower()
+        return anode in ("li", "lithium") or anode.startswith(("li metal", "lithium metal", "li foil"))
+
+    @property
+    def charge_density_limit(self) -> float | None:
+        """A/cm²: the cell's own limit, or the lithium-metal default where its area is written (the 1 cm² default
+        area of a cell that names none would make every pouch cell's current look dense)."""
+        if self.max_charge_current_density is not None:
+            return self.max_charge_current_density
+        return LITHIUM_METAL_CCD if self.lithium_metal and "area" in self.model_fields_set else None
 
     @property
     def active_mass_g(self) -> float | None:
@@ -60,6 +79,8 @@ class CellConfig(Strict):
             out["loading"] = f"{self.loading!r} mg/cm**2"
         if self.dimensions is not None:
             out["dimensions"] = [f"{d!r} mm" for d in self.dimensions]
+        if self.max_charge_current_density is not None:
+            out["max_charge_current_density"] = f"{self.max_charge_current_density!r} A/cm**2"
         return out
 
     @model_validator(mode="after")

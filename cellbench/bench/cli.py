@@ -240,6 +240,7 @@ def run(
     stay: Annotated[bool, typer.Option("--stay", help="keep the controller running when its channels end, "
                                                       "taking new runs (`cellbench start`) until stopped; channels "
                                                       "with no profile start idle")] = False,
+    allow_current_density: AllowDensityOption = False,
 ) -> None:
     """Run a profile (or each channel's own, named in the bench file) on every channel of a bench in real
     time, or with --dry-run on a simulated bench."""
@@ -271,7 +272,8 @@ def run(
         cfg, shared.profile if shared else None, shared.text if shared else "", clock, runs_dir=runs_dir,
         on_progress=_reporter(progress), profile_source=shared.source if shared else "<profile>",
         base_dir=shared.base_dir if shared else Path("."), extra_metadata=identity, on_start=_announce,
-        channel_profiles=own, keep_open=stay), list(cfg.channels) if stay else None)
+        channel_profiles=own, keep_open=stay, allow_density=allow_current_density),
+        list(cfg.channels) if stay else None)
 
 
 def _profiles(path: Path | None, cfg: BenchConfig, *, idle_ok: bool = False
@@ -371,6 +373,7 @@ def start(
     bench: Annotated[str | None, typer.Option(help="the bench's name, where controllers share a channel name")]
     = None,
     operator: OperatorOption = None,
+    allow_current_density: AllowDensityOption = False,
 ) -> None:
     """Start a new run on an idle channel of a running controller; its other channels run on."""
     from cellbench.bench import control, runs
@@ -389,9 +392,14 @@ def start(
         raise _fail(f"{profile}: cannot read the profile: no such file")
     _ask(found[0].socket, f"bench '{found[0].bench}'", control.Command(action="start", channel=channel,
                                                                        profile=str(path),
-                                                                       operator=_operator(operator)))
+                                                                       operator=_operator(operator),
+                                                                       allow_density=allow_current_density))
 
 
+AllowDensityOption = Annotated[bool, typer.Option(
+    "--allow-current-density", help="charge a cell denser than its max_charge_current_density (a lithium-metal "
+                                    "cell's defaults to 2.5 mA/cm²), as a critical-current-density test does; "
+                                    "recorded in the run")]
 OperatorOption = Annotated[str | None, typer.Option(help="who gives the command (recorded with it; by default "
                                                            "the login name)")]
 TargetArgument = Annotated[str, typer.Argument(help="the channel's run ID (see `cellbench runs`), its channel name, "
@@ -528,37 +536,71 @@ def _profile_path(profile: Path) -> Path:
 
 @app.command()
 def validate(
-    profile: Annotated[Path, typer.Argument(help="the profile YAML file, or the name of a library profile")],
-    bench: Annotated[Path | None, typer.Option("--bench", help="check it against this bench's cells and "
-                                                               "instruments too")] = None,
+    profile: Annotated[Path | None, typer.Argument(help="the profile YAML file, or the name of a library profile "
+                                                        "(with --bench: for the channels that name none)")] = None,
+    bench: Annotated[Path | None, typer.Option("--bench", help="check against this bench's cells and instruments "
+                                                               "too, each channel with its own profile")] = None,
     estimate: Annotated[bool, typer.Option(help="estimate the duration by a dry run on the simulated cell")] = True,
     cell: CellOption = "pellet",
     temperature: TempOption = 25.0,
+    allow_current_density: AllowDensityOption = False,
 ) -> None:
-    """Check a profile without touching any instrument, show its steps and estimate how long it runs."""
+    """Check a profile without touching any instrument, show its steps and estimate how long it runs; with
+    --bench, every channel of the bench with the profile it would run."""
+    from cellbench.bench.run import channel_range_problems, profile_problems
+    from cellbench.bench.simbench import simulated_config
+    from cellbench.profiles.checks import cell_problems, density_problems
+    from cellbench.profiles.parse import locate
+
+    if profile is None and bench is None:
+        raise _fail("name a profile, or a bench file whose channels name theirs (--bench)")
+    params = _preset(cell)
+    if bench is None:
+        assert profile is not None
+        path = _profile_path(profile)
+        prof, text = _load(path)
+        cfg = simulated_config(params)
+        (name, ch), = cfg.channels.items()
+        c = cfg.cells[ch.cell]
+        found = cell_problems(prof, c.voltage_min, c.voltage_max) + channel_range_problems(cfg, name, prof)
+        if not allow_current_density and (limit := c.charge_density_limit) is not None:
+            found += density_problems(prof, c.capacity, c.area, limit, f"simulated {cell}")
+        if found:
+            raise _fail(locate(text, path.name, [(p, f"{m} (simulated {cell} cell)") for p, m in found]))
+        _show_profile(prof, text, path, params, cell, temperature, estimate)
+        return
+    cfg = _bench(bench)
+    shared, own = _profiles(profile and _profile_path(profile), cfg, idle_ok=True)
+    problems: list[str] = []
+    checked: dict[int, ProfileFile] = {}
+    which = []
+    for name in cfg.channels:
+        pf = own.get(name) or shared
+        if pf is None:
+            which.append(f"{name}: names no profile (idle until `cellbench start`)")
+            continue
+        said = profile_problems(cfg, name, pf.profile, allow_density=allow_current_density, tagged=False)
+        problems += locate(pf.text, pf.source, [(p, f"{m} (bench '{cfg.name}', channel '{name}')") for p, m in said])
+        checked.setdefault(id(pf), pf)
+        which.append(f"{name}: {pf.source} ({pf.profile.name})")
+    if problems:
+        raise _fail(problems)
+    for line in which:  # each channel with the profile it was checked with
+        console.print(escape(line), highlight=False, soft_wrap=True)
+    for pf in checked.values():
+        _show_profile(pf.profile, pf.text, pf.base_dir / pf.source, params, cell, temperature, estimate,
+                      warn=False)  # (warned of as it was loaded)
+
+
+def _show_profile(prof: Profile, text: str, path: Path, params: CellParameters, cell: str, temperature: float,
+                  estimate: bool, *, warn: bool = True) -> None:
+    """A valid profile's step tree, its warnings, and its duration estimated by a dry run."""
     from rich.tree import Tree
 
-    from cellbench.bench.run import channel_problems, channel_range_problems
-    from cellbench.bench.simbench import estimate_duration, simulated_config
-    from cellbench.profiles.checks import cell_problems
-    from cellbench.profiles.parse import locate
+    from cellbench.bench.simbench import estimate_duration
     from cellbench.profiles.units import human_duration
 
-    path = _profile_path(profile)
-    prof, text = _load(path)
-    params = _preset(cell)
-    cfg = _bench(bench) if bench is not None else simulated_config(params)
-    where = f"bench '{cfg.name}'" if bench is not None else f"simulated {cell} cell"
-    problems = []
-    for name, ch in cfg.channels.items():
-        c = cfg.cells[ch.cell]
-        found = cell_problems(prof, c.voltage_min, c.voltage_max)
-        found += channel_problems(cfg, name, prof) if bench is not None else channel_range_problems(cfg, name, prof)
-        problems += [(p, f"{m} ({where}, channel '{name}')" if bench is not None else f"{m} ({where})")
-                     for p, m in found]
-    if problems:
-        raise _fail(locate(text, path.name, problems))
-    tree = Tree(f"[bold]{prof.name}[/bold] (sample every {prof.sample_period:g} s)")
+    tree = Tree(f"[bold]{escape(prof.name)}[/bold] (sample every {prof.sample_period:g} s)")
     if prof.conditions:
         track = tree.add("conditions, alongside the steps")
         for cond in prof.conditions:
@@ -567,7 +609,8 @@ def validate(
     _add_steps(tree, prof.steps)
     console.print(tree)
     console.print(f"[green]valid[/green]: {prof.executed_step_count()} steps when run without jumps")
-    _warn(prof, text, path)
+    if warn:
+        _warn(prof, text, path)
     if estimate:
         # a long profile's dry run takes seconds: on a terminal, say how far it has got (off one, nothing)
         with console.status("estimating the duration by a dry run") as status:

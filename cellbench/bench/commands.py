@@ -20,3 +20,4 @@ class Command(BaseModel):
     database: str | None = Field(default=None, max_length=4096,
                                  description="resume: a run of an idle channel to continue, its database's full path")
     operator: str | None = Field(default=None, max_length=200, description="who asks (recorded with the reason)")
+    allow_density: bool = Field(default=False, description="start: charge denser than the cell's limit (recorded)")

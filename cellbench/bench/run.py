@@ -20,6 +20,7 @@ from typing import Any
 from cellbench.bench import control, guardian, runs
 from cellbench.bench.channel import Channel
 from cellbench.bench.clock import Clock
+from cellbench.bench.commands import Command
 from cellbench.bench.config import BenchConfig
 from cellbench.bench.engine import Engine, Interrupted, Outcome, Paused, Progress, RecordingFailed
 from cellbench.bench.events import EventBus, Note, NoteKind
@@ -33,6 +34,7 @@ from cellbench.drivers.registry import driver
 from cellbench.profiles.checks import (
     Problem,
     cell_problems,
+    density_problems,
     instrument_problems,
     pressure_settings,
     range_problems,
@@ -138,8 +140,8 @@ class _Coordinator:
         self.stopping: Interrupted | RecordingFailed | None = None
         self.control: Path | None = None  # the socket this controller takes commands on (`bench.control`)
         self.keep_open = False  # stay when every channel has ended, taking new runs (`start`) until stopped
-        # starts (profile) or continues (database) a run on an idle channel: (channel, profile, database, why)
-        self.starter: Callable[[str, str | None, str | None, str], tuple[bool, str]] | None = None
+        # starts (a profile) or continues (a database) a run on an idle channel: (the command, why and who)
+        self.starter: Callable[[Command, str], tuple[bool, str]] | None = None
         self.channels: list[str] = []  # the bench's channels
         self.ended: dict[str, tuple[str, str, float]] = {}  # each channel's last run here: (run ID, how, Unix time)
         self.guard: Callable[[Path], None] | None = None  # tells the guardian of a run started later
@@ -210,7 +212,7 @@ class _Coordinator:
             raise
         return list(await asyncio.gather(*self.tasks, return_exceptions=True))
 
-    def command(self, cmd: control.Command) -> tuple[bool, str]:
+    def command(self, cmd: Command) -> tuple[bool, str]:
         """Start, pause, resume or stop one channel, or clear its safety latch, or continue a run of an idle
         channel (resume with its database); returns whether it was done and what to tell the operator."""
         action, name = cmd.action, cmd.channel
@@ -222,7 +224,7 @@ class _Coordinator:
                 return False, f"channel '{name}' is running a test: stop it first"
             if self.starter is None or self.stopping is not None or (cmd.profile or cmd.database) is None:
                 return False, "this controller takes no new runs"
-            return self.starter(name, cmd.profile, cmd.database, reason)
+            return self.starter(cmd, reason)
         if engine is None and waiting is None:
             return False, self.idle(name)
         if action == "clear_latch":
@@ -314,6 +316,7 @@ async def run_bench(
     on_start: Callable[[str, Path], None] | None = None,
     channel_profiles: dict[str, ProfileFile] | None = None,
     keep_open: bool = False,
+    allow_density: bool = False,
 ) -> list[ChannelResult]:
     """Run a profile on every channel of the bench at once (or each channel its own, `channel_profiles`); one
     database per channel. With `keep_open` the controller stays when its runs have ended, until a signal, and
@@ -333,25 +336,30 @@ async def run_bench(
                           "for every channel" for name in missing])
     problems: dict[int, tuple[ProfileFile, list[tuple[tuple[str | int, ...], str]]]] = {}
     for name, pf in runs_of.items():
-        if pf is not None and (said := profile_problems(bench, name, pf.profile)):
+        if pf is not None and (said := profile_problems(bench, name, pf.profile, allow_density=allow_density)):
             problems.setdefault(id(pf), (pf, []))[1].extend(said)
     if problems:
         raise InputError([line for pf, said in problems.values() for line in locate(pf.text, pf.source, said)])
     common = {"operator": bench.operator, "comment": bench.comment, **(extra_metadata or {})}
 
-    def job(instruments: Instruments, coordinator: _Coordinator, name: str, pf: ProfileFile, path: Path) -> Any:
+    def job(instruments: Instruments, coordinator: _Coordinator, name: str, pf: ProfileFile, path: Path,
+            allowed: bool = allow_density) -> Any:
         own = bench.only(name)  # each run records its own slice of the bench, not every channel's
         extra = {"bench": own.model_dump(mode="json"), "bench_as_written": own.as_written(), **common,
                  "profile_source": pf.source, "total_steps": pf.profile.executed_step_count(),
                  "base_dir": str(Path.cwd() / pf.base_dir)}  # base_dir: for a resume
+        notices = instruments.notices_for(name)
+        if allowed and (dense := _density_said(bench, name, pf.profile)):
+            extra["current_density_allowed"] = True
+            notices = [*notices, f"allowed by the operator (--allow-current-density): {dense}"]
         return _run_channel(instruments.channel(name), pf.profile, pf.text, clock, path, on_progress, extra,
-                            pf.base_dir, coordinator, instruments.notices_for(name), supervise=supervise,
+                            pf.base_dir, coordinator, notices, supervise=supervise,
                             about=About(bench.name, _text(common.get("operator")), bench.notify, on_start))
 
-    def start(instruments: Instruments, coordinator: _Coordinator, name: str, source: str | None,
-              database: str | None, why: str) -> tuple[bool, str]:
+    def start(instruments: Instruments, coordinator: _Coordinator, cmd: Command, why: str) -> tuple[bool, str]:
         """A new run on an idle channel of the running bench (the operator's `cellbench start`), or one of its
         runs continued where it stood (`cellbench resume RUN`)."""
+        name, source, database = cmd.channel, cmd.profile, cmd.database
         if name not in bench.channels:
             return False, f"the bench has no channel '{name}' (it has {', '.join(bench.channels)})"
         if database is not None:
@@ -361,7 +369,7 @@ async def run_bench(
         try:
             pf = ProfileFile(parse_profile(read_text(where, "profile"), where.name, where.parent),
                              read_text(where, "profile"), where.name, where.parent)
-            if said := profile_problems(bench, name, pf.profile):
+            if said := profile_problems(bench, name, pf.profile, allow_density=cmd.allow_density):
                 raise InputError(locate(pf.text, pf.source, said))
         except InputError as exc:
             return False, _said(exc)
@@ -371,7 +379,7 @@ async def run_bench(
             return False, f"no run file could be made in {runs_dir}: {exc}"
         if coordinator.guard is not None:
             coordinator.guard(path)
-        coordinator.launch(job(instruments, coordinator, name, pf, path))
+        coordinator.launch(job(instruments, coordinator, name, pf, path, cmd.allow_density))
         return True, f"channel '{name}' starts '{pf.profile.name}', recording to {path}"
 
     def go_on(instruments: Instruments, coordinator: _Coordinator, name: str, database: Path,
@@ -384,7 +392,8 @@ async def run_bench(
             if on != bench.name or ready.channel != name:
                 raise InputError([f"{database.name} is a run of channel '{ready.channel}' on bench '{on}', not of "
                                   f"channel '{name}' of bench '{bench.name}'"])
-            if said := profile_problems(bench, name, ready.profile):
+            allowed = bool(ready.meta.get("current_density_allowed"))  # as when the run was started
+            if said := profile_problems(bench, name, ready.profile, allow_density=allowed):
                 raise InputError(locate(ready.text, ready.source, said))
         except InputError as exc:
             return False, _said(exc)
@@ -408,14 +417,28 @@ async def run_bench(
                                                   if pf is not None}, jobs, handle_signals)
 
 
-def profile_problems(bench: BenchConfig, channel: str, profile: Profile) -> list[tuple[tuple[str | int, ...], str]]:
-    """Everything that stops the profile from running on the channel: the cell's window, its instruments."""
+def _density_said(bench: BenchConfig, channel: str, profile: Profile) -> str:
+    """What the density check would refuse of the profile on the channel ('' when nothing), one line."""
+    cell = bench.cells[bench.channels[channel].cell]
+    limit = cell.charge_density_limit
+    found = [] if limit is None else density_problems(profile, cell.capacity, cell.area, limit,
+                                                      bench.channels[channel].cell)
+    return "; ".join(message.split(": plating")[0] for _, message in found[:3])
+
+
+def profile_problems(bench: BenchConfig, channel: str, profile: Profile, *, allow_density: bool = False,
+                     tagged: bool = True) -> list[tuple[tuple[str | int, ...], str]]:
+    """Everything that stops the profile from running on the channel: the cell's window and its charging
+    current density (unless `allow_density`), its instruments; each message ends with the cell or channel it
+    concerns (unless not `tagged`: the caller says where)."""
     ch = bench.channels[channel]
     cell = bench.cells[ch.cell]
-    said = [(path, f"{message} (cell '{ch.cell}')")
-            for path, message in cell_problems(profile, cell.voltage_min, cell.voltage_max)]
-    return said + [(path, f"{message} (channel '{channel}')") for path, message in
-                   channel_problems(bench, channel, profile)]
+    cell_tag, channel_tag = (f" (cell '{ch.cell}')", f" (channel '{channel}')") if tagged else ("", "")
+    said = [(path, message + cell_tag) for path, message in cell_problems(profile, cell.voltage_min,
+                                                                         cell.voltage_max)]
+    if not allow_density and (limit := cell.charge_density_limit) is not None:
+        said += density_problems(profile, cell.capacity, cell.area, limit, ch.cell)
+    return said + [(path, message + channel_tag) for path, message in channel_problems(bench, channel, profile)]
 
 
 async def _on_bench(

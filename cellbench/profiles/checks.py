@@ -90,6 +90,30 @@ def range_problems(profile: Profile, capacity_ah: float, max_amps: float, instru
     return problems
 
 
+CHARGING_KINDS = ("charge", "cc", "cccv", "pulse")  # steps whose setpoint may plate lithium (a positive current)
+
+
+def density_problems(profile: Profile, capacity_ah: float, area_cm2: float, limit_a_cm2: float,
+                     cell: str) -> list[Problem]:
+    """Charging currents (lithium plated on the anode) denser than the cell's limit: a short waiting to happen."""
+    problems: list[Problem] = []
+    for ins in compile_profile(profile).instrs:
+        if ins.op != "step" or ins.node.kind not in CHARGING_KINDS:
+            continue
+        for name, spec in currents_asked(body_of(ins.node)):
+            amps = spec.resolve(capacity_ah)
+            if name == "current_limit" or (amps <= 0 and ins.node.kind != "charge"):
+                continue
+            density = abs(amps) / area_cm2
+            if density > limit_a_cm2 * (1 + 1e-9):
+                problems.append(((*_path_key(ins.path), ins.node.kind),
+                                 f"{name} {spec} charges at {density * 1e3:.3g} mA/cm² on {area_cm2:g} cm², above "
+                                 f"the {limit_a_cm2 * 1e3:.3g} mA/cm² that cell '{cell}' takes "
+                                 "(max_charge_current_density): plating lithium this fast shorts it; to do it all "
+                                 "the same, say so with --allow-current-density (recorded in the run)"))
+    return problems
+
+
 def loop_warnings(profile: Profile) -> list[Problem]:
     """Jumps back to an earlier step that no time budget bounds: if their condition keeps coming true the
     test never ends (a counted repeat does not bound them: a goto does not count its iterations)."""
