@@ -63,7 +63,7 @@ def test_a_stabilisation_that_never_comes_fails_the_test_with_the_reason(tmp_pat
           - rest: 10 h
         """, tmp_path, environment=True)
     assert not run.outcome.completed
-    assert run.outcome.reason.startswith("failed: conditions not stable after 1 h: temperature ")
+    assert run.outcome.reason.startswith("failed: conditions not stable after 1 h: cell T1 (press platen) temperature ")
     assert "not within 0.5 degC of 80 degC" in run.outcome.reason
     assert [e["kind"] for e in run.events][-2:] == ["failed", "end"]
     assert run.bench.sim.tree.values["output"] is False
@@ -73,7 +73,8 @@ def test_a_stabilisation_that_never_comes_fails_the_test_with_the_reason(tmp_pat
         "name: t\nsteps:\n  - set: {temperature: 60 degC}\n"
         "  - wait: {temperature: 60 degC, for: 1 min, timeout: 30 min}\n",
         tmp_path, environment=True)
-    assert waited.outcome.reason.startswith("failed: waited 30 min: temperature ")  # the cell lags by hours
+    # the cell lags by hours
+    assert waited.outcome.reason.startswith("failed: waited 30 min: cell T1 (press platen) temperature ")
     assert "not within 0.5 degC of 60 degC" in waited.outcome.reason
 
 
@@ -263,3 +264,89 @@ def test_simulated_bench_without_environment_records_no_conditions(tmp_path: Pat
     run = dry_run("name: t\nsteps:\n  - rest: 2 min\n", tmp_path)
     assert run.samples and all(s.ambient_c is None and s.pressure_pa is None for s in run.samples)
     assert run.bench.chamber is None and run.bench.press is None
+
+
+def shared_oven(tmp_path: Path, profiles: dict[str, str], owner: str | None = "ch1") -> list:
+    """Two pellets in one ESPEC chamber and one press, each on its own 2450, every instrument served over
+    loopback TCP on the virtual clock; each channel runs its profile text. The runs' results."""
+    from cellbench.bench.run import ProfileFile
+
+    clock = VirtualClock()
+
+    async def main() -> list:
+        loop = asyncio.get_running_loop()
+        cells = [SolidStateCell(soc=0.5), SolidStateCell(soc=0.6)]
+        chamber = EspecChamberSim(loop.time, cells)
+        press = PressSim(loop.time, cells, area_cm2=2 * PELLET.area_cm2, holding_mpa=5.0)
+        smus = [Keithley2450Sim(c, loop.time) for c in cells]
+        for smu in smus:
+            smu.surroundings += [chamber, press]
+        servers = [await SimServer(s).start() for s in smus]
+        cs = await SimServer(chamber, read_termination=b"\r\n", write_termination=b"\r\n").start()
+        ps = await PressServer(press).start_tcp()
+        bench = BenchConfig(
+            instruments={
+                "smu1": InstrumentConfig(driver="keithley2450", resource=servers[0].resource),
+                "smu2": InstrumentConfig(driver="keithley2450", resource=servers[1].resource),
+                "oven": InstrumentConfig(driver="espec", resource=cs.resource, owner=owner),
+                "press": InstrumentConfig(driver="modbus-press", resource=ps.resource, owner=owner)},
+            cells={"a": cell_config(PELLET), "b": cell_config(PELLET)},
+            channels={"ch1": ChannelConfig(cycler="smu1", cell="a", chamber="oven", press="press"),
+                      "ch2": ChannelConfig(cycler="smu2", cell="b", chamber="oven", press="press")})
+        own = {name: ProfileFile(parse_profile(text, f"{name}.yaml"), text, f"{name}.yaml")
+               for name, text in profiles.items()}
+        try:
+            return await run_bench(bench, None, "", clock, runs_dir=tmp_path, channel_profiles=own)
+        finally:
+            for s in (*servers, cs, ps):
+                await s.close()
+
+    return clock.run(main())
+
+
+def test_one_profile_sets_a_shared_chamber_where_its_channel_owns_it_and_waits_for_it_elsewhere(
+        tmp_path: Path) -> None:
+    """'Require 40 °C' written once: `set: if owner` makes the owner's run set the chamber and the press, the
+    other channel's run wait for them; both read the sensor they name."""
+    text = ("name: require 40\nsample_period: 60 s\nsteps:\n"
+            "  - wait: {temperature: 40 degC, pressure: 8 MPa, sensor: chamber, set: if owner, for: 10 min, "
+            "timeout: 6 h}\n  - discharge: {current: C/10, until: 30 min}\n")
+    results = shared_oven(tmp_path, {"ch1": text, "ch2": text})
+    assert [r.outcome.completed for r in results] == [True, True], [r.outcome.reason for r in results]
+    said = {}
+    for r in results:
+        with open_run(r.database) as store:
+            said[r.channel] = [e["message"] for e in store.events() if e["kind"] == "conditions"]
+            assert store.samples()[-1].ambient_c == pytest.approx(40, abs=0.2)
+    assert "set temperature 40 degC, pressure 8 MPa" in said["ch1"]
+    assert "waits for temperature 40 degC, pressure 8 MPa set by the instrument's owner" in said["ch2"]
+
+
+def test_a_wait_and_a_safety_range_read_the_sensor_they_name_and_say_it(tmp_path: Path) -> None:
+    """A wait on the chamber air that never comes names the chamber air in its failure; a safety range on the
+    chamber air trips on the air's temperature and says so."""
+    never = ("name: never\nsample_period: 60 s\nsteps:\n"
+             "  - wait: {temperature: 45 degC, sensor: chamber, for: 1 min, timeout: 10 min}\n")
+    hot = ("name: hot\nsample_period: 60 s\nsafety: {temperature: [10 degC, 30 degC], temperature_sensor: chamber}\n"
+           "steps:\n  - set: {temperature: 40 degC}\n  - rest: 6 h\n")
+    results = shared_oven(tmp_path, {"ch1": hot, "ch2": never})
+    reasons = {r.channel: r.outcome.reason for r in results}
+    assert reasons["ch2"].startswith("failed: waited 10 min: chamber air temperature ")
+    assert "not within 0.5 degC of 45 degC" in reasons["ch2"]
+    assert reasons["ch1"].startswith("safety stop: chamber air temperature 3")  # past 30 degC
+    assert "outside the profile's safety range 10 to 30 degC" in reasons["ch1"]
+
+
+def test_a_named_sensor_the_channel_cannot_read_is_refused() -> None:
+    from cellbench.profiles.checks import instrument_problems
+
+    wait = parse_profile("name: w\nsteps:\n  - wait: {temperature: 40 degC, sensor: cell, timeout: 1 h}\n")
+    assert instrument_problems(wait, has_chamber=True, has_press=False) == [
+        (("steps", 0), "reads the cell's T1 (sensor: cell, the press platen's thermocouple), but the channel has "
+                       "no press")]
+    assert instrument_problems(wait, has_chamber=False, has_press=True) == []
+    safe = parse_profile("name: s\nsafety: {temperature: [0 degC, 60 degC], temperature_sensor: chamber}\n"
+                         "steps:\n  - rest: 1 h\n")
+    assert instrument_problems(safe, has_chamber=False, has_press=True) == [(
+        ("safety", "temperature_sensor"), "reads the chamber air's temperature (sensor: chamber), but the channel "
+                                          "has no chamber")]

@@ -24,6 +24,8 @@ class Channel:
     reconnect_grace: float = 0.0  # s a lost cycler is reconnected before the channel is made safe and fails
     blind_off: Callable[[], Awaitable[bool]] | None = None  # the output-off command sent unconfirmed, last resort
     cell_id: str = ""  # the cell's ID as labelled (the bench file's `id`, or the cell's key)
+    # the auxiliary instruments this channel may set ("chamber", "press"): its own, or shared ones it owns
+    controls: frozenset[str] = frozenset({"chamber", "press"})
 
     async def conditions(self) -> Conditions:
         """Read the chamber and the press, if the channel has them."""

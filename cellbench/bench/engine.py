@@ -408,6 +408,8 @@ class Engine:
             step = resumed
             step.stable_since = None
         self._checkpoint()
+        if ins.node.kind == "wait" and body.set == "if owner":
+            await self._set_if_owner(body)
         onboard = ins.node.kind == "schedule"
         if onboard:
             await self._start_schedule(body, again=resumed is not None)
@@ -517,6 +519,26 @@ class Engine:
         if await self.channel.cycler.schedule_running():  # type: ignore[attr-defined]
             return None
         return Ending(EndKind.SCHEDULE, f"the cycler's schedule '{body.name}' ended", "next")
+
+    async def _set_if_owner(self, body: WaitBody) -> None:
+        """A wait with `set: if owner`: its setpoints given where this channel controls the instrument (its own,
+        or a shared one it owns), only waited for where another channel sets them."""
+        done, waited = [], []
+        for value, role, text in ((body.temperature, "chamber", f"temperature {body.temperature:g} degC"),
+                                  (body.pressure, "press", f"pressure {(body.pressure or 0) / 1e6:g} MPa")):
+            if value is None:
+                continue
+            if role in self.channel.controls and getattr(self.channel, role) is not None:
+                if role == "chamber":
+                    await self._track.set_temperature(value)
+                else:
+                    await self._track.set_pressure(value / 1e6)
+                done.append(text)
+            else:
+                waited.append(text)
+        said = [f"set {', '.join(done)}"] * bool(done) + [f"waits for {', '.join(waited)} set by the instrument's "
+                                                          "owner"] * bool(waited)
+        self._note(NoteKind.CONDITIONS, "; ".join(said))
 
     async def _run_set(self, pc: int, body: SetBody) -> int:
         """New temperature and pressure setpoints, in sequence with the steps; takes no time."""
@@ -681,6 +703,7 @@ class Engine:
         off = out_of_tolerance(
             self._cond, temperature=body.temperature, temperature_tol=tol_t,
             pressure_mpa=None if body.pressure is None else body.pressure / 1e6, pressure_tol_mpa=tol_p / 1e6,
+            sensor=body.sensor,
         )
         if off:
             step.stable_since = None

@@ -105,6 +105,9 @@ class Instruments:
             blind_off=lambda: self.blind_off(ch.cycler),
             reconnect_grace=self.bench.instruments[ch.cycler].reconnect_grace,
             cell_id=self.bench.cell_id(name),
+            controls=frozenset(role for role, ref in (("chamber", ch.chamber), ("press", ch.press))
+                               if ref is not None and (len(self.bench.sharing(ref)) < 2
+                                                       or self.bench.instruments[ref].owner == name)),
         )
 
     async def __aexit__(self, *exc: object) -> None:

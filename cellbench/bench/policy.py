@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from cellbench.bench.cells import CellConfig
 from cellbench.bench.roles import Conditions, Reading
 from cellbench.bench.runstate import Budget, Ending, EndKind, Totals
+from cellbench.profiles.conditions import SENSOR_NAMES
 from cellbench.profiles.controls import Control
 from cellbench.profiles.schema import Limit, Range, RecordRule, ShortDetection
 
@@ -44,9 +45,19 @@ def resolve_limits(ctl: Control, *, capacity: float, last_voltage: float) -> lis
     return out
 
 
-def temperature_of(c: Conditions) -> float | None:
-    """The cell's temperature where it has a thermocouple, the chamber air otherwise."""
+def temperature_of(c: Conditions, sensor: str | None = None) -> float | None:
+    """The named sensor's temperature (`cell`: T1, `chamber`: the air); unnamed, the cell's where it has a
+    thermocouple, the chamber air otherwise."""
+    if sensor is not None:
+        return c.cell_c if sensor == "cell" else c.ambient_c
     return c.cell_c if c.cell_c is not None else c.ambient_c
+
+
+def sensor_of(c: Conditions, sensor: str | None = None) -> str:
+    """The words for the sensor `temperature_of` reads."""
+    if sensor is None:
+        sensor = "cell" if c.cell_c is not None else "chamber"
+    return SENSOR_NAMES[sensor]
 
 
 def observe(
@@ -199,11 +210,13 @@ def unsafe(r: Reading, cell: CellConfig, safety: Range | None, conditions: Condi
         lo, hi = (c.resolve(cell.capacity) for c in safety.current)
         if not lo <= r.current <= hi:
             return f"current {r.current:.6g} A is outside the profile's safety range {lo:g} to {hi:g} A"
-    temperature, pressure = temperature_of(conditions), conditions.pressure_mpa
+    temperature = temperature_of(conditions, safety.temperature_sensor)
+    pressure = conditions.pressure_mpa
     if safety.temperature and temperature is not None:
         lo, hi = safety.temperature
         if not lo <= temperature <= hi:
-            return f"temperature {temperature:.2f} degC is outside the profile's safety range {lo:g} to {hi:g} degC"
+            return (f"{sensor_of(conditions, safety.temperature_sensor)} temperature {temperature:.2f} degC is "
+                    f"outside the profile's safety range {lo:g} to {hi:g} degC")
     if safety.pressure and pressure is not None:
         lo, hi = (x / 1e6 for x in safety.pressure)
         if not lo <= pressure <= hi:

@@ -7,6 +7,7 @@ from typing import Any
 
 from cellbench.bench.channel import Channel
 from cellbench.bench.clock import Clock
+from cellbench.bench.policy import sensor_of, temperature_of
 from cellbench.bench.roles import Conditions
 from cellbench.profiles.conditions import HoldCondition, RampCondition, SetCondition, WaitStableCondition
 from cellbench.profiles.units import human_duration
@@ -26,15 +27,18 @@ def out_of_tolerance(
     temperature_tol: float | None,
     pressure_mpa: float | None,
     pressure_tol_mpa: float | None,
+    sensor: str | None = None,
 ) -> list[str]:
-    """What is not yet where it should be; the cell's temperature where known, else the air's."""
+    """What is not yet where it should be; the named sensor's temperature (unnamed: the cell's where known, else
+    the air's), said with the sensor it was read from."""
     off = []
-    measured_t = c.cell_c if c.cell_c is not None else c.ambient_c
+    measured_t = temperature_of(c, sensor)
     if temperature is not None and temperature_tol is not None and (
         measured_t is None or abs(measured_t - temperature) > temperature_tol
     ):
         shown = "unknown" if measured_t is None else f"{measured_t:.2f} degC"
-        off.append(f"temperature {shown} not within {temperature_tol:g} degC of {temperature:g} degC")
+        off.append(f"{sensor_of(c, sensor)} temperature {shown} not within {temperature_tol:g} degC of "
+                   f"{temperature:g} degC")
     if pressure_mpa is not None and pressure_tol_mpa is not None and (
         c.pressure_mpa is None or abs(c.pressure_mpa - pressure_mpa) > pressure_tol_mpa
     ):
@@ -110,6 +114,7 @@ class Track:
             off = out_of_tolerance(
                 c, temperature=self.temperature, temperature_tol=spec.temperature,
                 pressure_mpa=self.pressure, pressure_tol_mpa=None if spec.pressure is None else spec.pressure / 1e6,
+                sensor=spec.sensor,
             )
             if off:
                 stable_since = None

@@ -183,6 +183,16 @@ def cell_problems(profile: Profile, v_min: float, v_max: float, whose: str = "th
 HOST_FREE = ("schedule", "set", "eis")  # steps that set no current or voltage from the host
 
 
+def _sensor_missing(sensor: str | None, has_chamber: bool, has_press: bool) -> str | None:
+    """Why the channel cannot read the temperature sensor a profile names, or None."""
+    if sensor == "chamber" and not has_chamber:
+        return "reads the chamber air's temperature (sensor: chamber), but the channel has no chamber"
+    if sensor == "cell" and not has_press:
+        return ("reads the cell's T1 (sensor: cell, the press platen's thermocouple), but the channel has no "
+                "press")
+    return None
+
+
 def instrument_problems(
     profile: Profile, *, has_chamber: bool, has_press: bool, has_potentiostat: bool = True,
     runs_schedules: bool = True, host_driven: bool = True, cycler: str = "the cycler",
@@ -211,13 +221,24 @@ def instrument_problems(
             q for q in ("temperature", "pressure")
             if ins.node.kind in ("wait", "set") and getattr(body, q, None) is not None
         }
+        sensor = getattr(body, "sensor", None) if ins.node.kind == "wait" else None
         for quantity in ("temperature", "pressure"):
-            if quantity in asked and not have[quantity]:
+            if quantity in asked and sensor is None and not have[quantity]:
                 problems.append((_path_key(ins.path), f"needs a {quantity} reading, but the channel has no "
                                                        f"{NEEDS[quantity]}"))
+        if "temperature" in asked and (said := _sensor_missing(sensor, has_chamber, has_press)):
+            problems.append((_path_key(ins.path), said))
+    for i, cond in enumerate(profile.conditions):
+        sensor = getattr(getattr(cond, "wait_stable", None), "sensor", None)
+        if said := _sensor_missing(sensor, has_chamber, has_press):
+            problems.append((("conditions", i), said))
     safety = profile.safety
+    if safety and safety.temperature and (said := _sensor_missing(safety.temperature_sensor, has_chamber,
+                                                                   has_press)):
+        problems.append((("safety", "temperature_sensor"), said))
     for quantity in ("temperature", "pressure"):
-        if safety and getattr(safety, quantity) is not None and not have[quantity]:
+        named = quantity == "temperature" and safety is not None and safety.temperature_sensor is not None
+        if safety and getattr(safety, quantity) is not None and not have[quantity] and not named:
             problems.append(
                 (("safety", quantity), f"a {quantity} safety range needs a {NEEDS[quantity]} on the channel")
             )

@@ -10,13 +10,17 @@
       - discharge: {current: C/10, until: 2.5 V}
 
 Temperatures in a track are the cell's (its thermocouple, T1) where the channel has one, the
-chamber air otherwise; pressures are the stack pressure the press holds.
+chamber air otherwise, unless a `sensor` names which: `cell` (T1, the press platen's thermocouple against the
+cell) or `chamber` (the chamber's air); pressures are the stack pressure the press holds. A wait step with
+`set: if owner` sets its temperature and pressure first where the channel controls the instrument (it is its
+own, or the channel is the owner of a shared one) and only waits for them otherwise: one profile for every
+channel of a shared chamber.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, ClassVar
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, BeforeValidator, Field, model_validator
 from pydantic_core import PydanticCustomError
@@ -35,6 +39,8 @@ def _delta(unit: str, what: str) -> BeforeValidator:
     return BeforeValidator(parse)
 
 
+Sensor = Literal["cell", "chamber"]  # which temperature: the cell's T1 (press platen thermocouple) or chamber air
+SENSOR_NAMES = {"cell": "cell T1 (press platen)", "chamber": "chamber air"}
 TemperatureDelta = Annotated[float, _delta("delta_degC", "a temperature difference (e.g. '0.5 degC')")]
 PressureDelta = Annotated[float, BeforeValidator(lambda v: to_si(v, "Pa", "a pressure difference (e.g. '0.1 MPa')"))]
 
@@ -87,6 +93,7 @@ class Stable(Strict):
     pressure: PressureDelta | None = None
     duration: Duration = Field(alias="for", ge=0)
     timeout: Duration = Field(gt=0)
+    sensor: Sensor | None = None
 
 
 class SetCondition(Strict):
@@ -175,6 +182,8 @@ class WaitBody(EndsByItself, Strict):
     timeout: Duration = Field(gt=0)
     sample_period: Duration | None = Field(default=None, gt=0, allow_inf_nan=False)
     new_cycle: bool = False
+    sensor: Sensor | None = None
+    set: Literal["if owner", "never"] = "never"
 
     @model_validator(mode="after")
     def _some(self) -> WaitBody:

@@ -39,7 +39,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from cellbench.profiles.base import Strict
-from cellbench.profiles.conditions import Condition, EndsByItself, SetBody, WaitBody
+from cellbench.profiles.conditions import Condition, EndsByItself, Sensor, SetBody, WaitBody
 from cellbench.profiles.pybamm import pybamm_step
 from cellbench.profiles.units import (
     SI_UNIT,
@@ -488,6 +488,7 @@ class Range(Strict):
     voltage: tuple[Voltage, Voltage] | None = None
     current: tuple[Current, Current] | None = None
     temperature: tuple[Temperature, Temperature] | None = None
+    temperature_sensor: Sensor | None = None  # which temperature the range is of (default: the cell's, else air)
     pressure: tuple[Pressure, Pressure] | None = None
     displacement: tuple[Displacement, Displacement] | None = None  # um: the stack's swelling under the press
 
