@@ -134,3 +134,39 @@ def test_the_model_dendrite_stops_the_charge_at_its_soft_onset_by_default(tmp_pa
     result, _, bench = plate_above_ccd(tmp_path)
     assert result.outcome.reason.startswith("safety stop: soft short: the voltage fell")
     assert not bench.cell.hard_shorted  # stopped before the filament bridged the cell
+
+
+def test_healthy_cells_in_a_shared_chamber_never_trip_while_its_owner_heats_it(tmp_path: Path) -> None:
+    """The rehearsal of a shared box: three pellets on one served Maccor box in one oven, charging at C/20
+    (below the lithium's critical current density at any temperature the oven reaches) while the oven's owner,
+    a 2450 desk channel, heats it from 25 to 40 degC under them (their resistance falls as they warm, and the
+    voltage with it). No channel may see a short; the cells charge to their cut-off."""
+    from typer.testing import CliRunner
+
+    from cellbench.bench.cli import app
+
+    lines = ["name: shared-box", "instruments:",
+             '  box: {driver: maccor, resource: "TCPIP::192.0.2.21::57570::SOCKET", address: 57560}',
+             '  smu1: {driver: keithley2450, resource: "TCPIP::192.0.2.30::5025::SOCKET"}',
+             '  oven: {driver: espec, resource: "TCPIP::192.0.2.31::57732::SOCKET", owner: desk}', "cells:"]
+    lines += [f"  P-{i}: {{capacity: 3.5 mAh, voltage_min: 2.5 V, voltage_max: 4.3 V, area: 1 cm^2}}"
+              for i in range(1, 5)]
+    lines += ["channels:"] + [f"  ch{i}: {{cycler: box, cycler_channel: {i - 1}, cell: P-{i}, chamber: oven}}"
+                              for i in range(1, 4)]
+    lines += [f"  desk: {{cycler: smu1, cell: P-4, chamber: oven, profile: {tmp_path / 'owner.yaml'}}}"]
+    (tmp_path / "box.yaml").write_text("\n".join(lines) + "\n")
+    (tmp_path / "owner.yaml").write_text("name: owner\nsample_period: 60 s\nsteps:\n  - rest: 10 min\n"
+                                         "  - set: {temperature: 40 degC}\n  - rest: 3 h\n")
+    (tmp_path / "charge.yaml").write_text("name: charge\nsample_period: 2 s\nsteps:\n"
+                                          "  - charge: {current: C/20, until: [4.2 V, 2 h]}\n")
+    result = CliRunner().invoke(app, ["run", str(tmp_path / "charge.yaml"), "--dry-run", "--bench",
+                                      str(tmp_path / "box.yaml"), "--runs-dir", str(tmp_path / "runs")])
+    assert result.exit_code == 0, result.output
+    for db in (tmp_path / "runs").glob("*.sqlite"):
+        with open_run(db) as store:
+            kinds = [e["kind"] for e in store.events()]
+            samples = store.samples()
+        assert "short" not in kinds and "safety" not in kinds, (db.name, kinds)
+        if samples[-1].step_type == "CC Charge":  # a box channel: it warmed from 25 to 40 degC while charging
+            assert samples[0].ambient_c is not None and samples[0].ambient_c < 26
+            assert samples[-1].ambient_c is not None and samples[-1].ambient_c > 39
