@@ -47,7 +47,7 @@ def test_pycti_arbin_drives_the_served_cycler(served_arbin: int, tmp_path: Path)
     assert ch.set_meta_variable(mv_num=1, mv_value=2.5)
     assert ch.stop_test()
     assert ch.read_channel_status()["status"] == "Idle"
-    assert not ch.set_meta_variable(mv_num=1, mv_value=1.0)  # not running: refused (result 17)
+    assert not ch.set_meta_variable(mv_num=1, mv_value=1.0)  # not running: refused (0x12, as the document says)
 
 
 def test_a_wrong_login_is_refused(served_arbin: int, tmp_path: Path) -> None:

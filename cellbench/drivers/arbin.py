@@ -5,10 +5,12 @@ starting and stopping it, setting meta variables. Schedules run on the cycler: C
 setpoints, so `ArbinChannel` (a channel as a `Cycler` and `OnBoard`) starts schedules, steers them through
 meta variables, reads and stops, but refuses a current or a voltage in one line.
 
-Frame: 0x11DDDDDDDDDDDDDD, a 4-byte length of what follows, command code, extended code, body, a 2-byte
-checksum (sum of the bytes before it). Login from the instrument's `login_file` in the bench file
-('user:password') or $ARBIN_CTI_USERNAME / $ARBIN_CTI_PASSWORD. Sources: Arbin's CTI documents, pycti-arbin's
-field layouts.
+Frame (CTI protocol document v1.1, page 1): 0x11DDDDDDDDDDDDDD, a 4-byte length `dwLen`, command code, extended
+code, body, a 2-byte checksum (sum of the bytes before it). A request's dwLen counts what follows it (command,
+arguments, checksum); a feedback's counts the whole frame, header included, as Arbin's captured feedback frames
+show (pycti-arbin's spoofer packs two bytes more; its client reads the document's way). Login from the
+instrument's `login_file` in the bench file ('user:password') or $ARBIN_CTI_USERNAME / $ARBIN_CTI_PASSWORD.
+Sources: Arbin's CTI documents, pycti-arbin's field layouts.
 """
 
 from __future__ import annotations
@@ -32,8 +34,21 @@ LOGIN, CHANNEL_INFO, ASSIGN, START, STOP, SET_MV = (0xEEAB0001, 0xEEAB0003, 0xBB
 STOPPED = {0: "Idle", 8: "Unsafe", 14: "Error", 15: "Finished", 19: "Empty", 20: "Idle from MCU"}
 FAULTED = (8, 14)
 MV_CODES = {1: 52, 2: 53, 3: 54, 4: 55, **{5 + k: 105 + k for k in range(12)}}
-RESULTS = {0: "success", 16: "invalid channel", 17: "the channel is not running, or someone else controls it",
-           18: "the channel is running or unsafe", 21: "no schedule assigned"}
+# each feedback's result codes, as the CTI protocol document (v1.1) tables them
+RESULTS = {
+    "assign schedule": {0x10: "the channel does not exist", 0x11: "the monitor window is in use",
+                        0x12: "the schedule name is empty", 0x13: "the schedule was not found",
+                        0x14: "the channel is running", 0x15: "the channel is downloading another schedule",
+                        0x16: "a batch file is open", 0x17: "the assignment failed"},
+    "start": {0x10: "invalid channel index", 0x11: "someone controls the monitor window (Start/Resume is open)",
+              0x12: "the channel is running or unsafe", 0x13: "the channel is not connected to its DAQ",
+              0x14: "the schedule does not fit the system's configuration", 0x15: "no schedule assigned",
+              0x16: "the schedule's version does not match MITS"},
+    "stop": {0x10: "the channel does not exist", 0x11: "someone else controls the monitor window"},
+    "set meta variable": {0x10: "setting the meta variable failed", 0x11: "no such meta code",
+                          0x12: "the channel is not running", 0x13: "no such meta code in MITS Pro 7"},
+}
+MAX_FEEDBACK = 1_000_000  # bytes: the longest feedback is a few kB (login 8678)
 
 
 def message(code: int, size: int, fields: list[tuple[int, str, object]]) -> bytes:
@@ -92,36 +107,48 @@ class ArbinCTI:
     async def identify(self) -> str:
         return f"{self.model} {self.serial}, {self.channels} channels"
 
-    async def ask(self, request: bytes) -> bytes:
-        """Send one message and read its reply whole (at least the length its header says, and its checksum)."""
+    async def ask(self, request: bytes, feedbacks: int = 1) -> bytes:
+        """Send one message and read its feedback whole (`feedbacks` of them, for a request about every
+        channel); the last one is returned, all of them by `ask_all`."""
+        return (await self.ask_all(request, feedbacks))[-1]
+
+    async def ask_all(self, request: bytes, feedbacks: int = 1) -> list[bytes]:
         async with self._lock:
             try:
                 self._writer.write(request)
                 await self._writer.drain()
-                head = await asyncio.wait_for(self._reader.readexactly(12), self.timeout)
-                magic, length = struct.unpack("<QL", head)
-                if magic != HEADER:
-                    raise ProtocolError(self.name, "CTI", head.hex(), "a CTI header")
-                rest = await asyncio.wait_for(self._reader.readexactly(length - 12 + 2), self.timeout)
+                return [await self._feedback() for _ in range(max(feedbacks, 1))]
             except TimeoutError:
                 raise InstrumentTimeout(self.name, "CTI", self.timeout, b"") from None
             except (OSError, asyncio.IncompleteReadError) as exc:
                 raise ConnectionLost(self.name, f"CTI: {exc}") from None
-        return head + rest
+
+    async def _feedback(self) -> bytes:
+        """One feedback frame: its dwLen counts the whole frame, checksum included; the checksum is checked."""
+        head = await asyncio.wait_for(self._reader.readexactly(12), self.timeout)
+        magic, length = struct.unpack("<QL", head)
+        if magic != HEADER or not 22 <= length <= MAX_FEEDBACK:
+            raise ProtocolError(self.name, "CTI", head.hex(), "a CTI header with a feedback's length")
+        frame = head + await asyncio.wait_for(self._reader.readexactly(length - 12), self.timeout)
+        if struct.unpack_from("<H", frame, length - 2)[0] != sum(frame[:-2]) & 0xFFFF:
+            raise ProtocolError(self.name, "CTI", frame[-2:].hex(), "the frame's checksum")
+        return frame
 
     async def status(self, chan: int) -> ChannelStatus:
-        reply = await self.ask(message(CHANNEL_INFO, 50, [(20, "<h", chan), (22, "<h", 1)]))
-        if struct.unpack_from("<I", reply, 20)[0] < 1:
-            raise InstrumentError(self.name, [f"no channel {chan}"], "channel info")
-        status = struct.unpack_from("<h", reply, 28)[0]
-        test_time = struct.unpack_from("<d", reply, 1685)[0]
-        v, i, _, qc, qd = struct.unpack_from("<5f", reply, 1701)
-        return ChannelStatus(status, test_time, v, i, qc, qd)
+        return _channel_status(self.name, await self.ask(message(CHANNEL_INFO, 50, [(20, "<h", chan),
+                                                                                   (22, "<h", 1)])), chan)
+
+    async def statuses(self) -> list[ChannelStatus]:
+        """Every channel's status in one request (OnlyChannel = -1: a feedback per channel)."""
+        replies = await self.ask_all(message(CHANNEL_INFO, 50, [(20, "<h", -1), (22, "<h", 1)]), self.channels)
+        by_index = sorted(replies, key=lambda reply: struct.unpack_from("<I", reply, 24)[0])  # ChannelIndex
+        return [_channel_status(self.name, reply, chan) for chan, reply in enumerate(by_index)]
 
     async def _command(self, request: bytes, what: str) -> None:
         result = (await self.ask(request))[24]
         if result != 0:
-            raise InstrumentError(self.name, [f"CTI {what}: {RESULTS.get(result, f'result {result}')}"], what)
+            said = RESULTS[what].get(result, f"result 0x{result:02X}")
+            raise InstrumentError(self.name, [f"CTI {what}: {said} (0x{result:02X})"], what)
 
     async def assign_schedule(self, chan: int, schedule: str) -> None:
         await self._command(message(ASSIGN, 659, [(20, "<i", chan), (25, "400s", schedule.encode("utf-16-le"))]),
@@ -141,21 +168,27 @@ class ArbinCTI:
                                                  (48, "<i", 1), (52, "<f", value)]), "set meta variable")
 
     async def output(self, on: bool) -> None:
-        """Stop every running channel (what a guardian or a connect-time check does)."""
-        for chan in range(self.channels):
-            if (await self.status(chan)).status not in STOPPED:
+        """Stop every running channel (what a guardian or a connect-time check does): one status request for all."""
+        for chan, st in enumerate(await self.statuses()):
+            if st.status not in STOPPED:
                 await self.stop(chan)
 
     async def output_is_on(self) -> bool:
-        for chan in range(self.channels):
-            if (await self.status(chan)).status not in STOPPED:
-                return True
-        return False
+        return any(st.status not in STOPPED for st in await self.statuses())
 
     def channel(self, number: int) -> ArbinChannel:
         if not 0 <= number < self.channels:
             raise ValueError(f"{self.name} has channels 0 to {self.channels - 1}, not {number}")
         return ArbinChannel(self, number)
+
+
+def _channel_status(name: str, reply: bytes, chan: int) -> ChannelStatus:
+    if struct.unpack_from("<I", reply, 20)[0] < 1:
+        raise InstrumentError(name, [f"no channel {chan}"], "channel info")
+    status = struct.unpack_from("<h", reply, 28)[0]
+    test_time = struct.unpack_from("<d", reply, 1685)[0]
+    v, i, _, qc, qd = struct.unpack_from("<5f", reply, 1701)
+    return ChannelStatus(status, test_time, v, i, qc, qd)
 
 
 class ArbinChannel:

@@ -2,9 +2,11 @@
 
 Schedules run on the cycler itself; the host logs in, assigns a schedule to a channel, starts and stops
 it, reads the channel's status and sets its meta variables. Every message: an 8-byte header
-0x11DDDDDDDDDDDDDD, a 4-byte length (the bytes that follow it), a 4-byte command code, a 4-byte extended
-code, the body, and a 2-byte checksum (the sum of the bytes before it). Sources: Arbin's CTI protocol
-documents and the field layouts published with the Battery Data Alliance's pycti-arbin.
+0x11DDDDDDDDDDDDDD, a 4-byte length dwLen, a 4-byte command code, a 4-byte extended code, the body, and a
+2-byte checksum (the sum of the bytes before it). As the CTI protocol document (v1.1, page 1) says and Arbin's
+captured frames show, a request's dwLen counts what follows it and a feedback's the whole frame (login 8678
+bytes, channel info 1779, the others 128). Result codes are the document's, per feedback. Sources: Arbin's
+CTI protocol documents and the field layouts published with the Battery Data Alliance's pycti-arbin.
 
 Whatever schedule is assigned, the simulated one (there is no schedule file interpreter) is a charge at C/10 of
 the channel's cell up to 4.2 V, held there until the current falls to C/100, then ten minutes of rest, then
@@ -54,8 +56,8 @@ class ArbinChannel:
 
 
 def frame(code: int, length: int, fields: list[tuple[int, str, Any]]) -> bytes:
-    """A reply of `length` bytes (the length field says so, as pycti-arbin reads it), then the checksum."""
-    body = bytearray(length)
+    """A feedback of `length` bytes in all, its checksum the last two (dwLen says `length`)."""
+    body = bytearray(length - 2)
     struct.pack_into("<QLLL", body, 0, HEADER, length, code, 0)
     for offset, fmt, value in fields:
         struct.pack_into(fmt, body, offset, value)
@@ -115,6 +117,8 @@ class ArbinSim(Box[ArbinChannel]):
             return frame(reply_code, length, [(24, "c", bytes([16]))]), False
         if code == CHANNEL_INFO:
             chan = struct.unpack_from("<h", body, 8)[0]
+            if chan == -1:  # OnlyChannel = -1: a feedback for every channel
+                return b"".join(self._channel_info(c) for c in range(len(self.channels))), True
             return self._channel_info(chan), True
         # the channel: a 2-byte index after the test name in a start, a 4-byte one first in the others
         chan = struct.unpack_from("<H", body, 156)[0] if code == START else struct.unpack_from("<i", body, 8)[0]
@@ -122,14 +126,17 @@ class ArbinSim(Box[ArbinChannel]):
             return frame(reply_code, length, [(20, "<i", chan), (24, "c", bytes([16]))]), True
         ch = self.channels[chan]
         result = 0
+        running = ch.status in (CHARGE, REST)
         if code == ASSIGN:
-            ch.schedule = body[13:413].decode("utf-16-le", errors="replace").rstrip("\0")
-            result = 0 if ch.schedule else 16
+            name = body[13:413].decode("utf-16-le", errors="replace").rstrip("\0")
+            result = 0x14 if running else 0x12 if not name else 0  # running; the schedule name is empty
+            if not result:
+                ch.schedule = name
         elif code == START:
-            if ch.status in (CHARGE, REST):
-                result = 18  # running
+            if running:
+                result = 0x12  # running or unsafe
             elif not ch.schedule:
-                result = 21  # no schedule assigned
+                result = 0x15  # no schedule assigned
             else:
                 ch.test_name = body[8:152].decode("utf-16-le", errors="replace").rstrip("\0")
                 ch.status, ch.test_time, ch.step_time, ch.meta = CHARGE, 0.0, 0.0, {}
@@ -138,13 +145,15 @@ class ArbinSim(Box[ArbinChannel]):
             ch.status, ch.current = IDLE, 0.0
         elif code == SET_MV:
             meta_code = struct.unpack_from("<i", body, 16)[0]
-            if ch.status not in (CHARGE, REST):
-                result = 17  # not running
+            if not running:
+                result = 0x12  # the channel is not running
             elif meta_code not in MV_CODES:
-                result = 18  # no such meta code
+                result = 0x11  # the meta code does not exist
             else:
                 ch.meta[MV_CODES[meta_code]] = struct.unpack_from("<f", body, 40)[0]
-        return frame(reply_code, length, [(20, "<i", chan), (24, "c", bytes([result]))]), True
+        # a start that succeeded says channel -1; every other feedback names the channel asked for
+        index = -1 if code == START and result == 0 else chan
+        return frame(reply_code, length, [(20, "<i", index), (24, "c", bytes([result]))]), True
 
     def _channel_info(self, chan: int) -> bytes:
         reply_code, length = REPLY[CHANNEL_INFO]
