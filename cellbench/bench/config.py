@@ -51,6 +51,9 @@ class InstrumentConfig(Strict):
     login_file: Path | None = Field(default=None, description="a file holding 'user:password' for an instrument "
                                                               "that asks for a login (Arbin CTI); read when it is "
                                                               "opened, never recorded")
+    watchdog: Duration | None = Field(
+        default=None, gt=0, description="the instrument's own watchdog on its setpoints, where it has one (a Maccor "
+                                        "box's MacNetDirectModeWD): the driver refreshes them well within it")
     reconnect_grace: Duration = Field(
         default=60.0, ge=0, description="how long a lost, silent or garbling instrument is reconnected before its "
                                         "channels are made safe and fail (0: at once)")
@@ -133,7 +136,9 @@ class BenchConfig(Strict):
             **({"mqtt": {**self.mqtt.model_dump(mode="json", exclude_none=True),
                          "telemetry_every": f"{self.mqtt.telemetry_every!r} s"}} if self.mqtt else {}),
             "instruments": {n: {**i.model_dump(mode="json", exclude_none=True), "timeout": f"{i.timeout!r} s",
-                                "reconnect_grace": f"{i.reconnect_grace!r} s"} for n, i in self.instruments.items()},
+                                "reconnect_grace": f"{i.reconnect_grace!r} s",
+                                **({"watchdog": f"{i.watchdog!r} s"} if i.watchdog is not None else {})}
+                            for n, i in self.instruments.items()},
             "cells": {n: c.as_written() for n, c in self.cells.items()},
             "channels": {n: c.model_dump(mode="json", exclude_none=True) for n, c in self.channels.items()},
         }

@@ -44,7 +44,8 @@ class Instruments:
         area = self.bench.held_area(name) if "press" in cfg.roles else cell.area
         request = OpenRequest(name=name, resource=cfg.resource, timeout=cfg.timeout, backend=cfg.backend,
                               baud_rate=cfg.baud, address=cfg.address, device_id=cfg.device_id, area_cm2=area,
-                              login_file=None if cfg.login_file is None else str(cfg.login_file.resolve()))
+                              login_file=None if cfg.login_file is None else str(cfg.login_file.resolve()),
+                              watchdog=cfg.watchdog)
         opened = await driver(cfg.driver).open(request)
         self.requests[name] = (cfg.driver, request)
         self._closers[name] = opened.close

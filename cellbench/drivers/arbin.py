@@ -19,11 +19,10 @@ import asyncio
 import os
 import struct
 from dataclasses import dataclass
-from pathlib import Path
 
 from cellbench.bench.roles import Reading
 from cellbench.drivers.errors import ConnectionLost, InstrumentError, InstrumentTimeout, ProtocolError
-from cellbench.drivers.registry import DriverSpec, Opened, OpenRequest
+from cellbench.drivers.registry import DriverSpec, Opened, OpenRequest, read_login
 from cellbench.drivers.transport import parse_resource
 
 HEADER = 0x11DDDDDDDDDDDDDD
@@ -239,16 +238,6 @@ class ArbinChannel:
     async def measure(self) -> Reading:
         status = self._read = await self.cti.status(self.chan)
         return Reading(status.voltage, status.current)
-
-
-def read_login(path: str, name: str) -> str:
-    try:
-        text = Path(path).read_text(encoding="utf-8")[:1000].strip()
-    except OSError as exc:
-        raise InstrumentError(name, [f"the login file cannot be read: {exc}"], "login") from None
-    if ":" not in text:
-        raise InstrumentError(name, [f"the login file {path} holds no 'user:password'"], "login")
-    return text
 
 
 async def _open(req: OpenRequest) -> Opened:

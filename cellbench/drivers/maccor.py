@@ -7,6 +7,13 @@ positive on charge, like every cellbench cycler. Rest is set with the binary (6,
 cannot set it on present MacNet versions (pymacnet's notes). `read_many` reads the status, voltage and
 current of every channel of the box in three requests (4, 1), (4, 2), (4, 3), whatever their number.
 Channels are 0-based on the wire. Sources: Maccor's MacNet help, pymacnet's messages.
+
+What the help asks of a client, kept here: direct-mode commands to a channel at least 100 ms apart, and "command
+sent too fast" or "direct mode not ready yet" waited out and sent again; a box with MacNetDirectModeWD set
+suspends a direct-mode channel not updated within that many seconds, so the setpoint is sent again well within
+it (the instrument's `watchdog` in the bench file); a box with user authentication takes nothing before a
+(8, 1) log in (the instrument's `login_file`, 'user:password'), on each of its two connections; a JSON reply may
+span several CR LF-ended lines (the help prints them so), read until the JSON object is whole.
 """
 
 from __future__ import annotations
@@ -14,21 +21,27 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import logging
 import struct
 from dataclasses import dataclass
 from typing import Any
 
 from cellbench.bench.roles import Reading
 from cellbench.drivers.errors import ConnectionLost, InstrumentError, InstrumentTimeout, ProtocolError
-from cellbench.drivers.registry import DriverSpec, Opened, OpenRequest
+from cellbench.drivers.registry import DriverSpec, Opened, OpenRequest, read_login
 from cellbench.drivers.transport import parse_resource
 
+log = logging.getLogger(__name__)
 JSON_PORT, BIN_PORT = 57570, 57560
 ACTIVE, COMPLETED = 2, 4
 RF1_CHARGE, RF1_DISCHARGE = 1, 2
 NO_LIMIT = 65536.0  # "set outside range to ignore"
 BIN_HEADER = struct.Struct("<HHHH")
 BIN_DIRECT = struct.Struct("<ffffBB")
+DIRECT_SPACING = 0.1  # s between two direct-mode commands to one channel ("at least 100 ms (10 ticks)")
+DIRECT_RETRIES = 30  # times a "too fast" or "not ready yet" is waited out (3 s) before it is an error
+BIN_TOO_FAST, BIN_NOT_READY = 3, 5  # (6, 8) binary result words
+MAX_REPLY = 1_000_000  # bytes of a JSON reply not yet whole before the reply is taken as garbage
 
 
 def current_range(amps: float) -> int:
@@ -50,8 +63,11 @@ class MacNetBox:
 
     model = "Maccor cycler (MacNet)"
 
-    def __init__(self, name: str, host: str, port: int, bin_port: int, timeout: float) -> None:
+    def __init__(self, name: str, host: str, port: int, bin_port: int, timeout: float,
+                 login: tuple[str, str] | None = None, watchdog: float | None = None) -> None:
         self.name, self.host, self.port, self.bin_port, self.timeout = name, host, port, bin_port, timeout
+        self.login, self.watchdog = login, watchdog
+        self._pending = b""  # bytes read past the end of the last JSON reply
         self._json: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
         self._bin: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
         self._lock = asyncio.Lock()
@@ -59,23 +75,34 @@ class MacNetBox:
         self.channels = 0
         self.share_window = 0.25  # s: channels sampled within it share one read of the whole box
         self._shared: tuple[float, list[ChannelReading]] | None = None
+        self.refreshing: set[asyncio.Task[None]] = set()  # channels' watchdog refreshes, ended with the box
         self._reading: asyncio.Task[list[ChannelReading]] | None = None
 
     @classmethod
-    async def open(cls, resource: str, *, name: str, timeout: float = 5.0, bin_port: int | None = None) -> MacNetBox:
+    async def open(cls, resource: str, *, name: str, timeout: float = 5.0, bin_port: int | None = None,
+                   login: tuple[str, str] | None = None, watchdog: float | None = None) -> MacNetBox:
         res = parse_resource(resource)
         if not res.is_socket:
             raise ValueError(f"{resource}: a Maccor box is reached over MacNet on TCP (TCPIP::host::57570::SOCKET)")
-        box = cls(name, res.host, res.port or JSON_PORT, bin_port or BIN_PORT, timeout)
+        box = cls(name, res.host, res.port or JSON_PORT, bin_port or BIN_PORT, timeout, login, watchdog)
         try:
             box._json = await asyncio.wait_for(asyncio.open_connection(box.host, box.port), timeout)
         except (OSError, TimeoutError) as exc:
             raise ConnectionLost(name, f"cannot connect to MacNet at {box.host}:{box.port}: {exc}") from None
+        if login is not None:  # (8, 1): a box with user authentication takes nothing else first
+            user, password = login
+            said = await box.call(8, 1, UserID=user, Password=password)
+            if str(said.get("Result", "")).upper() != "PASSED":
+                await box.close()
+                raise InstrumentError(name, ["MacNet log in refused (check the user and password)"], "(8, 1)")
         info = await box.call(1, 2)
         box.channels = int(info.get("TestChannels", 0))
         return box
 
     async def close(self) -> None:
+        for task in self.refreshing:
+            task.cancel()
+        self.refreshing.clear()
         for link in (self._json, self._bin):
             if link is not None:
                 link[1].close()
@@ -98,15 +125,11 @@ class MacNetBox:
             try:
                 writer.write(json.dumps(request).encode() + b"\r\n")
                 await writer.drain()
-                raw = await asyncio.wait_for(reader.readuntil(b"\r\n"), self.timeout)
+                reply = await asyncio.wait_for(self._reply(reader, what), self.timeout)
             except TimeoutError:
-                raise InstrumentTimeout(self.name, what, self.timeout, b"") from None
+                raise InstrumentTimeout(self.name, what, self.timeout, self._pending[-200:]) from None
             except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:
                 raise ConnectionLost(self.name, f"{what}: {exc}") from None
-        try:
-            reply = json.loads(raw)
-        except ValueError:
-            raise ProtocolError(self.name, what, raw.decode(errors="replace")[:200], "a JSON-RPC reply") from None
         if not isinstance(reply, dict) or "result" not in reply:
             error = reply.get("error") if isinstance(reply, dict) else None
             raise InstrumentError(self.name, [f"MacNet error: {error or reply}"], what)
@@ -117,6 +140,26 @@ class MacNetBox:
             raise InstrumentError(self.name, [f"MacNet: {result['Result']}"], what)
         return result
 
+    async def _reply(self, reader: asyncio.StreamReader, what: str) -> Any:
+        """One JSON value, however many lines (CR LF or LF) it spans; what follows it is kept for the next."""
+        decoder = json.JSONDecoder()
+        while True:
+            text = self._pending.decode("utf-8", errors="replace").lstrip()
+            if text:
+                try:
+                    value, end = decoder.raw_decode(text)
+                except ValueError:
+                    if not text.startswith(("{", "[")) or len(self._pending) > MAX_REPLY:
+                        self._pending = b""
+                        raise ProtocolError(self.name, what, text[:200], "a JSON-RPC reply") from None
+                else:
+                    self._pending = text[end:].encode()
+                    return value
+            chunk = await reader.read(65536)
+            if not chunk:
+                raise asyncio.IncompleteReadError(self._pending, None)
+            self._pending += chunk
+
     async def binary(self, fclass: int, fnum: int, chan: int, payload: bytes) -> int:
         """One binary message and its result word."""
         what = f"MacNet binary ({fclass}, {fnum})"
@@ -124,17 +167,29 @@ class MacNetBox:
             try:
                 if self._bin is None:
                     self._bin = await asyncio.wait_for(asyncio.open_connection(self.host, self.bin_port), self.timeout)
-                reader, writer = self._bin
-                writer.write(BIN_HEADER.pack(fclass, fnum, chan, len(payload)) + payload)
-                await writer.drain()
-                head = BIN_HEADER.unpack(await asyncio.wait_for(reader.readexactly(BIN_HEADER.size), self.timeout))
-                body = await asyncio.wait_for(reader.readexactly(head[3]), self.timeout)
+                    if self.login is not None:  # each connection logs in: (8, 1) with lengths before the texts
+                        user, password = (t.encode("ascii", errors="replace")[:255] for t in self.login)
+                        passed = await self._exchange(8, 1, 0, bytes([len(user)]) + user + bytes([len(password)])
+                                                      + password)
+                        if passed[:1] != b"\x01":
+                            self._bin[1].close()
+                            self._bin = None
+                            raise InstrumentError(self.name, ["MacNet log in refused on the binary port"], "(8, 1)")
+                return _word(await self._exchange(fclass, fnum, chan, payload))
             except TimeoutError:
                 raise InstrumentTimeout(self.name, what, self.timeout, b"") from None
             except (OSError, asyncio.IncompleteReadError) as exc:
                 self._bin = None
                 raise ConnectionLost(self.name, f"{what}: {exc}") from None
-        return int(struct.unpack("<H", body[:2])[0]) if len(body) >= 2 else -1
+
+    async def _exchange(self, fclass: int, fnum: int, chan: int, payload: bytes) -> bytes:
+        """One binary message on the open binary connection, and the data of its reply."""
+        assert self._bin is not None
+        reader, writer = self._bin
+        writer.write(BIN_HEADER.pack(fclass, fnum, chan, len(payload)) + payload)
+        await writer.drain()
+        head = BIN_HEADER.unpack(await asyncio.wait_for(reader.readexactly(BIN_HEADER.size), self.timeout))
+        return await asyncio.wait_for(reader.readexactly(head[3]), self.timeout)
 
     async def read_many(self, first: int = 0, count: int | None = None) -> list[ChannelReading]:
         """Status, voltage and current of `count` channels from `first`: three requests, whatever the count."""
@@ -187,6 +242,16 @@ class MacNetBox:
         return MaccorChannel(self, number)
 
 
+def _wait_again(said: str) -> bool:
+    """A direct-mode refusal that asks the client to wait and send again."""
+    text = said.lower()
+    return "too fast" in text or "not ready" in text
+
+
+def _word(body: bytes) -> int:
+    return int(struct.unpack("<H", body[:2])[0]) if len(body) >= 2 else -1
+
+
 def _signed(current: float, rf1: int) -> float:
     return -abs(current) if rf1 == RF1_DISCHARGE else abs(current)
 
@@ -199,6 +264,9 @@ class MaccorChannel:
         self.name = f"{box.name}/{chan}"
         self._on = False
         self._direct = False
+        self._setpoint: tuple[float, float, str] | None = None  # (A, V, mode) last set; None at rest
+        self._last_direct = -1e9  # loop time of the last direct-mode command to this channel
+        self._refresh: asyncio.Task[None] | None = None
 
     async def identify(self) -> str:
         return f"{await self.box.identify()}, channel {self.chan}"
@@ -211,9 +279,8 @@ class MaccorChannel:
         await self.box.call(6, 10, Chan=self.chan, VSafeMax=v_max, VSafeMin=v_min, ISafeChg=i_max, ISafeDis=i_max,
                             PBatSafeChg=i_max * v_max * 1.1, PBatSafeDis=i_max * v_max * 1.1)
         if int(status.get("Stat", 0)) != ACTIVE:
-            await self.box.call(6, 7, Chan=self.chan, TestName="Random", Current=0.0, Voltage=v_max,
-                                Power=NO_LIMIT, Resistance=0, CurrentRange=4, ChMode="C", DataTime=1.0, DataV=0,
-                                DataI=0)
+            await self._direct_json(7, TestName="Random", Current=0.0, Voltage=v_max, Power=NO_LIMIT, Resistance=0,
+                                    CurrentRange=4, ChMode="C", DataTime=1.0, DataV=0, DataI=0)
         self._direct = True
 
     async def source_current(self, amps: float, *, voltage_limit: float) -> None:
@@ -233,18 +300,74 @@ class MaccorChannel:
     async def _set(self, amps: float, volts: float, mode: str) -> None:
         if not self._direct:  # the first setpoint of a run starts direct mode on the channel
             await self.setup(v_max=max(volts, 5.0), v_min=0.0, i_max=max(amps * 1.5, 0.01))
-        await self.box.call(6, 8, Chan=self.chan, Current=amps, Voltage=volts, Power=NO_LIMIT, Resistance=0,
-                            CurrentRange=current_range(amps), ChMode=mode)
-        self.box.forget()
+        self._setpoint = (amps, volts, mode)
+        await self._send_setpoint()
         self._on = True
+        self._keep_alive()
+
+    async def _send_setpoint(self) -> None:
+        if self._setpoint is None:  # at rest: the binary (6, 8), as JSON cannot set rest
+            await self._send_rest()
+            return
+        amps, volts, mode = self._setpoint
+        await self._direct_json(8, Current=amps, Voltage=volts, Power=NO_LIMIT, Resistance=0,
+                                CurrentRange=current_range(amps), ChMode=mode)
+        self.box.forget()
+
+    async def _direct_json(self, fnum: int, **params: Any) -> dict[str, Any]:
+        """A direct-mode JSON command, 100 ms after the channel's last one; "too fast" and "not ready yet" waited
+        out and sent again (the help's rules for (6, 7) and (6, 8))."""
+        for attempt in range(DIRECT_RETRIES):
+            await self._spaced()
+            try:
+                return await self.box.call(6, fnum, Chan=self.chan, **params)
+            except InstrumentError as exc:
+                if not _wait_again(str(exc)) or attempt == DIRECT_RETRIES - 1:
+                    raise
+            finally:
+                self._last_direct = asyncio.get_running_loop().time()
+        raise AssertionError("unreachable")
+
+    async def _spaced(self) -> None:
+        wait = self._last_direct + DIRECT_SPACING - asyncio.get_running_loop().time()
+        if wait > 0:
+            await asyncio.sleep(wait)
 
     async def _rest(self) -> None:
+        self._setpoint = None
+        await self._send_rest()
+        self._on = False
+
+    async def _send_rest(self) -> None:
         payload = BIN_DIRECT.pack(0.0, 0.0, 0.0, 0.0, 4, ord("R"))
-        result = await self.box.binary(6, 8, self.chan, payload)
+        for attempt in range(DIRECT_RETRIES):
+            await self._spaced()
+            result = await self.box.binary(6, 8, self.chan, payload)
+            self._last_direct = asyncio.get_running_loop().time()
+            if result not in (BIN_TOO_FAST, BIN_NOT_READY) or attempt == DIRECT_RETRIES - 1:
+                break
         self.box.forget()
         if result not in (0, 2, 4):  # not active or not in direct mode: there is no output to rest
             raise InstrumentError(self.name, [f"MacNet binary rest: result {result}"], "(6, 8) rest")
-        self._on = False
+
+    def _keep_alive(self) -> None:
+        """With the box's watchdog set, the channel's setpoint is sent again every third of it while in direct
+        mode, whatever the sample period, so the box never suspends the channel mid-step."""
+        if self.box.watchdog is None or (self._refresh is not None and not self._refresh.done()):
+            return
+        self._refresh = asyncio.ensure_future(self._refreshing(self.box.watchdog / 3))
+        self.box.refreshing.add(self._refresh)
+        self._refresh.add_done_callback(self.box.refreshing.discard)
+
+    async def _refreshing(self, every: float) -> None:
+        while self._direct:
+            await asyncio.sleep(max(every, DIRECT_SPACING))
+            if asyncio.get_running_loop().time() - self._last_direct < every:
+                continue  # a setpoint went out since: the box was updated
+            try:
+                await self._send_setpoint()
+            except (InstrumentError, ConnectionLost) as exc:
+                log.warning("%s: the direct-mode setpoint could not be refreshed: %s", self.name, exc)
 
     async def output(self, on: bool) -> None:
         if not on:
@@ -268,12 +391,17 @@ class MaccorChannel:
         return Reading(reading.voltage, reading.current)
 
     async def close(self) -> None:
-        return None  # the box owns the connection
+        if self._refresh is not None:  # the box owns the connection; the channel its refresh
+            self._refresh.cancel()
 
 
 async def _open(req: OpenRequest) -> Opened:
+    login = None
+    if req.login_file:
+        user, _, password = read_login(req.login_file, req.name).partition(":")
+        login = (user, password)
     box = await MacNetBox.open(req.resource, name=req.name, timeout=req.timeout,
-                               bin_port=req.address if req.address else None)
+                               bin_port=req.address if req.address else None, login=login, watchdog=req.watchdog)
     try:
         return Opened(box, await box.identify(), box.close)
     except BaseException:

@@ -13,7 +13,10 @@ import pkgutil
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import cache
+from pathlib import Path
 from typing import Any, Literal
+
+from cellbench.drivers.errors import InstrumentError
 
 Role = Literal["cycler", "chamber", "press", "potentiostat"]
 
@@ -31,6 +34,7 @@ class OpenRequest:
     device_id: int = 1  # a Modbus unit id
     area_cm2: float = 1.0  # the cell's active area (a press works in force, the lab in pressure)
     login_file: str | None = None  # 'user:password' in a file, for an instrument that asks for a login
+    watchdog: float | None = None  # s: an instrument's own watchdog on its setpoints (a Maccor's MacNetDirectModeWD)
 
 
 @dataclass(frozen=True)
@@ -91,3 +95,14 @@ def simulator(spec: DriverSpec) -> Any:
         raise KeyError(f"driver '{spec.name}' has no simulator")
     module, _, attribute = spec.simulator.partition(":")
     return getattr(importlib.import_module(module), attribute)
+
+
+def read_login(path: str, name: str) -> str:
+    """'user:password' from an instrument's login file (read when it is opened, never recorded)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")[:1000].strip()
+    except OSError as exc:
+        raise InstrumentError(name, [f"the login file cannot be read: {exc}"], "login") from None
+    if ":" not in text:
+        raise InstrumentError(name, [f"the login file {path} holds no 'user:password'"], "login")
+    return text
