@@ -47,6 +47,10 @@ def test_pymacnet_drives_the_served_box(served_box: tuple[int, int]) -> None:
     status = ch3.read_channel_status()
     assert status["Chan"] == 3 and status["Stat"] == 0 and 3.7 < status["Voltage"] < 3.9  # available, at rest
     assert ch3.start_test_with_direct_control()
+    # pymacnet sends (6, 8) right after (6, 7): the help asks 100 ms between direct-mode commands, and a box
+    # whose pseudo test procedure is not ready refuses it; our simulator does as the box does
+    assert not ch3.set_direct_mode_output(current_a=1e-3, voltage_v=4.2)
+    time.sleep(0.3)
     assert ch3.set_direct_mode_output(current_a=1e-3, voltage_v=4.2)  # charge 1 mA, CCCV at 4.2 V
     time.sleep(0.3)
     charging = ch3.read_channel_status()
@@ -76,9 +80,9 @@ async def test_our_driver_on_the_simulated_box_and_many_channels_in_three_reques
     requests = []
     answer = sim.answer
 
-    def counted(request: object) -> dict[str, object]:
+    def counted(request: object, session: dict[str, bool] | None = None) -> dict[str, object]:
         requests.append(request)
-        return answer(request)
+        return answer(request, session)
 
     sim.answer = counted  # type: ignore[method-assign]
     async with MaccorServer(sim) as server:
@@ -156,9 +160,9 @@ def test_three_channels_of_one_box_run_a_profile_on_the_bench(tmp_path: object) 
         sim = MaccorSim(cells, asyncio.get_running_loop().time)
         answer = sim.answer
 
-        def counted(request: dict[str, dict[str, int]]) -> dict[str, object]:
+        def counted(request: dict[str, dict[str, int]], session: dict[str, bool] | None = None) -> dict[str, object]:
             asked.append((request["params"]["FClass"], request["params"]["FNum"]))
-            return answer(request)
+            return answer(request, session)
 
         sim.answer = counted  # type: ignore[method-assign,assignment]
         async with MaccorServer(sim) as server:

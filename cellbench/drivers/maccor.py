@@ -91,10 +91,12 @@ class MacNetBox:
             raise ConnectionLost(name, f"cannot connect to MacNet at {box.host}:{box.port}: {exc}") from None
         if login is not None:  # (8, 1): a box with user authentication takes nothing else first
             user, password = login
-            said = await box.call(8, 1, UserID=user, Password=password)
-            if str(said.get("Result", "")).upper() != "PASSED":
+            try:
+                await box.call(8, 1, UserID=user, Password=password)
+            except InstrumentError:
                 await box.close()
-                raise InstrumentError(name, ["MacNet log in refused (check the user and password)"], "(8, 1)")
+                raise InstrumentError(name, ["MacNet log in refused (check the user and password)"],
+                                      "(8, 1)") from None
         info = await box.call(1, 2)
         box.channels = int(info.get("TestChannels", 0))
         return box
@@ -136,7 +138,7 @@ class MacNetBox:
         result = reply["result"]
         if not isinstance(result, dict):
             raise ProtocolError(self.name, what, str(result)[:200], "a result object")
-        if "Result" in result and result["Result"] not in ("OK", 0):
+        if "Result" in result and result["Result"] not in ("OK", 0, "PASSED"):  # PASSED: (8, 1)
             raise InstrumentError(self.name, [f"MacNet: {result['Result']}"], what)
         return result
 

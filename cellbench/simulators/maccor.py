@@ -4,8 +4,13 @@ Each of its channels (8 by default) has its own simulated cell. Direct mode (6, 
 channel's current, voltage and mode, mutually limiting as the manual says: charging at a current until
 the voltage reaches its setting, then holding it; discharging at a current down to the voltage setting.
 Readings and status come one channel at a time (4, 7) or many per request (4, 1), (4, 2), (4, 3).
-JSON requests may arrive with or without line ends and indented; every reply ends in CR LF. Channels
-are 0-based on the wire. Sources: Maccor's MacNet help ("Remote Control - MacNet", shipped in the
+JSON requests may arrive with or without line ends and indented; every reply is indented over several CR LF-ended
+lines, as the help prints them. Channels are 0-based on the wire. As strict as the help: a direct-mode (6, 8)
+less than 100 ms after the channel's last direct-mode command is refused ("command sent too fast", binary 3), and
+one within DIRECT_READY_S of its (6, 7) too ("direct mode is not ready yet", 5); with a watchdog
+(MacNetDirectModeWD) a direct-mode channel not updated within it is suspended; with a login set, nothing but
+(8, 1) is taken on a connection before it logs in; binary function class 0 echoes the message.
+Sources: Maccor's MacNet help ("Remote Control - MacNet", shipped in the
 pymacnet repository) and pymacnet's messages. Limits of the model: a test started with a procedure
 (6, 2) is accepted and runs at rest (no schedule interpreter); no data files, no archive.
 """
@@ -30,6 +35,10 @@ RF1_CHARGE, RF1_DISCHARGE, RF1_REST, RF1_AVAILABLE = 1, 2, 4, 0  # RF1: what the
 BIN_HEADER = struct.Struct("<HHHH")  # FClass, FNum, Chan, Len
 BIN_DIRECT = struct.Struct("<ffffBB")  # Current, Voltage, Power, Resistance, CurrentRange, ChMode
 MAX_REQUEST = 1_000_000  # bytes of a JSON request not yet complete before the connection is dropped
+DIRECT_SPACING = 0.1  # s: "at least 100 ms (10 ticks) between commands"
+DIRECT_READY_S = 0.25  # s after (6, 7) before its pseudo test procedure takes (6, 8) (est.)
+TOO_FAST = "Command sent too fast. There must be at least 100 ms (10 ticks) between commands"
+NOT_READY = "Direct mode is not ready yet"
 
 
 @dataclass
@@ -53,6 +62,8 @@ class MaccorChannel:
     safety: dict[str, float] = field(default_factory=dict)
     variables: list[float] = field(default_factory=lambda: [0.0] * 16)
     reading: tuple[float, float] = (0.0, 0.0)  # (signed current, voltage) at the last integration
+    direct_at: float = -1e9  # box time of the channel's last direct-mode command
+    direct_started: float = -1e9  # box time of its (6, 7)
 
 
 class MaccorSim(Box[MaccorChannel]):
@@ -60,10 +71,13 @@ class MaccorSim(Box[MaccorChannel]):
 
     name = "maccor"
 
-    def __init__(self, cells: list[SolidStateCell], now: Callable[[], float]) -> None:
+    def __init__(self, cells: list[SolidStateCell], now: Callable[[], float], *, watchdog_s: float = 0.0,
+                 login: tuple[str, str] | None = None) -> None:
         super().__init__([MaccorChannel(cell) for cell in cells], now)
         for ch in self.channels:
             ch.reading = (0.0, ch.cell.ocv())
+        self.watchdog_s = watchdog_s  # MacNetDirectModeWD: 0 is off
+        self.login = login  # (user, password) when user authentication is on
 
     # --- physics --------------------------------------------------------------------------
     def _solve(self, ch: MaccorChannel, dt: float) -> float:
@@ -76,6 +90,9 @@ class MaccorSim(Box[MaccorChannel]):
         return min(0.0, max(-ch.current, (ch.voltage - e) / r))
 
     def _step(self, ch: MaccorChannel, dt: float) -> None:
+        if (self.watchdog_s > 0 and ch.direct and ch.stat == ACTIVE
+                and self._t + dt - ch.direct_at > self.watchdog_s):  # not updated within MacNetDirectModeWD
+            ch.stat, ch.rf1 = SUSPENDED, RF1_REST
         current = self._solve(ch, dt)
         voltage = ch.cell.apply_current(current, dt)
         ch.reading = (current, voltage)
@@ -97,14 +114,24 @@ class MaccorSim(Box[MaccorChannel]):
             ch.stat, ch.rf1, ch.mode, ch.current = PROBLEM, RF1_AVAILABLE, "R", 0.0  # tripped: output off
 
     # --- the messages ---------------------------------------------------------------------
-    def answer(self, request: Any) -> dict[str, Any]:
-        """The reply to one JSON-RPC request (a dict), as MacNet gives it."""
+    def answer(self, request: Any, session: dict[str, bool] | None = None) -> dict[str, Any]:
+        """The reply to one JSON-RPC request (a dict), as MacNet gives it; `session` is the connection's state
+        (whether it has logged in)."""
         self.advance()
+        session = {} if session is None else session
         if not isinstance(request, dict) or not isinstance(request.get("params"), dict):
             return {"jsonrpc": "2.0", "error": {"code": -32600, "message": "Invalid Request"},
                     "id": request.get("id") if isinstance(request, dict) else None}
         p = request["params"]
         key = (p.get("FClass"), p.get("FNum"))
+        if key == (8, 1):
+            passed = self.login is None or (str(p.get("UserID")), str(p.get("Password"))) == self.login
+            session["in"] = passed
+            return {"jsonrpc": "2.0", "result": {"FClass": 8, "FNum": 1, "Result": "PASSED" if passed else "FAILED"},
+                    "id": request.get("id")}
+        if self.login is not None and not session.get("in"):
+            return {"jsonrpc": "2.0", "error": {"code": -32001, "message": "user authentication is on: log in "
+                                                                          "with (8, 1) first"}, "id": request.get("id")}
         handler = self._handlers().get(key)
         if handler is None:
             return {"jsonrpc": "2.0", "error": {"code": -32601, "message": f"unknown MacNet function {key}"},
@@ -200,18 +227,33 @@ class MaccorSim(Box[MaccorChannel]):
             return {"Chan": chan, "Result": "The channel is not available"}
         self._begin(ch, str(p.get("TestName", "")))
         ch.direct = True
+        ch.direct_at = ch.direct_started = self._t
         self._output(ch, float(p.get("Current", 0.0)), float(p.get("Voltage", 0.0)), str(p.get("ChMode", "R")))
         return {"Chan": chan, "Result": "OK"}
 
     def _set_direct(self, p: dict[str, Any]) -> dict[str, Any]:
         chan = self._chan(p)
         ch = self.channels[chan]
-        if ch.stat != ACTIVE:
-            return {"Chan": chan, "Result": "The channel is not active"}
-        if not ch.direct:
-            return {"Chan": chan, "Result": "Direct mode is not active"}
+        refused = self._direct_refused(ch)
+        if refused:
+            return {"Chan": chan, "Result": ("", "", "The channel is not active", TOO_FAST, "Direct mode is not "
+                                             "active", NOT_READY)[refused]}
         self._output(ch, float(p.get("Current", 0.0)), float(p.get("Voltage", 0.0)), str(p.get("ChMode", "R")))
         return {"Chan": chan, "Result": "OK"}
+
+    def _direct_refused(self, ch: MaccorChannel) -> int:
+        """(6, 8)'s result word for this channel now (0: taken, and the time noted)."""
+        if ch.stat != ACTIVE:
+            return 2
+        if not ch.direct:
+            return 4
+        now, last = self._t, ch.direct_at
+        ch.direct_at = now  # a refused command counts too: the box saw it
+        if now - last < DIRECT_SPACING - 1e-9:
+            return 3
+        if now - ch.direct_started < DIRECT_READY_S - 1e-9:
+            return 5
+        return 0
 
     def _output(self, ch: MaccorChannel, current: float, voltage: float, mode: str) -> None:
         mode = chr(mode) if isinstance(mode, int) else mode[:1].upper()
@@ -240,16 +282,30 @@ class MaccorSim(Box[MaccorChannel]):
         self.channels[chan].safety = limits
         return {"Chan": chan, **limits}
 
-    def binary(self, header: tuple[int, int, int, int], payload: bytes) -> bytes:
-        """A binary message; only (6, 8) Set direct mode output is simulated. Reply: the header and a result word
-        (0 OK, 2 not active, 4 direct mode not active)."""
+    def binary(self, header: tuple[int, int, int, int], payload: bytes, session: dict[str, bool] | None = None
+               ) -> bytes:
+        """A binary message: class 0 echoes it; (8, 1) logs the connection in (a result byte, 1 passed); (6, 8) Set
+        direct mode output answers a result word (0 OK, 2 not active, 3 too fast, 4 direct mode not active, 5 not
+        ready yet); anything else, or anything before a login a box with authentication asks for, 1."""
         self.advance()
+        session = {} if session is None else session
         fclass, fnum, chan, _ = header
+        if fclass == 0:  # "the received message will be replied as is"
+            return BIN_HEADER.pack(*header) + payload
+        if (fclass, fnum) == (8, 1):
+            user_len = payload[0] if payload else 0
+            user = payload[1:1 + user_len].decode("ascii", errors="replace")
+            rest = payload[1 + user_len:]
+            password = rest[1:1 + rest[0]].decode("ascii", errors="replace") if rest else ""
+            session["in"] = self.login is None or (user, password) == self.login
+            return BIN_HEADER.pack(8, 1, chan, 1) + bytes([int(session["in"])])
         result = 1
-        if (fclass, fnum) == (6, 8) and len(payload) >= BIN_DIRECT.size and 0 <= chan < len(self.channels):
+        if self.login is not None and not session.get("in"):
+            pass
+        elif (fclass, fnum) == (6, 8) and len(payload) >= BIN_DIRECT.size and 0 <= chan < len(self.channels):
             current, voltage, _, _, _, mode = BIN_DIRECT.unpack(payload[:BIN_DIRECT.size])
             ch = self.channels[chan]
-            result = 2 if ch.stat != ACTIVE else 4 if not ch.direct else 0
+            result = self._direct_refused(ch)
             if result == 0:
                 self._output(ch, current, voltage, chr(mode))
         return BIN_HEADER.pack(fclass, fnum, chan, 2) + struct.pack("<H", result)
@@ -258,6 +314,7 @@ class MaccorSim(Box[MaccorChannel]):
 async def _json_client(sim: MaccorSim, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     decoder = json.JSONDecoder()
     buffer = ""
+    session: dict[str, bool] = {}
     while chunk := await reader.read(65536):
         buffer += chunk.decode("utf-8", errors="replace")
         while True:
@@ -274,15 +331,18 @@ async def _json_client(sim: MaccorSim, reader: asyncio.StreamReader, writer: asy
                     buffer = ""
                 break
             buffer = text[end:]
-            writer.write(json.dumps(sim.answer(request), indent=1).encode() + b"\r\n")
+            # indented over CR LF-ended lines, as the help prints its replies
+            writer.write(json.dumps(sim.answer(request, session), indent=1).replace("\n", "\r\n").encode()
+                         + b"\r\n")
         await writer.drain()
 
 
 async def _binary_client(sim: MaccorSim, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    session: dict[str, bool] = {}
     while True:
         header = BIN_HEADER.unpack(await reader.readexactly(BIN_HEADER.size))
         payload = await reader.readexactly(min(header[3], 4096))
-        writer.write(sim.binary(header, payload))
+        writer.write(sim.binary(header, payload, session))
         await writer.drain()
 
 
