@@ -225,3 +225,31 @@ def test_a_profile_that_sets_a_pressure_is_refused_on_a_load_cell_channel(tmp_pa
                                 env={"COLUMNS": "300"})
     assert result.exit_code == 2
     assert "p.yaml:3: steps[0]: sets a pressure, but the channel's press only reads (a load cell)" in result.output
+
+
+def test_the_press_is_served_on_the_port_its_document_names() -> None:
+    """docs/protocols/press.md: a real PLC on Modbus TCP's 502, the simulator on 5502 by default (502 needs root);
+    a pymodbus client reads the measured force there."""
+    import re
+    import socket as sockets
+
+    from pymodbus.client import ModbusTcpClient
+
+    from tests.test_cli import serve
+
+    doc = " ".join((Path(__file__).resolve().parent.parent / "docs" / "protocols" / "press.md").read_text().split())
+    port = int(re.search(r"listens on (\d+) by default", doc).group(1))  # type: ignore[union-attr]
+    with sockets.socket() as probe:
+        if probe.connect_ex(("127.0.0.1", port)) == 0:
+            pytest.skip(f"port {port} is taken on this machine")
+    proc, resource = serve("press")
+    try:
+        assert resource == f"TCPIP::127.0.0.1::{port}::SOCKET" and port == 5502
+        client = ModbusTcpClient("127.0.0.1", port=port)
+        assert client.connect()
+        reply = client.read_holding_registers(2, count=2, device_id=1)
+        assert not reply.isError() and len(reply.registers) == 2
+        client.close()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)

@@ -961,7 +961,8 @@ def sim_serve(
                                                    "modbus-press or press, modbus-load-cell or load-cell, "
                                                    "palmsens)")],
     port: Annotated[int | None, typer.Option(help="TCP port to listen on (0 picks a free one; default: the "
-                                                  "instrument's own, 5025 for a 2450, 57570 for MacNet)")] = None,
+                                                  "instrument's own: 5025 for a 2450, 57570 for MacNet, 9031 for CTI, "
+                                                  "5502 for a Modbus press or load cell)")] = None,
     host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
     serial: Annotated[bool, typer.Option(help="serve on a pseudo-terminal serial line instead of TCP")] = False,
     cell: CellOption = "pellet",

@@ -209,11 +209,15 @@ async def _open(req: OpenRequest) -> Opened:
         raise
 
 
+# Modbus TCP's own port is 502 (what a real press's PLC listens on); it needs root to serve, so `cellbench sim
+# serve press` listens on 5502 unless told --port 502 (docs/protocols/press.md)
+MODBUS_SIM_PORT = 5502
+
 DRIVERS = [
     DriverSpec("modbus-press", ("press",), _open, "stack-pressure press on Modbus TCP or RTU (docs/protocols/press.md)",
-               baud_rate=19200, simulator="cellbench.simulators.press:serve"),
+               baud_rate=19200, simulator="cellbench.simulators.press:serve", extra={"port": MODBUS_SIM_PORT}),
     DriverSpec("modbus-load-cell", ("press",), _open_load_cell,
                "load-cell indicator on Modbus under a manual or spring fixture: reads the stack pressure, "
                "cannot set it", baud_rate=19200, simulator="cellbench.simulators.press:serve_load_cell",
-               sets_pressure=False),
+               sets_pressure=False, extra={"port": MODBUS_SIM_PORT}),
 ]
