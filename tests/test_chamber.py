@@ -58,6 +58,15 @@ async def test_the_driver_over_the_real_wire(wire: str) -> None:
             assert await chamber.alarms() == []
             with pytest.raises(InstrumentError, match="NA:CONT NOT READY"):
                 await chamber._ask("HUMI?")  # this chamber has no humidity control
+            # the highest setpoint is what TYPE? reports (T,S2,160.0): above it the chamber refuses the setting
+            maximum = float((await chamber.identify()).split(",")[2])
+            await chamber.set_alarms(upper=maximum, lower=-10)
+            await chamber.set_temperature(maximum)
+            with pytest.raises(InstrumentError, match="NA:DATA OUT OF RANGE"):
+                await chamber.set_temperature(maximum + 10)  # 170 degC on a 160 degC chamber
+            with pytest.raises(InstrumentError, match="NA:DATA OUT OF RANGE"):  # with its alarm raised to match
+                await chamber._ask(f"TEMP, S{maximum + 10:.1f} H{maximum + 15:.1f}")
+            assert (await chamber.temperature()).setpoint == maximum
         finally:
             await io.close()
 

@@ -16,7 +16,7 @@ from cellbench.simulators.cell import TIME_EPS, SolidStateCell
 from cellbench.simulators.server import ServeOptions, cell_of, serve_lines
 
 MODES = ("OFF", "STANDBY", "CONSTANT")
-TEMP_RANGE = (-70.0, 180.0)
+TEMP_RANGE = (-70.0, 160.0)  # what TYPE? reports (T,S2,160.0): beyond it the chamber says NA:DATA OUT OF RANGE
 MAX_SUBSTEP = 10.0
 
 
@@ -91,7 +91,7 @@ class EspecChamberSim:
         if head in ("HUMI?", "HUMI"):
             return "NA:CONT NOT READY-1"  # a temperature-only chamber has no humidity control
         handler = {
-            "TYPE?": lambda: "T,S2,160.0",
+            "TYPE?": lambda: f"T,S2,{TEMP_RANGE[1]:.1f}",
             "TEMP?": lambda: ",".join(
                 f"{v:.1f}" for v in (self.air_c, self.setpoint_c, self.upper_alarm_c, self.lower_alarm_c)
             ),
