@@ -49,9 +49,39 @@ async def test_setup_refuses_an_instrument_in_tsp_mode() -> None:
 
 
 async def test_a_reading_that_does_not_parse_names_the_reply() -> None:
-    async with scripted((':READ? "defbuffer1", READ, SOUR', "3.9,oops")) as io:
+    async with scripted((":OUTP?", "1"), (':READ? "defbuffer1", READ, SOUR', "3.9,oops")) as io:
         with pytest.raises(ProtocolError, match=r"3\.9,oops"):
             await Keithley2450(io).measure()
+
+
+async def test_manual_page_2_83_the_open_circuit_voltage_is_read_as_a_0_a_source_never_with_the_relay_open() -> None:
+    """The output off in the high-impedance state opens its relay: the manual says nothing can be measured there.
+    The first reading of a run (the output off) is taken as the manual allows: on as a 0 A current source under
+    a voltage limit, one reading, off again."""
+    async with scripted(
+        (":OUTP?", "0"),
+        (':SOUR:FUNC CURR;:SOUR:CURR:VLIM 21;:SOUR:CURR 0;:SENS:FUNC "VOLT";:OUTP ON', None),
+        (":SYST:ERR?", NO_ERROR),
+        (':READ? "defbuffer1", READ', "3.8123"),
+        (":OUTP OFF", None),
+        (":SYST:ERR?", NO_ERROR),
+    ) as io:
+        reading = await Keithley2450(io).measure()
+    assert (reading.voltage, reading.current) == (3.8123, 0.0)
+
+
+async def test_over_the_wire_the_relay_open_reads_nothing_and_the_driver_reads_the_cell(smu_sim: SimServer) -> None:
+    io = await open_transport(smu_sim.resource, name="smu", timeout=2.0)
+    smu = Keithley2450(io)
+    try:
+        await smu.setup()  # HIMP off states, output off
+        assert float((await io.query(':READ? "defbuffer1", READ')).split(",")[0]) == pytest.approx(9.9e37)
+        cell = smu_sim.instrument.cell  # type: ignore[attr-defined]
+        reading = await smu.measure()
+        assert reading.voltage == pytest.approx(cell.ocv(), abs=2e-3) and reading.current == 0.0
+        assert not await smu.output_is_on()
+    finally:
+        await io.close()
 
 
 @pytest.mark.parametrize("backend", ["native", "visa"])

@@ -13,6 +13,9 @@ from cellbench.drivers.transport import Transport, open_line_driver, open_transp
 OVERFLOW = 9.9e37
 _ERROR_RE = re.compile(r'^\s*([+-]?\d+)\s*,\s*"([^"]*)"')
 MAX_QUEUED_ERRORS = 32
+# V: the compliance of the 0 A source an open-circuit reading is taken with: no current flows below it, and
+# no single cell reaches it (the 2450's 20 V range)
+OCV_VOLTAGE_LIMIT = 21.0
 
 
 class Keithley2450:
@@ -23,6 +26,7 @@ class Keithley2450:
     def __init__(self, transport: Transport) -> None:
         self._io = transport
         self._source = "VOLT"
+        self._on: bool | None = None  # the output as last set here (None: not known yet; asked once)
 
     @property
     def name(self) -> str:
@@ -60,12 +64,20 @@ class Keithley2450:
 
     async def output(self, on: bool) -> None:
         await self._configure(f":OUTP {'ON' if on else 'OFF'}")
+        self._on = on
 
     async def output_is_on(self) -> bool:
         return self._parse_bool(":OUTP?", await self._io.query(":OUTP?"))
 
     async def measure(self) -> Reading:
-        """The sense reading and the source readback, taken together."""
+        """The sense reading and the source readback, taken together. With the output off (its relay open in the
+        high-impedance off state, where the manual says nothing can be measured, page 2-83) the open-circuit
+        voltage is read as the manual allows: the output on as a 0 A current source under a voltage limit, one
+        reading, the output off again."""
+        if self._on is None:
+            self._on = await self.output_is_on()
+        if not self._on:
+            return await self._open_circuit()
         command = ':READ? "defbuffer1", READ, SOUR'
         reply = await self._io.query(command)
         values = self._parse_floats(command, reply, 2)
@@ -73,6 +85,17 @@ class Keithley2450:
         if self._source == "CURR":
             return Reading(voltage=measured, current=sourced)
         return Reading(voltage=sourced, current=measured)
+
+    async def _open_circuit(self) -> Reading:
+        await self._configure(f':SOUR:FUNC CURR;:SOUR:CURR:VLIM {OCV_VOLTAGE_LIMIT:g};:SOUR:CURR 0;'
+                              ':SENS:FUNC "VOLT";:OUTP ON')
+        self._source = "CURR"
+        try:
+            command = ':READ? "defbuffer1", READ'
+            (voltage,) = self._parse_floats(command, await self._io.query(command), 1)
+        finally:
+            await self._configure(":OUTP OFF")
+        return Reading(voltage=voltage, current=0.0)
 
     async def measure_voltage(self) -> float:
         return self._parse_floats(":MEAS:VOLT?", await self._io.query(":MEAS:VOLT?"), 1)[0]

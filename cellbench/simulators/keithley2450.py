@@ -352,7 +352,13 @@ class Keithley2450Sim:
         self.cell.apply_current(current, dt)
 
     def _reading(self, function: str) -> float:
-        """What the meter reads now: the source's present state on the cell, plus noise."""
+        """What the meter reads now: the source's present state on the cell, plus noise. With the output off in
+        the high-impedance off state the relay is open and nothing is connected to measure (manual, page 2-83):
+        an overflow, as a client that reads there must learn on the instrument too."""
+        v = self.tree.values
+        off_mode = v["off_i"] if v["source"] == "CURR" else v["off_v"]
+        if not v["output"] and str(off_mode).upper().startswith("HIMP"):
+            return OVERFLOW
         current, voltage, _ = self._solve(0.0)
         if function.startswith("VOLT"):
             return voltage + self._rng.gauss(0.0, self.noise_v) if self.noise_v else voltage
