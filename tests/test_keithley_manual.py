@@ -3,7 +3,9 @@ reference manual writes them; and PyMeasure's own Keithley2450 class driving the
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -130,7 +132,8 @@ def test_pymeasure_drives_the_served_simulator(served_smu: str) -> None:
     smu = Keithley2450(served_smu, visa_library="@py", read_termination="\n", write_termination="\n", timeout=5000)
     try:
         assert "MODEL 2450" in smu.id
-        smu.reset()
+        smu.reset()  # "*RST;:stat:pres;:*CLS;": taken whole, as the instrument takes it
+        assert smu.ask(":SYST:ERR:COUN?").strip() == "0"
         smu.apply_current(compliance_voltage=4.3)
         smu.measure_voltage()
         smu.source_current = -1e-3
@@ -144,3 +147,46 @@ def test_pymeasure_drives_the_served_simulator(served_smu: str) -> None:
         assert smu.ask(":SYST:ERR?").startswith("0,")  # nothing it sent was refused
     finally:
         smu.adapter.close()
+
+
+def wire(resource: str) -> tuple[Any, Any]:
+    """A raw socket to the served 2450, written from the manual (no driver): send lines, read lines."""
+    import socket
+
+    _, host, port, _ = resource.split("::")
+    conn = socket.create_connection((host, int(port)), timeout=10)
+    return conn, conn.makefile("r", encoding="ascii", newline="\n")
+
+
+def test_trigger_model_readings_are_stamped_when_taken_and_wai_holds_what_follows(served_smu: str) -> None:
+    """A SimpleLoop of 5 readings 0.2 s apart: their relative times are 0.2 s apart (they were all stamped with
+    the moment they were read back); *WAI holds the query after it until the loop is done; *OPC? and the
+    query sent right behind it are answered in the order they came."""
+    conn, lines = wire(served_smu)
+    try:
+        conn.sendall(b':SOUR:FUNC CURR;:SOUR:CURR 0;:SOUR:CURR:VLIM 5;:SENS:FUNC "VOLT";:OUTP ON\n')
+        conn.sendall(b':TRIG:LOAD "SimpleLoop", 5, 0.2\n:INIT\n*WAI\n:TRAC:ACT?\n')
+        assert lines.readline().strip() == "5"  # held behind *WAI: not the 1 or 2 taken so far
+        conn.sendall(b':TRAC:DATA? 1, 5, "defbuffer1", REL\n')
+        rel = [float(x) for x in lines.readline().split(",")]
+        assert [round(b - a, 3) for a, b in itertools.pairwise(rel)] == [0.2, 0.2, 0.2, 0.2]
+        conn.sendall(b':INIT\n*OPC?\n:TRAC:ACT?\n')
+        assert lines.readline().strip() == "1" and lines.readline().strip() == "5"
+        conn.sendall(b":OUTP OFF\n:SYST:ERR:COUN?\n")
+        assert lines.readline().strip() == "0"
+    finally:
+        conn.close()
+
+
+def test_the_manuals_short_forms_are_taken(smu: tuple[Keithley2450Sim, list[float]]) -> None:
+    """`:OUTP:SMOD HIMP` (the output-off state of the present source function), `COUNT 100` with the optional
+    :SENSe node left out."""
+    sim, _ = smu
+    sim.handle(":SOUR:FUNC CURR")
+    sim.handle(":OUTP:SMOD HIMP")
+    assert sim.handle(":OUTP:CURR:SMOD?") == "HIMP" and sim.handle(":OUTP:SMOD?") == "HIMP"
+    sim.handle("COUNT 100")
+    assert sim.handle(":SENS:COUN?") == "1.000000E+02"
+    assert sim.handle(":SYST:ERR:COUN?") == "0"
+    sim.handle(":OUTP:SMOD SIDEWAYS")
+    assert sim.handle(":SYST:ERR:COUN?") == "1"

@@ -66,6 +66,8 @@ class Keithley2450Sim:
         self.tree = ScpiTree(self._commands(), on_error=self._event_from_error)
         self._default_buffers()
         self.surroundings: list[Surroundings] = []  # chamber and press acting on the same cell
+        self._holding = False  # a *WAI or *OPC? came while the trigger model runs: lines wait behind it
+        self._issued = self._answered = 0  # held lines numbered as they came, and how many were answered
 
     def _commands(self) -> dict[str, Handler | Setting]:
         src, sense = ":SOURce[1]", ":SENSe[1]"
@@ -101,7 +103,7 @@ class Keithley2450Sim:
             ":INITiate[:IMMediate]": lambda a: self._initiate(),
             ":ABORt": lambda a: self._abort(),
             ":FETCh?": self._fetch,
-            f"{sense}:COUNt": Setting("count", "float", 1.0, range=(1, 300000)),
+            f"[{sense}]:COUNt": Setting("count", "float", 1.0, range=(1, 300000)),  # the SENSe node is optional
             "*TST?": lambda a: "0",
             "*LANG?": lambda a: "SCPI",
             ":SYSTem:ERRor[:NEXT]?": lambda a: self.tree.pop_error(),
@@ -128,6 +130,9 @@ class Keithley2450Sim:
             ":OUTPut[1]:VOLTage:SMODe": Setting(
                 "off_v", "choice", "NORM", choices=("NORMal", "HIMPedance", "ZERO", "GUARd")
             ),
+            # without a function: the output-off state of the present source function
+            ":OUTPut[1]:SMODe": self._off_state,
+            ":OUTPut[1]:SMODe?": lambda a: str(self.tree.values[self._off_key()]),
             f"{sense}:FUNCtion[:ON]": Setting(
                 "sense", "choice", "CURR:DC", choices=("CURRent[:DC]", "VOLTage[:DC]", "RESistance"), quoted=True
             ),
@@ -154,19 +159,42 @@ class Keithley2450Sim:
 
     # --- the wire -------------------------------------------------------------------------
     def handle(self, line: str) -> str | AsyncIterator[str] | None:
+        """One line from the client. While a trigger model runs, *OPC?, *OPC and *WAI wait for it to finish, and so
+        does every line after a *WAI or *OPC? until then (the manual: *WAI holds the commands that follow it),
+        each answered in the order it came."""
         self.advance()
-        if self.trigger is not None and self.trigger.running and re.search(r"\*(OPC\??|WAI)", line, re.I):
-            return self._after_trigger(line)  # *OPC?, *OPC and *WAI wait for the trigger model to finish
+        running = self.trigger is not None and self.trigger.running
+        if running and (self._holding or re.search(r"\*(OPC\??|WAI)", line, re.I)):
+            self._holding = True
+            self._issued += 1
+            return self._after_trigger(line, self._issued - 1)
+        self._holding = False
         return self.tree.execute(line)
 
-    async def _after_trigger(self, line: str) -> AsyncIterator[str]:
-        assert self.trigger is not None
-        while self.trigger.running:
-            await asyncio.sleep(max(self.trigger.end - self._now(), 0.001))
-            self.advance()
-        reply = self.tree.execute(line)
-        if reply is not None:
-            yield reply
+    async def _after_trigger(self, line: str, ticket: int) -> AsyncIterator[str]:
+        try:
+            assert self.trigger is not None
+            while self.trigger.running:
+                await asyncio.sleep(max(self.trigger.end - self._now(), 0.001))
+                self.advance()
+            while self._answered < ticket:  # noqa: ASYNC110  (held lines of one run: answered in turn)
+                await asyncio.sleep(0)
+            reply = self.tree.execute(line)
+            if reply is not None:
+                yield reply
+        finally:
+            self._answered = max(self._answered, ticket + 1)
+
+    def _off_key(self) -> str:
+        return "off_i" if self.tree.values["source"] == "CURR" else "off_v"
+
+    def _off_state(self, args: list[str]) -> None:
+        forms = {"NORM": "NORMAL", "HIMP": "HIMPEDANCE", "ZERO": "ZERO", "GUAR": "GUARD"}
+        value = args[0].strip().upper() if args else ""
+        short = next((k for k, full in forms.items() if value in (k, full)), None)
+        if short is None:
+            raise ScpiError(-224 if args else -109)
+        self.tree.values[self._off_key()] = short
 
     def _reset(self) -> None:
         self.tree.reset()
@@ -284,7 +312,8 @@ class Keithley2450Sim:
             raise ScpiError(-224, "no trigger model loaded")
         self.buffers[self.trigger.buffer].clear()
         self.trigger.start(self._now())
-        self._run_trigger()
+        self._issued = self._answered = 0
+        self.advance()  # the first reading at once
 
     def _abort(self) -> None:
         if self.trigger is not None:
@@ -294,31 +323,30 @@ class Keithley2450Sim:
         state = "RUNNING" if self.trigger is not None and self.trigger.running else "IDLE"
         return f"{state};{state};0"
 
-    def _run_trigger(self) -> None:
-        """Take the trigger model's readings whose time has come (each at its scheduled moment's state)."""
-        loop = self.trigger
-        if loop is None or not loop.running:
-            return
-        while loop.taken < loop.count and loop.due(loop.taken) <= self._now() + 1e-9:
-            self._store(loop.buffer)
-            loop.taken += 1
-        if loop.taken >= loop.count:
-            loop.running = False
-
     def _trip(self, function: str) -> str:
         return "1" if self.tripped and self.tree.values["source"] == function else "0"
 
     # --- physics --------------------------------------------------------------------------
     def advance(self) -> None:
-        """Integrate the cell from the last command to now under the present source state."""
+        """Integrate the cell from the last command to now under the present source state; a running trigger
+        model's readings are taken on the way, each at its own time and in the state of that moment."""
         now = self._now()
-        while now - self._t > TIME_EPS:  # a remainder below it cannot be added to a large time
-            dt = min(REST_SUBSTEP if self._idle() else MAX_SUBSTEP, now - self._t)
+        loop = self.trigger
+        while loop is not None and loop.running and loop.taken < loop.count and loop.due(loop.taken) <= now + 1e-9:
+            self._integrate(loop.due(loop.taken))
+            self._store(loop.buffer)
+            loop.taken += 1
+        if loop is not None and loop.running and loop.taken >= loop.count:
+            loop.running = False
+        self._integrate(now)
+
+    def _integrate(self, until: float) -> None:
+        while until - self._t > TIME_EPS:  # a remainder below it cannot be added to a large time
+            dt = min(REST_SUBSTEP if self._idle() else MAX_SUBSTEP, until - self._t)
             for part in self.surroundings:
                 part.advance(self._t)
             self._step(dt)
             self._t += dt
-        self._run_trigger()
 
     def _idle(self) -> bool:
         """No current flows (output off, or a 0 A source) and the cell has no short: nothing but its relaxation,

@@ -269,6 +269,8 @@ class ScpiTree:
     def _execute_unit(self, unit: str, path: list[str]) -> tuple[str | None, list[str]]:
         header, _, rest = unit.partition(" ")
         args = [a.strip() for a in split_outside_quotes(rest, ",")] if rest.strip() else []
+        if header.startswith(":*"):  # a common command after a colon (PyMeasure's reset sends ":*CLS"): taken
+            header = header[1:]
         if header.startswith("*"):
             handler = self._common.get(header.upper())
             if handler is None:
