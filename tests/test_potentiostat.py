@@ -89,11 +89,19 @@ async def test_eis_over_the_serial_line_matches_the_cells_impedance(pstat_server
         await io.close()
 
 
-async def test_an_unknown_script_command_is_an_instrument_error(pstat_server: PtySimServer) -> None:
+async def test_an_unknown_script_command_is_refused_before_any_line_of_the_script_runs(
+        pstat_server: PtySimServer) -> None:
+    """The firmware reads a script whole first: an unknown command (the 4001 family) or a literal beyond 32 bits
+    refuses it, and no line before it ran (the cell never went on)."""
     io = await open_transport(pstat_server.resource, name="pstat", timeout=5, baud_rate=230400)
+    sim = pstat_server.instrument
     try:
-        with pytest.raises(InstrumentError, match="!4003"):
-            await PalmSens(io).run(["var f", "frobnicate f"])
+        with pytest.raises(InstrumentError, match="!4001"):
+            await PalmSens(io).run(["var f", "set_e 3800m", "cell_on", "frobnicate f", "cell_off"])
+        assert sim.e_at_cell_on is None  # type: ignore[attr-defined]
+        with pytest.raises(InstrumentError, match="beyond a 32-bit integer"):
+            await PalmSens(io).run(["set_e 3807353500n", "cell_on"])  # what our driver once wrote at 3.81 V
+        assert sim.e_at_cell_on is None  # type: ignore[attr-defined]
     finally:
         await io.close()
 
@@ -227,6 +235,7 @@ async def test_palmsens_own_style_of_script_runs(pstat_server: PtySimServer) -> 
             "var o", "var d", "var e", "var i", "set_pgstat_chan 0", "set_pgstat_mode 3", "cell_off",
             "set_range ab 4200m", "set_autoranging ab 4200m 4200m", "meas_loop_ocp o 100m 200m", "  pck_start",
             "  pck_add o", "  pck_end", "endloop", "store_var d 10m ab", "add_var d o", "set_e d", "cell_on",
+            "set_pgstat_mode 6", "set_range db 2m", "set_autoranging db 2m 2m",  # the galvanostat, as PalmSens' CP
             "meas_loop_cp e i -1m 100m 200m  # the manual's form: E and I variables", "  pck_start",
             "  pck_add e", "  pck_add i", "  pck_end", "endloop", "on_finished:", "cell_off"])
         ocp, cp = packages[:2], packages[2:]
@@ -266,3 +275,68 @@ def test_palmsens_own_grammar_accepts_every_script_the_driver_sends(script: list
     validate("\n".join(script) + "\n")  # type: ignore[operator]  # raises SyntaxError on a bad script
     with pytest.raises(SyntaxError):  # and the judge does judge: a misspelt command is refused
         validate("\n".join(script).replace("pck_end", "pck_ned") + "\n")  # type: ignore[operator]
+
+
+async def script_lines(sim: PalmSensSim, script: list[str], *, abort_after: float | None = None) -> list[str]:
+    """Every line the simulated firmware answers a script with (its own wire format, not the driver's reading)."""
+    assert sim.handle("e") is None
+    for line in script:
+        assert sim.handle(line) is None
+    stream = sim.handle("")
+    assert stream is not None and not isinstance(stream, str)
+    out: list[str] = []
+
+    async def read() -> None:
+        async for line in stream:
+            out.append(line)
+
+    reading = asyncio.ensure_future(read())
+    if abort_after is not None:
+        await asyncio.sleep(abort_after)
+        assert sim.handle("Z") is None  # the running script answers the abort itself
+    await asyncio.wait_for(reading, 10)
+    return out
+
+
+async def test_galvanostatic_scripts_run_in_the_galvanostat_mode_as_palmsens_examples_do() -> None:
+    """PalmSens' CP and GEIS examples: set_pgstat_mode 6, the applied current's range `db`, the potential's `ab`;
+    the simulator refuses a galvanostatic loop in the potentiostat mode our driver once sent it in."""
+    for script in (cp_script(current=-1e-3, interval=0.1, duration=0.3),
+                   eis_script(f_start=1e3, f_end=100, n_points=3, amplitude=1e-5, galvanostatic=True)):
+        assert "set_pgstat_mode 6" in script and "set_pgstat_mode 3" not in script
+        assert any(line.startswith("set_range db ") for line in script)
+        assert not any(line.startswith("set_range ba ") for line in script)
+    sim = PalmSensSim(SolidStateCell(soc=0.5), asyncio.get_running_loop().time, noise=0.0)
+    lines = await script_lines(sim, cp_script(current=-1e-3, interval=0.1, duration=0.3))
+    assert not [line for line in lines if line.startswith("!")] and len([x for x in lines if x[:1] == "P"]) == 3
+    old = [line.replace("set_pgstat_mode 6", "set_pgstat_mode 3") for line in
+           cp_script(current=-1e-3, interval=0.1, duration=0.3)]
+    assert any("galvanostat mode" in line for line in await script_lines(sim, old))
+
+
+async def test_eis_at_a_measured_open_circuit_voltage_writes_literals_the_firmware_takes() -> None:
+    """3.8073535 V was written 3807353500n (beyond a 32-bit integer); it is 3807354u now, and the simulated
+    firmware, which refuses the former, runs it."""
+    assert si(3.8073535) == "3807354u" and si(0.015) == "15m" and si(200e3) == "200k"
+    script = eis_script(f_start=1e3, f_end=100, n_points=3, amplitude=0.01, e_dc=3.8073535)
+    assert "set_e 3807354u" in script
+    sim = PalmSensSim(SolidStateCell(soc=0.5), asyncio.get_running_loop().time, noise=0.0)
+    lines = await script_lines(sim, script)
+    assert lines[:2] == ["e", "M000D"] and lines[-2:] == ["*", ""]  # the manual's EIS loop marker
+    assert sim.e_at_cell_on == pytest.approx(3.807354)
+
+
+async def test_the_firmwares_loop_markers_timer_variables_counts_and_abort() -> None:
+    """OCP is announced M000B; `timer_get t` in a loop body puts the time in each package; 300 ms at 100 ms are
+    three points; an abort is answered Z wherever the script stands (a wait too), and on_finished still runs."""
+    sim = PalmSensSim(SolidStateCell(soc=0.5), asyncio.get_running_loop().time, noise=0.0)
+    lines = await script_lines(sim, ["var p", "var t", "cell_off", "timer_start", "meas_loop_ocp p 100m 300m",
+                                     "  timer_get t", "  pck_start", "  pck_add t", "  pck_add p", "  pck_end",
+                                     "endloop"])
+    assert lines[1] == "M000B"
+    packages = [parse_package(line) for line in lines if line.startswith("P")]
+    assert len(packages) == 3 and all([v.var_type for v in pkg] == ["eb", "ab"] for pkg in packages)
+    times = [pkg[0].value for pkg in packages]
+    assert times == pytest.approx([0.1, 0.2, 0.3], abs=0.02)
+    aborted = await script_lines(sim, ["var p", "cell_on", "wait 5", "on_finished:", "cell_off"], abort_after=0.2)
+    assert aborted == ["e", "Z", ""] and not sim.cell_on

@@ -83,21 +83,42 @@ def check_error(line: str) -> str | None:
     return m.group(1).upper() if m else None
 
 
+INT32 = 2**31 - 1  # a literal's integer mantissa must fit a signed 32-bit integer
+
+
 def si(value: float) -> str:
-    """A number as MethodSCRIPT writes it: integer mantissa and SI prefix (15m, 200k, 0)."""
+    """A number as MethodSCRIPT writes it: an integer mantissa that fits 32 bits and an SI prefix (15m, 200k, 0).
+    The largest prefix that writes it exactly, else the finest whose mantissa still fits (3.8073535 V is
+    3807354u, not 3807353500n, which the firmware refuses)."""
     if value == 0:
         return "0"
-    for prefix, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3), ("", 1.0), ("m", 1e-3), ("u", 1e-6),
-                          ("n", 1e-9), ("p", 1e-12)):
+    scales = (("G", 1e9), ("M", 1e6), ("k", 1e3), ("", 1.0), ("m", 1e-3), ("u", 1e-6), ("n", 1e-9), ("p", 1e-12))
+    for prefix, scale in scales:
         mantissa = value / scale
-        if abs(mantissa) >= 1 and abs(mantissa - round(mantissa)) < 1e-9 * max(1.0, abs(mantissa)):
+        if (abs(mantissa) >= 1 and abs(round(mantissa)) <= INT32
+                and abs(mantissa - round(mantissa)) < 1e-9 * max(1.0, abs(mantissa))):
             return f"{round(mantissa)}{prefix}"
-    return f"{round(value / 1e-12)}p"
+    for prefix, scale in reversed(scales):
+        if abs(round(value / scale)) <= INT32:
+            return f"{round(value / scale)}{prefix}"
+    raise ValueError(f"{value} cannot be written as a MethodSCRIPT literal")
 
 
 def _ranges(current_range: float) -> list[str]:
     """The current range for the cell: start in it, autorange three decades below it, never above."""
     return [f"set_range ba {si(current_range)}", f"set_autoranging ba {si(current_range / 1000)} {si(current_range)}"]
+
+
+# PalmSens' galvanostatic examples (MSLoopExample009-CP, MSLoopExample013-GEIS): the galvanostat mode, the applied
+# current's range (`db`) fixed, the measured potential's (`ab`) autoranged
+GALVANOSTAT_MODE = 6
+POTENTIAL_RANGE = 4.0  # V: the `ab` range a battery's potential fits in (PalmSens' OCP example uses it)
+
+
+def _galvanostatic(current_range: float) -> list[str]:
+    return [f"set_pgstat_mode {GALVANOSTAT_MODE}", f"set_range ab {si(POTENTIAL_RANGE)}",
+            f"set_autoranging ab 100m {si(POTENTIAL_RANGE)}", f"set_range db {si(current_range)}",
+            f"set_autoranging db {si(current_range)} {si(current_range)}"]
 
 
 def eis_script(*, f_start: float, f_end: float, n_points: int, amplitude: float, e_dc: float = 0.0,
@@ -109,8 +130,9 @@ def eis_script(*, f_start: float, f_end: float, n_points: int, amplitude: float,
             if galvanostatic else
             f"meas_loop_eis f r j {si(amplitude)} {si(f_start)} {si(f_end)} {n_points} {si(e_dc)}")
     level = f"set_i {si(i_dc)}" if galvanostatic else f"set_e {si(e_dc)}"
+    mode = _galvanostatic(current_range) if galvanostatic else ["set_pgstat_mode 3", *_ranges(current_range)]
     return [
-        "var f", "var r", "var j", "set_pgstat_chan 0", "set_pgstat_mode 3", *_ranges(current_range),
+        "var f", "var r", "var j", "set_pgstat_chan 0", *mode,
         level, "cell_on", loop,
         "  pck_start", "  pck_add f", "  pck_add r", "  pck_add j", "  pck_end", "endloop",
         "on_finished:", "cell_off",
@@ -126,8 +148,8 @@ def ocp_script(*, interval: float, duration: float) -> list[str]:
 
 def cp_script(*, current: float, interval: float, duration: float, current_range: float = 10e-3) -> list[str]:
     """Chronopotentiometry in the manual's form: potential and current variables, the current, the interval
-    and the run time; the current is set before the cell goes on."""
-    return ["var e", "var i", "set_pgstat_chan 0", "set_pgstat_mode 3", *_ranges(current_range),
+    and the run time, in the galvanostat mode; the current is set before the cell goes on."""
+    return ["var e", "var i", "set_pgstat_chan 0", *_galvanostatic(current_range),
             f"set_i {si(current)}", "cell_on",
             f"meas_loop_cp e i {si(current)} {si(interval)} {si(duration)}", "  pck_start", "  pck_add e",
             "  pck_add i", "  pck_end", "endloop", "on_finished:", "cell_off"]

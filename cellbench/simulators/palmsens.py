@@ -31,12 +31,21 @@ ENCODE = [("G", 1e9), ("M", 1e6), ("k", 1e3), (" ", 1.0), ("m", 1e-3), ("u", 1e-
           ("f", 1e-15)]
 LIMIT = 2**27 - 1
 # commands that set up the instrument and change nothing the simulation models
-SETUP = {"set_pgstat_chan", "set_pgstat_mode", "set_autoranging", "set_range", "set_range_minmax", "set_max_bandwidth",
+SETUP = {"set_pgstat_chan", "set_autoranging", "set_range", "set_range_minmax", "set_max_bandwidth",
          "set_acquisition_frac_autoadjust", "set_acquisition_frac", "set_gpio_cfg", "set_gpio", "set_cr",
-         "set_poly_we_mode", "timer_start", "timer_get", "send_string", "pck_start", "pck_end", "pck_add",
-         "set_script_output", "hibernate"}
+         "set_poly_we_mode", "send_string", "pck_start", "pck_end", "pck_add", "set_script_output", "hibernate"}
 MEASURE = ("meas_loop_eis", "meas_loop_geis", "meas_loop_ocp", "meas_loop_cp", "meas_loop_ca")
-ERR_UNKNOWN = "4003"  # a command the script language does not know
+KNOWN = SETUP | set(MEASURE) | {"var", "store_var", "copy_var", "add_var", "sub_var", "mul_var", "div_var", "set_e",
+                                "set_i", "cell_on", "cell_off", "wait", "endloop", "on_finished:", "timer_start",
+                                "timer_get", "set_pgstat_mode"}
+# the loop marker `M` and four hex digits: the technique, as the MethodSCRIPT manual numbers them (EIS 000D,
+# OCP 000B); the others' numbers are not confirmed from the manual and kept apart from those
+LOOP_ID = {"meas_loop_eis": 0x000D, "meas_loop_ocp": 0x000B, "meas_loop_geis": 0x0001, "meas_loop_cp": 0x0003,
+           "meas_loop_ca": 0x0004}
+GALVANOSTATIC = ("meas_loop_cp", "meas_loop_geis")
+GALVANOSTAT_MODE = 6  # set_pgstat_mode 6, as PalmSens' CP and GEIS examples set it
+INT32 = 2**31 - 1  # a literal's mantissa must fit a signed 32-bit integer
+ERR_UNKNOWN = "4001"  # a command the script language does not know (the manual's 4001 family)
 ERR_CELL_ON = "0014"  # an open-circuit measurement asked with the cell on (PalmSens' error table)
 ERR_SCRIPT = "4004"  # a command the simulator cannot parse (wrong arguments)
 
@@ -83,6 +92,8 @@ class PalmSensSim:
         self._script: list[str] | None = None
         self._running = False
         self._abort = False
+        self.mode = 3  # set_pgstat_mode
+        self._timer: float | None = None  # timer_start's moment
 
     def handle(self, line: str) -> str | AsyncIterator[str] | None:
         if self._script is not None:
@@ -114,10 +125,16 @@ class PalmSensSim:
         yield "e"
         lines = [(n, raw.split("#", 1)[0].split()) for n, raw in enumerate(script, start=2)]
         lines = [(n, words) for n, words in lines if words]
+        try:  # the firmware reads the whole script first: one error and no line of it runs
+            self._check(lines)
+        except ScriptError as exc:
+            yield f"!{exc.code}: line {exc.line}: {exc}"
+            yield ""
+            return
         split = next((k for k, (_, w) in enumerate(lines) if w[0] == "on_finished:"), len(lines))
         body, finish = lines[:split], lines[split + 1:]
         self._running, self._abort = True, False
-        self._vars = {}
+        self._vars, self._timer = {}, None
         try:
             async for out in self._execute(body):
                 yield out
@@ -127,6 +144,8 @@ class PalmSensSim:
             self._running = self.cell_on = False
             raise
         self._running = False
+        if self._abort:
+            yield "Z"  # aborted: said once, wherever the script stood
         try:
             async for out in self._execute(finish):
                 yield out
@@ -134,6 +153,16 @@ class PalmSensSim:
             yield f"!{exc.code}: line {exc.line}: {exc}"
         self.cell_on = False  # whatever the script said, the cell is left off at its end
         yield ""
+
+    def _check(self, lines: list[tuple[int, list[str]]]) -> None:
+        """What the firmware refuses before running anything: an unknown command, a literal out of range."""
+        for n, words in lines:
+            if words[0] not in KNOWN:
+                raise ScriptError(ERR_UNKNOWN, n, f"unknown command {words[0]!r}")
+            for word in words[1:]:
+                m = re.fullmatch(r"([-+]?\d+)[afpnumkMGi]?", word)
+                if m and abs(int(m.group(1))) > INT32:
+                    raise ScriptError(ERR_SCRIPT, n, f"the literal {word} is beyond a 32-bit integer")
 
     def _value(self, word: str, line: int) -> float:
         if word in self._vars:
@@ -160,11 +189,14 @@ class PalmSensSim:
                 if depth:
                     raise ScriptError(ERR_SCRIPT, n, f"{cmd} without its endloop")
                 pck = [w[1] for _, w in lines[k:end - 1] if w[0] == "pck_add" and len(w) > 1]
+                timed = [w[1] for _, w in lines[k:end - 1] if w[0] == "timer_get" and len(w) > 1]
                 k = end
-                yield f"M{MEASURE.index(cmd):04X}"
-                async for package in self._loop(n, cmd, args, pck):
+                if cmd in GALVANOSTATIC and self.mode != GALVANOSTAT_MODE:
+                    raise ScriptError(ERR_SCRIPT, n, f"{cmd} runs in the galvanostat mode (set_pgstat_mode "
+                                                     f"{GALVANOSTAT_MODE}), not mode {self.mode}")
+                yield f"M{LOOP_ID[cmd]:04X}"
+                async for package in self._loop(n, cmd, args, pck, timed):
                     if self._abort:
-                        yield "Z"
                         return
                     yield package
                 yield "*"
@@ -196,12 +228,22 @@ class PalmSensSim:
                 self.cell_on = False
             elif cmd == "wait":
                 await asyncio.sleep(self._value(args[0], n) if args else 0.0)
+            elif cmd == "set_pgstat_mode":
+                self.mode = int(self._value(args[0], n)) if args else self.mode
+            elif cmd == "timer_start":
+                self._timer = self._now()
+            elif cmd == "timer_get":
+                if args:
+                    self._vars[args[0]] = self._elapsed()
             elif cmd in SETUP or cmd == "endloop":
                 continue
             else:
                 raise ScriptError(ERR_UNKNOWN, n, f"unknown command {cmd!r}")
 
-    def _loop(self, n: int, kind: str, args: list[str], pck: list[str]) -> AsyncIterator[str]:
+    def _elapsed(self) -> float:
+        return 0.0 if self._timer is None else self._now() - self._timer
+
+    def _loop(self, n: int, kind: str, args: list[str], pck: list[str], timed: list[str]) -> AsyncIterator[str]:
         if kind in ("meas_loop_eis", "meas_loop_geis"):
             if len(args) < 7:
                 raise ScriptError(ERR_SCRIPT, n, f"{kind} needs f, Z', Z'', amplitude, f_start, f_end, n and a bias")
@@ -211,14 +253,14 @@ class PalmSensSim:
                 raise ScriptError(ERR_CELL_ON, n, "an open-circuit measurement with the cell on")
             if len(args) < 3:
                 raise ScriptError(ERR_SCRIPT, n, "meas_loop_ocp needs a variable, an interval and a run time")
-            return self._series(n, args[0], None, 0.0, args[-2], args[-1], pck)
+            return self._series(n, args[0], None, 0.0, args[-2], args[-1], pck, timed)
         if kind == "meas_loop_cp":
             # the manual's form: potential and current variables, the current, the interval, the run time
             # (the one-variable form of older scripts is taken too)
             if len(args) == 5:
-                return self._series(n, args[0], args[1], self._value(args[2], n), args[3], args[4], pck)
+                return self._series(n, args[0], args[1], self._value(args[2], n), args[3], args[4], pck, timed)
             if len(args) == 4:
-                return self._series(n, args[0], None, self._value(args[1], n), args[2], args[3], pck)
+                return self._series(n, args[0], None, self._value(args[1], n), args[2], args[3], pck, timed)
             raise ScriptError(ERR_SCRIPT, n, "meas_loop_cp needs E, I, the current, an interval and a run time")
         raise ScriptError(ERR_SCRIPT, n, f"{kind} is not simulated")
 
@@ -239,11 +281,11 @@ class PalmSensSim:
             yield "P" + ";".join(encode(roles[v], values[roles[v]]) for v in pck if v in roles)
 
     async def _series(self, n: int, e_var: str, i_var: str | None, current: float, interval_word: str,
-                      run_word: str, pck: list[str]) -> AsyncIterator[str]:
+                      run_word: str, pck: list[str], timed: list[str]) -> AsyncIterator[str]:
         interval, duration = self._value(interval_word, n), self._value(run_word, n)
         if interval <= 0 or duration < 0 or duration / interval > 1_000_000:
             raise ScriptError(ERR_SCRIPT, n, "the interval must be positive and the points at most a million")
-        for _ in range(max(1, int(duration / interval))):
+        for _ in range(max(1, int(duration / interval + 1e-9))):  # 300 ms at 100 ms: 3 points, not 2.999...
             await asyncio.sleep(interval)
             if self._abort:
                 return
@@ -254,6 +296,9 @@ class PalmSensSim:
             if i_var is not None:
                 self._vars[i_var] = current
                 values[i_var] = encode("ba", current)
+            for name in timed:  # timer_get in the loop body: the time since timer_start, in seconds
+                self._vars[name] = self._elapsed()
+                values[name] = encode("eb", self._vars[name])
             yield "P" + ";".join(values[v] for v in pck if v in values)
 
 
