@@ -190,3 +190,6 @@ def test_the_manuals_short_forms_are_taken(smu: tuple[Keithley2450Sim, list[floa
     assert sim.handle(":SYST:ERR:COUN?") == "0"
     sim.handle(":OUTP:SMOD SIDEWAYS")
     assert sim.handle(":SYST:ERR:COUN?") == "1"
+    # a buffer element the simulator cannot answer in the manual's format is refused, never answered wrong
+    assert sim.handle(':READ? "defbuffer1", READ, SOURUNIT') is None
+    assert sim.handle(":SYST:ERR:COUN?") == "2"

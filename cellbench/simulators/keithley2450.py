@@ -285,14 +285,14 @@ class Keithley2450Sim:
         buffer = self.buffers[self._buffer_name(args, 2, must_exist=True)]
         if not 1 <= start <= end <= len(buffer):
             raise ScpiError(-222, f"indexes {start} to {end} of {len(buffer)} readings")
-        return ",".join(_elements(row, [a.strip().upper() for a in args[3:]] or ["READ"])
-                        for row in buffer.between(start, end))
+        elements = _checked([a.strip().upper() for a in args[3:]] or ["READ"])
+        return ",".join(_elements(row, elements) for row in buffer.between(start, end))
 
     def _fetch(self, args: list[str]) -> str:
         buffer = self.buffers[self._buffer_name(args, 0, must_exist=True)]
         if not len(buffer):
             raise ScpiError(-230, "no reading in the buffer")
-        return _elements(buffer.row(-1), [a.strip().upper() for a in args[1:]] or ["READ"])
+        return _elements(buffer.row(-1), _checked([a.strip().upper() for a in args[1:]] or ["READ"]))
 
     def _trigger_load(self, args: list[str]) -> None:
         """``:TRIGger:LOAD "SimpleLoop", count[, delay[, "buffer"]]`` (the other templates are not simulated)."""
@@ -404,14 +404,22 @@ class Keithley2450Sim:
         if args and not (args[0].startswith(("'", '"')) and unquote(args[0])):
             raise ScpiError(-104, "buffer name must be a quoted string")
         name = self._buffer_name(args, 0, must_exist=True)
-        elements = [a.strip().upper() for a in args[1:]] or ["READ"]
-        for element in elements:
-            if not element.startswith(("READ", "SOUR", "REL", "SEC")):
-                raise ScpiError(-224, f"unknown buffer element {element}")
+        elements = _checked([a.strip().upper() for a in args[1:]] or ["READ"])
         row = self._store(name)
         for _ in range(int(self.tree.values["count"]) - 1):
             row = self._store(name)
         return _elements(row, elements)
+
+
+# the buffer elements simulated, by their short and long forms; the others (UNIT, TSTamp, DATE, ...) are refused
+ELEMENTS = {"READ": "READING", "SOUR": "SOURCE", "REL": "RELATIVE", "SEC": "SECONDS"}
+
+
+def _checked(elements: list[str]) -> list[str]:
+    for element in elements:
+        if not any(element in (short, full) for short, full in ELEMENTS.items()):
+            raise ScpiError(-224, f"buffer element {element} is not simulated")
+    return elements
 
 
 def _elements(row: tuple[float, float, float], elements: list[str]) -> str:
