@@ -288,7 +288,7 @@ async def test_hostile_commands_are_refused_and_a_full_disk_stops_telemetry_not_
                           password_file=broker.password_file("bench"))
     loop = mqtt.MqttLoop()
     link = mqtt.ChannelLink(cfg, "night", "ch1", "run-1", "cell", tmp_path / "o.sqlite",
-                            lambda action, ch, why: (True, "done"), loop)
+                            lambda command: (True, "done"), loop)
     try:
         for payload in (b"[" * 200_000, b"{" * 10_000, b'{"id": "x"' + b" " * 20_000 + b"}"):
             reply, _ = await link.answer("pause", payload)
