@@ -8,6 +8,7 @@ server as a real bench sees them.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -76,8 +77,15 @@ def set_fault(name: str, value: object) -> Callable[[SimServer], None]:
 
 @pytest.mark.parametrize("fault", ["drop", "silent", "garbage"])
 async def test_a_brief_fault_is_reconnected_and_the_step_goes_on(tmp_path: Path, fault: str) -> None:
+    began = time.time()
     (result,), sims = await run_with_fault(tmp_path, set_fault(fault, True), set_fault(fault, False))
+    ended = time.time()
     assert result.outcome.completed, result.outcome.reason
+    with open_run(result.database) as store:  # a reconnect does not move Unix time off the wall clock
+        unix = [s.unix_time for s in store.samples()]
+        gaps = [(s.unix_time - s.test_time) for s in store.samples()]
+    assert began - 0.5 < unix[0] and unix[-1] < ended + 0.5 and unix == sorted(unix)
+    assert max(gaps) - min(gaps) < 0.05  # Unix time runs with test time through the gap: no jump
     assert "recovered" in kinds(result) and kinds(result)[-1] == "end"
     # the 2450 kept sourcing through the gap, and the gap was counted at the held current
     assert charge_ah(result) == pytest.approx(1e-3 * 5 / 3600, rel=0.05)
