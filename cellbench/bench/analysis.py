@@ -210,7 +210,9 @@ def dqdv(samples: Sequence[Sample], *, cycle: int | None = None, discharge: bool
     `cycle` (by default the last cycle that has that half) running the chosen way; rests, noise and a CV tail
     are left out (the current must be within 2 % of the half's median). The capacity is interpolated on a
     voltage grid of `bin_v` and differentiated by a Savitzky-Golay filter over `window` grid points."""
-    from scipy.signal import savgol_filter
+    from cellbench.bench.extras import need
+
+    savgol_filter = need("scipy.signal", "dQ/dV").savgol_filter
 
     def flowing(s: Sample) -> bool:
         return (s.current < 0) if discharge else (s.current > 0)

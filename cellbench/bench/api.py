@@ -170,10 +170,13 @@ def _connect(database: str | Path) -> sqlite3.Connection:
 
 
 def _frame(database: str | Path, query: str) -> pd.DataFrame:
-    import pandas as pd
+    from cellbench.bench.extras import need
+
+    pandas = need("pandas", "reading a run as a table")
 
     with contextlib_closing(_connect(database)) as db:
-        return pd.read_sql_query(query, db)
+        frame: pd.DataFrame = pandas.read_sql_query(query, db)
+    return frame
 
 
 def read_samples(database: str | Path) -> pd.DataFrame:

@@ -37,6 +37,26 @@ app.add_typer(sim_app, name="sim")
 console = Console()
 err = Console(stderr=True)
 
+def _version(show: bool) -> None:
+    if show:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            said = version("cellbench")
+        except PackageNotFoundError:
+            said = "unknown (not installed as a distribution)"
+        console.print(f"cellbench {said}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="print the version and exit")] = False,
+) -> None:
+    """Hardware-in-the-loop test bench for solid-state battery cells."""
+
+
 DEMO_PROFILE = "formation-and-cycling"
 PARENT_CHECK = 0.5  # s between two looks at whether `sim serve --exit-with-parent`'s parent still lives
 
@@ -686,8 +706,10 @@ def export(
         raise _fail(str(exc)) from None
     for kind, path in files.items():
         console.print(f"{kind:>9}: {path}")
-    if problem := json.loads(files["metadata"].read_text()).get("unix_time_problem"):
-        err.print(f"[yellow]warning: {escape(problem)}[/yellow]", highlight=False, soft_wrap=True)
+    sidecar = json.loads(files["metadata"].read_text())
+    for problem in [sidecar.get("unix_time_problem"), *sidecar.get("skipped", [])]:
+        if problem:
+            err.print(f"[yellow]warning: {escape(problem)}[/yellow]", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -696,6 +718,7 @@ def report(
     out: Annotated[Path | None, typer.Option(help="the report folder (default: beside the run)")] = None,
 ) -> None:
     """Plots (PNG) and one HTML page with the per-cycle table."""
+    from cellbench.bench.extras import MissingExtra
     from cellbench.bench.report import write_report
     from cellbench.bench.store import NotARun
 
@@ -703,6 +726,8 @@ def report(
         page = write_report(run_db, out)
     except (FileNotFoundError, NotARun) as exc:
         raise _fail(str(exc)) from None
+    except MissingExtra as exc:
+        raise _fail(str(exc), 1) from None
     console.print(f"report: [bold]{page}[/bold]")
 
 
@@ -717,10 +742,14 @@ def compare(
 
     if len(runs) < 2:
         raise _fail("compare needs at least two runs")
+    from cellbench.bench.extras import MissingExtra
+
     try:
         path, lives = compare_runs(runs, out)
     except (FileNotFoundError, NotARun) as exc:
         raise _fail(str(exc)) from None
+    except MissingExtra as exc:
+        raise _fail(str(exc), 1) from None
     for name, life in lives.items():
         console.print(f"{name}: cycle life to 80 % {'not reached' if life is None else f'{life:.1f} cycles'}")
     reached = [(n, life) for n, life in lives.items() if life]

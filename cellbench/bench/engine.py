@@ -591,7 +591,7 @@ class Engine:
         try:
             args = ([p[0] for p in spectrum], [p[1] for p in spectrum], [p[2] for p in spectrum])
             fit = fit_spectrum(*args) if self.clock.virtual else await asyncio.to_thread(fit_spectrum, *args)
-        except ValueError as exc:
+        except (ValueError, ImportError) as exc:  # MissingExtra: the spectrum is recorded, the fit left to the desk
             self._note(NoteKind.FIT, f"no circuit fit for the spectrum of step {step_count}: {exc}")
         else:
             self.events.publish(SpectrumFitted(step_count, t, fit.circuit, fit.r_ohmic, fit.r_interfacial,

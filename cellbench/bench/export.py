@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from cellbench.bench.analysis import unix_time_problem
+from cellbench.bench.extras import MissingExtra
 from cellbench.bench.store import COLUMNS, check_run, open_run
 
 NET = "Net Capacity / Ah"
@@ -49,7 +50,12 @@ def export_run(database: str | Path, out_dir: str | Path | None = None) -> dict[
     labels = [label for label in all_labels if any(r[label] is not None for r in rows)] or all_labels[:4]
     files = {"csv": stem.with_suffix(".bdf.csv"), "parquet": stem.with_suffix(".bdf.parquet")}
     _write_csv(files["csv"], labels, rows)
-    _write_parquet(files["parquet"], labels, rows)
+    skipped = []
+    try:
+        _write_parquet(files["parquet"], labels, rows)
+    except MissingExtra as exc:  # a controller without the analysis stack: the CSV is the export, said so
+        del files["parquet"]
+        skipped.append(str(exc))
     if spectra:
         files["eis"] = stem.with_suffix(".eis.bdf.csv")
         _write_csv(files["eis"], list(EIS_COLUMNS), _eis_rows(spectra, rows))
@@ -87,6 +93,7 @@ def export_run(database: str | Path, out_dir: str | Path | None = None) -> dict[
         "channel": meta.get("channel"),
         "clock": meta.get("clock"),
         "unix_time_problem": time_problem,
+        "skipped": skipped,
         "simulation": meta.get("simulation"),
         "impedance_fits": fits,
         "events": events,
@@ -137,8 +144,10 @@ def _write_csv(path: Path, labels: list[str], rows: list[dict[str, Any]]) -> Non
 
 
 def _write_parquet(path: Path, labels: list[str], rows: list[dict[str, Any]]) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    from cellbench.bench.extras import need
+
+    pa = need("pyarrow", "Parquet export")
+    pq = need("pyarrow.parquet", "Parquet export")
 
     table = pa.table({label: [r[label] for r in rows] for label in labels})
     pq.write_table(table, path)

@@ -26,9 +26,12 @@ class EisFit:
 
 
 def fit_spectrum(frequency: Sequence[float], z_real: Sequence[float], z_imag: Sequence[float]) -> EisFit:
-    """Fit the cell's circuit to one spectrum (Z'' negative for capacitive behaviour)."""
-    import numpy as np
-    from impedance.models.circuits import CustomCircuit
+    """Fit the cell's circuit to one spectrum (Z'' negative for capacitive behaviour); MissingExtra without the
+    analysis extra."""
+    from cellbench.bench.extras import need
+
+    np = need("numpy", "an impedance fit")
+    CustomCircuit = need("impedance.models.circuits", "an impedance fit").CustomCircuit
 
     f = np.asarray(frequency, dtype=float)
     z = np.asarray(z_real, dtype=float) + 1j * np.asarray(z_imag, dtype=float)

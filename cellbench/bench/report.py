@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from cellbench.bench.analysis import CycleSummary, Dcir, cycle_life, dcir, dqdv, store_table, unix_time_problem
+from cellbench.bench.extras import need
 from cellbench.bench.store import check_run, open_run
 
 FIGSIZE = (8, 4.5)
@@ -18,12 +19,9 @@ DPI = 100
 
 
 def _plt() -> Any:
-    import matplotlib
-
+    matplotlib = need("matplotlib", "the report")
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    return need("matplotlib.pyplot", "the report")
 
 
 def _retention(rows: list[CycleSummary]) -> tuple[list[float], list[int]]:
@@ -231,8 +229,8 @@ def _outcome(events: list[dict[str, Any]]) -> tuple[str, bool]:
 
 
 def _plot_fit(ax: Any, frequency: list[float], fit: dict[str, Any], color: str) -> None:
-    import numpy as np
-    from impedance.models.circuits import CustomCircuit
+    np = need("numpy", "the report's impedance fits")
+    CustomCircuit = need("impedance.models.circuits", "the report's impedance fits").CustomCircuit
 
     p = fit["parameters"]
     circuit = CustomCircuit(fit["circuit"], initial_guess=[p[k] for k in p])
@@ -257,7 +255,7 @@ def _identity(meta: dict[str, Any]) -> list[str]:
 def _page(meta: dict[str, Any], rows: list[CycleSummary], images: list[Path], samples: list[Any],
           events: list[dict[str, Any]], pulses: list[Dcir]) -> str:
     """The page, from the package's template (autoescaped: a cell ID or comment is text, never markup)."""
-    import jinja2
+    jinja2 = need("jinja2", "the report")
 
     def cell(value: float | None, fmt: str) -> str:
         return "" if value is None else format(value, fmt)
@@ -284,7 +282,7 @@ def _page(meta: dict[str, Any], rows: list[CycleSummary], images: list[Path], sa
         life_line = "No cycle life: the run did not reach the end of its profile"
     env = jinja2.Environment(loader=jinja2.PackageLoader("cellbench.bench", "templates"),
                              autoescape=True, undefined=jinja2.StrictUndefined)
-    return env.get_template("report.html").render(
+    page: str = env.get_template("report.html").render(
         title=str(meta.get("profile_name", "run")), outcome=outcome, completed=completed,
         run_id=str(meta.get("run_id", "")), channel=str(meta.get("channel", "")), n_samples=len(samples),
         hours=samples[-1].test_time / 3600 if samples else 0.0, identity=_identity(meta), life_line=life_line,
@@ -292,6 +290,7 @@ def _page(meta: dict[str, Any], rows: list[CycleSummary], images: list[Path], sa
         dcir_median=sorted(p.resistance_10ms for p in pulses)[len(pulses) // 2] if pulses else None,
         rows=table, images=images,
     )
+    return page
 
 
 def compare_runs(databases: list[Path], out: Path) -> tuple[Path, dict[str, float | None]]:

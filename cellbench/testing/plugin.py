@@ -202,7 +202,9 @@ class DryRunResult:
 def dry_run(profile: str | Path, *, runs_dir: Path, cell: str = "pellet", temperature: float = 25.0,
             soc: float = 0.0, seed: int = 0) -> DryRunResult:
     """Run a profile on the simulated bench on the virtual clock (works inside a running event loop too)."""
-    import pandas as pd
+    from cellbench.bench.extras import need
+
+    pd = need("pandas", "the cellbench_dry_run fixture's tables")
 
     import cellbench
     from cellbench.bench.analysis import store_table
