@@ -121,6 +121,30 @@ def test_profiles_are_collected_as_tests_with_file_line_failures(pytester: pytes
     assert (pytester.path / "report.xml").read_text().count("<testcase") == 4
 
 
+def test_a_named_test_runs_alone_and_dry_runs_stay_out_of_the_machines_registry(
+        pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`pytest tests/test_lab.py::test_one` runs that test, not every profile too; the plugin's dry runs
+    (profiles and the fixture) register nowhere the lab's `cellbench runs` looks."""
+    profiles = pytester.mkdir("profiles")
+    (profiles / "rest.yaml").write_text("name: rest\nsample_period: 1 min\nsteps:\n  - rest: 10 min\n")
+    pytester.mkdir("tests")
+    (pytester.path / "tests" / "test_lab.py").write_text(textwrap.dedent("""
+        def test_one():
+            assert True
+
+        def test_a_dry_run(cellbench_dry_run):
+            assert cellbench_dry_run("name: r\\nsteps:\\n  - rest: 1 min\\n").completed
+    """))
+    pytester.makeini("[pytest]\ncellbench_profiles = profiles\n")
+    state = pytester.path / "state"
+    monkeypatch.setenv("CELLBENCH_STATE_DIR", str(state))
+    named = pytester.runpytest_subprocess("tests/test_lab.py::test_one", "-p", "no:cacheprovider")
+    named.assert_outcomes(passed=1)
+    everything = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    everything.assert_outcomes(passed=3)  # both tests and the profile
+    assert not list(state.rglob("*.json")), list(state.rglob("*"))
+
+
 def test_the_example_lab_repository_passes_with_only_the_built_wheel_installed(tmp_path: Path) -> None:
     """Build the wheel, install it with pytest in a fresh virtual environment (nothing of this checkout on its
     path), and run examples/ci there as a lab's CI would."""
@@ -131,8 +155,8 @@ def test_the_example_lab_repository_passes_with_only_the_built_wheel_installed(t
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
     python = str(venv / "bin" / "python")
-    installed = subprocess.run([python, "-m", "pip", "install", "-q", str(wheel), "pytest", "pytest-asyncio"],
-                               capture_output=True, text=True, timeout=900)
+    installed = subprocess.run([python, "-m", "pip", "install", "-q", f"{wheel}[analysis]", "pytest",
+                                "pytest-asyncio"], capture_output=True, text=True, timeout=900)
     assert installed.returncode == 0, installed.stderr[-2000:]
     lab = tmp_path / "lab"
     shutil.copytree(root / "examples" / "ci", lab)

@@ -248,3 +248,13 @@ def test_charging_denser_than_the_cells_limit_is_refused_unless_allowed(tmp_path
     out = " ".join(result.output.split())
     assert result.exit_code == 2 and "p.yaml:4: steps[1].charge: current 800 µA charges at 1.02 mA/cm²" in out, out
     assert "p.yaml:3" not in out
+
+
+def test_the_estimates_dry_run_leaves_nothing_in_the_runs_registry(tmp_path: Path) -> None:
+    """validate's estimate is a throwaway dry run: `cellbench runs` never lists it (its database is gone)."""
+    (tmp_path / "p.yaml").write_text("name: rest\nsample_period: 1 min\nsteps:\n  - rest: 10 min\n")
+    state = tmp_path / "state"
+    result = CliRunner().invoke(app, ["validate", str(tmp_path / "p.yaml")],
+                                env={"COLUMNS": "300", "CELLBENCH_STATE_DIR": str(state)})
+    assert result.exit_code == 0 and "estimated" in result.output.lower(), result.output
+    assert not list(state.rglob("*.json"))

@@ -17,7 +17,7 @@ import os
 import socket
 import sqlite3
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,8 +31,24 @@ RUNNING = "running"
 PAUSED = "paused"
 
 
+_elsewhere: list[Path] = []  # registry_in's folders, innermost last
+
+
+@contextlib.contextmanager
+def registry_in(folder: Path) -> Iterator[Path]:
+    """Runs started in the block register in `folder`, not in the machine's registry: a duration estimate's or a
+    CI plugin's throwaway dry runs, whose databases are gone with their temporary folder."""
+    _elsewhere.append(folder)
+    try:
+        yield folder
+    finally:
+        _elsewhere.remove(folder)
+
+
 def state_dir() -> Path:
     """Where cellbench keeps what outlives a run on this machine (the runs registry)."""
+    if _elsewhere:
+        return _elsewhere[-1]
     if env := os.environ.get("CELLBENCH_STATE_DIR"):
         return Path(env)
     base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")

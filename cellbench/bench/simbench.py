@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cellbench.bench import runs
 from cellbench.bench.clock import Clock
 from cellbench.bench.config import BenchConfig, CellConfig, ChannelConfig, InstrumentConfig
 from cellbench.bench.engine import Progress
@@ -395,7 +396,7 @@ def estimate_duration(
             raise _OutOfTime
 
     clock = VirtualClock()
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, runs.registry_in(Path(tmp) / "state"):  # not the lab's registry
         try:
             result, cell = clock.run(
                 run_simulated(profile, profile_text, clock, params=params, temperature_c=temperature_c,
