@@ -3,6 +3,7 @@ loaded from the installed entry point, simulated instruments behind plain pyvisa
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -111,14 +112,18 @@ def test_profiles_are_collected_as_tests_with_file_line_failures(pytester: pytes
     """))
     pytester.makeini("[pytest]\ncellbench_bench = bench.yaml\n")
     result = pytester.runpytest_subprocess("--cellbench-profiles", "profiles", "-p", "no:cacheprovider",
-                                           "--junitxml", "report.xml", "-rf")
+                                           "--junitxml", "report.xml", "-o", "junit_family=xunit1", "-rf")
     result.assert_outcomes(passed=1, failed=3)
     text = result.stdout.str()
-    assert "typo.yaml:4: steps[0]" in text and "dischrage" in text
+    assert "profiles/typo.yaml:4: steps[0]" in text and "dischrage" in text  # the path CI shows, not the name
     assert "too-high.yaml:4:" in text and "above the cell's maximum 4.3 V" in text
     assert "shorts.yaml: the simulated run on a pellet cell at 25 degC ended early" in text
     assert "Traceback" not in text
-    assert (pytester.path / "report.xml").read_text().count("<testcase") == 4
+    junit = (pytester.path / "report.xml").read_text()
+    assert junit.count("<testcase") == 4
+    # each case names its file and the YAML line of its first problem (0-based, as pytest gives lines)
+    assert re.search(r'<testcase[^>]*file="profiles/typo.yaml"[^>]*line="3"', junit), junit
+    assert re.search(r'<testcase[^>]*file="profiles/too-high.yaml"[^>]*line="3"', junit), junit
 
 
 def test_a_named_test_runs_alone_and_dry_runs_stay_out_of_the_machines_registry(

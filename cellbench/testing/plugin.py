@@ -284,14 +284,24 @@ class ProfileFile(pytest.File):
 class ProfileItem(pytest.Item):
     """One profile: parsed (file:line errors), checked against the bench file when one is named, dry-run."""
 
-    def runtest(self) -> None:
+    @property
+    def shown(self) -> str:
+        """The profile's path as CI shows it: relative to the root of the run (not the bare file name)."""
+        try:
+            return str(self.path.relative_to(self.config.rootpath))
+        except ValueError:
+            return str(self.path)
+
+    def problems(self) -> list[str]:
+        """The profile's parse and bench-check problems, `path:line: ...` each (no dry run)."""
         from cellbench.profiles.parse import InputError, load_profile, locate
 
         config = self.config
         try:
             prof, text = load_profile(self.path)
         except InputError as exc:
-            raise ProfileFailure("\n".join(exc.problems)) from None
+            return [p.replace(self.path.name, self.shown, 1) if p.startswith(self.path.name) else p
+                    for p in exc.problems]
         bench_file = config.getoption("cellbench_bench") or config.getini("cellbench_bench")
         if bench_file:
             from cellbench.bench.config import load_bench
@@ -302,10 +312,16 @@ class ProfileItem(pytest.Item):
             try:
                 bench = load_bench(bench_path)
             except InputError as exc:
-                raise ProfileFailure("\n".join(exc.problems)) from None
+                return list(exc.problems)
             problems = [p for ch in bench.channels for p in profile_problems(bench, ch, prof)]
             if problems:
-                raise ProfileFailure("\n".join(locate(text, self.path.name, problems)))
+                return locate(text, self.shown, problems)
+        return []
+
+    def runtest(self) -> None:
+        if problems := self.problems():
+            raise ProfileFailure("\n".join(problems))
+        config = self.config
         cell = config.getoption("cellbench_cell") or config.getini("cellbench_cell")
         temperature = config.getoption("cellbench_temperature")
         if temperature is None:
@@ -313,7 +329,7 @@ class ProfileItem(pytest.Item):
         with tempfile.TemporaryDirectory(prefix="cellbench-") as tmp:
             result = dry_run(self.path, runs_dir=Path(tmp), cell=cell, temperature=temperature)
         if not result.completed:
-            raise ProfileFailure(f"{self.path.name}: the simulated run on a {cell} cell at {temperature:g} degC "
+            raise ProfileFailure(f"{self.shown}: the simulated run on a {cell} cell at {temperature:g} degC "
                                  f"ended early: {result.outcome.reason}")
 
     def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException],
@@ -323,4 +339,12 @@ class ProfileItem(pytest.Item):
         return super().repr_failure(excinfo)
 
     def reportinfo(self) -> tuple[Path, int, str]:
-        return self.path, 0, f"cellbench profile {self.path.name}"
+        """The profile and the line of its first problem (0-based, as pytest counts), so a CI annotation built
+        from the JUnit XML points at the YAML line; line 0 when it has none before its dry run."""
+        line = 0
+        for problem in self.problems():
+            m = re.match(rf"{re.escape(self.shown)}:(\d+):", problem)
+            if m:
+                line = int(m.group(1)) - 1
+                break
+        return self.path, line, f"cellbench profile {self.shown}"
