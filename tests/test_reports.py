@@ -205,7 +205,7 @@ def test_cellpy_reads_the_export_with_the_instrument_file_beside_it(simulated_ru
     files = export_run(simulated_run, tmp_path)
     sidecar = json.loads(files["metadata"].read_text())
     assert sidecar["readers"]["cellpy"] == (f"cellpy.get('{files['csv'].name}', instrument='custom', "
-                                            f"instrument_file='{files['cellpy'].name}')")
+                                            f"instrument_file='{files['cellpy'].name}', cycle_mode='full_cell')")
     cell = cellpy.get(str(files["csv"]), instrument="custom", instrument_file=str(files["cellpy"]), mass=1.0,
                       cycle_mode="full_cell")
     summary = cell.data.summary
@@ -214,6 +214,15 @@ def test_cellpy_reads_the_export_with_the_instrument_file_beside_it(simulated_ru
     assert list(summary.index) == [r.cycle for r in ours]
     assert list(summary["charge_capacity"]) == pytest.approx([r.charge_ah for r in ours], rel=1e-6)
     assert list(summary["discharge_capacity"]) == pytest.approx([r.discharge_ah for r in ours], rel=1e-6)
+    # the coulombic efficiency as the sidecar's reader line gets it: discharge over charge, ours by hand
+    efficiency = list(summary["coulombic_efficiency"])
+    by_hand = [100 * r.discharge_ah / r.charge_ah if r.charge_ah else None for r in ours]
+    assert all(e == pytest.approx(h, rel=1e-6) for e, h in zip(efficiency, by_hand, strict=True) if h), (
+        efficiency, by_hand)
+    # why the reader line names the mode: cellpy's default reads this cell's efficiency upside down
+    upside_down = cellpy.get(str(files["csv"]), instrument="custom", instrument_file=str(files["cellpy"]), mass=1.0)
+    first = next(iter(upside_down.data.summary["coulombic_efficiency"]))
+    assert by_hand[0] is not None and by_hand[0] < 100 < first
 
 
 def test_the_report_writes_real_pngs_and_a_page_with_the_cycle_table(simulated_run: Path, tmp_path: Path) -> None:

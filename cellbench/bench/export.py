@@ -69,8 +69,10 @@ def export_run(database: str | Path, out_dir: str | Path | None = None) -> dict[
         "columns": labels,
         "non_standard_columns": {k: v for k, v in NON_STANDARD.items() if k in labels},
         "current_sign": "positive on charge",
+        # cycle_mode='full_cell': a cathode | lithium cell charges first; cellpy's default ('anode') takes the
+        # discharge for the charge and reports the coulombic efficiency upside down (115 % for 87 %)
         "readers": {"cellpy": f"cellpy.get('{files['csv'].name}', instrument='custom', "
-                              f"instrument_file='{files['cellpy'].name}')"},
+                              f"instrument_file='{files['cellpy'].name}', cycle_mode='full_cell')"},
         "capacity_accumulation": {
             "Charging Capacity / Ah": "per cycle: restarts at 0 where each cycle starts (Cycle Count / 1)",
             "Discharging Capacity / Ah": "per cycle: restarts at 0 where each cycle starts (Cycle Count / 1)",
