@@ -260,6 +260,18 @@ def test_a_bench_reaches_its_broker_over_tls_and_refuses_a_broker_it_cannot_veri
         unverified.write_text(text + "  tls: true\n")  # the system's CAs do not know the test's CA
         bad = cli("mqtt", "check", "--bench", str(unverified))
         assert bad.returncode == 1 and "no  connect" in bad.stdout
+        # the same broker by URL, its CA given on the command line (no SSL_CERT_FILE needed)
+        url = f"mqtts://bench@127.0.0.1:{secure.port}"
+        by_url = cli("mqtt", "check", "--broker", url, "--password-file", str(secure.password_file("bench")),
+                     "--ca-file", str(secure.ca_file), "--name", "night")
+        assert by_url.returncode == 0, by_url.stdout + by_url.stderr
+        unknown_ca = cli("mqtt", "check", "--broker", url, "--password-file", str(secure.password_file("bench")))
+        assert unknown_ca.returncode == 1 and "no  connect" in unknown_ca.stdout
+        listed = cli("status", "--broker", url, "--password-file", str(secure.password_file("bench")), "--ca-file",
+                     str(secure.ca_file), "--json")
+        assert listed.returncode == 0 and json.loads(listed.stdout) == [], listed.stdout + listed.stderr
+        plain = cli("status", "--broker", f"mqtt://127.0.0.1:{secure.port}", "--ca-file", str(secure.ca_file))
+        assert plain.returncode == 2 and "a CA file is for mqtts://" in plain.stderr
     finally:
         secure.stop()
 

@@ -882,12 +882,13 @@ def status(
                                                      "mqtt://[user@]host[:port][/prefix] (mqtts:// for TLS)")]
     = None,
     password_file: PasswordFileOption = None,
+    ca_file: CaFileOption = None,
 ) -> None:
     """The live state of every channel on this machine (or on an MQTT broker), from any terminal: running,
     paused or latched and why, idle and how its last run ended; how old each reading is, the cell's (T1) and the
     chamber's temperature, and at most how long the step has left by its time and capacity limits."""
     if broker is not None:
-        _broker_status(broker, password_file, as_json)
+        _broker_status(broker, password_file, as_json, ca_file)
         return
     now = _channels_now
     if as_json:
@@ -908,20 +909,22 @@ def status(
 
 
 PasswordFileOption = Annotated[Path | None, typer.Option(help="a file whose first line is the broker password")]
+CaFileOption = Annotated[Path | None, typer.Option(help="the broker's CA certificate, for mqtts:// (the system's "
+                                                         "CAs if absent)")]
 
 
-def _broker_config(url: str, password_file: Path | None) -> Any:
+def _broker_config(url: str, password_file: Path | None, ca_file: Path | None = None) -> Any:
     from cellbench.bench import mqtt
 
     try:
-        cfg = mqtt.from_url(url, password_file)
+        cfg = mqtt.from_url(url, password_file, ca_file)
         cfg.password()
     except ValueError as exc:
         raise _fail(str(exc)) from None
     return cfg
 
 
-def _broker_status(url: str, password_file: Path | None, as_json: bool) -> None:
+def _broker_status(url: str, password_file: Path | None, as_json: bool, ca_file: Path | None = None) -> None:
     import asyncio
 
     import aiomqtt
@@ -929,7 +932,7 @@ def _broker_status(url: str, password_file: Path | None, as_json: bool) -> None:
 
     from cellbench.bench import mqtt
 
-    cfg = _broker_config(url, password_file)
+    cfg = _broker_config(url, password_file, ca_file)
     try:
         found = asyncio.run(mqtt.statuses(cfg))
     except aiomqtt.MqttError as exc:
@@ -956,6 +959,7 @@ def mqtt_check(
     bench: Annotated[Path | None, typer.Option(help="the bench file whose 'mqtt:' section to check")] = None,
     broker: Annotated[str | None, typer.Option(help="or a broker URL, mqtt://user@host[:port][/prefix]")] = None,
     password_file: PasswordFileOption = None,
+    ca_file: CaFileOption = None,
     name: Annotated[str, typer.Option(help="with --broker: the bench name whose topics to check")] = "bench",
 ) -> None:
     """Whether these credentials can do what a bench does on the broker: connect, take commands, publish."""
@@ -975,7 +979,7 @@ def mqtt_check(
         except ValueError as exc:
             raise _fail(str(exc)) from None
     else:
-        cfg = _broker_config(broker or "", password_file)
+        cfg = _broker_config(broker or "", password_file, ca_file)
     results = asyncio.run(mqtt.check(cfg, name))
     for what, ok, detail in results:
         mark = "[green]ok[/green]" if ok else "[red]no[/red]"

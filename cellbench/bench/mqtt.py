@@ -568,8 +568,9 @@ class MqttBridge:
             self._loop = None
 
 
-def from_url(url: str, password_file: Path | None = None) -> MqttConfig:
-    """`mqtt://user@host:port/prefix` (or `mqtts://` for TLS) as broker settings; the password from a file."""
+def from_url(url: str, password_file: Path | None = None, ca_file: Path | None = None) -> MqttConfig:
+    """`mqtt://user@host:port/prefix` (or `mqtts://` for TLS, verified against `ca_file` or the system's CAs) as
+    broker settings; the password from a file."""
     from urllib.parse import urlsplit
 
     parts = urlsplit(url)
@@ -582,8 +583,13 @@ def from_url(url: str, password_file: Path | None = None) -> MqttConfig:
     except ValueError:
         raise ValueError(f"broker {url!r}: the port is not a number") from None
     tls = parts.scheme == "mqtts"
+    if ca_file is not None and not tls:
+        raise ValueError(f"broker {url!r}: a CA file is for mqtts:// (TLS)")
+    if ca_file is not None and not ca_file.is_file():
+        raise ValueError(f"CA file {ca_file}: no such file")
     return MqttConfig(host=parts.hostname, port=port or (8883 if tls else 1883), username=parts.username or None,
-                      password_file=password_file, tls=tls, prefix=parts.path.strip("/") or "cellbench")
+                      password_file=password_file, tls=tls, ca_file=ca_file,
+                      prefix=parts.path.strip("/") or "cellbench")
 
 
 async def statuses(cfg: MqttConfig, wait: float = 2.0) -> list[Status]:
