@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import signal
 import subprocess
@@ -516,3 +517,24 @@ async def test_telemetry_keeps_the_wall_clocks_time_and_flows_again_at_once_afte
         assert abs(datetime.fromisoformat(late[0]["time"]).timestamp() - time.time()) < 2.0
         times = [datetime.fromisoformat(p["time"]).timestamp() for p in w.of("telemetry")]
         assert times == sorted(times)
+
+
+async def test_telemetry_keeps_its_own_cadence_when_the_profile_samples_seldom(
+        tmp_path: Path, smu: str, broker: Broker) -> None:
+    """telemetry_every 0.5 s on a profile that samples every 20 s: telemetry follows the channel's newest reading
+    (the supervisor reads it at least once a second), not the recorded samples, and never repeats a reading."""
+    seldom = "name: seldom\nsample_period: 20 s\nsteps:\n  - charge: {current: 0.2 mA, until: [4.2 V, 2 h]}\n"
+    bench, profile = files(tmp_path, smu, more=mqtt_section(broker), profile_text=seldom)
+    async with Watcher(broker) as w:
+        proc = start_run(tmp_path, bench, profile)
+        try:
+            await asyncio.to_thread(wait_until_sourcing, smu)
+            await asyncio.sleep(6.0)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            await asyncio.to_thread(proc.communicate, timeout=30)
+        telemetry = [p for p in w.of("telemetry") if p["step"] == "CC Charge"]
+        test_times = [p["test_time"] for p in telemetry]
+        assert len(telemetry) >= 4, test_times  # 6 s at a 20 s sample period: one or two recorded samples
+        assert len(set(test_times)) == len(test_times)  # each reading once
+        assert all(b - a >= 0.4 for a, b in itertools.pairwise(test_times)), test_times

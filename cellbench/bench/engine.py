@@ -798,6 +798,19 @@ class Engine:
         )
         # a real run can be resumed: the state that goes to disk with a sample accounts for it
         self.events.publish(SampleTaken(sample, None if self.clock.virtual else self._snapshot()))
+    def live_sample(self) -> Sample | None:
+        """The latest reading (the engine's or the supervisor's) as a sample, recorded or not: what telemetry
+        publishes on its own cadence. None before the first reading of a step."""
+        if self.latest is None or self.state.step is None:
+            return None
+        t, r, c = self.latest
+        st, step = self.state, self.state.step
+        return Sample(
+            t, self.clock.unix(self._origin + t), r.voltage, r.current, st.cycle, st.step_count,
+            self.program.instrs[step.pc].index, step.step_type, *st.cycle_totals.as_tuple(), c.ambient_c,
+            c.cell_c, None if c.pressure_mpa is None else c.pressure_mpa * 1e6, c.displacement_um,
+        )
+
     # --- time, state and notes -------------------------------------------------------------
     @property
     def test_time(self) -> float:

@@ -23,7 +23,7 @@ from cellbench.bench.clock import Clock
 from cellbench.bench.commands import Command
 from cellbench.bench.config import BenchConfig
 from cellbench.bench.engine import Engine, Interrupted, Outcome, Paused, Progress, RecordingFailed
-from cellbench.bench.events import EventBus, Note, NoteKind
+from cellbench.bench.events import EventBus, Note, NoteKind, SampleTaken
 from cellbench.bench.instruments import Instruments
 from cellbench.bench.mqtt import ChannelLink, MqttBridge
 from cellbench.bench.runlog import RunLog
@@ -708,6 +708,19 @@ async def notify(command: list[str], payload: dict[str, Any]) -> None:
                   stderr.decode(errors="replace").strip()[-300:])
 
 
+async def _telemetry(link: ChannelLink, running: list[Engine]) -> None:
+    """Telemetry on the bench file's own cadence (`telemetry_every`), from the channel's newest reading (the
+    engine's or the supervisor's, at least once a second), recorded or not: a profile that records every few
+    minutes is still seen every few seconds. A reading already published is not published again."""
+    last: float | None = None
+    while True:
+        await asyncio.sleep(link.cfg.telemetry_every)
+        sample = running[0].live_sample() if running else None
+        if sample is not None and sample.test_time != last:
+            last = sample.test_time
+            link.on_event(SampleTaken(sample, None))
+
+
 def _mqtt_state(outcome: Outcome | None) -> str:
     """The state a channel's MQTT status ends in."""
     if outcome is None:
@@ -747,6 +760,7 @@ async def _channel_run(
 
     store = RunStore(path, durable=not clock.virtual, on_failure=failed)
     link: ChannelLink | None = None
+    ticker: asyncio.Future[None] | None = None
     ended: Outcome | None = None  # how the run ended, for the MQTT status
     try:
         if resume is not None:
@@ -782,9 +796,13 @@ async def _channel_run(
             if on_progress is not None and last:
                 on_progress(channel.name, dataclasses.replace(last[0], ended=how))
         watch = not clock.virtual if supervise is None else supervise
+        running: list[Engine] = []  # the engine of the present pass, for telemetry on its own cadence
+        if link is not None and not clock.virtual:
+            ticker = asyncio.ensure_future(_telemetry(link, running))
         while True:  # one pass, or one per pause: the operator may pause and resume the channel
             engine = Engine(profile, channel, events, clock, on_progress=progress if on_progress else None,
                             base_dir=base_dir, notices=notices)
+            running[:] = [engine]
             coordinator.add(engine)
             watcher = asyncio.ensure_future(Supervisor(engine, channel, profile, clock).run()) if watch else None
             try:
@@ -823,6 +841,9 @@ async def _channel_run(
             on_state(runs.RUNNING, "")
             resume, outage, notices = engine.state, None, None
     finally:
+        if ticker is not None:
+            ticker.cancel()
+            await asyncio.gather(ticker, return_exceptions=True)
         if link is not None:
             await link.close(_mqtt_state(ended), None if ended is None else ended.reason)
         # the last batch is committed off the control loop on the real clock (other channels keep sampling)

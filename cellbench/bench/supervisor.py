@@ -81,6 +81,7 @@ class Supervisor:
             log.debug("%s: supervisor read failed: %s", self.channel.name, exc)
             return None
         self.reads += 1
+        self.engine.latest = (now, reading, conditions)  # the newest reading of the channel, for telemetry too
         return reading, conditions
 
     async def _trip(self, why: str, reading: Reading) -> None:
