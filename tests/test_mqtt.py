@@ -168,6 +168,9 @@ async def test_telemetry_commands_and_the_will_through_mosquitto(tmp_path: Path,
         proc.send_signal(signal.SIGKILL)
         offline = await w.until("status", lambda p: p["state"] == "offline")
         assert offline["run_id"] == status["run_id"]
+        # the will says only what stays true: not the time and step of the connection's start
+        assert offline["time"] is None and offline["step"] is None and offline["cycle"] is None
+        assert "connection was lost" in offline["reason"]
 
 
 async def test_a_broker_outage_mid_run_loses_nothing_and_the_run_never_waits(

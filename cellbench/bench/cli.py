@@ -945,7 +945,7 @@ def _broker_status(url: str, password_file: Path | None, as_json: bool, ca_file:
         table.add_column(column)
     for st in found:
         table.add_row(st.bench, st.channel, st.state, st.run_id or "-", st.step or "-",
-                      "-" if st.cycle is None else str(st.cycle), st.time)
+                      "-" if st.cycle is None else str(st.cycle), st.time or "-")
     console.print(table)
 
 

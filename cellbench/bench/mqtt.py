@@ -98,7 +98,8 @@ class Status(BaseModel):
     state: Literal["starting", "running", "paused", "latched", "completed", "interrupted", "failed", "safety stop",
                    "offline"] = Field(description="latched: a safety stop holds the channel, output off, until an "
                                                   "operator clears the latch (a bench with on_safety_stop: hold)")
-    time: str = Field(description="UTC, ISO 8601")
+    time: str | None = Field(description="UTC, ISO 8601; null in the will, which the broker publishes at a moment "
+                                         "the bench cannot know")
     bench: str
     channel: str
     run_id: str | None = None
@@ -401,7 +402,7 @@ class ChannelLink:
         said_down = False
         while True:
             await self._spill()
-            will = aiomqtt.Will(f"{self.topic}/status", self._offline().model_dump_json(), qos=1, retain=True)
+            will = aiomqtt.Will(f"{self.topic}/status", self._will().model_dump_json(), qos=1, retain=True)
             try:
                 async with aiomqtt.Client(**self.cfg.client_kwargs(), will=will,
                                           identifier=self._identifier) as client:
@@ -436,6 +437,13 @@ class ChannelLink:
 
     def _offline(self) -> Status:
         return self._status.model_copy(update={"state": "offline", "time": _utc()})
+
+    def _will(self) -> Status:
+        """The `offline` the broker publishes if the bench vanishes: only what stays true whenever that is (which
+        run, which cell), not the time, step or cycle of the connection's start, which would be stale by then."""
+        return self._status.model_copy(update={
+            "state": "offline", "time": None, "step": None, "step_count": None, "cycle": None,
+            "reason": "the bench's connection was lost (its last status before this one says where it stood)"})
 
     async def _publish(self, client: Any) -> None:
         """Status when it changed, then the outbox in order; returns once closing and everything is out."""
