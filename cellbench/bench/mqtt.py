@@ -68,6 +68,9 @@ class MqttConfig(Strict):
     ca_file: Path | None = Field(default=None, description="the broker's CA certificate (TLS); the system's if absent")
     prefix: str = Field("cellbench", pattern=r"^[^#+/][^#+]*$")
     telemetry_every: Duration = Field(10.0, ge=0.1)
+    telemetry_qos: Literal[0, 1] = Field(0, description="0: at most once (a message written to the socket as the "
+                                                        "broker goes down is lost); 1: at least once, every "
+                                                        "message kept in the outbox until the broker has it")
     outbox_limit: int = Field(100_000, ge=100, description="messages kept while the broker is away; the oldest "
                                                            "telemetry goes first, events are kept")
     keepalive: int = Field(30, ge=5, le=3600)
@@ -325,7 +328,7 @@ class ChannelLink:
                 "time": _utc(s.unix_time), "seq": seq, "run_id": self.run_id, "test_time": s.test_time,
                 "cycle": s.cycle, "step_count": s.step_count, "step": s.step_type,
                 "values": {k: {"value": v, "unit": u} for k, (v, u) in values.items() if v is not None}})
-            self._pending.append((seq, f"{self.topic}/telemetry", payload, 0, 1))
+            self._pending.append((seq, f"{self.topic}/telemetry", payload, self.cfg.telemetry_qos, 1))
             self._notify()
             return
         if isinstance(event, StepStarted):
