@@ -565,3 +565,33 @@ async def test_qos_1_telemetry_loses_nothing_across_broker_restarts(tmp_path: Pa
             await asyncio.to_thread(proc.communicate, timeout=30)
         seq = sequence(w)
         assert len(seq) > 60 and seq == list(range(seq[0], seq[-1] + 1))  # nothing lost, replayed in order
+
+
+async def test_each_finished_cycle_is_a_retained_message_with_its_capacities_and_efficiency(
+        tmp_path: Path, smu: str, broker: Broker) -> None:
+    """Two short cycles: the retained `cycle` message carries the first cycle's charge and discharge (equal to the
+    run database's per-cycle table) and its efficiency, discharge over charge, by hand; a subscriber that comes
+    later gets it from the broker."""
+    from cellbench.bench.analysis import cycle_table
+    from cellbench.bench.store import open_run
+
+    cycles = ("name: cycles\nsample_period: 0.2 s\nsteps:\n  - repeat: 3\n    steps:\n"
+              "      - charge: {current: 0.5 mA, until: [4.2 V, 2 s]}\n"
+              "      - discharge: {current: 0.5 mA, until: [2.5 V, 1.5 s]}\n")
+    bench, profile = files(tmp_path, smu, more=mqtt_section(broker), profile_text=cycles)
+    proc = start_run(tmp_path, bench, profile)
+    out, _ = await asyncio.to_thread(proc.communicate, timeout=60)
+    assert proc.returncode == 0, out[-2000:]
+    async with Watcher(broker) as w:  # after the run: the retained message is still there
+        message = await w.until("cycle", lambda p: True)
+    (db,) = [p for p in (tmp_path / "runs").glob("*.sqlite") if not p.name.endswith(".outbox.sqlite")]
+    with open_run(db) as store:
+        table = {r.cycle: r for r in cycle_table(store.samples())}
+    assert message["cycle"] == 2  # the third cycle ended with the run, not with a next one
+    row = table[message["cycle"]]
+    assert message["charge"] == {"value": pytest.approx(row.charge_ah, rel=1e-9), "unit": "Ah"}
+    assert message["discharge"]["value"] == pytest.approx(row.discharge_ah, rel=1e-9)
+    assert message["coulombic_efficiency"] == pytest.approx(row.discharge_ah / row.charge_ah, rel=1e-9)
+    assert 0.5 < message["coulombic_efficiency"] < 1.0  # 1.5 s back of 2 s in, by hand: 0.75
+    # no discharge reached its voltage limit, so none measured a reference capacity; no impedance step, no fit
+    assert message["retention"] is None and message["resistance"] is None

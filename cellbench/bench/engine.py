@@ -25,6 +25,7 @@ from cellbench.bench import policy
 from cellbench.bench.channel import Channel
 from cellbench.bench.clock import Clock, utc
 from cellbench.bench.events import (
+    CycleCompleted,
     EventBus,
     Note,
     NoteKind,
@@ -401,6 +402,11 @@ class Engine:
             if ctl.step_type.is_constant_current:
                 st.last_cc_current = abs(ctl.setpoint(0.0, last.voltage))
             finished = self._advance_cycle(ctl, body.new_cycle)
+            if finished is not None:
+                number, totals = finished
+                ref = st.reference_capacity
+                self.events.publish(CycleCompleted(number, self._t(), *totals.as_tuple(),
+                                                   totals.discharge_ah / ref if ref else None))
             if finished is not None and (short := self._efficiency_signature(*finished)):
                 await self._short_found(short, planned_end=False)
             step = self._begin_step(pc, ctl.step_type)

@@ -138,7 +138,21 @@ class StateSaved:
         return RunState.model_validate_json(self.state_json)
 
 
-RunEvent = SampleTaken | StepStarted | StepEnded | Note | SafetyTripped | SpectrumMeasured | SpectrumFitted | StateSaved
+@dataclass(frozen=True, slots=True)
+class CycleCompleted:
+    """A cycle ended (the next began): its charge and discharge, and its retention against the reference."""
+
+    cycle: int
+    test_time: float
+    charge_ah: float
+    discharge_ah: float
+    charge_wh: float
+    discharge_wh: float
+    retention: float | None  # discharge over the reference capacity, where there is one
+
+
+RunEvent = (SampleTaken | StepStarted | StepEnded | Note | SafetyTripped | SpectrumMeasured | SpectrumFitted
+            | StateSaved | CycleCompleted)
 Subscriber = Callable[[RunEvent], None]
 
 

@@ -41,7 +41,17 @@ from typing import Any, ClassVar, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from cellbench.bench.commands import Command
-from cellbench.bench.events import Note, NoteKind, RunEvent, SafetyTripped, SampleTaken, StepEnded, StepStarted
+from cellbench.bench.events import (
+    CycleCompleted,
+    Note,
+    NoteKind,
+    RunEvent,
+    SafetyTripped,
+    SampleTaken,
+    SpectrumFitted,
+    StepEnded,
+    StepStarted,
+)
 from cellbench.profiles.schema import Strict
 from cellbench.profiles.units import Duration
 
@@ -133,6 +143,22 @@ class Telemetry(BaseModel):
     values: dict[str, Quantity]
 
 
+class Cycle(BaseModel):
+    """`cycle`, retained: the channel's last finished cycle, so a dashboard needs no analysis of its own."""
+
+    model_config = ConfigDict(extra="forbid")
+    time: str = Field(description="UTC, ISO 8601, when the cycle ended")
+    run_id: str
+    cycle: int
+    charge: Quantity = Field(description="Ah charged in the cycle")
+    discharge: Quantity = Field(description="Ah discharged in the cycle")
+    coulombic_efficiency: float | None = Field(description="discharge over charge (a fraction); null without a "
+                                                           "charge")
+    retention: float | None = Field(description="discharge over the reference capacity (a fraction)")
+    resistance: Quantity | None = Field(description="ohmic plus interfacial resistance of the run's latest "
+                                                    "impedance fit, where it has one")
+
+
 class Event(BaseModel):
     """`event`, QoS 1: a step began or ended, a note of the record (start, end, fault, safety, ...)."""
 
@@ -168,7 +194,7 @@ class Reply(BaseModel):
     message: str
 
 
-PAYLOADS: dict[str, type[BaseModel]] = {"status": Status, "telemetry": Telemetry, "event": Event,
+PAYLOADS: dict[str, type[BaseModel]] = {"status": Status, "telemetry": Telemetry, "event": Event, "cycle": Cycle,
                                         "cmd/<name>": CommandMessage, "reply": Reply}
 
 
@@ -289,6 +315,9 @@ class ChannelLink:
         self._status = Status(state="starting", time=_utc(), bench=bench, channel=channel, run_id=run_id,
                               cell_id=cell_id)
         self._status_sent: str | None = None
+        self._cycle: Cycle | None = None  # the last finished cycle, and the one the broker last took
+        self._cycle_sent: Cycle | None = None
+        self._resistance: float | None = None  # ohm: the run's latest impedance fit, R_ohmic + R_interfacial
         self._last_telemetry = -math.inf
         self._answers: collections.OrderedDict[str, Reply] = collections.OrderedDict()
         self._closing = False
@@ -329,6 +358,19 @@ class ChannelLink:
                 "cycle": s.cycle, "step_count": s.step_count, "step": s.step_type,
                 "values": {k: {"value": v, "unit": u} for k, (v, u) in values.items() if v is not None}})
             self._pending.append((seq, f"{self.topic}/telemetry", payload, self.cfg.telemetry_qos, 1))
+            self._notify()
+            return
+        if isinstance(event, SpectrumFitted):
+            self._resistance = event.r_ohmic + event.r_interfacial
+            return
+        if isinstance(event, CycleCompleted):
+            ce = event.discharge_ah / event.charge_ah if event.charge_ah > 0 else None
+            self._cycle = Cycle(time=_utc(), run_id=self.run_id, cycle=event.cycle,
+                                charge=Quantity(value=event.charge_ah, unit="Ah"),
+                                discharge=Quantity(value=event.discharge_ah, unit="Ah"), coulombic_efficiency=ce,
+                                retention=event.retention,
+                                resistance=None if self._resistance is None else Quantity(value=self._resistance,
+                                                                                           unit="ohm"))
             self._notify()
             return
         if isinstance(event, StepStarted):
@@ -414,7 +456,7 @@ class ChannelLink:
                     if said_down:
                         log.info("%s: MQTT broker back; replaying %d message(s)", self.channel, len(self._outbox))
                         said_down = False
-                    self._status_sent = None  # say where we stand on every new connection
+                    self._status_sent = self._cycle_sent = None  # say where we stand on every new connection
                     await client.subscribe(f"{self.topic}/cmd/+", qos=1)
                     listener = asyncio.ensure_future(self._listen(client))
                     try:
@@ -455,6 +497,10 @@ class ChannelLink:
             if status != self._status_sent:
                 await client.publish(f"{self.topic}/status", self._status.model_dump_json(), qos=1, retain=True)
                 self._status_sent = status
+            if self._cycle is not None and self._cycle is not self._cycle_sent:  # retained: the last one stands
+                cycle = self._cycle
+                await client.publish(f"{self.topic}/cycle", cycle.model_dump_json(), qos=1, retain=True)
+                self._cycle_sent = cycle
             rows = await self._spill(500)
             if rows:  # the outbox lets them go at the next pass, once each is out
                 await _send(client, rows)
