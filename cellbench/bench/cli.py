@@ -34,8 +34,42 @@ app = typer.Typer(help="Hardware-in-the-loop test bench for solid-state battery 
 sim_app = typer.Typer(help="Simulated instruments that speak the real protocols.", no_args_is_help=True,
                   rich_markup_mode=None)
 app.add_typer(sim_app, name="sim")
-console = Console()
-err = Console(stderr=True)
+class _Output:
+    """Standard output that a closed pipe (`| head`) or a full disk cannot turn into an error: the first write
+    that fails silences the output (display.silence_output) and the command goes on, a run to its end."""
+
+    def __init__(self, stream: str) -> None:
+        self.stream = stream
+
+    def _target(self) -> Any:
+        import sys
+
+        return getattr(sys, self.stream)
+
+    def write(self, text: str) -> int:
+        try:
+            return int(self._target().write(text))
+        except OSError:
+            self._silence()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._target().flush()
+        except OSError:
+            self._silence()
+
+    def _silence(self) -> None:
+        from cellbench.bench.display import silence_output
+
+        silence_output()
+
+    def __getattr__(self, name: str) -> Any:  # isatty, fileno, encoding...: the stream's own
+        return getattr(self._target(), name)
+
+
+console = Console(file=_Output("stdout"))  # type: ignore[arg-type]
+err = Console(file=_Output("stderr"))  # type: ignore[arg-type]
 
 def _version(show: bool) -> None:
     if show:

@@ -8,6 +8,7 @@ channel's latest progress; what is shown is redrawn at most every SUMMARY_EVERY 
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import Counter
 from typing import TYPE_CHECKING, Any
@@ -39,6 +40,19 @@ def summary(latest: dict[str, Progress]) -> str:
             f"({high}) · test time up to {longest / 3600:.2f} h")
 
 
+def silence_output() -> None:
+    """Standard output (and error) that cannot be written any more go to /dev/null: every later write, ours or a
+    library's or the interpreter's at exit, is dropped instead of raising."""
+    import os
+    import sys
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            os.dup2(devnull, stream.fileno())
+    os.close(devnull)
+
+
 class Display:
     """Progress for every channel of a run on `bars` (a rich Progress); `label` tags it (e.g. "resumed")."""
 
@@ -51,12 +65,24 @@ class Display:
         self.summary_task: Any = None
         self.shown = 0.0  # when the summary was last drawn (time.monotonic)
         self.last_line: dict[str, tuple[float, int]] = {}  # plain lines: (when, step) by channel
+        self.silent = False  # the output failed: nothing more is shown
 
     @property
     def summarised(self) -> bool:
         return len(self.latest) > self.max_bars
 
     def __call__(self, channel: str, p: Progress) -> None:
+        """Show a channel's progress. The output may fail (a closed pipe: `| head`, a full disk): the run must
+        not; the display falls silent instead (silence_output), and the run goes on to its end."""
+        if self.silent:
+            return
+        try:
+            self._show(channel, p)
+        except OSError:  # BrokenPipeError, ENOSPC ...
+            self.silent = True
+            silence_output()
+
+    def _show(self, channel: str, p: Progress) -> None:
         self.latest[channel] = p
         if self.summarised:
             self._summary()  # (runs that stop show at the next redraw: a thousand ends must not draw a thousand)

@@ -180,11 +180,14 @@ class Engine:
             self._restore(resume, outage)
         for notice in self._notices:
             self._note(NoteKind.NOTICE, notice)
-        status, reason = RunStatus.COMPLETED, "completed"
+        # `completed` only once the program's end is reached: any other way out (an error nobody expected among
+        # them) is recorded as what it was
+        status, reason = RunStatus.FAILED, "failed: the run ended before the end of its profile"
         try:
             self._last = await self.channel.cycler.measure()
             await self._run_with_track()
             self.state.finished = True
+            status, reason = RunStatus.COMPLETED, "completed"
         except ProfileFailed as exc:
             status, reason = RunStatus.FAILED, f"failed: {exc}"
             self._note(NoteKind.FAILED, str(exc))
@@ -201,6 +204,10 @@ class Engine:
         except InstrumentFault as exc:
             status, reason = RunStatus.FAULT, f"instrument fault: {exc}"
             self._note(NoteKind.FAULT, str(exc))
+        except Exception as exc:  # recorded as it is, then raised on: never an `end: completed` for it
+            status, reason = RunStatus.FAILED, f"failed: {type(exc).__name__}: {exc}"
+            self._note(NoteKind.FAILED, reason)
+            raise
         finally:
             await self._output_off()
             self._checkpoint()
