@@ -316,3 +316,13 @@ def test_every_commands_help_is_printed() -> None:
         result = CliRunner().invoke(app, [*words, "--help"])
         assert result.exit_code == 0, (words, result.output)
         assert "Usage:" in result.output and " ".join(words) in result.output, words
+
+
+def test_sim_serve_help_names_every_instrument_that_has_a_simulator() -> None:
+    from cellbench.drivers.registry import drivers
+
+    result = CliRunner().invoke(app, ["sim", "serve", "--help"], env={"COLUMNS": "300"})
+    said = " ".join(result.output.split())
+    served = [name for name, spec in drivers().items() if spec.simulator is not None]
+    assert "maccor" in served and "arbin" in served
+    assert all(name in said for name in served), (served, said)

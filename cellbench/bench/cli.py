@@ -1026,7 +1026,7 @@ def mqtt_check(
 def sim_serve(
     instrument: Annotated[str, typer.Argument(help="which instrument: a driver name (keithley2450, espec, "
                                                    "modbus-press or press, modbus-load-cell or load-cell, "
-                                                   "palmsens)")],
+                                                   "palmsens, maccor, arbin)")],
     port: Annotated[int | None, typer.Option(help="TCP port to listen on (0 picks a free one; default: the "
                                                   "instrument's own: 5025 for a 2450, 57570 for MacNet, 9031 for CTI, "
                                                   "5502 for a Modbus press or load cell)")] = None,
