@@ -237,7 +237,9 @@ def test_status_tells_idle_and_ended_channels_why_one_is_paused_its_readings_age
         deadline = time.monotonic() + 10
         while rows()["ch1"]["state"] != "paused" and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert rows()["ch1"]["reason"] == "paused: checking the crimp (operator ana)"
+        paused = rows()["ch1"]
+        assert paused["reason"] == "paused: checking the crimp (operator ana)"
+        assert paused["current"] == 0.0  # the output is off: not the last sample's 0.2 mA
         assert cli(tmp_path, "stop", "ch1").returncode == 0
         deadline = time.monotonic() + 10
         while rows()["ch1"]["state"] != "idle" and time.monotonic() < deadline:

@@ -181,6 +181,8 @@ def live(entry: RunEntry, now: float | None = None) -> Live:
     if row is None:
         return Live(entry, total_steps=None if total is None else int(total))
     step, kind, cycle, v, i, t1, ambient, pa, t, unix = row
+    if entry.state == PAUSED:
+        i = 0.0  # paused (or held latched): the output is off, whatever the last sample carried
     remaining = None if saved is None or t is None else step_remaining(meta, saved[0], t, i)
     age = None if unix is None else max((time.time() if now is None else now) - unix, 0.0)
     return Live(entry, step, None if total is None else int(total), kind, cycle, v, i,
