@@ -326,3 +326,24 @@ def test_sim_serve_help_names_every_instrument_that_has_a_simulator() -> None:
     served = [name for name, spec in drivers().items() if spec.simulator is not None]
     assert "maccor" in served and "arbin" in served
     assert all(name in said for name in served), (served, said)
+
+
+def test_runs_leaves_out_runs_whose_database_is_gone_and_prune_forgets_them(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    from cellbench.bench import runs
+
+    monkeypatch.setenv("CELLBENCH_STATE_DIR", str(tmp_path / "state"))
+    kept, gone = tmp_path / "20261207T000000Z-A.sqlite", tmp_path / "20261207T000001Z-B.sqlite"
+    kept.write_bytes(b"")
+    for db in (kept, gone):
+        runs.begin(db, channel="ch1", cell_id=db.stem[-1], bench="b", profile="p", clock="real")
+
+    def listed(*args: str) -> list[str]:
+        result = CliRunner().invoke(app, ["runs", "--json", *args])
+        assert result.exit_code == 0, result.output
+        return sorted(e["cell_id"] for e in json.loads(result.output))
+
+    assert listed() == ["A"] and listed("--all") == ["A", "B"]
+    pruned = CliRunner().invoke(app, ["runs", "--prune"])
+    assert pruned.exit_code == 0 and "forgot 1 run(s)" in pruned.output
+    assert listed("--all") == ["A"] and kept.exists()

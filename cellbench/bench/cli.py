@@ -826,13 +826,24 @@ def runs_command(
     since: Annotated[str | None, typer.Option(help="only runs started on or after this UTC date (YYYY-MM-DD)")]
     = None,
     as_json: Annotated[bool, typer.Option("--json", help="one JSON array, for scripts")] = False,
+    all_: Annotated[bool, typer.Option("--all", help="also the runs whose database is gone")] = False,
+    prune: Annotated[bool, typer.Option("--prune", help="forget the runs whose database is gone")] = False,
 ) -> None:
-    """Every run this machine has started, newest first: state, cell, where its database and log are."""
+    """Every run this machine has started, newest first: state, cell, where its database and log are (runs whose
+    database was deleted are left out unless --all; --prune forgets them)."""
     from rich.table import Table
 
     from cellbench.bench import runs
 
-    found = runs.select(runs.entries(), state=state, cell=cell, since=_since(since))
+    every = runs.entries()
+    gone = [e for e in every if not Path(e.database).exists()]
+    if prune:
+        for e in gone:
+            runs.forget(e)
+        console.print(f"forgot {len(gone)} run(s) whose database is gone", highlight=False)
+        return
+    kept = every if all_ else [e for e in every if Path(e.database).exists()]
+    found = runs.select(kept, state=state, cell=cell, since=_since(since))
     if as_json:
         print(json.dumps([e.model_dump() for e in found], indent=1))
         return

@@ -113,6 +113,12 @@ def begin(database: Path, **about: str | None) -> RunEntry:
     return entry
 
 
+def forget(entry: RunEntry, root: Path | None = None) -> None:
+    """Remove a run from the registry (its database and log are left alone)."""
+    with contextlib.suppress(FileNotFoundError):
+        _path(entry.run_id, root).unlink()
+
+
 def end(entry: RunEntry, state: str, reason: str) -> None:
     save(entry.model_copy(update={"state": state, "reason": reason, "ended": time.time()}))
 
