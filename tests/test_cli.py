@@ -347,3 +347,29 @@ def test_runs_leaves_out_runs_whose_database_is_gone_and_prune_forgets_them(tmp_
     pruned = CliRunner().invoke(app, ["runs", "--prune"])
     assert pruned.exit_code == 0 and "forgot 1 run(s)" in pruned.output
     assert listed("--all") == ["A"] and kept.exists()
+
+
+def test_an_unreachable_instrument_on_the_visa_backend_is_one_line_too(tmp_path: Path) -> None:
+    """`backend: visa` (offered in the example bench file) once turned an unreachable 2450 into a 308-line
+    traceback: pyvisa-py lets the socket's own error through. One line and exit 1, as the default backend."""
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    (tmp_path / "bench.yaml").write_text(textwrap.dedent(f"""
+        name: v
+        instruments:
+          smu1: {{driver: keithley2450, resource: "TCPIP::127.0.0.1::{port}::SOCKET", backend: visa, timeout: 1 s}}
+        cells:
+          c: {{capacity: 3.5 mAh, voltage_min: 2.5 V, voltage_max: 4.3 V}}
+        channels:
+          ch1: {{cycler: smu1, cell: c}}
+    """))
+    (tmp_path / "r.yaml").write_text("name: r\nsteps:\n  - rest: 1 min\n")
+    done = subprocess.run([sys.executable, "-m", "cellbench.bench.cli", "run", str(tmp_path / "r.yaml"), "--bench",
+                           str(tmp_path / "bench.yaml"), "--runs-dir", str(tmp_path / "runs")],
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "CELLBENCH_STATE_DIR": str(tmp_path / "state"), "COLUMNS": "200"})
+    said = [line for line in (done.stdout + done.stderr).splitlines() if line.strip()]
+    assert done.returncode == 1 and len(said) == 1 and said[0].startswith("smu1: "), said

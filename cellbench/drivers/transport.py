@@ -434,6 +434,10 @@ class VisaTransport(LineTransport):
             if exc.error_code == pyvisa.constants.StatusCode.error_timeout:
                 raise TimeoutError from exc
             raise ConnectionLost(self.name, f"read failed: {exc}") from exc
+        except ConnectionLost:
+            raise
+        except Exception as exc:  # pyvisa-py lets the socket's own errors through (connection refused, reset)
+            raise ConnectionLost(self.name, f"read failed: {exc}") from exc
         assert isinstance(reply, bytes)
         return reply.removesuffix(self.read_termination)
 
