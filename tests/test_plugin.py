@@ -247,3 +247,22 @@ def test_the_temperature_option_reaches_the_simulated_cell() -> None:
 
     drop = {t: 1e-3 * SolidStateCell(soc=0.5, temperature_c=t).dc_resistance() for t in (25.0, 60.0)}
     assert volts[60.0] - volts[25.0] == pytest.approx(drop[25.0] - drop[60.0], abs=0.01)
+
+
+def test_the_readmes_ci_blocks_run_as_written(pytester: pytest.Pytester) -> None:
+    """The README's pytest.ini and test file, copied as a lab would copy them (with the example lab's bench file
+    and profiles), pass: an inline comment in the ini was once read as a path, the test lacked its imports."""
+    root = Path(__file__).resolve().parent.parent
+    readme = (root / "README.md").read_text()
+    section = readme[readme.index("## Testing your profiles in CI"):readme.index("## Unattended runs")]
+    ini = re.search(r"```ini\n(.*?)```", section, re.S)
+    code = re.search(r"```python\n(.*?)```", section, re.S)
+    assert ini is not None and code is not None
+    (pytester.path / "pytest.ini").write_text(ini.group(1))
+    shutil.copy(root / "examples" / "ci" / "bench.yaml", pytester.path / "bench.yaml")
+    shutil.copytree(root / "examples" / "ci" / "profiles", pytester.path / "profiles")
+    (pytester.path / "test_lab.py").write_text(code.group(1))
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    outcomes = result.parseoutcomes()
+    assert outcomes.get("failed", 0) == 0 and outcomes.get("errors", 0) == 0, result.stdout.str()[-3000:]
+    assert outcomes.get("passed", 0) == 2 + len(list((root / "examples" / "ci" / "profiles").glob("*.yaml")))
