@@ -270,6 +270,19 @@ def test_compare_states_the_cycle_life_ratio_of_two_cells(tmp_path: Path) -> Non
     assert (tmp_path / "cmp.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_compare_writes_its_plot_beside_the_runs_not_wherever_it_is_run(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    a, b = synthetic_cycles(runs / "a.sqlite", 0.001, 30), synthetic_cycles(runs / "b.sqlite", 0.002, 30)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    result = CliRunner().invoke(app, ["compare", str(a), str(b)], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert (runs / "compare.png").read_bytes()[:4] == b"\x89PNG" and not list(elsewhere.iterdir())
+
+
 def test_dcir_takes_noisy_currents_as_held_and_ignores_noise_edges_and_zero_ms_pairs() -> None:
     def s(t: float, v: float, i: float) -> Sample:
         return Sample(t, t, v, i, 1, 1, 1, "Pulse", 0, 0, 0, 0)

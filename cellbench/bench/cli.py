@@ -768,7 +768,8 @@ def report(
 @app.command()
 def compare(
     runs: Annotated[list[Path], typer.Argument(help="two or more run databases")],
-    out: Annotated[Path, typer.Option(help="the overlay plot")] = Path("compare.png"),
+    out: Annotated[Path | None, typer.Option(help="the overlay plot (default: compare.png beside the first run)")]
+    = None,
 ) -> None:
     """Overlay the capacity retention of several cells and state their cycle-life ratio."""
     from cellbench.bench.report import compare_runs
@@ -776,6 +777,7 @@ def compare(
 
     if len(runs) < 2:
         raise _fail("compare needs at least two runs")
+    out = out or runs[0].parent / "compare.png"
     from cellbench.bench.extras import MissingExtra
 
     try:
