@@ -17,21 +17,19 @@ import sys
 import time
 from pathlib import Path
 
-from tests.test_unattended import PROFILE, ask, cli, files, pair_bench, run_env, start_run, wait_until_sourcing
+from tests.test_unattended import (
+    PROFILE,
+    ask,
+    cli,
+    files,
+    pair_bench,
+    run_env,
+    start_run,
+    stay,
+    wait_until_sourcing,
+)
 
 SLACK = 1.5  # s: a sample's stamp against the wall clock read around it (sample period 1 s, loaded machine)
-
-
-def stay(tmp_path: Path, bench: Path) -> subprocess.Popen[str]:
-    """`cellbench run --bench BENCH --stay` in a process of its own, once its control socket is up."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "cellbench.bench.cli", "run", "--bench", str(bench), "--stay", "--runs-dir",
-         str(tmp_path / "runs")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env=run_env(tmp_path))
-    deadline = time.monotonic() + 30
-    while not list((tmp_path / "state" / "control").glob("*.json")) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    return proc
 
 
 def database_of(tmp_path: Path, channel: str) -> Path:

@@ -76,6 +76,18 @@ def start_run(tmp_path: Path, bench: Path, profile: Path, runs: str = "runs") ->
     )
 
 
+def stay(tmp_path: Path, bench: Path) -> subprocess.Popen[str]:
+    """`cellbench run --bench BENCH --stay` in a process of its own, once its control socket is up."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cellbench.bench.cli", "run", "--bench", str(bench), "--stay", "--runs-dir",
+         str(tmp_path / "runs")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=run_env(tmp_path))
+    deadline = time.monotonic() + 30
+    while not list((tmp_path / "state" / "control").glob("*.json")) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return proc
+
+
 def wait_until_sourcing(resource: str, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -392,13 +404,7 @@ def test_a_run_is_started_on_an_idle_channel_of_a_running_controller(tmp_path: P
     profile = tmp_path / "charge.yaml"
     profile.write_text(PROFILE)
     bench = pair_bench(tmp_path, two_smus, str(tmp_path / "short.yaml"))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "cellbench.bench.cli", "run", "--bench", str(bench), "--stay", "--runs-dir",
-         str(tmp_path / "runs")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env=run_env(tmp_path))
-    deadline = time.monotonic() + 30
-    while not list((tmp_path / "state" / "control").glob("*.json")) and time.monotonic() < deadline:
-        time.sleep(0.1)
+    proc = stay(tmp_path, bench)
     time.sleep(4.0)  # ch1's two-second rest has ended; the controller stays
     assert proc.poll() is None
     assert ask(r2, ":OUTP?") == "0"  # ch2 idle
@@ -441,13 +447,8 @@ def test_a_run_started_later_is_the_guardians_too(served: str, tmp_path: Path) -
     controller killed with -9, the guardian turns the output off and records it in that run's database."""
     bench, profile = files(tmp_path, served)
     runs = tmp_path / "runs"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "cellbench.bench.cli", "run", "--bench", str(bench), "--stay", "--runs-dir",
-         str(runs)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=run_env(tmp_path))
+    proc = stay(tmp_path, bench)
     try:
-        deadline = time.monotonic() + 30
-        while not list((tmp_path / "state" / "control").glob("*.json")) and time.monotonic() < deadline:
-            time.sleep(0.1)
         started = cli(tmp_path, "start", "ch1", str(profile))
         assert started.returncode == 0, started.stdout + started.stderr
         wait_until_sourcing(served)
