@@ -286,3 +286,41 @@ def test_a_dense_charge_is_refused_at_start_and_runs_only_when_allowed_which_the
     run = subprocess.run([sys.executable, "-m", "cellbench.bench.cli", "run", str(dense), "--bench", str(bench)],
                          capture_output=True, text=True, env=run_env(tmp_path), timeout=60)
     assert run.returncode == 2 and "dense.yaml:4" in run.stderr and ask(r2, ":OUTP?") == "0"
+
+
+def test_a_hung_controller_is_stopped_by_its_guardian_and_its_output_turned_off(tmp_path: Path,
+                                                                                served: str) -> None:
+    """SIGSTOP the controller while it sources: alive but no longer working, it once kept the output on,
+    unsupervised. Its control loop beats to the guardian every second; past guardian.HUNG_AFTER without a beat
+    the guardian kills it (so it cannot wake up and source on) and turns the output off, and the record says so."""
+    import os
+
+    from cellbench.bench import guardian
+
+    bench, profile = files(tmp_path, served)
+    proc = start_run(tmp_path, bench, profile)
+    try:
+        wait_until_sourcing(served)
+        time.sleep(2.0)
+        stopped_at = time.monotonic()
+        os.kill(proc.pid, signal.SIGSTOP)
+        deadline = stopped_at + guardian.HUNG_AFTER + 30
+        while ask(served, ":OUTP?") != "0" and time.monotonic() < deadline:
+            time.sleep(0.2)
+        off_after = time.monotonic() - stopped_at
+        assert ask(served, ":OUTP?") == "0", "the hung controller's output stayed on"
+        assert guardian.HUNG_AFTER - 1 < off_after < guardian.HUNG_AFTER + 30
+        proc.wait(timeout=30)
+        assert proc.returncode == -signal.SIGKILL  # stopped for good: it cannot wake and source on
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGCONT)
+            proc.kill()
+    (db,) = [p for p in (tmp_path / "runs").glob("*.sqlite")]
+    deadline = time.monotonic() + 15
+    said: list[str] = []
+    while not said and time.monotonic() < deadline:
+        said = [m for k, m in events_of(db) if k == "guardian"]
+        time.sleep(0.2)
+    assert said and said[0].startswith("the controller stopped working for 15 s (hung or stopped): the guardian "
+                                       "killed it; smu1: output turned off"), said

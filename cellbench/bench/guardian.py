@@ -34,6 +34,8 @@ from cellbench.drivers.registry import OpenRequest, driver
 log = logging.getLogger("cellbench.guardian")
 
 ACT_WITHIN = 10.0  # s: how long the guardian keeps trying to reach an instrument after the controller died
+BEAT_EVERY = 1.0  # s: the controller's control loop tells the guardian it is working
+HUNG_AFTER = 15.0  # s without a beat from a controller that is still alive: it is hung (SIGSTOP, a deadlock)
 NOTIFY_TIMEOUT = 30.0  # s a notify command may take before it is killed (as the controller's)
 
 
@@ -63,6 +65,17 @@ def watch_also(proc: subprocess.Popen[str], database: Path) -> None:
         log.error("the guardian was not told of %s: %s", database, exc)  # turn off, if it can; said here
 
 
+def beat(proc: subprocess.Popen[str]) -> None:
+    """The control loop is working: said to the guardian (a line on its pipe). A controller that stops saying it
+    (stopped, hung) is stopped by the guardian and its outputs turned off."""
+    try:
+        assert proc.stdin is not None
+        proc.stdin.write("beat\n")
+        proc.stdin.flush()
+    except (OSError, AssertionError, ValueError) as exc:
+        log.error("the guardian was not told the controller is working: %s", exc)
+
+
 def dismiss(proc: subprocess.Popen[str]) -> None:
     """The controller ended cleanly (its outputs are off): the guardian may go."""
     try:
@@ -77,7 +90,7 @@ def dismiss(proc: subprocess.Popen[str]) -> None:
 async def make_safe(spec: dict[str, Any]) -> list[str]:
     """Turn every cycler's output off; what was done, one line per instrument."""
     said = []
-    for item in spec["cyclers"]:
+    for item in [dict(c) for c in spec["cyclers"]]:
         name = item.pop("driver")
         request = OpenRequest(**item)
         said.append(await _off(name, request, spec["parent"]))
@@ -120,7 +133,7 @@ async def _off(driver_name: str, request: OpenRequest, parent: int) -> str:
     return f"{request.name}: the guardian could not turn the output off: {last}"
 
 
-def record(databases: list[str], lines: list[str]) -> list[dict[str, Any]]:
+def record(databases: list[str], lines: list[str], why: str = "the controller died") -> list[dict[str, Any]]:
     """The guardian's lines as events of every run; each run's notify payload (state `interrupted`)."""
     now = time.time()
     told = []
@@ -133,7 +146,7 @@ def record(databases: list[str], lines: list[str]) -> list[dict[str, Any]]:
                     'SELECT max(t) FROM (SELECT max("Test Time / s") AS t FROM samples '
                     "UNION ALL SELECT max(test_time) FROM events)").fetchone()
                 con.executemany("INSERT INTO events VALUES (?, ?, ?, ?)",
-                                [(test_time, now, "guardian", f"the controller died; {line}") for line in lines])
+                                [(test_time, now, "guardian", f"{why}; {line}") for line in lines])
                 meta = {k: v for k, v in con.execute("SELECT key, value FROM meta WHERE key IN "
                                                      "('run_id', 'channel', 'cell_id', 'profile_name')")}
             con.close()
@@ -145,7 +158,7 @@ def record(databases: list[str], lines: list[str]) -> list[dict[str, Any]]:
             with contextlib.suppress(ValueError):
                 about[key] = json.loads(value)
         told.append({**about, "database": db, "state": "interrupted",
-                     "reason": "the controller died (" + "; ".join(lines) + ")", "ended": now})
+                     "reason": f"{why} (" + "; ".join(lines) + ")", "ended": now})
     return told
 
 
@@ -164,17 +177,47 @@ def notify_all(command: list[str] | None, payloads: list[dict[str, Any]]) -> Non
                       done.stderr.strip()[-300:])
 
 
-def watch(stdin: TextIO) -> int:
-    spec = json.loads(stdin.readline())
-    for line in stdin:
+def _lines(fd: int, hung_after: float) -> Any:
+    """The pipe's lines as they come; None when none came for `hung_after` seconds; the end at EOF."""
+    import select
+
+    buffer = b""
+    while True:
+        ready, _, _ = select.select([fd], [], [], hung_after)
+        if not ready:
+            yield None
+            continue
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            return
+        buffer += chunk
+        while b"\n" in buffer:
+            line, buffer = buffer.split(b"\n", 1)
+            yield line.decode(errors="replace")
+
+
+def watch(stdin: TextIO, hung_after: float = HUNG_AFTER) -> int:
+    lines = _lines(stdin.fileno(), hung_after)
+    first = next((line for line in lines if line is not None), None)
+    if first is None:
+        return 1  # the controller died before it said anything: nothing to act on
+    spec = json.loads(first)
+    why = "the controller died"
+    for line in lines:
+        if line is None:  # alive (or a zombie) but silent: hung or stopped; it must not wake up and source on
+            if alive(spec["parent"]):
+                why = f"the controller stopped working for {hung_after:g} s (hung or stopped): the guardian killed it"
+                with contextlib.suppress(OSError):
+                    os.kill(spec["parent"], signal.SIGKILL)
+            continue  # its pipe closes with it
         if line.strip() == "done":
             return 0
         with contextlib.suppress(ValueError, TypeError, KeyError):  # a run started later: its database
             spec["databases"].append(str(json.loads(line)["database"]))
-    lines = asyncio.run(make_safe(spec))
-    for line in lines:
+    said = asyncio.run(make_safe(spec))
+    for line in said:
         log.warning("%s", line)
-    notify_all(spec.get("notify"), record(spec["databases"], lines))
+    notify_all(spec.get("notify"), record(spec["databases"], said, why))
     return 1
 
 

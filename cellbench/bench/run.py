@@ -471,8 +471,10 @@ async def _on_bench(
             # on a real bench a guardian process turns the outputs off if this process dies a hard death
             watchdog = None if clock.virtual else await asyncio.to_thread(
                 guardian.spawn, instruments.cyclers(), list(where.values()), bench.notify)
+            beating: asyncio.Future[None] | None = None
             if watchdog is not None:
                 coordinator.guard = functools.partial(guardian.watch_also, watchdog)
+                beating = asyncio.ensure_future(_beat(watchdog))
             coordinator.opened = True
             try:
                 # every channel runs to its own end (and any run started later) before the connections close
@@ -480,6 +482,9 @@ async def _on_bench(
                     coordinator.launch(one)
                 results = await coordinator.finish()
             finally:
+                if beating is not None:
+                    beating.cancel()
+                    await asyncio.gather(beating, return_exceptions=True)
                 if watchdog is not None:
                     await asyncio.to_thread(guardian.dismiss, watchdog)
     finally:
@@ -490,6 +495,14 @@ async def _on_bench(
         if isinstance(r, BaseException):
             raise r
     return [r for r in results if isinstance(r, ChannelResult)]
+
+
+async def _beat(watchdog: Any) -> None:
+    """From the control loop itself, at guardian.BEAT_EVERY: the loop is working. A controller stopped (SIGSTOP)
+    or hung stops beating, and its guardian stops it and turns the outputs off."""
+    while True:
+        guardian.beat(watchdog)
+        await asyncio.sleep(guardian.BEAT_EVERY)
 
 
 @contextlib.asynccontextmanager
