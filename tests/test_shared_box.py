@@ -324,3 +324,46 @@ def test_a_hung_controller_is_stopped_by_its_guardian_and_its_output_turned_off(
         time.sleep(0.2)
     assert said and said[0].startswith("the controller stopped working for 15 s (hung or stopped): the guardian "
                                        "killed it; smu1: output turned off"), said
+
+
+def guardians_of(pid: int) -> list[int]:
+    """The guardian processes a controller started (its children running cellbench.bench.guardian)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and b"cellbench.bench.guardian" in cmdline and fields[0] != "Z":
+            found.append(int(stat.parent.name))
+    return found
+
+
+def test_a_dead_guardian_is_replaced_at_once_and_the_new_one_acts(tmp_path: Path, served: str) -> None:
+    """Kill the guardian, then the controller: the output once stayed on. The controller sees its guardian gone
+    within a beat and starts a new one, which turns the output off when the controller dies."""
+    import os
+
+    bench, profile = files(tmp_path, served)
+    proc = start_run(tmp_path, bench, profile)
+    try:
+        wait_until_sourcing(served)
+        (first,) = guardians_of(proc.pid)
+        os.kill(first, signal.SIGKILL)
+        deadline = time.monotonic() + 15
+        while [g for g in guardians_of(proc.pid) if g != first] == [] and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert [g for g in guardians_of(proc.pid) if g != first], "no new guardian"
+        assert ask(served, ":OUTP?") == "1"  # the run went on meanwhile
+        proc.kill()
+        proc.wait(timeout=10)
+        deadline = time.monotonic() + 30
+        while ask(served, ":OUTP?") != "0" and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert ask(served, ":OUTP?") == "0"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    log = next((tmp_path / "runs").glob("*.log")).read_text()
+    assert "is gone" in log and "a new guardian" in log

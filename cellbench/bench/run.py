@@ -473,8 +473,19 @@ async def _on_bench(
                 guardian.spawn, instruments.cyclers(), list(where.values()), bench.notify)
             beating: asyncio.Future[None] | None = None
             if watchdog is not None:
-                coordinator.guard = functools.partial(guardian.watch_also, watchdog)
-                beating = asyncio.ensure_future(_beat(watchdog))
+                guarded = list(where.values())  # every database the guardian records in, later runs' too
+                keeper = [watchdog]
+
+                def guard(path: Path) -> None:
+                    guarded.append(path)
+                    guardian.watch_also(keeper[0], path)
+
+                def respawn() -> Any:
+                    keeper[0] = guardian.spawn(instruments.cyclers(), guarded, bench.notify)
+                    return keeper[0]
+
+                coordinator.guard = guard
+                beating = asyncio.ensure_future(_beat(keeper, respawn))
             coordinator.opened = True
             try:
                 # every channel runs to its own end (and any run started later) before the connections close
@@ -485,6 +496,7 @@ async def _on_bench(
                 if beating is not None:
                     beating.cancel()
                     await asyncio.gather(beating, return_exceptions=True)
+                    watchdog = keeper[0]
                 if watchdog is not None:
                     await asyncio.to_thread(guardian.dismiss, watchdog)
     finally:
@@ -497,11 +509,17 @@ async def _on_bench(
     return [r for r in results if isinstance(r, ChannelResult)]
 
 
-async def _beat(watchdog: Any) -> None:
+async def _beat(keeper: list[Any], respawn: Callable[[], Any]) -> None:
     """From the control loop itself, at guardian.BEAT_EVERY: the loop is working. A controller stopped (SIGSTOP)
-    or hung stops beating, and its guardian stops it and turns the outputs off."""
+    or hung stops beating, and its guardian stops it and turns the outputs off. A guardian found dead (killed,
+    crashed) is replaced at once: the outputs are never left without one."""
     while True:
-        guardian.beat(watchdog)
+        if keeper[0].poll() is not None:
+            log.error("the guardian (pid %d) is gone (exit %s); a new one takes over", keeper[0].pid,
+                      keeper[0].returncode)
+            new = await asyncio.to_thread(respawn)
+            log.warning("a new guardian (pid %d) watches the outputs", new.pid)
+        guardian.beat(keeper[0])
         await asyncio.sleep(guardian.BEAT_EVERY)
 
 
