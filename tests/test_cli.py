@@ -373,3 +373,25 @@ def test_an_unreachable_instrument_on_the_visa_backend_is_one_line_too(tmp_path:
                           env={**os.environ, "CELLBENCH_STATE_DIR": str(tmp_path / "state"), "COLUMNS": "200"})
     said = [line for line in (done.stdout + done.stderr).splitlines() if line.strip()]
     assert done.returncode == 1 and len(said) == 1 and said[0].startswith("smu1: "), said
+
+
+def test_runs_and_status_off_a_terminal_are_not_squeezed_into_80_columns(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Piped to grep or a file, a table keeps each run on one line with its whole database path."""
+    from cellbench.bench import runs
+
+    state = tmp_path / "state"
+    monkeypatch.setenv("CELLBENCH_STATE_DIR", str(state))
+    monkeypatch.delenv("COLUMNS", raising=False)
+    db = tmp_path / ("a-long-folder-name-that-a-lab-would-use" * 2) / "20261207T000000Z-P-0142.sqlite"
+    db.parent.mkdir(parents=True)
+    db.write_bytes(b"")
+    runs.end(runs.begin(db, channel="ch1", cell_id="P-0142", bench="b", profile="formation", clock="real"),
+             "completed", "completed")
+    listed = subprocess.run([sys.executable, "-m", "cellbench.bench.cli", "runs"], capture_output=True, text=True,
+                            timeout=60, env=dict(os.environ))
+    assert listed.returncode == 0, listed.stderr
+    rows = [line for line in listed.stdout.splitlines() if "P-0142" in line and "formation" in line]
+    assert len(rows) == 1, listed.stdout
+    (row,) = rows
+    assert str(db) in row  # the whole path on the run's own line

@@ -858,7 +858,18 @@ def runs_command(
     for e in found:
         table.add_row(e.run_id, e.state, e.cell_id, e.channel, e.profile, runs.utc(e.started),
                       e.reason if e.state != "completed" else "", e.database)
-    console.print(table)
+    _print_wide(table)
+
+
+OFF_TERMINAL_WIDTH = 400  # columns a table gets when it goes to a file, a pipe or a log: not squeezed into 80
+
+
+def _print_wide(table: Any) -> None:
+    """A table on a terminal at its width; elsewhere (grep, a file, a log) as wide as its rows need."""
+    if console.is_terminal:
+        console.print(table)
+    else:  # a console of its own: rich caps any print at its console's width (80 off a terminal)
+        Console(file=_Output("stdout"), width=OFF_TERMINAL_WIDTH).print(table)  # type: ignore[arg-type]
 
 
 def _hms(seconds: float | None) -> str:
@@ -942,7 +953,7 @@ def status(
         print(json.dumps([lv.as_dict() for lv in now()], indent=1, default=str))
         return
     if not (console.is_terminal if watch is None else watch):
-        console.print(_status_table(now()))
+        _print_wide(_status_table(now()))
         return
     from rich.live import Live
 
@@ -993,7 +1004,7 @@ def _broker_status(url: str, password_file: Path | None, as_json: bool, ca_file:
     for st in found:
         table.add_row(st.bench, st.channel, st.state, st.run_id or "-", st.step or "-",
                       "-" if st.cycle is None else str(st.cycle), st.time or "-")
-    console.print(table)
+    _print_wide(table)
 
 
 mqtt_app = typer.Typer(help="The MQTT side of a bench: telemetry and remote commands.", no_args_is_help=True,
