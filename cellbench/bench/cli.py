@@ -558,8 +558,9 @@ def _holder_of(database: Path) -> control.Controller | None:
     if not database.is_file():
         return None
     bench, channel = _recorded(database)
-    return next((c for c in control.controllers() if channel and channel in c.channels
-                 and (bench is None or c.bench == bench)), None)
+    if bench is None or not channel:  # a run that does not say its bench is never handed to another's controller
+        return None
+    return next((c for c in control.controllers() if channel in c.channels and c.bench == bench), None)
 
 
 def _ask(socket: str, who: str, command: control.Command) -> None:
