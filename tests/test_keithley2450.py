@@ -70,6 +70,27 @@ async def test_manual_page_2_83_the_open_circuit_voltage_is_read_as_a_0_a_source
     assert (reading.voltage, reading.current) == (3.8123, 0.0)
 
 
+async def test_an_open_circuit_reading_leaves_the_steps_source_as_it_was_set() -> None:
+    """A step sets its source with the output still off (the first step of a run); a reading taken then (the
+    supervisor's) must not leave its 0 A / 21 V set-up behind: the step's own is sent again after it."""
+    step = ':SOUR:FUNC CURR;:SOUR:CURR:VLIM 4.2;:SOUR:CURR 0.001;:SENS:FUNC "VOLT"'
+    async with scripted(
+        (":OUTP OFF", None), (":SYST:ERR?", NO_ERROR),
+        (step, None), (":SYST:ERR?", NO_ERROR),
+        (':SOUR:FUNC CURR;:SOUR:CURR:VLIM 21;:SOUR:CURR 0;:SENS:FUNC "VOLT";:OUTP ON', None),
+        (":SYST:ERR?", NO_ERROR),
+        (':READ? "defbuffer1", READ', "3.8"),
+        (":OUTP OFF", None), (":SYST:ERR?", NO_ERROR),
+        (step, None), (":SYST:ERR?", NO_ERROR),  # the step's set-up again
+        (":OUTP ON", None), (":SYST:ERR?", NO_ERROR),
+    ) as io:
+        smu = Keithley2450(io)
+        await smu.output(False)
+        await smu.source_current(1e-3, voltage_limit=4.2)
+        assert (await smu.measure()).voltage == 3.8
+        await smu.output(True)
+
+
 async def test_over_the_wire_the_relay_open_reads_nothing_and_the_driver_reads_the_cell(smu_sim: SimServer) -> None:
     io = await open_transport(smu_sim.resource, name="smu", timeout=2.0)
     smu = Keithley2450(io)

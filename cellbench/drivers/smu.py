@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 import re
 
@@ -27,6 +28,10 @@ class Keithley2450:
         self._io = transport
         self._source = "VOLT"
         self._on: bool | None = None  # the output as last set here (None: not known yet; asked once)
+        self._sourcing: str | None = None  # the last source set-up sent: an open-circuit reading restores it
+        # setting the source or the output, and an open-circuit reading, never interleave (the engine's next step
+        # and the supervisor's read at a step's start): one at a time
+        self._setting = asyncio.Lock()
 
     @property
     def name(self) -> str:
@@ -50,21 +55,23 @@ class Keithley2450:
 
     async def source_current(self, amps: float, *, voltage_limit: float) -> None:
         """Source a constant current (positive = into the cell), clamped at voltage_limit."""
-        await self._configure(
-            f':SOUR:FUNC CURR;:SOUR:CURR:VLIM {voltage_limit:g};:SOUR:CURR {amps:g};:SENS:FUNC "VOLT"'
-        )
-        self._source = "CURR"
+        await self._set_source(
+            f':SOUR:FUNC CURR;:SOUR:CURR:VLIM {voltage_limit:g};:SOUR:CURR {amps:g};:SENS:FUNC "VOLT"', "CURR")
 
     async def source_voltage(self, volts: float, *, current_limit: float) -> None:
         """Source a constant voltage, the current clamped at ±current_limit."""
-        await self._configure(
-            f':SOUR:FUNC VOLT;:SOUR:VOLT:ILIM {current_limit:g};:SOUR:VOLT {volts:g};:SENS:FUNC "CURR"'
-        )
-        self._source = "VOLT"
+        await self._set_source(
+            f':SOUR:FUNC VOLT;:SOUR:VOLT:ILIM {current_limit:g};:SOUR:VOLT {volts:g};:SENS:FUNC "CURR"', "VOLT")
+
+    async def _set_source(self, command: str, kind: str) -> None:
+        async with self._setting:
+            await self._configure(command)
+            self._sourcing, self._source = command, kind
 
     async def output(self, on: bool) -> None:
-        await self._configure(f":OUTP {'ON' if on else 'OFF'}")
-        self._on = on
+        async with self._setting:
+            await self._configure(f":OUTP {'ON' if on else 'OFF'}")
+            self._on = on
 
     async def output_is_on(self) -> bool:
         return self._parse_bool(":OUTP?", await self._io.query(":OUTP?"))
@@ -77,7 +84,9 @@ class Keithley2450:
         if self._on is None:
             self._on = await self.output_is_on()
         if not self._on:
-            return await self._open_circuit()
+            async with self._setting:
+                if not self._on:  # (turned on meanwhile: read it as it sources)
+                    return await self._open_circuit()
         command = ':READ? "defbuffer1", READ, SOUR'
         reply = await self._io.query(command)
         values = self._parse_floats(command, reply, 2)
@@ -87,14 +96,17 @@ class Keithley2450:
         return Reading(voltage=sourced, current=measured)
 
     async def _open_circuit(self) -> Reading:
+        """(Under the setting lock.) The output off again afterwards, and the source set up as it was before, so
+        that a step whose source was set while its output was off starts with its own setpoint."""
         await self._configure(f':SOUR:FUNC CURR;:SOUR:CURR:VLIM {OCV_VOLTAGE_LIMIT:g};:SOUR:CURR 0;'
                               ':SENS:FUNC "VOLT";:OUTP ON')
-        self._source = "CURR"
         try:
             command = ':READ? "defbuffer1", READ'
             (voltage,) = self._parse_floats(command, await self._io.query(command), 1)
         finally:
             await self._configure(":OUTP OFF")
+            if self._sourcing is not None:
+                await self._configure(self._sourcing)
         return Reading(voltage=voltage, current=0.0)
 
     async def measure_voltage(self) -> float:
