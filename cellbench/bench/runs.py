@@ -11,6 +11,7 @@ run: when it cannot be written the run goes on and the log says so.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -20,6 +21,7 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
@@ -195,21 +197,32 @@ def live(entry: RunEntry, now: float | None = None) -> Live:
                 t1 if t1 is not None else ambient, None if pa is None else pa / 1e6, t, remaining, t1, ambient, age)
 
 
+@functools.lru_cache(maxsize=256)
+def _program(text: str, source: str, base: str) -> Any:
+    """A run's recorded profile compiled, once per profile (a watched `status` asks every few seconds for every
+    channel); None when it cannot be read back. Arguments: the metadata's JSON texts."""
+    from cellbench.profiles.parse import InputError, parse_profile
+    from cellbench.profiles.program import compile_profile
+
+    try:
+        return compile_profile(parse_profile(json.loads(text), str(json.loads(source)), Path(str(json.loads(base)))))
+    except (InputError, ValueError, TypeError):
+        return None
+
+
 def step_remaining(meta: dict[str, str], state_json: str, test_time: float, current: float | None) -> float | None:
     """The most the running step has left (s), from its limits a clock can judge: its time limit or a rest's
     duration, a step capacity at the present current, and the profile's or a loop's time budget. None when only
     a voltage, current or other reading can end it (or the profile cannot be read back)."""
     from cellbench.bench.runstate import RunState
-    from cellbench.profiles.parse import InputError, parse_profile
-    from cellbench.profiles.program import compile_profile
     from cellbench.profiles.schema import body_of
 
     try:
         state = RunState.model_validate_json(state_json)
-        profile = parse_profile(json.loads(meta["profile_text"]), str(json.loads(meta.get("profile_source", '""'))),
-                                Path(str(json.loads(meta.get("base_dir", '"."')))))
-        program = compile_profile(profile)
-    except (InputError, ValueError, KeyError, TypeError):
+        program = _program(meta["profile_text"], meta.get("profile_source", '""'), meta.get("base_dir", '"."'))
+    except (ValueError, KeyError, TypeError):
+        return None
+    if program is None:
         return None
     if state.step is None or not 0 <= state.step.pc < len(program.instrs):
         return None
