@@ -44,7 +44,7 @@ def free_port() -> int:
 class Broker:
     """One Mosquitto process; `stop()` kills it, `start()` brings it back on the same port."""
 
-    def __init__(self, folder: Path, tls: bool = False) -> None:
+    def __init__(self, folder: Path, tls: bool = False, persistent: bool = False) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         self.folder, self.port = folder, free_port()
         self.ca_file = make_certificates(folder) if tls else None
@@ -55,8 +55,10 @@ class Broker:
             subprocess.run([tool, "-b", str(passwd), user, password], check=True, capture_output=True)
         (folder / "acl").write_text(ACL)
         self.config = folder / "mosquitto.conf"
+        # persistent: sessions and their queued QoS 1 messages survive a restart (saved when stopped gently)
+        persistence = f"persistence true\npersistence_location {folder}/" if persistent else "persistence false"
         self.config.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous false\npassword_file {passwd}\n"
-                               f"acl_file {folder / 'acl'}\npersistence false\nlog_dest stderr\n"
+                               f"acl_file {folder / 'acl'}\n{persistence}\nlog_dest stderr\n"
                                # as root it would switch to the mosquitto user, who cannot read the test's folder
                                "user root\n"
                                + (f"cafile {self.ca_file}\ncertfile {folder / 'server.crt'}\n"
@@ -76,9 +78,12 @@ class Broker:
                 time.sleep(0.05)
         raise RuntimeError("mosquitto did not start: " + (self.folder / "mosquitto.log").read_text()[-500:])
 
-    def stop(self) -> None:
+    def stop(self, gently: bool = False) -> None:
         if self.proc is not None:
-            self.proc.kill()
+            if gently:
+                self.proc.terminate()
+            else:
+                self.proc.kill()
             self.proc.wait(timeout=10)
             self.proc = None
 

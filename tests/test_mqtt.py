@@ -60,8 +60,10 @@ def bench_file(tmp_path: Path, resource: str, broker: Broker) -> tuple[Path, Pat
 class Watcher:
     """A client of our own (as Grafana or a LIMS would be): every message under the channel, reconnecting."""
 
-    def __init__(self, broker: Broker, user: str = "viewer") -> None:
-        self.broker, self.user = broker, user
+    def __init__(self, broker: Broker, user: str = "viewer", session: str | None = None) -> None:
+        """`session`: a persistent session of that client ID, whose QoS 1 messages the broker keeps for it while
+        it reconnects (a subscriber that misses nothing, on a persistent broker)."""
+        self.broker, self.user, self.session = broker, user, session
         self.messages: list[tuple[str, dict[str, Any], bool]] = []
         self._task: asyncio.Task[None] | None = None
 
@@ -77,8 +79,9 @@ class Watcher:
     async def _run(self) -> None:
         while True:
             try:
+                persist = {"identifier": self.session, "clean_session": False} if self.session else {}
                 async with aiomqtt.Client("127.0.0.1", self.broker.port, username=self.user,
-                                          password=f"{self.user}-secret") as client:
+                                          password=f"{self.user}-secret", **persist) as client:
                     await client.subscribe("cellbench/night/ch1/#", qos=1)
                     async for m in client.messages:
                         self.messages.append((str(m.topic), json.loads(bytes(m.payload)), bool(m.retain)))
@@ -543,19 +546,22 @@ async def test_telemetry_keeps_its_own_cadence_when_the_profile_samples_seldom(
         assert all(b - a >= 0.4 for a, b in itertools.pairwise(test_times)), test_times
 
 
-async def test_qos_1_telemetry_loses_nothing_across_broker_restarts(tmp_path: Path, smu: str, broker: Broker) -> None:
+async def test_qos_1_telemetry_loses_nothing_across_broker_restarts(tmp_path: Path, smu: str) -> None:
     """telemetry_qos: 1 keeps every telemetry message in the outbox until the broker acknowledges it: at 10 Hz,
     three broker restarts leave no gap in the sequence a subscriber sees (QoS 0 may lose the few written to the
     socket as the broker went down: docs/mqtt.md says which promise holds)."""
     fast = "name: fast\nsample_period: 0.1 s\nsteps:\n  - charge: {current: 0.2 mA, until: [4.2 V, 2 h]}\n"
+    # the subscriber is the oracle: a persistent session on a persistent broker, so that what the bench sends
+    # while the subscriber itself is still reconnecting is kept for it (it once looked like a loss)
+    broker = Broker(tmp_path / "persistent-broker", persistent=True)
     section = mqtt_section(broker).replace("telemetry_every: 0.5 s", "telemetry_every: 0.1 s") + "  telemetry_qos: 1\n"
     bench, profile = files(tmp_path, smu, more=section, profile_text=fast)
-    async with Watcher(broker) as w:
+    async with Watcher(broker, session="qos1-oracle") as w:
         proc = start_run(tmp_path, bench, profile)
         try:
             await w.until("telemetry", lambda p: p["seq"] >= 10)
             for _ in range(3):
-                broker.stop()
+                broker.stop(gently=True)
                 await asyncio.sleep(1.0)
                 before = sequence(w)[-1]
                 broker.start()
@@ -563,6 +569,7 @@ async def test_qos_1_telemetry_loses_nothing_across_broker_restarts(tmp_path: Pa
         finally:
             proc.send_signal(signal.SIGTERM)
             await asyncio.to_thread(proc.communicate, timeout=30)
+            broker.stop()
         seq = sequence(w)
         assert len(seq) > 60 and seq == list(range(seq[0], seq[-1] + 1))  # nothing lost, replayed in order
 
