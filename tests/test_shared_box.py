@@ -7,6 +7,7 @@ the run computes.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import re
@@ -367,3 +368,47 @@ def test_a_dead_guardian_is_replaced_at_once_and_the_new_one_acts(tmp_path: Path
             proc.kill()
     log = next((tmp_path / "runs").glob("*.log")).read_text()
     assert "is gone" in log and "a new guardian" in log
+
+
+def test_an_unreachable_cycler_holds_up_no_other_when_the_guardian_acts(tmp_path: Path) -> None:
+    """kill -9 a controller of two 2450s, the first of which has just stopped answering (its server stopped):
+    the guardian tries every cycler at once, so the answering one is off within the promised 5 s (once it
+    waited the 10 s the guardian gives the silent one first), and the silent one is sent its off blind."""
+    import os
+
+    from tests.test_cli import serve
+
+    servers = [serve("keithley2450", "--port", "0", "--soc", "0.3") for _ in range(2)]
+    (silent_proc, silent), (_, answering) = servers
+    profile = tmp_path / "charge.yaml"
+    profile.write_text(PROFILE)
+    proc = start_run(tmp_path, pair_bench(tmp_path, (silent, answering)), profile)
+    try:
+        wait_until_sourcing(silent)
+        wait_until_sourcing(answering)
+        os.kill(silent_proc.pid, signal.SIGSTOP)  # ch1's 2450: connections accepted, nothing answered
+        proc.kill()
+        died = time.monotonic()
+        proc.wait(timeout=10)
+        deadline = died + 30
+        while ask(answering, ":OUTP?") != "0" and time.monotonic() < deadline:
+            time.sleep(0.1)
+        off_after = time.monotonic() - died
+        assert ask(answering, ":OUTP?") == "0"
+        assert off_after < 5.0, f"the answering cycler went off {off_after:.1f} s after the death"
+        os.kill(silent_proc.pid, signal.SIGCONT)
+        deadline = time.monotonic() + 30
+        said: list[str] = []
+        while len(said) < 2 and time.monotonic() < deadline:
+            said = [m for k, m in events_of(database_of(tmp_path, "ch2")) if k == "guardian"]
+            time.sleep(0.2)
+        assert any("smu2: output turned off by the guardian" in m for m in said), said
+        assert any(m.startswith("the controller died; smu1: ") for m in said), said  # off, or sent blind
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for p, _ in servers:
+            with contextlib.suppress(OSError):
+                os.kill(p.pid, signal.SIGCONT)
+            p.terminate()
+            p.wait(timeout=10)
