@@ -412,3 +412,166 @@ def test_an_unreachable_cycler_holds_up_no_other_when_the_guardian_acts(tmp_path
                 os.kill(p.pid, signal.SIGCONT)
             p.terminate()
             p.wait(timeout=10)
+
+
+def test_a_cell_that_shorts_while_paused_is_seen_latched_and_never_turned_on_into(tmp_path: Path) -> None:
+    """A paused channel still holds a cell: its open-circuit voltage is read once a second. A short at open circuit
+    (20 ohm, on the served 2450's cell at a moment of the test's choosing) latches the channel within seconds,
+    recorded; `resume` is refused, clearing the latch is refused with the reading, and stopping ends the run in
+    that safety stop (latched for a later `cellbench resume` too)."""
+    import os
+
+    from tests.test_cli import serve
+
+    sim, resource = serve("keithley2450", "--port", "0", "--soc", "0.3", "--short-on-usr1", "20")
+    bench, profile = files(tmp_path, resource)
+    proc = start_run(tmp_path, bench, profile)
+    try:
+        wait_until_sourcing(resource)
+        time.sleep(2.0)
+        assert cli(tmp_path, "pause", "ch1", "--reason", "re-crimp").returncode == 0
+        db = database_of(tmp_path, "ch1")
+        deadline = time.monotonic() + 10
+        while "paused" not in [k for k, _ in events_of(db)] and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(2.0)
+        assert not [m for k, m in events_of(db) if k == "safety"]  # a healthy cell at rest: nothing found
+        os.kill(sim.pid, signal.SIGUSR1)
+        shorted = time.monotonic()
+        found: list[str] = []
+        while not found and time.monotonic() < shorted + 15:
+            found = [m for k, m in events_of(db) if k == "safety"]
+            time.sleep(0.1)
+        assert found and time.monotonic() - shorted < 5.0, found
+        assert found[0].startswith("safety stop: cell voltage ") and "at open circuit" in found[0], found
+        status = json.loads(cli(tmp_path, "status", "--json").stdout)
+        assert status[0]["state"] == "paused" and status[0]["reason"] == found[0], status  # held: the trip says why
+        resumed = cli(tmp_path, "resume", "ch1")
+        assert resumed.returncode != 0 and "latch" in resumed.stdout + resumed.stderr
+        cleared = cli(tmp_path, "resume", "ch1", "--clear-latch")
+        said = cleared.stdout + cleared.stderr
+        assert cleared.returncode != 0 and "latch not cleared: the cell reads" in said, said
+        assert "sourcing" not in said and "resumed" not in [k for k, _ in events_of(db)][-3:]
+        assert cli(tmp_path, "stop", "ch1").returncode == 0
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        sim.terminate()
+        sim.wait(timeout=10)
+    (end,) = [m for k, m in events_of(db) if k == "end"]
+    assert end == found[0]
+    from cellbench.bench.run import read_for_resume
+    from cellbench.profiles.parse import InputError
+
+    try:
+        read_for_resume(db)
+        raise AssertionError("a run latched while paused was resumable")
+    except InputError as exc:
+        assert "clears the latch" in str(exc)
+
+
+def test_a_resume_reads_the_cell_first_and_refuses_a_shorted_one(tmp_path: Path) -> None:
+    """kill -9 the controller while it charges; the cell shorts while nobody runs it. `cellbench resume` reads the
+    cell at open circuit before anything else and refuses, a safety stop with the reading: no step goes on."""
+    import os
+
+    from tests.test_cli import serve
+
+    sim, resource = serve("keithley2450", "--port", "0", "--soc", "0.3", "--short-on-usr1", "20")
+    bench, profile = files(tmp_path, resource)
+    proc = start_run(tmp_path, bench, profile)
+    try:
+        wait_until_sourcing(resource)
+        time.sleep(2.0)
+        proc.kill()
+        proc.wait(timeout=10)
+        db = database_of(tmp_path, "ch1")
+        deadline = time.monotonic() + 15
+        while "guardian" not in [k for k, _ in events_of(db)] and time.monotonic() < deadline:
+            time.sleep(0.1)
+        os.kill(sim.pid, signal.SIGUSR1)
+        with sqlite3.connect(db) as con:
+            (before,) = con.execute("SELECT count(*) FROM samples").fetchone()
+        done = subprocess.run([sys.executable, "-m", "cellbench.bench.cli", "resume", str(db), "--bench", str(bench)],
+                              capture_output=True, text=True, env=run_env(tmp_path), timeout=60)
+        assert done.returncode == 1, done.stdout + done.stderr
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        sim.terminate()
+        sim.wait(timeout=10)
+    ends = [m for k, m in events_of(db) if k == "end"]
+    assert ends[-1].startswith("safety stop: not resumed: the cell reads ") and "at open circuit" in ends[-1], ends
+    with sqlite3.connect(db) as con:
+        (after,) = con.execute("SELECT count(*) FROM samples").fetchone()
+    assert after == before  # not one step's sample: the output never went on
+
+
+def test_a_cell_a_safety_stop_ended_is_not_run_again_by_any_process_until_cleared(tmp_path: Path,
+                                                                                     served: str) -> None:
+    """A safety stop latches the cell by its ID across processes: a plain `cellbench run` on it is refused before
+    anything is sent to the instrument, naming the trip; `cellbench clear-latch` (recorded in the tripped run)
+    lets the next run go."""
+    tripping = ("name: rest\nsample_period: 1 s\nsafety: {voltage: [2.5 V, 3.0 V]}\n"  # the cell reads ~3.7 V
+                "steps:\n  - rest: 1 h\n")
+    bench, profile = files(tmp_path, served, profile_text=tripping)
+    first = subprocess.run([sys.executable, "-m", "cellbench.bench.cli", "run", str(profile), "--bench", str(bench),
+                            "--runs-dir", str(tmp_path / "runs")], capture_output=True, text=True,
+                           env=run_env(tmp_path), timeout=60)
+    assert first.returncode == 1 and "safety stop" in first.stdout + first.stderr
+    (tripped,) = (tmp_path / "runs").glob("*.sqlite")
+    again = subprocess.run([sys.executable, "-m", "cellbench.bench.cli", "run", str(profile), "--bench", str(bench),
+                            "--runs-dir", str(tmp_path / "runs")], capture_output=True, text=True,
+                           env=run_env(tmp_path), timeout=60)
+    said = again.stdout + again.stderr
+    assert again.returncode == 1 and "cell pellet is latched since " in said and "by a safety stop" in said, said
+    assert "cellbench clear-latch pellet" in said and "Traceback" not in said
+    assert len(list((tmp_path / "runs").glob("*.sqlite"))) == 1  # refused before a run file or an instrument
+    assert ask(served, ":OUTP?") == "0"
+    wrong = cli(tmp_path, "clear-latch", "nope", "--reason", "x")
+    assert wrong.returncode == 1 and "has no safety latch" in wrong.stderr
+    cleared = cli(tmp_path, "clear-latch", "pellet", "--reason", "impedance checked", "--operator", "ana")
+    assert cleared.returncode == 0, cleared.stderr
+    assert [m for k, m in events_of(tripped) if k == "latch cleared"] == [
+        "cell latch cleared by the operator (impedance checked (operator ana)) after the "
+        + [m for k, m in events_of(tripped) if k == "end"][-1]]
+    third = subprocess.run([sys.executable, "-m", "cellbench.bench.cli", "run", str(profile), "--bench", str(bench),
+                            "--runs-dir", str(tmp_path / "runs")], capture_output=True, text=True,
+                           env=run_env(tmp_path), timeout=60)
+    assert "is latched" not in third.stdout + third.stderr
+    assert len(list((tmp_path / "runs").glob("*.sqlite"))) == 2  # it ran (and tripped on its narrow range again)
+
+
+def test_a_run_database_has_one_writer_whatever_the_bench_files_say(tmp_path: Path,
+                                                                     two_smus: tuple[str, str]) -> None:
+    """Two `resume`s of one killed run, each with its own bench file (on different 2450s, so no instrument lock
+    stops the second), by two users (their own runs registries, so neither sees the other's run there): once both
+    wrote one database. The second is refused before it touches an instrument, naming the process recording it."""
+    r1, r2 = two_smus
+    bench, profile = files(tmp_path, r1)
+    proc = start_run(tmp_path, bench, profile)
+    wait_until_sourcing(r1)
+    time.sleep(1.5)
+    proc.kill()
+    proc.wait(timeout=10)
+    db = database_of(tmp_path, "ch1")
+    deadline = time.monotonic() + 15
+    while "guardian" not in [k for k, _ in events_of(db)] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    moved = tmp_path / "moved.yaml"
+    moved.write_text(bench.read_text().replace(r1, r2))
+    first = subprocess.Popen([sys.executable, "-m", "cellbench.bench.cli", "resume", str(db)],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=run_env(tmp_path))
+    try:
+        wait_until_sourcing(r1)
+        other_user = {**run_env(tmp_path), "CELLBENCH_STATE_DIR": str(tmp_path / "state-of-another-user")}
+        second = subprocess.run([sys.executable, "-m", "cellbench.bench.cli", "resume", str(db), "--bench",
+                                 str(moved)], capture_output=True, text=True, env=other_user, timeout=60)
+        said = second.stdout + second.stderr
+        assert second.returncode == 1 and f"is in use by cellbench pid {first.pid}" in said, said
+        assert ask(r2, ":OUTP?") == "0"  # the second bench's 2450 was never turned on
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.communicate(timeout=30)
+    assert [k for k, _ in events_of(db)].count("resumed") == 1

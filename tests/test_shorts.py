@@ -21,15 +21,16 @@ steps:
 SHORT_AT = 3600 + 30.0
 
 
-def charge_with_short(tmp_path: Path, ohms: float, extra: str = "",
-                      potentiostat: bool = False) -> tuple[Any, list[dict[str, Any]]]:
+def charge_with_short(tmp_path: Path, ohms: float, extra: str = "", potentiostat: bool = False,
+                      supervise: bool | None = None) -> tuple[Any, list[dict[str, Any]]]:
     text = CHARGE.format(extra=extra)
     clock = VirtualClock()
     bench = SimulatedBench(initial_soc=0.3, potentiostat=potentiostat)
 
     async def main() -> Any:
         async with bench:
-            task = asyncio.create_task(bench.run(parse_profile(text), text, clock, runs_dir=tmp_path))
+            task = asyncio.create_task(bench.run(parse_profile(text), text, clock, runs_dir=tmp_path,
+                                                 supervise=supervise))
             await asyncio.sleep(SHORT_AT)
             bench.cell.inject_short(ohms)
             return await task
@@ -44,6 +45,24 @@ def test_a_soft_short_stops_the_charge_and_says_so(tmp_path: Path) -> None:
     assert result.outcome.reason.startswith("safety stop: soft short: the voltage fell")
     (trip,) = [e for e in events if e["kind"] == "safety"]
     assert SHORT_AT < trip["test_time"] <= SHORT_AT + 60  # at the next sample
+
+
+def test_the_supervisor_sees_a_short_within_its_period_whatever_the_sample_period(tmp_path: Path) -> None:
+    """With 1-min samples the engine alone sees a short up to a minute late; the supervisor's own readings (once a
+    second) go through the same signatures, so the charge stops within its period of the short."""
+    result, events = charge_with_short(tmp_path, 3000.0, supervise=True)
+    assert result.outcome.reason.startswith("safety stop: soft short: the voltage fell")
+    (trip,) = [e for e in events if e["kind"] == "safety"]
+    assert "(supervisor, reading" in trip["message"]
+    assert SHORT_AT <= trip["test_time"] <= SHORT_AT + 1.0 + 1e-6
+
+
+def test_a_short_the_supervisor_sees_is_flagged_by_the_engine_and_the_test_goes_on(tmp_path: Path) -> None:
+    result, events = charge_with_short(tmp_path, 30000.0, "short_detection: {action: flag}", supervise=True)
+    assert result.outcome.completed
+    (first, *_) = [e for e in events if e["kind"] == "short"]
+    assert "soft short" in first["message"] and "flagged" in first["message"]
+    assert SHORT_AT <= first["test_time"] <= SHORT_AT + 1.0 + 1e-6  # the engine alone: at its next sample, 30 s on
 
 
 def test_a_hard_short_is_called_a_short(tmp_path: Path) -> None:
@@ -170,3 +189,59 @@ def test_healthy_cells_in_a_shared_chamber_never_trip_while_its_owner_heats_it(t
         if samples[-1].step_type == "CC Charge":  # a box channel: it warmed from 25 to 40 degC while charging
             assert samples[0].ambient_c is not None and samples[0].ambient_c < 26
             assert samples[-1].ambient_c is not None and samples[-1].ambient_c > 39
+
+
+DISCHARGES = """
+name: discharge into a short
+sample_period: 1 min
+steps:
+  - {step}
+"""
+
+
+def discharge_with_short(tmp_path: Path, step: str, ohms: float = 20.0) -> tuple[Any, list[Any], list[Any]]:
+    """A discharge on the served 2450 (virtual clock, the supervisor on), the cell shorted 30 s in."""
+    text = DISCHARGES.format(step=step)
+    clock = VirtualClock()
+    bench = SimulatedBench(initial_soc=0.9)
+
+    async def main() -> Any:
+        async with bench:
+            task = asyncio.create_task(bench.run(parse_profile(text), text, clock, runs_dir=tmp_path,
+                                                 supervise=True))
+            await asyncio.sleep(30.0)
+            bench.cell.inject_short(ohms)
+            return await task
+
+    result = clock.run(main())
+    with open_run(result.database) as store:
+        return result, store.events(), store.samples()
+
+
+def test_a_voltage_held_at_a_discharges_end_never_charges_a_shorted_cell_for_more_than_a_second(
+        tmp_path: Path) -> None:
+    """A CCCV discharge holds 3.5 V with the discharge current as the 2450's (symmetric) current limit: a soft
+    short that pulls the cell below 3.5 V (but not out of its safe window) is pushed charge into, up to that
+    current. The supervisor reads the current's wrong sign within its period and turns the output off."""
+    # 200 ohms: the cell's open circuit falls to 3.13 V, inside its safe window, below the 3.5 V held
+    result, events, samples = discharge_with_short(tmp_path, "cccv: {current: C/5, voltage: 3.5 V, until: C/50}",
+                                                   200.0)
+    assert result.outcome.reason.startswith("safety stop: current of the wrong sign: +")
+    assert [s.current < 0 for s in samples if s.test_time < 30.0] == [True]  # it discharged until the short
+    (trip,) = [e for e in events if e["kind"] == "safety"]
+    assert 30.0 <= trip["test_time"] <= 31.0 + 1e-6  # the supervisor's period, not the 1 min sample period
+    assert "(supervisor, reading" in trip["message"]
+    charge = float(trip["message"].split("wrong sign: ")[1].split(" mA")[0])
+    assert 0.05 * 0.7 < charge <= 0.7 + 1e-3  # mA: up to C/5 of the 3.5 mAh pellet, the current limit
+
+
+def test_a_discharge_held_at_its_cutoff_stops_within_a_second_when_a_short_pulls_the_cell_below_it(
+        tmp_path: Path) -> None:
+    """A discharge to a cut-off ends as a voltage source at the cut-off (exact cut-offs however steep the knee), its
+    current limit the discharge current; a 2450's limit is symmetric, so a short that pulls the cell below the
+    cut-off is charged at up to that current until the wrong sign is seen: within the supervisor's period."""
+    result, events, samples = discharge_with_short(tmp_path, "discharge: {current: C/5, until: 3.5 V}", 200.0)
+    assert result.outcome.reason.startswith("safety stop: current of the wrong sign: +")
+    assert [s.current < 0 for s in samples if s.test_time < 30.0] == [True]  # it discharged until the short
+    (trip,) = [e for e in events if e["kind"] == "safety"]
+    assert 30.0 <= trip["test_time"] <= 31.0 + 1e-6

@@ -356,6 +356,7 @@ def _on_real_bench(work: Callable[[RealClock, Progress], Coroutine[Any, Any, lis
     import asyncio
 
     from cellbench.bench.clock import RealClock
+    from cellbench.bench.latches import CellLatched
     from cellbench.bench.run import exit_code
     from cellbench.drivers.errors import InstrumentFault
     from cellbench.profiles.parse import InputError
@@ -364,6 +365,8 @@ def _on_real_bench(work: Callable[[RealClock, Progress], Coroutine[Any, Any, lis
     try:
         with _progress_bar() as progress:
             results = clock.run(work(clock, progress))
+    except CellLatched as exc:  # refused, as an instrument in use is: not a typo
+        raise _fail(exc.problems, 1) from None
     except InputError as exc:
         raise _fail(exc.problems) from None
     except InstrumentFault as exc:
@@ -418,6 +421,22 @@ def resume(
                                  clear_latch=clear_latch, on_start=_announce)]
 
     _on_real_bench(one)
+
+
+@app.command("clear-latch")
+def clear_latch_command(
+    cell: Annotated[str, typer.Argument(help="the cell's ID, as the refusal names it")],
+    reason: Annotated[str, typer.Option(help="what was checked on the cell (recorded)")],
+    operator: OperatorOption = None,
+) -> None:
+    """Clear a cell's safety latch, after looking at the cell: `run` and `start` take it again. Recorded in the run
+    that tripped, with the reason and who."""
+    from cellbench.bench import latches
+
+    done = latches.clear(cell, f"{reason} (operator {_operator(operator)})")
+    if done is None:
+        raise _fail(f"cell {cell} has no safety latch", 1)
+    console.print(f"cell {cell}: latch cleared ({done.reason}, run {done.run_id})", highlight=False)
 
 
 @app.command()
@@ -1067,6 +1086,10 @@ def sim_serve(
     temperature: Annotated[float, typer.Option(help="temperature of the simulated cell, degC")] = 25.0,
     fault: Annotated[list[str] | None, typer.Option(help="inject a fault into a line instrument: silent, garbage, "
                                                          "drop, stuck or delay=SECONDS (repeatable)")] = None,
+    short_on_usr1: Annotated[float | None, typer.Option(help="a lithium short of this many ohms across the cell "
+                                                              "when the server gets SIGUSR1 (kill -USR1 PID): "
+                                                              "rehearse a short at a moment of your choosing")]
+    = None,
     exit_with_parent: Annotated[bool, typer.Option(help="stop when the process that started it dies (a test "
                                                         "runner killed with -9 leaves no simulator behind)")]
     = False,
@@ -1089,7 +1112,8 @@ def sim_serve(
     except ValueError as exc:
         raise _fail(str(exc)) from None
     options = ServeOptions(host=host, port=port, serial=serial, soc=soc, seed=seed, cell=cell, channels=channels,
-                           bin_port=bin_port, login=login, temperature_c=temperature, faults=tuple(fault or ()))
+                           bin_port=bin_port, login=login, temperature_c=temperature, faults=tuple(fault or ()),
+                           short_on_usr1=short_on_usr1)
 
     async def serve() -> None:
         parent = os.getppid()

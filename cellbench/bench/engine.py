@@ -65,6 +65,8 @@ CHECKPOINT_EVERY = 60.0  # s of test time between saved run states within a step
 
 
 RECOVERABLE = (ConnectionLost, InstrumentTimeout, ProtocolError)  # what a new connection may cure
+# the steps that take charge out: a current of the other sign during one of them is a fault (policy.wrong_sign)
+DISCHARGES = frozenset({StepType.CC_DISCHARGE, StepType.CCCV_DISCHARGE, StepType.CP_DISCHARGE, StepType.CR_DISCHARGE})
 FROZEN_AFTER = 20  # identical measured values in a row, with current flowing, that mean a frozen reading
 
 
@@ -110,6 +112,12 @@ class Outcome:
     steps: int
     cycles: int
     status: RunStatus = RunStatus.COMPLETED
+
+
+def _charging_cc(ctl: Control, reading: Reading) -> bool:
+    """A constant current charging: a CC charge, or the constant-current phase of a CCCV charge."""
+    return ctl.step_type is StepType.CC_CHARGE or (
+        ctl.step_type is StepType.CCCV_CHARGE and reading.current >= 0.98 * ctl.compliance)
 
 
 @dataclass
@@ -159,6 +167,9 @@ class Engine:
         self._task: asyncio.Task[Any] | None = None
         self._notices = list(notices or [])
         self.latest: tuple[float, Reading, Conditions] | None = None  # the last measurement (test time, ...)
+        self.discharging: float | None = None  # during a discharge step: its current's magnitude (A)
+        self._watched: tuple[Control, _Samples] | None = None  # the running step's control and samples
+        self._short_seen: str | None = None  # a short the supervisor found, for the engine to deal with
         if on_progress is not None:
             total = profile.executed_step_count()
 
@@ -185,6 +196,8 @@ class Engine:
         status, reason = RunStatus.FAILED, "failed: the run ended before the end of its profile"
         try:
             self._last = await self.channel.cycler.measure()
+            if resume is not None:
+                self._look_before_on(self._last, "resumed")
             await self._run_with_track()
             self.state.finished = True
             status, reason = RunStatus.COMPLETED, "completed"
@@ -352,6 +365,8 @@ class Engine:
             try:
                 ch.cycler = await ch.reconnect()
                 was_on = await ch.cycler.output_is_on()
+                if not was_on:  # the output goes on again only into a cell that reads safe at open circuit
+                    self._look_before_on(await ch.cycler.measure(), "turned on again after reconnecting")
                 sp = self.state.setpoint
                 if sp is not None and sp.mode is SourceMode.CURRENT:
                     await ch.cycler.source_current(sp.value, voltage_limit=sp.compliance)
@@ -387,6 +402,30 @@ class Engine:
     def _end_step(self, ending: Ending, t: float) -> None:
         self.events.publish(StepEnded(self.state.step_count, t, ending.reason, ending.kind))
         self.state.step = None
+        self.discharging = None
+        self._watched = None
+
+    def _look_before_on(self, open_circuit: Reading, what: str) -> None:
+        """Before the output goes on into a cell the run has not watched (a resume, a reconnection that found it
+        off): refused, a safety stop with the reading, when the cell is outside its safe window."""
+        why = policy.unsafe(open_circuit, self.channel.cell, self.profile.safety, Conditions())
+        if why:
+            raise SafetyStop(f"not {what}: the cell reads {open_circuit.voltage:.4f} V at open circuit: {why}")
+
+    def watch_short(self, t: float, reading: Reading) -> str | None:
+        """A reading the supervisor took between the engine's samples, through the step's own short signatures
+        (the same window, each kind found once per step): a short is seen within the supervisor's period, whatever
+        the sample period. Returns the short found, or None; call it on the run's loop."""
+        if self._watched is None or not _charging_cc(self._watched[0], reading):
+            return None
+        return self._watch_for_short(self._watched[1], t, reading)
+
+    def short_seen(self, short: str) -> None:
+        """The supervisor found a short the profile flags or looks at with a spectrum: the engine wakes and deals
+        with it as with one of its own samples (a stop, the supervisor makes itself)."""
+        self._short_seen = short
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
 
     async def _run_step(self, pc: int) -> int:
         ins = self.program.instrs[pc]
@@ -405,6 +444,9 @@ class Engine:
             ins.node, capacity=self._capacity(), v_min=cell.voltage_min, v_max=cell.voltage_max,
             last_voltage=last.voltage, last_cc_current=st.last_cc_current, base_dir=self.base_dir,
         )
+        self.discharging = (
+            (ctl.compliance if ctl.mode is SourceMode.VOLTAGE else abs(ctl.setpoint(0.0, last.voltage)))
+            if ctl.step_type in DISCHARGES else None)
         if resumed is None:
             if ctl.step_type.is_constant_current:
                 st.last_cc_current = abs(ctl.setpoint(0.0, last.voltage))
@@ -444,11 +486,16 @@ class Engine:
                 ctl.setpoint(0.0, last.voltage) - last.current) > max(EDGE_FLOOR, 0.01 * abs(last.current)):
             next_sample += PULSE_SETTLE  # a current edge: the first reading 10 ms after it (a true 10 ms DCIR)
             work.counted_from = step.start  # ... and the held current counted from the edge, not from then
+        self._watched = (ctl, work)
         while True:
             deadline = policy.next_deadline(limits, step.start, st.budgets)
             edge_at = step.start + edges[0] if edges else math.inf
             scheduled = next_sample
             await self._sleep_until(min(next_sample, deadline, edge_at))
+            if self._short_seen is not None:  # by the supervisor, between two samples: flag it, or rest for a spectrum
+                short, self._short_seen = self._short_seen, None
+                await self._short_found(short, planned_end=False)
+                continue
             t = self._t()
             try:
                 reading = await self.channel.cycler.measure()
@@ -464,16 +511,15 @@ class Engine:
             t_step = t - step.start
             self._take(work, step.totals, t, reading)
             # a constant current charging: a CC charge, or the constant-current phase of a CCCV charge
-            charging_cc = ctl.step_type is StepType.CC_CHARGE or (
-                ctl.step_type is StepType.CCCV_CHARGE and reading.current >= 0.98 * ctl.compliance)
-            short = self._watch_for_short(work, t, reading) if charging_cc else None
+            short = self._watch_for_short(work, t, reading) if _charging_cc(ctl, reading) else None
             ended = (
                 policy.budget_ended(st.budgets, t)
                 or self._limit_reached(ctl, limits, work, step.totals, reading, t_step)
                 or (self._stable(body, step, t) if ins.node.kind == "wait" else None)
                 or (await self._schedule_ended(body) if onboard else None)
             )
-            unsafe = policy.unsafe(reading, cell, self.profile.safety, self._cond)
+            unsafe = (policy.unsafe(reading, cell, self.profile.safety, self._cond)
+                      or policy.wrong_sign(reading, self.discharging))
             planned_end = ended is not None and self.walker.resolve(pc, ended.target) == END
             at_edge = bool(edges) and t >= edge_at - 1e-9
             # the reading that trips a stop is always recorded

@@ -81,3 +81,16 @@ class InstrumentLock:
                 fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
+
+
+class RunLock(InstrumentLock):
+    """One writer per run database: held by the process that records the run, for as long as it does (a second
+    `resume` of the same run, by whatever bench file, is refused naming the first)."""
+
+    def __init__(self, database: Path) -> None:
+        super().__init__(database.name, f"run database {database.resolve()}")
+
+    def check(self) -> None:
+        """Raise InstrumentBusy now if another process writes the run (nothing is held afterwards)."""
+        self.acquire("checking")
+        self.release()

@@ -22,6 +22,8 @@ TAPER_STEP = 0.1  # the largest fraction a tapering current may fall between two
 CURRENT_WINDOW = 0.02  # of a current limit: closer than this, sample at MIN_INTERVAL
 KNEE_FROM = 0.8  # of the cycle's charge taken out by a discharge to a cut-off: from here sampling closes in
 SAFE_MARGIN_LOW, SAFE_MARGIN_HIGH = 0.2, 0.1  # V outside the cell's window that stop the run
+WRONG_SIGN_SHARE = 0.05  # of a discharge's current: a charging current above this (and the floor) is a fault
+WRONG_SIGN_FLOOR = 1e-6  # A
 
 History = Sequence[tuple[float, Reading]]  # the step's last two samples: (test time, reading)
 
@@ -227,6 +229,18 @@ def unsafe(r: Reading, cell: CellConfig, safety: Range | None, conditions: Condi
             return (f"displacement {conditions.displacement_um:.1f} um is outside the profile's safety range "
                     f"{lo:g} to {hi:g} um (the stack swelled or gave way)")
     return None
+
+
+def wrong_sign(r: Reading, discharging: float | None) -> str | None:
+    """Why a reading taken during a discharge (`discharging`: its current's magnitude, A) charges the cell, or None.
+
+    A voltage held at a discharge's end (a CCCV discharge, or a cut-off held by the instrument) sources current
+    into a cell that a short pulls below it, up to the discharge's own current where the instrument's current
+    limit is symmetric; a lithium short must never be charged."""
+    if discharging is None or not r.current > max(WRONG_SIGN_SHARE * discharging, WRONG_SIGN_FLOOR):
+        return None
+    return (f"current of the wrong sign: {r.current * 1e3:+.4f} mA charges the cell during a discharge at "
+            f"{discharging * 1e3:.4f} mA (a short pulls it below the voltage held?)")
 
 
 def record_due(rule: RecordRule | None, last: tuple[float, Reading] | None, now: float, r: Reading) -> bool:

@@ -17,7 +17,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from cellbench.bench import control, guardian, runs
+from cellbench.bench import control, guardian, latches, runs
 from cellbench.bench.channel import Channel
 from cellbench.bench.clock import Clock
 from cellbench.bench.commands import Command
@@ -25,11 +25,13 @@ from cellbench.bench.config import BenchConfig
 from cellbench.bench.engine import Engine, Interrupted, Outcome, Paused, Progress, RecordingFailed
 from cellbench.bench.events import EventBus, Note, NoteKind, SampleTaken
 from cellbench.bench.instruments import Instruments
+from cellbench.bench.locks import InstrumentBusy, RunLock
 from cellbench.bench.mqtt import ChannelLink, MqttBridge
+from cellbench.bench.roles import Reading
 from cellbench.bench.runlog import RunLog
 from cellbench.bench.runstate import RunState, RunStatus
 from cellbench.bench.store import RunStore
-from cellbench.bench.supervisor import Supervisor
+from cellbench.bench.supervisor import Supervisor, watch_held
 from cellbench.drivers.registry import driver
 from cellbench.profiles.checks import (
     Problem,
@@ -151,9 +153,15 @@ class _Coordinator:
         self.hold_on_trip = False  # a safety stop holds the channel, latched, rather than ending its run
         # held channels that a safety stop latched: what tripped, and what clearing the latch does
         self.latched: dict[str, tuple[str, Callable[[str], None]]] = {}
+        # held channels' cells as last read at open circuit, and what is wrong with them now (None: nothing)
+        self.open_circuit: dict[str, tuple[Reading, str | None]] = {}
         self._changed = asyncio.Event()
         self._main: asyncio.Task[Any] | None = None
         self._signals: list[signal.Signals] = []
+
+    def saw(self, name: str, reading: Reading, why: str | None) -> None:
+        """A held channel's cell read at open circuit, and what is wrong with it now."""
+        self.open_circuit[name] = (reading, why)
 
     def stop_all(self, reason: Interrupted | RecordingFailed) -> None:
         if self.stopping is None:
@@ -230,6 +238,9 @@ class _Coordinator:
         if action == "clear_latch":
             if name not in self.latched:
                 return False, f"channel '{name}' has no safety latch set"
+            if (now := self.open_circuit.get(name)) is not None and now[1] is not None:
+                return False, (f"channel '{name}': latch not cleared: the cell reads {now[0].voltage:.4f} V at open "
+                               f"circuit: {now[1]}")
             tripped, cleared = self.latched.pop(name)
             cleared(reason)
             return True, f"channel '{name}': latch cleared ({tripped}); it stays paused until resumed"
@@ -340,6 +351,8 @@ async def run_bench(
             problems.setdefault(id(pf), (pf, []))[1].extend(said)
     if problems:
         raise InputError([line for pf, said in problems.values() for line in locate(pf.text, pf.source, said)])
+    if not clock.virtual:  # a cell a safety stop ended stays stopped, whoever runs it next, until cleared
+        latches.refuse_latched([bench.cell_id(name) for name, pf in runs_of.items() if pf is not None])
     common = {"operator": bench.operator, "comment": bench.comment, **(extra_metadata or {})}
 
     def job(instruments: Instruments, coordinator: _Coordinator, name: str, pf: ProfileFile, path: Path,
@@ -371,6 +384,8 @@ async def run_bench(
                              read_text(where, "profile"), where.name, where.parent)
             if said := profile_problems(bench, name, pf.profile, allow_density=cmd.allow_density):
                 raise InputError(locate(pf.text, pf.source, said))
+            if not clock.virtual:
+                latches.refuse_latched([bench.cell_id(name)])
         except InputError as exc:
             return False, _said(exc)
         try:
@@ -395,8 +410,13 @@ async def run_bench(
             allowed = bool(ready.meta.get("current_density_allowed"))  # as when the run was started
             if said := profile_problems(bench, name, ready.profile, allow_density=allowed):
                 raise InputError(locate(ready.text, ready.source, said))
+            if not clock.virtual:
+                RunLock(database).check()
+                latches.refuse_latched([bench.cell_id(name)])
         except InputError as exc:
             return False, _said(exc)
+        except InstrumentBusy as exc:
+            return False, str(exc)
         if coordinator.guard is not None:
             coordinator.guard(database)
         about = About(bench.name, _text(ready.meta.get("operator")), bench.notify, on_start)
@@ -556,6 +576,13 @@ async def resume_run(
     if name not in whole.channels:
         raise InputError([f"{database}: the bench has no channel '{name}' (it has {', '.join(whole.channels)})"])
     one = whole.only(name)  # with its notify command, broker and safety-stop rule
+    if not clock.virtual:
+        RunLock(database).check()  # another process records the run: refused before an instrument is touched
+    if not clock.virtual:
+        if clear_latch:
+            latches.clear(whole.cell_id(name), "resume --clear-latch: the cell checked")
+        else:
+            latches.refuse_latched([whole.cell_id(name)])
 
     def job(instruments: Instruments, coordinator: _Coordinator, paths: dict[str, Path]) -> list[Any]:
         return [_run_channel(instruments.channel(name), ready.profile, ready.text, clock, database,
@@ -597,6 +624,21 @@ def _said(exc: InputError) -> str:
     """An InputError's problems as one reply line (the first three)."""
     more = len(exc.problems) - 3
     return "; ".join(exc.problems[:3]) + (f" (and {more} more)" if more > 0 else "")
+
+
+def _found_held(name: str, coordinator: _Coordinator, events: EventBus, held: Outcome,
+                on_state: Callable[[str, str], None], why: str, reading: Reading) -> None:
+    """The watch of a paused or latched channel found its cell unsafe at open circuit: recorded, and the channel
+    latched (a resume is refused until an operator clears the latch)."""
+    said = f"safety stop: {why} (while held, reading {reading.voltage:.4f} V at open circuit)"
+    log.error("%s: %s", name, said)
+    events.publish(Note(NoteKind.SAFETY, said, held.test_time, time.time()))
+    if name in coordinator.latched:  # latched already, by the trip that stopped it: the finding is recorded
+        return
+    tripped = dataclasses.replace(held, reason=said, status=RunStatus.SAFETY_STOP)
+    coordinator.latched[name] = (said, functools.partial(_latch_cleared, events, tripped,
+                                                         functools.partial(on_state, RunStatus.PAUSED.value)))
+    on_state(LATCHED, said)
 
 
 def _latch_cleared(events: EventBus, tripped: Outcome, on_state: Callable[[str], None], why: str) -> None:
@@ -643,7 +685,22 @@ def read_for_resume(database: Path, *, clear_latch: bool = False) -> tuple[dict[
     return meta, state, float(last or time.time())
 
 
-async def _run_channel(
+async def _run_channel(channel: Channel, profile: Profile, profile_text: str, clock: Clock, path: Path,
+                       *args: Any, **kw: Any) -> ChannelResult:
+    """A run of one channel recorded in `path`, by one writer: on a real bench the run database's lock is taken
+    before anything is written (InstrumentBusy, nothing written, when another process records it) and held to
+    the end."""
+    if clock.virtual:  # a dry run's file is new and its own: never resumed, never shared
+        return await _recorded_run(channel, profile, profile_text, clock, path, *args, **kw)
+    writer = RunLock(path)
+    writer.acquire("recording the run")
+    try:
+        return await _recorded_run(channel, profile, profile_text, clock, path, *args, **kw)
+    finally:
+        writer.release()
+
+
+async def _recorded_run(
     channel: Channel,
     profile: Profile,
     profile_text: str,
@@ -695,6 +752,10 @@ async def _run_channel(
             runs.end(entry, outcome.status.value, outcome.reason)
         else:  # a file written and renamed: off the control loop, where other channels are sampling
             await asyncio.to_thread(runs.end, entry, outcome.status.value, outcome.reason)
+            if outcome.status is RunStatus.SAFETY_STOP:  # the cell is not run again until an operator clears it
+                await asyncio.to_thread(latches.latch, latches.CellLatch(
+                    cell_id=entry.cell_id, reason=outcome.reason, run_id=path.stem, database=entry.database,
+                    channel=channel.name, bench=about.bench, since=time.time()))
         await asyncio.gather(*told)
         if about.notify:
             await notify(about.notify, {**entry.model_dump(), "state": outcome.status.value,
@@ -854,11 +915,26 @@ async def _channel_run(
             if latched:
                 coordinator.latched[channel.name] = (outcome.reason, functools.partial(
                     _latch_cleared, events, outcome, functools.partial(on_state, RunStatus.PAUSED.value)))
-            action, why = await coordinator.hold(channel.name)
+            held = asyncio.ensure_future(watch_held(
+                channel, profile, clock, found=functools.partial(_found_held, channel.name, coordinator, events,
+                                                                 outcome, on_state),
+                seen=functools.partial(coordinator.saw, channel.name))) if watch else None
+            try:
+                action, why = await coordinator.hold(channel.name)
+            finally:
+                coordinator.open_circuit.pop(channel.name, None)
+                if held is not None:
+                    held.cancel()
+                    await asyncio.gather(held, return_exceptions=True)
             # every stop and resume of a held channel is an event with its reason (and who asked)
             events.publish(Note(NoteKind.INTERRUPTED if action == "stop" else NoteKind.NOTICE,
                                 why if action == "stop" else f"resume asked: {why}", outcome.test_time, time.time()))
-            if coordinator.latched.pop(channel.name, None) is not None:  # stopped, the latch still set: it stands
+            if (latch := coordinator.latched.pop(channel.name, None)) is not None:  # stopped, latched: it stands
+                if outcome.status is RunStatus.PAUSED:  # latched while paused: the run ends in that safety stop
+                    outcome = Outcome(False, latch[0], outcome.test_time, outcome.steps, outcome.cycles,
+                                      RunStatus.SAFETY_STOP)
+                    ended = outcome
+                    events.publish(Note(NoteKind.END, outcome.reason, outcome.test_time, time.time()))
                 stopped(outcome.status.value)
                 break
             if action == "stop":

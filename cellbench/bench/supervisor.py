@@ -3,7 +3,8 @@
 At least once a `period` (1 s) whatever the profile's sample period, it takes the latest values the
 engine measured, or, when those are older than a period, reads the cycler (and the chamber and the
 press) itself, and checks them against the channel's hard limits: the cell's voltage window with its
-margins, the profile's safety ranges, overflow readings; and the bench's interlocks: a chamber in
+margins, the profile's safety ranges, overflow readings, a current that charges the cell during a discharge
+(a short pulling it below a voltage the instrument holds); and the bench's interlocks: a chamber in
 alarm, a press that tripped on over-force or reports a fault. A breach turns the output off at once, then
 stops the engine with the reason and the reading that tripped it (the run ends `safety stop`, latched:
 `cellbench resume` refuses it until an operator clears it). It keeps watch during set and wait steps
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Callable
 
 from cellbench.bench import policy
 from cellbench.bench.channel import Channel
@@ -44,10 +46,16 @@ class Supervisor:
             seen = await self._latest()
             if seen is None:
                 continue
-            reading, conditions = seen
+            reading, conditions, own = seen
             self.checks += 1
             why = (policy.unsafe(reading, self.channel.cell, self.profile.safety, conditions)
+                   or policy.wrong_sign(reading, self.engine.discharging)
                    or await self._interlocks())
+            if not why and own and (short := self.engine.watch_short(self.engine.test_time, reading)):
+                if self.profile.short_detection.action != "stop":
+                    self.engine.short_seen(short)  # flagged, or a spectrum first: the engine's to do
+                    continue
+                why = short
             if why:
                 await self._trip(why, reading)
                 return
@@ -66,13 +74,14 @@ class Supervisor:
             log.debug("%s: interlock read failed: %s", self.channel.name, exc)
         return None
 
-    async def _latest(self) -> tuple[Reading, Conditions] | None:
+    async def _latest(self) -> tuple[Reading, Conditions, bool] | None:
+        """The channel's newest reading and conditions, and whether the supervisor read them itself."""
         latest = self.engine.latest
         now = self.engine.test_time
         if latest is not None and now - latest[0] < self.period:
-            return latest[1], latest[2]
+            return latest[1], latest[2], False
         if self.engine.step_type in (None, StepType.EIS):  # between steps, or the potentiostat has the cell
-            return (latest[1], latest[2]) if latest is not None else None
+            return (latest[1], latest[2], False) if latest is not None else None
         try:
             reading = await self.channel.cycler.measure()
             conditions = await self.channel.conditions() if self.channel.chamber or self.channel.press else (
@@ -82,7 +91,7 @@ class Supervisor:
             return None
         self.reads += 1
         self.engine.latest = (now, reading, conditions)  # the newest reading of the channel, for telemetry too
-        return reading, conditions
+        return reading, conditions, True
 
     async def _trip(self, why: str, reading: Reading) -> None:
         """Output off first, then the engine stopped with the reason and the reading."""
@@ -93,3 +102,30 @@ class Supervisor:
         log.error("%s: %s", self.channel.name, said)
         self.engine.stop(SafetyStop(said))
 
+
+
+async def watch_held(channel: Channel, profile: Profile, clock: Clock, *, found: Callable[[str, Reading], None],
+                     seen: Callable[[Reading, str | None], None], period: float = PERIOD) -> None:
+    """A paused or latched channel still holds a cell: read it at open circuit once a period, until cancelled (the
+    cycler's driver reads with its output off the way its manual allows), against the safe window and for a
+    collapse (the profile's hard-short `collapse` between two readings). `seen` is told every reading and what is
+    wrong with it now; `found` the first thing found wrong (the channel is then latched by the caller)."""
+    rule = profile.short_detection
+    previous: Reading | None = None
+    told = False
+    while True:
+        await clock.sleep(period)
+        try:
+            reading = await channel.cycler.measure()
+        except InstrumentFault as exc:  # nothing flows: an unreadable cell is looked at again next period
+            log.debug("%s: open-circuit read failed: %s", channel.name, exc)
+            continue
+        why = policy.unsafe(reading, channel.cell, profile.safety, Conditions())
+        if why is None and previous is not None and rule.action != "off" and (
+                fell := previous.voltage - reading.voltage) >= rule.collapse:
+            why = f"hard short at open circuit: the voltage fell {fell * 1e3:.0f} mV in {period:g} s"
+        previous = reading
+        seen(reading, why)
+        if why and not told:
+            told = True
+            found(why, reading)

@@ -279,6 +279,7 @@ class ServeOptions:
     login: str | None = None  # user:password a simulated cycler accepts (Arbin CTI)
     temperature_c: float = 25.0  # of the simulated cell (and of the air around it)
     faults: tuple[str, ...] = ()  # line instruments: silent, garbage, drop, stuck, delay=SECONDS
+    short_on_usr1: float | None = None  # ohms: a lithium short across the cell when the server gets SIGUSR1
 
 
 def cell_of(options: ServeOptions) -> SolidStateCell:
@@ -286,7 +287,16 @@ def cell_of(options: ServeOptions) -> SolidStateCell:
     from cellbench.simulators.cell import SolidStateCell
     from cellbench.simulators.parameters import PRESETS
 
-    return SolidStateCell(PRESETS[options.cell], soc=options.soc, temperature_c=options.temperature_c)
+    cell = SolidStateCell(PRESETS[options.cell], soc=options.soc, temperature_c=options.temperature_c)
+    if options.short_on_usr1 is not None:  # a short at a moment the rehearsal chooses: `kill -USR1 PID`
+        import signal
+
+        def short() -> None:
+            log.warning("SIGUSR1: a short of %g ohm across the cell", options.short_on_usr1)
+            cell.inject_short(float(options.short_on_usr1 or 0.0))
+
+        asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, short)
+    return cell
 
 
 def faults_of(names: tuple[str, ...]) -> Faults:
