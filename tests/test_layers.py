@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "cellbench"
 
 # the faces: they may import every layer (simulators only where they make a simulated bench)
 FACES = {"cli", "display", "run", "simbench", "instruments", "config", "analysis", "export", "report", "api",
-         "guardian", "locks", "runs", "control"}
+         "guardian", "locks", "runs", "latches", "control"}
 MAY_IMPORT_SIMULATORS = {"cellbench.bench.simbench", "cellbench.bench.cli", "cellbench.bench.api"}
 
 

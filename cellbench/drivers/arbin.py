@@ -48,6 +48,11 @@ RESULTS = {
                           0x12: "the channel is not running", 0x13: "no such meta code in MITS Pro 7"},
 }
 MAX_FEEDBACK = 1_000_000  # bytes: the longest feedback is a few kB (login 8678)
+# each request's feedback: its command code (the captured frames': the request's second byte, nibbles swapped) and
+# the shortest frame that holds every field read from it (login: the channel count at 8664; channel info: the
+# readings at 1701-1720; the others: the result at 24), checksum included
+FEEDBACK = {LOGIN: (0xEEBA0001, 8670), CHANNEL_INFO: (0xEEBA0003, 1723), ASSIGN: (0xBB120001, 27),
+            START: (0xBB230004, 27), STOP: (0xBB130001, 27), SET_MV: (0xBB510001, 27)}
 
 
 def message(code: int, size: int, fields: list[tuple[int, str, object]]) -> bytes:
@@ -112,18 +117,21 @@ class ArbinCTI:
         return (await self.ask_all(request, feedbacks))[-1]
 
     async def ask_all(self, request: bytes, feedbacks: int = 1) -> list[bytes]:
+        expected = FEEDBACK.get(struct.unpack_from("<L", request, 12)[0])
         async with self._lock:
             try:
                 self._writer.write(request)
                 await self._writer.drain()
-                return [await self._feedback() for _ in range(max(feedbacks, 1))]
+                return [await self._feedback(expected) for _ in range(max(feedbacks, 1))]
             except TimeoutError:
                 raise InstrumentTimeout(self.name, "CTI", self.timeout, b"") from None
             except (OSError, asyncio.IncompleteReadError) as exc:
                 raise ConnectionLost(self.name, f"CTI: {exc}") from None
 
-    async def _feedback(self) -> bytes:
-        """One feedback frame: its dwLen counts the whole frame, checksum included; the checksum is checked."""
+    async def _feedback(self, expected: tuple[int, int] | None = None) -> bytes:
+        """One feedback frame: its dwLen counts the whole frame, checksum included; the checksum is checked, and
+        (`expected`) that it answers the request, long enough for the fields read from it. A frame that is not is
+        a ProtocolError: never a field read out of bounds."""
         head = await asyncio.wait_for(self._reader.readexactly(12), self.timeout)
         magic, length = struct.unpack("<QL", head)
         if magic != HEADER or not 22 <= length <= MAX_FEEDBACK:
@@ -131,6 +139,11 @@ class ArbinCTI:
         frame = head + await asyncio.wait_for(self._reader.readexactly(length - 12), self.timeout)
         if struct.unpack_from("<H", frame, length - 2)[0] != sum(frame[:-2]) & 0xFFFF:
             raise ProtocolError(self.name, "CTI", frame[-2:].hex(), "the frame's checksum")
+        if expected is not None:
+            code, shortest = expected
+            if struct.unpack_from("<L", frame, 12)[0] != code or length < shortest:
+                raise ProtocolError(self.name, "CTI", frame[:24].hex(),
+                                    f"a feedback 0x{code:08X} of at least {shortest} bytes")
         return frame
 
     async def status(self, chan: int) -> ChannelStatus:

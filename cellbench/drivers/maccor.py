@@ -19,10 +19,12 @@ span several CR LF-ended lines (the help prints them so), read until the JSON ob
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import logging
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -98,7 +100,8 @@ class MacNetBox:
                 raise InstrumentError(name, ["MacNet log in refused (check the user and password)"],
                                       "(8, 1)") from None
         info = await box.call(1, 2)
-        box.channels = int(info.get("TestChannels", 0))
+        with _fields(name, "(1, 2)", info, "TestChannels"):
+            box.channels = int(info.get("TestChannels", 0))
         return box
 
     async def close(self) -> None:
@@ -150,6 +153,9 @@ class MacNetBox:
             if text:
                 try:
                     value, end = decoder.raw_decode(text)
+                except RecursionError:  # nested past the decoder's depth: no reply of MacNet's
+                    self._pending = b""
+                    raise ProtocolError(self.name, what, text[:200], "a JSON-RPC reply") from None
                 except ValueError:
                     if not text.startswith(("{", "[")) or len(self._pending) > MAX_REPLY:
                         self._pending = b""
@@ -196,11 +202,15 @@ class MacNetBox:
     async def read_many(self, first: int = 0, count: int | None = None) -> list[ChannelReading]:
         """Status, voltage and current of `count` channels from `first`: three requests, whatever the count."""
         count = self.channels - first if count is None else count
-        status = (await self.call(4, 1, Chan=first, Len=count))["Status"]
-        volts = (await self.call(4, 2, Chan=first, Len=count))["Voltage"]
-        amps = (await self.call(4, 3, Chan=first, Len=count))["Current"]
-        return [ChannelReading(int(s["Stat"]), int(s["RF1"]), float(v), _signed(float(i), int(s["RF1"])))
-                for s, v, i in zip(status, volts, amps, strict=True)]
+        status = await self.call(4, 1, Chan=first, Len=count)
+        volts = await self.call(4, 2, Chan=first, Len=count)
+        amps = await self.call(4, 3, Chan=first, Len=count)
+        with _fields(self.name, "(4, 1-3)", (status, volts, amps), f"Status, Voltage and Current of {count} channels"):
+            read = [ChannelReading(int(s["Stat"]), int(s["RF1"]), float(v), _signed(float(i), int(s["RF1"])))
+                    for s, v, i in zip(status["Status"], volts["Voltage"], amps["Current"], strict=True)]
+            if len(read) != count:
+                raise ValueError(f"{len(read)} channels")
+            return read
 
     async def shared_read(self) -> list[ChannelReading]:
         """Every channel's reading, read once for all the channels that ask within `share_window` seconds: N
@@ -244,6 +254,16 @@ class MacNetBox:
         return MaccorChannel(self, number)
 
 
+@contextlib.contextmanager
+def _fields(name: str, what: str, result: object, expected: str) -> Iterator[None]:
+    """Fields read from a MacNet result: one that lacks them, or holds the wrong kind of value, is a ProtocolError
+    (a reply nobody should act on), never a KeyError or a TypeError out of the driver."""
+    try:
+        yield
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError):
+        raise ProtocolError(name, what, str(result)[:200], expected) from None
+
+
 def _wait_again(said: str) -> bool:
     """A direct-mode refusal that asks the client to wait and send again."""
     text = said.lower()
@@ -276,11 +296,13 @@ class MaccorChannel:
     async def setup(self, *, v_max: float = 5.0, v_min: float = 0.0, i_max: float = 1.0) -> None:
         """Reset a completed channel, set its safety limits, start direct mode at rest (no current)."""
         status = await self.box.call(4, 7, Chan=self.chan)
-        if int(status.get("Stat", 0)) == COMPLETED:
+        with _fields(self.name, "(4, 7)", status, "Stat"):
+            stat = int(status.get("Stat", 0))
+        if stat == COMPLETED:
             await self.box.call(6, 5, Chan=self.chan)
         await self.box.call(6, 10, Chan=self.chan, VSafeMax=v_max, VSafeMin=v_min, ISafeChg=i_max, ISafeDis=i_max,
                             PBatSafeChg=i_max * v_max * 1.1, PBatSafeDis=i_max * v_max * 1.1)
-        if int(status.get("Stat", 0)) != ACTIVE:
+        if stat != ACTIVE:
             await self._direct_json(7, TestName="Random", Current=0.0, Voltage=v_max, Power=NO_LIMIT, Resistance=0,
                                     CurrentRange=4, ChMode="C", DataTime=1.0, DataV=0, DataI=0)
         self._direct = True
@@ -377,7 +399,8 @@ class MaccorChannel:
 
     async def output_is_on(self) -> bool:
         status = await self.box.call(4, 7, Chan=self.chan)
-        return int(status["Stat"]) == ACTIVE and int(status["RF1"]) in (RF1_CHARGE, RF1_DISCHARGE)
+        with _fields(self.name, "(4, 7)", status, "Stat and RF1"):
+            return int(status["Stat"]) == ACTIVE and int(status["RF1"]) in (RF1_CHARGE, RF1_DISCHARGE)
 
     async def status(self) -> Reading:
         """This channel alone, by its full status (4, 7)."""
