@@ -602,3 +602,20 @@ async def test_each_finished_cycle_is_a_retained_message_with_its_capacities_and
     assert 0.5 < message["coulombic_efficiency"] < 1.0  # 1.5 s back of 2 s in, by hand: 0.75
     # no discharge reached its voltage limit, so none measured a reference capacity; no impedance step, no fit
     assert message["retention"] is None and message["resistance"] is None
+
+
+async def test_a_paused_channel_takes_commands_again_after_a_broker_restart(
+        tmp_path: Path, smu: str, broker: Broker) -> None:
+    """A paused channel publishes nothing, so its link once never noticed the broker had gone and never
+    reconnected: a `resume` sent after the restart went unanswered. The link watches its connection itself."""
+    async with Watcher(broker) as w, running(tmp_path, smu, broker):
+        await w.until("telemetry", lambda p: p["test_time"] >= 2.0)
+        await command(broker, "operator", "pause", {"id": "p1"})
+        await w.until("status", lambda p: p["state"] == "paused")
+        broker.stop()
+        await asyncio.sleep(1.0)
+        broker.start()
+        await asyncio.sleep(3.0)  # the bench's reconnect backoff starts at 1 s
+        await command(broker, "operator", "resume", {"id": "r-after-restart"})
+        await w.until("reply", lambda p: p["id"] == "r-after-restart" and p["ok"], timeout=20)
+        await w.until("status", lambda p: p["state"] == "running", timeout=10)

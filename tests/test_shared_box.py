@@ -575,3 +575,35 @@ def test_a_run_database_has_one_writer_whatever_the_bench_files_say(tmp_path: Pa
         first.send_signal(signal.SIGTERM)
         first.communicate(timeout=30)
     assert [k for k, _ in events_of(db)].count("resumed") == 1
+
+
+def test_a_write_lock_held_on_one_channels_database_stops_no_channel_and_loses_no_sample(
+        tmp_path: Path, two_smus: tuple[str, str]) -> None:
+    """Another process holds ch1's database's write lock for 6 s (a viewer in a transaction): once, every channel
+    of the bench ended `recording failed`. The rows wait in memory and are written when the lock goes; ch2 never
+    notices. (A lock held past store.LOCKED_GRACE fails that channel alone; a full disk, every channel.)"""
+    r1, r2 = two_smus
+    profile = tmp_path / "charge.yaml"
+    profile.write_text(PROFILE)
+    proc = start_run(tmp_path, pair_bench(tmp_path, two_smus), profile)
+    try:
+        wait_until_sourcing(r1)
+        wait_until_sourcing(r2)
+        time.sleep(2.0)
+        db = database_of(tmp_path, "ch1")
+        holder = sqlite3.connect(db, isolation_level=None, timeout=10)
+        holder.execute("BEGIN IMMEDIATE")
+        time.sleep(6.0)
+        holder.execute("COMMIT")
+        holder.close()
+        time.sleep(2.5)
+        assert ask(r1, ":OUTP?") == "1" and ask(r2, ":OUTP?") == "1" and proc.poll() is None
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+    with sqlite3.connect(db) as con:
+        times = [t for (t,) in con.execute('SELECT "Test Time / s" FROM samples ORDER BY rowid')]
+    assert max(b - a for a, b in itertools.pairwise(times)) < 2.5, times  # 1 s samples: none lost to the lock
+    assert [m for k, m in events_of(db) if k == "end"] == ["interrupted: SIGTERM received"]
+    assert [m for k, m in events_of(database_of(tmp_path, "ch2")) if k == "end"] == ["interrupted: SIGTERM received"]
+    assert "locked by another process" in next((tmp_path / "runs").glob("*A-1*.log")).read_text()

@@ -459,14 +459,22 @@ class ChannelLink:
                     self._status_sent = self._cycle_sent = None  # say where we stand on every new connection
                     await client.subscribe(f"{self.topic}/cmd/+", qos=1)
                     listener = asyncio.ensure_future(self._listen(client))
+                    publisher = asyncio.ensure_future(self._publish(client))
                     try:
-                        await self._publish(client)
+                        # a lost connection ends the listener even while nothing is published (a paused channel)
+                        await asyncio.wait({listener, publisher}, return_when=asyncio.FIRST_COMPLETED)
+                        if not publisher.done():
+                            lost = listener.exception() if not listener.cancelled() else None
+                            raise lost if isinstance(lost, aiomqtt.MqttError) else aiomqtt.MqttError(
+                                f"the broker's connection ended ({lost or 'no reason given'})")
+                        publisher.result()
                         await client.publish(f"{self.topic}/status", self._offline().model_dump_json(), qos=1,
                                              retain=True)
                         return
                     finally:
-                        listener.cancel()
-                        await asyncio.gather(listener, return_exceptions=True)
+                        for task in (listener, publisher):
+                            task.cancel()
+                        await asyncio.gather(listener, publisher, return_exceptions=True)
             except aiomqtt.MqttError as exc:
                 self.connected = False
                 if not said_down:

@@ -30,7 +30,7 @@ from cellbench.bench.mqtt import ChannelLink, MqttBridge
 from cellbench.bench.roles import Reading
 from cellbench.bench.runlog import RunLog
 from cellbench.bench.runstate import RunState, RunStatus
-from cellbench.bench.store import RunStore
+from cellbench.bench.store import RunStore, shared_failure
 from cellbench.bench.supervisor import Supervisor, watch_held
 from cellbench.drivers.registry import driver
 from cellbench.profiles.checks import (
@@ -847,8 +847,20 @@ async def _channel_run(
     events = EventBus()
     coordinator = coordinator or _Coordinator()
 
+    running: list[Engine] = []  # the engine of the present pass: telemetry on its own cadence, a storage fault
+
+    def stop_this(why: RecordingFailed) -> None:
+        for engine in running:
+            engine.stop(why)
+        if (held := coordinator.held.get(channel.name)) is not None and not held.done():  # paused: stopped too
+            held.set_result(("stop", str(why)))
+
     def failed(exc: BaseException) -> None:  # on the writer thread
-        loop.call_soon_threadsafe(coordinator.stop_all, RecordingFailed(f"{path.name}: {exc}"))
+        why = RecordingFailed(f"{path.name}: {exc}")
+        if shared_failure(exc):  # the disk's: every channel on it meets it, and stops now rather than at its next write
+            loop.call_soon_threadsafe(coordinator.stop_all, why)
+        else:  # this database's own (locked past the grace, damaged): this channel alone
+            loop.call_soon_threadsafe(stop_this, why)
 
     store = RunStore(path, durable=not clock.virtual, on_failure=failed)
     link: ChannelLink | None = None
@@ -888,7 +900,6 @@ async def _channel_run(
             if on_progress is not None and last:
                 on_progress(channel.name, dataclasses.replace(last[0], ended=how))
         watch = not clock.virtual if supervise is None else supervise
-        running: list[Engine] = []  # the engine of the present pass, for telemetry on its own cadence
         if link is not None and not clock.virtual:
             ticker = asyncio.ensure_future(_telemetry(link, running))
         while True:  # one pass, or one per pause: the operator may pause and resume the channel

@@ -95,6 +95,8 @@ class _Barrier:
 
 
 COMMIT_GAP = 0.25  # s of wall time at least between two commits of a run: a fast simulated run writes in real batches
+LOCKED_GRACE = 60.0  # s a run's database may stay write-locked by another process before its writing fails
+BUSY_WAIT = 0.2  # s a commit waits on another process's write lock before it tries again at a later commit
 WRITER_THREADS = 4  # writer threads in a process, whatever the number of runs (a thread per run of a 1,000-channel
 # controller made the control loop wait its turn for the GIL behind hundreds of them at every sampling instant)
 
@@ -113,6 +115,7 @@ class _Sink:
         self.ops: list[_Op] = []  # handed over, waiting for the commit gap
         self.waiting: list[_Barrier] = []  # flushes waiting for what was handed over before them
         self.stop: threading.Event | None = None  # set once closed
+        self.locked_since: float | None = None  # monotonic time another process's write lock first held us up
 
     def due(self, now: float) -> float:
         """When this sink's pending work should be committed (now or later)."""
@@ -131,6 +134,10 @@ class _Sink:
             ops, self.ops = self.ops, []
             if ops and self.db is not None and self.failure is None:
                 self._commit(self.db, ops)
+                while self.stop is not None and self.ops and self.failure is None:  # closing: wait the lock out
+                    time.sleep(BUSY_WAIT)
+                    ops, self.ops = self.ops, []
+                    self._commit(self.db, ops)
         except Exception as exc:  # (sqlite3.Error or worse): the run's writing has failed, and says so once
             if self.failure is None:
                 self._failed(exc)
@@ -146,7 +153,7 @@ class _Sink:
 
     def _commit(self, db: sqlite3.Connection, ops: list[_Op]) -> None:
         try:
-            db.execute("BEGIN")
+            db.execute("BEGIN IMMEDIATE")
             # one executemany per run of the same statement across batches; sqlite3 binds a plain tuple 1.5x
             # faster than a Sample
             for sql, group in itertools.groupby(ops, key=_sql):
@@ -154,7 +161,29 @@ class _Sink:
             db.execute("COMMIT")
             self.commits += 1
             self.last_commit = time.monotonic()
-        except Exception as exc:  # a full disk (sqlite3.Error), or anything that could not be written
+            if self.locked_since is not None:
+                log.warning("%s: written again after %.1f s locked by another process", self.path,
+                            time.monotonic() - self.locked_since)
+                self.locked_since = None
+        except sqlite3.OperationalError as exc:
+            if db.in_transaction:
+                db.rollback()
+            if not _locked(exc):
+                self._failed(exc)
+                return
+            # another process holds the database's write lock (a viewer in a transaction, a stray script): the
+            # rows wait in memory and are tried again at the next commit; only this run is concerned
+            now = time.monotonic()
+            if self.locked_since is None:
+                self.locked_since = now
+                log.warning("%s: locked by another process; the run's rows wait (up to %g s)", self.path,
+                            LOCKED_GRACE)
+            if now - self.locked_since >= LOCKED_GRACE:
+                self._failed(exc)
+                return
+            self.ops[:0] = ops
+            self.last_commit = now
+        except Exception as exc:  # anything else that could not be written
             if db.in_transaction:
                 db.rollback()
             self._failed(exc)
@@ -231,8 +260,24 @@ _writers = _Writers()
 CACHE_KIB = 256  # page cache per connection: a run appends, so a few pages at the tables' ends are all it uses
 
 
+def _locked(exc: sqlite3.OperationalError) -> bool:
+    """Another connection holds the write lock (SQLITE_BUSY, SQLITE_LOCKED): a wait, not a failure of the disk."""
+    return "locked" in str(exc) or "busy" in str(exc)
+
+
+def shared_failure(exc: BaseException) -> bool:
+    """Whether a failed write is the disk's (full, read-only, I/O error), which every run on it meets, rather than
+    one database's own (locked too long, damaged)."""
+    import errno
+
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO)
+    text = str(exc).lower()
+    return any(word in text for word in ("disk is full", "disk i/o", "readonly", "read-only", "no space"))
+
+
 def _connect(path: Path, durable: bool) -> sqlite3.Connection:
-    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=BUSY_WAIT)
     # SQLite's default (2 MiB a connection) filled over weeks: a long campaign's memory grew with it
     db.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
     db.execute("PRAGMA journal_mode=WAL")
