@@ -125,10 +125,27 @@ async def test_past_the_grace_time_only_that_channel_fails_safe(tmp_path: Path) 
     assert sims["bad"].tree.values["output"] is False and sims["good"].tree.values["output"] is False
 
 
-async def test_a_frozen_reading_is_a_fault_not_a_cell(tmp_path: Path) -> None:
+async def test_a_fault_is_given_its_whole_grace_time_before_the_channel_gives_up(tmp_path: Path) -> None:
+    """The backoff once gave up when its next wait would pass the grace: at 15.8 s of a 20 s grace. The last try
+    now comes at the grace's end: given up no sooner than the grace, and within one try (0.4 s timeout) after."""
+    results, _ = await run_with_fault(tmp_path, set_fault("silent", True), lambda s: None, lasts=0.0, grace="5 s")
+    (bad,) = results
+    with open_run(bad.database) as store:
+        events = store.events()
+    began = next(e["test_time"] for e in events if e["kind"] == "fault")
+    ended = next(e["test_time"] for e in events if e["kind"] == "end")
+    assert "not recovered within 5 s" in bad.outcome.reason
+    assert 5.0 <= ended - began <= 5.0 + 1.5, ended - began
+
+
+@pytest.mark.parametrize("step", ["charge: {current: 1 mA, until: [4.25 V, 30 s]}",
+                                  # a discharge to a cut-off: a voltage source at its current limit, whose voltage is
+                                  # what moves (it was never judged, the current being meant to hold)
+                                  "discharge: {current: 1 mA, until: [3.0 V, 30 s]}"])
+async def test_a_frozen_reading_is_a_fault_not_a_cell(tmp_path: Path, step: str) -> None:
     """A 2450 that keeps answering with its last reading: after 21 identical readings with current flowing
     the channel is made safe and fails (real clock, real wire)."""
-    text = "name: frozen\nsample_period: 0.1 s\nsteps:\n  - charge: {current: 1 mA, until: [4.25 V, 30 s]}\n"
+    text = f"name: frozen\nsample_period: 0.1 s\nsteps:\n  - {step}\n"
     loop = asyncio.get_running_loop()
     sim = Keithley2450Sim(SolidStateCell(soc=0.3), loop.time, noise_v=20e-6)
     async with SimServer(sim) as server:

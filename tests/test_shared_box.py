@@ -601,6 +601,7 @@ def test_a_write_lock_held_on_one_channels_database_stops_no_channel_and_loses_n
     finally:
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=30)
+    assert "Traceback" not in out
     with sqlite3.connect(db) as con:
         times = [t for (t,) in con.execute('SELECT "Test Time / s" FROM samples ORDER BY rowid')]
     assert max(b - a for a, b in itertools.pairwise(times)) < 2.5, times  # 1 s samples: none lost to the lock

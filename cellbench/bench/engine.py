@@ -361,7 +361,8 @@ class Engine:
         name, began, delay, last = ch.cycler.name, self._t(), 0.25, exc
         self._note(NoteKind.FAULT, f"{exc}; reconnecting for up to {human_duration(grace)}")
         while True:
-            await self._sleep_until(self._t() + delay)
+            # the last try comes at the grace's end, not a backoff before it
+            await self._sleep_until(self._t() + min(delay, max(grace - (self._t() - began), 0.0)))
             try:
                 ch.cycler = await ch.reconnect()
                 was_on = await ch.cycler.output_is_on()
@@ -376,7 +377,7 @@ class Engine:
                     await ch.cycler.output(True)
             except RECOVERABLE as again:
                 last = again
-                if self._t() - began + delay >= grace:
+                if self._t() - began >= grace:
                     raise InstrumentFault(name, f"not recovered within {human_duration(grace)}: {last}") from last
                 delay = min(delay * 2, 10.0)
                 continue
@@ -780,12 +781,14 @@ class Engine:
         the last digit while current flows is a frozen instrument, not a cell."""
         if self.clock.virtual:  # a noiseless simulated plateau may repeat to the last digit
             return
-        in_compliance = ctl.mode is SourceMode.VOLTAGE and abs(abs(r.current) - ctl.compliance) <= 1e-9 * ctl.compliance
-        if not work.history or r.current == 0.0 or in_compliance:  # a current held at its limit is meant to hold
+        if not work.history or r.current == 0.0:
             work.same = 0
             return
         _, prev = work.history[-1]
-        measured = (r.voltage, prev.voltage) if ctl.mode is SourceMode.CURRENT else (r.current, prev.current)
+        # a voltage source at its current limit (a discharge to a cut-off) holds the current: its voltage moves
+        in_compliance = ctl.mode is SourceMode.VOLTAGE and abs(abs(r.current) - ctl.compliance) <= 1e-9 * ctl.compliance
+        by_voltage = ctl.mode is SourceMode.CURRENT or in_compliance
+        measured = (r.voltage, prev.voltage) if by_voltage else (r.current, prev.current)
         work.same = work.same + 1 if measured[0] == measured[1] else 0
         if work.same >= FROZEN_AFTER:
             raise InstrumentFault(self.channel.cycler.name, f"its reading has not changed in {FROZEN_AFTER + 1} "
