@@ -16,6 +16,8 @@ import threading
 import time
 from pathlib import Path
 
+import own_state  # noqa: F401  (first: a state folder of its own)
+
 from cellbench.bench.clock import VirtualClock
 from cellbench.bench.config import BenchConfig
 from cellbench.bench.simbench import rehearse

@@ -10,6 +10,8 @@ import subprocess
 import sys
 import time
 
+import own_state  # noqa: F401  (first: a state folder of its own)
+
 REPEATS = int(sys.argv[1]) if len(sys.argv) > 1 else 7
 FLOOR = ("import typer\napp = typer.Typer(help='x', no_args_is_help=True)\n"
          "@app.command()\ndef a() -> None: ...\n@app.command()\ndef b() -> None: ...\napp()")

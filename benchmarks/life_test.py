@@ -16,6 +16,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import own_state  # noqa: F401  (first: a state folder of its own)
+
 from cellbench.bench.clock import VirtualClock
 from cellbench.bench.simbench import run_simulated
 from cellbench.bench.store import open_run

@@ -27,6 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import own_state  # noqa: F401  (first: a state folder of its own)
 from rich.console import Console
 from rich.progress import Progress
 

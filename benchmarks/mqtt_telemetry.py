@@ -19,6 +19,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 
+import own_state  # noqa: F401  (first: a state folder of its own)
 import paho.mqtt.client as paho
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))

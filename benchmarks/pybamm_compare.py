@@ -12,6 +12,7 @@ from __future__ import annotations
 import sys
 import time
 
+import own_state  # noqa: F401  (first: a state folder of its own)
 import pybamm  # type: ignore[import-untyped]
 from life_test import ours
 

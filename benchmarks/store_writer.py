@@ -14,6 +14,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import own_state  # noqa: F401  (first: a state folder of its own)
+
 from cellbench.bench.store import _SCHEMA, COLUMNS, RunStore, Sample
 
 ROWS = int(sys.argv[1]) if len(sys.argv) > 1 else 200_000

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import own_state  # noqa: F401  (first: a state folder of its own)
 import pyvisa
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))

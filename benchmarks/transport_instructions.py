@@ -16,6 +16,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import own_state  # noqa: F401  (first: a state folder of its own)
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tests.test_cli import serve

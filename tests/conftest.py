@@ -23,6 +23,15 @@ from cellbench.simulators.server import SimServer
 # user's ~/.local/state; a test that looks at the registry sets its own folder.
 os.environ["CELLBENCH_STATE_DIR"] = tempfile.mkdtemp(prefix="cellbench-test-state-")
 
+@pytest.fixture(autouse=True)
+def own_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Each test its own state folder (runs registry, cell latches): a cell one test's safety stop latches is not
+    latched for the next."""
+    folder = tmp_path / "cellbench-state"
+    monkeypatch.setenv("CELLBENCH_STATE_DIR", str(folder))
+    return folder
+
+
 # The fuzzers draw the same cases on every run, so CI passes or fails on the code alone; to hunt for new
 # cases, run with HYPOTHESIS_PROFILE=explore (fresh random draws each run).
 settings.register_profile("ci", derandomize=True, database=None)

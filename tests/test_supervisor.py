@@ -95,3 +95,30 @@ def test_an_interlock_trips_the_channel_within_a_second(tmp_path: Path, trip: st
     with open_run(result.database) as store:
         (event,) = [e for e in store.events() if e["kind"] == "safety"]
     assert 0 <= event["test_time"] - SHORT_AT <= 1.1
+
+
+@pytest.mark.parametrize("after", [0.001, 0.3, 0.7, 0.999])
+def test_a_limit_crossed_just_after_an_engine_sample_is_caught_within_one_period(tmp_path: Path,
+                                                                                after: float) -> None:
+    """The adversarial case: the short comes just after one of the engine's samples (every 60.5 s, out of phase
+    with the supervisor's second). Waking at a fixed cadence, the supervisor took that sample for a fresh reading and
+    acted a period late (up to 2 s); its reading is now due one period after the newest one, so the trip comes
+    within a period of the crossing, wherever it falls."""
+    text = "name: out of phase\nsample_period: 60.5 s\nsteps:\n  - rest: 10 h\n"
+    clock = VirtualClock()
+    bench = SimulatedBench(initial_soc=0.3)
+    crossing = 3 * 60.5 + after  # just after the engine's fourth sample
+
+    async def main() -> Any:
+        async with bench:
+            task = asyncio.create_task(bench.run(parse_profile(text), text, clock, runs_dir=tmp_path,
+                                                 supervise=True))
+            await asyncio.sleep(crossing)
+            bench.cell.inject_short(5.0)
+            return await task
+
+    result = clock.run(main())
+    with open_run(result.database) as store:
+        (trip,) = [e for e in store.events() if e["kind"] == "safety"]
+    assert "(supervisor, reading" in trip["message"]
+    assert crossing <= trip["test_time"] <= crossing + 1.0 + 1e-6, trip["test_time"] - crossing

@@ -1,21 +1,21 @@
 """The safety supervisor: an independent task beside each channel's engine, on its own cadence.
 
-At least once a `period` (1 s) whatever the profile's sample period, it takes the latest values the
-engine measured, or, when those are older than a period, reads the cycler (and the chamber and the
-press) itself, and checks them against the channel's hard limits: the cell's voltage window with its
-margins, the profile's safety ranges, overflow readings, a current that charges the cell during a discharge
-(a short pulling it below a voltage the instrument holds); and the bench's interlocks: a chamber in
-alarm, a press that tripped on over-force or reports a fault. A breach turns the output off at once, then
-stops the engine with the reason and the reading that tripped it (the run ends `safety stop`, latched:
-`cellbench resume` refuses it until an operator clears it). It keeps watch during set and wait steps
-and while the conditions track waits; during an EIS step the potentiostat holds the cell and the
-cycler is not read.
+At least once a `period` (1 s) whatever the profile's sample period, and one period after the newest reading of
+the cell, it takes the latest values the engine measured, or, when those are a period old, reads the cycler (and
+the chamber and the press) itself, and checks them against the channel's hard limits: the cell's voltage window
+with its margins, the profile's safety ranges, overflow readings, a current that charges the cell during a
+discharge (a short pulling it below a voltage the instrument holds); and the bench's interlocks: a chamber in
+alarm, a press that tripped on over-force or reports a fault. A breach turns the output off at once, then stops
+the engine with the reason and the reading that tripped it (the run ends `safety stop`, latched: `cellbench
+resume` refuses it until an operator clears it). It keeps watch during set and wait steps and while the
+conditions track waits; during an EIS step the potentiostat holds the cell and the cycler is not read.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from collections.abc import Callable
 
 from cellbench.bench import policy
@@ -29,6 +29,7 @@ from cellbench.profiles.schema import Profile
 log = logging.getLogger(__name__)
 
 PERIOD = 1.0  # s
+MIN_GAP = 0.05  # s: the least time between two looks (between steps, when no reading is taken)
 
 
 class Supervisor:
@@ -40,9 +41,21 @@ class Supervisor:
         self.reads = 0  # how many of those it read the instruments itself
 
     async def run(self) -> None:
-        """Watch until cancelled (when the engine's run ends), or until it trips."""
+        """Watch until cancelled (when the engine's run ends), or until it trips.
+
+        A reading of the cell is due one period after the newest one, the engine's or its own: whenever a limit
+        is crossed, a reading comes within a period after it (the engine judges its own readings at once). Waking
+        at a fixed cadence instead, it once took a reading the engine made just before the crossing for a fresh
+        one, and acted a period late (1.99 s at a 1 s period)."""
+        checked = self.engine.test_time
         while True:
-            await self.clock.sleep(self.period)
+            latest = self.engine.latest
+            newest = latest[0] if latest is not None else -math.inf
+            wake = min(checked + self.period, max(newest + self.period, checked + MIN_GAP))
+            now = self.engine.test_time
+            if wake > now:
+                await self.clock.sleep(wake - now)
+            checked = self.engine.test_time
             seen = await self._latest()
             if seen is None:
                 continue
@@ -78,7 +91,7 @@ class Supervisor:
         """The channel's newest reading and conditions, and whether the supervisor read them itself."""
         latest = self.engine.latest
         now = self.engine.test_time
-        if latest is not None and now - latest[0] < self.period:
+        if latest is not None and now - latest[0] < self.period - 1e-6:
             return latest[1], latest[2], False
         if self.engine.step_type in (None, StepType.EIS):  # between steps, or the potentiostat has the cell
             return (latest[1], latest[2], False) if latest is not None else None
