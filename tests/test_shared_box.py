@@ -608,3 +608,26 @@ def test_a_write_lock_held_on_one_channels_database_stops_no_channel_and_loses_n
     assert [m for k, m in events_of(db) if k == "end"] == ["interrupted: SIGTERM received"]
     assert [m for k, m in events_of(database_of(tmp_path, "ch2")) if k == "end"] == ["interrupted: SIGTERM received"]
     assert "locked by another process" in next((tmp_path / "runs").glob("*A-1*.log")).read_text()
+
+
+def test_a_step_killed_before_its_first_sample_period_ends_keeps_its_first_sample(tmp_path: Path,
+                                                                                  served: str) -> None:
+    """A 60 s sample period and a kill -9 a few seconds into the step: the step's first sample (taken at its
+    start) is in the database, and `status` showed it rather than dashes."""
+    slow = "name: slow\nsample_period: 60 s\nsteps:\n  - charge: {current: 1 mA, until: [4.2 V, 2 h]}\n"
+    bench, profile = files(tmp_path, served, profile_text=slow)
+    proc = start_run(tmp_path, bench, profile)
+    try:
+        wait_until_sourcing(served)
+        time.sleep(2.5)
+        status = json.loads(cli(tmp_path, "status", "--json").stdout)
+        assert isinstance(status[0]["voltage"], float) and status[0]["step_type"] == "CC Charge", status
+        proc.kill()
+        proc.wait(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    with sqlite3.connect(database_of(tmp_path, "ch1")) as con:
+        rows = con.execute('SELECT "Test Time / s", "Current / A" FROM samples WHERE "Step Type" = ?',
+                           ("CC Charge",)).fetchall()
+    assert rows and rows[0][0] < 1.0 and abs(rows[0][1] - 1e-3) < 1e-5, rows

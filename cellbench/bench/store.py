@@ -12,6 +12,7 @@ through `on_failure`; nothing more is written after it.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import logging
@@ -306,6 +307,11 @@ class RunStore:
         self._flush_interval = flush_interval
         self._max_batch = max_batch
         self._batch_start: float | None = None
+        # a durable run hands a batch over when it is a flush interval old by the wall clock too, not only at the
+        # next sample: with a 60 s sample period a step's first sample once waited 60 s in memory (lost to a kill)
+        self._aging = durable
+        self._timer: asyncio.TimerHandle | None = None
+        self._closing = False
 
     # --- writing (never blocks: the writer thread commits) ---------------------------------
     @property
@@ -348,7 +354,22 @@ class RunStore:
         rows.append(sample)  # a Sample is its row
         if self._batch_start is None:
             self._batch_start = now
+            if self._aging:
+                self._arm()
         if now - self._batch_start >= self._flush_interval or len(rows) >= self._max_batch:
+            self._hand_over()
+
+    def _arm(self) -> None:
+        """On the run's loop: hand the batch over a flush interval from now, whenever the next sample comes."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # written outside a loop (a tool, a test): the next sample or a flush hands it over
+            return
+        self._timer = loop.call_later(self._flush_interval, self._aged)
+
+    def _aged(self) -> None:
+        self._timer = None
+        if self._batch_start is not None and not self._closing:
             self._hand_over()
 
     def step_started(
@@ -382,6 +403,9 @@ class RunStore:
             barrier.done.wait()
 
     def close(self) -> None:
+        self._closing = True
+        if self._timer is not None:
+            self._timer.cancel()
         self.flush()
         if self._writer is not None:
             closed = threading.Event()
@@ -413,6 +437,9 @@ class RunStore:
 
     def _hand_over(self) -> None:
         self._batch_start = None
+        if self._timer is not None and not self._closing:
+            self._timer.cancel()
+            self._timer = None
         self._close_rows()
         if not self._buffer:
             return
