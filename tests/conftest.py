@@ -92,6 +92,7 @@ class DryRun:
     steps: list[dict[str, Any]]
     events: list[dict[str, Any]]
     bench: Any
+    database: Path | None = None
 
     def step_samples(self, step_count: int) -> list[Any]:
         return [s for s in self.samples if s.step_count == step_count]
@@ -129,7 +130,7 @@ def dry_run(
 
     result = clock.run(main())
     with open_run(result.database) as store:
-        return DryRun(result.outcome, store.samples(), store.steps(), store.events(), bench)
+        return DryRun(result.outcome, store.samples(), store.steps(), store.events(), bench, result.database)
 
 
 def _half_cell_resistances() -> tuple[float, float]:

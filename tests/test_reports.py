@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from cellbench.bench.analysis import cycle_life, cycle_table, dcir, dqdv, run_cycle_table
+from cellbench.bench.analysis import cycle_life, cycle_table, dcir, dqdv, run_cycle_table, store_table
 from cellbench.bench.cli import app
 from cellbench.bench.events import Note, NoteKind
 from cellbench.bench.export import export_run
@@ -444,3 +444,29 @@ def test_unix_time_going_backwards_is_said_by_the_export_and_the_report(tmp_path
     clean = synthetic_cycles(tmp_path / "clean.sqlite", 0.01, 3)
     assert json.loads(export_run(clean, tmp_path / "clean")["metadata"].read_text())["unix_time_problem"] is None
     assert "backwards" not in write_report(clean, tmp_path / "clean-report").read_text()
+
+
+def test_coulombic_efficiency_only_for_cycles_with_a_whole_charge_and_discharge(tmp_path: Path) -> None:
+    """A cycle of pulses (each ended by time) once read a CE of 16,278 %: blank now. A whole cycle's CE is its
+    discharge over its charge, integrated here by hand from its samples (trapezoids of the current)."""
+    run = dry_run("""
+        name: whole and pulsed
+        sample_period: 30 s
+        steps:
+          - cccv: {current: C/5, voltage: 4.2 V, until: C/20}
+          - discharge: {current: C/5, until: 3.7 V}
+          - charge: {current: C/5, until: 10 s, new_cycle: true}
+          - discharge: {current: C/2, until: 30 s}
+        """, tmp_path, soc=0.3, temperature=60.0)  # at 60 degC C/5 stays below the lithium's CCD
+    assert run.outcome.completed
+    assert run.database is not None
+    with open_run(run.database) as store:
+        rows = {r.cycle: r for r in store_table(store)}
+    assert set(rows) == {1, 2}
+    assert rows[2].coulombic_efficiency is None and rows[2].charge_ah > 0 and rows[2].discharge_ah > 0
+    one = [s for s in run.samples if s.cycle == 1]
+    charge = sum((a.current + b.current) / 2 * (b.test_time - a.test_time) / 3600
+                 for a, b in zip(one, one[1:], strict=False) if a.current > 0 and b.current > 0)
+    discharge = -sum((a.current + b.current) / 2 * (b.test_time - a.test_time) / 3600
+                     for a, b in zip(one, one[1:], strict=False) if a.current < 0 and b.current < 0)
+    assert rows[1].coulombic_efficiency == pytest.approx(discharge / charge, rel=0.01)

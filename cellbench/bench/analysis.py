@@ -38,10 +38,14 @@ class CycleSummary:
         """Discharge capacity per cm² of active area."""
         return self.discharge_ah * 1e3 / self.area_cm2 if self.area_cm2 else None
 
+    whole: bool = True  # the cycle has a whole charge and a whole discharge (see whole_cycles)
+
     @property
     def coulombic_efficiency(self) -> float | None:
-        """Discharge over charge of the same cycle; None unless both are above the noise floor (CE_FLOOR_AH)."""
-        if self.charge_ah < CE_FLOOR_AH or self.discharge_ah < CE_FLOOR_AH:
+        """Discharge over charge of the same cycle; None unless both are above the noise floor (CE_FLOOR_AH), and
+        for a cycle without a whole charge and discharge (pulses, a cycle cut short): an HPPC cycle's 0.2 mAh of
+        charge pulses against its 30 mAh of discharge once read 16,278 %."""
+        if not self.whole or self.charge_ah < CE_FLOOR_AH or self.discharge_ah < CE_FLOOR_AH:
             return None
         return self.discharge_ah / self.charge_ah
 
@@ -73,18 +77,43 @@ class CycleSummary:
 
 
 def run_cycle_table(samples: Iterable[Sample], cell: dict[str, Any] | None,
-                    references: dict[int, float] | None = None) -> list[CycleSummary]:
+                    references: dict[int, float] | None = None, whole: set[int] | None = None
+                    ) -> list[CycleSummary]:
     """The per-cycle table of a run, scaled by the cell its metadata records (volume, thickness, mass, area)."""
     cell = cell or {}
     dims = cell.get("dimensions")
     return cycle_table(samples, cell.get("volume_cm3"), dims[2] if dims else None,
-                       mass_g=cell.get("active_mass_g"), area_cm2=cell.get("area"), references=references)
+                       mass_g=cell.get("active_mass_g"), area_cm2=cell.get("area"), references=references,
+                       whole=whole)
 
 
 def store_table(store: Any) -> list[CycleSummary]:
-    """A run store's per-cycle table, its retention taken from its reference steps where the profile marks them."""
-    samples, meta = store.samples(), store.metadata()
-    return run_cycle_table(samples, meta.get("cell"), references(samples, store.steps(), meta.get("profile_text")))
+    """A run store's per-cycle table, its retention taken from its reference steps where the profile marks them,
+    its coulombic efficiency only for cycles with a whole charge and discharge."""
+    samples, meta, steps = store.samples(), store.metadata(), store.steps()
+    return run_cycle_table(samples, meta.get("cell"), references(samples, steps, meta.get("profile_text")),
+                           whole_cycles(steps))
+
+
+CHARGING = ("CC Charge", "CCCV Charge", "CP Charge", "CV")
+DISCHARGING = ("CC Discharge", "CCCV Discharge", "CP Discharge", "CR Discharge")
+# the limits that end a whole charge or discharge; time (a pulse, a rest), a budget and a stop do not
+WHOLE_ENDS = ("voltage", "current", "step_capacity", "cycle_capacity", "step_energy", "cycle_energy")
+
+
+def whole_cycles(steps: Iterable[dict[str, Any]]) -> set[int]:
+    """The cycles with a whole charge and a whole discharge: a charging step and a discharging step that each
+    ended on a voltage, current, capacity or energy limit (not on time, as pulses do, nor cut short)."""
+    charged: set[int] = set()
+    discharged: set[int] = set()
+    for st in steps:
+        if not str(st.get("end_reason") or "").startswith(WHOLE_ENDS):
+            continue
+        if st.get("step_type") in CHARGING:
+            charged.add(st["cycle"])
+        elif st.get("step_type") in DISCHARGING:
+            discharged.add(st["cycle"])
+    return charged & discharged
 
 
 def references(samples: Sequence[Sample], steps: Sequence[dict[str, Any]], profile_text: str | None
@@ -124,6 +153,7 @@ def references(samples: Sequence[Sample], steps: Sequence[dict[str, Any]], profi
 def cycle_table(
     samples: Iterable[Sample], volume_cm3: float | None = None, thickness_mm: float | None = None,
     *, mass_g: float | None = None, area_cm2: float | None = None, references: dict[int, float] | None = None,
+    whole: set[int] | None = None,
 ) -> list[CycleSummary]:
     """One row per cycle; the accumulators restart each cycle, so a cycle's last sample holds its totals.
 
@@ -132,7 +162,8 @@ def cycle_table(
     capacity over the first, so a fast ageing cycle is never compared with a slow reference.
 
     With the cell's thickness and a recorded displacement, the stack volume of each cycle is the
-    cell's volume stretched by the largest displacement of that cycle.
+    cell's volume stretched by the largest displacement of that cycle. `whole` (`whole_cycles`): the cycles
+    whose coulombic efficiency means something; by default every one.
     """
     last: dict[int, Sample] = {}
     swell: dict[int, float] = {}
@@ -153,7 +184,7 @@ def cycle_table(
             retention = s.discharge_ah / reference if reference else None
         rows.append(CycleSummary(
             c, s.charge_ah, s.discharge_ah, s.charge_wh, s.discharge_wh, retention, volume_cm3, stack, mass_g,
-            area_cm2,
+            area_cm2, whole is None or c in whole,
         ))
     return rows
 
