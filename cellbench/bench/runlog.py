@@ -33,6 +33,32 @@ class _QuietFileHandler(logging.FileHandler):
         self.dropped = getattr(self, "dropped", 0) + 1  # never a traceback on stderr mid-run
 
 
+class _Router(logging.Handler):
+    """One handler on the `cellbench` logger for every run of the process: a record goes to the run whose task is
+    current (a dictionary look-up), to the runs of the channel it names, or to every run. A filter per run on its
+    own handler once made each of a thousand runs look at each of the others' lines (start-up grew with N²)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.runs: dict[str, tuple[logging.Handler, str | None]] = {}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        run = current_run.get()
+        if run is not None:
+            found = self.runs.get(run)
+            targets = [found[0]] if found is not None else []
+        else:
+            channel = getattr(record, "channel", None)  # a command to one channel, from outside any run's task
+            targets = [h for h, ch in self.runs.values() if channel is None or ch == channel]
+        for handler in targets:
+            if record.levelno >= handler.level:
+                handler.handle(record)
+
+
+_router = _Router()
+_saved_level: list[int] = []  # the `cellbench` logger's level before the first run raised it to INFO
+
+
 class RunLog:
     """Attach the run's log file for as long as the run lasts (a context manager); `on_event` subscribes."""
 
@@ -41,7 +67,6 @@ class RunLog:
         self.logger = logging.getLogger(f"{LOGGER}.run")
         self._handler: logging.Handler | None = None
         self._token: contextvars.Token[str | None] | None = None
-        self._level: int | None = None
 
     def __enter__(self) -> RunLog:
         self._token = current_run.set(self.run_id)
@@ -50,29 +75,25 @@ class RunLog:
         except OSError:
             return self  # no log file; the run goes on
         handler.setFormatter(_UtcFormatter(f"%(asctime)s %(levelname)s [{self.run_id}] %(name)s: %(message)s"))
-        handler.addFilter(self._ours)
         root = logging.getLogger(LOGGER)
-        if root.getEffectiveLevel() > logging.INFO:
-            self._level = root.level
-            root.setLevel(logging.INFO)
-        root.addHandler(handler)
+        if not _router.runs:
+            if root.getEffectiveLevel() > logging.INFO:
+                _saved_level.append(root.level)
+                root.setLevel(logging.INFO)
+            root.addHandler(_router)
+        _router.runs[self.run_id] = (handler, self.channel)
         self._handler = handler
         return self
 
-    def _ours(self, record: logging.LogRecord) -> bool:
-        run = current_run.get()
-        if run is not None:
-            return run == self.run_id
-        channel = getattr(record, "channel", None)  # a command to one channel, from outside any run's task
-        return channel is None or channel == self.channel
-
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         if self._handler is not None:
-            root = logging.getLogger(LOGGER)
-            root.removeHandler(self._handler)
+            _router.runs.pop(self.run_id, None)
             self._handler.close()
-            if self._level is not None and not any(isinstance(h, _QuietFileHandler) for h in root.handlers):
-                root.setLevel(self._level)
+            if not _router.runs:
+                root = logging.getLogger(LOGGER)
+                root.removeHandler(_router)
+                while _saved_level:
+                    root.setLevel(_saved_level.pop())
         if self._token is not None:
             current_run.reset(self._token)
 
