@@ -31,7 +31,7 @@ topic write cellbench/+/+/cmd/#
 def mosquitto() -> str:
     found = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
     if found is None:
-        pytest.skip("no mosquitto: `make test` installs Debian's mosquitto and mosquitto-clients as root")
+        pytest.skip("no mosquitto: sudo apt-get install mosquitto mosquitto-clients (Debian), or run .ci/run as root")
     return found
 
 

@@ -3,6 +3,7 @@ format's own validator and read by PyProBE, the report, and the comparison of tw
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
@@ -384,7 +385,8 @@ def test_the_report_page_renders_in_a_real_browser_with_no_broken_image(simulate
     from selenium.webdriver.common.by import By
 
     if not (shutil.which("chromium") and shutil.which("chromedriver")):
-        pytest.skip("no chromium/chromedriver: `make test` installs Debian's chromium and chromium-driver as root")
+        pytest.skip("no chromium/chromedriver: sudo apt-get install chromium chromium-driver (Debian), "
+                    "or run .ci/run as root")
     page = write_report(simulated_run, tmp_path / "report")
     (tmp_path / "report" / "broken.png").write_bytes(b"not a png")  # the check itself must see a broken image
     options = webdriver.ChromeOptions()
@@ -466,7 +468,7 @@ def test_coulombic_efficiency_only_for_cycles_with_a_whole_charge_and_discharge(
     assert rows[2].coulombic_efficiency is None and rows[2].charge_ah > 0 and rows[2].discharge_ah > 0
     one = [s for s in run.samples if s.cycle == 1]
     charge = sum((a.current + b.current) / 2 * (b.test_time - a.test_time) / 3600
-                 for a, b in zip(one, one[1:], strict=False) if a.current > 0 and b.current > 0)
+                 for a, b in itertools.pairwise(one) if a.current > 0 and b.current > 0)
     discharge = -sum((a.current + b.current) / 2 * (b.test_time - a.test_time) / 3600
-                     for a, b in zip(one, one[1:], strict=False) if a.current < 0 and b.current < 0)
+                     for a, b in itertools.pairwise(one) if a.current < 0 and b.current < 0)
     assert rows[1].coulombic_efficiency == pytest.approx(discharge / charge, rel=0.01)

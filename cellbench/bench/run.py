@@ -862,7 +862,10 @@ async def _channel_run(
         else:  # this database's own (locked past the grace, damaged): this channel alone
             loop.call_soon_threadsafe(stop_this, why)
 
-    store = RunStore(path, durable=not clock.virtual, on_failure=failed)
+    if clock.virtual:
+        store = RunStore(path, durable=False, on_failure=failed)
+    else:  # its file opened and its tables made off the loop: a thousand channels start without queueing on it
+        store = await asyncio.to_thread(RunStore, path, durable=True, on_failure=failed)
     link: ChannelLink | None = None
     ticker: asyncio.Future[None] | None = None
     ended: Outcome | None = None  # how the run ended, for the MQTT status
