@@ -104,3 +104,15 @@ def test_how_a_run_stopped_is_shown_and_counted() -> None:
     assert len(lines) == 2 and " ch1 completed at step 4/10 CC Charge" in lines[1]
     latest = {"a": progress(), "b": replace(progress(), ended="completed"), "c": replace(progress(), ended="paused")}
     assert summary(latest).startswith("3 channels · 1 CC Charge, 1 completed, 1 paused ·")
+
+
+def test_a_run_started_later_on_a_channel_has_its_own_step_count_on_its_bar() -> None:
+    """After `cellbench start` the channel's bar once kept the old run's step count (10 steps, then 3)."""
+    import dataclasses
+
+    shown, _ = bars(terminal=True)
+    show = Display(shown)
+    show("ch1", dataclasses.replace(progress(step=10), ended="completed"))
+    show("ch1", dataclasses.replace(progress(step=1), total_steps=3))
+    (task,) = shown.tasks
+    assert task.total == 3 and task.completed == 0

@@ -95,7 +95,8 @@ class Display:
         if channel not in self.tasks:
             self.tasks[channel] = self.bars.add_task(channel, total=p.total_steps)
         done = p.total_steps if p.ended == "completed" else p.step_count - 1
-        self.bars.update(self.tasks[channel], completed=done, description=(
+        # total given every time: a run started later on the channel (`cellbench start`) has its own step count
+        self.bars.update(self.tasks[channel], completed=done, total=p.total_steps, description=(
             f"{channel}{self.tag} · cycle {p.cycle} · {p.ended or p.step_type:<12} · {p.voltage:6.3f} V "
             f"{p.current * 1e3:+8.4f} mA · test time {p.test_time / 3600:7.2f} h"))
 
