@@ -258,3 +258,61 @@ def test_the_estimates_dry_run_leaves_nothing_in_the_runs_registry(tmp_path: Pat
                                 env={"COLUMNS": "300", "CELLBENCH_STATE_DIR": str(state)})
     assert result.exit_code == 0 and "estimated" in result.output.lower(), result.output
     assert not list(state.rglob("*.json"))
+
+
+def test_the_bench_file_reference_is_the_models_own() -> None:
+    """docs/bench-file.md lists every key of every section and every driver, generated from the models: a key added
+    without regenerating it fails here."""
+    from cellbench.bench.config import BenchConfig, reference
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "bench-file.md").read_text()
+    assert doc == reference(), "out of date: python -m cellbench.bench.config > docs/bench-file.md"
+    assert all(f"| `{key}` |" in doc for key in BenchConfig.model_fields)
+
+
+def test_the_first_instrument_walkthrough_runs_as_written(tmp_path: Path) -> None:
+    """docs/first-instrument.md against `cellbench sim serve keithley2450` standing in for the real 2450 (its
+    address the only change): the *IDN? one-liner, validate, the rehearsal, then the real run, stopped with
+    Ctrl-C after a few seconds (its charge would last an hour): the output goes off and the record says why."""
+    import re
+    import shlex
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.test_cli import serve
+    from tests.test_unattended import ask, run_env
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "first-instrument.md").read_text()
+    sim, resource = serve("keithley2450", "--port", "0", "--soc", "0.3")
+    try:
+        doc = doc.replace("TCPIP::192.168.1.50::5025::SOCKET", resource)
+        for block in re.findall(r"```yaml\n# (\S+)\n(.*?)```", doc, re.S):
+            (tmp_path / block[0]).write_text(block[1])
+        commands = [line for block in re.findall(r"```sh\n(.*?)```", doc, re.S) for line in block.splitlines()]
+        env = {**run_env(tmp_path), "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin"}
+        idn, validate, rehearse, real = commands
+        said = subprocess.run(shlex.split(idn), capture_output=True, text=True, cwd=tmp_path, env=env, timeout=60)
+        assert said.returncode == 0 and said.stdout.startswith("KEITHLEY INSTRUMENTS,MODEL 2450"), said.stderr
+        for line in (validate, rehearse):
+            done = subprocess.run(shlex.split(line), capture_output=True, text=True, cwd=tmp_path, env=env,
+                                  timeout=300)
+            assert done.returncode == 0, line + "\n" + done.stdout[-2000:] + done.stderr[-2000:]
+        proc = subprocess.Popen(shlex.split(real), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                cwd=tmp_path, env=env)
+        time.sleep(6.0)
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 130, out
+        assert ask(resource, ":OUTP?") == "0"
+        import sqlite3
+
+        ends = []
+        for db in (tmp_path / "runs").glob("*.sqlite"):
+            with sqlite3.connect(db) as con:
+                ends += [m for (m,) in con.execute("SELECT message FROM events WHERE kind = 'end'")]
+        assert sorted(ends) == ["completed", "interrupted: SIGINT received"], ends  # the rehearsal, the real run
+    finally:
+        sim.terminate()
+        sim.wait(timeout=10)

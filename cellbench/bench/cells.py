@@ -24,15 +24,19 @@ class CellConfig(Strict):
 
     what: ClassVar[str] = "cell key"
     id: Label | None = Field(default=None, description="the cell's ID as labelled (by default its key in the file)")
-    batch: str | None = None
-    chemistry: str = "NMC811 | Li6PS5Cl | Li metal"
+    batch: str | None = Field(default=None, description="the cell's batch (filters, reports, the lab database)")
+    chemistry: str = Field(default="NMC811 | Li6PS5Cl | Li metal",
+                           description="cathode / electrolyte / anode; a lithium-metal anode gets a charge-current "
+                                       "density limit")
     capacity: Capacity = Field(description="nominal capacity in Ah")
-    voltage_min: Voltage
-    voltage_max: Voltage
+    voltage_min: Voltage = Field(description="the lowest voltage the cell may see (V); the safe window is 0.2 V below")
+    voltage_max: Voltage = Field(description="the highest voltage the cell may see (V); the safe window is 0.1 V "
+                                             "above")
     area: Area = Field(default=1.0, gt=0, description="active (cathode) area in cm²")
     mass: Mass | None = Field(default=None, gt=0, description="active material mass in g")
     loading: Loading | None = Field(default=None, gt=0, description="active material loading in mg/cm²")
-    dimensions: tuple[Length, Length, Length] | None = None
+    dimensions: tuple[Length, Length, Length] | None = Field(
+        default=None, description="length, width, thickness in mm (energy density; swelling under the press)")
     max_charge_current_density: Density | None = Field(
         default=None, gt=0, description="the densest charging current the cell takes (A/cm²); a lithium-metal "
                                         "cell whose area is written defaults to 2.5 mA/cm², other cells have none")

@@ -40,9 +40,12 @@ class InstrumentConfig(Strict):
 
     what: ClassVar[str] = "instrument key"
     driver: Annotated[str, AfterValidator(_known_driver)] = Field(description="a driver of the registry")
-    resource: str
-    backend: Literal["auto", "native", "visa"] = "auto"
-    timeout: Duration = 5.0
+    resource: str = Field(description="where it is, VISA-style: `TCPIP::host::port::SOCKET`, "
+                                      "`ASRL/dev/ttyUSB0::INSTR`, `GPIB0::18::INSTR`, `USB0::...::INSTR`")
+    backend: Literal["auto", "native", "visa"] = Field(
+        default="auto", description="the wire: native asyncio sockets and pyserial, or pyvisa (GPIB, USB-TMC); "
+                                    "auto picks native where it can")
+    timeout: Duration = Field(default=5.0, description="how long a reply may take")
     baud_rate: int | None = Field(default=None, gt=0, description="serial lines only; by default the driver's")
     address: int | None = Field(default=None, ge=0, description="RS-485 address of an ESPEC chamber")
     device_id: int = Field(default=1, ge=0, le=247, description="Modbus unit id of a press")
@@ -71,15 +74,15 @@ class ChannelConfig(Strict):
     """A cell and the instruments acting on it; several channels may share a chamber or a press."""
 
     what: ClassVar[str] = "channel key"
-    cycler: str
+    cycler: str = Field(description="the instrument (its key under `instruments:`) that sources the cell's current")
     cycler_channel: int | None = Field(default=None, ge=0, description="the channel of a multi-channel cycler "
                                                                         "(0-based, as on its wire)")
-    cell: str
+    cell: str = Field(description="the cell (its key under `cells:`) on this channel")
     profile: str | None = Field(default=None, description="this channel's own profile: a file (relative to the "
                                                           "bench file) or a library name")
-    chamber: str | None = None
-    press: str | None = None
-    potentiostat: str | None = None
+    chamber: str | None = Field(default=None, description="the temperature chamber the cell is in, if any")
+    press: str | None = Field(default=None, description="the press (or load cell) holding the cell's stack pressure")
+    potentiostat: str | None = Field(default=None, description="the potentiostat for the profile's EIS steps")
 
     @property
     def instruments(self) -> list[str]:
@@ -88,16 +91,19 @@ class ChannelConfig(Strict):
 
 
 class BenchConfig(Strict):
+    """A bench: its instruments, its cells, the channels binding them, and how it reports."""
+
     what: ClassVar[str] = "bench key"
-    name: str = "bench"
+    name: str = Field(default="bench", description="the bench's name (in run records, MQTT topics, `status`)")
     operator: str | None = Field(default=None, description="who runs the tests (the CLI's --operator overrides)")
-    comment: str | None = None
+    comment: str | None = Field(default=None, description="free text kept with every run's record")
     notify: list[str] | None = Field(
         default=None, min_length=1, description="a command (program and arguments) run when a channel's run ends, "
                                                 "with the run's state and reason as JSON on its standard input")
-    instruments: dict[str, InstrumentConfig]
-    cells: dict[str, CellConfig]
-    channels: dict[str, ChannelConfig] = Field(min_length=1)
+    instruments: dict[str, InstrumentConfig] = Field(description="each instrument by a name of your choosing")
+    cells: dict[str, CellConfig] = Field(description="each cell by a name of your choosing (its ID by default)")
+    channels: dict[str, ChannelConfig] = Field(min_length=1, description="each channel: a cell and the "
+                                                                         "instruments acting on it")
     mqtt: MqttConfig | None = Field(default=None, description="telemetry and remote control through an MQTT "
                                                               "broker; off when absent")
     on_safety_stop: Literal["end", "hold"] = Field(
@@ -192,3 +198,87 @@ def load_bench(path: str | Path) -> BenchConfig:
               for name, ch in bench.channels.items()  # a channel's profile file is found beside the bench file
               if ch.profile is not None and (p.parent / ch.profile).is_file()}
     return bench.model_copy(update={"channels": {**bench.channels, **beside}}) if beside else bench
+
+
+def _type_of(annotation: Any) -> str:
+    """A field's type as a reader of the bench file sees it (quantities by what they measure)."""
+    import types
+    import typing
+
+    from cellbench.bench import cells
+
+    named = {id(Duration): "duration", id(cells.Capacity): "capacity", id(cells.Area): "area",
+             id(cells.Length): "length", id(cells.Mass): "mass", id(cells.Loading): "areal loading",
+             id(cells.Density): "current density", id(cells.Voltage): "voltage"}
+    if id(annotation) in named:
+        return named[id(annotation)]
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is Literal:
+        return " or ".join(f"`{a}`" for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_of(a) for a in args if a is not type(None)) + " (optional)" * (type(None) in args)
+    if origin is Annotated:
+        return _type_of(args[0])
+    if origin in (list, tuple):
+        return f"a list of {_type_of(args[0])}" if args else "a list"
+    if origin is dict:
+        return f"a mapping of names to {_type_of(args[1])}"
+    simple = {str: "text", int: "integer", float: "number", bool: "true or false", Path: "a file"}
+    if annotation in simple:
+        return simple[annotation]
+    return f"the `{getattr(annotation, 'what', 'section').split()[0]}:` section" if hasattr(annotation, "what") \
+        else str(getattr(annotation, "__name__", annotation))
+
+
+def _quantity(metadata: list[Any]) -> str | None:
+    """A required or defaulted quantity's kind, from the unit parser among the field's metadata."""
+    import typing
+
+    from cellbench.bench import cells
+
+    for alias, name in ((Duration, "duration"), (cells.Capacity, "capacity"), (cells.Area, "area"),
+                        (cells.Voltage, "voltage")):
+        if any(m in metadata for m in typing.get_args(alias)[1:]):
+            return name
+    return None
+
+
+def reference() -> str:
+    """The bench-file reference (docs/bench-file.md): every key of every section from the models themselves, and
+    every driver with its roles and settings. Regenerate with `python -m cellbench.bench.config`."""
+    from pydantic import BaseModel
+    from pydantic_core import PydanticUndefined
+
+    sections: list[tuple[str, type[BaseModel]]] = [
+        ("the file", BenchConfig), ("`instruments:` (each)", InstrumentConfig), ("`cells:` (each)", CellConfig),
+        ("`channels:` (each)", ChannelConfig), ("`mqtt:`", MqttConfig)]
+    lines = ["# The bench file: every key", "",
+             "Generated from the models that read it (`python -m cellbench.bench.config > docs/bench-file.md`);",
+             "quantities take units (`5 s`, `3.5 mAh`, `1 cm^2`). An unknown key is refused with its file and line.",
+             ""]
+    for title, model in sections:
+        lines += [f"## {title}", "", (model.__doc__ or "").strip().splitlines()[0], "",
+                  "| key | type | default | what it is |", "|---|---|---|---|"]
+        for name, field in model.model_fields.items():
+            if field.is_required():
+                default = "**required**"
+            elif field.default is PydanticUndefined or field.default is None:
+                default = "-"
+            else:
+                default = f"`{field.default}`".replace("|", "\\|")
+            kind = _quantity(field.metadata) or _type_of(field.annotation)
+            said = (field.description or "").replace("|", "/").replace("\n", " ")
+            lines.append(f"| `{name}` | {kind} | {default} | {said} |")
+        lines.append("")
+    lines += ["## Drivers", "", "`driver:` of an instrument, with the roles a channel may give it and its settings.",
+              "", "| driver | roles | what it is | serial baud | cycler channels | schedules on board |",
+              "|---|---|---|---|---|---|"]
+    for name, spec in sorted(drivers().items()):
+        lines.append(f"| `{name}` | {', '.join(spec.roles)} | {spec.description} | {spec.baud_rate} | "
+                     f"{'yes (`cycler_channel`)' if spec.multi_channel else '-'} | "
+                     f"{'yes' if spec.runs_schedules else '-'} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(reference(), end="")

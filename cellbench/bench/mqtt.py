@@ -69,21 +69,23 @@ class MqttConfig(Strict):
     """The `mqtt:` section of a bench file; telemetry is off when it is absent."""
 
     what: ClassVar[str] = "mqtt key"
-    host: str = Field(min_length=1)
-    port: int = Field(1883, ge=1, le=65535)
-    username: str | None = None
+    host: str = Field(min_length=1, description="the broker's host name or address")
+    port: int = Field(1883, ge=1, le=65535, description="the broker's port (8883 is usual with TLS)")
+    username: str | None = Field(default=None, description="the bench's user on the broker (its ACL decides what "
+                                                           "it may publish and read)")
     password_file: Path | None = Field(default=None, description="a file whose first line is the password "
                                                                  "(never written to a run's record)")
-    tls: bool = False
+    tls: bool = Field(default=False, description="connect over TLS")
     ca_file: Path | None = Field(default=None, description="the broker's CA certificate (TLS); the system's if absent")
-    prefix: str = Field("cellbench", pattern=r"^[^#+/][^#+]*$")
-    telemetry_every: Duration = Field(10.0, ge=0.1)
+    prefix: str = Field("cellbench", pattern=r"^[^#+/][^#+]*$", description="the first level of every topic")
+    telemetry_every: Duration = Field(10.0, ge=0.1, description="how often each channel's newest reading is "
+                                                                "published")
     telemetry_qos: Literal[0, 1] = Field(0, description="0: at most once (a message written to the socket as the "
                                                         "broker goes down is lost); 1: at least once, every "
                                                         "message kept in the outbox until the broker has it")
     outbox_limit: int = Field(100_000, ge=100, description="messages kept while the broker is away; the oldest "
                                                            "telemetry goes first, events are kept")
-    keepalive: int = Field(30, ge=5, le=3600)
+    keepalive: int = Field(30, ge=5, le=3600, description="seconds between MQTT keep-alive pings")
 
     def password(self) -> str | None:
         if self.password_file is None:
