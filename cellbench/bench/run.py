@@ -56,7 +56,10 @@ class ChannelResult:
     outcome: Outcome
 
 
+@functools.cache
 def cellbench_version() -> str:
+    """The installed version (read once a process: the package metadata is parsed on every look, 2 ms, which a
+    thousand channels starting at once paid a thousand times)."""
     try:
         return version("cellbench")
     except PackageNotFoundError:
@@ -693,7 +696,7 @@ async def _run_channel(channel: Channel, profile: Profile, profile_text: str, cl
     if clock.virtual:  # a dry run's file is new and its own: never resumed, never shared
         return await _recorded_run(channel, profile, profile_text, clock, path, *args, **kw)
     writer = RunLock(path)
-    writer.acquire("recording the run")
+    await asyncio.to_thread(writer.acquire, "recording the run")  # file I/O: off the loop, where others sample
     try:
         return await _recorded_run(channel, profile, profile_text, clock, path, *args, **kw)
     finally:
@@ -723,9 +726,17 @@ async def _recorded_run(
         notices = [*(notices or []), f"resumed by command: {why}"]
     if about.on_start is not None:
         about.on_start(channel.name, path)
-    entry = runs.begin(path, channel=channel.name, cell_id=channel.cell_id or channel.name, bench=about.bench,
-                       profile=profile.name, clock="virtual" if clock.virtual else "real", operator=about.operator,
-                       control=None if coordinator is None or coordinator.control is None else str(coordinator.control))
+    begin = functools.partial(
+        runs.begin, path, channel=channel.name, cell_id=channel.cell_id or channel.name, bench=about.bench,
+        profile=profile.name, clock="virtual" if clock.virtual else "real", operator=about.operator,
+        control=None if coordinator is None or coordinator.control is None else str(coordinator.control))
+    opening = RunLog(path.with_suffix(".log"), path.stem, channel.name, opened=True)
+    if clock.virtual:
+        entry = begin()
+        opening.open_file()
+    else:  # the registry's file and the log's, on a thread: a thousand channels starting at once do not queue
+        entry = await asyncio.to_thread(begin)
+        await asyncio.to_thread(opening.open_file)
 
     told: list[asyncio.Future[None]] = []  # notify commands run while the run goes on
 
@@ -735,7 +746,7 @@ async def _recorded_run(
             told.append(asyncio.ensure_future(notify(about.notify, {**entry.model_dump(), "state": state,
                                                                      "reason": reason, "latched": time.time()})))
 
-    with RunLog(path.with_suffix(".log"), path.stem, channel.name) as run_log:
+    with opening as run_log:
         log.info("%s %s on channel %s (cell %s), recording to %s", "resuming" if resume else "starting",
                  profile.name, channel.name, entry.cell_id, path)
         try:
