@@ -696,7 +696,7 @@ async def _run_channel(channel: Channel, profile: Profile, profile_text: str, cl
     if clock.virtual:  # a dry run's file is new and its own: never resumed, never shared
         return await _recorded_run(channel, profile, profile_text, clock, path, *args, **kw)
     writer = RunLock(path)
-    await asyncio.to_thread(writer.acquire, "recording the run")  # file I/O: off the loop, where others sample
+    writer.acquire("recording the run")
     try:
         return await _recorded_run(channel, profile, profile_text, clock, path, *args, **kw)
     finally:
@@ -726,17 +726,9 @@ async def _recorded_run(
         notices = [*(notices or []), f"resumed by command: {why}"]
     if about.on_start is not None:
         about.on_start(channel.name, path)
-    begin = functools.partial(
-        runs.begin, path, channel=channel.name, cell_id=channel.cell_id or channel.name, bench=about.bench,
-        profile=profile.name, clock="virtual" if clock.virtual else "real", operator=about.operator,
-        control=None if coordinator is None or coordinator.control is None else str(coordinator.control))
-    opening = RunLog(path.with_suffix(".log"), path.stem, channel.name, opened=True)
-    if clock.virtual:
-        entry = begin()
-        opening.open_file()
-    else:  # the registry's file and the log's, on a thread: a thousand channels starting at once do not queue
-        entry = await asyncio.to_thread(begin)
-        await asyncio.to_thread(opening.open_file)
+    entry = runs.begin(path, channel=channel.name, cell_id=channel.cell_id or channel.name, bench=about.bench,
+                       profile=profile.name, clock="virtual" if clock.virtual else "real", operator=about.operator,
+                       control=None if coordinator is None or coordinator.control is None else str(coordinator.control))
 
     told: list[asyncio.Future[None]] = []  # notify commands run while the run goes on
 
@@ -746,7 +738,7 @@ async def _recorded_run(
             told.append(asyncio.ensure_future(notify(about.notify, {**entry.model_dump(), "state": state,
                                                                      "reason": reason, "latched": time.time()})))
 
-    with opening as run_log:
+    with RunLog(path.with_suffix(".log"), path.stem, channel.name) as run_log:
         log.info("%s %s on channel %s (cell %s), recording to %s", "resuming" if resume else "starting",
                  profile.name, channel.name, entry.cell_id, path)
         try:

@@ -62,31 +62,19 @@ _saved_level: list[int] = []  # the `cellbench` logger's level before the first 
 class RunLog:
     """Attach the run's log file for as long as the run lasts (a context manager); `on_event` subscribes."""
 
-    def __init__(self, path: Path, run_id: str, channel: str | None = None, *, opened: bool = False) -> None:
-        """`opened`: the file was opened beforehand (`open_file`, off the event loop)."""
+    def __init__(self, path: Path, run_id: str, channel: str | None = None) -> None:
         self.path, self.run_id, self.channel = path, run_id, channel
         self.logger = logging.getLogger(f"{LOGGER}.run")
         self._handler: logging.Handler | None = None
-        self._file: logging.Handler | None = None
         self._token: contextvars.Token[str | None] | None = None
-        if not opened:
-            self.open_file()
 
-    def open_file(self) -> RunLog:
-        """Open the log file (blocking file I/O: a thousand channels starting at once do it on threads)."""
+    def __enter__(self) -> RunLog:
+        self._token = current_run.set(self.run_id)
         try:
             handler = _QuietFileHandler(self.path, encoding="utf-8")
         except OSError:
             return self  # no log file; the run goes on
         handler.setFormatter(_UtcFormatter(f"%(asctime)s %(levelname)s [{self.run_id}] %(name)s: %(message)s"))
-        self._file = handler
-        return self
-
-    def __enter__(self) -> RunLog:
-        self._token = current_run.set(self.run_id)
-        handler = self._file
-        if handler is None:
-            return self  # no log file; the run goes on
         root = logging.getLogger(LOGGER)
         if not _router.runs:
             if root.getEffectiveLevel() > logging.INFO:
