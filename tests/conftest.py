@@ -164,3 +164,25 @@ def served() -> Iterator[str]:
     yield resource
     proc.terminate()
     proc.wait(timeout=10)
+
+
+def shorted_run(text: str, tmp_path: Path, *, at: float, ohms: float, soc: float = 0.5, supervise: bool | None = None,
+                potentiostat: bool = False) -> Any:
+    """A profile on the simulated bench (virtual clock) whose cell shorts (`ohms` across it) at test time `at`:
+    the run's result."""
+    from cellbench.bench.clock import VirtualClock
+    from cellbench.bench.simbench import SimulatedBench
+    from cellbench.profiles.parse import parse_profile
+
+    clock = VirtualClock()
+    bench = SimulatedBench(initial_soc=soc, potentiostat=potentiostat)
+
+    async def main() -> Any:
+        async with bench:
+            task = asyncio.create_task(bench.run(parse_profile(text), text, clock, runs_dir=tmp_path,
+                                                 supervise=supervise))
+            await asyncio.sleep(at)
+            bench.cell.inject_short(ohms)
+            return await task
+
+    return clock.run(main())

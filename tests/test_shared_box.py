@@ -471,6 +471,23 @@ def test_a_cell_that_shorts_while_paused_is_seen_latched_and_never_turned_on_int
         assert "clears the latch" in str(exc)
 
 
+def killed_while_charging(tmp_path: Path, bench: Path, profile: Path, resource: str) -> Path:
+    """`cellbench run` killed -9 a moment after it began sourcing; its database once the guardian has recorded
+    turning the output off."""
+    proc = start_run(tmp_path, bench, profile)
+    try:
+        wait_until_sourcing(resource)
+        time.sleep(1.5)
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+    db = database_of(tmp_path, "ch1")
+    deadline = time.monotonic() + 15
+    while "guardian" not in [k for k, _ in events_of(db)] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return db
+
+
 def test_a_resume_reads_the_cell_first_and_refuses_a_shorted_one(tmp_path: Path) -> None:
     """kill -9 the controller while it charges; the cell shorts while nobody runs it. `cellbench resume` reads the
     cell at open circuit before anything else and refuses, a safety stop with the reading: no step goes on."""
@@ -480,16 +497,8 @@ def test_a_resume_reads_the_cell_first_and_refuses_a_shorted_one(tmp_path: Path)
 
     sim, resource = serve("keithley2450", "--port", "0", "--soc", "0.3", "--short-on-usr1", "20")
     bench, profile = files(tmp_path, resource)
-    proc = start_run(tmp_path, bench, profile)
     try:
-        wait_until_sourcing(resource)
-        time.sleep(2.0)
-        proc.kill()
-        proc.wait(timeout=10)
-        db = database_of(tmp_path, "ch1")
-        deadline = time.monotonic() + 15
-        while "guardian" not in [k for k, _ in events_of(db)] and time.monotonic() < deadline:
-            time.sleep(0.1)
+        db = killed_while_charging(tmp_path, bench, profile, resource)
         os.kill(sim.pid, signal.SIGUSR1)
         with sqlite3.connect(db) as con:
             (before,) = con.execute("SELECT count(*) FROM samples").fetchone()
@@ -497,8 +506,6 @@ def test_a_resume_reads_the_cell_first_and_refuses_a_shorted_one(tmp_path: Path)
                               capture_output=True, text=True, env=run_env(tmp_path), timeout=60)
         assert done.returncode == 1, done.stdout + done.stderr
     finally:
-        if proc.poll() is None:
-            proc.kill()
         sim.terminate()
         sim.wait(timeout=10)
     ends = [m for k, m in events_of(db) if k == "end"]
@@ -550,15 +557,7 @@ def test_a_run_database_has_one_writer_whatever_the_bench_files_say(tmp_path: Pa
     wrote one database. The second is refused before it touches an instrument, naming the process recording it."""
     r1, r2 = two_smus
     bench, profile = files(tmp_path, r1)
-    proc = start_run(tmp_path, bench, profile)
-    wait_until_sourcing(r1)
-    time.sleep(1.5)
-    proc.kill()
-    proc.wait(timeout=10)
-    db = database_of(tmp_path, "ch1")
-    deadline = time.monotonic() + 15
-    while "guardian" not in [k for k, _ in events_of(db)] and time.monotonic() < deadline:
-        time.sleep(0.1)
+    db = killed_while_charging(tmp_path, bench, profile, r1)
     moved = tmp_path / "moved.yaml"
     moved.write_text(bench.read_text().replace(r1, r2))
     first = subprocess.Popen([sys.executable, "-m", "cellbench.bench.cli", "resume", str(db)],

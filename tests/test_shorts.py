@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +9,7 @@ from cellbench.bench.clock import VirtualClock
 from cellbench.bench.simbench import SimulatedBench
 from cellbench.bench.store import open_run
 from cellbench.profiles.parse import parse_profile
+from tests.conftest import shorted_run
 
 CHARGE = """
 name: slow charge
@@ -23,19 +23,8 @@ SHORT_AT = 3600 + 30.0
 
 def charge_with_short(tmp_path: Path, ohms: float, extra: str = "", potentiostat: bool = False,
                       supervise: bool | None = None) -> tuple[Any, list[dict[str, Any]]]:
-    text = CHARGE.format(extra=extra)
-    clock = VirtualClock()
-    bench = SimulatedBench(initial_soc=0.3, potentiostat=potentiostat)
-
-    async def main() -> Any:
-        async with bench:
-            task = asyncio.create_task(bench.run(parse_profile(text), text, clock, runs_dir=tmp_path,
-                                                 supervise=supervise))
-            await asyncio.sleep(SHORT_AT)
-            bench.cell.inject_short(ohms)
-            return await task
-
-    result = clock.run(main())
+    result = shorted_run(CHARGE.format(extra=extra), tmp_path, at=SHORT_AT, ohms=ohms, soc=0.3, supervise=supervise,
+                         potentiostat=potentiostat)
     with open_run(result.database) as store:
         return result, store.events()
 
@@ -201,19 +190,7 @@ steps:
 
 def discharge_with_short(tmp_path: Path, step: str, ohms: float = 20.0) -> tuple[Any, list[Any], list[Any]]:
     """A discharge on the served 2450 (virtual clock, the supervisor on), the cell shorted 30 s in."""
-    text = DISCHARGES.format(step=step)
-    clock = VirtualClock()
-    bench = SimulatedBench(initial_soc=0.9)
-
-    async def main() -> Any:
-        async with bench:
-            task = asyncio.create_task(bench.run(parse_profile(text), text, clock, runs_dir=tmp_path,
-                                                 supervise=True))
-            await asyncio.sleep(30.0)
-            bench.cell.inject_short(ohms)
-            return await task
-
-    result = clock.run(main())
+    result = shorted_run(DISCHARGES.format(step=step), tmp_path, at=30.0, ohms=ohms, soc=0.9, supervise=True)
     with open_run(result.database) as store:
         return result, store.events(), store.samples()
 

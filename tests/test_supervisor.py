@@ -13,6 +13,7 @@ from cellbench.bench.run import read_for_resume
 from cellbench.bench.simbench import SimulatedBench
 from cellbench.bench.store import open_run
 from cellbench.profiles.parse import InputError, parse_profile
+from tests.conftest import shorted_run
 
 SLOW = """
 name: slow sampling
@@ -105,19 +106,8 @@ def test_a_limit_crossed_just_after_an_engine_sample_is_caught_within_one_period
     acted a period late (up to 2 s); its reading is now due one period after the newest one, so the trip comes
     within a period of the crossing, wherever it falls."""
     text = "name: out of phase\nsample_period: 60.5 s\nsteps:\n  - rest: 10 h\n"
-    clock = VirtualClock()
-    bench = SimulatedBench(initial_soc=0.3)
     crossing = 3 * 60.5 + after  # just after the engine's fourth sample
-
-    async def main() -> Any:
-        async with bench:
-            task = asyncio.create_task(bench.run(parse_profile(text), text, clock, runs_dir=tmp_path,
-                                                 supervise=True))
-            await asyncio.sleep(crossing)
-            bench.cell.inject_short(5.0)
-            return await task
-
-    result = clock.run(main())
+    result = shorted_run(text, tmp_path, at=crossing, ohms=5.0, soc=0.3, supervise=True)
     with open_run(result.database) as store:
         (trip,) = [e for e in store.events() if e["kind"] == "safety"]
     assert "(supervisor, reading" in trip["message"]
