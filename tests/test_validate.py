@@ -316,3 +316,44 @@ def test_the_first_instrument_walkthrough_runs_as_written(tmp_path: Path) -> Non
     finally:
         sim.terminate()
         sim.wait(timeout=10)
+
+
+def test_the_readmes_shell_commands_run_as_written(tmp_path: Path) -> None:
+    """Every `cellbench` line of the README's "Using it" and "Profiles" blocks, run as written from a folder where
+    the repository's paths resolve: the ones that end do so with exit 0; each `sim serve` announces where it
+    serves, then is stopped; a run on real instruments (desk.yaml's addresses) is left to the lab."""
+    import re
+    import shlex
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    readme = (root / "README.md").read_text()
+    blocks = [readme[readme.index("## Using it"):readme.index("### Runs, status and logs")],
+              readme[readme.index("## Profiles"):readme.index("## A lab's benches on one broker")]]
+    lines = [line.split("  #")[0].strip() for block in blocks for sh in re.findall(r"```sh\n(.*?)```", block, re.S)
+             for line in sh.splitlines() if line.startswith("cellbench ")]
+    (tmp_path / "cellbench").symlink_to(root / "cellbench")  # `cellbench/profiles/...` as written
+    env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "COLUMNS": "200", "PYTHONPATH": str(root),
+           "CELLBENCH_STATE_DIR": str(tmp_path / "state"), "CELLBENCH_LOCK_DIR": str(tmp_path / "locks")}
+    ran = served = 0
+    for line in lines:
+        args = [sys.executable, "-m", "cellbench.bench.cli", *shlex.split(line)[1:]]
+        if " sim serve " in f" {line} ":
+            proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path,
+                                    env=env)
+            assert proc.stdout is not None
+            said = ""
+            while "serving" not in said and (line_out := proc.stdout.readline()):  # a library may log first
+                said += line_out
+            proc.terminate()
+            proc.wait(timeout=10)
+            assert "serving" in said, f"{line}: {said}"
+            served += 1
+        elif line.startswith("cellbench run ") and "--dry-run" not in line:
+            continue  # real instruments
+        else:
+            done = subprocess.run(args, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
+            assert done.returncode == 0, f"{line}\n{done.stdout[-1500:]}{done.stderr[-1500:]}"
+            ran += 1
+    assert ran >= 7 and served >= 7, (ran, served)
