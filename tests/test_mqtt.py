@@ -576,15 +576,15 @@ async def test_qos_1_telemetry_loses_nothing_across_broker_restarts(tmp_path: Pa
 
 async def test_each_finished_cycle_is_a_retained_message_with_its_capacities_and_efficiency(
         tmp_path: Path, smu: str, broker: Broker) -> None:
-    """Two short cycles: the retained `cycle` message carries the first cycle's charge and discharge (equal to the
-    run database's per-cycle table) and its efficiency, discharge over charge, by hand; a subscriber that comes
-    later gets it from the broker."""
+    """Short whole cycles (each half ended on its capacity): the retained `cycle` message carries the cycle's
+    charge and discharge (equal to the run database's per-cycle table) and its efficiency, discharge over charge,
+    by hand; a subscriber that comes later gets it from the broker. A cycle ended on time (pulses) carries none."""
     from cellbench.bench.analysis import cycle_table
     from cellbench.bench.store import open_run
 
     cycles = ("name: cycles\nsample_period: 0.2 s\nsteps:\n  - repeat: 3\n    steps:\n"
-              "      - charge: {current: 0.5 mA, until: [4.2 V, 2 s]}\n"
-              "      - discharge: {current: 0.5 mA, until: [2.5 V, 1.5 s]}\n")
+              "      - charge: {current: 0.5 mA, until: [4.2 V, 0.000278 mAh]}\n"  # 2 s at 0.5 mA
+              "      - discharge: {current: 0.5 mA, until: [2.5 V, 0.000208 mAh]}\n")  # 1.5 s
     bench, profile = files(tmp_path, smu, more=mqtt_section(broker), profile_text=cycles)
     proc = start_run(tmp_path, bench, profile)
     out, _ = await asyncio.to_thread(proc.communicate, timeout=60)
@@ -619,3 +619,19 @@ async def test_a_paused_channel_takes_commands_again_after_a_broker_restart(
         await command(broker, "operator", "resume", {"id": "r-after-restart"})
         await w.until("reply", lambda p: p["id"] == "r-after-restart" and p["ok"], timeout=20)
         await w.until("status", lambda p: p["state"] == "running", timeout=10)
+
+
+async def test_a_cycle_of_pulses_carries_no_efficiency(tmp_path: Path, smu: str, broker: Broker) -> None:
+    """Cycles whose halves end on time (pulses, an HPPC): discharge over charge is no efficiency (16,278 % was
+    reported for an HPPC run): the `cycle` message says null, as the per-cycle table leaves it blank."""
+    pulses = ("name: pulses\nsample_period: 0.2 s\nsteps:\n  - repeat: 3\n    steps:\n"
+              "      - charge: {current: 0.5 mA, until: [4.2 V, 1 s]}\n"
+              "      - discharge: {current: 1 mA, until: [2.5 V, 1.5 s]}\n")
+    bench, profile = files(tmp_path, smu, more=mqtt_section(broker), profile_text=pulses)
+    proc = start_run(tmp_path, bench, profile)
+    out, _ = await asyncio.to_thread(proc.communicate, timeout=60)
+    assert proc.returncode == 0, out[-2000:]
+    async with Watcher(broker) as w:
+        message = await w.until("cycle", lambda p: True)
+    assert message["cycle"] == 2 and message["charge"]["value"] > 0 and message["discharge"]["value"] > 0
+    assert message["coulombic_efficiency"] is None

@@ -7,6 +7,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from cellbench.bench import policy
 from cellbench.bench.store import Sample
 
 EDGE_MAX_GAP = 0.05  # s: two samples this close around a current step are a DCIR pair
@@ -95,10 +96,9 @@ def store_table(store: Any) -> list[CycleSummary]:
                            whole_cycles(steps))
 
 
-CHARGING = ("CC Charge", "CCCV Charge", "CP Charge", "CV")
-DISCHARGING = ("CC Discharge", "CCCV Discharge", "CP Discharge", "CR Discharge")
-# the limits that end a whole charge or discharge; time (a pulse, a rest), a budget and a stop do not
-WHOLE_ENDS = ("voltage", "current", "step_capacity", "cycle_capacity", "step_energy", "cycle_energy")
+CHARGING = tuple(str(t) for t in policy.CHARGING)
+DISCHARGING = tuple(str(t) for t in policy.DISCHARGING)
+WHOLE_ENDS = tuple(str(k) for k in policy.WHOLE_ENDS)  # an end reason starts with its limit's kind
 
 
 def whole_cycles(steps: Iterable[dict[str, Any]]) -> set[int]:

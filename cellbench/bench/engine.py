@@ -168,6 +168,7 @@ class Engine:
         self._notices = list(notices or [])
         self.latest: tuple[float, Reading, Conditions] | None = None  # the last measurement (test time, ...)
         self.discharging: float | None = None  # during a discharge step: its current's magnitude (A)
+        self._finished_whole = True  # whether the cycle that just ended had a whole charge and discharge
         self._watched: tuple[Control, _Samples] | None = None  # the running step's control and samples
         self._short_seen: str | None = None  # a short the supervisor found, for the engine to deal with
         if on_progress is not None:
@@ -456,7 +457,7 @@ class Engine:
                 number, totals = finished
                 ref = st.reference_capacity
                 self.events.publish(CycleCompleted(number, self._t(), *totals.as_tuple(),
-                                                   totals.discharge_ah / ref if ref else None))
+                                                   totals.discharge_ah / ref if ref else None, self._finished_whole))
             if finished is not None and (short := self._efficiency_signature(*finished)):
                 await self._short_found(short, planned_end=False)
             step = self._begin_step(pc, ctl.step_type)
@@ -697,8 +698,9 @@ class Engine:
             starts = ctl.direction > 0 and st.discharged and ctl.step_type is not StepType.REST
         if starts and st.cycle_has_run:
             finished = (st.cycle, st.cycle_totals)
+            self._finished_whole = st.whole_charge and st.whole_discharge
             st.cycle += 1
-            st.discharged = False
+            st.discharged = st.whole_charge = st.whole_discharge = False
             # where the last cycle stopped is as uncertain as where this one will: it sets where this one starts
             st.cycle_totals = Totals(carried_ah=st.cycle_totals.resolution_ah)
         st.cycle_has_run = True
@@ -710,6 +712,9 @@ class Engine:
         """A discharge that reached its voltage limit measures the capacity; the first reference discharge (the
         first discharge at all, where the profile marks none) is the reference for retention."""
         st = self.state
+        if ending.kind in policy.WHOLE_ENDS:
+            st.whole_charge = st.whole_charge or ctl.step_type in policy.CHARGING
+            st.whole_discharge = st.whole_discharge or ctl.step_type in policy.DISCHARGING
         if ctl.step_type is StepType.CC_DISCHARGE and ending.kind is EndKind.VOLTAGE and totals.discharge_ah > 0:
             st.measured_capacity = totals.discharge_ah
             if st.reference_capacity is None and (reference or not self._marks_references):

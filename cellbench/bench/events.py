@@ -149,6 +149,7 @@ class CycleCompleted:
     charge_wh: float
     discharge_wh: float
     retention: float | None  # discharge over the reference capacity, where there is one
+    whole: bool = True  # a whole charge and a whole discharge (policy.WHOLE_ENDS): its efficiency means something
 
 
 RunEvent = (SampleTaken | StepStarted | StepEnded | Note | SafetyTripped | SpectrumMeasured | SpectrumFitted

@@ -155,7 +155,8 @@ class Cycle(BaseModel):
     charge: Quantity = Field(description="Ah charged in the cycle")
     discharge: Quantity = Field(description="Ah discharged in the cycle")
     coulombic_efficiency: float | None = Field(description="discharge over charge (a fraction); null without a "
-                                                           "charge")
+                                                           "whole charge and discharge (halves ended on time, as "
+                                                           "pulses do)")
     retention: float | None = Field(description="discharge over the reference capacity (a fraction)")
     resistance: Quantity | None = Field(description="ohmic plus interfacial resistance of the run's latest "
                                                     "impedance fit, where it has one")
@@ -366,7 +367,7 @@ class ChannelLink:
             self._resistance = event.r_ohmic + event.r_interfacial
             return
         if isinstance(event, CycleCompleted):
-            ce = event.discharge_ah / event.charge_ah if event.charge_ah > 0 else None
+            ce = event.discharge_ah / event.charge_ah if event.charge_ah > 0 and event.whole else None
             self._cycle = Cycle(time=_utc(), run_id=self.run_id, cycle=event.cycle,
                                 charge=Quantity(value=event.charge_ah, unit="Ah"),
                                 discharge=Quantity(value=event.discharge_ah, unit="Ah"), coulombic_efficiency=ce,

@@ -12,7 +12,7 @@ from cellbench.bench.cells import CellConfig
 from cellbench.bench.roles import Conditions, Reading
 from cellbench.bench.runstate import Budget, Ending, EndKind, Totals
 from cellbench.profiles.conditions import SENSOR_NAMES
-from cellbench.profiles.controls import Control
+from cellbench.profiles.controls import Control, StepType
 from cellbench.profiles.schema import Limit, Range, RecordRule, ShortDetection
 
 VOLTAGE_TOLERANCE = 1e-3  # V: a reading this close to a voltage limit counts as reaching it
@@ -24,6 +24,13 @@ KNEE_FROM = 0.8  # of the cycle's charge taken out by a discharge to a cut-off: 
 SAFE_MARGIN_LOW, SAFE_MARGIN_HIGH = 0.2, 0.1  # V outside the cell's window that stop the run
 WRONG_SIGN_SHARE = 0.05  # of a discharge's current: a charging current above this (and the floor) is a fault
 WRONG_SIGN_FLOOR = 1e-6  # A
+
+# what makes a cycle's charge or discharge whole (its coulombic efficiency means something): a charging or a
+# discharging step ended on one of these limits, not on time (a pulse, a rest), a budget or a stop
+CHARGING = frozenset({StepType.CC_CHARGE, StepType.CCCV_CHARGE, StepType.CP_CHARGE, StepType.CV})
+DISCHARGING = frozenset({StepType.CC_DISCHARGE, StepType.CCCV_DISCHARGE, StepType.CP_DISCHARGE, StepType.CR_DISCHARGE})
+WHOLE_ENDS = frozenset({EndKind.VOLTAGE, EndKind.CURRENT, EndKind.STEP_CAPACITY, EndKind.CYCLE_CAPACITY,
+                        EndKind.STEP_ENERGY, EndKind.CYCLE_ENERGY})
 
 History = Sequence[tuple[float, Reading]]  # the step's last two samples: (test time, reading)
 

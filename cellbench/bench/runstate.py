@@ -128,6 +128,8 @@ class RunState(BaseModel):
     cycle: int = 1
     cycle_has_run: bool = False
     discharged: bool = False  # whether this cycle has had a discharge yet
+    whole_charge: bool = False  # this cycle has had a charge ended on a voltage, current, capacity or energy limit
+    whole_discharge: bool = False  # ... and a discharge
     high_efficiency: list[float] = Field(default_factory=list)  # CE of the last cycles in a row above the threshold
     cycle_totals: Totals = Field(default_factory=Totals)
     step: StepProgress | None = None
