@@ -114,6 +114,36 @@ async def test_a_server_restarted_on_the_same_port_is_found_again(tmp_path: Path
     assert "recovered" in kinds(result)
 
 
+async def test_a_reconnection_that_finds_the_output_off_reads_the_cell_before_turning_it_on(tmp_path: Path) -> None:
+    """The 2450 comes back (its server restarted) with its output off, and the cell shorted meanwhile: the
+    reconnection once turned the output on into it. It reads the cell at open circuit first and refuses: a safety
+    stop with the reading, the output left off."""
+    restarted: list[SimServer] = []
+    pending: set[asyncio.Future[None]] = set()
+
+    def down(server: SimServer) -> None:
+        pending.add(asyncio.ensure_future(server.close()))
+
+    def up(server: SimServer) -> None:
+        sim = server.instrument
+        assert isinstance(sim, Keithley2450Sim)
+        sim.tree.values["output"] = False  # power-cycled: its output comes back off
+        sim.cell.inject_short(20.0)
+
+        async def start() -> None:
+            restarted.append(await SimServer(sim).start(server.host, server.port))
+        pending.add(asyncio.ensure_future(start()))
+
+    try:
+        (result,), sims = await run_with_fault(tmp_path, down, up)
+    finally:
+        await asyncio.gather(*pending)
+        for server in restarted:
+            await server.close()
+    assert result.outcome.reason.startswith("safety stop: not turned on again after reconnecting: the cell reads ")
+    assert sims["bad"].tree.values["output"] is False
+
+
 async def test_past_the_grace_time_only_that_channel_fails_safe(tmp_path: Path) -> None:
     results, sims = await run_with_fault(tmp_path, set_fault("silent", True), lambda s: None, lasts=0.0,
                                          grace="1 s", healthy_too=True)
