@@ -49,9 +49,20 @@ async def test_setup_refuses_an_instrument_in_tsp_mode() -> None:
 
 
 async def test_a_reading_that_does_not_parse_names_the_reply() -> None:
-    async with scripted((":OUTP?", "1"), (':READ? "defbuffer1", READ, SOUR', "3.9,oops")) as io:
+    async with scripted((":OUTP?", "1"), (":SOUR:FUNC?", "CURR"),
+                        (':READ? "defbuffer1", READ, SOUR', "3.9,oops")) as io:
         with pytest.raises(ProtocolError, match=r"3\.9,oops"):
             await Keithley2450(io).measure()
+
+
+async def test_a_new_connection_asks_the_source_function_before_it_parses_a_reading() -> None:
+    """A new connection (a reconnect) to a 2450 that kept sourcing a current: a reading is (measured, sourced), so
+    its meaning depends on the source function, which a fresh driver once guessed as voltage (3.76 V at 1 mA read
+    as 1 mV at 3.76 A, a safety stop). It asks."""
+    async with scripted((":OUTP?", "1"), (":SOUR:FUNC?", "CURR"),
+                        (':READ? "defbuffer1", READ, SOUR', "3.764318E+00,1.000000E-03")) as io:
+        reading = await Keithley2450(io).measure()
+    assert (reading.voltage, reading.current) == (3.764318, 1e-3)
 
 
 async def test_manual_page_2_83_the_open_circuit_voltage_is_read_as_a_0_a_source_never_with_the_relay_open() -> None:

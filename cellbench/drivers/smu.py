@@ -26,7 +26,9 @@ class Keithley2450:
 
     def __init__(self, transport: Transport) -> None:
         self._io = transport
-        self._source = "VOLT"
+        # the source function as set here; None until set or asked (a new connection to an instrument that kept
+        # sourcing: a reading parsed by a guessed function once read 3.76 V at 1 mA as 1 mV at 3.76 A)
+        self._source: str | None = None
         self._on: bool | None = None  # the output as last set here (None: not known yet; asked once)
         self._sourcing: str | None = None  # the last source set-up sent: an open-circuit reading restores it
         # setting the source or the output, and an open-circuit reading, never interleave (the engine's next step
@@ -87,6 +89,11 @@ class Keithley2450:
             async with self._setting:
                 if not self._on:  # (turned on meanwhile: read it as it sources)
                     return await self._open_circuit()
+        if self._source is None:
+            function = (await self._io.query(":SOUR:FUNC?")).strip().upper()
+            if not function.startswith(("CURR", "VOLT")):
+                raise ProtocolError(self.name, ":SOUR:FUNC?", function, "CURR or VOLT")
+            self._source = function[:4]
         command = ':READ? "defbuffer1", READ, SOUR'
         reply = await self._io.query(command)
         values = self._parse_floats(command, reply, 2)
