@@ -8,6 +8,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 from cellbench.bench.store import COLUMNS, RunStore, Sample, open_run
 
 
@@ -136,3 +138,41 @@ def test_a_batch_that_cannot_be_written_fails_the_run_and_never_hangs_its_close(
     assert len(failures) == 1 and isinstance(store.failure, TypeError)
     with open_run(tmp_path / "run.sqlite") as back:
         assert back.samples() == []  # the whole transaction rolled back: nothing half-written
+
+
+def test_a_run_closed_under_another_processs_lock_waits_for_it_without_holding_up_the_writers_other_runs(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two runs served by one writer thread; another connection holds run A's write lock. A's close waits for the
+    lock to go and then writes every row (once, the writer slept in a loop for it, holding up every other run it
+    served for up to a minute); run B, on the same thread, is flushed meanwhile."""
+    import threading
+    import time
+
+    from cellbench.bench import store as store_module
+
+    writer = store_module._Writer(99)
+    writer.start()
+    monkeypatch.setattr(store_module._writers, "take", lambda: writer)
+    monkeypatch.setattr(store_module._writers, "give_back", lambda w: None)
+    a, b = RunStore(tmp_path / "a.sqlite", durable=True), RunStore(tmp_path / "b.sqlite", durable=True)
+    holder = sqlite3.connect(tmp_path / "a.sqlite", isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    for k in range(5):
+        a.add(sample(k), float(k))
+        b.add(sample(k), float(k))
+    closing = threading.Thread(target=a.close)
+    closing.start()
+    time.sleep(0.5)
+    assert closing.is_alive()  # waiting for the lock, within its grace
+    t0 = time.monotonic()
+    b.flush()
+    assert time.monotonic() - t0 < 1.0  # the shared writer is not asleep on run A
+    with sqlite3.connect(tmp_path / "b.sqlite") as con:
+        assert con.execute("SELECT count(*) FROM samples").fetchone() == (5,)
+    holder.execute("COMMIT")
+    holder.close()
+    closing.join(timeout=10)
+    assert not closing.is_alive() and a.failure is None
+    with sqlite3.connect(tmp_path / "a.sqlite") as con:
+        assert con.execute("SELECT count(*) FROM samples").fetchone() == (5,)
+    b.close()

@@ -118,14 +118,22 @@ class _Sink:
         self.stop: threading.Event | None = None  # set once closed
         self.locked_since: float | None = None  # monotonic time another process's write lock first held us up
 
+    @property
+    def held(self) -> bool:
+        """Rows wait for another process's write lock to go (within LOCKED_GRACE): tried again, not given up."""
+        return bool(self.ops) and self.locked_since is not None and self.failure is None
+
     def due(self, now: float) -> float:
         """When this sink's pending work should be committed (now or later)."""
+        if self.held:  # the next try, a moment on; the writer serves its other runs meanwhile
+            return self.last_commit + BUSY_WAIT
         if self.waiting or self.stop is not None:
             return now
         return self.last_commit + COMMIT_GAP if self.ops else math.inf
 
     def commit(self) -> None:
-        """Commit what is pending; whatever happens, release the flushes waiting and a close."""
+        """Commit what is pending; unless its rows are held by another process's lock (tried again later), release
+        the flushes waiting and a close, whatever happened."""
         try:
             if not self.opened:
                 self.opened = True
@@ -135,22 +143,22 @@ class _Sink:
             ops, self.ops = self.ops, []
             if ops and self.db is not None and self.failure is None:
                 self._commit(self.db, ops)
-                while self.stop is not None and self.ops and self.failure is None:  # closing: wait the lock out
-                    time.sleep(BUSY_WAIT)
-                    ops, self.ops = self.ops, []
-                    self._commit(self.db, ops)
         except Exception as exc:  # (sqlite3.Error or worse): the run's writing has failed, and says so once
             if self.failure is None:
                 self._failed(exc)
         finally:
-            for barrier in self.waiting:
-                barrier.done.set()
-            self.waiting.clear()
-            if self.stop is not None:
-                if self.db is not None:
-                    self.db.close()
-                    self.db = None
-                self.stop.set()
+            if not self.held:  # held: a flush or a close waits until the rows are written, or the grace is over
+                self._release()
+
+    def _release(self) -> None:
+        for barrier in self.waiting:
+            barrier.done.set()
+        self.waiting.clear()
+        if self.stop is not None:
+            if self.db is not None:
+                self.db.close()
+                self.db = None
+            self.stop.set()
 
     def _commit(self, db: sqlite3.Connection, ops: list[_Op]) -> None:
         try:
@@ -231,7 +239,8 @@ class _Writer(threading.Thread):
                     sink.commit()
                 except Exception:  # a writer thread must outlive one run's trouble (an on_failure that raised)
                     log.exception("%s: the writer failed", sink.path)
-                pending.discard(sink)
+                if not sink.held:  # rows held by another process's lock stay pending: tried again at due()
+                    pending.discard(sink)
 
 
 class _Writers:
