@@ -92,7 +92,9 @@ async def test_a_brief_fault_is_reconnected_and_the_step_goes_on(tmp_path: Path,
     assert sims["bad"].tree.values["output"] is False
 
 
-async def test_a_server_restarted_on_the_same_port_is_found_again(tmp_path: Path) -> None:
+async def run_across_a_restart(tmp_path: Path, meanwhile: Callable[[Keithley2450Sim], object] = lambda sim: None
+                               ) -> tuple[ChannelResult, dict[str, Keithley2450Sim]]:
+    """A run whose 2450's server goes down and comes back on the same port, `meanwhile` done to it in between."""
     restarted: list[SimServer] = []
     pending: set[asyncio.Future[None]] = set()
 
@@ -100,38 +102,11 @@ async def test_a_server_restarted_on_the_same_port_is_found_again(tmp_path: Path
         pending.add(asyncio.ensure_future(server.close()))
 
     def up(server: SimServer) -> None:
+        assert isinstance(server.instrument, Keithley2450Sim)
+        meanwhile(server.instrument)
+
         async def start() -> None:
             restarted.append(await SimServer(server.instrument).start(server.host, server.port))
-        pending.add(asyncio.ensure_future(start()))
-
-    try:
-        (result,), _ = await run_with_fault(tmp_path, down, up)
-    finally:
-        await asyncio.gather(*pending)
-        for server in restarted:
-            await server.close()
-    assert result.outcome.completed, result.outcome.reason
-    assert "recovered" in kinds(result)
-
-
-async def test_a_reconnection_that_finds_the_output_off_reads_the_cell_before_turning_it_on(tmp_path: Path) -> None:
-    """The 2450 comes back (its server restarted) with its output off, and the cell shorted meanwhile: the
-    reconnection once turned the output on into it. It reads the cell at open circuit first and refuses: a safety
-    stop with the reading, the output left off."""
-    restarted: list[SimServer] = []
-    pending: set[asyncio.Future[None]] = set()
-
-    def down(server: SimServer) -> None:
-        pending.add(asyncio.ensure_future(server.close()))
-
-    def up(server: SimServer) -> None:
-        sim = server.instrument
-        assert isinstance(sim, Keithley2450Sim)
-        sim.tree.values["output"] = False  # power-cycled: its output comes back off
-        sim.cell.inject_short(20.0)
-
-        async def start() -> None:
-            restarted.append(await SimServer(sim).start(server.host, server.port))
         pending.add(asyncio.ensure_future(start()))
 
     try:
@@ -140,6 +115,24 @@ async def test_a_reconnection_that_finds_the_output_off_reads_the_cell_before_tu
         await asyncio.gather(*pending)
         for server in restarted:
             await server.close()
+    return result, sims
+
+
+async def test_a_server_restarted_on_the_same_port_is_found_again(tmp_path: Path) -> None:
+    result, _ = await run_across_a_restart(tmp_path)
+    assert result.outcome.completed, result.outcome.reason
+    assert "recovered" in kinds(result)
+
+
+async def test_a_reconnection_that_finds_the_output_off_reads_the_cell_before_turning_it_on(tmp_path: Path) -> None:
+    """The 2450 comes back (its server restarted) with its output off, and the cell shorted meanwhile: the
+    reconnection once turned the output on into it. It reads the cell at open circuit first and refuses: a safety
+    stop with the reading, the output left off."""
+    def power_cycled_onto_a_short(sim: Keithley2450Sim) -> None:
+        sim.tree.values["output"] = False  # its output comes back off
+        sim.cell.inject_short(20.0)
+
+    result, sims = await run_across_a_restart(tmp_path, power_cycled_onto_a_short)
     assert result.outcome.reason.startswith("safety stop: not turned on again after reconnecting: the cell reads ")
     assert sims["bad"].tree.values["output"] is False
 
