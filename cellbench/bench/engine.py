@@ -65,8 +65,6 @@ CHECKPOINT_EVERY = 60.0  # s of test time between saved run states within a step
 
 
 RECOVERABLE = (ConnectionLost, InstrumentTimeout, ProtocolError)  # what a new connection may cure
-# the steps that take charge out: a current of the other sign during one of them is a fault (policy.wrong_sign)
-DISCHARGES = frozenset({StepType.CC_DISCHARGE, StepType.CCCV_DISCHARGE, StepType.CP_DISCHARGE, StepType.CR_DISCHARGE})
 FROZEN_AFTER = 20  # identical measured values in a row, with current flowing, that mean a frozen reading
 
 
@@ -448,7 +446,7 @@ class Engine:
         )
         self.discharging = (
             (ctl.compliance if ctl.mode is SourceMode.VOLTAGE else abs(ctl.setpoint(0.0, last.voltage)))
-            if ctl.step_type in DISCHARGES else None)
+            if ctl.step_type in policy.DISCHARGING else None)  # a current of the other sign is a fault
         if resumed is None:
             if ctl.step_type.is_constant_current:
                 st.last_cc_current = abs(ctl.setpoint(0.0, last.voltage))

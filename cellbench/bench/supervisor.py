@@ -29,7 +29,6 @@ from cellbench.profiles.schema import Profile
 log = logging.getLogger(__name__)
 
 PERIOD = 1.0  # s
-MIN_GAP = 0.05  # s: the least time between two looks (between steps, when no reading is taken)
 
 
 class Supervisor:
@@ -51,7 +50,8 @@ class Supervisor:
         while True:
             latest = self.engine.latest
             newest = latest[0] if latest is not None else -math.inf
-            wake = min(checked + self.period, max(newest + self.period, checked + MIN_GAP))
+            due = newest + self.period  # (not yet due at the last look: a reading came since; past due: none could)
+            wake = due if checked < due < checked + self.period else checked + self.period
             now = self.engine.test_time
             if wake > now:
                 await self.clock.sleep(wake - now)
