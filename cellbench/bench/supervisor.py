@@ -29,6 +29,9 @@ from cellbench.profiles.schema import Profile
 log = logging.getLogger(__name__)
 
 PERIOD = 1.0  # s
+# s between open-circuit reads of a held (paused, latched) cell: a 2450 reads one by turning its output on as a 0 A
+# source for a moment, a relay cycle each time; once a second would be 3,600 an hour through a long pause
+HELD_PERIOD = 5.0
 
 
 class Supervisor:
@@ -118,8 +121,8 @@ class Supervisor:
 
 
 async def watch_held(channel: Channel, profile: Profile, clock: Clock, *, found: Callable[[str, Reading], None],
-                     seen: Callable[[Reading, str | None], None], period: float = PERIOD) -> None:
-    """A paused or latched channel still holds a cell: read it at open circuit once a period, until cancelled (the
+                     seen: Callable[[Reading, str | None], None], period: float = HELD_PERIOD) -> None:
+    """A paused or latched channel still holds a cell: read it at open circuit every HELD_PERIOD, until cancelled (the
     cycler's driver reads with its output off the way its manual allows), against the safe window and for a
     collapse (the profile's hard-short `collapse` between two readings). `seen` is told every reading and what is
     wrong with it now; `found` the first thing found wrong (the channel is then latched by the caller)."""
