@@ -444,9 +444,6 @@ class Engine:
             ins.node, capacity=self._capacity(), v_min=cell.voltage_min, v_max=cell.voltage_max,
             last_voltage=last.voltage, last_cc_current=st.last_cc_current, base_dir=self.base_dir,
         )
-        self.discharging = (
-            (ctl.compliance if ctl.mode is SourceMode.VOLTAGE else abs(ctl.setpoint(0.0, last.voltage)))
-            if ctl.step_type in policy.DISCHARGING else None)  # a current of the other sign is a fault
         if resumed is None:
             if ctl.step_type.is_constant_current:
                 st.last_cc_current = abs(ctl.setpoint(0.0, last.voltage))
@@ -471,6 +468,11 @@ class Engine:
         else:
             await self._apply(ctl, self._t() - step.start, last.voltage)
             await self.channel.cycler.output(True)
+        # a discharge's current of the other sign is a fault: judged only once its setpoint is in effect (a reading
+        # the supervisor took as the previous charge still flowed once tripped the step's start)
+        self.discharging = (
+            (ctl.compliance if ctl.mode is SourceMode.VOLTAGE else abs(ctl.setpoint(0.0, last.voltage)))
+            if ctl.step_type in policy.DISCHARGING else None)
         period = body.sample_period or self.profile.sample_period
         rule = body.record or self.profile.record
         limits = policy.resolve_limits(ctl, capacity=self._capacity(), last_voltage=last.voltage)

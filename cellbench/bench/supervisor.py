@@ -59,13 +59,14 @@ class Supervisor:
             if wake > now:
                 await self.clock.sleep(wake - now)
             checked = self.engine.test_time
+            discharging = self.engine.discharging  # as it stood before the reading: a step may begin during it
             seen = await self._latest()
             if seen is None:
                 continue
             reading, conditions, own = seen
             self.checks += 1
             why = (policy.unsafe(reading, self.channel.cell, self.profile.safety, conditions)
-                   or policy.wrong_sign(reading, self.engine.discharging)
+                   or policy.wrong_sign(reading, discharging if discharging == self.engine.discharging else None)
                    or await self._interlocks())
             if not why and own and (short := self.engine.watch_short(self.engine.test_time, reading)):
                 if self.profile.short_detection.action != "stop":
