@@ -150,28 +150,62 @@ def test_a_named_test_runs_alone_and_dry_runs_stay_out_of_the_machines_registry(
     assert not list(state.rglob("*.json")), list(state.rglob("*"))
 
 
-def test_the_example_lab_repository_passes_with_only_the_built_wheel_installed(tmp_path: Path) -> None:
-    """Build the wheel, install it with pytest in a fresh virtual environment (nothing of this checkout on its
-    path), and run examples/ci there as a lab's CI would."""
+@pytest.mark.parametrize(("version", "releases"), [("3.11", "lowest"), ("3.13", "highest")])
+def test_the_example_lab_repository_passes_with_only_the_built_wheel_installed(tmp_path: Path, version: str,
+                                                                               releases: str) -> None:
+    """Build the wheel, install it with its analysis extra and pytest in a fresh virtual environment (nothing of
+    this checkout on its path), run examples/ci there as a lab's CI would, then a report and a Parquet export:
+    on Python 3.11 with the lowest analysis releases we support (pandas 2.0), on 3.13 with the newest."""
+    from tests.test_package import find_python, fresh_venv
+
+    python_found = find_python(version)
+    if python_found is None:
+        pytest.skip(f"no working python{version} on this machine")
     root = Path(__file__).resolve().parent.parent
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", str(root), "-w", str(tmp_path / "dist")],
                    check=True, capture_output=True, timeout=300)
     (wheel,) = (tmp_path / "dist").glob("cellbench-*.whl")
-    venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
-    python = str(venv / "bin" / "python")
-    installed = subprocess.run([python, "-m", "pip", "install", "-q", f"{wheel}[analysis]", "pytest",
+    bin_ = fresh_venv(python_found, tmp_path / "venv")
+    python = str(bin_ / "python")
+    lowest = ["-c", str(root / "tests" / "analysis-lowest.txt")] if releases == "lowest" else []
+    installed = subprocess.run([python, "-m", "pip", "install", "-q", *lowest, f"{wheel}[analysis]", "pytest",
                                 "pytest-asyncio"], capture_output=True, text=True, timeout=900)
     assert installed.returncode == 0, installed.stderr[-2000:]
+    pandas = subprocess.run([python, "-c", "import pandas; print(pandas.__version__)"], capture_output=True,
+                            text=True, timeout=120).stdout.strip()
+    print(f"Python {version}, {releases} releases: pandas {pandas}")
+    assert pandas.startswith("2.0.") if releases == "lowest" else int(pandas.split(".")[0]) >= 2
+    env = {"PATH": f"{bin_}:/usr/bin:/bin", "HOME": str(tmp_path), "CELLBENCH_STATE_DIR": str(tmp_path / "state")}
     lab = tmp_path / "lab"
     shutil.copytree(root / "examples" / "ci", lab)
     result = subprocess.run([python, "-m", "pytest", "-p", "no:cacheprovider", "-q", "--junitxml", "junit.xml"],
-                            cwd=lab, capture_output=True, text=True, timeout=600,
-                            env={"PATH": f"{venv / 'bin'}:/usr/bin:/bin", "HOME": str(tmp_path)})
+                            cwd=lab, capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
     assert "4 passed" in result.stdout
     junit = (lab / "junit.xml").read_text()
     assert 'name="formation.yaml"' in junit and 'name="pulse-check.yaml"' in junit
+    # the desk's work with these releases: a run, its report and its Parquet export, read back by this pandas
+    cellbench = str(bin_ / "cellbench")
+    steps = "name: two\nsample_period: 1 min\nsteps:\n  - repeat: 2\n    steps:\n" \
+            "      - charge: {current: C/10, until: 4.2 V}\n      - discharge: {current: C/10, until: 3.0 V}\n"
+    (tmp_path / "two.yaml").write_text(steps)
+
+    def run(*command: str) -> None:
+        done = subprocess.run([cellbench, *command], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                              env=env)
+        assert done.returncode == 0, f"{command}: {done.stdout[-1500:]}{done.stderr[-1500:]}"
+
+    run("run", "two.yaml", "--dry-run", "--temperature", "60", "--runs-dir", "runs")
+    (db,) = (tmp_path / "runs").glob("*.sqlite")
+    run("report", str(db))
+    run("export", str(db), "--out", "out")
+    assert list((tmp_path / "runs").glob("*/index.html"))
+    (parquet,) = (tmp_path / "out").glob("*.bdf.parquet")
+    read = subprocess.run([python, "-c", f"import pandas; f = pandas.read_parquet({str(parquet)!r}); "
+                           "print(len(f), round(f['Discharging Capacity / Ah'].max() * 1000, 3))"],
+                          capture_output=True, text=True, timeout=120)
+    rows, mah = read.stdout.split()
+    assert int(rows) > 100 and 2.0 < float(mah) < 4.0, read.stdout + read.stderr
 
 
 def test_a_whole_bench_file_is_served_by_simulators_and_a_real_time_run_goes_through_it(
