@@ -270,6 +270,10 @@ def test_a_run_killed_three_times_and_resumed_ends_as_an_uninterrupted_one(tmp_p
     assert kept <= set(rows)  # no committed sample was lost
     times = [t for t, _ in rows]
     assert times == sorted(times) and len(set(times)) == len(times)  # test time never goes back
+    # every step's row is closed, the three interrupted ones among them, and none is recorded twice
+    steps = con.execute("SELECT step_count, end_time, end_reason FROM steps ORDER BY step_count").fetchall()
+    assert [s for s, _, _ in steps] == list(range(1, len(steps) + 1)) and len(steps) >= 6
+    assert all(end is not None and reason for _, end, reason in steps), steps
     kinds = [k for (k,) in con.execute("SELECT kind FROM events ORDER BY rowid")]
     assert kinds.count("resumed") == 3 and kinds.count("outage") == 3 and kinds.count("guardian") >= 1
     assert kinds[-1] == "end" and con.execute("SELECT message FROM events ORDER BY rowid DESC").fetchone()[0] == \
