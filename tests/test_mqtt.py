@@ -47,6 +47,47 @@ def smu() -> Iterator[str]:
     proc.wait(timeout=10)
 
 
+RECIPE = Path(__file__).resolve().parent.parent / "docs" / "recipes" / "telegraf.conf"
+
+
+def telegraf_reads(topic: str, payload: str) -> dict[str, Any]:
+    """What docs/recipes/telegraf.conf takes from one message a standard client received: the inputs whose topic
+    filter matches (paho's matcher, the broker's rule), their topic tags, and every json_v2 path resolved with
+    its type (a required path missing or null, or a value of the wrong type, fails)."""
+    import re
+    import tomllib
+
+    from paho.mqtt.client import topic_matches_sub
+
+    message = json.loads(payload)
+    inputs = [i for i in tomllib.loads(RECIPE.read_text())["inputs"]["mqtt_consumer"]
+              if any(topic_matches_sub(f, topic) for f in i["topics"])]
+    assert len(inputs) == 1, f"{topic}: {len(inputs)} inputs of the recipe read it"
+    (given,) = inputs
+    read: dict[str, Any] = {}
+    for parsing in given["topic_parsing"]:
+        assert topic_matches_sub(parsing["topic"], topic)
+        read |= {k: v for k, v in zip(parsing["tags"].split("/"), topic.split("/"), strict=True) if k != "_"}
+    (json_v2,) = given["json_v2"]
+    if "timestamp_path" in json_v2:  # the Go layout asks RFC 3339; Go takes a fraction of a second after it
+        assert json_v2["timestamp_format"] == "2006-01-02T15:04:05Z07:00"
+        stamp = message[json_v2["timestamp_path"]]
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|[+-]\d\d:\d\d)", stamp), stamp
+    kinds = {"float": (int, float), "int": (int,), "string": (str,)}
+    for entry in [*json_v2.get("tag", []), *json_v2.get("field", [])]:
+        assert re.fullmatch(r"[a-z_]+(\.[a-z_]+)*", entry["path"]), entry["path"]  # plain GJSON: no wildcards
+        value: Any = message
+        for key in entry["path"].split("."):
+            value = value.get(key) if isinstance(value, dict) else None
+        name = entry.get("rename", entry["path"])
+        if value is None:
+            assert entry.get("optional"), f"{topic}: the recipe's {entry['path']} is not in {payload}"
+            continue
+        assert isinstance(value, kinds[entry.get("type", "string")]), (entry, value)
+        read[name] = value
+    return read
+
+
 def mqtt_section(broker: Broker) -> str:
     """The bench file's `mqtt:` section for the test's broker, as the bench's own user."""
     return (f"mqtt:\n  host: 127.0.0.1\n  port: {broker.port}\n  username: bench\n"
@@ -203,13 +244,17 @@ async def test_standard_clients_read_telemetry_and_send_a_pause(tmp_path: Path, 
             "-t", "cellbench/night/ch1/telemetry", "-C", "1", "-W", "20"], capture_output=True, text=True, timeout=30)
         assert sub.returncode == 0, sub.stderr
         mqtt.Telemetry.model_validate_json(sub.stdout)
+        point = telegraf_reads("cellbench/night/ch1/telemetry", sub.stdout)  # the Grafana recipe reads it
+        assert (point["bench"], point["channel"]) == ("night", "ch1") and 2.5 < point["voltage_v"] < 4.3
+        assert point["current_a"] == pytest.approx(0.2e-3, rel=0.05) and point["step"] == "CC Charge"
         pub = await asyncio.to_thread(subprocess.run, [
             "mosquitto_pub", "-h", "127.0.0.1", "-p", str(broker.port), "-u", "operator", "-P", "operator-secret",
             "-q", "1", "-t", "cellbench/night/ch1/cmd/pause", "-m", '{"id": "from-the-shell"}'],
             capture_output=True, text=True, timeout=30)
         assert pub.returncode == 0, pub.stderr
         assert (await w.until("reply", lambda p: p["id"] == "from-the-shell"))["ok"]
-        await w.until("status", lambda p: p["state"] == "paused")
+        paused = await w.until("status", lambda p: p["state"] == "paused")
+        assert telegraf_reads("cellbench/night/ch1/status", json.dumps(paused))["state"] == "paused"
 
 
 def test_the_documented_schemas_are_the_models_own() -> None:
@@ -602,6 +647,8 @@ async def test_each_finished_cycle_is_a_retained_message_with_its_capacities_and
     assert 0.5 < message["coulombic_efficiency"] < 1.0  # 1.5 s back of 2 s in, by hand: 0.75
     # no discharge reached its voltage limit, so none measured a reference capacity; no impedance step, no fit
     assert message["retention"] is None and message["resistance"] is None
+    point = telegraf_reads("cellbench/night/ch1/cycle", json.dumps(message))  # the Grafana recipe reads it
+    assert point["coulombic_efficiency"] == message["coulombic_efficiency"] and "retention" not in point
 
 
 async def test_a_paused_channel_takes_commands_again_after_a_broker_restart(
