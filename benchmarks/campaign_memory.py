@@ -18,9 +18,9 @@ from pathlib import Path
 
 import own_state  # noqa: F401  (first: a state folder of its own)
 
-from cellbench.bench.clock import VirtualClock
-from cellbench.bench.config import BenchConfig
-from cellbench.bench.simbench import rehearse
+from cellbench.bench.faces.simbench import rehearse
+from cellbench.bench.runner.config import BenchConfig
+from cellbench.bench.runtime.clock import VirtualClock
 from cellbench.profiles.parse import parse_profile
 from cellbench.simulators.parameters import PRESETS
 

@@ -26,7 +26,7 @@ def wall(argv: list[str]) -> float:
 def main() -> None:
     ours, floor, bare = [], [], []
     for _ in range(REPEATS):
-        ours.append(wall([sys.executable, "-m", "cellbench.bench.cli", "--help"]))
+        ours.append(wall([sys.executable, "-m", "cellbench", "--help"]))
         floor.append(wall([sys.executable, "-c", FLOOR, "--help"]))
         bare.append(wall([sys.executable, "-c", "pass"]))
     o, f, b = (statistics.median(x) for x in (ours, floor, bare))

@@ -33,10 +33,10 @@ import own_state  # noqa: F401  (first: a state folder of its own)
 from rich.console import Console
 from rich.progress import Progress
 
-from cellbench.bench.clock import RealClock
-from cellbench.bench.config import BenchConfig
-from cellbench.bench.display import Display
-from cellbench.bench.run import run_bench
+from cellbench.bench.faces.display import Display
+from cellbench.bench.runner.config import BenchConfig
+from cellbench.bench.runner.run import run_bench
+from cellbench.bench.runtime.clock import RealClock
 from cellbench.profiles.parse import parse_profile
 
 PER_BOX = 128
@@ -44,7 +44,7 @@ PROFILE = "name: one minute\nsample_period: 1 s\nsteps:\n  - rest: 60 s\n"
 
 
 def serve_box() -> tuple[subprocess.Popen[str], int, int]:
-    proc = subprocess.Popen([sys.executable, "-m", "cellbench.bench.cli", "sim", "serve", "maccor",
+    proc = subprocess.Popen([sys.executable, "-m", "cellbench", "sim", "serve", "maccor",
                              "--exit-with-parent", "--port", "0", "--bin-port", "0", "--channels", str(PER_BOX)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     assert proc.stdout is not None

@@ -24,8 +24,8 @@ import paho.mqtt.client as paho
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cellbench.bench.events import Sample, SampleTaken
-from cellbench.bench.mqtt import ChannelLink, MqttConfig, MqttLoop
+from cellbench.bench.ops.mqtt import ChannelLink, MqttConfig, MqttLoop
+from cellbench.bench.runtime.events import Sample, SampleTaken
 from tests.broker import Broker
 
 N = int(sys.argv[1]) if len(sys.argv) > 1 else 20_000

@@ -28,11 +28,11 @@ from pathlib import Path
 
 import own_state  # noqa: F401  (first: a state folder of its own)
 
-from cellbench.bench import runs
-from cellbench.bench.clock import RealClock
-from cellbench.bench.config import BenchConfig
-from cellbench.bench.run import run_bench
-from cellbench.bench.supervisor import PERIOD as SUPERVISOR_PERIOD
+from cellbench.bench.ops import runs
+from cellbench.bench.runner.config import BenchConfig
+from cellbench.bench.runner.run import run_bench
+from cellbench.bench.runtime.clock import RealClock
+from cellbench.bench.runtime.supervisor import PERIOD as SUPERVISOR_PERIOD
 from cellbench.profiles.parse import parse_profile
 
 TRIALS = int(sys.argv[1]) if len(sys.argv) > 1 else 8
@@ -116,7 +116,7 @@ class Proxy:
 
 
 def serve_2450() -> tuple[subprocess.Popen[str], int]:
-    proc = subprocess.Popen([sys.executable, "-m", "cellbench.bench.cli", "sim", "serve", "keithley2450",
+    proc = subprocess.Popen([sys.executable, "-m", "cellbench", "sim", "serve", "keithley2450",
                              "--exit-with-parent", "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
     assert proc.stdout is not None

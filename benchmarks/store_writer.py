@@ -21,8 +21,8 @@ from pathlib import Path
 
 import own_state  # noqa: F401  (first: a state folder of its own)
 
-from cellbench.bench.events import SampleTaken
-from cellbench.bench.store import _INSERT_SAMPLE, _SAVE_STATE, _SCHEMA, COLUMNS, RunStore, Sample
+from cellbench.bench.runtime.events import SampleTaken
+from cellbench.bench.runtime.store import _INSERT_SAMPLE, _SAVE_STATE, _SCHEMA, COLUMNS, RunStore, Sample
 
 ROWS = int(sys.argv[1]) if len(sys.argv) > 1 else 200_000
 

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import own_state  # noqa: F401  (first: a state folder of its own)
 
-from cellbench.bench.clock import VirtualClock
-from cellbench.bench.simbench import run_simulated
-from cellbench.bench.store import open_run
+from cellbench.bench.faces.simbench import run_simulated
+from cellbench.bench.runtime.clock import VirtualClock
+from cellbench.bench.runtime.store import open_run
 from cellbench.profiles.library import library_path
 from cellbench.profiles.parse import load_profile
 

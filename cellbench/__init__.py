@@ -13,14 +13,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from cellbench.bench.api import RunResult, arun, read_events, read_samples, read_state, read_steps, run
+    from cellbench.bench.faces.api import RunResult, arun, read_events, read_samples, read_state, read_steps, run
 
 __all__ = ["RunResult", "arun", "read_events", "read_samples", "read_state", "read_steps", "run"]
 
 
 def __getattr__(name: str) -> Any:
     if name in __all__:
-        from cellbench.bench import api
-
+        from cellbench.bench.faces import api
         return getattr(api, name)
     raise AttributeError(f"module 'cellbench' has no attribute {name!r}")

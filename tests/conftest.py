@@ -108,9 +108,9 @@ def dry_run(
     pressure: float | None = None,
 ) -> DryRun:
     """Run profile text on a simulated bench: the 2450 alone, or with a chamber and a press (environment)."""
-    from cellbench.bench.clock import VirtualClock
-    from cellbench.bench.simbench import SimulatedBench, needs_potentiostat
-    from cellbench.bench.store import open_run
+    from cellbench.bench.faces.simbench import SimulatedBench, needs_potentiostat
+    from cellbench.bench.runtime.clock import VirtualClock
+    from cellbench.bench.runtime.store import open_run
     from cellbench.profiles.parse import parse_profile
     from cellbench.simulators.parameters import PELLET
 
@@ -170,8 +170,8 @@ def shorted_run(text: str, tmp_path: Path, *, at: float, ohms: float, soc: float
                 potentiostat: bool = False) -> Any:
     """A profile on the simulated bench (virtual clock) whose cell shorts (`ohms` across it) at test time `at`:
     the run's result."""
-    from cellbench.bench.clock import VirtualClock
-    from cellbench.bench.simbench import SimulatedBench
+    from cellbench.bench.faces.simbench import SimulatedBench
+    from cellbench.bench.runtime.clock import VirtualClock
     from cellbench.profiles.parse import parse_profile
 
     clock = VirtualClock()

@@ -12,9 +12,9 @@ import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from cellbench.bench.cells import CellConfig
-from cellbench.bench.channel import Channel
-from cellbench.bench.roles import (
+from cellbench.bench.runtime.cells import CellConfig
+from cellbench.bench.runtime.channel import Channel
+from cellbench.roles import (
     ChamberTemperature,
     ConnectionLost,
     ImpedancePoint,

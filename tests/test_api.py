@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 import cellbench
-from cellbench.bench.config import BenchConfig, ChannelConfig, InstrumentConfig
-from cellbench.bench.simbench import cell_config
+from cellbench.bench.faces.simbench import cell_config
+from cellbench.bench.runner.config import BenchConfig, ChannelConfig, InstrumentConfig
 from cellbench.simulators.cell import SolidStateCell
 from cellbench.simulators.keithley2450 import Keithley2450Sim
 from cellbench.simulators.parameters import PELLET
@@ -90,7 +90,7 @@ def test_importing_cellbench_loads_no_run_time() -> None:
 
 def test_the_last_progress_of_a_run_says_how_it_ended(tmp_path: Path) -> None:
     """Through the runner: every sample's progress, then the same once more with how the run stopped."""
-    from cellbench.bench.api import run
+    from cellbench.bench.faces.api import run
 
     seen: list[tuple[str, object]] = []
     result = run("name: short\nsample_period: 1 s\nsteps:\n  - rest: 5 s\n", runs_dir=tmp_path,

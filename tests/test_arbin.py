@@ -101,7 +101,7 @@ steps:
 
 
 def arbin_bench(resource: str, login: Path, channels: int = 2) -> object:
-    from cellbench.bench.config import BenchConfig
+    from cellbench.bench.runner.config import BenchConfig
 
     return BenchConfig.model_validate({
         "name": "arbin", "instruments": {"a1": {"driver": "arbin", "resource": resource, "login_file": str(login)}},
@@ -114,9 +114,9 @@ def arbin_bench(resource: str, login: Path, channels: int = 2) -> object:
 def test_a_profile_runs_the_cyclers_own_schedule_steered_by_a_variable_and_records_it(tmp_path: Path) -> None:
     """On-board steps: cellbench assigns and starts the schedule, sets its variable, samples it like any step,
     ends the step when the schedule finishes, and stops it itself on a limit of its own."""
-    from cellbench.bench.clock import VirtualClock
-    from cellbench.bench.run import run_bench
-    from cellbench.bench.store import open_run
+    from cellbench.bench.runner.run import run_bench
+    from cellbench.bench.runtime.clock import VirtualClock
+    from cellbench.bench.runtime.store import open_run
     from cellbench.profiles.parse import parse_profile
 
     text = ON_BOARD
@@ -168,8 +168,8 @@ def test_a_profile_runs_the_cyclers_own_schedule_steered_by_a_variable_and_recor
 
 
 def test_host_driven_steps_on_an_arbin_and_schedules_on_a_2450_are_refused_before_the_run(tmp_path: Path) -> None:
-    from cellbench.bench.config import BenchConfig
-    from cellbench.bench.run import channel_problems
+    from cellbench.bench.runner.config import BenchConfig
+    from cellbench.bench.runner.run import channel_problems
     from cellbench.profiles.parse import parse_profile
 
     bench = arbin_bench("TCPIP::127.0.0.1::9031::SOCKET", tmp_path / "none", 1)

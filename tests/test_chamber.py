@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from cellbench.bench.clock import VirtualClock
+from cellbench.bench.runtime.clock import VirtualClock
 from cellbench.drivers.chamber import EspecChamber
 from cellbench.drivers.errors import InstrumentError
 from cellbench.drivers.smu import Keithley2450

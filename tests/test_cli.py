@@ -17,16 +17,16 @@ import pytest
 import pyvisa
 from typer.testing import CliRunner
 
-from cellbench.bench.cli import app
-from cellbench.bench.export import export_run
-from cellbench.bench.report import write_report
-from cellbench.bench.store import open_run
+from cellbench.bench.faces.cli import app
+from cellbench.bench.results.export import export_run
+from cellbench.bench.results.report import write_report
+from cellbench.bench.runtime.store import open_run
 
 
 def announced(*args: str, pattern: str) -> tuple[subprocess.Popen[str], re.Match[str]]:
     """`cellbench sim serve ...` as its own process; returns it and the match of `pattern` in what it announced."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "cellbench.bench.cli", "sim", "serve", "--exit-with-parent", *args],
+        [sys.executable, "-m", "cellbench", "sim", "serve", "--exit-with-parent", *args],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "300"},
     )
@@ -215,7 +215,7 @@ def test_run_without_a_bench_says_what_to_do() -> None:
 
 @pytest.mark.parametrize("name", ["desk", "pressure-rig"])
 def test_the_example_bench_files_are_valid(name: str, tmp_path: Path) -> None:
-    from cellbench.bench.config import load_bench
+    from cellbench.bench.runner.config import load_bench
     from cellbench.profiles.parse import InputError
 
     path = Path(__file__).parent.parent / "cellbench" / "bench" / "examples" / f"{name}.yaml"
@@ -236,7 +236,7 @@ def test_the_example_bench_files_are_valid(name: str, tmp_path: Path) -> None:
 
 
 def test_an_estimate_is_bounded_by_simulated_time_and_the_same_on_any_machine() -> None:
-    from cellbench.bench.simbench import estimate_duration
+    from cellbench.bench.faces.simbench import estimate_duration
     from cellbench.profiles.library import library_path
     from cellbench.profiles.parse import load_profile
 
@@ -275,7 +275,7 @@ def test_sim_serve_with_exit_with_parent_ends_when_its_starter_is_killed(tmp_pat
     starter = tmp_path / "starter.py"
     starter.write_text(textwrap.dedent("""\
         import subprocess, sys, time
-        sim = subprocess.Popen([sys.executable, "-m", "cellbench.bench.cli", "sim", "serve", "keithley2450",
+        sim = subprocess.Popen([sys.executable, "-m", "cellbench", "sim", "serve", "keithley2450",
                                 "--port", "0", "--exit-with-parent"], stdout=subprocess.PIPE, text=True,
                                env={**__import__("os").environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "300"})
         print(sim.pid, flush=True)
@@ -330,8 +330,7 @@ def test_sim_serve_help_names_every_instrument_that_has_a_simulator() -> None:
 
 def test_runs_leaves_out_runs_whose_database_is_gone_and_prune_forgets_them(tmp_path: Path,
                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    from cellbench.bench import runs
-
+    from cellbench.bench.ops import runs
     monkeypatch.setenv("CELLBENCH_STATE_DIR", str(tmp_path / "state"))
     kept, gone = tmp_path / "20261207T000000Z-A.sqlite", tmp_path / "20261207T000001Z-B.sqlite"
     kept.write_bytes(b"")
@@ -367,7 +366,7 @@ def test_an_unreachable_instrument_on_the_visa_backend_is_one_line_too(tmp_path:
           ch1: {{cycler: smu1, cell: c}}
     """))
     (tmp_path / "r.yaml").write_text("name: r\nsteps:\n  - rest: 1 min\n")
-    done = subprocess.run([sys.executable, "-m", "cellbench.bench.cli", "run", str(tmp_path / "r.yaml"), "--bench",
+    done = subprocess.run([sys.executable, "-m", "cellbench", "run", str(tmp_path / "r.yaml"), "--bench",
                            str(tmp_path / "bench.yaml"), "--runs-dir", str(tmp_path / "runs")],
                           capture_output=True, text=True, timeout=120,
                           env={**os.environ, "CELLBENCH_STATE_DIR": str(tmp_path / "state"), "COLUMNS": "200"})
@@ -378,8 +377,7 @@ def test_an_unreachable_instrument_on_the_visa_backend_is_one_line_too(tmp_path:
 def test_runs_and_status_off_a_terminal_are_not_squeezed_into_80_columns(tmp_path: Path,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """Piped to grep or a file, a table keeps each run on one line with its whole database path."""
-    from cellbench.bench import runs
-
+    from cellbench.bench.ops import runs
     state = tmp_path / "state"
     monkeypatch.setenv("CELLBENCH_STATE_DIR", str(state))
     monkeypatch.delenv("COLUMNS", raising=False)
@@ -388,7 +386,7 @@ def test_runs_and_status_off_a_terminal_are_not_squeezed_into_80_columns(tmp_pat
     db.write_bytes(b"")
     runs.end(runs.begin(db, channel="ch1", cell_id="P-0142", bench="b", profile="formation", clock="real"),
              "completed", "completed")
-    listed = subprocess.run([sys.executable, "-m", "cellbench.bench.cli", "runs"], capture_output=True, text=True,
+    listed = subprocess.run([sys.executable, "-m", "cellbench", "runs"], capture_output=True, text=True,
                             timeout=60, env=dict(os.environ))
     assert listed.returncode == 0, listed.stderr
     rows = [line for line in listed.stdout.splitlines() if "P-0142" in line and "formation" in line]

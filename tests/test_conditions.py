@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from cellbench.bench.clock import VirtualClock
-from cellbench.bench.config import BenchConfig, ChannelConfig, InstrumentConfig
-from cellbench.bench.run import run_bench
-from cellbench.bench.simbench import cell_config
-from cellbench.bench.store import open_run
+from cellbench.bench.faces.simbench import cell_config
+from cellbench.bench.runner.config import BenchConfig, ChannelConfig, InstrumentConfig
+from cellbench.bench.runner.run import run_bench
+from cellbench.bench.runtime.clock import VirtualClock
+from cellbench.bench.runtime.store import open_run
 from cellbench.profiles.library import library_path
 from cellbench.profiles.parse import InputError, parse_profile
 from cellbench.simulators.cell import SolidStateCell
@@ -170,7 +170,7 @@ def test_warm_pressing_formation_forms_warm_then_cools_under_pressure(tmp_path: 
 def test_one_chamber_and_one_press_shared_by_two_channels(tmp_path: Path) -> None:
     """The owner's profile sets the shared chamber and press; the other channel's waits on them and reads them.
     The press holds both cells side by side: it converts pressure to force over their summed area."""
-    from cellbench.bench.run import ProfileFile
+    from cellbench.bench.runner.run import ProfileFile
 
     text = (
         "name: shared\nsample_period: 60 s\nsteps:\n  - set: {temperature: 40 degC, pressure: 8 MPa}\n"
@@ -239,7 +239,7 @@ def test_one_chamber_and_one_press_shared_by_two_channels(tmp_path: Path) -> Non
 
 
 def test_a_channel_that_does_not_own_a_shared_instrument_may_not_set_it() -> None:
-    from cellbench.bench.run import channel_problems
+    from cellbench.bench.runner.run import channel_problems
 
     spec = {
         "name": "b", "instruments": {
@@ -269,7 +269,7 @@ def test_simulated_bench_without_environment_records_no_conditions(tmp_path: Pat
 def shared_oven(tmp_path: Path, profiles: dict[str, str], owner: str | None = "ch1") -> list:
     """Two pellets in one ESPEC chamber and one press, each on its own 2450, every instrument served over
     loopback TCP on the virtual clock; each channel runs its profile text. The runs' results."""
-    from cellbench.bench.run import ProfileFile
+    from cellbench.bench.runner.run import ProfileFile
 
     clock = VirtualClock()
 

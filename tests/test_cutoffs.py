@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from cellbench.bench import policy
-from cellbench.bench.analysis import cycle_table
-from cellbench.bench.roles import Reading
+from cellbench.bench.results.analysis import cycle_table
+from cellbench.bench.runtime import policy
 from cellbench.profiles.schema import Limit
+from cellbench.roles import Reading
 from tests.conftest import dry_run
 
 

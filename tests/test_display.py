@@ -7,9 +7,9 @@ import io
 from rich.console import Console
 from rich.progress import Progress as Bars
 
-from cellbench.bench import display
-from cellbench.bench.display import Display, summary
-from cellbench.bench.engine import Progress
+from cellbench.bench.faces import display
+from cellbench.bench.faces.display import Display, summary
+from cellbench.bench.runtime.engine import Progress
 
 
 def progress(step: int = 1, kind: str = "CC Charge", volts: float = 3.7, hours: float = 1.0) -> Progress:
@@ -73,7 +73,7 @@ def test_the_summary_names_the_extremes() -> None:
 def test_a_ten_channel_dry_run_is_summed_up_past_eight_channels(tmp_path) -> None:  # type: ignore[no-untyped-def]
     from typer.testing import CliRunner
 
-    from cellbench.bench.cli import app
+    from cellbench.bench.faces.cli import app
 
     n = 10
     (tmp_path / "bench.yaml").write_text("\n".join(

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from cellbench.bench.analysis import cycle_table
-from cellbench.bench.clock import VirtualClock
-from cellbench.bench.simbench import SimulatedBench
-from cellbench.bench.store import open_run
+from cellbench.bench.faces.simbench import SimulatedBench
+from cellbench.bench.results.analysis import cycle_table
+from cellbench.bench.runtime.clock import VirtualClock
+from cellbench.bench.runtime.store import open_run
 from cellbench.profiles.library import library_path
 from cellbench.profiles.parse import load_profile, parse_profile
 

@@ -13,9 +13,9 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cellbench.bench.roles import InstrumentFault
 from cellbench.drivers.arbin import FEEDBACK, HEADER, ArbinCTI
 from cellbench.drivers.maccor import MacNetBox
+from cellbench.roles import InstrumentFault
 
 
 async def _serve_replies(replies: list[bytes], read: int) -> tuple[asyncio.Server, int]:
@@ -116,7 +116,7 @@ def test_a_cti_session_against_any_frames_works_or_raises_an_instrument_fault(re
 def test_a_cti_frame_with_a_wrong_checksum_or_for_another_request_is_a_protocol_error() -> None:
     """The captured frames' rules, by construction: a bad checksum, and a well-formed frame answering another
     request, are refused by name."""
-    from cellbench.bench.roles import ProtocolError
+    from cellbench.roles import ProtocolError
 
     login = _frame(FEEDBACK[0xEEAB0001][0], bytes(8700))
     said: list[str] = []

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cellbench.bench.config import BenchConfig, load_bench
+from cellbench.bench.runner.config import BenchConfig, load_bench
 from cellbench.drivers.methodscript import check_error, decode_value, parse_package
 from cellbench.profiles.library import library_path
 from cellbench.profiles.parse import InputError, load_profile, parse_profile, validate_yaml
@@ -148,7 +148,7 @@ def test_the_methodscript_decoder_takes_any_line_or_refuses_it_plainly(line: str
 def test_the_cli_answers_hostile_files_in_one_line(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
-    from cellbench.bench.cli import app
+    from cellbench.bench.faces.cli import app
 
     bomb = ["a: &a [x, x, x, x, x, x, x, x, x]"] + [
         f"{chr(98 + k)}: &{chr(98 + k)} [{', '.join(['*' + chr(97 + k)] * 9)}]" for k in range(8)]

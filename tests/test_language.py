@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from cellbench.bench.clock import VirtualClock
-from cellbench.bench.simbench import SimulatedBench
+from cellbench.bench.faces.simbench import SimulatedBench
+from cellbench.bench.runtime.clock import VirtualClock
 from cellbench.profiles.parse import InputError, parse_profile
 from cellbench.simulators.cell import SolidStateCell
 from tests.conftest import dry_run

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from cellbench.bench.analysis import cycle_table
+from cellbench.bench.results.analysis import cycle_table
 from cellbench.profiles.library import library_path
 from cellbench.simulators.parameters import PELLET
 from tests.conftest import HALF_CELL_R, dry_run
@@ -58,7 +58,7 @@ def test_cycle_life_ends_at_the_first_reference_test_below_80_percent(tmp_path: 
 def test_the_polymer_cell_has_its_own_cycle_life_profile_and_the_sulfide_one_is_refused(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
-    from cellbench.bench.cli import app
+    from cellbench.bench.faces.cli import app
     from cellbench.simulators.parameters import POLYMER
 
     refused = CliRunner().invoke(app, ["validate", "cycle-life", "--cell", "polymer", "--no-estimate"],

@@ -11,8 +11,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from cellbench.bench.roles import Reading
 from cellbench.drivers.maccor import MacNetBox
+from cellbench.roles import Reading
 from cellbench.simulators.cell import SolidStateCell
 from cellbench.simulators.maccor import MaccorServer, MaccorSim
 from tests.test_cli import announced
@@ -143,10 +143,10 @@ def test_three_channels_of_one_box_run_a_profile_on_the_bench(tmp_path: object) 
     on the virtual clock: each channel drives its own cell and records its own run."""
     from pathlib import Path
 
-    from cellbench.bench.clock import VirtualClock
-    from cellbench.bench.config import BenchConfig
-    from cellbench.bench.run import run_bench
-    from cellbench.bench.store import open_run
+    from cellbench.bench.runner.config import BenchConfig
+    from cellbench.bench.runner.run import run_bench
+    from cellbench.bench.runtime.clock import VirtualClock
+    from cellbench.bench.runtime.store import open_run
     from cellbench.profiles.parse import parse_profile
 
     text = "name: one hour\nsample_period: 1 min\nsteps:\n  - charge: {current: C/20, until: [1 h, 4.2 V]}\n" \
@@ -205,7 +205,7 @@ def test_the_pilot_line_example_rehearses_seventeen_channels(tmp_path: object) -
 
     from typer.testing import CliRunner
 
-    from cellbench.bench.cli import app
+    from cellbench.bench.faces.cli import app
 
     runs = Path(str(tmp_path)) / "runs"
     profile = Path(str(tmp_path)) / "short.yaml"
@@ -244,8 +244,8 @@ def test_each_channel_runs_the_profile_its_bench_file_names(tmp_path: object) ->
 
     from typer.testing import CliRunner
 
-    from cellbench.bench.cli import app
-    from cellbench.bench.store import open_run
+    from cellbench.bench.faces.cli import app
+    from cellbench.bench.runtime.store import open_run
 
     here = Path(str(tmp_path))
     (here / "charge.yaml").write_text("name: charge only\nsample_period: 5 min\nsteps:\n"
@@ -284,10 +284,10 @@ def test_a_box_dropping_off_the_network_fails_its_channels_and_the_other_box_fin
     grace time, then fail in the safe state with the cause; the other box's channels finish their profile."""
     from pathlib import Path
 
-    from cellbench.bench.clock import VirtualClock
-    from cellbench.bench.config import BenchConfig
-    from cellbench.bench.run import run_bench
-    from cellbench.bench.runstate import RunStatus
+    from cellbench.bench.runner.config import BenchConfig
+    from cellbench.bench.runner.run import run_bench
+    from cellbench.bench.runtime.clock import VirtualClock
+    from cellbench.bench.runtime.runstate import RunStatus
     from cellbench.profiles.parse import parse_profile
 
     text = "name: two hours\nsample_period: 1 min\nsteps:\n  - charge: {current: C/20, until: [2 h, 4.2 V]}\n"
@@ -335,10 +335,10 @@ def test_a_channel_left_sourcing_by_a_dead_controller_is_rested_on_connect(tmp_p
     the box turns it off before anything else and records a notice."""
     from pathlib import Path
 
-    from cellbench.bench.clock import VirtualClock
-    from cellbench.bench.config import BenchConfig
-    from cellbench.bench.run import run_bench
-    from cellbench.bench.store import open_run
+    from cellbench.bench.runner.config import BenchConfig
+    from cellbench.bench.runner.run import run_bench
+    from cellbench.bench.runtime.clock import VirtualClock
+    from cellbench.bench.runtime.store import open_run
     from cellbench.profiles.parse import parse_profile
 
     text = "name: rest\nsample_period: 1 min\nsteps:\n  - rest: 10 min\n"
@@ -376,9 +376,9 @@ def test_sixteen_channels_on_two_boxes_and_a_2450_run_different_library_profiles
 
     from typer.testing import CliRunner
 
-    from cellbench.bench.analysis import cycle_table
-    from cellbench.bench.cli import app
-    from cellbench.bench.store import open_run
+    from cellbench.bench.faces.cli import app
+    from cellbench.bench.results.analysis import cycle_table
+    from cellbench.bench.runtime.store import open_run
     from cellbench.profiles.library import library_path
     from cellbench.profiles.parse import parse_profile
 

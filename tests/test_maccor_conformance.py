@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from cellbench.bench.clock import VirtualClock
+from cellbench.bench.runtime.clock import VirtualClock
 from cellbench.drivers.errors import InstrumentError
 from cellbench.drivers.maccor import MacNetBox
 from cellbench.simulators.cell import SolidStateCell

@@ -18,7 +18,7 @@ from typing import Any
 import aiomqtt
 import pytest
 
-from cellbench.bench import mqtt
+from cellbench.bench.ops import mqtt
 from tests.broker import Broker
 from tests.test_cli import announced, serve
 from tests.test_unattended import ask, files, start_run, wait_until_sourcing
@@ -259,13 +259,13 @@ async def test_standard_clients_read_telemetry_and_send_a_pause(tmp_path: Path, 
 
 def test_the_documented_schemas_are_the_models_own() -> None:
     doc = (Path(__file__).resolve().parent.parent / "docs" / "mqtt.md").read_text()
-    assert mqtt.schema_doc() in doc, "docs/mqtt.md is out of date: regenerate its schemas from cellbench.bench.mqtt"
+    assert mqtt.schema_doc() in doc, "docs/mqtt.md is out of date: regenerate its schemas from cellbench.bench.ops.mqtt"
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
     import sys
 
-    return subprocess.run([sys.executable, "-m", "cellbench.bench.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "cellbench", *args], capture_output=True, text=True,
                           timeout=60, env={"PATH": "/usr/bin:/bin", "COLUMNS": "200",
                                            "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
 
@@ -346,7 +346,7 @@ async def test_hostile_commands_are_refused_and_a_full_disk_stops_telemetry_not_
     link then raises nothing, so the run's own end (output off, recorded) stands."""
     import sqlite3
 
-    from cellbench.bench.events import Note, NoteKind
+    from cellbench.bench.runtime.events import Note, NoteKind
 
     cfg = mqtt.MqttConfig(host="127.0.0.1", port=broker.port, username="bench",
                           password_file=broker.password_file("bench"))
@@ -391,7 +391,7 @@ def test_the_outbox_is_bounded_drops_the_oldest_telemetry_first_and_keeps_its_co
 async def test_telemetry_and_events_go_out_in_sequence_order(tmp_path: Path, broker: Broker) -> None:
     """A burst of telemetry (QoS 0, handed to the client in runs) with events (QoS 1) among it reaches a
     subscriber whole and in the order of the sequence numbers."""
-    from cellbench.bench.events import Note, NoteKind, Sample, SampleTaken
+    from cellbench.bench.runtime.events import Note, NoteKind, Sample, SampleTaken
 
     cfg = mqtt.MqttConfig.model_construct(**{**mqtt.MqttConfig(
         host="127.0.0.1", port=broker.port, username="bench", password_file=broker.password_file("bench"),
@@ -481,8 +481,8 @@ async def test_a_bench_that_holds_on_a_safety_stop_waits_latched_until_an_operat
     rest, 3.76 V at 1 mA): the channel is held, output off and latched, its controller still running. A resume
     is refused while latched; clear_latch clears it (recorded) and the channel stays paused; a resume then
     carries on, and the same limit trips it again. Aborted while latched, the record stays latched."""
-    from cellbench.bench.run import read_for_resume
-    from cellbench.bench.store import open_run
+    from cellbench.bench.runner.run import read_for_resume
+    from cellbench.bench.runtime.store import open_run
     from cellbench.profiles.parse import InputError
 
     bench, profile = bench_file(tmp_path, smu, broker)
@@ -624,8 +624,8 @@ async def test_each_finished_cycle_is_a_retained_message_with_its_capacities_and
     """Short whole cycles (each half ended on its capacity): the retained `cycle` message carries the cycle's
     charge and discharge (equal to the run database's per-cycle table) and its efficiency, discharge over charge,
     by hand; a subscriber that comes later gets it from the broker. A cycle ended on time (pulses) carries none."""
-    from cellbench.bench.analysis import cycle_table
-    from cellbench.bench.store import open_run
+    from cellbench.bench.results.analysis import cycle_table
+    from cellbench.bench.runtime.store import open_run
 
     cycles = ("name: cycles\nsample_period: 0.2 s\nsteps:\n  - repeat: 3\n    steps:\n"
               "      - charge: {current: 0.5 mA, until: [4.2 V, 0.000278 mAh]}\n"  # 2 s at 0.5 mA

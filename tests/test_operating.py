@@ -24,7 +24,7 @@ steps:
 
 
 def cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "cellbench.bench.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "cellbench", *args], capture_output=True, text=True,
                           env=run_env(tmp_path), timeout=60)
 
 
@@ -62,7 +62,7 @@ def test_status_and_runs_see_two_background_runs_from_another_terminal(tmp_path:
         for k, (_, resource) in enumerate(servers):
             bench = bench_file(tmp_path, f"bench{k}", resource, f"P-00{k}", tmp_path / f"notified{k}.json")
             procs.append(subprocess.Popen(  # in the background, output to a file: no terminal
-                [sys.executable, "-m", "cellbench.bench.cli", "run", str(profile), "--bench", str(bench),
+                [sys.executable, "-m", "cellbench", "run", str(profile), "--bench", str(bench),
                  "--runs-dir", str(tmp_path / "runs")],
                 stdout=(tmp_path / f"out{k}.txt").open("w"), stderr=subprocess.STDOUT, env=run_env(tmp_path)))
         for _, resource in servers:

@@ -150,7 +150,7 @@ def test_an_eis_step_hands_the_cell_over_and_its_fit_finds_the_cells_resistances
     assert kinds[1:3] == [
         ("handover", "smu1 output off and confirmed"), ("handover", "pstat1 cell off (its script ended)")
     ]
-    from cellbench.bench.store import open_run
+    from cellbench.bench.runtime.store import open_run
 
     dbs = sorted(tmp_path.glob("runs-*/*.sqlite"))
     with open_run(dbs[-1]) as store:
@@ -167,7 +167,7 @@ def test_an_eis_step_hands_the_cell_over_and_its_fit_finds_the_cells_resistances
 
 
 def test_eis_versus_stack_pressure_shows_the_interfaces_closing(tmp_path) -> None:
-    from cellbench.bench.store import open_run
+    from cellbench.bench.runtime.store import open_run
     from cellbench.profiles.library import library_path
     from tests.conftest import dry_run
 
@@ -181,7 +181,7 @@ def test_eis_versus_stack_pressure_shows_the_interfaces_closing(tmp_path) -> Non
 
 
 def test_cycle_life_with_impedance_sees_the_interphase_grow(tmp_path) -> None:
-    from cellbench.bench.store import open_run
+    from cellbench.bench.runtime.store import open_run
     from cellbench.profiles.library import library_path
     from cellbench.simulators.parameters import PELLET
     from tests.conftest import dry_run

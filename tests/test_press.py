@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from cellbench.bench.clock import VirtualClock
+from cellbench.bench.runtime.clock import VirtualClock
 from cellbench.drivers.errors import InstrumentError
 from cellbench.drivers.press import StackPress
 from cellbench.drivers.smu import Keithley2450
@@ -211,7 +211,7 @@ async def test_a_load_cell_under_a_spring_fixture_reads_the_stack_and_cannot_set
 def test_a_profile_that_sets_a_pressure_is_refused_on_a_load_cell_channel(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
-    from cellbench.bench.cli import app
+    from cellbench.bench.faces.cli import app
 
     bench = tmp_path / "bench.yaml"
     bench.write_text(

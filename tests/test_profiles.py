@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from cellbench.bench.cli import app
+from cellbench.bench.faces.cli import app
 from cellbench.profiles.library import library_names, library_path
 from cellbench.profiles.parse import InputError, load_profile, parse_profile
 from cellbench.profiles.schema import ChargeStep, DischargeStep, HoldStep, RepeatStep, RestStep

@@ -24,7 +24,7 @@ def ends(db: Path) -> tuple[list[str], int]:
 def test_a_run_whose_output_fails_goes_on_to_its_end(tmp_path: Path, output: str) -> None:
     """`cellbench demo | head -3` once stopped the run after its first sample and recorded it `completed`; with
     its output on a full disk likewise. The run goes on, silently, to its real end; the record says so."""
-    argv = [sys.executable, "-m", "cellbench.bench.cli", "demo", "--runs-dir", str(tmp_path / "runs")]
+    argv = [sys.executable, "-m", "cellbench", "demo", "--runs-dir", str(tmp_path / "runs")]
     env = run_env(tmp_path)
     if output == "closed pipe":
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
@@ -47,8 +47,8 @@ def test_a_run_whose_output_fails_goes_on_to_its_end(tmp_path: Path, output: str
 def test_an_error_nobody_expected_is_recorded_as_a_failure_never_as_completed(tmp_path: Path) -> None:
     """A progress subscriber that raises (anything but the run's own stops) ends the run: its record says
     `failed` and why, not `completed`."""
-    from cellbench.bench.clock import VirtualClock
-    from cellbench.bench.simbench import SimulatedBench
+    from cellbench.bench.faces.simbench import SimulatedBench
+    from cellbench.bench.runtime.clock import VirtualClock
     from cellbench.profiles.parse import parse_profile
 
     text = "name: t\nsample_period: 1 s\nsteps:\n  - rest: 1 h\n"

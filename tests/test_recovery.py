@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from cellbench.bench.clock import RealClock
-from cellbench.bench.config import BenchConfig, ChannelConfig, InstrumentConfig
-from cellbench.bench.run import ChannelResult, run_bench
-from cellbench.bench.simbench import cell_config
-from cellbench.bench.store import open_run
+from cellbench.bench.faces.simbench import cell_config
+from cellbench.bench.runner.config import BenchConfig, ChannelConfig, InstrumentConfig
+from cellbench.bench.runner.run import ChannelResult, run_bench
+from cellbench.bench.runtime.clock import RealClock
+from cellbench.bench.runtime.store import open_run
 from cellbench.profiles.parse import parse_profile
 from cellbench.simulators.cell import SolidStateCell
 from cellbench.simulators.keithley2450 import Keithley2450Sim

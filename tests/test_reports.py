@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from cellbench.bench.analysis import cycle_life, cycle_table, dcir, dqdv, run_cycle_table, store_table
-from cellbench.bench.cli import app
-from cellbench.bench.events import Note, NoteKind
-from cellbench.bench.export import export_run
-from cellbench.bench.report import write_report
-from cellbench.bench.store import RunStore, Sample, open_run
+from cellbench.bench.faces.cli import app
+from cellbench.bench.results.analysis import cycle_life, cycle_table, dcir, dqdv, run_cycle_table, store_table
+from cellbench.bench.results.export import export_run
+from cellbench.bench.results.report import write_report
+from cellbench.bench.runtime.events import Note, NoteKind
+from cellbench.bench.runtime.store import RunStore, Sample, open_run
 from tests.conftest import dry_run
 
 
@@ -301,7 +301,7 @@ def test_dcir_takes_noisy_currents_as_held_and_ignores_noise_edges_and_zero_ms_p
 
 
 def test_coulombic_efficiency_is_not_shown_for_noise() -> None:
-    from cellbench.bench.analysis import CycleSummary
+    from cellbench.bench.results.analysis import CycleSummary
 
     assert CycleSummary(1, 3.4e-9, 5.9e-9, 0, 0).coulombic_efficiency is None  # both 0.0000 mAh
     assert CycleSummary(1, 3.5e-3, 0.0, 0, 0).coulombic_efficiency is None
@@ -312,7 +312,7 @@ def test_retention_and_cycle_life_compare_reference_steps_only() -> None:
     """A synthetic run: cycle 1 a slow reference (10 mAh), cycles 2-3 fast (9 mAh then 8.6), cycle 4 a slow
     reference again (7.5 mAh). Against the first reference the fast cycles would read 90 % and 86 %; only the
     references count: cycle 4 is at 75 %, and 80 % fell two thirds of the way from cycle 1 to cycle 4."""
-    from cellbench.bench.analysis import references
+    from cellbench.bench.results.analysis import references
 
     def s(t: float, cycle: int, step: int, q: float) -> Sample:
         return Sample(t, t, 3.0, -1e-3, cycle, step, step, "CC Discharge", 0, q, 0, 0)

@@ -16,10 +16,10 @@ from typing import Any
 
 import pytest
 
-from cellbench.bench import run as run_module
-from cellbench.bench.clock import VirtualClock
-from cellbench.bench.engine import Engine, Outcome
-from cellbench.bench.events import (
+from cellbench.bench.runner import run as run_module
+from cellbench.bench.runtime.clock import VirtualClock
+from cellbench.bench.runtime.engine import Engine, Outcome
+from cellbench.bench.runtime.events import (
     EventBus,
     Note,
     RunEvent,
@@ -29,10 +29,10 @@ from cellbench.bench.events import (
     StepEnded,
     StepStarted,
 )
-from cellbench.bench.roles import Reading
-from cellbench.bench.runstate import EndKind, RunState, RunStatus
-from cellbench.bench.store import RunStore, open_run
+from cellbench.bench.runtime.runstate import EndKind, RunState, RunStatus
+from cellbench.bench.runtime.store import RunStore, open_run
 from cellbench.profiles.parse import parse_profile
+from cellbench.roles import Reading
 from tests.fakes import FakeCycler, fake_channel
 
 CYCLES = """
@@ -327,7 +327,7 @@ steps:
 
 
 def test_samples_stay_on_their_schedule_when_a_wake_up_is_late() -> None:
-    from cellbench.bench.policy import next_sample_at
+    from cellbench.bench.runtime.policy import next_sample_at
 
     assert next_sample_at(10.0, 10.3, 1.0) == 11.0  # late by 0.3 s: the next one is still at 11, no drift
     assert next_sample_at(10.0, 10.0, 1.0) == 11.0  # on time (the virtual clock): as before

@@ -87,7 +87,7 @@ def test_unix_time_is_the_wall_clocks_across_pause_resume_start_and_resume_after
     assert stamps["resumed"] - stamps["paused"] > 4.0 - 0.5  # the pause lasted as long on the records as it did
     # resumed by hand in a new process after the kill: its samples are stamped with that process's now
     resumed_at = time.time()
-    again = subprocess.Popen([sys.executable, "-m", "cellbench.bench.cli", "resume", str(one)],
+    again = subprocess.Popen([sys.executable, "-m", "cellbench", "resume", str(one)],
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=run_env(tmp_path))
     try:
         # the guardian turned the outputs off when the controller died; the resumed run turns ch1's on again
@@ -284,7 +284,7 @@ def test_a_dense_charge_is_refused_at_start_and_runs_only_when_allowed_which_the
     assert any(m.startswith("allowed by the operator (--allow-current-density): current 3 mA charges at 3 mA/cm²")
                for m in notices), notices
     # a run on the bench is refused before anything is touched, with the file and line
-    run = subprocess.run([sys.executable, "-m", "cellbench.bench.cli", "run", str(dense), "--bench", str(bench)],
+    run = subprocess.run([sys.executable, "-m", "cellbench", "run", str(dense), "--bench", str(bench)],
                          capture_output=True, text=True, env=run_env(tmp_path), timeout=60)
     assert run.returncode == 2 and "dense.yaml:4" in run.stderr and ask(r2, ":OUTP?") == "0"
 
@@ -296,8 +296,7 @@ def test_a_hung_controller_is_stopped_by_its_guardian_and_its_output_turned_off(
     the guardian kills it (so it cannot wake up and source on) and turns the output off, and the record says so."""
     import os
 
-    from cellbench.bench import guardian
-
+    from cellbench.bench.ops import guardian
     bench, profile = files(tmp_path, served)
     proc = start_run(tmp_path, bench, profile)
     try:
@@ -328,7 +327,7 @@ def test_a_hung_controller_is_stopped_by_its_guardian_and_its_output_turned_off(
 
 
 def guardians_of(pid: int) -> list[int]:
-    """The guardian processes a controller started (its children running cellbench.bench.guardian)."""
+    """The guardian processes a controller started (its children running cellbench.bench.ops.guardian)."""
     found = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
@@ -336,7 +335,7 @@ def guardians_of(pid: int) -> list[int]:
             cmdline = (stat.parent / "cmdline").read_bytes()
         except OSError:
             continue
-        if int(fields[1]) == pid and b"cellbench.bench.guardian" in cmdline and fields[0] != "Z":
+        if int(fields[1]) == pid and b"cellbench.bench.ops.guardian" in cmdline and fields[0] != "Z":
             found.append(int(stat.parent.name))
     return found
 
@@ -421,7 +420,7 @@ def test_a_cell_that_shorts_while_paused_is_seen_latched_and_never_turned_on_int
     that safety stop (latched for a later `cellbench resume` too)."""
     import os
 
-    from cellbench.bench import supervisor
+    from cellbench.bench.runtime import supervisor
     from tests.test_cli import serve
 
     sim, resource = serve("keithley2450", "--port", "0", "--soc", "0.3", "--short-on-usr1", "20")
@@ -462,7 +461,7 @@ def test_a_cell_that_shorts_while_paused_is_seen_latched_and_never_turned_on_int
         sim.wait(timeout=10)
     (end,) = [m for k, m in events_of(db) if k == "end"]
     assert end == found[0]
-    from cellbench.bench.run import read_for_resume
+    from cellbench.bench.runner.run import read_for_resume
     from cellbench.profiles.parse import InputError
 
     try:
@@ -503,7 +502,7 @@ def test_a_resume_reads_the_cell_first_and_refuses_a_shorted_one(tmp_path: Path)
         os.kill(sim.pid, signal.SIGUSR1)
         with sqlite3.connect(db) as con:
             (before,) = con.execute("SELECT count(*) FROM samples").fetchone()
-        done = subprocess.run([sys.executable, "-m", "cellbench.bench.cli", "resume", str(db), "--bench", str(bench)],
+        done = subprocess.run([sys.executable, "-m", "cellbench", "resume", str(db), "--bench", str(bench)],
                               capture_output=True, text=True, env=run_env(tmp_path), timeout=60)
         assert done.returncode == 1, done.stdout + done.stderr
     finally:
@@ -524,12 +523,12 @@ def test_a_cell_a_safety_stop_ended_is_not_run_again_by_any_process_until_cleare
     tripping = ("name: rest\nsample_period: 1 s\nsafety: {voltage: [2.5 V, 3.0 V]}\n"  # the cell reads ~3.7 V
                 "steps:\n  - rest: 1 h\n")
     bench, profile = files(tmp_path, served, profile_text=tripping)
-    first = subprocess.run([sys.executable, "-m", "cellbench.bench.cli", "run", str(profile), "--bench", str(bench),
+    first = subprocess.run([sys.executable, "-m", "cellbench", "run", str(profile), "--bench", str(bench),
                             "--runs-dir", str(tmp_path / "runs")], capture_output=True, text=True,
                            env=run_env(tmp_path), timeout=60)
     assert first.returncode == 1 and "safety stop" in first.stdout + first.stderr
     (tripped,) = (tmp_path / "runs").glob("*.sqlite")
-    again = subprocess.run([sys.executable, "-m", "cellbench.bench.cli", "run", str(profile), "--bench", str(bench),
+    again = subprocess.run([sys.executable, "-m", "cellbench", "run", str(profile), "--bench", str(bench),
                             "--runs-dir", str(tmp_path / "runs")], capture_output=True, text=True,
                            env=run_env(tmp_path), timeout=60)
     said = again.stdout + again.stderr
@@ -544,7 +543,7 @@ def test_a_cell_a_safety_stop_ended_is_not_run_again_by_any_process_until_cleare
     assert [m for k, m in events_of(tripped) if k == "latch cleared"] == [
         "cell latch cleared by the operator (impedance checked (operator ana)) after the "
         + [m for k, m in events_of(tripped) if k == "end"][-1]]
-    third = subprocess.run([sys.executable, "-m", "cellbench.bench.cli", "run", str(profile), "--bench", str(bench),
+    third = subprocess.run([sys.executable, "-m", "cellbench", "run", str(profile), "--bench", str(bench),
                             "--runs-dir", str(tmp_path / "runs")], capture_output=True, text=True,
                            env=run_env(tmp_path), timeout=60)
     assert "is latched" not in third.stdout + third.stderr
@@ -561,12 +560,12 @@ def test_a_run_database_has_one_writer_whatever_the_bench_files_say(tmp_path: Pa
     db = killed_while_charging(tmp_path, bench, profile, r1)
     moved = tmp_path / "moved.yaml"
     moved.write_text(bench.read_text().replace(r1, r2))
-    first = subprocess.Popen([sys.executable, "-m", "cellbench.bench.cli", "resume", str(db)],
+    first = subprocess.Popen([sys.executable, "-m", "cellbench", "resume", str(db)],
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=run_env(tmp_path))
     try:
         wait_until_sourcing(r1)
         other_user = {**run_env(tmp_path), "CELLBENCH_STATE_DIR": str(tmp_path / "state-of-another-user")}
-        second = subprocess.run([sys.executable, "-m", "cellbench.bench.cli", "resume", str(db), "--bench",
+        second = subprocess.run([sys.executable, "-m", "cellbench", "resume", str(db), "--bench",
                                  str(moved)], capture_output=True, text=True, env=other_user, timeout=60)
         said = second.stdout + second.stderr
         assert second.returncode == 1 and f"is in use by cellbench pid {first.pid}" in said, said
@@ -631,3 +630,68 @@ def test_a_step_killed_before_its_first_sample_period_ends_keeps_its_first_sampl
         rows = con.execute('SELECT "Test Time / s", "Current / A" FROM samples WHERE "Step Type" = ?',
                            ("CC Charge",)).fetchall()
     assert rows and rows[0][0] < 1.0 and abs(rows[0][1] - 1e-3) < 1e-5, rows
+
+
+def test_the_readmes_operating_blocks_run_as_written_against_a_staying_controller(tmp_path: Path) -> None:
+    """Every `cellbench` line of the README's "Runs, status and logs" and "Operating a shared box" blocks, run as
+    written (the example run ID replaced by the real one of ch05) against a `run --bench --stay` controller on
+    three served 2450s: ch03 and ch05 running, ch07 idle. Each ends with exit 0 and does what its comment says."""
+    import shlex
+    import textwrap
+
+    from tests.test_cli import serve
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme[readme.index("### Runs, status and logs"):readme.index("Every command records who gave it")]
+    lines = [line.split("  #")[0].strip() for sh in re.findall(r"```sh\n(.*?)```", section, re.S)
+             for line in sh.splitlines() if line.startswith("cellbench ")]
+    assert len(lines) >= 12, lines
+    servers = [serve("keithley2450", "--port", "0", "--soc", "0.3") for _ in range(3)]
+    profile = tmp_path / "charge.yaml"
+    profile.write_text(PROFILE)
+    bench = tmp_path / "bench.yaml"
+    bench.write_text(textwrap.dedent(f"""
+        name: box
+        instruments:
+          smu3: {{driver: keithley2450, resource: "{servers[0][1]}", timeout: 2 s}}
+          smu5: {{driver: keithley2450, resource: "{servers[1][1]}", timeout: 2 s}}
+          smu7: {{driver: keithley2450, resource: "{servers[2][1]}", timeout: 2 s}}
+        cells:
+          P-03: {{capacity: 3.5 mAh, voltage_min: 2.5 V, voltage_max: 4.3 V}}
+          P-05: {{capacity: 3.5 mAh, voltage_min: 2.5 V, voltage_max: 4.3 V}}
+          P-07: {{capacity: 3.5 mAh, voltage_min: 2.5 V, voltage_max: 4.3 V}}
+        channels:
+          ch03: {{cycler: smu3, cell: P-03, profile: {profile}}}
+          ch05: {{cycler: smu5, cell: P-05, profile: {profile}}}
+          ch07: {{cycler: smu7, cell: P-07}}
+    """))
+    proc = stay(tmp_path, bench)
+    try:
+        wait_until_sourcing(servers[0][1])
+        wait_until_sourcing(servers[1][1])
+        ch05_run = database_of(tmp_path, "ch05").stem
+        said: dict[str, str] = {}
+        for line in lines:
+            line = line.replace("20261207T081500Z-P-05", ch05_run)
+            done = cli(tmp_path, *shlex.split(line)[1:])
+            assert done.returncode == 0, f"{line}\n{done.stdout[-1500:]}{done.stderr[-1500:]}"
+            said[line] = done.stdout
+            if line.startswith("cellbench stop ch05"):  # the stopped channel lets go before it is resumed
+                deadline = time.monotonic() + 10
+                while ask(servers[1][1], ":OUTP?") != "0" and time.monotonic() < deadline:
+                    time.sleep(0.1)
+        running = json.loads(said["cellbench runs --state running --json"])
+        assert {r["channel"] for r in running} >= {"ch03", "ch05"}
+        assert "ch07" in said["cellbench status"] and "idle" in said["cellbench status"]
+        # ch07 took a formation run; ch05 goes on in its own database after its stop and resume
+        wait_until_sourcing(servers[2][1])
+        assert database_of(tmp_path, "ch07").stem.endswith("P-07") and ch05_run in said[f"cellbench resume {ch05_run}"]
+        assert ("interrupted", "re-crimp (operator ana)") in events_of(database_of(tmp_path, "ch05"))
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for p, _ in servers:
+            p.terminate()
+            p.wait(timeout=10)

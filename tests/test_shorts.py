@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from cellbench.bench.clock import VirtualClock
-from cellbench.bench.simbench import SimulatedBench
-from cellbench.bench.store import open_run
+from cellbench.bench.faces.simbench import SimulatedBench
+from cellbench.bench.runtime.clock import VirtualClock
+from cellbench.bench.runtime.store import open_run
 from cellbench.profiles.parse import parse_profile
 from tests.conftest import shorted_run
 
@@ -151,7 +151,7 @@ def test_healthy_cells_in_a_shared_chamber_never_trip_while_its_owner_heats_it(t
     voltage with it). No channel may see a short; the cells charge to their cut-off."""
     from typer.testing import CliRunner
 
-    from cellbench.bench.cli import app
+    from cellbench.bench.faces.cli import app
 
     lines = ["name: shared-box", "instruments:",
              '  box: {driver: maccor, resource: "TCPIP::192.0.2.21::57570::SOCKET", address: 57560}',

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from cellbench.bench.store import COLUMNS, RunStore, Sample, open_run
+from cellbench.bench.runtime.store import COLUMNS, RunStore, Sample, open_run
 
 
 def sample(t: float, cycle: int = 1) -> Sample:
@@ -48,7 +48,7 @@ def test_a_crash_loses_at_most_the_batch_in_progress(tmp_path: Path) -> None:
     script = textwrap.dedent(
         f"""
         import os, time
-        from cellbench.bench.store import RunStore, Sample
+        from cellbench.bench.runtime.store import RunStore, Sample
         store = RunStore({str(path)!r}, flush_interval=1.0)
         for i in range(10):
             t = i * 0.5
@@ -89,8 +89,7 @@ def test_a_full_disk_is_reported_not_swallowed(tmp_path: Path) -> None:
 def test_many_runs_share_a_few_writer_threads(tmp_path: Path) -> None:
     import threading
 
-    from cellbench.bench import store as store_module
-
+    from cellbench.bench.runtime import store as store_module
     before = {t.name for t in threading.enumerate()}
     stores = [RunStore(tmp_path / f"run{k}.sqlite", durable=False) for k in range(40)]
     for t in range(3):
@@ -106,8 +105,8 @@ def test_many_runs_share_a_few_writer_threads(tmp_path: Path) -> None:
 
 
 def test_a_sample_and_the_state_it_came_with_go_to_disk_together(tmp_path: Path) -> None:
-    from cellbench.bench.events import SampleTaken
-    from cellbench.bench.runstate import RunState
+    from cellbench.bench.runtime.events import SampleTaken
+    from cellbench.bench.runtime.runstate import RunState
 
     def state(t: float) -> str:
         return RunState(test_time=t, cycle=7).model_dump_json()
@@ -148,8 +147,7 @@ def test_a_run_closed_under_another_processs_lock_waits_for_it_without_holding_u
     import threading
     import time
 
-    from cellbench.bench import store as store_module
-
+    from cellbench.bench.runtime import store as store_module
     writer = store_module._Writer(99)
     writer.start()
     monkeypatch.setattr(store_module._writers, "take", lambda: writer)

@@ -8,10 +8,10 @@ from typing import Any
 
 import pytest
 
-from cellbench.bench.clock import VirtualClock
-from cellbench.bench.run import read_for_resume
-from cellbench.bench.simbench import SimulatedBench
-from cellbench.bench.store import open_run
+from cellbench.bench.faces.simbench import SimulatedBench
+from cellbench.bench.runner.run import read_for_resume
+from cellbench.bench.runtime.clock import VirtualClock
+from cellbench.bench.runtime.store import open_run
 from cellbench.profiles.parse import InputError, parse_profile
 from tests.conftest import shorted_run
 

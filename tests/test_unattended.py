@@ -69,7 +69,7 @@ def run_env(tmp_path: Path) -> dict[str, str]:
 
 def start_run(tmp_path: Path, bench: Path, profile: Path, runs: str = "runs") -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "cellbench.bench.cli", "run", str(profile), "--bench", str(bench),
+        [sys.executable, "-m", "cellbench", "run", str(profile), "--bench", str(bench),
          "--runs-dir", str(tmp_path / runs)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         env=run_env(tmp_path),
@@ -79,7 +79,7 @@ def start_run(tmp_path: Path, bench: Path, profile: Path, runs: str = "runs") ->
 def stay(tmp_path: Path, bench: Path) -> subprocess.Popen[str]:
     """`cellbench run --bench BENCH --stay` in a process of its own, once its control socket is up."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "cellbench.bench.cli", "run", "--bench", str(bench), "--stay", "--runs-dir",
+        [sys.executable, "-m", "cellbench", "run", "--bench", str(bench), "--stay", "--runs-dir",
          str(tmp_path / "runs")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         env=run_env(tmp_path))
     deadline = time.monotonic() + 30
@@ -139,7 +139,7 @@ def test_a_second_run_on_an_owned_instrument_is_refused(served: str, tmp_path: P
 
 
 def test_run_files_never_collide(tmp_path: Path) -> None:
-    from cellbench.bench.run import reserve
+    from cellbench.bench.runner.run import reserve
 
     paths = {reserve(tmp_path, "20260101T000000Z-x-ch1") for _ in range(5)}
     assert len(paths) == 5 and all(p.exists() for p in paths)
@@ -156,7 +156,7 @@ def test_a_hard_death_at_twenty_random_moments_never_leaves_the_output_on(served
     worst, sourcing = 0.0, 0
     for attempt in range(20):
         proc = subprocess.Popen(
-            [sys.executable, "-m", "cellbench.bench.cli", "run", str(profile), "--bench", str(bench),
+            [sys.executable, "-m", "cellbench", "run", str(profile), "--bench", str(bench),
              "--runs-dir", str(tmp_path / f"runs{attempt}")],
             stdout=subprocess.DEVNULL, stderr=(tmp_path / f"stderr{attempt}.txt").open("w"),
             env=run_env(tmp_path),
@@ -213,14 +213,14 @@ steps:
 
 def cellbench(*args: str, tmp_path: Path) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "cellbench.bench.cli", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        [sys.executable, "-m", "cellbench", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         text=True, env=run_env(tmp_path),
     )
 
 
 def per_cycle(db: Path) -> list[tuple[float, float]]:
-    from cellbench.bench.analysis import cycle_table
-    from cellbench.bench.store import open_run
+    from cellbench.bench.results.analysis import cycle_table
+    from cellbench.bench.runtime.store import open_run
 
     with open_run(db) as store:
         return [(r.charge_ah, r.discharge_ah) for r in cycle_table(store.iter_samples())]
@@ -284,7 +284,7 @@ def test_resume_refuses_what_is_not_a_run_in_one_line(tmp_path: Path) -> None:
     """A hostile or mistaken file: a text file, an unrelated SQLite database, a run whose state was mangled."""
     from typer.testing import CliRunner
 
-    from cellbench.bench.cli import app
+    from cellbench.bench.faces.cli import app
 
     text = tmp_path / "notes.sqlite"
     text.write_text("not a database\n")
@@ -314,7 +314,7 @@ def test_resume_refuses_what_is_not_a_run_in_one_line(tmp_path: Path) -> None:
 
 def cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
     """A second terminal's cellbench command, beside the running controller (same registry)."""
-    return subprocess.run([sys.executable, "-m", "cellbench.bench.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "cellbench", *args], capture_output=True, text=True,
                           env=run_env(tmp_path), timeout=60)
 
 
@@ -386,7 +386,7 @@ def test_one_channel_is_paused_resumed_and_stopped_from_another_terminal_while_t
     assert kinds.index("paused") < kinds.index("resumed") and kinds.count("paused") == 2
     assert one.execute("SELECT message FROM events WHERE kind = 'end'").fetchone()[0] == \
         "interrupted: SIGTERM received"
-    from cellbench.bench.run import read_for_resume
+    from cellbench.bench.runner.run import read_for_resume
 
     assert not read_for_resume(dbs['"ch1"'])[1].finished  # a run stopped while paused can be resumed
     times = [t for (t,) in one.execute('SELECT "Test Time / s" FROM samples ORDER BY rowid')]

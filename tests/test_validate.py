@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from cellbench.bench.cli import app
+from cellbench.bench.faces.cli import app
 
 BENCH = """\
 name: two
@@ -121,7 +121,7 @@ def test_every_command_given_a_file_that_is_not_a_run_says_so_in_one_line(tmp_pa
 
 
 def test_a_dry_run_of_a_bench_file_rehearses_its_channels_and_cells(tmp_path: Path) -> None:
-    from cellbench.bench.store import open_run
+    from cellbench.bench.runtime.store import open_run
 
     bench = tmp_path / "bench.yaml"
     bench.write_text(textwrap.dedent("""\
@@ -263,10 +263,10 @@ def test_the_estimates_dry_run_leaves_nothing_in_the_runs_registry(tmp_path: Pat
 def test_the_bench_file_reference_is_the_models_own() -> None:
     """docs/bench-file.md lists every key of every section and every driver, generated from the models: a key added
     without regenerating it fails here."""
-    from cellbench.bench.config import BenchConfig, reference
+    from cellbench.bench.runner.config import BenchConfig, reference
 
     doc = (Path(__file__).resolve().parent.parent / "docs" / "bench-file.md").read_text()
-    assert doc == reference(), "out of date: python -m cellbench.bench.config > docs/bench-file.md"
+    assert doc == reference(), "out of date: python -m cellbench.bench.runner.config > docs/bench-file.md"
     assert all(f"| `{key}` |" in doc for key in BenchConfig.model_fields)
 
 
@@ -338,7 +338,7 @@ def test_the_readmes_shell_commands_run_as_written(tmp_path: Path) -> None:
            "CELLBENCH_STATE_DIR": str(tmp_path / "state"), "CELLBENCH_LOCK_DIR": str(tmp_path / "locks")}
     ran = served = 0
     for line in lines:
-        args = [sys.executable, "-m", "cellbench.bench.cli", *shlex.split(line)[1:]]
+        args = [sys.executable, "-m", "cellbench", *shlex.split(line)[1:]]
         if " sim serve " in f" {line} ":
             proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path,
                                     env=env)

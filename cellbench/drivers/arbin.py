@@ -20,10 +20,10 @@ import os
 import struct
 from dataclasses import dataclass
 
-from cellbench.bench.roles import Reading
 from cellbench.drivers.errors import ConnectionLost, InstrumentError, InstrumentTimeout, ProtocolError
 from cellbench.drivers.registry import DriverSpec, Opened, OpenRequest, read_login
 from cellbench.drivers.transport import parse_resource
+from cellbench.roles import Reading
 
 HEADER = 0x11DDDDDDDDDDDDDD
 LOGIN, CHANNEL_INFO, ASSIGN, START, STOP, SET_MV = (0xEEAB0001, 0xEEAB0003, 0xBB210001, 0xBB320004, 0xBB310001,

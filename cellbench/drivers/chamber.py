@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from cellbench.bench.roles import ChamberTemperature
 from cellbench.drivers.errors import InstrumentError, ProtocolError
 from cellbench.drivers.registry import DriverSpec, Opened, OpenRequest
 from cellbench.drivers.transport import Transport, open_line_driver
+from cellbench.roles import ChamberTemperature
 
 
 class EspecChamber:

@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from cellbench.bench.roles import ConnectionLost, InstrumentError, InstrumentFault, InstrumentTimeout, ProtocolError
+from cellbench.roles import ConnectionLost, InstrumentError, InstrumentFault, InstrumentTimeout, ProtocolError
 
 __all__ = ["ConnectionLost", "InstrumentError", "InstrumentFault", "InstrumentTimeout", "ProtocolError"]

@@ -28,10 +28,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from cellbench.bench.roles import Reading
 from cellbench.drivers.errors import ConnectionLost, InstrumentError, InstrumentTimeout, ProtocolError
 from cellbench.drivers.registry import DriverSpec, Opened, OpenRequest, read_login
 from cellbench.drivers.transport import parse_resource
+from cellbench.roles import Reading
 
 log = logging.getLogger(__name__)
 JSON_PORT, BIN_PORT = 57570, 57560

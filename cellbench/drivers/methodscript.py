@@ -13,10 +13,10 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from cellbench.bench.roles import ImpedancePoint
 from cellbench.drivers.errors import InstrumentError, ProtocolError
 from cellbench.drivers.registry import DriverSpec, Opened, OpenRequest
 from cellbench.drivers.transport import LineTransport, open_line_driver
+from cellbench.roles import ImpedancePoint
 
 PREFIXES = {
     "a": 1e-18, "f": 1e-15, "p": 1e-12, "n": 1e-9, "u": 1e-6, "m": 1e-3, " ": 1.0, "i": 1.0,

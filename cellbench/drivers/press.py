@@ -10,10 +10,10 @@ from typing import Any, Self
 from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
 from pymodbus.exceptions import ModbusException
 
-from cellbench.bench.roles import PressSnapshot, PressStatus
 from cellbench.drivers.errors import ConnectionLost, InstrumentError, InstrumentTimeout
 from cellbench.drivers.registry import DriverSpec, Opened, OpenRequest
 from cellbench.drivers.transport import parse_resource, serial_device
+from cellbench.roles import PressSnapshot, PressStatus
 
 FORCE_SETPOINT, FORCE, POSITION, RAMP, MODE, COMMAND, STATUS = 0, 2, 4, 6, 8, 9, 10
 DISPLACEMENT, FORCE_LIMIT, PLATEN_T = 11, 13, 15

@@ -6,10 +6,10 @@ import asyncio
 import math
 import re
 
-from cellbench.bench.roles import Reading
 from cellbench.drivers.errors import InstrumentError, ProtocolError
 from cellbench.drivers.registry import DriverSpec, Opened, OpenRequest
 from cellbench.drivers.transport import Transport, open_line_driver, open_transport
+from cellbench.roles import Reading
 
 OVERFLOW = 9.9e37
 _ERROR_RE = re.compile(r'^\s*([+-]?\d+)\s*,\s*"([^"]*)"')

@@ -36,7 +36,7 @@ import pytest
 if TYPE_CHECKING:
     import pandas as pd
 
-    from cellbench.bench.engine import Outcome
+    from cellbench.bench.runtime.engine import Outcome
 
 # what `sim serve` announces: the resource string (TCPIP socket or serial line) of what it serves
 ANNOUNCED = re.compile(r"((?:TCPIP::\S+::SOCKET)|(?:ASRL\S+::INSTR))")
@@ -62,7 +62,7 @@ class Served:
         opts = {**self.defaults, **{k: v for k, v in (("cell", cell), ("soc", soc), ("seed", seed),
                                                       ("temperature", temperature), ("faults", faults))
                                     if v is not None}}
-        args = [sys.executable, "-m", "cellbench.bench.cli", "sim", "serve", instrument, "--exit-with-parent",
+        args = [sys.executable, "-m", "cellbench", "sim", "serve", instrument, "--exit-with-parent",
                 *(["--serial"] if serial else ["--port", "0"]),
                 "--cell", str(opts.get("cell", "pellet")), "--soc", str(opts.get("soc", 0.5)),
                 "--seed", str(opts.get("seed", 0)), "--temperature", str(opts.get("temperature", 25.0))]
@@ -147,7 +147,7 @@ def cellbench_bench(cellbench_serve: Served, tmp_path: Path) -> Callable[[str | 
     def make(bench_file: str | Path) -> Path:
         import json
 
-        from cellbench.bench.config import load_bench
+        from cellbench.bench.runner.config import load_bench
 
         bench = load_bench(bench_file)
         written = bench.as_written()
@@ -202,14 +202,14 @@ class DryRunResult:
 def dry_run(profile: str | Path, *, runs_dir: Path, cell: str = "pellet", temperature: float = 25.0,
             soc: float = 0.0, seed: int = 0) -> DryRunResult:
     """Run a profile on the simulated bench on the virtual clock (works inside a running event loop too)."""
-    from cellbench.bench.extras import need
+    from cellbench.bench.runtime.extras import need
 
     pd = need("pandas", "the cellbench_dry_run fixture's tables")
 
     import cellbench
-    from cellbench.bench import runs
-    from cellbench.bench.analysis import store_table
-    from cellbench.bench.store import open_run
+    from cellbench.bench.ops import runs
+    from cellbench.bench.results.analysis import store_table
+    from cellbench.bench.runtime.store import open_run
 
     with runs.registry_in(runs_dir / ".state"):  # a CI's throwaway runs stay out of the machine's registry
         result = cellbench.run(profile, dry_run=True, runs_dir=runs_dir, cell=cell, temperature=temperature,
@@ -304,8 +304,8 @@ class ProfileItem(pytest.Item):
                     for p in exc.problems]
         bench_file = config.getoption("cellbench_bench") or config.getini("cellbench_bench")
         if bench_file:
-            from cellbench.bench.config import load_bench
-            from cellbench.bench.run import profile_problems
+            from cellbench.bench.runner.config import load_bench
+            from cellbench.bench.runner.run import profile_problems
 
             base = Path(config.rootpath)
             bench_path = Path(bench_file) if Path(bench_file).is_absolute() else base / bench_file

@@ -21,10 +21,10 @@ if TYPE_CHECKING:
     from rich.table import Table
     from rich.tree import Tree
 
-    from cellbench.bench import control, runs
-    from cellbench.bench.clock import RealClock
-    from cellbench.bench.config import BenchConfig
-    from cellbench.bench.run import ChannelResult, ProfileFile
+    from cellbench.bench.ops import control, runs
+    from cellbench.bench.runner.config import BenchConfig
+    from cellbench.bench.runner.run import ChannelResult, ProfileFile
+    from cellbench.bench.runtime.clock import RealClock
     from cellbench.drivers.registry import DriverSpec
     from cellbench.profiles.schema import Profile
     from cellbench.simulators.parameters import CellParameters
@@ -60,7 +60,7 @@ class _Output:
             self._silence()
 
     def _silence(self) -> None:
-        from cellbench.bench.display import silence_output
+        from cellbench.bench.faces.display import silence_output
 
         silence_output()
 
@@ -126,7 +126,7 @@ def _announce(channel: str, database: Path) -> None:
 def _reporter(progress: Progress, label: str = "") -> Any:
     """Progress for every channel: a bar each while they are few, one summary line when many; plain lines when
     the output is not a terminal (`label`: e.g. "resumed")."""
-    from cellbench.bench.display import Display
+    from cellbench.bench.faces.display import Display
 
     return Display(progress, label)
 
@@ -134,8 +134,8 @@ def _reporter(progress: Progress, label: str = "") -> Any:
 def _show_results(results: list[ChannelResult]) -> None:
     from rich.table import Table
 
-    from cellbench.bench.analysis import store_table
-    from cellbench.bench.store import open_run
+    from cellbench.bench.results.analysis import store_table
+    from cellbench.bench.runtime.store import open_run
 
     for res in results:
         with open_run(res.database) as store:
@@ -187,8 +187,8 @@ def _simulate(
     path: Path, *, seed: int, runs_dir: Path, cell: str, soc: float, temperature: float, environment: bool = False,
     identity: dict[str, object] | None = None,
 ) -> ChannelResult:
-    from cellbench.bench.clock import VirtualClock
-    from cellbench.bench.simbench import run_simulated
+    from cellbench.bench.faces.simbench import run_simulated
+    from cellbench.bench.runtime.clock import VirtualClock
     from cellbench.profiles.parse import InputError
 
     prof, text = _load(path)
@@ -219,9 +219,9 @@ def _rehearse(
     identity: dict[str, object],
 ) -> None:
     """`run --dry-run --bench`: the bench file's channels and cells, each on its own simulated instruments."""
-    from cellbench.bench.clock import VirtualClock
-    from cellbench.bench.run import exit_code
-    from cellbench.bench.simbench import rehearse
+    from cellbench.bench.faces.simbench import rehearse
+    from cellbench.bench.runner.run import exit_code
+    from cellbench.bench.runtime.clock import VirtualClock
     from cellbench.profiles.parse import InputError
 
     cfg = _bench(bench)
@@ -262,7 +262,7 @@ def demo(
     profile: Annotated[Path | None, typer.Option(help="a profile file instead of the bundled demo")] = None,
 ) -> None:
     """Run the bundled formation-and-cycling profile on a simulated bench, faster than real time."""
-    from cellbench.bench.run import exit_code
+    from cellbench.bench.runner.run import exit_code
     from cellbench.profiles.library import library_path
 
     result = _simulate(
@@ -298,7 +298,7 @@ def run(
 ) -> None:
     """Run a profile (or each channel's own, named in the bench file) on every channel of a bench in real
     time, or with --dry-run on a simulated bench."""
-    from cellbench.bench.run import exit_code, run_bench
+    from cellbench.bench.runner.run import exit_code, run_bench
 
     if profile is None and bench is None:
         raise _fail("name a profile, or a bench file whose channels name theirs (--bench)")
@@ -334,7 +334,7 @@ def _profiles(path: Path | None, cfg: BenchConfig, *, idle_ok: bool = False
               ) -> tuple[ProfileFile | None, dict[str, ProfileFile]]:
     """The profile given on the command line (for channels naming none) and each channel's own, loaded and
     warned about; one line and exit 2 when a channel has none."""
-    from cellbench.bench.run import ProfileFile
+    from cellbench.bench.runner.run import ProfileFile
 
     def load(where: Path) -> ProfileFile:
         prof, text = _load(where)
@@ -355,9 +355,9 @@ def _on_real_bench(work: Callable[[RealClock, Progress], Coroutine[Any, Any, lis
     every one of them ended) and exit as they say."""
     import asyncio
 
-    from cellbench.bench.clock import RealClock
-    from cellbench.bench.latches import CellLatched
-    from cellbench.bench.run import exit_code
+    from cellbench.bench.ops.latches import CellLatched
+    from cellbench.bench.runner.run import exit_code
+    from cellbench.bench.runtime.clock import RealClock
     from cellbench.drivers.errors import InstrumentFault
     from cellbench.profiles.parse import InputError
 
@@ -392,9 +392,9 @@ def resume(
 ) -> None:
     """Carry on a paused channel, or a run that was killed or interrupted (in its own database, at the step where
     it stood): inside the running controller that holds its channel, or in a controller of its own."""
-    from cellbench.bench import control, runs
-    from cellbench.bench.config import load_bench
-    from cellbench.bench.run import resume_run
+    from cellbench.bench.ops import control, runs
+    from cellbench.bench.runner.config import load_bench
+    from cellbench.bench.runner.run import resume_run
     from cellbench.profiles.parse import InputError
 
     if (entry := _live_run(target, need=False)) is not None and entry.state == runs.PAUSED:
@@ -431,8 +431,7 @@ def clear_latch_command(
 ) -> None:
     """Clear a cell's safety latch, after looking at the cell: `run` and `start` take it again. Recorded in the run
     that tripped, with the reason and who."""
-    from cellbench.bench import latches
-
+    from cellbench.bench.ops import latches
     done = latches.clear(cell, f"{reason} (operator {_operator(operator)})")
     if done is None:
         raise _fail(f"cell {cell} has no safety latch", 1)
@@ -449,8 +448,7 @@ def start(
     allow_current_density: AllowDensityOption = False,
 ) -> None:
     """Start a new run on an idle channel of a running controller; its other channels run on."""
-    from cellbench.bench import control, runs
-
+    from cellbench.bench.ops import control, runs
     if not any(channel in c.channels for c in control.controllers()):  # a run ID names its channel too
         channel = next((e.channel for e in runs.entries() if e.run_id == channel), channel)
     found = [c for c in control.controllers() if channel in c.channels and (bench is None or c.bench == bench)]
@@ -501,8 +499,7 @@ def stop(target: TargetArgument, reason: ReasonOption = "stopped by an operator"
 def _live_run(target: str, *, need: bool = True) -> runs.RunEntry | None:
     """The running or paused run a target names (run ID, channel, or database); one line and exit 2 when none
     or several do (unless not `need`: then None)."""
-    from cellbench.bench import runs
-
+    from cellbench.bench.ops import runs
     here = [e for e in runs.entries() if e.state in (runs.RUNNING, runs.PAUSED)]
     path = Path(target)
     found = [e for e in here if e.run_id == target] or [e for e in here if e.channel == target] or [
@@ -535,8 +532,7 @@ def _operator(given: str | None) -> str:
 
 
 def _command(action: str, entry: runs.RunEntry, reason: str, operator: str | None = None) -> None:
-    from cellbench.bench import control
-
+    from cellbench.bench.ops import control
     if entry.control is None:
         raise _fail(f"run {entry.run_id}: its controller takes no commands (a dry run, or an older cellbench); "
                     f"stop it with a signal to pid {entry.pid}")
@@ -546,8 +542,7 @@ def _command(action: str, entry: runs.RunEntry, reason: str, operator: str | Non
 
 def _database_of(target: str) -> Path:
     """The run database a target names: its path, or a run ID of the registry."""
-    from cellbench.bench import runs
-
+    from cellbench.bench.ops import runs
     path = Path(target)
     if path.exists() or path.suffix:
         return path
@@ -572,8 +567,7 @@ def _recorded(database: Path) -> tuple[str | None, str]:
 
 def _holder_of(database: Path) -> control.Controller | None:
     """The running controller of this machine that holds the run's channel on its bench, if one does."""
-    from cellbench.bench import control
-
+    from cellbench.bench.ops import control
     if not database.is_file():
         return None
     bench, channel = _recorded(database)
@@ -586,8 +580,7 @@ def _ask(socket: str, who: str, command: control.Command) -> None:
     """One command to a controller's socket; its answer printed, or one line and exit 1."""
     import asyncio
 
-    from cellbench.bench import control
-
+    from cellbench.bench.ops import control
     try:
         reply = asyncio.run(control.send(Path(socket), command))
     except (OSError, TimeoutError) as exc:
@@ -621,8 +614,8 @@ def validate(
 ) -> None:
     """Check a profile without touching any instrument, show its steps and estimate how long it runs; with
     --bench, every channel of the bench with the profile it would run."""
-    from cellbench.bench.run import channel_range_problems, profile_problems
-    from cellbench.bench.simbench import simulated_config
+    from cellbench.bench.faces.simbench import simulated_config
+    from cellbench.bench.runner.run import channel_range_problems, profile_problems
     from cellbench.profiles.checks import cell_problems, density_problems
     from cellbench.profiles.parse import locate
 
@@ -671,7 +664,7 @@ def _show_profile(prof: Profile, text: str, path: Path, params: CellParameters, 
     """A valid profile's step tree, its warnings, and its duration estimated by a dry run."""
     from rich.tree import Tree
 
-    from cellbench.bench.simbench import estimate_duration
+    from cellbench.bench.faces.simbench import estimate_duration
     from cellbench.profiles.units import human_duration
 
     tree = Tree(f"[bold]{escape(prof.name)}[/bold] (sample every {prof.sample_period:g} s)")
@@ -701,7 +694,7 @@ def _show_profile(prof: Profile, text: str, path: Path, params: CellParameters, 
 
 
 def _bench(path: Path) -> BenchConfig:
-    from cellbench.bench.config import load_bench
+    from cellbench.bench.runner.config import load_bench
     from cellbench.profiles.parse import InputError
 
     try:
@@ -751,8 +744,8 @@ def export(
     out: Annotated[Path | None, typer.Option(help="folder for the files (default: beside the run)")] = None,
 ) -> None:
     """Export a run to the Battery Data Format: .bdf.csv, .bdf.parquet (.eis.bdf.csv), each with a .metadata.json."""
-    from cellbench.bench.export import export_run
-    from cellbench.bench.store import NotARun
+    from cellbench.bench.results.export import export_run
+    from cellbench.bench.runtime.store import NotARun
 
     try:
         files = export_run(run_db, out)
@@ -772,9 +765,9 @@ def report(
     out: Annotated[Path | None, typer.Option(help="the report folder (default: beside the run)")] = None,
 ) -> None:
     """Plots (PNG) and one HTML page with the per-cycle table."""
-    from cellbench.bench.extras import MissingExtra
-    from cellbench.bench.report import write_report
-    from cellbench.bench.store import NotARun
+    from cellbench.bench.results.report import write_report
+    from cellbench.bench.runtime.extras import MissingExtra
+    from cellbench.bench.runtime.store import NotARun
 
     try:
         page = write_report(run_db, out)
@@ -792,13 +785,13 @@ def compare(
     = None,
 ) -> None:
     """Overlay the capacity retention of several cells and state their cycle-life ratio."""
-    from cellbench.bench.report import compare_runs
-    from cellbench.bench.store import NotARun
+    from cellbench.bench.results.report import compare_runs
+    from cellbench.bench.runtime.store import NotARun
 
     if len(runs) < 2:
         raise _fail("compare needs at least two runs")
     out = out or runs[0].parent / "compare.png"
-    from cellbench.bench.extras import MissingExtra
+    from cellbench.bench.runtime.extras import MissingExtra
 
     try:
         path, lives = compare_runs(runs, out)
@@ -855,8 +848,7 @@ def runs_command(
     database was deleted are left out unless --all; --prune forgets them)."""
     from rich.table import Table
 
-    from cellbench.bench import runs
-
+    from cellbench.bench.ops import runs
     every = runs.entries()
     gone = [e for e in every if not Path(e.database).exists()]
     if prune:
@@ -904,8 +896,7 @@ def _hms(seconds: float | None) -> str:
 def _status_table(lives: list[runs.Live]) -> Table:
     from rich.table import Table
 
-    from cellbench.bench import runs
-
+    from cellbench.bench.ops import runs
     table = Table(title=f"channels on this machine at {runs.utc(time.time())}")
     left = ("run ID", "cell", "channel", "state", "why", "step")
     for col in (*left, "cycle", "V", "mA", "T1 cell degC", "chamber degC", "MPa", "reading age", "elapsed",
@@ -929,8 +920,7 @@ def _status_table(lives: list[runs.Live]) -> Table:
 def _channels_now() -> list[runs.Live]:
     """Every live run of this machine, and every idle channel of its running controllers with how and when its
     last run ended."""
-    from cellbench.bench import control, runs
-
+    from cellbench.bench.ops import control, runs
     every = runs.entries()
     lives = [runs.live(e) for e in every if e.state in (runs.RUNNING, runs.PAUSED)]
     busy = {(lv.entry.bench, lv.entry.channel) for lv in lives}
@@ -992,8 +982,7 @@ CaFileOption = Annotated[Path | None, typer.Option(help="the broker's CA certifi
 
 
 def _broker_config(url: str, password_file: Path | None, ca_file: Path | None = None) -> Any:
-    from cellbench.bench import mqtt
-
+    from cellbench.bench.ops import mqtt
     try:
         cfg = mqtt.from_url(url, password_file, ca_file)
         cfg.password()
@@ -1008,8 +997,7 @@ def _broker_status(url: str, password_file: Path | None, as_json: bool, ca_file:
     import aiomqtt
     from rich.table import Table
 
-    from cellbench.bench import mqtt
-
+    from cellbench.bench.ops import mqtt
     cfg = _broker_config(url, password_file, ca_file)
     try:
         found = asyncio.run(mqtt.statuses(cfg))
@@ -1043,8 +1031,7 @@ def mqtt_check(
     """Whether these credentials can do what a bench does on the broker: connect, take commands, publish."""
     import asyncio
 
-    from cellbench.bench import mqtt
-
+    from cellbench.bench.ops import mqtt
     if (bench is None) == (broker is None):
         raise _fail("give either --bench FILE or --broker URL")
     if bench is not None:

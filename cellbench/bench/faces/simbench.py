@@ -1,5 +1,5 @@
 """The simulated bench: simulated instruments on real wires around a simulated cell, for the demo, dry runs,
-estimates and tests. A face of the project: the real run path (`cellbench.bench.run`) never imports it."""
+estimates and tests. A face of the project: the real run path (`cellbench.bench.runner.run`) never imports it."""
 
 from __future__ import annotations
 
@@ -12,11 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cellbench.bench import runs
-from cellbench.bench.clock import Clock
-from cellbench.bench.config import BenchConfig, CellConfig, ChannelConfig, InstrumentConfig
-from cellbench.bench.engine import Progress
-from cellbench.bench.run import ChannelResult, ProfileFile, ProgressCallback, run_bench
+from cellbench.bench.ops import runs
+from cellbench.bench.runner.config import BenchConfig, CellConfig, ChannelConfig, InstrumentConfig
+from cellbench.bench.runner.run import ChannelResult, ProfileFile, ProgressCallback, run_bench
+from cellbench.bench.runtime.clock import Clock
+from cellbench.bench.runtime.engine import Progress
 from cellbench.drivers.registry import driver
 from cellbench.profiles.checks import instrument_problems
 from cellbench.profiles.schema import Profile
@@ -383,7 +383,7 @@ def estimate_duration(
     machine under any load. `on_progress` is told the test time reached at every sample."""
     import tempfile
 
-    from cellbench.bench.clock import VirtualClock
+    from cellbench.bench.runtime.clock import VirtualClock
 
     reached = [0.0, 0]
 

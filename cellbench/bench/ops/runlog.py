@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-from cellbench.bench.events import Note, NoteKind, RunEvent, StepEnded, StepStarted
+from cellbench.bench.runtime.events import Note, NoteKind, RunEvent, StepEnded, StepStarted
 
 current_run: contextvars.ContextVar[str | None] = contextvars.ContextVar("cellbench_run", default=None)
 LOGGER = "cellbench"

@@ -28,7 +28,7 @@ class EisFit:
 def fit_spectrum(frequency: Sequence[float], z_real: Sequence[float], z_imag: Sequence[float]) -> EisFit:
     """Fit the cell's circuit to one spectrum (Z'' negative for capacitive behaviour); MissingExtra without the
     analysis extra."""
-    from cellbench.bench.extras import need
+    from cellbench.bench.runtime.extras import need
 
     np = need("numpy", "an impedance fit")
     CustomCircuit = need("impedance.models.circuits", "an impedance fit").CustomCircuit

@@ -40,8 +40,8 @@ from typing import Any, ClassVar, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from cellbench.bench.commands import Command
-from cellbench.bench.events import (
+from cellbench.bench.runtime.commands import Command
+from cellbench.bench.runtime.events import (
     CycleCompleted,
     Note,
     NoteKind,

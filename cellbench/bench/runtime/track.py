@@ -5,12 +5,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from cellbench.bench.channel import Channel
-from cellbench.bench.clock import Clock
-from cellbench.bench.policy import sensor_of, temperature_of
-from cellbench.bench.roles import Conditions
+from cellbench.bench.runtime.channel import Channel
+from cellbench.bench.runtime.clock import Clock
+from cellbench.bench.runtime.policy import sensor_of, temperature_of
 from cellbench.profiles.conditions import HoldCondition, RampCondition, SetCondition, WaitStableCondition
 from cellbench.profiles.units import human_duration
+from cellbench.roles import Conditions
 
 RAMP_STEP = 60.0  # s between setpoint updates of a temperature ramp
 POLL = 30.0  # s between readings while waiting for stability

@@ -13,12 +13,12 @@ import time
 from collections import Counter
 from typing import TYPE_CHECKING, Any
 
-from cellbench.bench.runs import utc
+from cellbench.bench.ops.runs import utc
 
 if TYPE_CHECKING:
     from rich.progress import Progress as Bars
 
-    from cellbench.bench.engine import Progress
+    from cellbench.bench.runtime.engine import Progress
 
 MAX_BARS = 8  # channels shown with a bar each; more are summed up on one line
 SUMMARY_EVERY = 0.5  # s of wall time between two redraws of the summary

@@ -20,11 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from cellbench.bench.clock import RealClock, VirtualClock
-from cellbench.bench.config import BenchConfig, load_bench
-from cellbench.bench.engine import Outcome
-from cellbench.bench.run import ChannelResult, ProgressCallback, run_bench
-from cellbench.bench.runstate import RunState
+from cellbench.bench.runner.config import BenchConfig, load_bench
+from cellbench.bench.runner.run import ChannelResult, ProgressCallback, run_bench
+from cellbench.bench.runtime.clock import RealClock, VirtualClock
+from cellbench.bench.runtime.engine import Outcome
+from cellbench.bench.runtime.runstate import RunState
 from cellbench.profiles.library import library_path
 from cellbench.profiles.parse import load_profile, parse_profile
 from cellbench.profiles.schema import Profile
@@ -130,7 +130,7 @@ def run(
 
 def _dry_run(prof: Profile, text: str, source: str, base: Path, runs_dir: Path, cell: str, soc: float, seed: int,
              temperature: float, on_progress: ProgressCallback | None) -> RunResult:
-    from cellbench.bench.simbench import run_simulated
+    from cellbench.bench.faces.simbench import run_simulated
     from cellbench.simulators.parameters import PRESETS
 
     if cell not in PRESETS:
@@ -170,7 +170,7 @@ def _connect(database: str | Path) -> sqlite3.Connection:
 
 
 def _frame(database: str | Path, query: str) -> pd.DataFrame:
-    from cellbench.bench.extras import need
+    from cellbench.bench.runtime.extras import need
 
     pandas = need("pandas", "reading a run as a table")
 

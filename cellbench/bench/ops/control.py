@@ -20,8 +20,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ValidationError
 
-from cellbench.bench.commands import Command
-from cellbench.bench.runs import state_dir
+from cellbench.bench.ops.runs import state_dir
+from cellbench.bench.runtime.commands import Command
 
 log = logging.getLogger(__name__)
 MAX_LINE = 4096  # bytes: a command is a few dozen
@@ -46,7 +46,7 @@ class Controller(BaseModel):
 
 def controllers() -> list[Controller]:
     """The controllers running on this machine now (their process alive)."""
-    from cellbench.bench.locks import alive
+    from cellbench.bench.ops.locks import alive
 
     found = []
     for path in (state_dir() / "control").glob("*.json"):

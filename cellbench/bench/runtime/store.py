@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from cellbench.bench.events import (
+from cellbench.bench.runtime.events import (
     Note,
     RunEvent,
     Sample,
@@ -37,7 +37,7 @@ from cellbench.bench.events import (
     StepEnded,
     StepStarted,
 )
-from cellbench.bench.runstate import RunState
+from cellbench.bench.runtime.runstate import RunState
 
 log = logging.getLogger(__name__)
 

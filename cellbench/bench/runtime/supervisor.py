@@ -18,13 +18,13 @@ import logging
 import math
 from collections.abc import Callable
 
-from cellbench.bench import policy
-from cellbench.bench.channel import Channel
-from cellbench.bench.clock import Clock
-from cellbench.bench.engine import Engine, SafetyStop
-from cellbench.bench.roles import Conditions, InstrumentFault, Reading
+from cellbench.bench.runtime import policy
+from cellbench.bench.runtime.channel import Channel
+from cellbench.bench.runtime.clock import Clock
+from cellbench.bench.runtime.engine import Engine, SafetyStop
 from cellbench.profiles.controls import StepType
 from cellbench.profiles.schema import Profile
+from cellbench.roles import Conditions, InstrumentFault, Reading
 
 log = logging.getLogger(__name__)
 

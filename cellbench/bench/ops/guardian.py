@@ -1,6 +1,6 @@
 """The guardian: a small watchdog process that turns outputs off when the controller dies a hard death.
 
-A run on the real clock starts one guardian (`python -m cellbench.bench.guardian`) in a session of its
+A run on the real clock starts one guardian (`python -m cellbench.bench.ops.guardian`) in a session of its
 own, tells it on its standard input which cyclers the run drives and where the run records (and, line by
 line, where each run started later on the same controller records), and keeps that pipe open. The
 guardian ignores SIGINT, SIGTERM and SIGHUP (the controller handles those itself and then says `done`).
@@ -28,7 +28,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, TextIO
 
-from cellbench.bench.locks import InstrumentBusy, InstrumentLock, alive
+from cellbench.bench.ops.locks import InstrumentBusy, InstrumentLock, alive
 from cellbench.drivers.registry import OpenRequest, driver
 
 log = logging.getLogger("cellbench.guardian")
@@ -44,7 +44,7 @@ def spawn(cyclers: list[tuple[str, OpenRequest]], databases: list[Path],
     """Start a guardian for these cyclers (driver name, how to open it) and run databases; after a hard death it
     runs the bench's `notify` command for each run, as the controller would have at the run's end."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "cellbench.bench.guardian"],
+        [sys.executable, "-m", "cellbench.bench.ops.guardian"],
         stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=None, text=True, start_new_session=True,
     )
     assert proc.stdin is not None

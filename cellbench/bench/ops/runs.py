@@ -25,8 +25,8 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from cellbench.bench.clock import utc  # noqa: F401  (runs.utc, as the faces read it)
-from cellbench.bench.locks import alive
+from cellbench.bench.ops.locks import alive
+from cellbench.bench.runtime.clock import utc  # noqa: F401  (runs.utc, as the faces read it)
 
 log = logging.getLogger(__name__)
 RUNNING = "running"
@@ -214,7 +214,7 @@ def step_remaining(meta: dict[str, str], state_json: str, test_time: float, curr
     """The most the running step has left (s), from its limits a clock can judge: its time limit or a rest's
     duration, a step capacity at the present current, and the profile's or a loop's time budget. None when only
     a voltage, current or other reading can end it (or the profile cannot be read back)."""
-    from cellbench.bench.runstate import RunState
+    from cellbench.bench.runtime.runstate import RunState
     from cellbench.profiles.schema import body_of
 
     try:

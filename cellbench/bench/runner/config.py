@@ -17,8 +17,8 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import AfterValidator, Field
 from pydantic_core import PydanticCustomError
 
-from cellbench.bench.cells import CellConfig
-from cellbench.bench.mqtt import MqttConfig
+from cellbench.bench.ops.mqtt import MqttConfig
+from cellbench.bench.runtime.cells import CellConfig
 from cellbench.drivers.registry import driver, drivers
 from cellbench.profiles.parse import read_text, validate_yaml
 from cellbench.profiles.schema import Strict
@@ -205,8 +205,7 @@ def _type_of(annotation: Any) -> str:
     import types
     import typing
 
-    from cellbench.bench import cells
-
+    from cellbench.bench.runtime import cells
     named = {id(Duration): "duration", id(cells.Capacity): "capacity", id(cells.Area): "area",
              id(cells.Length): "length", id(cells.Mass): "mass", id(cells.Loading): "areal loading",
              id(cells.Density): "current density", id(cells.Voltage): "voltage"}
@@ -234,8 +233,7 @@ def _quantity(metadata: list[Any]) -> str | None:
     """A required or defaulted quantity's kind, from the unit parser among the field's metadata."""
     import typing
 
-    from cellbench.bench import cells
-
+    from cellbench.bench.runtime import cells
     for alias, name in ((Duration, "duration"), (cells.Capacity, "capacity"), (cells.Area, "area"),
                         (cells.Voltage, "voltage")):
         if any(m in metadata for m in typing.get_args(alias)[1:]):
@@ -245,7 +243,7 @@ def _quantity(metadata: list[Any]) -> str | None:
 
 def reference() -> str:
     """The bench-file reference (docs/bench-file.md): every key of every section from the models themselves, and
-    every driver with its roles and settings. Regenerate with `python -m cellbench.bench.config`."""
+    every driver with its roles and settings. Regenerate with `python -m cellbench.bench.runner.config`."""
     from pydantic import BaseModel
     from pydantic_core import PydanticUndefined
 
@@ -253,7 +251,7 @@ def reference() -> str:
         ("the file", BenchConfig), ("`instruments:` (each)", InstrumentConfig), ("`cells:` (each)", CellConfig),
         ("`channels:` (each)", ChannelConfig), ("`mqtt:`", MqttConfig)]
     lines = ["# The bench file: every key", "",
-             "Generated from the models that read it (`python -m cellbench.bench.config > docs/bench-file.md`);",
+             "Generated from the models that read it (`python -m cellbench.bench.runner.config > docs/bench-file.md`);",
              "quantities take units (`5 s`, `3.5 mAh`, `1 cm^2`). An unknown key is refused with its file and line.",
              ""]
     for title, model in sections:

@@ -20,8 +20,8 @@ from urllib.parse import quote
 
 from pydantic import BaseModel, ValidationError
 
-from cellbench.bench.clock import utc
-from cellbench.bench.runs import state_dir
+from cellbench.bench.ops.runs import state_dir
+from cellbench.bench.runtime.clock import utc
 from cellbench.profiles.parse import InputError
 
 log = logging.getLogger(__name__)

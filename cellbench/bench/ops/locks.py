@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from cellbench.bench.roles import InstrumentFault
+from cellbench.roles import InstrumentFault
 
 
 class InstrumentBusy(InstrumentFault):

@@ -7,8 +7,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from cellbench.bench import policy
-from cellbench.bench.store import Sample
+from cellbench.bench.runtime import policy
+from cellbench.bench.runtime.store import Sample
 
 EDGE_MAX_GAP = 0.05  # s: two samples this close around a current step are a DCIR pair
 EDGE_MIN_GAP = 0.005  # s: ... and at least this far apart (a reading at the edge itself is no 10 ms value)
@@ -120,7 +120,7 @@ def references(samples: Sequence[Sample], steps: Sequence[dict[str, Any]], profi
                ) -> dict[int, float]:
     """Each cycle's reference capacity (Ah): what its discharge steps marked `reference: true` in the profile
     took out, where they ended on their voltage limit. Empty when the profile marks none."""
-    from cellbench.bench.walker import dotted
+    from cellbench.bench.runtime.walker import dotted
     from cellbench.profiles.parse import InputError, parse_profile
     from cellbench.profiles.program import compile_profile
     from cellbench.profiles.schema import body_of
@@ -241,7 +241,7 @@ def dqdv(samples: Sequence[Sample], *, cycle: int | None = None, discharge: bool
     `cycle` (by default the last cycle that has that half) running the chosen way; rests, noise and a CV tail
     are left out (the current must be within 2 % of the half's median). The capacity is interpolated on a
     voltage grid of `bin_v` and differentiated by a Savitzky-Golay filter over `window` grid points."""
-    from cellbench.bench.extras import need
+    from cellbench.bench.runtime.extras import need
 
     savgol_filter = need("scipy.signal", "dQ/dV").savgol_filter
 

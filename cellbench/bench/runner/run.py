@@ -18,21 +18,20 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from cellbench.bench import control, guardian, latches, runs
-from cellbench.bench.channel import Channel
-from cellbench.bench.clock import Clock
-from cellbench.bench.commands import Command
-from cellbench.bench.config import BenchConfig
-from cellbench.bench.engine import Engine, Interrupted, Outcome, Paused, Progress, RecordingFailed
-from cellbench.bench.events import EventBus, Note, NoteKind, SampleTaken
-from cellbench.bench.instruments import Instruments
-from cellbench.bench.locks import InstrumentBusy, RunLock
-from cellbench.bench.mqtt import ChannelLink, MqttBridge
-from cellbench.bench.roles import Reading
-from cellbench.bench.runlog import RunLog
-from cellbench.bench.runstate import RunState, RunStatus
-from cellbench.bench.store import RunStore, shared_failure
-from cellbench.bench.supervisor import Supervisor, watch_held
+from cellbench.bench.ops import control, guardian, latches, runs
+from cellbench.bench.ops.locks import InstrumentBusy, RunLock
+from cellbench.bench.ops.mqtt import ChannelLink, MqttBridge
+from cellbench.bench.ops.runlog import RunLog
+from cellbench.bench.runner.config import BenchConfig
+from cellbench.bench.runner.instruments import Instruments
+from cellbench.bench.runtime.channel import Channel
+from cellbench.bench.runtime.clock import Clock
+from cellbench.bench.runtime.commands import Command
+from cellbench.bench.runtime.engine import Engine, Interrupted, Outcome, Paused, Progress, RecordingFailed
+from cellbench.bench.runtime.events import EventBus, Note, NoteKind, SampleTaken
+from cellbench.bench.runtime.runstate import RunState, RunStatus
+from cellbench.bench.runtime.store import RunStore, shared_failure
+from cellbench.bench.runtime.supervisor import Supervisor, watch_held
 from cellbench.drivers.registry import driver
 from cellbench.profiles.checks import (
     Problem,
@@ -45,6 +44,7 @@ from cellbench.profiles.checks import (
 )
 from cellbench.profiles.parse import InputError, locate, parse_profile, read_text
 from cellbench.profiles.schema import Profile
+from cellbench.roles import Reading
 
 ProgressCallback = Callable[[str, Progress], None]
 log = logging.getLogger(__name__)

@@ -7,8 +7,8 @@ import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from cellbench.bench.cells import CellConfig
-from cellbench.bench.roles import Chamber, Conditions, Cycler, Potentiostat, Press
+from cellbench.bench.runtime.cells import CellConfig
+from cellbench.roles import Chamber, Conditions, Cycler, Potentiostat, Press
 
 
 @dataclass

@@ -6,7 +6,7 @@ step's end sends the program.
 
 from __future__ import annotations
 
-from cellbench.bench.runstate import Budget, RunState
+from cellbench.bench.runtime.runstate import Budget, RunState
 from cellbench.profiles.program import END, Program
 
 

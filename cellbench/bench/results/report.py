@@ -10,9 +10,9 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from cellbench.bench.analysis import CycleSummary, Dcir, cycle_life, dcir, dqdv, store_table, unix_time_problem
-from cellbench.bench.extras import need
-from cellbench.bench.store import check_run, open_run
+from cellbench.bench.results.analysis import CycleSummary, Dcir, cycle_life, dcir, dqdv, store_table, unix_time_problem
+from cellbench.bench.runtime.extras import need
+from cellbench.bench.runtime.store import check_run, open_run
 
 FIGSIZE = (8, 4.5)
 DPI = 100
@@ -280,7 +280,7 @@ def _page(meta: dict[str, Any], rows: list[CycleSummary], images: list[Path], sa
         life_line = "Cycle life to 80 % retention: not reached"
     else:
         life_line = "No cycle life: the run did not reach the end of its profile"
-    env = jinja2.Environment(loader=jinja2.PackageLoader("cellbench.bench", "templates"),
+    env = jinja2.Environment(loader=jinja2.PackageLoader("cellbench.bench.results", "templates"),
                              autoescape=True, undefined=jinja2.StrictUndefined)
     page: str = env.get_template("report.html").render(
         title=str(meta.get("profile_name", "run")), outcome=outcome, completed=completed,

@@ -13,7 +13,7 @@ from enum import StrEnum
 from typing import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
-    from cellbench.bench.runstate import EndKind, RunState
+    from cellbench.bench.runtime.runstate import EndKind, RunState
 
 
 class NoteKind(StrEnum):
@@ -133,7 +133,7 @@ class StateSaved:
     state_json: str
 
     def state(self) -> RunState:
-        from cellbench.bench.runstate import RunState
+        from cellbench.bench.runtime.runstate import RunState
 
         return RunState.model_validate_json(self.state_json)
 

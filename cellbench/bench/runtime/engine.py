@@ -21,10 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cellbench.bench import policy
-from cellbench.bench.channel import Channel
-from cellbench.bench.clock import Clock, utc
-from cellbench.bench.events import (
+from cellbench.bench.runtime import policy
+from cellbench.bench.runtime.channel import Channel
+from cellbench.bench.runtime.clock import Clock, utc
+from cellbench.bench.runtime.events import (
     CycleCompleted,
     EventBus,
     Note,
@@ -39,8 +39,16 @@ from cellbench.bench.events import (
     StepEnded,
     StepStarted,
 )
-from cellbench.bench.impedance_fit import fit_spectrum
-from cellbench.bench.roles import (
+from cellbench.bench.runtime.impedance_fit import fit_spectrum
+from cellbench.bench.runtime.runstate import Ending, EndKind, RunState, RunStatus, Setpoint, StepProgress, Totals
+from cellbench.bench.runtime.track import ProfileFailed, Track, out_of_tolerance
+from cellbench.bench.runtime.walker import Walker, dotted
+from cellbench.profiles.conditions import SetBody, WaitBody
+from cellbench.profiles.controls import PULSE_SETTLE, Control, SourceMode, StepType, build_control
+from cellbench.profiles.program import END, Program, compile_profile
+from cellbench.profiles.schema import Check, EisBody, Limit, Profile, RecordRule, ScheduleBody, body_of
+from cellbench.profiles.units import human_duration
+from cellbench.roles import (
     Conditions,
     ConnectionLost,
     InstrumentFault,
@@ -49,14 +57,6 @@ from cellbench.bench.roles import (
     ProtocolError,
     Reading,
 )
-from cellbench.bench.runstate import Ending, EndKind, RunState, RunStatus, Setpoint, StepProgress, Totals
-from cellbench.bench.track import ProfileFailed, Track, out_of_tolerance
-from cellbench.bench.walker import Walker, dotted
-from cellbench.profiles.conditions import SetBody, WaitBody
-from cellbench.profiles.controls import PULSE_SETTLE, Control, SourceMode, StepType, build_control
-from cellbench.profiles.program import END, Program, compile_profile
-from cellbench.profiles.schema import Check, EisBody, Limit, Profile, RecordRule, ScheduleBody, body_of
-from cellbench.profiles.units import human_duration
 
 log = logging.getLogger(__name__)
 EDGE_FLOOR = 1e-7  # A: a change of current smaller than this is no edge

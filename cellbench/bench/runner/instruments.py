@@ -6,9 +6,9 @@ import contextlib
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from cellbench.bench.channel import Channel
-from cellbench.bench.config import BenchConfig, CellConfig, InstrumentConfig
-from cellbench.bench.locks import InstrumentLock
+from cellbench.bench.ops.locks import InstrumentLock
+from cellbench.bench.runner.config import BenchConfig, CellConfig, InstrumentConfig
+from cellbench.bench.runtime.channel import Channel
 from cellbench.drivers.registry import OpenRequest, driver
 
 

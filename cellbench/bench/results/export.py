@@ -15,9 +15,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from cellbench.bench.analysis import unix_time_problem
-from cellbench.bench.extras import MissingExtra
-from cellbench.bench.store import COLUMNS, check_run, open_run
+from cellbench.bench.results.analysis import unix_time_problem
+from cellbench.bench.runtime.extras import MissingExtra
+from cellbench.bench.runtime.store import COLUMNS, check_run, open_run
 
 NET = "Net Capacity / Ah"
 DATA_POINT = "Data Point / 1"
@@ -146,7 +146,7 @@ def _write_csv(path: Path, labels: list[str], rows: list[dict[str, Any]]) -> Non
 
 
 def _write_parquet(path: Path, labels: list[str], rows: list[dict[str, Any]]) -> None:
-    from cellbench.bench.extras import need
+    from cellbench.bench.runtime.extras import need
 
     pa = need("pyarrow", "Parquet export")
     pq = need("pyarrow.parquet", "Parquet export")

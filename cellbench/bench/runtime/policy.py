@@ -8,12 +8,12 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from cellbench.bench.cells import CellConfig
-from cellbench.bench.roles import Conditions, Reading
-from cellbench.bench.runstate import Budget, Ending, EndKind, Totals
+from cellbench.bench.runtime.cells import CellConfig
+from cellbench.bench.runtime.runstate import Budget, Ending, EndKind, Totals
 from cellbench.profiles.conditions import SENSOR_NAMES
 from cellbench.profiles.controls import Control, StepType
 from cellbench.profiles.schema import Limit, Range, RecordRule, ShortDetection
+from cellbench.roles import Conditions, Reading
 
 VOLTAGE_TOLERANCE = 1e-3  # V: a reading this close to a voltage limit counts as reaching it
 MIN_INTERVAL = 1.0  # s: the shortest sample interval when closing in on a voltage limit

@@ -1,0 +1,1 @@
+"""Results: per-cycle analysis, Battery Data Format export, the report."""
