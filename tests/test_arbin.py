@@ -4,6 +4,7 @@ simulator served by `cellbench sim serve arbin`, and our driver against it."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -50,14 +51,17 @@ def test_pycti_arbin_drives_the_served_cycler(served_arbin: int, tmp_path: Path)
     assert not ch.set_meta_variable(mv_num=1, mv_value=1.0)  # not running: refused (0x12, as the document says)
 
 
-def test_a_wrong_login_is_refused(served_arbin: int, tmp_path: Path) -> None:
+def test_a_wrong_login_is_refused(served_arbin: int, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     from pyctiarbin import ChannelInterface
 
     env = tmp_path / ".env"
     env.write_text("ARBIN_CTI_USERNAME=tester\nARBIN_CTI_PASSWORD=wrong\n")
-    with pytest.raises(Exception):  # noqa: B017  (pycti-arbin asserts its login succeeded)
-        ChannelInterface({"channel": 0, "ip_address": "127.0.0.1", "port": served_arbin, "timeout_s": 3.0,
+    with caplog.at_level(logging.ERROR, logger="pyctiarbin"), pytest.raises(AssertionError):
+        # pycti-arbin asserts its login succeeded, after logging the cycler's answer: a refusal, not a timeout (this
+        # test once caught any exception: pycti-arbin's own check of channel 0, before it ever connected)
+        ChannelInterface({"channel": 1, "ip_address": "127.0.0.1", "port": served_arbin, "timeout_s": 3.0,
                           "msg_buffer_size": 4096}, env_path=str(env))
+    assert "Login failed with provided credentials!" in caplog.text
 
     async def ours() -> None:
         with pytest.raises(InstrumentError, match="login refused"):

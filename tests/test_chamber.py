@@ -10,7 +10,7 @@ from cellbench.bench.runtime.clock import VirtualClock
 from cellbench.drivers.chamber import EspecChamber
 from cellbench.drivers.errors import InstrumentError
 from cellbench.drivers.smu import Keithley2450
-from cellbench.drivers.transport import open_transport
+from cellbench.drivers.transport import Backend, open_transport
 from cellbench.simulators.cell import SolidStateCell
 from cellbench.simulators.espec import EspecChamberSim
 from cellbench.simulators.keithley2450 import Keithley2450Sim
@@ -40,7 +40,7 @@ async def test_the_driver_over_the_real_wire(wire: str) -> None:
     sim = EspecChamberSim(asyncio.get_running_loop().time)
     server = PtySimServer(sim, **CRLF) if wire.startswith("pty") else SimServer(sim, **CRLF)
     async with server:
-        backend = "visa" if wire == "pty-visa" else "native"
+        backend: Backend = "visa" if wire == "pty-visa" else "native"
         io = await open_transport(
             server.resource, name="chamber", timeout=2.0, read_termination="\r\n", write_termination="\r\n",
             backend=backend, baud_rate=9600,
@@ -129,7 +129,7 @@ def test_power_off_and_on_as_the_controller_reports_them() -> None:
     chamber = EspecChamberSim(lambda: 0.0)
     chamber.handle("MODE, CONSTANT")
     assert chamber.handle("POWER,OFF") == "OK:POWER,OFF"
-    assert chamber.handle("MON?").split(",")[2] == "OFF"  # switched off, it still reports: mode OFF
+    assert (chamber.handle("MON?") or "").split(",")[2] == "OFF"  # switched off, it still reports: mode OFF
     assert chamber.handle("TEMP, S40.0") == "NA:CONT NOT READY-1"  # but takes no setting
     assert chamber.handle("POWER, ON") == "OK:POWER, ON"
     assert chamber.handle("MODE?") == "STANDBY"  # powered up: ready, not controlling

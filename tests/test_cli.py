@@ -11,10 +11,11 @@ import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import pyvisa
+from pyvisa.resources import MessageBasedResource
 from typer.testing import CliRunner
 
 from cellbench.bench.faces.cli import app
@@ -62,7 +63,8 @@ def test_a_served_chamber_on_a_serial_line_answers_a_plain_pyvisa_client() -> No
     proc, resource = serve("espec", "--serial")
     try:
         rm = pyvisa.ResourceManager("@py")
-        inst = rm.open_resource(resource, read_termination="\r\n", write_termination="\r\n", timeout=3000)
+        inst = cast(MessageBasedResource, rm.open_resource(resource, read_termination="\r\n",
+                                                           write_termination="\r\n", timeout=3000))
         assert inst.query("TYPE?") == "T,S2,160.0"
         assert inst.query("TEMP, S40.0") == "OK:TEMP, S40.0"
         assert inst.query("TEMP?").split(",")[1] == "40.0"
@@ -80,11 +82,11 @@ def test_a_served_press_answers_a_plain_modbus_client() -> None:
     try:
         port = int(resource.split("::")[2])
         client = ModbusTcpClient("127.0.0.1", port=port)
-        assert client.connect()
+        assert client.connect()  # type: ignore[no-untyped-call]
         regs = client.read_holding_registers(0, count=4, device_id=1).registers
         force = client.convert_from_registers(regs[2:4], client.DATATYPE.FLOAT32)
         assert force == pytest.approx(0.5)  # 5 MPa on the 1 cm² pellet
-        client.close()
+        client.close()  # type: ignore[no-untyped-call]
     finally:
         proc.terminate()
         proc.wait(timeout=10)
@@ -92,7 +94,8 @@ def test_a_served_press_answers_a_plain_modbus_client() -> None:
 
 def test_a_plain_pyvisa_client_can_drive_the_served_simulator(served: str) -> None:
     rm = pyvisa.ResourceManager("@py")
-    inst = rm.open_resource(served, read_termination="\n", write_termination="\n", timeout=3000)
+    inst = cast(MessageBasedResource, rm.open_resource(served, read_termination="\n", write_termination="\n",
+                                                       timeout=3000))
     try:
         assert inst.query("*IDN?").startswith("KEITHLEY INSTRUMENTS,MODEL 2450,")
         inst.write(":SOUR:FUNC CURR;:SOUR:CURR:VLIM 4.3;:SOUR:CURR -0.0005;:SENS:FUNC 'VOLT';:OUTP ON")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -202,7 +203,7 @@ def test_one_chamber_and_one_press_shared_by_two_channels(tmp_path: Path) -> Non
             },
         )
 
-    async def main() -> list:
+    async def main() -> list[Any]:
         loop = asyncio.get_running_loop()
         cells = [SolidStateCell(soc=0.5), SolidStateCell(soc=0.6)]
         chamber = EspecChamberSim(loop.time, cells)
@@ -225,7 +226,8 @@ def test_one_chamber_and_one_press_shared_by_two_channels(tmp_path: Path) -> Non
                                    channel_profiles={"ch2": ProfileFile(parse_profile(reader), reader, "reader.yaml")})
         finally:
             forces.append(press.force_kn)
-            for s in (*servers, cs, ps):
+            closing: list[SimServer | PressServer] = [*servers, cs, ps]
+            for s in closing:
                 await s.close()
 
     results = clock.run(main())
@@ -266,14 +268,14 @@ def test_simulated_bench_without_environment_records_no_conditions(tmp_path: Pat
     assert run.bench.chamber is None and run.bench.press is None
 
 
-def shared_oven(tmp_path: Path, profiles: dict[str, str], owner: str | None = "ch1") -> list:
+def shared_oven(tmp_path: Path, profiles: dict[str, str], owner: str | None = "ch1") -> list[Any]:
     """Two pellets in one ESPEC chamber and one press, each on its own 2450, every instrument served over
     loopback TCP on the virtual clock; each channel runs its profile text. The runs' results."""
     from cellbench.bench.runner.run import ProfileFile
 
     clock = VirtualClock()
 
-    async def main() -> list:
+    async def main() -> list[Any]:
         loop = asyncio.get_running_loop()
         cells = [SolidStateCell(soc=0.5), SolidStateCell(soc=0.6)]
         chamber = EspecChamberSim(loop.time, cells)
@@ -298,7 +300,8 @@ def shared_oven(tmp_path: Path, profiles: dict[str, str], owner: str | None = "c
         try:
             return await run_bench(bench, None, "", clock, runs_dir=tmp_path, channel_profiles=own)
         finally:
-            for s in (*servers, cs, ps):
+            closing: list[SimServer | PressServer] = [*servers, cs, ps]
+            for s in closing:
                 await s.close()
 
     return clock.run(main())

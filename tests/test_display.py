@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import io
+import time
 
+import pytest
 from rich.console import Console
 from rich.progress import Progress as Bars
 
@@ -31,9 +33,9 @@ def test_few_channels_have_a_bar_each() -> None:
     assert [t.completed for t in shown.tasks] == [1, 2, 3]
 
 
-def test_many_channels_are_summed_up_on_one_line(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_many_channels_are_summed_up_on_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
     clock = [1000.0]
-    monkeypatch.setattr(display.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(time, "monotonic", lambda: clock[0])
     shown, _ = bars(terminal=True)
     show = Display(shown)
     for k in range(20):
@@ -48,7 +50,7 @@ def test_many_channels_are_summed_up_on_one_line(monkeypatch) -> None:  # type: 
 
 def test_off_a_terminal_many_channels_write_one_line_a_minute(monkeypatch) -> None:  # type: ignore[no-untyped-def]
     clock = [1000.0]
-    monkeypatch.setattr(display.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(time, "monotonic", lambda: clock[0])
     shown, out = bars(terminal=False)
     show = Display(shown)
     for second in range(120):  # two minutes of 1 Hz samples on 30 channels

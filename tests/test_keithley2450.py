@@ -8,7 +8,7 @@ import pytest
 
 from cellbench.drivers.errors import InstrumentError, ProtocolError
 from cellbench.drivers.smu import Keithley2450
-from cellbench.drivers.transport import open_transport
+from cellbench.drivers.transport import Backend, open_transport
 from cellbench.simulators.server import SimServer
 from tests.conftest import scripted
 
@@ -118,7 +118,7 @@ async def test_over_the_wire_the_relay_open_reads_nothing_and_the_driver_reads_t
 
 @pytest.mark.parametrize("backend", ["native", "visa"])
 async def test_cc_charge_over_the_wire_turns_into_cv_at_the_voltage_limit(
-    smu_sim: SimServer, backend: str
+    smu_sim: SimServer, backend: Backend
 ) -> None:
     io = await open_transport(smu_sim.resource, name="smu", timeout=2.0, backend=backend)
     smu = Keithley2450(io)

@@ -41,21 +41,21 @@ def test_ieee_488_2_status_registers(smu: tuple[Keithley2450Sim, list[float]]) -
 def test_readings_into_a_named_buffer_and_back(smu: tuple[Keithley2450Sim, list[float]]) -> None:
     sim, clock = smu
     sim.handle(':READ? "MyBuffer"')  # a buffer never made: an error, no reading
-    assert sim.handle(":SYST:ERR?").startswith("-224,")
+    assert sim.answer(":SYST:ERR?").startswith("-224,")
     sim.handle(':TRAC:MAKE "MyBuffer", 100')
     sim.handle(':SOUR:FUNC CURR;:SOUR:CURR -1e-3;:SOUR:CURR:VLIM 4.3;:SENS:FUNC "VOLT";:OUTP ON')
     for k in range(3):
         clock[0] = float(k)
         sim.handle(':TRAC:TRIG "MyBuffer"')
     assert sim.handle(':TRAC:ACT? "MyBuffer"') == "3"
-    data = sim.handle(':TRAC:DATA? 1, 3, "MyBuffer", SOUR, READ, REL').split(",")
+    data = sim.answer(':TRAC:DATA? 1, 3, "MyBuffer", SOUR, READ, REL').split(",")
     assert len(data) == 9 and [float(x) for x in data[0::3]] == pytest.approx([-1e-3] * 3)
     assert [float(x) for x in data[2::3]] == [0.0, 1.0, 2.0]
     volts = [float(x) for x in data[1::3]]
     assert 3.6 < volts[2] < volts[0] < 3.9  # discharging
     assert sim.handle(':FETC? "MyBuffer", READ') == data[7]
     sim.handle(':TRAC:DATA? 1, 9, "MyBuffer"')
-    assert sim.handle(":SYST:ERR?").startswith("-222,")  # beyond what the buffer holds
+    assert sim.answer(":SYST:ERR?").startswith("-222,")  # beyond what the buffer holds
 
 
 def test_a_full_buffer_keeps_its_newest_readings(smu: tuple[Keithley2450Sim, list[float]]) -> None:
@@ -66,9 +66,9 @@ def test_a_full_buffer_keeps_its_newest_readings(smu: tuple[Keithley2450Sim, lis
         clock[0] = float(k)
         sim.handle(':TRAC:TRIG "Small"')
     assert sim.handle(':TRAC:ACT? "Small"') == "10"
-    relative = [float(x) for x in sim.handle(':TRAC:DATA? 1, 10, "Small", REL').split(",")]
+    relative = [float(x) for x in sim.answer(':TRAC:DATA? 1, 10, "Small", REL').split(",")]
     assert relative == [float(k) for k in range(3, 13)]  # the three oldest dropped
-    assert float(sim.handle(':TRAC:DATA? 2, 2, "Small", REL')) == 4.0
+    assert float(sim.answer(':TRAC:DATA? 2, 2, "Small", REL')) == 4.0
     sim.handle(':TRAC:POIN 11, "Small"')  # resized: emptied, and then holds eleven
     for _ in range(12):
         sim.handle(':TRAC:TRIG "Small"')
@@ -83,7 +83,7 @@ def test_buffer_sizes_a_client_may_not_set_and_memory_it_may_not_take(
     sim, _ = smu
     for size in ("0", "-5", "9", "5000001"):
         sim.handle(f':TRAC:POIN {size}, "defbuffer1"')
-        assert sim.handle(":SYST:ERR?").startswith("-222,"), size
+        assert sim.answer(":SYST:ERR?").startswith("-222,"), size
     assert sim.handle(':TRAC:POIN? "defbuffer1"') == "100000"
     sim.handle(':TRAC:MAKE "Huge", 5000000')
     sim.handle(':SOUR:FUNC CURR;:SOUR:CURR -1e-3;:SOUR:CURR:VLIM 4.3;:SENS:FUNC "VOLT";:OUTP ON')
@@ -102,16 +102,16 @@ def test_a_simple_loop_of_readings_and_opc_waiting_for_it(smu: tuple[Keithley245
     sim.handle(':SOUR:FUNC VOLT;:SOUR:VOLT 3.8;:SOUR:VOLT:ILIM 0.01;:SENS:FUNC "CURR";:OUTP ON')
     sim.handle(':TRIG:LOAD "SimpleLoop", 5, 0.5, "log"')
     sim.handle(":INIT")
-    assert sim.handle(":TRIG:STAT?").startswith("RUNNING") and sim.handle(':TRAC:ACT? "log"') == "1"
+    assert sim.answer(":TRIG:STAT?").startswith("RUNNING") and sim.answer(':TRAC:ACT? "log"') == "1"
     clock[0] = 1.2
     assert sim.handle(':TRAC:ACT? "log"') == "3"  # at 0, 0.5 and 1.0 s
     assert not isinstance(sim.handle("*OPC?"), str)  # pending: *OPC? answers when the loop is done
     clock[0] = 2.5
     assert sim.handle("*OPC?") == "1" and sim.handle(':TRAC:ACT? "log"') == "5"
-    assert sim.handle(":TRIG:STAT?").startswith("IDLE")
+    assert sim.answer(":TRIG:STAT?").startswith("IDLE")
     sim.handle(":INIT")
     sim.handle(":ABOR")
-    assert sim.handle(":TRIG:STAT?").startswith("IDLE")
+    assert sim.answer(":TRIG:STAT?").startswith("IDLE")
     sim.handle(":SENS:COUN 5")
     sim.handle(":READ?")  # five readings into defbuffer1
     assert sim.handle(":TRAC:ACT?") == "5"

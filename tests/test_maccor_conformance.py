@@ -120,7 +120,7 @@ async def test_page_93_a_box_with_authentication_takes_nothing_before_a_log_in()
 async def test_a_reply_printed_over_several_cr_lf_lines_is_read_whole() -> None:
     """The help prints every JSON reply indented over CR LF-ended lines (page 10); a box that sends it so, split
     across TCP segments, with the next reply's start in the same segment, is read one reply at a time."""
-    replies = {
+    replies: dict[tuple[int, int], dict[str, Any]] = {
         (1, 2): {"FClass": 1, "FNum": 2, "SystemID": "MACCOR 4300", "SystemType": 0, "TestChannels": 96},
         (1, 1): {"FClass": 1, "FNum": 1, "MacTest32EXEversionMajor": 1, "MacTest32EXEversionMinor": 5},
     }

@@ -10,7 +10,7 @@ import json
 import signal
 import subprocess
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -19,6 +19,7 @@ import aiomqtt
 import pytest
 
 from cellbench.bench.ops import mqtt
+from cellbench.bench.runtime.commands import Command
 from tests.broker import Broker
 from tests.test_cli import announced, serve
 from tests.test_unattended import ask, files, start_run, wait_until_sourcing
@@ -120,7 +121,7 @@ class Watcher:
     async def _run(self) -> None:
         while True:
             try:
-                persist = {"identifier": self.session, "clean_session": False} if self.session else {}
+                persist: dict[str, Any] = {"identifier": self.session, "clean_session": False} if self.session else {}
                 async with aiomqtt.Client("127.0.0.1", self.broker.port, username=self.user,
                                           password=f"{self.user}-secret", **persist) as client:
                     await client.subscribe("cellbench/night/ch1/#", qos=1)
@@ -132,14 +133,22 @@ class Watcher:
     def of(self, suffix: str) -> list[dict[str, Any]]:
         return [p for t, p, _ in self.messages if t == f"cellbench/night/ch1/{suffix}"]
 
-    async def until(self, what: str, test: Any, timeout: float = 30.0) -> dict[str, Any]:
+    async def until(self, what: str, test: Callable[[dict[str, Any]], bool], timeout: float = 30.0) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            for payload in reversed(self.of(what)):
-                if test(payload):
-                    return payload
+            found = next((p for p in reversed(self.of(what)) if test(p)), None)
+            if found is not None:
+                return dict(found)
             await asyncio.sleep(0.05)
         raise AssertionError(f"no {what} message like that within {timeout} s: {self.of(what)[-3:]}")
+
+
+def equal(key: str, value: object) -> Callable[[dict[str, Any]], bool]:
+    return lambda payload: bool(payload[key] == value)
+
+
+def at_least(key: str, value: float) -> Callable[[dict[str, Any]], bool]:
+    return lambda payload: bool(payload[key] >= value)
 
 
 async def command(broker: Broker, user: str, name: str, payload: dict[str, Any]) -> None:
@@ -397,8 +406,10 @@ async def test_telemetry_and_events_go_out_in_sequence_order(tmp_path: Path, bro
         host="127.0.0.1", port=broker.port, username="bench", password_file=broker.password_file("bench"),
     ).model_dump(), "telemetry_every": 0.0})
     loop = mqtt.MqttLoop()
-    link = mqtt.ChannelLink(cfg, "night", "ch1", "run-1", "cell", tmp_path / "o.sqlite",
-                            lambda action, ch, why: (True, "done"), loop)
+    def obey(command: Command) -> tuple[bool, str]:
+        return True, "done"
+
+    link = mqtt.ChannelLink(cfg, "night", "ch1", "run-1", "cell", tmp_path / "o.sqlite", obey, loop)
     try:
         async with Watcher(broker) as w:
             await w.until("status", lambda p: p["state"] == "starting")
@@ -447,7 +458,7 @@ channels:
             for ident, payload, why in (("x1", {"name": "MV_UD17", "value": 1}, "name: the cycler variable"),
                                         ("x2", {"name": "1", "value": "fast"}, "value: a number")):
                 await command(broker, "operator", "set_variable", {"id": ident, **payload})
-                bad = await w.until("reply", lambda p, i=ident: p["id"] == i)
+                bad = await w.until("reply", equal("id", ident))
                 assert not bad["ok"] and bad["message"].startswith(f"refused: {why}")
             await command(broker, "operator", "set_variable",
                           {"id": "v1", "name": "MV_UD1", "value": 0.0007, "reason": "faster formation"})
@@ -610,7 +621,7 @@ async def test_qos_1_telemetry_loses_nothing_across_broker_restarts(tmp_path: Pa
                 await asyncio.sleep(1.0)
                 before = sequence(w)[-1]
                 broker.start()
-                await w.until("telemetry", lambda p, b=before: p["seq"] >= b + 20, timeout=40)
+                await w.until("telemetry", at_least("seq", before + 20), timeout=40)
         finally:
             proc.send_signal(signal.SIGTERM)
             await asyncio.to_thread(proc.communicate, timeout=30)

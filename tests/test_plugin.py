@@ -10,8 +10,10 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from typing import cast
 
 import pytest
+from pyvisa.resources import MessageBasedResource
 
 pytest_plugins = ["pytester"]
 
@@ -265,8 +267,9 @@ def test_the_temperature_option_reaches_the_simulated_cell() -> None:
     try:
         for temperature in (25.0, 60.0):
             rm = pyvisa.ResourceManager("@py")
-            smu = rm.open_resource(served("keithley2450", temperature=temperature), read_termination="\n",
-                                   write_termination="\n", timeout=5000)
+            smu = cast(MessageBasedResource, rm.open_resource(
+                served("keithley2450", temperature=temperature), read_termination="\n", write_termination="\n",
+                timeout=5000))
             for setting in (":SOUR:FUNC CURR", ":SOUR:CURR -0.001", ":SOUR:CURR:VLIM 4.3", ":OUTP ON"):
                 smu.write(setting)
             time.sleep(0.3)

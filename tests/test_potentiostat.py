@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import math
+from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
@@ -19,10 +21,10 @@ from cellbench.drivers.methodscript import (
     parse_package,
     si,
 )
-from cellbench.drivers.transport import open_transport
+from cellbench.drivers.transport import Backend, open_transport
 from cellbench.simulators.cell import SolidStateCell
 from cellbench.simulators.palmsens import PalmSensSim, encode
-from cellbench.simulators.server import PtySimServer
+from cellbench.simulators.server import PtySimServer, SimServer
 
 
 def test_the_published_example_package_decodes() -> None:
@@ -60,14 +62,15 @@ def test_si_and_encode_round_trip() -> None:
 
 
 @pytest.fixture
-async def pstat_server():
+async def pstat_server() -> AsyncIterator[SimServer]:
     sim = PalmSensSim(SolidStateCell(soc=0.5), asyncio.get_running_loop().time, noise=0.0)
     async with PtySimServer(sim) as server:
         yield server
 
 
 @pytest.mark.parametrize("backend", ["native", "visa"])
-async def test_eis_over_the_serial_line_matches_the_cells_impedance(pstat_server: PtySimServer, backend: str) -> None:
+async def test_eis_over_the_serial_line_matches_the_cells_impedance(pstat_server: SimServer,
+                                                                   backend: Backend) -> None:
     io = await open_transport(pstat_server.resource, name="pstat", timeout=5, backend=backend, baud_rate=230400)
     try:
         pstat = PalmSens(io)
@@ -77,7 +80,7 @@ async def test_eis_over_the_serial_line_matches_the_cells_impedance(pstat_server
         assert [round(p.frequency) for p in points] == [100000, 10000, 1000, 100, 10]
         for p in points:
             z = cell.impedance(p.frequency)
-            assert (p.z_real, p.z_imag) == (pytest.approx(z.real, rel=1e-5), pytest.approx(z.imag, rel=1e-5))
+            assert p.z_real == pytest.approx(z.real, rel=1e-5) and p.z_imag == pytest.approx(z.imag, rel=1e-5)
         galvanostatic = await pstat.galvanostatic_impedance(f_start=1e3, f_end=100, n_points=2, amplitude=1e-5)
         assert galvanostatic[0].z_real == pytest.approx(cell.impedance(1e3).real, rel=1e-5)
         under_current = await pstat.chronopotentiometry(current=-1e-3, interval=0.05, duration=0.2)
@@ -132,7 +135,7 @@ async def test_an_abort_mid_measurement_stops_the_sweep(pstat_server: PtySimServ
         await io.close()
 
 
-def test_an_eis_step_hands_the_cell_over_and_its_fit_finds_the_cells_resistances(tmp_path) -> None:
+def test_an_eis_step_hands_the_cell_over_and_its_fit_finds_the_cells_resistances(tmp_path: Path) -> None:
     from tests.conftest import dry_run
 
     run = dry_run(
@@ -166,7 +169,7 @@ def test_an_eis_step_hands_the_cell_over_and_its_fit_finds_the_cells_resistances
     assert run.step_samples(3)[-1].current == pytest.approx(-3.5e-3 / 20, rel=1e-3)
 
 
-def test_eis_versus_stack_pressure_shows_the_interfaces_closing(tmp_path) -> None:
+def test_eis_versus_stack_pressure_shows_the_interfaces_closing(tmp_path: Path) -> None:
     from cellbench.bench.runtime.store import open_run
     from cellbench.profiles.library import library_path
     from tests.conftest import dry_run
@@ -180,7 +183,7 @@ def test_eis_versus_stack_pressure_shows_the_interfaces_closing(tmp_path) -> Non
     assert r_int[0] / r_int[-1] == pytest.approx((20 / 1) ** 0.5, rel=0.05)  # the P^-0.5 law
 
 
-def test_cycle_life_with_impedance_sees_the_interphase_grow(tmp_path) -> None:
+def test_cycle_life_with_impedance_sees_the_interphase_grow(tmp_path: Path) -> None:
     from cellbench.bench.runtime.store import open_run
     from cellbench.profiles.library import library_path
     from cellbench.simulators.parameters import PELLET

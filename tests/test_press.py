@@ -246,10 +246,10 @@ def test_the_press_is_served_on_the_port_its_document_names() -> None:
     try:
         assert resource == f"TCPIP::127.0.0.1::{port}::SOCKET" and port == 5502
         client = ModbusTcpClient("127.0.0.1", port=port)
-        assert client.connect()
+        assert client.connect()  # type: ignore[no-untyped-call]
         reply = client.read_holding_registers(2, count=2, device_id=1)
         assert not reply.isError() and len(reply.registers) == 2
-        client.close()
+        client.close()  # type: ignore[no-untyped-call]
     finally:
         proc.terminate()
         proc.wait(timeout=10)

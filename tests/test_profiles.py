@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from cellbench.bench.faces.cli import app
 from cellbench.profiles.library import library_names, library_path
 from cellbench.profiles.parse import InputError, load_profile, parse_profile
-from cellbench.profiles.schema import ChargeStep, DischargeStep, HoldStep, RepeatStep, RestStep
+from cellbench.profiles.schema import ChargeStep, DischargeStep, HoldStep, RepeatStep, RestStep, body_of
 
 
 def problems(text: str, name: str = "cycle.yaml") -> list[str]:
@@ -38,15 +38,15 @@ def test_a_profile_that_reads_aloud_parses_into_steps() -> None:
         )
     )
     rest, charge, hold, loop = profile.steps
-    assert isinstance(rest, RestStep) and rest.rest.duration == 1800
-    assert isinstance(charge, ChargeStep) and charge.charge.current.resolve(3.5e-3) == pytest.approx(1.75e-4)
-    assert [(lim.kind, lim.value) for lim in charge.charge.until] == [("voltage", 4.3)]
-    assert isinstance(hold, HoldStep) and hold.hold.until[0].c_rate == pytest.approx(0.02)
+    assert isinstance(rest, RestStep) and body_of(rest).duration == 1800
+    assert isinstance(charge, ChargeStep) and body_of(charge).current.resolve(3.5e-3) == pytest.approx(1.75e-4)
+    assert [(lim.kind, lim.value) for lim in body_of(charge).until] == [("voltage", 4.3)]
+    assert isinstance(hold, HoldStep) and body_of(hold).until[0].c_rate == pytest.approx(0.02)
     assert isinstance(loop, RepeatStep) and loop.repeat == 2
     discharge = loop.steps[0]
     assert isinstance(discharge, DischargeStep)
-    assert [(lim.kind, lim.value) for lim in discharge.discharge.until] == [("voltage", 2.5), ("time", 43200)]
-    assert loop.steps[1].cc.current.c_rate == pytest.approx(-0.1)
+    assert [(lim.kind, lim.value) for lim in body_of(discharge).until] == [("voltage", 2.5), ("time", 43200)]
+    assert body_of(loop.steps[1]).current.c_rate == pytest.approx(-0.1)
     assert profile.sample_period == 10
     assert profile.executed_step_count() == 3 + 2 * 2
 

@@ -15,7 +15,7 @@ def smu() -> Keithley2450Sim:
 
 def errors(smu: Keithley2450Sim) -> list[str]:
     out = []
-    while (reply := smu.handle(":SYST:ERR?")) and not reply.startswith("0,"):
+    while (reply := smu.answer(":SYST:ERR?")) and not reply.startswith("0,"):
         out.append(reply)
     return out
 
@@ -44,7 +44,7 @@ def test_chained_commands_share_the_compound_header_path(smu: Keithley2450Sim) -
 
 
 def test_common_commands_may_appear_anywhere_in_a_chain(smu: Keithley2450Sim) -> None:
-    assert smu.handle(":SOUR:FUNC CURR;*IDN?;:SOUR:FUNC?").split(";") == [smu.idn, "CURR"]
+    assert smu.answer(":SOUR:FUNC CURR;*IDN?;:SOUR:FUNC?").split(";") == [smu.idn, "CURR"]
 
 
 def test_strings_in_either_quote_are_accepted_and_answered_quoted(smu: Keithley2450Sim) -> None:

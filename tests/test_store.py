@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from cellbench.bench.runtime.store import COLUMNS, RunStore, Sample, open_run
+from cellbench.bench.runtime.events import Sample
+from cellbench.bench.runtime.store import COLUMNS, RunStore, open_run
 
 
 def sample(t: float, cycle: int = 1) -> Sample:
@@ -47,13 +48,16 @@ def test_a_crash_loses_at_most_the_batch_in_progress(tmp_path: Path) -> None:
     path = tmp_path / "run.sqlite"
     script = textwrap.dedent(
         f"""
-        import os, time
-        from cellbench.bench.runtime.store import RunStore, Sample
+        import os, sqlite3, time
+        from cellbench.bench.runtime.store import RunStore
         store = RunStore({str(path)!r}, flush_interval=1.0)
         for i in range(10):
             t = i * 0.5
             store.add(Sample(t, t, 3.7, 0.001, 1, 1, 1, "Rest", 0, 0, 0, 0), t)
-        time.sleep(0.5)  # the writer thread commits what was handed over within milliseconds
+        # the writer thread commits what was handed over: seen from another connection before the death
+        reader, deadline = sqlite3.connect({str(path)!r}), time.monotonic() + 30
+        while reader.execute("SELECT COUNT(*) FROM samples").fetchone()[0] < 9 and time.monotonic() < deadline:
+            time.sleep(0.01)
         os._exit(3)  # the process dies: no close, no final flush
         """
     )

@@ -9,7 +9,7 @@ import pytest
 
 from cellbench.drivers.errors import ConnectionLost, InstrumentTimeout, ProtocolError
 from cellbench.drivers.smu import Keithley2450
-from cellbench.drivers.transport import open_transport, parse_resource
+from cellbench.drivers.transport import Backend, open_transport, parse_resource
 from cellbench.simulators.server import SimServer
 
 
@@ -24,7 +24,7 @@ def test_resource_strings_parse_into_their_parts() -> None:
 
 @pytest.mark.parametrize("backend", ["native", "visa"])
 async def test_an_instrument_that_stops_answering_raises_a_timeout_naming_it_and_the_command(
-    smu_sim: SimServer, backend: str
+    smu_sim: SimServer, backend: Backend
 ) -> None:
     io = await open_transport(smu_sim.resource, name="cycler-3", timeout=0.3, backend=backend)
     try:
@@ -41,7 +41,7 @@ async def test_an_instrument_that_stops_answering_raises_a_timeout_naming_it_and
 
 
 @pytest.mark.parametrize("backend", ["native", "visa"])
-async def test_a_late_reply_never_answers_the_next_query(smu_sim: SimServer, backend: str) -> None:
+async def test_a_late_reply_never_answers_the_next_query(smu_sim: SimServer, backend: Backend) -> None:
     io = await open_transport(smu_sim.resource, name="smu", timeout=0.3, backend=backend)
     try:
         smu_sim.faults.delay = 0.5
@@ -114,7 +114,7 @@ async def test_concurrent_callers_never_get_each_others_replies(smu_sim: SimServ
 
 
 @pytest.mark.parametrize("backend", ["native", "visa"])
-async def test_bytes_that_arrived_unread_before_the_first_query_never_answer_it(backend: str) -> None:
+async def test_bytes_that_arrived_unread_before_the_first_query_never_answer_it(backend: Backend) -> None:
     """An instrument that says something on its own as the session opens (a greeting, the end of an earlier
     session's reply) while the loop is busy elsewhere: those bytes wait in the kernel, unread, when the first
     query goes out. They are stale, and the query gets its own reply."""

@@ -237,7 +237,8 @@ def test_a_run_killed_three_times_and_resumed_ends_as_an_uninterrupted_one(tmp_p
     for label in ("whole", "cut"):
         sim, resource = serve("keithley2450", "--port", "0", "--soc", "0.3")
         try:
-            bench, _ = files(tmp_path / label if (tmp_path / label).mkdir() is None else tmp_path, resource)
+            (tmp_path / label).mkdir()
+            bench, _ = files(tmp_path / label, resource)
             run = cellbench("run", str(profile), "--bench", str(bench), "--runs-dir", str(tmp_path / label / "runs"),
                             tmp_path=tmp_path)
             kept: set[tuple[float, float]] = set()
@@ -250,7 +251,9 @@ def test_a_run_killed_three_times_and_resumed_ends_as_an_uninterrupted_one(tmp_p
                     con = sqlite3.connect(db)
                     kept |= set(con.execute('SELECT "Test Time / s", "Voltage / V" FROM samples'))
                     con.close()
-                    time.sleep(0.5)  # the guardian turns the output off
+                    deadline = time.monotonic() + 10  # the guardian turns the output off
+                    while ask(resource, ":OUTP?") != "0" and time.monotonic() < deadline:
+                        time.sleep(0.05)
                     assert ask(resource, ":OUTP?") == "0", f"kill {kill}: the output was left on"
                     run = cellbench("resume", str(db), tmp_path=tmp_path)
             out, _ = run.communicate(timeout=120)

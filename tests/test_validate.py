@@ -357,3 +357,68 @@ def test_the_readmes_shell_commands_run_as_written(tmp_path: Path) -> None:
             assert done.returncode == 0, f"{line}\n{done.stdout[-1500:]}{done.stderr[-1500:]}"
             ran += 1
     assert ran >= 7 and served >= 7, (ran, served)
+
+
+def test_the_readmes_python_and_data_blocks_run_as_written(tmp_path: Path) -> None:
+    """The README's pyvisa snippet against a served 2450 (its address put in), its "From Python" block as written
+    from a folder holding a `cycle.yaml` and a `bench.yaml` on that 2450, and its "Data" commands on the runs the
+    block made (`runs/<run>.sqlite`, `runs/a.sqlite` and `runs/b.sqlite` named by them)."""
+    import re
+    import shlex
+    import subprocess
+    import sys
+    import textwrap
+
+    from tests.test_cli import serve
+
+    root = Path(__file__).resolve().parent.parent
+    readme = (root / "README.md").read_text()
+
+    def block(after: str, kind: str) -> str:
+        return str(re.findall(rf"```{kind}\n(.*?)```", readme[readme.index(after):], re.S)[0])
+
+    env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "COLUMNS": "200", "PYTHONPATH": str(root),
+           "CELLBENCH_STATE_DIR": str(tmp_path / "state"), "CELLBENCH_LOCK_DIR": str(tmp_path / "locks"),
+           "HOME": str(tmp_path)}
+    proc, resource = serve("keithley2450", "--port", "0", "--soc", "0.6")
+    try:
+        snippet = block("Any VISA client can drive the simulator too", "python")
+        assert "TCPIP::127.0.0.1::5025::SOCKET" in snippet
+        said = subprocess.run([sys.executable, "-c", snippet.replace("TCPIP::127.0.0.1::5025::SOCKET", resource)],
+                              capture_output=True, text=True, timeout=60, env=env)
+        assert said.returncode == 0 and said.stdout.startswith("KEITHLEY INSTRUMENTS,MODEL 2450"), said.stderr
+
+        (tmp_path / "cycle.yaml").write_text("name: cycle\nsample_period: 0.5 s\nsteps:\n"
+                                             "  - discharge: {current: 0.2 mA, until: 2 s}\n")
+        (tmp_path / "bench.yaml").write_text(textwrap.dedent(f"""
+            name: desk
+            instruments:
+              smu1: {{driver: keithley2450, resource: "{resource}", timeout: 2 s}}
+            cells:
+              pellet: {{capacity: 3.5 mAh, voltage_min: 2.5 V, voltage_max: 4.3 V}}
+            channels:
+              ch1: {{cycler: smu1, cell: pellet}}
+        """))
+        python = block("## From Python", "python")
+        ran = subprocess.run([sys.executable, "-c", python], capture_output=True, text=True, timeout=600,
+                             env=env, cwd=tmp_path)
+        assert ran.returncode == 0, ran.stdout[-1500:] + ran.stderr[-1500:]
+        assert ran.stdout.startswith("completed ")  # the real-time run on the served 2450
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+    dbs = sorted((tmp_path / "runs").glob("*.sqlite"), key=lambda p: p.stat().st_mtime)
+    assert len(dbs) == 2, dbs
+    first, second = dbs  # the dry run of formation-and-cycling, then the run on the 2450
+    for line in block("Turn a run into answers", "sh").splitlines():
+        command = line.split("  #")[0].strip()
+        command = command.replace("runs/<run>.sqlite", str(first)).replace("runs/a.sqlite", str(first))
+        command = command.replace("runs/b.sqlite", str(first))  # compare: the same cell twice
+        done = subprocess.run([sys.executable, "-m", "cellbench", *shlex.split(command)[1:]], capture_output=True,
+                              text=True, timeout=600, env=env, cwd=tmp_path)
+        assert done.returncode == 0, f"{command}\n{done.stdout[-1500:]}{done.stderr[-1500:]}"
+    assert list(tmp_path.glob("runs/*.bdf.csv")) and list(tmp_path.glob("runs/*/index.html"))
+    import sqlite3
+
+    with sqlite3.connect(second) as con:  # the run on the 2450, in its own database, ended as its profile did
+        assert con.execute("SELECT message FROM events WHERE kind = 'end'").fetchone() == ("completed",)

@@ -41,7 +41,7 @@ _C_RATE = re.compile(r"^\s*([+-])?\s*(?:(\d+(?:\.\d*)?|\.\d+)\s*)?C(?:\s*/\s*(\d
 
 
 @cache
-def registry() -> pint.UnitRegistry:
+def registry() -> pint.UnitRegistry[Any]:
     """pint's registry, made (and pint imported, with numpy) on the first quantity read, not at start-up."""
     import pint
 

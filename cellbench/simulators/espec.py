@@ -90,7 +90,7 @@ class EspecChamberSim:
             return "NA:CONT NOT READY-1"  # switched off: it answers queries, it takes no setting
         if head in ("HUMI?", "HUMI"):
             return "NA:CONT NOT READY-1"  # a temperature-only chamber has no humidity control
-        handler = {
+        handler: Callable[[], str] | None = {
             "TYPE?": lambda: f"T,S2,{TEMP_RANGE[1]:.1f}",
             "TEMP?": lambda: ",".join(
                 f"{v:.1f}" for v in (self.air_c, self.setpoint_c, self.upper_alarm_c, self.lower_alarm_c)

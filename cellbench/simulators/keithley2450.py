@@ -158,6 +158,14 @@ class Keithley2450Sim:
         return commands
 
     # --- the wire -------------------------------------------------------------------------
+    def answer(self, line: str) -> str:
+        """The reply to a line that answers at once: for in-process clients and tests (a line that answers nothing,
+        or only once a running trigger model ends, is an error here)."""
+        reply = self.handle(line)
+        if not isinstance(reply, str):
+            raise AssertionError(f"{line!r} gives no reply at once")
+        return reply
+
     def handle(self, line: str) -> str | AsyncIterator[str] | None:
         """One line from the client. While a trigger model runs, *OPC?, *OPC and *WAI wait for it to finish, and so
         does every line after a *WAI or *OPC? until then (the manual: *WAI holds the commands that follow it),

@@ -350,7 +350,7 @@ class PressServer:
 
     async def close(self) -> None:
         if self._server is not None:
-            await self._server.shutdown()
+            await self._server.shutdown()  # type: ignore[no-untyped-call]  # pymodbus leaves it untyped
             self._server = None
             await asyncio.sleep(0)
 

@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from cellbench.bench.ops import runs
-from cellbench.bench.runner.config import BenchConfig, CellConfig, ChannelConfig, InstrumentConfig
+from cellbench.bench.runner.config import BenchConfig, ChannelConfig, InstrumentConfig
 from cellbench.bench.runner.run import ChannelResult, ProfileFile, ProgressCallback, run_bench
+from cellbench.bench.runtime.cells import CellConfig
 from cellbench.bench.runtime.clock import Clock
 from cellbench.bench.runtime.engine import Progress
 from cellbench.drivers.registry import driver

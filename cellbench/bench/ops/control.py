@@ -21,7 +21,7 @@ from pathlib import Path
 from pydantic import BaseModel, ValidationError
 
 from cellbench.bench.ops.runs import state_dir
-from cellbench.bench.runtime.commands import Command
+from cellbench.bench.runtime.commands import Command as Command  # control.Command: what a client sends
 
 log = logging.getLogger(__name__)
 MAX_LINE = 4096  # bytes: a command is a few dozen

@@ -52,7 +52,7 @@ from cellbench.bench.runtime.events import (
     StepEnded,
     StepStarted,
 )
-from cellbench.profiles.schema import Strict
+from cellbench.profiles.base import Strict
 from cellbench.profiles.units import Duration
 
 log = logging.getLogger(__name__)

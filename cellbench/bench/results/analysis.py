@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cellbench.bench.runtime import policy
-from cellbench.bench.runtime.store import Sample
+from cellbench.bench.runtime.events import Sample
 
 EDGE_MAX_GAP = 0.05  # s: two samples this close around a current step are a DCIR pair
 EDGE_MIN_GAP = 0.005  # s: ... and at least this far apart (a reading at the edge itself is no 10 ms value)

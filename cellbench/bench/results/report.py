@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import bisect
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -156,8 +157,9 @@ def _voltage_capacity(plt: Any, samples: list[Any], path: Path) -> Path:
             by_cycle.setdefault(s.cycle, []).append(s)
     colours, bar = _by_cycle(plt, sorted(by_cycle))
     for c, mine in sorted(by_cycle.items()):
-        for flows, q in ((lambda s: s.current > 0, lambda s: s.charge_ah),
-                         (lambda s: s.current < 0, lambda s: s.discharge_ah)):
+        halves: tuple[tuple[Callable[[Any], bool], Callable[[Any], float]], ...] = (
+            (lambda s: s.current > 0, lambda s: s.charge_ah), (lambda s: s.current < 0, lambda s: s.discharge_ah))
+        for flows, q in halves:
             half = [s for s in mine if flows(s)]
             if half:
                 ax.plot([q(s) * 1e3 for s in half], [s.voltage for s in half], lw=0.8, color=colours(c))

@@ -20,8 +20,8 @@ from pydantic_core import PydanticCustomError
 from cellbench.bench.ops.mqtt import MqttConfig
 from cellbench.bench.runtime.cells import CellConfig
 from cellbench.drivers.registry import driver, drivers
+from cellbench.profiles.base import Strict
 from cellbench.profiles.parse import read_text, validate_yaml
-from cellbench.profiles.schema import Strict
 from cellbench.profiles.units import Duration
 
 

@@ -7,7 +7,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from cellbench.bench.ops.locks import InstrumentLock
-from cellbench.bench.runner.config import BenchConfig, CellConfig, InstrumentConfig
+from cellbench.bench.runner.config import BenchConfig, InstrumentConfig
+from cellbench.bench.runtime.cells import CellConfig
 from cellbench.bench.runtime.channel import Channel
 from cellbench.drivers.registry import OpenRequest, driver
 

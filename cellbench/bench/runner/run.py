@@ -24,6 +24,7 @@ from cellbench.bench.ops.mqtt import ChannelLink, MqttBridge
 from cellbench.bench.ops.runlog import RunLog
 from cellbench.bench.runner.config import BenchConfig
 from cellbench.bench.runner.instruments import Instruments
+from cellbench.bench.runner.states import IDLE_SAID, Action, ChannelState, Refused, transition
 from cellbench.bench.runtime.channel import Channel
 from cellbench.bench.runtime.clock import Clock
 from cellbench.bench.runtime.commands import Command
@@ -231,48 +232,52 @@ class _Coordinator:
             raise
         return list(await asyncio.gather(*self.tasks, return_exceptions=True))
 
+    def state_of(self, name: str) -> ChannelState:
+        """Where a channel of this controller stands: running, paused, latched (held after a safety stop) or idle."""
+        if name in self.held:
+            return ChannelState.LATCHED if name in self.latched else ChannelState.PAUSED
+        if any(e.channel.name == name for e in self.engines):
+            return ChannelState.RUNNING
+        return ChannelState.IDLE
+
     def command(self, cmd: Command) -> tuple[bool, str]:
         """Start, pause, resume or stop one channel, or clear its safety latch, or continue a run of an idle
-        channel (resume with its database); returns whether it was done and what to tell the operator."""
-        action, name = cmd.action, cmd.channel
+        channel (resume with its database): the channel's state machine (`runner.states`) says whether the action
+        is taken in the state it is in; returns whether it was done and what to tell the operator."""
+        name, state = cmd.channel, self.state_of(cmd.channel)
         reason = cmd.reason if cmd.operator is None else f"{cmd.reason} (operator {cmd.operator})"
+        action = Action(cmd.action)
+        if action is Action.RESUME and cmd.database is not None:
+            action = Action.CONTINUE  # a run named by its database: started again if idle, or resumed if paused
+        to = transition(state, action)
+        if isinstance(to, Refused):
+            return False, self.idle(name) if to is IDLE_SAID else to.said(name, self.latched.get(name, ("",))[0])
         engine = next((e for e in self.engines if e.channel.name == name), None)
         waiting = self.held.get(name)
-        if action == "start" or (action == "resume" and cmd.database is not None and waiting is None):
-            if engine is not None or waiting is not None:
-                return False, f"channel '{name}' is running a test: stop it first"
+        if state is ChannelState.IDLE:  # start, or continue: a new run on the channel
             if self.starter is None or self.stopping is not None or (cmd.profile or cmd.database) is None:
                 return False, "this controller takes no new runs"
             return self.starter(cmd, reason)
-        if engine is None and waiting is None:
-            return False, self.idle(name)
-        if action == "clear_latch":
-            if name not in self.latched:
-                return False, f"channel '{name}' has no safety latch set"
+        if action is Action.CLEAR_LATCH:
             if (now := self.open_circuit.get(name)) is not None and now[1] is not None:
                 return False, (f"channel '{name}': latch not cleared: the cell reads {now[0].voltage:.4f} V at open "
                                f"circuit: {now[1]}")
             tripped, cleared = self.latched.pop(name)
             cleared(reason)
             return True, f"channel '{name}': latch cleared ({tripped}); it stays paused until resumed"
-        if name in self.latched and action in ("pause", "resume"):
-            return False, (f"channel '{name}' is held by a {self.latched[name][0]}: output off and latched; check "
-                           "the cell, then clear the latch")
-        if action == "pause":
-            if engine is None:
-                return False, f"channel '{name}' is already paused"
+        if action is Action.PAUSE and engine is not None:
             engine.stop(Paused(reason))
             return True, f"channel '{name}' pauses: output off, state saved"
-        if action == "resume":
-            if waiting is None or waiting.done():
-                return False, f"channel '{name}' is not paused"
+        if action in (Action.RESUME, Action.CONTINUE) and waiting is not None and not waiting.done():
             waiting.set_result(("resume", reason))
             return True, f"channel '{name}' resumes where it stood"
+        if action is not Action.STOP:  # the table and the channel's run disagree for a moment: a race, said plainly
+            return False, f"channel '{name}' is changing state; try again"
         if engine is not None:
             engine.stop(Interrupted(reason))
         elif waiting is not None and not waiting.done():
             waiting.set_result(("stop", reason))
-        if name in self.latched:
+        if state is ChannelState.LATCHED:
             return True, f"channel '{name}' stops: its run ends in its {self.latched[name][0]}, still latched"
         return True, f"channel '{name}' stops: output off, recorded interrupted"
 

@@ -7,8 +7,9 @@ from typing import Annotated, Any, ClassVar
 from pydantic import BeforeValidator, Field, model_validator
 from pydantic_core import PydanticCustomError
 
-from cellbench.profiles.schema import Strict
-from cellbench.profiles.units import Voltage, to_si
+from cellbench.profiles.base import Strict
+from cellbench.profiles.units import Voltage as Voltage  # the bench file's fields, checked by config.py
+from cellbench.profiles.units import to_si
 
 Capacity = Annotated[float, BeforeValidator(lambda v: to_si(v, "A*h", "a capacity (e.g. '3.5 mAh')"))]
 Area = Annotated[float, BeforeValidator(lambda v: to_si(v, "cm**2", "an area (e.g. '1 cm^2')"))]

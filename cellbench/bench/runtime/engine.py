@@ -12,10 +12,8 @@ output goes off at the end, on any error, and on cancellation.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import math
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +22,7 @@ from typing import Any
 from cellbench.bench.runtime import policy
 from cellbench.bench.runtime.channel import Channel
 from cellbench.bench.runtime.clock import Clock, utc
+from cellbench.bench.runtime.cycles import CycleBook
 from cellbench.bench.runtime.events import (
     CycleCompleted,
     EventBus,
@@ -40,21 +39,20 @@ from cellbench.bench.runtime.events import (
     StepStarted,
 )
 from cellbench.bench.runtime.impedance_fit import fit_spectrum
-from cellbench.bench.runtime.runstate import Ending, EndKind, RunState, RunStatus, Setpoint, StepProgress, Totals
+from cellbench.bench.runtime.link import RECOVERABLE, CyclerLink
+from cellbench.bench.runtime.runstate import Ending, EndKind, RunState, RunStatus, StepProgress, Totals
+from cellbench.bench.runtime.shorts import ShortWatch
 from cellbench.bench.runtime.track import ProfileFailed, Track, out_of_tolerance
 from cellbench.bench.runtime.walker import Walker, dotted
 from cellbench.profiles.conditions import SetBody, WaitBody
 from cellbench.profiles.controls import PULSE_SETTLE, Control, SourceMode, StepType, build_control
 from cellbench.profiles.program import END, Program, compile_profile
-from cellbench.profiles.schema import Check, EisBody, Limit, Profile, RecordRule, ScheduleBody, body_of
+from cellbench.profiles.schema import EisBody, Limit, Profile, RecordRule, ScheduleBody, body_of
 from cellbench.profiles.units import human_duration
 from cellbench.roles import (
     Conditions,
-    ConnectionLost,
     InstrumentFault,
-    InstrumentTimeout,
     OnBoard,
-    ProtocolError,
     Reading,
 )
 
@@ -64,7 +62,6 @@ EDGE_FLOOR = 1e-7  # A: a change of current smaller than this is no edge
 CHECKPOINT_EVERY = 60.0  # s of test time between saved run states within a step
 
 
-RECOVERABLE = (ConnectionLost, InstrumentTimeout, ProtocolError)  # what a new connection may cure
 FROZEN_AFTER = 20  # identical measured values in a row, with current flowing, that mean a frozen reading
 
 
@@ -112,23 +109,47 @@ class Outcome:
     status: RunStatus = RunStatus.COMPLETED
 
 
-def _charging_cc(ctl: Control, reading: Reading) -> bool:
-    """A constant current charging: a CC charge, or the constant-current phase of a CCCV charge."""
-    return ctl.step_type is StepType.CC_CHARGE or (
-        ctl.step_type is StepType.CCCV_CHARGE and reading.current >= 0.98 * ctl.compliance)
-
-
 @dataclass
 class _Samples:
     """The running step's recent samples (test time, reading): working memory, not state."""
 
     history: list[tuple[float, Reading]] = field(default_factory=list)  # the last two
-    voltages: deque[tuple[float, float]] = field(default_factory=deque)  # (test time, V) over the short window
     same: int = 0  # how many readings in a row have measured exactly the same value
-    shorts: set[str] = field(default_factory=set)  # kinds of short already found in this step
     last_ah: float = 0.0  # charge of the last sampling interval (how far a limit may have been overshot)
     last_recorded: tuple[float, Reading] | None = None
     counted_from: float | None = None  # the step's edge, when its first reading comes 10 ms after it
+
+
+@dataclass
+class _StepRun:
+    """A leaf step as it runs: what it is, its control and progress, its limits and sampling plan."""
+
+    kind: str  # the step's kind as written (charge, rest, wait, schedule, ...)
+    body: Any  # the step's body, as the language gives it
+    ctl: Control
+    step: StepProgress
+    limits: list[Limit]
+    approach: list[Limit]  # the limits closed in on (a CCCV's held voltage among them)
+    edges: list[float]  # the control's current edges still to come, s into the step
+    period: float
+    rule: RecordRule | None
+    watch: ShortWatch
+    next_sample: float = 0.0
+    scheduled: float = 0.0  # when the sample being taken was due
+    work: _Samples = field(default_factory=lambda: _Samples())
+
+
+@dataclass
+class _Verdict:
+    """What one reading means for the step."""
+
+    short: str | None
+    ended: Ending | None
+    unsafe: str | None
+
+    @property
+    def alarm(self) -> bool:
+        return self.short is not None or self.unsafe is not None
 
 
 class Engine:
@@ -155,6 +176,7 @@ class Engine:
         self.program: Program = compile_profile(profile)
         self.state = RunState()
         self.walker = Walker(self.program, self.state)
+        self._collaborators()
         self._origin = 0.0
         self._saved_at = 0.0
         self._last: Reading | None = None
@@ -166,8 +188,7 @@ class Engine:
         self._notices = list(notices or [])
         self.latest: tuple[float, Reading, Conditions] | None = None  # the last measurement (test time, ...)
         self.discharging: float | None = None  # during a discharge step: its current's magnitude (A)
-        self._finished_whole = True  # whether the cycle that just ended had a whole charge and discharge
-        self._watched: tuple[Control, _Samples] | None = None  # the running step's control and samples
+        self._watch: ShortWatch | None = None  # the running step's short watch
         self._short_seen: str | None = None  # a short the supervisor found, for the engine to deal with
         if on_progress is not None:
             total = profile.executed_step_count()
@@ -177,6 +198,13 @@ class Engine:
                     on_progress(Progress.of(event.sample, total))
 
             events.subscribe(progress)
+
+    def _collaborators(self) -> None:
+        """The walker's, the cycle book's and the cycler link's run state is the engine's (a new one on a resume)."""
+        self.walker = Walker(self.program, self.state)
+        self.book = CycleBook(self.profile, self.program, self.channel.cell, self.state)
+        self.link = CyclerLink(self.channel, self.state, now=self._t, sleep_until=self._sleep_until, note=self._note,
+                               look_before_on=self._look_before_on)
 
     # --- the run ---------------------------------------------------------------------------
     async def run(self, resume: RunState | None = None, outage: tuple[float, float] | None = None) -> Outcome:
@@ -221,7 +249,7 @@ class Engine:
             self._note(NoteKind.FAILED, reason)
             raise
         finally:
-            await self._output_off()
+            await self.link.output_off()
             self._checkpoint()
             if status is not RunStatus.PAUSED:  # a paused run has not ended
                 self._note(NoteKind.END, reason)
@@ -231,7 +259,7 @@ class Engine:
     def _restore(self, saved: RunState, outage: tuple[float, float] | None) -> None:
         """Carry on from a saved state: test time goes on from where it stood, the outage is not test time."""
         self.state = saved.model_copy(deep=True)
-        self.walker = Walker(self.program, self.state)
+        self._collaborators()
         # test time goes on from the last sample counted: what came after it was not measured
         self._origin = self.clock.start() - saved.accounted_until
         self._saved_at = saved.accounted_until
@@ -314,82 +342,7 @@ class Engine:
             self.walker.jump(await self._run_step(pc))
             self._checkpoint()
 
-    async def _output_off(self) -> None:
-        try:
-            await self.channel.cycler.output(False)
-            return
-        except Exception as exc:  # the run is ending anyway: try a new connection, and say so loudly
-            failed: Exception = exc
-        if self.channel.reconnect is not None:
-            try:
-                self.channel.cycler = await self.channel.reconnect()
-                await self.channel.cycler.output(False)
-                self._note(NoteKind.FAULT, f"the output was turned off on a new connection ({failed})")
-                return
-            except Exception as exc:
-                log.error("%s: reconnecting to turn the output off failed too: %s", self.channel.name, exc)
-        if self.channel.blind_off is not None:
-            try:
-                if await self.channel.blind_off():
-                    self._note(NoteKind.FAULT, f"the output-off command was sent on a new connection but the "
-                                               f"instrument did not confirm it ({failed})")
-                    return
-            except Exception as exc:
-                log.error("%s: the blind output-off failed too: %s", self.channel.name, exc)
-        log.error("%s: could not turn the output off: %s", self.channel.name, failed)
-        self._note(NoteKind.FAULT, f"could not turn the output off: {failed}")
-
-    async def _apply_surely(self, ctl: Control, t_step: float, voltage: float) -> None:
-        """A new setpoint; a lost connection is recovered first (within the grace time)."""
-        try:
-            await self._apply(ctl, t_step, voltage)
-        except RECOVERABLE as exc:
-            await self._recover(exc)
-            await self._apply(ctl, t_step, voltage)
-
-    async def _recover(self, exc: InstrumentFault) -> bool:
-        """Reconnect to the cycler with backoff within the grace time, re-read its output, re-apply the setpoint.
-
-        Returns whether the output was still on (the current kept flowing across the gap). Past the grace
-        time raises InstrumentFault: the channel is made safe and fails; other channels go on.
-        """
-        ch = self.channel
-        grace = ch.reconnect_grace
-        if ch.reconnect is None or grace <= 0:
-            raise exc
-        name, began, delay, last = ch.cycler.name, self._t(), 0.25, exc
-        self._note(NoteKind.FAULT, f"{exc}; reconnecting for up to {human_duration(grace)}")
-        while True:
-            # the last try comes at the grace's end, not a backoff before it
-            await self._sleep_until(self._t() + min(delay, max(grace - (self._t() - began), 0.0)))
-            try:
-                ch.cycler = await ch.reconnect()
-                was_on = await ch.cycler.output_is_on()
-                if not was_on:  # the output goes on again only into a cell that reads safe at open circuit
-                    self._look_before_on(await ch.cycler.measure(), "turned on again after reconnecting")
-                sp = self.state.setpoint
-                if sp is not None and sp.mode is SourceMode.CURRENT:
-                    await ch.cycler.source_current(sp.value, voltage_limit=sp.compliance)
-                elif sp is not None:
-                    await ch.cycler.source_voltage(sp.value, current_limit=sp.compliance)
-                if not was_on:
-                    await ch.cycler.output(True)
-            except RECOVERABLE as again:
-                last = again
-                if self._t() - began >= grace:
-                    raise InstrumentFault(name, f"not recovered within {human_duration(grace)}: {last}") from last
-                delay = min(delay * 2, 10.0)
-                continue
-            self._note(NoteKind.RECOVERED, f"{name} reconnected after {human_duration(self._t() - began)}: its "
-                       f"output was {'still on' if was_on else 'off, and was turned on again'}; setpoint applied again")
-            return was_on
-
     # --- one step --------------------------------------------------------------------------
-    def _capacity(self) -> float:
-        if self.profile.c_rate_basis == "measured" and self.state.measured_capacity:
-            return self.state.measured_capacity
-        return self.channel.cell.capacity
-
     def _begin_step(self, pc: int, step_type: StepType) -> StepProgress:
         st, ins = self.state, self.program.instrs[pc]
         st.step_count += 1
@@ -403,7 +356,7 @@ class Engine:
         self.events.publish(StepEnded(self.state.step_count, t, ending.reason, ending.kind))
         self.state.step = None
         self.discharging = None
-        self._watched = None
+        self._watch = None
 
     def _look_before_on(self, open_circuit: Reading, what: str) -> None:
         """Before the output goes on into a cell the run has not watched (a resume, a reconnection that found it
@@ -416,9 +369,7 @@ class Engine:
         """A reading the supervisor took between the engine's samples, through the step's own short signatures
         (the same window, each kind found once per step): a short is seen within the supervisor's period, whatever
         the sample period. Returns the short found, or None; call it on the run's loop."""
-        if self._watched is None or not _charging_cc(self._watched[0], reading):
-            return None
-        return self._watch_for_short(self._watched[1], t, reading)
+        return None if self._watch is None else self._watch.look(t, reading)
 
     def short_seen(self, short: str) -> None:
         """The supervisor found a short the profile flags or looks at with a spectrum: the engine wakes and deals
@@ -428,32 +379,57 @@ class Engine:
             self._waiter.set_result(None)
 
     async def _run_step(self, pc: int) -> int:
+        """One step of the program; returns where the program goes next. A leaf step's loop reads as
+        wait -> measure -> account -> decide -> record -> act -> reapply."""
         ins = self.program.instrs[pc]
-        body = body_of(ins.node)
         resumed = self.state.step if self.state.step is not None and self.state.step.pc == pc else None
         if resumed is not None and ins.node.kind in ("set", "eis"):
             self.state.step_count -= 1  # run again from its start, under the same step number
             self.state.step = resumed = None
-        if ins.node.kind == "set":
-            return await self._run_set(pc, body)
-        if ins.node.kind == "eis":
-            return await self._run_eis(pc, body)
+        match ins.node.kind:
+            case "set":
+                return await self._run_set(pc, body_of(ins.node))
+            case "eis":
+                return await self._run_eis(pc, body_of(ins.node))
+        run = await self._enter(pc, resumed)
+        while True:
+            t, reading = await self._wait_and_measure(run)
+            if reading is None:
+                continue
+            self._take(run.work, run.step.totals, t, reading)
+            verdict = await self._decide(run, t, reading)
+            at_edge = bool(run.edges) and t >= run.step.start + run.edges[0] - 1e-9
+            # the reading that trips a stop is always recorded
+            self._maybe_record(run.work, t, reading, run.ctl.step_type, ins.index, run.rule,
+                               force=bool(verdict.ended) or at_edge or verdict.alarm)
+            if (target := await self._act(pc, run, t, verdict)) is not None:
+                return target
+            if t - self._saved_at >= self.checkpoint_every:
+                self._checkpoint()
+            await self._reapply(run, t, reading, at_edge)
+
+    async def _enter(self, pc: int, resumed: StepProgress | None) -> _StepRun:
+        """Begin a leaf step (or take up the one a saved state was in): its control, the cycle it starts, its
+        setpoint armed before the output goes on, and the step's limits and sampling plan."""
+        ins = self.program.instrs[pc]
+        body = body_of(ins.node)
         cell, st, last = self.channel.cell, self.state, self._last
         assert last is not None
         ctl = build_control(
-            ins.node, capacity=self._capacity(), v_min=cell.voltage_min, v_max=cell.voltage_max,
+            ins.node, capacity=self.book.capacity(), v_min=cell.voltage_min, v_max=cell.voltage_max,
             last_voltage=last.voltage, last_cc_current=st.last_cc_current, base_dir=self.base_dir,
         )
         if resumed is None:
             if ctl.step_type.is_constant_current:
                 st.last_cc_current = abs(ctl.setpoint(0.0, last.voltage))
-            finished = self._advance_cycle(ctl, body.new_cycle)
+            finished = self.book.advance(ctl, body.new_cycle)
             if finished is not None:
                 number, totals = finished
                 ref = st.reference_capacity
                 self.events.publish(CycleCompleted(number, self._t(), *totals.as_tuple(),
-                                                   totals.discharge_ah / ref if ref else None, self._finished_whole))
-            if finished is not None and (short := self._efficiency_signature(*finished)):
+                                                   totals.discharge_ah / ref if ref else None,
+                                                   self.book.finished_whole))
+            if finished is not None and (short := self.book.efficiency_signature(*finished)):
                 await self._short_found(short, planned_end=False)
             step = self._begin_step(pc, ctl.step_type)
         else:  # a step in progress when the state was saved: its limits count the time already done
@@ -466,97 +442,108 @@ class Engine:
         if onboard:
             await self._start_schedule(body, again=resumed is not None)
         else:
-            await self._apply(ctl, self._t() - step.start, last.voltage)
+            await self.link.apply(ctl, self._t() - step.start, last.voltage)
             await self.channel.cycler.output(True)
         # a discharge's current of the other sign is a fault: judged only once its setpoint is in effect (a reading
         # the supervisor took as the previous charge still flowed once tripped the step's start)
         self.discharging = (
             (ctl.compliance if ctl.mode is SourceMode.VOLTAGE else abs(ctl.setpoint(0.0, last.voltage)))
             if ctl.step_type in policy.DISCHARGING else None)
-        period = body.sample_period or self.profile.sample_period
-        rule = body.record or self.profile.record
-        limits = policy.resolve_limits(ctl, capacity=self._capacity(), last_voltage=last.voltage)
+        limits = policy.resolve_limits(ctl, capacity=self.book.capacity(), last_voltage=last.voltage)
         # a CCCV's current phase ends where its voltage reaches the held value: closed in on like a cut-off, so that
         # the current's first fall is sampled and counted exactly
         approach = limits
         if ctl.step_type in (StepType.CCCV_CHARGE, StepType.CCCV_DISCHARGE):
             approach = [*limits, Limit(kind="voltage", value=ctl.setpoint(0.0, last.voltage))]
-        edges = [e for e in ctl.edges if step.start + e > self._t()]
-        work = _Samples()
-        next_sample = max(step.start, self._t())
+        run = _StepRun(ins.node.kind, body, ctl, step, limits, approach, [e for e in ctl.edges if step.start + e >
+                       self._t()], body.sample_period or self.profile.sample_period, body.record or self.profile.record,
+                       ShortWatch(self.profile.short_detection, ctl), next_sample=max(step.start, self._t()))
         if resumed is None and not onboard and ctl.mode is SourceMode.CURRENT and abs(
                 ctl.setpoint(0.0, last.voltage) - last.current) > max(EDGE_FLOOR, 0.01 * abs(last.current)):
-            next_sample += PULSE_SETTLE  # a current edge: the first reading 10 ms after it (a true 10 ms DCIR)
-            work.counted_from = step.start  # ... and the held current counted from the edge, not from then
-        self._watched = (ctl, work)
-        while True:
-            deadline = policy.next_deadline(limits, step.start, st.budgets)
-            edge_at = step.start + edges[0] if edges else math.inf
-            scheduled = next_sample
-            await self._sleep_until(min(next_sample, deadline, edge_at))
-            if self._short_seen is not None:  # by the supervisor, between two samples: flag it, or rest for a spectrum
-                short, self._short_seen = self._short_seen, None
-                await self._short_found(short, planned_end=False)
-                continue
-            t = self._t()
-            try:
-                reading = await self.channel.cycler.measure()
-            except RECOVERABLE as exc:
-                if not await self._recover(exc):
-                    work.history.clear()  # the output was off: nothing flowed across the gap
-                next_sample = self._t()
-                continue
-            if self.channel.chamber or self.channel.press:
-                self._cond = await self.channel.conditions()
-            self.latest = (t, reading, self._cond)
-            self._check_not_frozen(work, ctl, reading)
-            t_step = t - step.start
-            self._take(work, step.totals, t, reading)
-            # a constant current charging: a CC charge, or the constant-current phase of a CCCV charge
-            short = self._watch_for_short(work, t, reading) if _charging_cc(ctl, reading) else None
-            ended = (
-                policy.budget_ended(st.budgets, t)
-                or self._limit_reached(ctl, limits, work, step.totals, reading, t_step)
-                or (self._stable(body, step, t) if ins.node.kind == "wait" else None)
-                or (await self._schedule_ended(body) if onboard else None)
-            )
-            unsafe = (policy.unsafe(reading, cell, self.profile.safety, self._cond)
-                      or policy.wrong_sign(reading, self.discharging))
-            planned_end = ended is not None and self.walker.resolve(pc, ended.target) == END
-            at_edge = bool(edges) and t >= edge_at - 1e-9
-            # the reading that trips a stop is always recorded
-            alarm = short is not None or unsafe is not None
-            self._maybe_record(work, t, reading, ctl.step_type, ins.index, rule, force=bool(ended) or at_edge or alarm)
-            if short is not None:
-                await self._short_found(short, planned_end)
-            if unsafe and not planned_end:  # a limit that ends the test on this reading was planned for it
-                raise SafetyStop(unsafe)
-            if ended:
-                if onboard and ended.kind is not EndKind.SCHEDULE:  # a limit of ours ends the cycler's schedule
-                    await self.channel.cycler.output(False)
-                st.cycle_totals.resolution_ah += work.last_ah
-                ended = self._checked(body.check, ended, ctl, step.totals)
-                self._end_step(ended, t)
-                self._after_step(ctl, ended, step.totals, getattr(body, "reference", False))
-                return self.walker.resolve(pc, ended.target)
-            if t - self._saved_at >= self.checkpoint_every:
-                self._checkpoint()
-            if at_edge:
-                edges.pop(0)
-                await self._apply_surely(ctl, t_step, reading.voltage)
-                next_sample = t + PULSE_SETTLE
-                continue
-            interval = policy.next_interval(period, approach, work.history, self._emptied(ctl))
-            if approach is not limits and _reached_hold(work.history, approach[-1].value):
-                interval = policy.MIN_INTERVAL  # a CCCV's current has just begun to fall: fastest at first
-            if ctl.dynamic:
-                # hold the value of the middle of the coming interval: a ramp or a linear drive is
-                # then followed with its charge exact, as by the midpoint rule
-                t_apply = t_step + interval / 2
-                if edges:
-                    t_apply = min(t_apply, edges[0] - 1e-6)
-                await self._apply_surely(ctl, t_apply, reading.voltage)
-            next_sample = policy.next_sample_at(scheduled, t, interval)
+            run.next_sample += PULSE_SETTLE  # a current edge: the first reading 10 ms after it (a true 10 ms DCIR)
+            run.work.counted_from = step.start  # ... and the held current counted from the edge, not from then
+        self._watch = run.watch
+        return run
+
+    async def _wait_and_measure(self, run: _StepRun) -> tuple[float, Reading | None]:
+        """Sleep to the next sample, deadline or edge, then read the cycler (and the conditions). None: nothing to
+        account this time (a short the supervisor found was dealt with, or the connection was recovered)."""
+        deadline = policy.next_deadline(run.limits, run.step.start, self.state.budgets)
+        edge_at = run.step.start + run.edges[0] if run.edges else math.inf
+        run.scheduled = run.next_sample
+        await self._sleep_until(min(run.next_sample, deadline, edge_at))
+        if self._short_seen is not None:  # by the supervisor, between two samples: flag it, or rest for a spectrum
+            short, self._short_seen = self._short_seen, None
+            await self._short_found(short, planned_end=False)
+            return self._t(), None
+        t = self._t()
+        try:
+            reading = await self.channel.cycler.measure()
+        except RECOVERABLE as exc:
+            if not await self.link.recover(exc):
+                run.work.history.clear()  # the output was off: nothing flowed across the gap
+            run.next_sample = self._t()
+            return t, None
+        if self.channel.chamber or self.channel.press:
+            self._cond = await self.channel.conditions()
+        self.latest = (t, reading, self._cond)
+        self._check_not_frozen(run.work, run.ctl, reading)
+        return t, reading
+
+    async def _decide(self, run: _StepRun, t: float, reading: Reading) -> _Verdict:
+        """What this reading means: a short, the step's end (a limit, a budget, stability, the cycler's schedule),
+        an unsafe reading."""
+        short = run.watch.look(t, reading)
+        ended = (
+            policy.budget_ended(self.state.budgets, t)
+            or self._limit_reached(run.ctl, run.limits, run.work, run.step.totals, reading, t - run.step.start)
+            or (self._stable(run.body, run.step, t) if run.kind == "wait" else None)
+            or (await self._schedule_ended(run.body) if run.kind == "schedule" else None)
+        )
+        unsafe = (policy.unsafe(reading, self.channel.cell, self.profile.safety, self._cond)
+                  or policy.wrong_sign(reading, self.discharging))
+        return _Verdict(short, ended, unsafe)
+
+    async def _act(self, pc: int, run: _StepRun, t: float, verdict: _Verdict) -> int | None:
+        """Stop on a short or an unsafe reading (unless a limit planned to end the test on this very reading), or
+        end the step: returns where the program goes next, or None while the step goes on."""
+        ended = verdict.ended
+        planned_end = ended is not None and self.walker.resolve(pc, ended.target) == END
+        if verdict.short is not None:
+            await self._short_found(verdict.short, planned_end)
+        if verdict.unsafe and not planned_end:
+            raise SafetyStop(verdict.unsafe)
+        if ended is None:
+            return None
+        if run.kind == "schedule" and ended.kind is not EndKind.SCHEDULE:  # a limit of ours ends the cycler's schedule
+            await self.channel.cycler.output(False)
+        self.state.cycle_totals.resolution_ah += run.work.last_ah
+        ended = self.book.checked(run.body.check, ended, run.ctl, run.step.totals)
+        self._end_step(ended, t)
+        self.book.after_step(run.ctl, ended, run.step.totals, getattr(run.body, "reference", False))
+        return self.walker.resolve(pc, ended.target)
+
+    async def _reapply(self, run: _StepRun, t: float, reading: Reading, at_edge: bool) -> None:
+        """The step goes on: the next edge's setpoint, or a dynamic control's value for the coming interval, and
+        when to sample next (faster near a limit)."""
+        t_step = t - run.step.start
+        if at_edge:
+            run.edges.pop(0)
+            await self.link.apply_surely(run.ctl, t_step, reading.voltage)
+            run.next_sample = t + PULSE_SETTLE
+            return
+        history = run.work.history
+        interval = policy.next_interval(run.period, run.approach, history, self.book.emptied(run.ctl))
+        if run.approach is not run.limits and _reached_hold(history, run.approach[-1].value):
+            interval = policy.MIN_INTERVAL  # a CCCV's current has just begun to fall: fastest at first
+        if run.ctl.dynamic:
+            # hold the value of the middle of the coming interval: a ramp or a linear drive is
+            # then followed with its charge exact, as by the midpoint rule
+            t_apply = t_step + interval / 2
+            if run.edges:
+                t_apply = min(t_apply, run.edges[0] - 1e-6)
+            await self.link.apply_surely(run.ctl, t_apply, reading.voltage)
+        run.next_sample = policy.next_sample_at(run.scheduled, t, interval)
 
     async def _start_schedule(self, body: ScheduleBody, *, again: bool) -> None:
         """Assign and start the cycler's own schedule, and set its variables; on a resume, watch it again if it
@@ -640,7 +627,7 @@ class Engine:
             ocp = await pstat.open_circuit_potential(interval=0.1, duration=1.0)
             e_dc = sum(ocp) / len(ocp)
         # the potentiostat's current range for this cell: its 1C current, between 1 mA and 100 mA
-        current_range = min(max(self._capacity() * 1.0, 1e-3), 0.1)  # Ah × 1/h is A
+        current_range = min(max(self.book.capacity() * 1.0, 1e-3), 0.1)  # Ah × 1/h is A
         points = await pstat.impedance(f_start=body.start, f_end=body.end, n_points=body.n_points(),
                                        amplitude=body.amplitude, e_dc=e_dc, current_range=current_range)
         # the script ends with cell_off: its end is the potentiostat letting go
@@ -660,89 +647,6 @@ class Engine:
             reason += f"; R_ohmic {fit.r_ohmic:.4g} ohm, R_interfacial {fit.r_interfacial:.4g} ohm"
         return reason, e_dc
 
-    async def _apply(self, ctl: Control, t_step: float, voltage: float) -> None:
-        value = ctl.setpoint(t_step, voltage)
-        if ctl.mode is SourceMode.CURRENT:
-            await self.channel.cycler.source_current(value, voltage_limit=ctl.compliance)
-        else:
-            await self.channel.cycler.source_voltage(value, current_limit=ctl.compliance)
-        self.state.setpoint = Setpoint(mode=ctl.mode, value=value, compliance=ctl.compliance)
-
-    def _efficiency_signature(self, cycle: int, totals: Totals) -> str | None:
-        """Two finished cycles in a row that gave back more charge than they took: a soft short's signature.
-        One alone is not: a cycle discharged at a lower rate than the one before it (a reference test after
-        faster cycling) gives back what the faster discharge had left in the cell."""
-        rule, seen = self.profile.short_detection, self.state.high_efficiency
-        if rule.action == "off" or cycle < 2 or totals.charge_ah < 0.5 * self._capacity():
-            return None
-        ce = totals.discharge_ah / totals.charge_ah
-        excess = totals.discharge_ah - totals.charge_ah
-        if ce <= rule.efficiency_above or excess <= totals.resolution_ah + totals.carried_ah:
-            seen.clear()  # within what the sampling can place, or not above the threshold
-            return None
-        seen.append(ce)
-        if len(seen) < 2:
-            return None
-        shown = " and ".join(f"{x * 100:.2f} %" for x in seen[-2:])
-        seen.clear()
-        return (f"soft short suspected: cycles {cycle - 1} and {cycle} gave back {shown} of their charge "
-                f"(cycle {cycle}: {totals.discharge_ah * 1e3:.4f} of {totals.charge_ah * 1e3:.4f} mAh)")
-
-    def _advance_cycle(self, ctl: Control, explicit: bool) -> tuple[int, Totals] | None:
-        """Count cycles; when one ends, return its number and totals."""
-        st = self.state
-        finished = None
-        if self.profile.cycle_counting == "explicit":
-            starts = explicit
-        else:
-            starts = ctl.direction > 0 and st.discharged and ctl.step_type is not StepType.REST
-        if starts and st.cycle_has_run:
-            finished = (st.cycle, st.cycle_totals)
-            self._finished_whole = st.whole_charge and st.whole_discharge
-            st.cycle += 1
-            st.discharged = st.whole_charge = st.whole_discharge = False
-            # where the last cycle stopped is as uncertain as where this one will: it sets where this one starts
-            st.cycle_totals = Totals(carried_ah=st.cycle_totals.resolution_ah)
-        st.cycle_has_run = True
-        if ctl.direction < 0:
-            st.discharged = True
-        return finished
-
-    def _after_step(self, ctl: Control, ending: Ending, totals: Totals, reference: bool = False) -> None:
-        """A discharge that reached its voltage limit measures the capacity; the first reference discharge (the
-        first discharge at all, where the profile marks none) is the reference for retention."""
-        st = self.state
-        if ending.kind in policy.WHOLE_ENDS:
-            st.whole_charge = st.whole_charge or ctl.step_type in policy.CHARGING
-            st.whole_discharge = st.whole_discharge or ctl.step_type in policy.DISCHARGING
-        if ctl.step_type is StepType.CC_DISCHARGE and ending.kind is EndKind.VOLTAGE and totals.discharge_ah > 0:
-            st.measured_capacity = totals.discharge_ah
-            if st.reference_capacity is None and (reference or not self._marks_references):
-                st.reference_capacity = totals.discharge_ah
-
-    def _checked(self, checks: list[Check], ending: Ending, ctl: Control, totals: Totals) -> Ending:
-        """A check that holds once the step ended sends the program where it says."""
-        for check in checks:
-            value = self._check_value(check.kind, ctl, totals)
-            if value is not None and policy.holds(check.op, value, check.value):
-                said = f"{ending.reason}; then {check.kind} {check.op} {check.value:g}"
-                return Ending(ending.kind, said, check.then)
-        return ending
-
-    @functools.cached_property
-    def _marks_references(self) -> bool:
-        return any(ins.op == "step" and getattr(body_of(ins.node), "reference", False) for ins in self.program.instrs)
-
-    def _check_value(self, kind: str, ctl: Control, totals: Totals) -> float | None:
-        if kind == "retention":
-            if not self.state.reference_capacity or ctl.direction >= 0:
-                return None
-            return totals.discharge_ah / self.state.reference_capacity
-        if kind == "step_capacity":
-            return max(totals.charge_ah, totals.discharge_ah)
-        cycle = self.state.cycle_totals
-        return cycle.charge_ah if ctl.direction > 0 else cycle.discharge_ah
-
     # --- limits ----------------------------------------------------------------------------
     def _limit_reached(
         self, ctl: Control, limits: list[Limit], work: _Samples, totals: Totals, r: Reading, t_step: float
@@ -753,14 +657,6 @@ class Engine:
             for lim in limits
         }
         return policy.limit_reached(limits, values)
-
-    def _emptied(self, ctl: Control) -> float | None:
-        """How much of the cycle's charge a discharge to a voltage cut-off has taken out so far (None for other
-        steps, or before anything was charged in the cycle)."""
-        charged = self.state.cycle_totals.charge_ah
-        if ctl.direction >= 0 or charged <= 0 or not any(lim.kind == "voltage" for lim in ctl.limits):
-            return None
-        return self.state.cycle_totals.discharge_ah / charged
 
     def _stable(self, body: WaitBody, step: StepProgress, t: float) -> Ending | None:
         """A wait step: ended once temperature and pressure have been within tolerance long enough."""
@@ -798,25 +694,6 @@ class Engine:
         if work.same >= FROZEN_AFTER:
             raise InstrumentFault(self.channel.cycler.name, f"its reading has not changed in {FROZEN_AFTER + 1} "
                                   f"samples while current flowed ({r.voltage} V, {r.current} A): a frozen reading")
-
-    def _watch_for_short(self, work: _Samples, t: float, r: Reading) -> str | None:
-        """Lithium-metal short detection while charging at constant current (the profile's short_detection)."""
-        rule = self.profile.short_detection
-        if rule.action == "off":
-            return None
-        window = work.voltages
-        short = policy.short_signature(window, t, r.voltage, r.current, rule)
-        window.append((t, r.voltage))
-        while len(window) > 2 and t - window[1][0] >= rule.window:
-            window.popleft()
-        if short is None:
-            return None
-        window.clear()
-        kind = short.split(":", 1)[0]
-        if kind in work.shorts:
-            return None  # flagged once per step and kind: a soft short that grows is not news every sample
-        work.shorts.add(kind)
-        return short
 
     async def _short_found(self, short: str, planned_end: bool) -> None:
         """Stop (unless the profile ends the test on this very reading, as a CCD test does), rest and take a
