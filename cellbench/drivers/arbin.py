@@ -265,6 +265,7 @@ async def _open(req: OpenRequest) -> Opened:
 
 DRIVERS = [
     DriverSpec("arbin", ("cycler",), _open, "Arbin cycler over CTI (TCP 9031): reads, schedules, meta variables",
-               simulator="cellbench.simulators.arbin:serve", extra={"port": 9031}, multi_channel=True,
+               simulator="cellbench.simulators.arbin:serve",
+               rehearsal="cellbench.simulators.arbin:rehearse", extra={"port": 9031}, multi_channel=True,
                runs_schedules=True, host_driven=False),
 ]

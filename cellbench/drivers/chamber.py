@@ -85,5 +85,6 @@ async def _open(req: OpenRequest) -> Opened:
 
 DRIVERS = [
     DriverSpec("espec", ("chamber",), _open, "ESPEC temperature chamber, its text protocol (RS-232C/485, LAN)",
-               baud_rate=9600, simulator="cellbench.simulators.espec:serve"),
+               baud_rate=9600, simulator="cellbench.simulators.espec:serve",
+               rehearsal="cellbench.simulators.espec:rehearse"),
 ]

@@ -436,5 +436,6 @@ async def _open(req: OpenRequest) -> Opened:
 
 DRIVERS = [
     DriverSpec("maccor", ("cycler",), _open, "Maccor cycler box over MacNet (JSON on TCP 57570, binary on 57560)",
-               simulator="cellbench.simulators.maccor:serve", extra={"port": JSON_PORT}, multi_channel=True),
+               simulator="cellbench.simulators.maccor:serve",
+               rehearsal="cellbench.simulators.maccor:rehearse", extra={"port": JSON_PORT}, multi_channel=True),
 ]

@@ -252,5 +252,6 @@ async def _open(req: OpenRequest) -> Opened:
 
 DRIVERS = [
     DriverSpec("palmsens", ("potentiostat",), _open, "PalmSens potentiostat (EmStat, Sensit), MethodSCRIPT on serial",
-               baud_rate=230400, simulator="cellbench.simulators.palmsens:serve"),
+               baud_rate=230400, simulator="cellbench.simulators.palmsens:serve",
+               rehearsal="cellbench.simulators.palmsens:rehearse"),
 ]

@@ -215,9 +215,11 @@ MODBUS_SIM_PORT = 5502
 
 DRIVERS = [
     DriverSpec("modbus-press", ("press",), _open, "stack-pressure press on Modbus TCP or RTU (docs/protocols/press.md)",
-               baud_rate=19200, simulator="cellbench.simulators.press:serve", extra={"port": MODBUS_SIM_PORT}),
+               baud_rate=19200, simulator="cellbench.simulators.press:serve",
+               rehearsal="cellbench.simulators.press:rehearse", extra={"port": MODBUS_SIM_PORT}),
     DriverSpec("modbus-load-cell", ("press",), _open_load_cell,
                "load-cell indicator on Modbus under a manual or spring fixture: reads the stack pressure, "
                "cannot set it", baud_rate=19200, simulator="cellbench.simulators.press:serve_load_cell",
+               rehearsal="cellbench.simulators.press:rehearse_load_cell",
                sets_pressure=False, extra={"port": MODBUS_SIM_PORT}),
 ]

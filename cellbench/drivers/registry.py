@@ -54,6 +54,7 @@ class DriverSpec:
     description: str
     baud_rate: int = 9600
     simulator: str | None = None  # "module:attribute" of the simulator's `serve`, imported on demand
+    rehearsal: str | None = None  # "module:attribute" of the simulator's `rehearse`, for a simulated bench
     blind_off: Callable[[OpenRequest], Awaitable[None]] | None = None  # a cycler's output off on a fresh wire,
     # sent without waiting for replies: the last resort when the instrument no longer answers
     max_current: float | None = None  # A a cycler can source at all (its largest range), checked before a run
@@ -91,9 +92,18 @@ def driver(name: str) -> DriverSpec:
 
 def simulator(spec: DriverSpec) -> Any:
     """The `serve` of a driver's simulator, imported now."""
-    if spec.simulator is None:
-        raise KeyError(f"driver '{spec.name}' has no simulator")
-    module, _, attribute = spec.simulator.partition(":")
+    return _imported(spec.simulator, f"driver '{spec.name}' has no simulator")
+
+
+def rehearsal(spec: DriverSpec) -> Any:
+    """The `rehearse` of a driver's simulator (a simulated bench's stand-in for it), imported now."""
+    return _imported(spec.rehearsal, f"driver '{spec.name}' has no simulator to rehearse with")
+
+
+def _imported(where: str | None, missing: str) -> Any:
+    if where is None:
+        raise KeyError(missing)
+    module, _, attribute = where.partition(":")
     return getattr(importlib.import_module(module), attribute)
 
 

@@ -172,6 +172,7 @@ async def _blind_off(req: OpenRequest) -> None:
 
 DRIVERS = [
     DriverSpec("keithley2450", ("cycler",), _open, "Keithley 2450 SourceMeter, SCPI (LAN socket, GPIB, USB, RS-232)",
-               baud_rate=9600, simulator="cellbench.simulators.keithley2450:serve", blind_off=_blind_off,
+               baud_rate=9600, simulator="cellbench.simulators.keithley2450:serve",
+               rehearsal="cellbench.simulators.keithley2450:rehearse", blind_off=_blind_off,
                max_current=1.05),  # its 1 A range sources up to 1.05 A (2450 reference manual, ranges)
 ]

@@ -19,12 +19,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import struct
+import tempfile
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from cellbench.simulators.box import Box
 from cellbench.simulators.cell import SolidStateCell
+from cellbench.simulators.rehearsal import Rehearsal, Rehearsed
 from cellbench.simulators.server import ServeOptions, StreamServers, cell_of
 
 HEADER = 0x11DDDDDDDDDDDDDD
@@ -215,3 +218,13 @@ async def serve(options: ServeOptions) -> AsyncIterator[str]:
         yield f"a simulated {options.channels}-channel Arbin cycler (CTI) at {server.resource}, login {user}"
     finally:
         await server.close()
+
+
+async def rehearse(r: Rehearsal) -> Rehearsed:
+    """An Arbin box with a channel on each cell it is given, logged in to with the rehearsal's own credentials."""
+    folder = Path(r.stack.enter_context(tempfile.TemporaryDirectory(prefix="cellbench-rehearsal-")))
+    (folder / "login").write_text("rehearsal:rehearsal")
+    server = ArbinServer(ArbinSim(r.cells, r.time, username="rehearsal", password="rehearsal"))
+    await server.start()
+    r.stack.push_async_callback(server.close)
+    return Rehearsed(server.resource, host=server.sim, login_file=folder / "login")

@@ -13,7 +13,8 @@ import re
 from collections.abc import AsyncIterator, Callable
 
 from cellbench.simulators.cell import TIME_EPS, SolidStateCell
-from cellbench.simulators.server import ServeOptions, cell_of, serve_lines
+from cellbench.simulators.rehearsal import Rehearsal, Rehearsed
+from cellbench.simulators.server import ServeOptions, SimServer, cell_of, serve_lines
 
 MODES = ("OFF", "STANDBY", "CONSTANT")
 TEMP_RANGE = (-70.0, 160.0)  # what TYPE? reports (T,S2,160.0): beyond it the chamber says NA:DATA OUT OF RANGE
@@ -144,3 +145,12 @@ async def serve(options: ServeOptions) -> AsyncIterator[str]:
     cell = cell_of(options)
     async with serve_lines(EspecChamberSim(asyncio.get_running_loop().time, [cell]), options, crlf=True) as resource:
         yield f"a simulated ESPEC chamber at {resource}"
+
+
+async def rehearse(r: Rehearsal) -> Rehearsed:
+    """A chamber holding every cell it is given, at the room's temperature and holding it."""
+    chamber = EspecChamberSim(r.time, r.cells, room_c=r.temperature_c)
+    chamber.mode, chamber.setpoint_c = "CONSTANT", r.temperature_c
+    server = await SimServer(chamber, read_termination=b"\r\n", write_termination=b"\r\n").start()
+    r.stack.push_async_callback(server.close)
+    return Rehearsed(server.resource, part=chamber)

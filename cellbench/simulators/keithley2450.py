@@ -16,8 +16,9 @@ from collections.abc import AsyncIterator, Callable
 from typing import Protocol
 
 from cellbench.simulators.cell import TIME_EPS, SolidStateCell
+from cellbench.simulators.rehearsal import Rehearsal, Rehearsed
 from cellbench.simulators.scpi import Handler, ScpiError, ScpiTree, Setting, format_number, unquote
-from cellbench.simulators.server import ServeOptions, cell_of, serve_lines
+from cellbench.simulators.server import ServeOptions, SimServer, cell_of, serve_lines
 
 IDN = "KEITHLEY INSTRUMENTS,MODEL 2450,SIM0001,1.7.12b"
 MAX_CURRENT = 1.05
@@ -507,3 +508,11 @@ async def serve(options: ServeOptions) -> AsyncIterator[str]:
     sim = Keithley2450Sim(cell, asyncio.get_running_loop().time, noise_v=20e-6, seed=options.seed)
     async with serve_lines(sim, options) as resource:
         yield f"a simulated Keithley 2450 ({options.cell} cell) at {resource}"
+
+
+async def rehearse(r: Rehearsal) -> Rehearsed:
+    """A 2450 on the first cell it is given, over loopback TCP, with a little measurement noise."""
+    sim = Keithley2450Sim(r.cells[0], r.time, noise_v=20e-6, noise_i=2e-9, seed=r.seed)
+    server = await SimServer(sim).start()
+    r.stack.push_async_callback(server.close)
+    return Rehearsed(server.resource, host=sim)

@@ -28,6 +28,7 @@ from typing import Any
 
 from cellbench.simulators.box import Box
 from cellbench.simulators.cell import SolidStateCell
+from cellbench.simulators.rehearsal import Rehearsal, Rehearsed
 from cellbench.simulators.server import ServeOptions, StreamServers, cell_of
 
 AVAILABLE, ACTIVE, SUSPENDED, COMPLETED, PROBLEM = 0, 2, 3, 4, 5  # Stat codes (4, 1)
@@ -386,3 +387,10 @@ async def serve(options: ServeOptions) -> AsyncIterator[str]:
                f"(MacNet JSON), binary port {server.bin_port}")
     finally:
         await server.close()
+
+
+async def rehearse(r: Rehearsal) -> Rehearsed:
+    """A Maccor box with a channel on each cell it is given; its binary port is the driver's address."""
+    server = await MaccorServer(MaccorSim(r.cells, r.time)).start()
+    r.stack.push_async_callback(server.close)
+    return Rehearsed(server.resource, host=server.sim, address=server.bin_port)

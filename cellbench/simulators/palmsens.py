@@ -24,7 +24,8 @@ import re
 from collections.abc import AsyncIterator, Callable
 
 from cellbench.simulators.cell import SolidStateCell
-from cellbench.simulators.server import ServeOptions, cell_of, serve_lines
+from cellbench.simulators.rehearsal import Rehearsal, Rehearsed
+from cellbench.simulators.server import ServeOptions, SimServer, cell_of, serve_lines
 
 PREFIX = {"a": 1e-18, "f": 1e-15, "p": 1e-12, "n": 1e-9, "u": 1e-6, "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9}
 ENCODE = [("G", 1e9), ("M", 1e6), ("k", 1e3), (" ", 1.0), ("m", 1e-3), ("u", 1e-6), ("n", 1e-9), ("p", 1e-12),
@@ -309,3 +310,11 @@ async def serve(options: ServeOptions) -> AsyncIterator[str]:
     sim = PalmSensSim(cell, asyncio.get_running_loop().time, seed=options.seed)
     async with serve_lines(sim, options) as resource:
         yield f"a simulated PalmSens potentiostat ({options.cell} cell) at {resource}"
+
+
+async def rehearse(r: Rehearsal) -> Rehearsed:
+    """A potentiostat on the first cell it is given (one shared by channels measures the first one's)."""
+    pstat = PalmSensSim(r.cells[0], r.time, seed=r.seed, noise=0.002)
+    server = await SimServer(pstat).start()
+    r.stack.push_async_callback(server.close)
+    return Rehearsed(server.resource)

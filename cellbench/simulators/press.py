@@ -22,6 +22,7 @@ from pymodbus.server import ModbusSerialServer, ModbusTcpServer
 
 from cellbench.simulators.cell import TIME_EPS, SolidStateCell
 from cellbench.simulators.parameters import PRESETS
+from cellbench.simulators.rehearsal import Rehearsal, Rehearsed
 from cellbench.simulators.server import ServeOptions
 
 FORCE_SETPOINT, FORCE, POSITION, RAMP, MODE, COMMAND, STATUS = 0, 2, 4, 6, 8, 9, 10
@@ -398,3 +399,22 @@ async def _served(device: PressSim | LoadCellSim, options: ServeOptions, what: s
         await server.close()
         if cable:
             await cable.close()
+
+
+async def rehearse(r: Rehearsal) -> Rehearsed:
+    """A press over every cell it is given (their summed area), holding their reference pressure."""
+    device = PressSim(r.time, r.cells, area_cm2=r.area_cm2, holding_mpa=r.cells[0].params.p_ref_mpa)
+    return await _rehearsed(r, device)
+
+
+async def rehearse_load_cell(r: Rehearsal) -> Rehearsed:
+    """A load cell under a fixture set by hand to the cells' reference pressure."""
+    device = LoadCellSim(r.time, r.cells, area_cm2=r.area_cm2,
+                         preload_kn=r.cells[0].params.p_ref_mpa * r.area_cm2 / 10)
+    return await _rehearsed(r, device)
+
+
+async def _rehearsed(r: Rehearsal, device: PressSim | LoadCellSim) -> Rehearsed:
+    server = await PressServer(device).start_tcp()
+    r.stack.push_async_callback(server.close)
+    return Rehearsed(server.resource, part=device)

@@ -18,17 +18,16 @@ from cellbench.bench.runner.run import ChannelResult, ProfileFile, ProgressCallb
 from cellbench.bench.runtime.cells import CellConfig
 from cellbench.bench.runtime.clock import Clock
 from cellbench.bench.runtime.engine import Progress
-from cellbench.drivers.registry import driver
+from cellbench.drivers.registry import driver, rehearsal
 from cellbench.profiles.checks import instrument_problems
 from cellbench.profiles.schema import Profile
-from cellbench.simulators.arbin import ArbinServer, ArbinSim
 from cellbench.simulators.cell import SolidStateCell
 from cellbench.simulators.espec import EspecChamberSim
 from cellbench.simulators.keithley2450 import Keithley2450Sim
-from cellbench.simulators.maccor import MaccorServer, MaccorSim
 from cellbench.simulators.palmsens import PalmSensSim
 from cellbench.simulators.parameters import PELLET, CellParameters
-from cellbench.simulators.press import LoadCellSim, PressServer, PressSim
+from cellbench.simulators.press import PressServer, PressSim
+from cellbench.simulators.rehearsal import Rehearsal, Rehearsed
 from cellbench.simulators.server import SimServer
 
 
@@ -248,42 +247,22 @@ async def rehearse(
             users = bench.sharing(ref)
             if not users:
                 continue
+            spec = driver(cfg.driver)
             held = [cells[u] for u in users]
-            roles, spec = cfg.roles, driver(cfg.driver)
-            if "cycler" in roles and spec.multi_channel:
+            if "cycler" in cfg.roles and spec.multi_channel:  # a box: a cell on each of its channels the bench uses
                 on = {bench.channels[u].cycler_channel: cells[u] for u in users}
                 count = max((c for c in on if c is not None), default=0) + 1
-                box_cells = [on.get(c) or SolidStateCell(base, soc=initial_soc, temperature_c=temperature_c)
-                             for c in range(count)]
-                served[ref], hosts[ref] = await _serve_box(cfg, box_cells, loop, stack)
-            elif "cycler" in roles:
-                sim = Keithley2450Sim(held[0], loop.time, noise_v=20e-6, noise_i=2e-9, seed=seed + k)
-                server = await SimServer(sim).start()
-                stack.push_async_callback(server.close)
-                served[ref], hosts[ref] = InstrumentConfig(driver="keithley2450", resource=server.resource), sim
-            elif "chamber" in roles:
-                chamber = EspecChamberSim(loop.time, held, room_c=temperature_c)
-                chamber.mode, chamber.setpoint_c = "CONSTANT", temperature_c
-                server = await SimServer(chamber, read_termination=b"\r\n", write_termination=b"\r\n").start()
-                stack.push_async_callback(server.close)
-                served[ref] = InstrumentConfig(driver="espec", resource=server.resource, owner=cfg.owner)
-                _surround(bench, users, hosts, chamber)
-            elif "press" in roles:
-                device: PressSim | LoadCellSim
-                area, mpa = bench.held_area(ref), held[0].params.p_ref_mpa
-                if spec.sets_pressure:
-                    device = PressSim(loop.time, held, area_cm2=area, holding_mpa=mpa)
-                else:
-                    device = LoadCellSim(loop.time, held, area_cm2=area, preload_kn=mpa * area / 10)
-                press_server = await PressServer(device).start_tcp()
-                stack.push_async_callback(press_server.close)
-                served[ref] = InstrumentConfig(driver=cfg.driver, resource=press_server.resource, owner=cfg.owner)
-                _surround(bench, users, hosts, device)
-            elif "potentiostat" in roles:  # one cell: a potentiostat shared by channels measures the first one's
-                pstat = PalmSensSim(held[0], loop.time, seed=seed + k, noise=0.002)
-                server = await SimServer(pstat).start()
-                stack.push_async_callback(server.close)
-                served[ref] = InstrumentConfig(driver="palmsens", resource=server.resource)
+                held = [on.get(c) or SolidStateCell(base, soc=initial_soc, temperature_c=temperature_c)
+                        for c in range(count)]
+            area = bench.held_area(ref) if "press" in cfg.roles else 1.0
+            done: Rehearsed = await rehearsal(spec)(Rehearsal(held, loop.time, stack, seed=seed + k,
+                                                              temperature_c=temperature_c, area_cm2=area))
+            served[ref] = InstrumentConfig(driver=cfg.driver, resource=done.resource, owner=cfg.owner,
+                                           login_file=done.login_file, address=done.address)
+            if done.host is not None:
+                hosts[ref] = done.host
+            if done.part is not None:
+                _surround(bench, users, hosts, done.part)
         config = BenchConfig(name=f"{bench.name} (rehearsal)", operator=bench.operator, comment=bench.comment,
                              instruments=served, cells=bench.cells, channels=bench.channels)
         # time passes for every cell, asked about or not (a box whose channels have finished, in a warm chamber)
@@ -293,21 +272,6 @@ async def rehearse(
                                extra_metadata={"rehearsal_of": bench.name, **(extra_metadata or {})},
                                profile_source=profile_source, base_dir=base_dir, on_start=on_start,
                                channel_profiles=channel_profiles)
-
-
-async def _serve_box(cfg: InstrumentConfig, cells: list[SolidStateCell], loop: asyncio.AbstractEventLoop,
-                     stack: contextlib.AsyncExitStack) -> tuple[InstrumentConfig, Any]:
-    """A simulated multi-channel cycler like the bench's (Maccor or Arbin), served for the rehearsal."""
-    if cfg.driver == "arbin":
-        folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="cellbench-rehearsal-")))
-        (folder / "login").write_text("rehearsal:rehearsal")
-        arbin = ArbinServer(ArbinSim(cells, loop.time, username="rehearsal", password="rehearsal"))
-        await arbin.start()
-        stack.push_async_callback(arbin.close)
-        return InstrumentConfig(driver="arbin", resource=arbin.resource, login_file=folder / "login"), arbin.sim
-    maccor = await MaccorServer(MaccorSim(cells, loop.time)).start()
-    stack.push_async_callback(maccor.close)
-    return InstrumentConfig(driver="maccor", resource=maccor.resource, address=maccor.bin_port), maccor.sim
 
 
 async def _tick(sims: list[Any], every: float = 60.0) -> None:
@@ -382,7 +346,6 @@ def estimate_duration(
     """Run the profile on the simulated cell (no noise, the virtual clock) until its end, a safety stop, or
     `limit` seconds of test time or `max_samples` samples, whichever comes first: the same answer on any
     machine under any load. `on_progress` is told the test time reached at every sample."""
-    import tempfile
 
     from cellbench.bench.runtime.clock import VirtualClock
 
