@@ -9,6 +9,7 @@ import itertools
 import json
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import datetime
@@ -22,7 +23,7 @@ from cellbench.bench.ops import mqtt
 from cellbench.bench.runtime.commands import Command
 from tests.broker import Broker
 from tests.test_cli import announced, serve
-from tests.test_unattended import ask, files, start_run, wait_until_sourcing
+from tests.test_unattended import ask, files, run_env, start_run, wait_until_sourcing
 from tests.test_unattended import cli as terminal
 
 PROFILE = """
@@ -693,3 +694,64 @@ async def test_a_cycle_of_pulses_carries_no_efficiency(tmp_path: Path, smu: str,
         message = await w.until("cycle", lambda p: True)
     assert message["cycle"] == 2 and message["charge"]["value"] > 0 and message["discharge"]["value"] > 0
     assert message["coulombic_efficiency"] is None
+
+
+def readme_mqtt_block(tmp_path: Path, smu: str, broker: Broker) -> tuple[list[str], Broker, Path]:
+    """The README's MQTT lines, a TLS broker for its `mqtts://` line, and a home with `~/.mqtt-pass`,
+    `lab-ca.pem` and `BENCH.yaml` (the bench on the served 2450, publishing to the test's broker)."""
+    import re
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme[readme.index("## A lab's benches on one broker"):readme.index("## From Python")]
+    lines = [line.split("  #")[0].strip() for line in re.findall(r"```sh\n(.*?)```", section, re.S)[0].splitlines()]
+    assert len(lines) == 5 and all("broker.lab" in line or "BENCH.yaml" in line for line in lines), lines
+    secure = Broker(tmp_path / "tls-broker", tls=True)
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / ".mqtt-pass").write_text("viewer-secret\n")
+    assert secure.ca_file is not None
+    (tmp_path / "lab-ca.pem").write_bytes(secure.ca_file.read_bytes())
+    bench, _ = bench_file(tmp_path, smu, broker)
+    (tmp_path / "BENCH.yaml").write_text(bench.read_text())
+    return lines, secure, home
+
+
+async def test_the_readmes_mqtt_block_runs_against_a_broker_of_our_own(tmp_path: Path, smu: str,
+                                                                       broker: Broker) -> None:
+    """Every line of the README's MQTT block, with the lab's names put in: its broker (`broker.lab`) is the
+    test's Mosquitto (and one with TLS for the `mqtts://` line), `grafana` and `night-shift` are its read-only
+    and operator users, `ch03` the running bench's channel. Each ends with exit 0 and does what its comment says:
+    the check passes, status lists the bench, a standard client receives telemetry, the pause is obeyed."""
+    import shlex
+
+    lines, secure, home = readme_mqtt_block(tmp_path, smu, broker)
+
+    def as_here(line: str) -> list[str]:
+        line = (line.replace("broker.lab:1883", f"127.0.0.1:{broker.port}")
+                .replace("mqtts://grafana@broker.lab", f"mqtts://grafana@127.0.0.1:{secure.port}")
+                .replace("-h broker.lab", f"-h 127.0.0.1 -p {broker.port}")
+                .replace("grafana", "viewer").replace("night-shift", "operator").replace("ch03", "ch1"))
+        words = shlex.split(line.replace("~/", f"{home}/"))
+        if "-P" in words:
+            words[words.index("-P") + 1] = f"{words[words.index('-u') + 1]}-secret"
+        if words[0] == "mosquitto_sub":
+            words += ["-C", "1", "-W", "20"]  # one message, then it ends
+        if words[0] == "cellbench":
+            words = [sys.executable, "-m", "cellbench", *words[1:]]
+        return words
+
+    try:
+        async with Watcher(broker) as w, running(tmp_path, smu, broker):
+            said = []
+            for line in lines:
+                done = await asyncio.to_thread(subprocess.run, as_here(line), capture_output=True, text=True,
+                                               timeout=60, cwd=tmp_path, env=run_env(tmp_path))
+                assert done.returncode == 0, f"{line}\n{done.stdout[-1500:]}{done.stderr[-1500:]}"
+                said.append(done.stdout)
+            check, status, tls_status, sub, _ = said
+            assert "ch1" in status and "night" in status and "ch1" not in tls_status  # no bench on the TLS broker
+            assert "connect" in check
+            mqtt.Telemetry.model_validate_json(sub)
+            await w.until("status", lambda p: p["state"] == "paused")
+    finally:
+        secure.stop()

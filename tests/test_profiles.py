@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 from typer.testing import CliRunner
@@ -154,3 +155,24 @@ def test_c_rates_are_written_as_a_lab_writes_them() -> None:
 
     written = [c_rate_text(x) for x in (1 / 3, 0.05, 2.0, 0.4, -1 / 20, 1.0)]
     assert written == ["C/3", "C/20", "2C", "0.4C", "-C/20", "1C"]
+
+
+def test_a_run_compiles_its_profile_once(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The checks before a run, the engine and the run's record all use the one program kept with the profile
+    (it was compiled about ten times per run)."""
+    import cellbench
+    from cellbench.profiles import program
+
+    compiled: list[str] = []
+    real = program._compile
+
+    def counted(profile: Any) -> Any:
+        compiled.append(profile.name)
+        return real(profile)
+
+    monkeypatch.setattr(program, "_compile", counted)
+    text = ("name: twice\nsample_period: 1 min\nsteps:\n  - repeat: 2\n    steps:\n"
+            "      - charge: {current: C/10, until: 4.2 V}\n      - discharge: {current: C/10, until: 3.0 V}\n")
+    result = cellbench.run(text, runs_dir=tmp_path, temperature=60.0)
+    assert result.completed, result.outcome.reason
+    assert compiled == ["twice"]

@@ -376,9 +376,9 @@ def test_the_readmes_python_and_data_blocks_run_as_written(tmp_path: Path) -> No
     import shlex
     import subprocess
     import sys
-    import textwrap
 
     from tests.test_cli import serve
+    from tests.test_unattended import files
 
     root = Path(__file__).resolve().parent.parent
     readme = (root / "README.md").read_text()
@@ -399,15 +399,7 @@ def test_the_readmes_python_and_data_blocks_run_as_written(tmp_path: Path) -> No
 
         (tmp_path / "cycle.yaml").write_text("name: cycle\nsample_period: 0.5 s\nsteps:\n"
                                              "  - discharge: {current: 0.2 mA, until: 2 s}\n")
-        (tmp_path / "bench.yaml").write_text(textwrap.dedent(f"""
-            name: desk
-            instruments:
-              smu1: {{driver: keithley2450, resource: "{resource}", timeout: 2 s}}
-            cells:
-              pellet: {{capacity: 3.5 mAh, voltage_min: 2.5 V, voltage_max: 4.3 V}}
-            channels:
-              ch1: {{cycler: smu1, cell: pellet}}
-        """))
+        files(tmp_path, resource)  # bench.yaml: one channel on the served 2450
         python = block("## From Python", "python")
         ran = subprocess.run([sys.executable, "-c", python], capture_output=True, text=True, timeout=600,
                              env=env, cwd=tmp_path)

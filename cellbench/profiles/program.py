@@ -8,7 +8,7 @@ label, is every break inside a loop, and can every step that can run still reach
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from cellbench.profiles.schema import ACTIONS, Profile, RepeatStep, body_of
 
@@ -17,7 +17,7 @@ END = -1
 
 @dataclass
 class Instr:
-    op: str  # "step" | "loop" | "endloop"
+    op: Literal["step", "loop", "endloop"]
     node: Any
     path: tuple[int, ...]
     index: int = 0  # Step Index of a leaf: its number in reading order
@@ -47,6 +47,15 @@ class Program:
 
 
 def compile_profile(profile: Profile) -> Program:
+    """The profile's program: compiled on first use and kept with the profile, so a run (its checks, its engine,
+    its registry entry) compiles it once. A profile is not changed once read."""
+    program: Program | None = profile._program
+    if program is None:
+        program = profile._program = _compile(profile)
+    return program
+
+
+def _compile(profile: Profile) -> Program:
     instrs: list[Instr] = []
     labels: dict[str, int] = {}
     counter = [0]

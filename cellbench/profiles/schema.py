@@ -24,13 +24,14 @@ Battery Data Format counts it.
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, TypeAlias
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, TypeAlias, get_args
 
 from pydantic import (
     BaseModel,
     BeforeValidator,
     Discriminator,
     Field,
+    PrivateAttr,
     Tag,
     create_model,
     field_validator,
@@ -60,10 +61,11 @@ from cellbench.profiles.units import (
 )
 
 # --- limits ------------------------------------------------------------------------------------
-LIMIT_KINDS = (
+LimitKind: TypeAlias = Literal[
     "voltage", "current", "time", "step_capacity", "cycle_capacity", "step_energy", "cycle_energy",
     "dvdt", "didt", "temperature", "pressure",
-)
+]
+LIMIT_KINDS: tuple[LimitKind, ...] = get_args(LimitKind)
 _OP = re.compile(r"^\s*(>=|<=|>|<)?\s*(.*)$")
 ACTIONS = ("next", "end", "break")
 
@@ -76,7 +78,7 @@ class Limit(Strict):
     """One end condition: a quantity crossing a value. `then` says where the profile goes next."""
 
     what: ClassVar[str] = "limit key"
-    kind: str
+    kind: LimitKind
     op: Literal[">=", "<="] | None = None  # None: the direction the step is heading
     value: float = 0.0
     c_rate: float | None = None  # a current limit written as a C-rate
@@ -517,6 +519,7 @@ class Profile(Strict):
     """A whole test profile."""
 
     what: ClassVar[str] = "profile key"
+    _program: Any = PrivateAttr(default=None)  # its compiled program (profiles/program.py), made on first use
     name: str
     description: str = ""
     cell: str | None = None

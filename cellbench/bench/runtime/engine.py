@@ -39,6 +39,7 @@ from cellbench.bench.runtime.events import (
     StepStarted,
 )
 from cellbench.bench.runtime.impedance_fit import fit_spectrum
+from cellbench.bench.runtime.latest import Latest
 from cellbench.bench.runtime.link import RECOVERABLE, CyclerLink
 from cellbench.bench.runtime.runstate import Ending, EndKind, RunState, RunStatus, StepProgress, Totals
 from cellbench.bench.runtime.shorts import ShortWatch
@@ -186,8 +187,7 @@ class Engine:
         self._waiter: asyncio.Future[None] | None = None
         self._task: asyncio.Task[Any] | None = None
         self._notices = list(notices or [])
-        self.latest: tuple[float, Reading, Conditions] | None = None  # the last measurement (test time, ...)
-        self.discharging: float | None = None  # during a discharge step: its current's magnitude (A)
+        self.latest = Latest()  # the channel as it stands: shared with the supervisor
         self._watch: ShortWatch | None = None  # the running step's short watch
         self._short_seen: str | None = None  # a short the supervisor found, for the engine to deal with
         if on_progress is not None:
@@ -260,6 +260,7 @@ class Engine:
         """Carry on from a saved state: test time goes on from where it stood, the outage is not test time."""
         self.state = saved.model_copy(deep=True)
         self._collaborators()
+        self.latest.step_type = saved.step.step_type if saved.step is not None else None
         # test time goes on from the last sample counted: what came after it was not measured
         self._origin = self.clock.start() - saved.accounted_until
         self._saved_at = saved.accounted_until
@@ -348,6 +349,7 @@ class Engine:
         st.step_count += 1
         st.step = StepProgress(step_count=st.step_count, pc=pc, step_type=step_type, start=self._t())
         st.accounted_until = st.step.start
+        self.latest.step_type = step_type
         started = StepStarted(st.step_count, ins.index, step_type, dotted(ins.path), st.cycle, st.step.start)
         self.events.publish(started)
         return st.step
@@ -355,7 +357,7 @@ class Engine:
     def _end_step(self, ending: Ending, t: float) -> None:
         self.events.publish(StepEnded(self.state.step_count, t, ending.reason, ending.kind))
         self.state.step = None
-        self.discharging = None
+        self.latest.discharging = self.latest.step_type = None
         self._watch = None
 
     def _look_before_on(self, open_circuit: Reading, what: str) -> None:
@@ -446,7 +448,7 @@ class Engine:
             await self.channel.cycler.output(True)
         # a discharge's current of the other sign is a fault: judged only once its setpoint is in effect (a reading
         # the supervisor took as the previous charge still flowed once tripped the step's start)
-        self.discharging = (
+        self.latest.discharging = (
             (ctl.compliance if ctl.mode is SourceMode.VOLTAGE else abs(ctl.setpoint(0.0, last.voltage)))
             if ctl.step_type in policy.DISCHARGING else None)
         limits = policy.resolve_limits(ctl, capacity=self.book.capacity(), last_voltage=last.voltage)
@@ -486,7 +488,7 @@ class Engine:
             return t, None
         if self.channel.chamber or self.channel.press:
             self._cond = await self.channel.conditions()
-        self.latest = (t, reading, self._cond)
+        self.latest.reading = (t, reading, self._cond)
         self._check_not_frozen(run.work, run.ctl, reading)
         return t, reading
 
@@ -501,7 +503,7 @@ class Engine:
             or (await self._schedule_ended(run.body) if run.kind == "schedule" else None)
         )
         unsafe = (policy.unsafe(reading, self.channel.cell, self.profile.safety, self._cond)
-                  or policy.wrong_sign(reading, self.discharging))
+                  or policy.wrong_sign(reading, self.latest.discharging))
         return _Verdict(short, ended, unsafe)
 
     async def _act(self, pc: int, run: _StepRun, t: float, verdict: _Verdict) -> int | None:
@@ -651,7 +653,7 @@ class Engine:
     def _limit_reached(
         self, ctl: Control, limits: list[Limit], work: _Samples, totals: Totals, r: Reading, t_step: float
     ) -> Ending | None:
-        values = {
+        values: dict[str, float | None] = {
             lim.kind: policy.observe(lim.kind, direction=ctl.direction, step=totals, cycle=self.state.cycle_totals,
                                      history=work.history, reading=r, t_step=t_step, conditions=self._cond)
             for lim in limits
@@ -745,9 +747,9 @@ class Engine:
     def live_sample(self) -> Sample | None:
         """The latest reading (the engine's or the supervisor's) as a sample, recorded or not: what telemetry
         publishes on its own cadence. None before the first reading of a step."""
-        if self.latest is None or self.state.step is None:
+        if self.latest.reading is None or self.state.step is None:
             return None
-        t, r, c = self.latest
+        t, r, c = self.latest.reading
         st, step = self.state, self.state.step
         return Sample(
             t, self.clock.unix(self._origin + t), r.voltage, r.current, st.cycle, st.step_count,
@@ -759,10 +761,6 @@ class Engine:
     @property
     def test_time(self) -> float:
         return self._t()
-
-    @property
-    def step_type(self) -> StepType | None:
-        return self.state.step.step_type if self.state.step is not None else None
 
     def _t(self) -> float:
         """Test time: seconds since the run started."""

@@ -38,6 +38,7 @@ class Supervisor:
     def __init__(self, engine: Engine, channel: Channel, profile: Profile, clock: Clock, *,
                  period: float = PERIOD) -> None:
         self.engine, self.channel, self.profile, self.clock = engine, channel, profile, clock
+        self.latest = engine.latest  # the channel as it stands, shared with the engine
         self.period = period
         self.checks = 0  # how many times it looked
         self.reads = 0  # how many of those it read the instruments itself
@@ -51,7 +52,7 @@ class Supervisor:
         one, and acted a period late (1.99 s at a 1 s period)."""
         checked = self.engine.test_time
         while True:
-            latest = self.engine.latest
+            latest = self.latest.reading
             newest = latest[0] if latest is not None else -math.inf
             due = newest + self.period  # (not yet due at the last look: a reading came since; past due: none could)
             wake = due if checked < due < checked + self.period else checked + self.period
@@ -59,14 +60,14 @@ class Supervisor:
             if wake > now:
                 await self.clock.sleep(wake - now)
             checked = self.engine.test_time
-            discharging = self.engine.discharging  # as it stood before the reading: a step may begin during it
+            discharging = self.latest.discharging  # as it stood before the reading: a step may begin during it
             seen = await self._latest()
             if seen is None:
                 continue
             reading, conditions, own = seen
             self.checks += 1
             why = (policy.unsafe(reading, self.channel.cell, self.profile.safety, conditions)
-                   or policy.wrong_sign(reading, discharging if discharging == self.engine.discharging else None)
+                   or policy.wrong_sign(reading, discharging if discharging == self.latest.discharging else None)
                    or await self._interlocks())
             if not why and own and (short := self.engine.watch_short(self.engine.test_time, reading)):
                 if self.profile.short_detection.action != "stop":
@@ -93,11 +94,11 @@ class Supervisor:
 
     async def _latest(self) -> tuple[Reading, Conditions, bool] | None:
         """The channel's newest reading and conditions, and whether the supervisor read them itself."""
-        latest = self.engine.latest
+        latest = self.latest.reading
         now = self.engine.test_time
         if latest is not None and now - latest[0] < self.period - 1e-6:
             return latest[1], latest[2], False
-        if self.engine.step_type in (None, StepType.EIS):  # between steps, or the potentiostat has the cell
+        if self.latest.step_type in (None, StepType.EIS):  # between steps, or the potentiostat has the cell
             return (latest[1], latest[2], False) if latest is not None else None
         try:
             reading = await self.channel.cycler.measure()
@@ -107,7 +108,7 @@ class Supervisor:
             log.debug("%s: supervisor read failed: %s", self.channel.name, exc)
             return None
         self.reads += 1
-        self.engine.latest = (now, reading, conditions)  # the newest reading of the channel, for telemetry too
+        self.latest.reading = (now, reading, conditions)  # the newest reading of the channel, for telemetry too
         return reading, conditions, True
 
     async def _trip(self, why: str, reading: Reading) -> None:
