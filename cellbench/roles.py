@@ -91,7 +91,7 @@ class ChamberTemperature:
 @dataclass(frozen=True)
 class PressSnapshot:
     force_kn: float
-    pressure_mpa: float
+    pressure_pa: float
     displacement_um: float
     platen_c: float
 
@@ -117,7 +117,7 @@ class Conditions:
 
     ambient_c: float | None = None
     cell_c: float | None = None
-    pressure_mpa: float | None = None
+    pressure_pa: float | None = None
     displacement_um: float | None = None
 
 
@@ -183,7 +183,7 @@ class Chamber(Instrument, Protocol):
 class Press(Instrument, Protocol):
     """Holds the cell stack at a pressure, over the cell's active area."""
 
-    async def set_pressure(self, mpa: float, *, ramp_mpa_per_s: float | None = None) -> None: ...
+    async def set_pressure(self, pa: float, *, ramp_pa_per_s: float | None = None) -> None: ...  # Pa, Pa/s
 
     async def snapshot(self) -> PressSnapshot: ...
 

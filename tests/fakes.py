@@ -123,17 +123,17 @@ class FakeChamber:
 @dataclass
 class FakePress:
     name: str = "fake-press"
-    mpa: float = 5.0
+    pa: float = 5e6
     displacement_um: float = 0.0
 
     async def identify(self) -> str:
         return "FAKE PRESS"
 
-    async def set_pressure(self, mpa: float, *, ramp_mpa_per_s: float | None = None) -> None:
-        self.mpa = mpa
+    async def set_pressure(self, pa: float, *, ramp_pa_per_s: float | None = None) -> None:
+        self.pa = pa
 
     async def snapshot(self) -> PressSnapshot:
-        return PressSnapshot(self.mpa / 10.0, self.mpa, self.displacement_um, 25.0)
+        return PressSnapshot(self.pa / 1e7, self.pa, self.displacement_um, 25.0)  # on 1 cm²
 
     async def status(self) -> PressStatus:
         return PressStatus(True, True, False, False)

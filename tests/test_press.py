@@ -35,9 +35,9 @@ async def test_the_press_holds_a_pressure_over_the_real_wire(wire: str) -> None:
         driver = await StackPress.open(resource, name="press", area_cm2=1.0)
         try:
             await driver.set_force_limit(2.0)
-            await driver.set_pressure(5.0, ramp_mpa_per_s=50.0)  # 0.5 kN at 5 kN/s on 1 cm²
+            await driver.set_pressure(5e6, ramp_pa_per_s=50e6)  # 0.5 kN at 5 kN/s on 1 cm²
             await asyncio.sleep(0.6)
-            assert await driver.pressure() == pytest.approx(5.0, rel=0.02)
+            assert await driver.pressure() == pytest.approx(5e6, rel=0.02)
             assert cell.pressure_mpa == pytest.approx(5.0, rel=0.02)
             status = await driver.status()
             assert status.enabled and status.at_setpoint and not status.fault
@@ -46,22 +46,22 @@ async def test_the_press_holds_a_pressure_over_the_real_wire(wire: str) -> None:
             with pytest.raises(InstrumentError, match="illegal data value"):
                 await driver._write_word(8, 7)  # no mode 7
             snap = await driver.snapshot()
-            assert snap.pressure_mpa == pytest.approx(5.0, rel=0.02) and snap.platen_c == pytest.approx(25.0)
+            assert snap.pressure_pa == pytest.approx(5e6, rel=0.02) and snap.platen_c == pytest.approx(25.0)
             await driver.stop()
             await asyncio.sleep(0.3)
-            assert not (await driver.status()).enabled and await driver.pressure() < 1.0
+            assert not (await driver.status()).enabled and await driver.pressure() < 1e6
             # over-force: the press faults, unloads, and refuses to start until the fault is cleared
-            await driver.set_pressure(5.0, ramp_mpa_per_s=50.0)
+            await driver.set_pressure(5e6, ramp_pa_per_s=50e6)
             await driver.set_force_limit(0.3)
             await asyncio.sleep(0.3)
             status = await driver.status()
             assert status.fault and status.over_force and not status.enabled
             with pytest.raises(InstrumentError, match="device failure"):
-                await driver.set_pressure(2.0)
+                await driver.set_pressure(2e6)
             await asyncio.sleep(0.3)  # unloading at its ramp rate
             assert await driver.force() < 0.3
             await driver.clear_fault()
-            await driver.set_pressure(2.0)
+            await driver.set_pressure(2e6)
             assert (await driver.status()).enabled
         finally:
             await driver.close()
@@ -85,7 +85,7 @@ def test_stack_pressure_changes_polarisation_and_swelling_shows_as_displacement(
             await k.setup()
             polarisation = {}
             for mpa in (1.0, 5.0, 20.0):
-                await driver.set_pressure(mpa, ramp_mpa_per_s=1.0)
+                await driver.set_pressure(mpa * 1e6, ramp_pa_per_s=1e6)
                 await asyncio.sleep(120)
                 await k.source_current(-0.5e-3, voltage_limit=4.3)
                 await k.output(True)
@@ -93,7 +93,7 @@ def test_stack_pressure_changes_polarisation_and_swelling_shows_as_displacement(
                 reading = await k.measure()
                 polarisation[mpa] = cell.ocv() - reading.voltage
                 await k.output(False)
-                assert await driver.pressure() == pytest.approx(mpa, rel=0.02)
+                assert await driver.pressure() == pytest.approx(mpa * 1e6, rel=0.02)
             assert polarisation[1.0] > polarisation[5.0] > polarisation[20.0]
             await driver.tare()
             await k.source_current(1e-3, voltage_limit=4.3)  # charge: lithium plates, the stack swells
@@ -188,15 +188,15 @@ async def test_a_load_cell_under_a_spring_fixture_reads_the_stack_and_cannot_set
     try:
         assert await driver.capacity_kn() == pytest.approx(1.0)
         snap = await driver.snapshot()
-        assert snap.pressure_mpa == pytest.approx(5.0)  # 0.5 kN on 1 cm²
+        assert snap.pressure_pa == pytest.approx(5e6)  # 0.5 kN on 1 cm²
         assert snap.platen_c != snap.platen_c  # NaN: a load cell has no thermocouple
         cell.state.soc = 0.8  # the stack swells against the spring
         swell_mm = (cell.thickness_change_um() - SolidStateCell(soc=0.2).thickness_change_um()) / 1000.0
         assert await driver.force() == pytest.approx(0.5 + 5.0 * swell_mm, rel=1e-5)
         await driver.tare()
         assert await driver.force() == pytest.approx(0.0, abs=1e-6)
-        with pytest.raises(InstrumentError, match="cannot set a pressure"):
-            await driver.set_pressure(5.0)
+        with pytest.raises(InstrumentError, match=r"cannot set a pressure \(5 MPa asked\)"):
+            await driver.set_pressure(5e6)
         sensor.preload_kn = 2.0  # somebody over-tightens the fixture: beyond the cell's 1 kN
         assert (await driver.status()).over_force
         sensor.preload_kn = 0.5

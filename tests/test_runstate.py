@@ -331,3 +331,11 @@ def test_samples_stay_on_their_schedule_when_a_wake_up_is_late() -> None:
     assert next_sample_at(10.0, 10.0, 1.0) == 11.0  # on time (the virtual clock): as before
     assert next_sample_at(10.0, 9.5, 1.0) == 10.5  # woken early for a deadline: an interval from then
     assert next_sample_at(10.0, 12.2, 1.0) == 13.2  # more than an interval late: no burst to catch up
+
+
+def test_a_state_saved_when_pressures_were_kept_in_mpa_resumes_in_pascal() -> None:
+    """Run states saved before the run-time spoke Pa carry the track's pressure as `pressure_mpa`."""
+    old = RunState().model_dump() | {"pressure_mpa": 5.0}
+    del old["pressure_pa"]
+    assert RunState.model_validate(old).pressure_pa == 5e6
+    assert RunState.model_validate(RunState(pressure_pa=2e6).model_dump()).pressure_pa == 2e6

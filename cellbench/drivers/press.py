@@ -22,7 +22,8 @@ EXCEPTIONS = {1: "illegal function", 2: "illegal data address", 3: "illegal data
 
 
 class StackPress:
-    """A press holding a cell stack at a pressure; works in MPa over the cell's active area."""
+    """A press holding a cell stack at a pressure (Pa, as the run-time speaks) over the cell's active area; its wire
+    speaks force (kN): 1 kN on 1 cm² is 10 MPa."""
 
     model = "Modbus stack press"
 
@@ -60,19 +61,25 @@ class StackPress:
         return f"{self.model}, Modbus device {self.device_id}"
 
     # --- in the lab's units ----------------------------------------------------------------
-    def force_for(self, mpa: float) -> float:
-        return mpa * self.area_cm2 / 10.0
+    def force_for(self, pa: float) -> float:
+        """kN for a pressure in Pa over the active area."""
+        return pa * self.area_cm2 / 1e7
 
-    async def set_pressure(self, mpa: float, *, ramp_mpa_per_s: float | None = None) -> None:
+    def pressure_of(self, kn: float) -> float:
+        """Pa for a force in kN over the active area."""
+        return kn * 1e7 / self.area_cm2
+
+    async def set_pressure(self, pa: float, *, ramp_pa_per_s: float | None = None) -> None:
         """Hold the stack at a pressure (force hold), enabling the press."""
-        if ramp_mpa_per_s is not None:
-            await self._write_float(RAMP, self.force_for(ramp_mpa_per_s))
-        await self._write_float(FORCE_SETPOINT, self.force_for(mpa))
+        if ramp_pa_per_s is not None:
+            await self._write_float(RAMP, self.force_for(ramp_pa_per_s))
+        await self._write_float(FORCE_SETPOINT, self.force_for(pa))
         await self._write_word(MODE, 1)
         await self._write_word(COMMAND, ENABLE)
 
     async def pressure(self) -> float:
-        return await self._read_float(FORCE) * 10.0 / self.area_cm2
+        """Pa."""
+        return self.pressure_of(await self._read_float(FORCE))
 
     async def force(self) -> float:
         return await self._read_float(FORCE)
@@ -87,7 +94,7 @@ class StackPress:
         """Force, pressure, displacement and platen temperature in one Modbus read."""
         words = await self._read(0, 17)
         f = [self._float(words[a:a + 2]) for a in (FORCE, DISPLACEMENT, PLATEN_T)]
-        return PressSnapshot(f[0], f[0] * 10.0 / self.area_cm2, f[1], f[2])
+        return PressSnapshot(f[0], self.pressure_of(f[0]), f[1], f[2])
 
     async def set_force_limit(self, kn: float) -> None:
         await self._write_float(FORCE_LIMIT, kn)
@@ -155,20 +162,21 @@ class LoadCell(StackPress):
 
     model = "Modbus load-cell indicator"
 
-    async def set_pressure(self, mpa: float, *, ramp_mpa_per_s: float | None = None) -> None:
-        raise InstrumentError(self.name, [f"a load cell cannot set a pressure ({mpa:g} MPa asked): the fixture "
+    async def set_pressure(self, pa: float, *, ramp_pa_per_s: float | None = None) -> None:
+        raise InstrumentError(self.name, [f"a load cell cannot set a pressure ({pa / 1e6:g} MPa asked): the fixture "
                                           "is set by hand"], "set pressure")
 
     async def force(self) -> float:
         return await self._read_float(NET)
 
     async def pressure(self) -> float:
-        return await self.force() * 10.0 / self.area_cm2
+        """Pa."""
+        return self.pressure_of(await self.force())
 
     async def snapshot(self) -> PressSnapshot:
         """The net force as pressure; a load cell knows no displacement or platen temperature (NaN)."""
         force = await self.force()
-        return PressSnapshot(force, force * 10.0 / self.area_cm2, math.nan, math.nan)
+        return PressSnapshot(force, self.pressure_of(force), math.nan, math.nan)
 
     async def status(self) -> PressStatus:
         """Overload (latched) and an ADC fault as the interlocks see them; 'enabled' means reading."""

@@ -33,7 +33,7 @@ class Channel:
         if self.press is None:
             return Conditions(ambient)
         snap = await self.press.snapshot()
-        return Conditions(ambient, _known(snap.platen_c), snap.pressure_mpa, _known(snap.displacement_um))
+        return Conditions(ambient, _known(snap.platen_c), snap.pressure_pa, _known(snap.displacement_um))
 
 
 def _known(value: float) -> float | None:

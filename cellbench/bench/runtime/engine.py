@@ -264,7 +264,7 @@ class Engine:
         # test time goes on from the last sample counted: what came after it was not measured
         self._origin = self.clock.start() - saved.accounted_until
         self._saved_at = saved.accounted_until
-        self._track.temperature, self._track.pressure = saved.temperature, saved.pressure_mpa
+        self._track.temperature, self._track.pressure = saved.temperature, saved.pressure_pa
         where = f"step {saved.step_count}, cycle {saved.cycle}, test time {human_duration(saved.accounted_until)}"
         if outage is not None:
             began, ended = outage
@@ -582,7 +582,7 @@ class Engine:
                 if role == "chamber":
                     await self._track.set_temperature(value)
                 else:
-                    await self._track.set_pressure(value / 1e6)
+                    await self._track.set_pressure(value)
                 done.append(text)
             else:
                 waited.append(text)
@@ -596,7 +596,7 @@ class Engine:
         if body.temperature is not None:
             await self._track.set_temperature(body.temperature)
         if body.pressure is not None:
-            await self._track.set_pressure(body.pressure / 1e6)
+            await self._track.set_pressure(body.pressure)
         said = f"set {self._track.describe()}"
         self._note(NoteKind.CONDITIONS, said)
         self._end_step(Ending(EndKind.SET, said, "next"), self._t())
@@ -665,7 +665,7 @@ class Engine:
         tol_t, tol_p = body.tolerances()
         off = out_of_tolerance(
             self._cond, temperature=body.temperature, temperature_tol=tol_t,
-            pressure_mpa=None if body.pressure is None else body.pressure / 1e6, pressure_tol_mpa=tol_p / 1e6,
+            pressure=body.pressure, pressure_tol=tol_p,
             sensor=body.sensor,
         )
         if off:
@@ -740,7 +740,7 @@ class Engine:
         sample = Sample(
             t, self.clock.unix(self._origin + t), r.voltage, r.current, st.cycle, st.step_count, index,
             step_type, *st.cycle_totals.as_tuple(), c.ambient_c, c.cell_c,
-            None if c.pressure_mpa is None else c.pressure_mpa * 1e6, c.displacement_um,
+            c.pressure_pa, c.displacement_um,
         )
         # a real run can be resumed: the state that goes to disk with a sample accounts for it
         self.events.publish(SampleTaken(sample, None if self.clock.virtual else self._snapshot()))
@@ -754,7 +754,7 @@ class Engine:
         return Sample(
             t, self.clock.unix(self._origin + t), r.voltage, r.current, st.cycle, st.step_count,
             self.program.instrs[step.pc].index, step.step_type, *st.cycle_totals.as_tuple(), c.ambient_c,
-            c.cell_c, None if c.pressure_mpa is None else c.pressure_mpa * 1e6, c.displacement_um,
+            c.cell_c, c.pressure_pa, c.displacement_um,
         )
 
     # --- time, state and notes -------------------------------------------------------------
@@ -784,7 +784,7 @@ class Engine:
         """The run state as of now, as JSON (what a resume starts from)."""
         st = self.state
         st.test_time = self._saved_at = self._t()
-        st.temperature, st.pressure_mpa = self._track.temperature, self._track.pressure
+        st.temperature, st.pressure_pa = self._track.temperature, self._track.pressure
         return st.model_dump_json()
 
     def _checkpoint(self) -> None:

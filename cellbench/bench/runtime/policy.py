@@ -96,8 +96,8 @@ def observe(
         return abs(delta) / (t1 - t0)
     if kind == "temperature":
         return temperature_of(conditions)
-    if kind == "pressure" and conditions.pressure_mpa is not None:
-        return conditions.pressure_mpa * 1e6
+    if kind == "pressure" and conditions.pressure_pa is not None:
+        return conditions.pressure_pa
     return None
 
 
@@ -220,16 +220,17 @@ def unsafe(r: Reading, cell: CellConfig, safety: Range | None, conditions: Condi
         if not lo <= r.current <= hi:
             return f"current {r.current:.6g} A is outside the profile's safety range {lo:g} to {hi:g} A"
     temperature = temperature_of(conditions, safety.temperature_sensor)
-    pressure = conditions.pressure_mpa
+    pressure = conditions.pressure_pa
     if safety.temperature and temperature is not None:
         lo, hi = safety.temperature
         if not lo <= temperature <= hi:
             return (f"{sensor_of(conditions, safety.temperature_sensor)} temperature {temperature:.2f} degC is "
                     f"outside the profile's safety range {lo:g} to {hi:g} degC")
     if safety.pressure and pressure is not None:
-        lo, hi = (x / 1e6 for x in safety.pressure)
+        lo, hi = safety.pressure
         if not lo <= pressure <= hi:
-            return f"stack pressure {pressure:.3f} MPa is outside the profile's safety range {lo:g} to {hi:g} MPa"
+            return (f"stack pressure {pressure / 1e6:.3f} MPa is outside the profile's safety range {lo / 1e6:g} to "
+                    f"{hi / 1e6:g} MPa")
     if safety.displacement and conditions.displacement_um is not None:
         lo, hi = safety.displacement
         if not lo <= conditions.displacement_um <= hi:

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 from cellbench.profiles.controls import SourceMode, StepType
 
@@ -138,5 +139,15 @@ class RunState(BaseModel):
     reference_capacity: float | None = None  # Ah, the first one
     setpoint: Setpoint | None = None
     temperature: float | None = None  # degC, the track's setpoint
-    pressure_mpa: float | None = None  # the track's setpoint
+    pressure_pa: float | None = None  # the track's setpoint
+
+    @model_validator(mode="before")
+    @classmethod
+    def _in_pascal(cls, data: Any) -> Any:
+        """A state saved before pressures were kept in Pa says MPa."""
+        if isinstance(data, dict) and "pressure_mpa" in data:
+            data = dict(data)
+            mpa = data.pop("pressure_mpa")
+            data.setdefault("pressure_pa", None if mpa is None else mpa * 1e6)
+        return data
     finished: bool = False

@@ -25,12 +25,12 @@ def out_of_tolerance(
     *,
     temperature: float | None,
     temperature_tol: float | None,
-    pressure_mpa: float | None,
-    pressure_tol_mpa: float | None,
+    pressure: float | None,
+    pressure_tol: float | None,
     sensor: str | None = None,
 ) -> list[str]:
     """What is not yet where it should be; the named sensor's temperature (unnamed: the cell's where known, else
-    the air's), said with the sensor it was read from."""
+    the air's), said with the sensor it was read from. Pressures in Pa, said in MPa."""
     off = []
     measured_t = temperature_of(c, sensor)
     if temperature is not None and temperature_tol is not None and (
@@ -39,11 +39,11 @@ def out_of_tolerance(
         shown = "unknown" if measured_t is None else f"{measured_t:.2f} degC"
         off.append(f"{sensor_of(c, sensor)} temperature {shown} not within {temperature_tol:g} degC of "
                    f"{temperature:g} degC")
-    if pressure_mpa is not None and pressure_tol_mpa is not None and (
-        c.pressure_mpa is None or abs(c.pressure_mpa - pressure_mpa) > pressure_tol_mpa
+    if pressure is not None and pressure_tol is not None and (
+        c.pressure_pa is None or abs(c.pressure_pa - pressure) > pressure_tol
     ):
-        shown = "unknown" if c.pressure_mpa is None else f"{c.pressure_mpa:.3f} MPa"
-        off.append(f"pressure {shown} not within {pressure_tol_mpa:g} MPa of {pressure_mpa:g} MPa")
+        shown = "unknown" if c.pressure_pa is None else f"{c.pressure_pa / 1e6:.3f} MPa"
+        off.append(f"pressure {shown} not within {pressure_tol / 1e6:g} MPa of {pressure / 1e6:g} MPa")
     return off
 
 
@@ -55,7 +55,7 @@ class Track:
         self.clock = clock
         self.event = event
         self.temperature: float | None = None  # degC
-        self.pressure: float | None = None  # MPa
+        self.pressure: float | None = None  # Pa
 
     async def set_temperature(self, celsius: float) -> None:
         assert self.channel.chamber is not None
@@ -63,10 +63,10 @@ class Track:
         await self.channel.chamber.set_mode("CONSTANT")
         self.temperature = celsius
 
-    async def set_pressure(self, mpa: float, rate_mpa_s: float | None = None) -> None:
+    async def set_pressure(self, pa: float, rate_pa_s: float | None = None) -> None:
         assert self.channel.press is not None
-        await self.channel.press.set_pressure(mpa, ramp_mpa_per_s=rate_mpa_s)
-        self.pressure = mpa
+        await self.channel.press.set_pressure(pa, ramp_pa_per_s=rate_pa_s)
+        self.pressure = pa
 
     async def run(self, conditions: list[Any]) -> None:
         for cond in conditions:
@@ -75,7 +75,7 @@ class Track:
                 if sp.temperature is not None:
                     await self.set_temperature(sp.temperature)
                 if sp.pressure is not None:
-                    await self.set_pressure(sp.pressure / 1e6)
+                    await self.set_pressure(sp.pressure)
                 self.event("conditions", f"set {self.describe()}")
             elif isinstance(cond, HoldCondition):
                 await self.clock.sleep(cond.hold)
@@ -87,7 +87,7 @@ class Track:
     async def _ramp(self, cond: RampCondition) -> None:
         ramp, rate = cond.ramp, cond.ramp.rate_per_s()
         if ramp.pressure is not None:  # the press ramps its force itself
-            await self.set_pressure(ramp.pressure / 1e6, rate_mpa_s=rate / 1e6)
+            await self.set_pressure(ramp.pressure, rate_pa_s=rate)
             self.event("conditions", f"ramp to {ramp.pressure / 1e6:g} MPa at {rate * 60 / 1e6:g} MPa/min")
             return
         assert ramp.temperature is not None
@@ -113,7 +113,7 @@ class Track:
             now = self.clock.now()
             off = out_of_tolerance(
                 c, temperature=self.temperature, temperature_tol=spec.temperature,
-                pressure_mpa=self.pressure, pressure_tol_mpa=None if spec.pressure is None else spec.pressure / 1e6,
+                pressure=self.pressure, pressure_tol=spec.pressure,
                 sensor=spec.sensor,
             )
             if off:
@@ -134,5 +134,5 @@ class Track:
         if self.temperature is not None:
             parts.append(f"{self.temperature:g} degC")
         if self.pressure is not None:
-            parts.append(f"{self.pressure:g} MPa")
+            parts.append(f"{self.pressure / 1e6:g} MPa")
         return " and ".join(parts) or "nothing"
