@@ -24,7 +24,7 @@ Battery Data Format counts it.
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, TypeAlias, get_args
+from typing import Annotated, Any, ClassVar, Literal, TypeAlias, get_args
 
 from pydantic import (
     BaseModel,
@@ -33,7 +33,6 @@ from pydantic import (
     Field,
     PrivateAttr,
     Tag,
-    create_model,
     field_validator,
     model_validator,
 )
@@ -374,45 +373,90 @@ class EisBody(EndsByItself, Strict):
         return max(2, round(abs(math.log10(self.start / self.end)) * self.points_per_decade) + 1)
 
 
-def _step(name: str, kind: str, body: type[BaseModel]) -> type[Strict]:
-    """A step as written: the one-key mapping {kind: body}."""
-    fields: dict[str, Any] = {kind: (body, ...)}
-    model: type[Strict] = create_model(name, __base__=Strict, __module__=__name__, **fields)
-    model.kind = kind  # type: ignore[attr-defined]
-    model.what = "step"
-    return model
+Body: TypeAlias = "StepBody | EisBody | WaitBody | SetBody"  # what follows a leaf step's kind
 
 
-if TYPE_CHECKING:  # made at run time by _step: to a type checker each is a Strict model
-    ChargeStep: TypeAlias = Strict
-    DischargeStep: TypeAlias = Strict
-    CCStep: TypeAlias = Strict
-    HoldStep: TypeAlias = Strict
-    CVStep: TypeAlias = Strict
-    CCCVStep: TypeAlias = Strict
-    RestStep: TypeAlias = Strict
-    RampStep: TypeAlias = Strict
-    DriveStep: TypeAlias = Strict
-    PulseStep: TypeAlias = Strict
-    EisStep: TypeAlias = Strict
-    WaitStep: TypeAlias = Strict
-    SetStep: TypeAlias = Strict
-    ScheduleStep: TypeAlias = Strict
-else:
-    ChargeStep = _step("ChargeStep", "charge", CurrentBody)
-    DischargeStep = _step("DischargeStep", "discharge", CurrentBody)
-    CCStep = _step("CCStep", "cc", CurrentBody)
-    HoldStep = _step("HoldStep", "hold", VoltageBody)
-    CVStep = _step("CVStep", "cv", VoltageBody)
-    CCCVStep = _step("CCCVStep", "cccv", CCCVBody)
-    RestStep = _step("RestStep", "rest", RestBody)
-    RampStep = _step("RampStep", "ramp", RampBody)
-    DriveStep = _step("DriveStep", "drive", DriveBody)
-    PulseStep = _step("PulseStep", "pulse", PulseBody)
-    EisStep = _step("EisStep", "eis", EisBody)
-    WaitStep = _step("WaitStep", "wait", WaitBody)
-    SetStep = _step("SetStep", "set", SetBody)
-    ScheduleStep = _step("ScheduleStep", "schedule", ScheduleBody)
+class LeafStep(Strict):
+    """A step as written: the one-key mapping {kind: body}. Each kind is its own class below, declared once."""
+
+    what: ClassVar[str] = "step"
+    kind: ClassVar[str]
+
+    @property
+    def body(self) -> Body:
+        """What follows the step's kind: its body, of the kind's own model."""
+        body: Body = getattr(self, self.kind)
+        return body
+
+
+class ChargeStep(LeafStep):
+    kind: ClassVar[str] = "charge"
+    charge: CurrentBody
+
+
+class DischargeStep(LeafStep):
+    kind: ClassVar[str] = "discharge"
+    discharge: CurrentBody
+
+
+class CCStep(LeafStep):
+    kind: ClassVar[str] = "cc"
+    cc: CurrentBody
+
+
+class HoldStep(LeafStep):
+    kind: ClassVar[str] = "hold"
+    hold: VoltageBody
+
+
+class CVStep(LeafStep):
+    kind: ClassVar[str] = "cv"
+    cv: VoltageBody
+
+
+class CCCVStep(LeafStep):
+    kind: ClassVar[str] = "cccv"
+    cccv: CCCVBody
+
+
+class RestStep(LeafStep):
+    kind: ClassVar[str] = "rest"
+    rest: RestBody
+
+
+class RampStep(LeafStep):
+    kind: ClassVar[str] = "ramp"
+    ramp: RampBody
+
+
+class DriveStep(LeafStep):
+    kind: ClassVar[str] = "drive"
+    drive: DriveBody
+
+
+class PulseStep(LeafStep):
+    kind: ClassVar[str] = "pulse"
+    pulse: PulseBody
+
+
+class EisStep(LeafStep):
+    kind: ClassVar[str] = "eis"
+    eis: EisBody
+
+
+class WaitStep(LeafStep):
+    kind: ClassVar[str] = "wait"
+    wait: WaitBody
+
+
+class SetStep(LeafStep):
+    kind: ClassVar[str] = "set"
+    set: SetBody
+
+
+class ScheduleStep(LeafStep):
+    kind: ClassVar[str] = "schedule"
+    schedule: ScheduleBody
 
 
 class RepeatStep(Strict):
@@ -425,15 +469,16 @@ class RepeatStep(Strict):
     then: str = "next"  # where to go when the time budget runs out
 
 
-LEAF_STEPS: tuple[type[Strict], ...] = (
+LEAF_STEPS: tuple[type[LeafStep], ...] = (
     ChargeStep, DischargeStep, CCStep, HoldStep, CVStep, CCCVStep, RestStep, RampStep, DriveStep, PulseStep,
     WaitStep, SetStep, EisStep, ScheduleStep,
 )
-STEP_KINDS = (*(c.kind for c in LEAF_STEPS), "repeat")  # type: ignore[attr-defined]
+STEP_KINDS = (*(c.kind for c in LEAF_STEPS), "repeat")
 
 
 def body_of(step: BaseModel) -> Any:
-    """The body of a leaf step (what follows its kind): a StepBody of the kind's own model."""
+    """The body of a leaf step (what follows its kind), untyped: for code that handles every kind alike and reads
+    only what it checks for. Typed code asks the step itself (`LeafStep.body`) or narrows by its class."""
     return getattr(step, step.kind)  # type: ignore[attr-defined]
 
 

@@ -48,7 +48,17 @@ from cellbench.bench.runtime.walker import Walker, dotted
 from cellbench.profiles.conditions import SetBody, WaitBody
 from cellbench.profiles.controls import PULSE_SETTLE, Control, SourceMode, StepType, build_control
 from cellbench.profiles.program import END, Program, compile_profile
-from cellbench.profiles.schema import EisBody, Limit, Profile, RecordRule, ScheduleBody, body_of
+from cellbench.profiles.schema import (
+    EisBody,
+    EisStep,
+    LeafStep,
+    Limit,
+    Profile,
+    RecordRule,
+    ScheduleBody,
+    SetStep,
+    StepBody,
+)
 from cellbench.profiles.units import human_duration
 from cellbench.roles import (
     Conditions,
@@ -125,8 +135,7 @@ class _Samples:
 class _StepRun:
     """A leaf step as it runs: what it is, its control and progress, its limits and sampling plan."""
 
-    kind: str  # the step's kind as written (charge, rest, wait, schedule, ...)
-    body: Any  # the step's body, as the language gives it
+    body: StepBody | WaitBody  # the step's body, as the language gives it: its class is its kind
     ctl: Control
     step: StepProgress
     limits: list[Limit]
@@ -385,14 +394,14 @@ class Engine:
         wait -> measure -> account -> decide -> record -> act -> reapply."""
         ins = self.program.instrs[pc]
         resumed = self.state.step if self.state.step is not None and self.state.step.pc == pc else None
-        if resumed is not None and ins.node.kind in ("set", "eis"):
+        if resumed is not None and isinstance(ins.node, SetStep | EisStep):
             self.state.step_count -= 1  # run again from its start, under the same step number
             self.state.step = resumed = None
-        match ins.node.kind:
-            case "set":
-                return await self._run_set(pc, body_of(ins.node))
-            case "eis":
-                return await self._run_eis(pc, body_of(ins.node))
+        match ins.node:
+            case SetStep(set=body):
+                return await self._run_set(pc, body)
+            case EisStep(eis=body):
+                return await self._run_eis(pc, body)
         run = await self._enter(pc, resumed)
         while True:
             t, reading = await self._wait_and_measure(run)
@@ -414,7 +423,9 @@ class Engine:
         """Begin a leaf step (or take up the one a saved state was in): its control, the cycle it starts, its
         setpoint armed before the output goes on, and the step's limits and sampling plan."""
         ins = self.program.instrs[pc]
-        body = body_of(ins.node)
+        assert isinstance(ins.node, LeafStep)
+        body = ins.node.body
+        assert isinstance(body, StepBody | WaitBody), "set and eis steps are run by their own methods"
         cell, st, last = self.channel.cell, self.state, self._last
         assert last is not None
         ctl = build_control(
@@ -438,10 +449,10 @@ class Engine:
             step = resumed
             step.stable_since = None
         self._checkpoint()
-        if ins.node.kind == "wait" and body.set == "if owner":
+        if isinstance(body, WaitBody) and body.set == "if owner":
             await self._set_if_owner(body)
-        onboard = ins.node.kind == "schedule"
-        if onboard:
+        onboard = isinstance(body, ScheduleBody)
+        if isinstance(body, ScheduleBody):
             await self._start_schedule(body, again=resumed is not None)
         else:
             await self.link.apply(ctl, self._t() - step.start, last.voltage)
@@ -457,7 +468,7 @@ class Engine:
         approach = limits
         if ctl.step_type in (StepType.CCCV_CHARGE, StepType.CCCV_DISCHARGE):
             approach = [*limits, Limit(kind="voltage", value=ctl.setpoint(0.0, last.voltage))]
-        run = _StepRun(ins.node.kind, body, ctl, step, limits, approach, [e for e in ctl.edges if step.start + e >
+        run = _StepRun(body, ctl, step, limits, approach, [e for e in ctl.edges if step.start + e >
                        self._t()], body.sample_period or self.profile.sample_period, body.record or self.profile.record,
                        ShortWatch(self.profile.short_detection, ctl), next_sample=max(step.start, self._t()))
         if resumed is None and not onboard and ctl.mode is SourceMode.CURRENT and abs(
@@ -499,8 +510,8 @@ class Engine:
         ended = (
             policy.budget_ended(self.state.budgets, t)
             or self._limit_reached(run.ctl, run.limits, run.work, run.step.totals, reading, t - run.step.start)
-            or (self._stable(run.body, run.step, t) if run.kind == "wait" else None)
-            or (await self._schedule_ended(run.body) if run.kind == "schedule" else None)
+            or (self._stable(run.body, run.step, t) if isinstance(run.body, WaitBody) else None)
+            or (await self._schedule_ended(run.body) if isinstance(run.body, ScheduleBody) else None)
         )
         unsafe = (policy.unsafe(reading, self.channel.cell, self.profile.safety, self._cond)
                   or policy.wrong_sign(reading, self.latest.discharging))
@@ -517,7 +528,7 @@ class Engine:
             raise SafetyStop(verdict.unsafe)
         if ended is None:
             return None
-        if run.kind == "schedule" and ended.kind is not EndKind.SCHEDULE:  # a limit of ours ends the cycler's schedule
+        if isinstance(run.body, ScheduleBody) and ended.kind is not EndKind.SCHEDULE:  # ours ends the cycler's schedule
             await self.channel.cycler.output(False)
         self.state.cycle_totals.resolution_ah += run.work.last_ah
         ended = self.book.checked(run.body.check, ended, run.ctl, run.step.totals)
