@@ -5,6 +5,7 @@ and the short watch. Numbers by hand."""
 from __future__ import annotations
 
 import asyncio
+import functools
 from pathlib import Path
 
 import pytest
@@ -184,3 +185,18 @@ def test_the_short_watch_sees_a_collapse_once_a_step_and_only_while_charging_at_
     resting = ShortWatch(ShortDetection(), discharge)
     resting.look(0.0, Reading(3.80, -3.5e-4))
     assert resting.look(60.0, Reading(3.50, -3.5e-4)) is None  # a discharge's fall is no short
+
+
+def test_one_judge_of_stability_for_wait_steps_and_the_track() -> None:
+    """Within tolerance for the duration after the last time something was off; past the timeout with something
+    still off, the profile fails, naming what."""
+    from cellbench.bench.runtime.track import ProfileFailed, settled
+
+    judge = functools.partial(settled, began=0.0, duration=600.0, timeout=3600.0, failing="waited")
+    assert judge(["pressure off"], 100.0, since=None) == (False, None)
+    assert judge([], 200.0, since=None) == (False, 200.0)
+    assert judge([], 799.0, since=200.0) == (False, 200.0)
+    assert judge([], 800.0, since=200.0) == (True, 200.0)
+    assert judge(["cell temperature 55 degC"], 900.0, since=200.0) == (False, None)  # the clock starts again
+    with pytest.raises(ProfileFailed, match="waited 1 h: cell temperature 55 degC"):
+        judge(["cell temperature 55 degC"], 3600.0, since=None)

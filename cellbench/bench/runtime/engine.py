@@ -43,7 +43,7 @@ from cellbench.bench.runtime.latest import Latest
 from cellbench.bench.runtime.link import RECOVERABLE, CyclerLink
 from cellbench.bench.runtime.runstate import Ending, EndKind, RunState, RunStatus, StepProgress, Totals
 from cellbench.bench.runtime.shorts import ShortWatch
-from cellbench.bench.runtime.track import ProfileFailed, Track, out_of_tolerance
+from cellbench.bench.runtime.track import ProfileFailed, Track, out_of_tolerance, settled
 from cellbench.bench.runtime.walker import Walker, dotted
 from cellbench.profiles.conditions import SetBody, WaitBody
 from cellbench.profiles.controls import PULSE_SETTLE, Control, SourceMode, StepType, build_control
@@ -679,16 +679,9 @@ class Engine:
             pressure=body.pressure, pressure_tol=tol_p,
             sensor=body.sensor,
         )
-        if off:
-            step.stable_since = None
-            if t - step.start >= body.timeout - 1e-9:
-                raise ProfileFailed(f"waited {human_duration(body.timeout)}: " + "; ".join(off))
-            return None
-        if step.stable_since is None:
-            step.stable_since = t
-        if t - step.stable_since >= body.duration - 1e-9:
-            return Ending(EndKind.STABLE, f"stable for {human_duration(body.duration)}", "next")
-        return None
+        stable, step.stable_since = settled(off, t, began=step.start, since=step.stable_since,
+                                            duration=body.duration, timeout=body.timeout, failing="waited")
+        return Ending(EndKind.STABLE, f"stable for {human_duration(body.duration)}", "next") if stable else None
 
     def _check_not_frozen(self, work: _Samples, ctl: Control, r: Reading) -> None:
         """A measured value (voltage under a current source, current under a voltage source) that repeats to

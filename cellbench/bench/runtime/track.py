@@ -47,6 +47,19 @@ def out_of_tolerance(
     return off
 
 
+def settled(off: list[str], t: float, *, began: float, since: float | None, duration: float, timeout: float,
+            failing: str) -> tuple[bool, float | None]:
+    """One judge of stability for wait steps and the track's `wait stable`: whether the conditions have been
+    within tolerance (`off` empty) for `duration` by test time t, and since when they have been; past `timeout`
+    after `began` with something still off, the profile cannot go on (`failing` opens the message)."""
+    if off:
+        if t - began >= timeout - 1e-9:
+            raise ProfileFailed(f"{failing} {human_duration(timeout)}: " + "; ".join(off))
+        return False, None
+    since = t if since is None else since
+    return t - since >= duration - 1e-9, since
+
+
 class Track:
     """Runs the conditions in order; remembers the setpoints it has given."""
 
@@ -116,17 +129,11 @@ class Track:
                 pressure=self.pressure, pressure_tol=spec.pressure,
                 sensor=spec.sensor,
             )
-            if off:
-                stable_since = None
-                if now - began >= spec.timeout - 1e-9:
-                    raise ProfileFailed(
-                        f"conditions not stable after {human_duration(spec.timeout)}: " + "; ".join(off)
-                    )
-            else:
-                stable_since = now if stable_since is None else stable_since
-                if now - stable_since >= spec.duration - 1e-9:
-                    self.event("conditions", f"stable at {self.describe()} for {human_duration(spec.duration)}")
-                    return
+            stable, stable_since = settled(off, now, began=began, since=stable_since, duration=spec.duration,
+                                           timeout=spec.timeout, failing="conditions not stable after")
+            if stable:
+                self.event("conditions", f"stable at {self.describe()} for {human_duration(spec.duration)}")
+                return
             await self.clock.sleep(min(POLL, max(spec.timeout - (now - began), 0.0)) or POLL)
 
     def describe(self) -> str:
