@@ -37,7 +37,7 @@ system:
 test: $(TESTING) system
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
-	$(VENV)/bin/python -m pytest
+	$(VENV)/bin/python -m pytest -n 2 --dist loadgroup
 
 # Not part of `make test`: every benchmark in turn, each printing both sides and their ratio (about 45 min;
 # benchmarks/README.md keeps the latest table). Peers: PyBaMM (the `bench` extra), PyMeasure (a test tool here),

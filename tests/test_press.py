@@ -227,6 +227,7 @@ def test_a_profile_that_sets_a_pressure_is_refused_on_a_load_cell_channel(tmp_pa
     assert "p.yaml:3: steps[0]: sets a pressure, but the channel's press only reads (a load cell)" in result.output
 
 
+@pytest.mark.xdist_group("fixed-ports")  # the simulators' default ports: never two such tests at once
 def test_the_press_is_served_on_the_port_its_document_names() -> None:
     """docs/protocols/press.md: a real PLC on Modbus TCP's 502, the simulator on 5502 by default (502 needs root);
     a pymodbus client reads the measured force there."""

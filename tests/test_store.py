@@ -49,6 +49,7 @@ def test_a_crash_loses_at_most_the_batch_in_progress(tmp_path: Path) -> None:
     script = textwrap.dedent(
         f"""
         import os, sqlite3, time
+        from cellbench.bench.runtime.events import Sample
         from cellbench.bench.runtime.store import RunStore
         store = RunStore({str(path)!r}, flush_interval=1.0)
         for i in range(10):

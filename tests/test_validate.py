@@ -318,6 +318,7 @@ def test_the_first_instrument_walkthrough_runs_as_written(tmp_path: Path) -> Non
         sim.wait(timeout=10)
 
 
+@pytest.mark.xdist_group("fixed-ports")  # the README serves on the simulators' default ports
 def test_the_readmes_shell_commands_run_as_written(tmp_path: Path) -> None:
     """Every `cellbench` line of the README's "Using it" and "Profiles" blocks, run as written from a folder where
     the repository's paths resolve: the ones that end do so with exit 0; each `sim serve` announces where it
