@@ -1,21 +1,5 @@
-"""MQTT telemetry and remote control: a subscriber of each channel's event stream, never in the run's way.
+"""One channel's link to the broker, the loop all links run on, and a bench's bridge."""
 
-Topics, under `<prefix>/<bench>/<channel>/` (payloads in docs/mqtt.md, whose JSON Schemas come from the models
-below):
-
-- `status`: retained `Status`; the connection's will sets it `offline`, a clean stop publishes `offline` itself.
-- `telemetry`: `Telemetry` at the configured rate; `event`: `Event` (step changes, notes, faults, safety trips),
-  QoS 1. Both carry one per-channel sequence number, continuous over outages and resumes.
-- `cmd/<name>` (pause, resume, abort, clear_latch, set_variable): a `CommandMessage` with a correlation ID; the
-  answer (`Reply`) goes to its `reply_to` topic or to `reply`. A repeated ID is answered again, not executed twice.
-
-The engine's subscriber only appends to a queue and wakes its link; the links run on an event loop of their own,
-on a thread of its own (publishing never takes the control loop's time), move messages into a durable outbox
-(SQLite beside the run's database, bounded) and publish them in order from there, deleting what the broker
-acknowledged. Commands are carried out on the control loop. When the broker is down the run goes on and the outbox
-fills; when it returns, the outbox is replayed by sequence number and the status comes back online. Who may
-command what is the broker's decision (its password file and ACL); the bench connects with its own credentials.
-"""
 
 from __future__ import annotations
 
@@ -30,16 +14,32 @@ import os
 import re
 import socket
 import sqlite3
-import ssl
 import threading
-import time
 from collections.abc import Callable, Coroutine
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, ClassVar, Literal, TypeVar
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ValidationError
 
+from cellbench.bench.ops.mqtt.config import (
+    ANSWERS_KEPT,
+    CLOSE_WAIT,
+    COMMANDS,
+    IN_FLIGHT,
+    MAX_COMMAND_BYTES,
+    MqttConfig,
+    T,
+)
+from cellbench.bench.ops.mqtt.outbox import Outbox
+from cellbench.bench.ops.mqtt.payloads import (
+    CommandMessage,
+    Cycle,
+    Event,
+    Quantity,
+    Reply,
+    Status,
+    _utc,
+)
 from cellbench.bench.runtime.commands import Command
 from cellbench.bench.runtime.events import (
     CycleCompleted,
@@ -52,208 +52,8 @@ from cellbench.bench.runtime.events import (
     StepEnded,
     StepStarted,
 )
-from cellbench.profiles.base import Strict
-from cellbench.profiles.units import Duration
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
-
-COMMANDS = ("pause", "resume", "abort", "clear_latch", "set_variable")
-CLOSE_WAIT = 5.0  # s a clean stop waits for the outbox to drain before it leaves the rest for a resume
-IN_FLIGHT = 100  # publishes awaited together (aiomqtt counts its pending calls one by one: not thousands)
-ANSWERS_KEPT = 1000  # correlation IDs remembered per channel (QoS 1 redelivery is seconds, not hours)
-MAX_COMMAND_BYTES = 16_384  # a command is a few fields: anything larger is refused unread
-
-
-class MqttConfig(Strict):
-    """The `mqtt:` section of a bench file; telemetry is off when it is absent."""
-
-    what: ClassVar[str] = "mqtt key"
-    host: str = Field(min_length=1, description="the broker's host name or address")
-    port: int = Field(1883, ge=1, le=65535, description="the broker's port (8883 is usual with TLS)")
-    username: str | None = Field(default=None, description="the bench's user on the broker (its ACL decides what "
-                                                           "it may publish and read)")
-    password_file: Path | None = Field(default=None, description="a file whose first line is the password "
-                                                                 "(never written to a run's record)")
-    tls: bool = Field(default=False, description="connect over TLS")
-    ca_file: Path | None = Field(default=None, description="the broker's CA certificate (TLS); the system's if absent")
-    prefix: str = Field("cellbench", pattern=r"^[^#+/][^#+]*$", description="the first level of every topic")
-    telemetry_every: Duration = Field(10.0, ge=0.1, description="how often each channel's newest reading is "
-                                                                "published")
-    telemetry_qos: Literal[0, 1] = Field(0, description="0: at most once (a message written to the socket as the "
-                                                        "broker goes down is lost); 1: at least once, every "
-                                                        "message kept in the outbox until the broker has it")
-    outbox_limit: int = Field(100_000, ge=100, description="messages kept while the broker is away; the oldest "
-                                                           "telemetry goes first, events are kept")
-    keepalive: int = Field(30, ge=5, le=3600, description="seconds between MQTT keep-alive pings")
-
-    def password(self) -> str | None:
-        if self.password_file is None:
-            return None
-        try:
-            return self.password_file.read_text().splitlines()[0].strip()
-        except (OSError, IndexError) as exc:
-            raise ValueError(f"mqtt password_file {self.password_file}: {exc}") from None
-
-    def client_kwargs(self) -> dict[str, Any]:
-        """What aiomqtt.Client takes for this broker (TLS, credentials, keepalive)."""
-        kwargs: dict[str, Any] = {"hostname": self.host, "port": self.port, "username": self.username,
-                                  "password": self.password(), "keepalive": self.keepalive, "timeout": 10.0}
-        if self.tls:
-            kwargs["tls_context"] = ssl.create_default_context(
-                cafile=None if self.ca_file is None else str(self.ca_file))
-        return kwargs
-
-
-# --- payloads -------------------------------------------------------------------------------------------------
-class Status(BaseModel):
-    """`status`, retained: where the channel stands."""
-
-    model_config = ConfigDict(extra="forbid")
-    state: Literal["starting", "running", "paused", "latched", "completed", "interrupted", "failed", "safety stop",
-                   "offline"] = Field(description="latched: a safety stop holds the channel, output off, until an "
-                                                  "operator clears the latch (a bench with on_safety_stop: hold)")
-    time: str | None = Field(description="UTC, ISO 8601; null in the will, which the broker publishes at a moment "
-                                         "the bench cannot know")
-    bench: str
-    channel: str
-    run_id: str | None = None
-    cell_id: str | None = None
-    step: str | None = Field(default=None, description="the step type, as the Battery Data Format names it")
-    step_count: int | None = None
-    cycle: int | None = None
-    reason: str | None = Field(default=None, description="why the run ended or paused")
-
-
-class Quantity(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    value: float
-    unit: str
-
-
-class Telemetry(BaseModel):
-    """`telemetry`: one sample, at most one per `telemetry_every`."""
-
-    model_config = ConfigDict(extra="forbid")
-    time: str = Field(description="UTC, ISO 8601, of the reading")
-    seq: int = Field(ge=1, description="per channel, shared with `event`, continuous")
-    run_id: str
-    test_time: float = Field(description="s")
-    cycle: int
-    step_count: int
-    step: str
-    values: dict[str, Quantity]
-
-
-class Cycle(BaseModel):
-    """`cycle`, retained: the channel's last finished cycle, so a dashboard needs no analysis of its own."""
-
-    model_config = ConfigDict(extra="forbid")
-    time: str = Field(description="UTC, ISO 8601, when the cycle ended")
-    run_id: str
-    cycle: int
-    charge: Quantity = Field(description="Ah charged in the cycle")
-    discharge: Quantity = Field(description="Ah discharged in the cycle")
-    coulombic_efficiency: float | None = Field(description="discharge over charge (a fraction); null without a "
-                                                           "whole charge and discharge (halves ended on time, as "
-                                                           "pulses do)")
-    retention: float | None = Field(description="discharge over the reference capacity (a fraction)")
-    resistance: Quantity | None = Field(description="ohmic plus interfacial resistance of the run's latest "
-                                                    "impedance fit, where it has one")
-
-
-class Event(BaseModel):
-    """`event`, QoS 1: a step began or ended, a note of the record (start, end, fault, safety, ...)."""
-
-    model_config = ConfigDict(extra="forbid")
-    time: str
-    seq: int = Field(ge=1)
-    run_id: str
-    kind: str = Field(description="step_started, step_ended, safety, or a note's kind (start, end, fault, ...)")
-    message: str
-    test_time: float
-
-
-class CommandMessage(BaseModel):
-    """What a client publishes to `cmd/<name>`."""
-
-    model_config = ConfigDict(extra="forbid")
-    id: str = Field(min_length=1, max_length=200, description="correlation ID: a repeat is answered, not re-run")
-    reason: str = Field("by an MQTT client", max_length=500)
-    operator: str | None = Field(default=None, max_length=200,
-                                 description="who asks, recorded with the reason (as the client says: the broker's "
-                                             "ACL decides who may command at all)")
-    reply_to: str | None = Field(default=None, max_length=500, pattern=r"^[^#+]+$")
-    name: str | None = Field(default=None, max_length=200,
-                             description="set_variable: the cycler variable, 1 to 16 (also as MV_UD1 or VAR1)")
-    value: float | str | None = Field(default=None, description="set_variable: its value, a number")
-
-
-class Reply(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    id: str
-    command: str
-    ok: bool
-    message: str
-
-
-PAYLOADS: dict[str, type[BaseModel]] = {"status": Status, "telemetry": Telemetry, "event": Event, "cycle": Cycle,
-                                        "cmd/<name>": CommandMessage, "reply": Reply}
-
-
-def _utc(unix_time: float | None = None) -> str:
-    return datetime.fromtimestamp(time.time() if unix_time is None else unix_time, UTC).isoformat(
-        timespec="milliseconds").replace("+00:00", "Z")
-
-
-# --- the outbox -----------------------------------------------------------------------------------------------
-class Outbox:
-    """Messages not yet acknowledged by the broker, in sequence order, on disk (bounded)."""
-
-    def __init__(self, path: Path, limit: int) -> None:
-        self.limit = limit
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("CREATE TABLE IF NOT EXISTS outbox (seq INTEGER PRIMARY KEY, topic TEXT NOT NULL, "
-                         "payload TEXT NOT NULL, qos INTEGER NOT NULL, telemetry INTEGER NOT NULL)")
-        self._db.execute("CREATE TABLE IF NOT EXISTS last (id INTEGER PRIMARY KEY CHECK (id = 1), seq INTEGER)")
-        # how many wait, kept here: counting the table at every batch cost a full scan of a long outage's outbox
-        self._count = int(self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
-
-    def last_seq(self) -> int:
-        row = self._db.execute("SELECT seq FROM last").fetchone()
-        return int(row[0]) if row else 0
-
-    def turn(self, rows: list[tuple[int, str, str, int, int]], acked: int, n: int) -> list[tuple[int, str, str, int]]:
-        """One pass of the publisher, in one transaction: forget what the broker has taken (sequence numbers up
-        to `acked`), add what the run handed on, and return the first `n` messages still to send."""
-        with self._db:
-            self._db.execute("BEGIN")
-            if acked:
-                self._count -= self._db.execute("DELETE FROM outbox WHERE seq <= ?", (acked,)).rowcount
-            if rows:
-                self._add(rows)
-            return self._db.execute("SELECT seq, topic, payload, qos FROM outbox ORDER BY seq LIMIT ?",
-                                    (n,)).fetchall() if n else []
-
-    def _add(self, rows: list[tuple[int, str, str, int, int]]) -> None:
-        self._db.executemany("INSERT OR REPLACE INTO outbox VALUES (?, ?, ?, ?, ?)", rows)
-        self._db.execute("INSERT OR REPLACE INTO last VALUES (1, ?)", (rows[-1][0],))
-        count = self._count + len(rows)
-        if count > self.limit:  # (a replaced row would make that too many: counted exactly then)
-            count = int(self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
-        over = count - self.limit
-        if over > 0:  # the oldest telemetry goes first: events and the sequence stay
-            count -= self._db.execute("DELETE FROM outbox WHERE seq IN (SELECT seq FROM outbox WHERE "
-                                      "telemetry = 1 ORDER BY seq LIMIT ?)", (over,)).rowcount
-        self._count = count
-
-    def __len__(self) -> int:
-        return self._count
-
-    def close(self) -> None:
-        self._db.close()
-
 
 # --- one channel's link -------------------------------------------------------------------------------------
 CommandFn = Callable[[Command], tuple[bool, str]]  # the runner's command handler -> (done, message)
@@ -660,73 +460,3 @@ def from_url(url: str, password_file: Path | None = None, ca_file: Path | None =
                       prefix=parts.path.strip("/") or "cellbench")
 
 
-async def statuses(cfg: MqttConfig, wait: float = 2.0) -> list[Status]:
-    """Every channel's retained status on the broker (all benches under the prefix), read for `wait` seconds."""
-    import aiomqtt
-
-    found: dict[str, Status] = {}
-    async with aiomqtt.Client(**cfg.client_kwargs(), identifier=None) as client:
-        await client.subscribe(f"{cfg.prefix}/+/+/status", qos=1)
-
-        async def read() -> None:
-            async for m in client.messages:
-                try:
-                    found[str(m.topic)] = Status.model_validate_json(bytes(m.payload or b""))
-                except ValidationError:
-                    continue  # someone else's message under the prefix
-
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(read(), wait)
-    return sorted(found.values(), key=lambda st: (st.bench, st.channel))
-
-
-async def check(cfg: MqttConfig, bench: str, wait: float = 3.0) -> list[tuple[str, bool, str]]:
-    """Whether these credentials can do what a bench does: connect, take commands, publish and be read back."""
-    import aiomqtt
-
-    results: list[tuple[str, bool, str]] = []
-    probe = f"{cfg.prefix}/{bench}/_check/event"
-    try:
-        async with aiomqtt.Client(**cfg.client_kwargs(), identifier=None) as client:
-            results.append(("connect", True, f"{cfg.host}:{cfg.port} as {cfg.username or 'anonymous'}"))
-            for topic in (f"{cfg.prefix}/{bench}/+/cmd/+", probe):
-                try:
-                    granted = await client.subscribe(topic, qos=1)
-                    refused = any(_failed(code) for code in (granted or ()))
-                    results.append((f"subscribe {topic}", not refused, "refused by the broker" if refused
-                                    else "granted"))
-                except aiomqtt.MqttError as exc:
-                    results.append((f"subscribe {topic}", False, f"refused by the broker ({exc})"))
-            token = f"cellbench check {time.time()}"
-            await client.publish(probe, json.dumps({"check": token}), qos=1)
-
-            async def echo() -> bool:
-                async for m in client.messages:
-                    if str(m.topic) == probe and token in bytes(m.payload or b"").decode(errors="replace"):
-                        return True
-                return False
-
-            try:
-                back = await asyncio.wait_for(echo(), wait)
-            except TimeoutError:
-                back = False
-            results.append((f"publish {probe}", back, "read back" if back else
-                            f"not read back within {wait:g} s: the broker's ACL drops this user's publishing there"))
-    except aiomqtt.MqttError as exc:
-        results.append(("connect", False, f"{cfg.host}:{cfg.port}: {exc}"))
-    return results
-
-
-def _failed(code: object) -> bool:
-    """A SUBACK's code for one topic: 0x80 and above refuse it (an int in MQTT 3.1.1, a ReasonCode in 5)."""
-    value = getattr(code, "value", code)
-    return isinstance(value, int) and value >= 0x80
-
-
-def schema_doc() -> str:
-    """The JSON Schemas of every payload, as docs/mqtt.md lists them."""
-    parts = []
-    for topic, model in PAYLOADS.items():
-        parts.append(f"### `{topic}`: {model.__name__}\n\n```json\n"
-                     f"{json.dumps(model.model_json_schema(), indent=2)}\n```\n")
-    return "\n".join(parts)
