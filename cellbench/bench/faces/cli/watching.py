@@ -184,7 +184,7 @@ def status(
 
     try:
         with Live(_status_table(now()), console=console, auto_refresh=False) as screen:
-            while True:
+            while True:  # a terminal's refresh in a plain synchronous command: no event loop, no run here to block
                 time.sleep(interval)
                 screen.update(_status_table(now()), refresh=True)
     except KeyboardInterrupt:
