@@ -343,3 +343,37 @@ async def test_the_firmwares_loop_markers_timer_variables_counts_and_abort() -> 
     assert times == pytest.approx([0.1, 0.2, 0.3], abs=0.02)
     aborted = await script_lines(sim, ["var p", "cell_on", "wait 5", "on_finished:", "cell_off"], abort_after=0.2)
     assert aborted == ["e", "Z", ""] and not sim.cell_on
+
+
+async def test_currents_carry_the_status_and_range_metadata_palmsens_parsers_read() -> None:
+    """`,1X` status and `,2XX` range after each current (PalmSens' example parsers; the EmStat4's ranges are
+    decades from 100 pA, code 0, three codes apart). By hand: a CP at -1 mA sets a fixed 2 mA range, which the
+    instrument holds in its 10 mA decade, code 24 = 0x18; 5 mA in a fixed 1 mA range (code 21 = 0x15) is an
+    overload, status 2; an EIS current of 10 mV over |Z| autoranges within 1 uA..1 mA."""
+    sim = PalmSensSim(SolidStateCell(soc=0.5), asyncio.get_running_loop().time, noise=0.0)
+    lines = await script_lines(sim, cp_script(current=-1e-3, interval=0.1, duration=0.2))
+    currents = [line.split(";")[1] for line in lines if line.startswith("P")]
+    assert currents and all(c.endswith(",10,218") for c in currents)
+    clipped = ["var e", "var i", "set_pgstat_mode 6", "set_range db 1m", "set_autoranging db 1m 1m", "set_i 5m",
+               "cell_on", "meas_loop_cp e i 5m 100m 100m", "  pck_start", "  pck_add e", "  pck_add i", "  pck_end",
+               "endloop", "on_finished:", "cell_off"]
+    (package,) = [parse_package(line) for line in await script_lines(sim, clipped) if line.startswith("P")]
+    assert package[1].flags == ["overload"] and package[1].current_range == 21
+    lines = await script_lines(sim, eis_script(f_start=1e3, f_end=1e3, n_points=1, amplitude=10e-3,
+                                               current_range=1e-3))
+    (f, zr, zi) = parse_package(next(line for line in lines if line.startswith("P")))
+    ac = 10e-3 / abs(sim.cell.impedance(1e3))
+    decade = next(k for k in range(10) if ac <= 100e-12 * 10**k)  # by hand: the smallest decade holding it
+    assert f.metadata == () and zr.status == zi.status == 0
+    assert zr.current_range == zi.current_range == 3 * min(max(decade, 4), 7)  # within 1 uA (12)..1 mA (21)
+
+
+async def test_a_clipped_current_is_refused_by_the_driver_over_the_serial_line(pstat_server: PtySimServer) -> None:
+    """An EIS in a 1 uA range on a cell of tens of ohms overloads at every point: the driver says so in one line
+    instead of returning impedances about a clipped current."""
+    io = await open_transport(pstat_server.resource, name="pstat", timeout=5, baud_rate=230400)
+    try:
+        with pytest.raises(InstrumentError, match=r"overloaded its range \(range code 12\)"):
+            await PalmSens(io).impedance(f_start=1e3, f_end=100, n_points=2, amplitude=10e-3, current_range=1e-6)
+    finally:
+        await io.close()

@@ -224,9 +224,20 @@ class PalmSens:
                                                       amplitude=amplitude, galvanostatic=True, i_dc=i_dc,
                                                       current_range=current_range)))
 
+    def _unclipped(self, technique: str, packages: list[list[Value]]) -> list[list[Value]]:
+        """The packages of a technique, refused whole when a current in them overloaded its range (status bit 2):
+        a clipped current makes the impedance or the potential a number about another current."""
+        for pkg in packages:
+            for v in pkg:
+                if "overload" in v.flags:
+                    range_text = f" (range code {v.current_range})" if v.current_range is not None else ""
+                    raise InstrumentError(self.name, [f"{technique}: a current overloaded its range{range_text}: "
+                                                      "give the step a larger current range"], technique)
+        return packages
+
     def _points(self, packages: list[list[Value]]) -> list[ImpedancePoint]:
         points = []
-        for pkg in packages:
+        for pkg in self._unclipped("EIS", packages):
             by_type = {v.var_type: v.value for v in pkg}
             if not {"dc", "cc", "cd"} <= set(by_type):
                 raise MethodScriptError(self.name, "EIS", str(pkg), "frequency, Z real and Z imaginary")
@@ -237,8 +248,9 @@ class PalmSens:
         return [pkg[0].value for pkg in await self.run(ocp_script(interval=interval, duration=duration))]
 
     async def chronopotentiometry(self, *, current: float, interval: float, duration: float) -> list[float]:
-        return [pkg[0].value for pkg in await self.run(cp_script(current=current, interval=interval, duration=duration,
-                                                                 current_range=max(abs(current) * 2, 1e-6)))]
+        script = cp_script(current=current, interval=interval, duration=duration,
+                           current_range=max(abs(current) * 2, 1e-6))
+        return [pkg[0].value for pkg in self._unclipped("chronopotentiometry", await self.run(script))]
 
     def _raise_if_error(self, command: str, lines: list[str]) -> None:
         for line in lines:

@@ -49,6 +49,18 @@ INT32 = 2**31 - 1  # a literal's mantissa must fit a signed 32-bit integer
 ERR_UNKNOWN = "4001"  # a command the script language does not know (the manual's 4001 family)
 ERR_CELL_ON = "0014"  # an open-circuit measurement asked with the cell on (PalmSens' error table)
 ERR_SCRIPT = "4004"  # a command the simulator cannot parse (wrong arguments)
+# Package metadata (PalmSens' own parsers: `,1X` status bits, `,2XX` range): the EmStat4's current ranges are
+# decades from 100 pA (code 0) to 100 mA (code 27), three codes apart; status 2 is an overload
+ES4_CURRENT_RANGES = [(3 * k, 100e-12 * 10**k) for k in range(10)]
+STATUS_OK, STATUS_OVERLOAD = 0x0, 0x2
+
+
+def range_code(amps: float) -> tuple[int, float]:
+    """The EmStat4 current range that holds `amps` (the smallest decade at or above it, at most 100 mA)."""
+    for code, full_scale in ES4_CURRENT_RANGES:
+        if abs(amps) <= full_scale * (1 + 1e-9):
+            return code, full_scale
+    return ES4_CURRENT_RANGES[-1]
 
 
 class ScriptError(Exception):
@@ -95,6 +107,8 @@ class PalmSensSim:
         self._abort = False
         self.mode = 3  # set_pgstat_mode
         self._timer: float | None = None  # timer_start's moment
+        self.current_range = 10e-3  # set_range ba/db: the range in use when autoranging is off (A)
+        self.autorange: tuple[float, float] | None = None  # set_autoranging ba: the lowest and highest range
 
     def handle(self, line: str) -> str | AsyncIterator[str] | None:
         if self._script is not None:
@@ -236,10 +250,28 @@ class PalmSensSim:
             elif cmd == "timer_get":
                 if args:
                     self._vars[args[0]] = self._elapsed()
+            elif cmd == "set_range" and len(args) == 2 and args[0] in ("ba", "db"):
+                self.current_range = range_code(self._value(args[1], n))[1]
+                self.autorange = None
+            elif cmd == "set_autoranging" and len(args) == 3 and args[0] in ("ba", "db"):
+                low, high = (range_code(self._value(a, n))[1] for a in args[1:])
+                self.autorange = None if low == high else (low, high)
             elif cmd in SETUP or cmd == "endloop":
                 continue
             else:
                 raise ScriptError(ERR_UNKNOWN, n, f"unknown command {cmd!r}")
+
+    def _current_metadata(self, amps: float) -> str:
+        """A current's metadata as the instrument appends it: `,1` and the status digit, `,2` and the range's two
+        hex digits; an overload when the current is beyond a fixed range (autoranging moves up within its
+        limits first)."""
+        full_scale = self.current_range
+        if self.autorange is not None:
+            low, high = self.autorange
+            full_scale = min(max(range_code(amps)[1], low), high)
+        code = range_code(full_scale)[0]
+        status = STATUS_OVERLOAD if abs(amps) > full_scale * (1 + 1e-9) else STATUS_OK
+        return f",1{status:X},2{code:02X}"
 
     def _elapsed(self) -> float:
         return 0.0 if self._timer is None else self._now() - self._timer
@@ -267,7 +299,7 @@ class PalmSensSim:
 
     async def _eis(self, n: int, args: list[str], pck: list[str]) -> AsyncIterator[str]:
         f_var, r_var, j_var = args[:3]
-        f_start, f_end = self._value(args[4], n), self._value(args[5], n)
+        amplitude, f_start, f_end = (self._value(a, n) for a in args[3:6])
         points = int(self._value(args[6], n))
         if f_start <= 0 or f_end <= 0 or not 1 <= points <= 10_000:
             raise ScriptError(ERR_SCRIPT, n, "frequencies must be positive and the points between 1 and 10000")
@@ -279,7 +311,11 @@ class PalmSensSim:
                 return
             z = self.cell.impedance(f) * (1 + self._rng.gauss(0.0, self.noise))
             values = {"dc": f, "cc": z.real, "cd": z.imag}
-            yield "P" + ";".join(encode(roles[v], values[roles[v]]) for v in pck if v in roles)
+            # the impedance's parts carry the metadata of the current they were measured in (the manual's
+            # example package: `cc…m,10,287`): the AC current of a potentiostatic sweep, the applied one of a GEIS
+            ac = amplitude if self.mode == GALVANOSTAT_MODE else amplitude / max(abs(z), 1e-12)
+            meta = {"dc": "", "cc": self._current_metadata(ac), "cd": self._current_metadata(ac)}
+            yield "P" + ";".join(encode(roles[v], values[roles[v]]) + meta[roles[v]] for v in pck if v in roles)
 
     async def _series(self, n: int, e_var: str, i_var: str | None, current: float, interval_word: str,
                       run_word: str, pck: list[str], timed: list[str]) -> AsyncIterator[str]:
@@ -296,7 +332,7 @@ class PalmSensSim:
             values = {e_var: encode("ab", potential)}
             if i_var is not None:
                 self._vars[i_var] = current
-                values[i_var] = encode("ba", current)
+                values[i_var] = encode("ba", current) + self._current_metadata(current)
             for name in timed:  # timer_get in the loop body: the time since timer_start, in seconds
                 self._vars[name] = self._elapsed()
                 values[name] = encode("eb", self._vars[name])
