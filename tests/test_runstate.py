@@ -16,7 +16,9 @@ from typing import Any
 
 import pytest
 
-from cellbench.bench.runner import run as run_module
+from cellbench.bench.runner import channel_run as run_module
+from cellbench.bench.runner.channel_run import ChannelRun, ProfileFile
+from cellbench.bench.runner.coordinator import Coordinator
 from cellbench.bench.runtime.clock import VirtualClock
 from cellbench.bench.runtime.engine import Engine, Outcome
 from cellbench.bench.runtime.events import (
@@ -171,8 +173,7 @@ def test_a_full_disk_ends_the_run_in_the_safe_state(tmp_path: Path, monkeypatch:
     cycler = FakeCycler()
     clock = VirtualClock()
     path = tmp_path / "run.sqlite"
-    result: Any = clock.run(run_module._run_channel(fake_channel(cycler), profile, "name: long", clock, path, None,
-                                                     {}, Path(".")))
+    result: Any = clock.run(ChannelRun(fake_channel(cycler), ProfileFile(profile, "name: long"), clock, path).run())
     outcome = result.outcome
     assert outcome.status is RunStatus.RECORDING_FAILED and "full" in outcome.reason
     assert outcome.test_time < 30 * 86400  # it stopped long before the profile's end
@@ -184,7 +185,7 @@ def test_a_full_disk_on_one_channel_stops_every_channel_of_the_bench(tmp_path: P
     profile = parse_profile("name: long\nsample_period: 1 s\nsteps:\n  - rest: 30 d\n", "t.yaml")
     cyclers = [FakeCycler(name="a"), FakeCycler(name="b")]
     clock = VirtualClock()
-    coordinator = run_module._Coordinator()
+    coordinator = Coordinator()
     def store(path: Path, **kw: Any) -> RunStore:  # only channel a's database is small enough to fill
         small: dict[str, Any] = {"pragmas": ("max_page_count=12",)} if path.stem == "a" else {}
         return RunStore(path, **kw, **small)
@@ -193,8 +194,8 @@ def test_a_full_disk_on_one_channel_stops_every_channel_of_the_bench(tmp_path: P
         setattr(run_module, "RunStore", store)  # noqa: B010  (the runner's own name for the store, patched)
         try:
             return await asyncio.gather(*(
-                run_module._run_channel(fake_channel(c), profile, "name: long", clock, tmp_path / f"{c.name}.sqlite",
-                                        None, {}, Path("."), coordinator) for c in cyclers))
+                ChannelRun(fake_channel(c), ProfileFile(profile, "name: long"), clock, tmp_path / f"{c.name}.sqlite",
+                           coordinator).run() for c in cyclers))
         finally:
             setattr(run_module, "RunStore", RunStore)  # noqa: B010
 

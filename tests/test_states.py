@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from cellbench.bench.runner.run import _Coordinator
+from cellbench.bench.runner.coordinator import Coordinator
 from cellbench.bench.runner.states import IDLE_SAID, TRANSITIONS, Action, ChannelState, Refused
 from cellbench.bench.runtime.commands import Command
 from cellbench.bench.runtime.engine import Interrupted, Paused
@@ -30,9 +30,9 @@ class FakeEngine:
         self.stopped.append(exc)
 
 
-def coordinator_in(state: ChannelState) -> tuple[_Coordinator, FakeEngine, list[str], list[Command]]:
+def coordinator_in(state: ChannelState) -> tuple[Coordinator, FakeEngine, list[str], list[Command]]:
     """A coordinator whose channel ch1 is in this state; returns it, ch1's engine, the clears and the starts."""
-    c = _Coordinator()
+    c = Coordinator()
     c.channels = ["ch1", "ch2"]
     engine = FakeEngine("ch1")
     cleared: list[str] = []

@@ -5,7 +5,7 @@ Each controller on the real clock listens on a Unix socket of its own, `$CELLBEN
 (mode 0600 in a 0700 folder: only the user who runs the bench may command it), says which bench and channels
 it holds in `<pid>.json` beside it, and records the socket's path in the runs registry beside each of its
 runs. A client sends one JSON line, a `Command`, and reads one JSON line back, a `Reply`. Commands go through
-the runner (`run._Coordinator.command`), never to an instrument directly; one channel's command leaves the
+the runner (`coordinator.Coordinator.command`), never to an instrument directly; one channel's command leaves the
 others running.
 """
 
