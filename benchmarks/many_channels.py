@@ -58,7 +58,7 @@ def measure(n: int, boxes: list[tuple[int, int]], display: bool) -> tuple[int, f
     bench = BenchConfig.model_validate({
         "name": f"bench-{n}",
         "instruments": {f"box{b}": {"driver": "maccor", "resource": f"TCPIP::127.0.0.1::{port}::SOCKET",
-                                    "address": bin_port} for b, (port, bin_port) in enumerate(boxes)},
+                                    "binary_port": bin_port} for b, (port, bin_port) in enumerate(boxes)},
         "cells": {f"c{k}": {"capacity": "3.5 mAh", "voltage_min": "2.5 V", "voltage_max": "4.3 V"} for k in range(n)},
         "channels": {f"ch{k:04d}": {"cycler": f"box{k // PER_BOX}", "cycler_channel": k % PER_BOX, "cell": f"c{k}"}
                      for k in range(n)},

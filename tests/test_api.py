@@ -12,7 +12,7 @@ import pytest
 
 import cellbench
 from cellbench.bench.faces.simbench import cell_config
-from cellbench.bench.runner.config import BenchConfig, ChannelConfig, InstrumentConfig
+from cellbench.bench.runner.config import BenchConfig, ChannelConfig, instrument
 from cellbench.simulators.cell import SolidStateCell
 from cellbench.simulators.keithley2450 import Keithley2450Sim
 from cellbench.simulators.parameters import PELLET
@@ -59,7 +59,7 @@ async def test_arun_on_a_real_bench_in_real_time(tmp_path: Path) -> None:
     sim = Keithley2450Sim(SolidStateCell(soc=0.5), loop.time)
     async with SimServer(sim) as server:
         bench = BenchConfig(
-            instruments={"smu": InstrumentConfig(driver="keithley2450", resource=server.resource)},
+            instruments={"smu": instrument(driver="keithley2450", resource=server.resource)},
             cells={"pellet": cell_config(PELLET)},
             channels={"ch1": ChannelConfig(cycler="smu", cell="pellet")},
         )

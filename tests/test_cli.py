@@ -238,6 +238,37 @@ def test_the_example_bench_files_are_valid(name: str, tmp_path: Path) -> None:
                for p in caught.value.problems), caught.value.problems
 
 
+def test_each_driver_reads_its_entry_with_its_own_keys(tmp_path: Path) -> None:
+    """A key of another driver is refused at its line with the keys this driver takes; each driver's own keys
+    reach its open request; an entry written back by the bench is read again by the same driver's model."""
+    from cellbench.bench.runner.config import load_bench
+    from cellbench.drivers.maccor import MaccorSettings
+    from cellbench.profiles.parse import InputError
+
+    def bench(instruments: str, channel: str = "") -> Path:
+        path = tmp_path / "b.yaml"
+        path.write_text("instruments:\n" + instruments + "cells:\n  c: {capacity: 3 mAh, voltage_min: 2.5 V, "
+                        "voltage_max: 4.3 V}\nchannels:\n  ch1: {cycler: smu1, cell: c" + channel + "}\n")
+        return path
+
+    with pytest.raises(InputError) as caught:
+        load_bench(bench('  smu1: {driver: keithley2450, resource: "TCPIP::h::5025::SOCKET", device_id: 3}\n'))
+    (said,) = caught.value.problems  # one line: the 2450's own model, not every driver's
+    assert said.startswith("b.yaml:2: instruments.smu1: unknown instrument key 'device_id'")
+    assert "baud_rate" in said and "login_file" not in said and "owner" not in said
+    with pytest.raises(InputError, match=r"b.yaml:3: instruments.box: 'driver' is required"):
+        load_bench(bench('  smu1: {driver: keithley2450, resource: "TCPIP::h::5025::SOCKET"}\n'
+                         '  box: {resource: "TCPIP::h::57570::SOCKET"}\n'))
+    b = load_bench(bench('  smu1: {driver: maccor, resource: "TCPIP::h::57570::SOCKET", binary_port: 57561, '
+                         'watchdog: 30 s}\n', ", cycler_channel: 0"))
+    box = b.instruments["smu1"]
+    assert isinstance(box, MaccorSettings)
+    request = box.request("smu1", 1.0)
+    assert (request.binary_port, request.watchdog, request.address, request.device_id) == (57561, 30.0, None, 1)
+    assert type(b).model_validate(b.as_written()) == b
+    assert b.as_written()["instruments"]["smu1"]["watchdog"] == "30.0 s"
+
+
 def test_an_estimate_is_bounded_by_simulated_time_and_the_same_on_any_machine() -> None:
     from cellbench.bench.faces.simbench import estimate_duration
     from cellbench.profiles.library import library_path

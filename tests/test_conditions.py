@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from cellbench.bench.faces.simbench import cell_config
-from cellbench.bench.runner.config import BenchConfig, ChannelConfig, InstrumentConfig
+from cellbench.bench.runner.config import BenchConfig, ChannelConfig, instrument
 from cellbench.bench.runner.run import run_bench
 from cellbench.bench.runtime.clock import VirtualClock
 from cellbench.bench.runtime.store import open_run
@@ -191,10 +191,10 @@ def test_one_chamber_and_one_press_shared_by_two_channels(tmp_path: Path) -> Non
     def bench_at(resources: list[str], owner: str | None) -> BenchConfig:
         return BenchConfig(
             instruments={
-                "smu1": InstrumentConfig(driver="keithley2450", resource=resources[0]),
-                "smu2": InstrumentConfig(driver="keithley2450", resource=resources[1]),
-                "oven": InstrumentConfig(driver="espec", resource=resources[2], owner=owner),
-                "press": InstrumentConfig(driver="modbus-press", resource=resources[3], owner=owner),
+                "smu1": instrument(driver="keithley2450", resource=resources[0]),
+                "smu2": instrument(driver="keithley2450", resource=resources[1]),
+                "oven": instrument(driver="espec", resource=resources[2], owner=owner),
+                "press": instrument(driver="modbus-press", resource=resources[3], owner=owner),
             },
             cells={"a": cell_config(PELLET), "b": cell_config(PELLET)},
             channels={
@@ -288,10 +288,10 @@ def shared_oven(tmp_path: Path, profiles: dict[str, str], owner: str | None = "c
         ps = await PressServer(press).start_tcp()
         bench = BenchConfig(
             instruments={
-                "smu1": InstrumentConfig(driver="keithley2450", resource=servers[0].resource),
-                "smu2": InstrumentConfig(driver="keithley2450", resource=servers[1].resource),
-                "oven": InstrumentConfig(driver="espec", resource=cs.resource, owner=owner),
-                "press": InstrumentConfig(driver="modbus-press", resource=ps.resource, owner=owner)},
+                "smu1": instrument(driver="keithley2450", resource=servers[0].resource),
+                "smu2": instrument(driver="keithley2450", resource=servers[1].resource),
+                "oven": instrument(driver="espec", resource=cs.resource, owner=owner),
+                "press": instrument(driver="modbus-press", resource=ps.resource, owner=owner)},
             cells={"a": cell_config(PELLET), "b": cell_config(PELLET)},
             channels={"ch1": ChannelConfig(cycler="smu1", cell="a", chamber="oven", press="press"),
                       "ch2": ChannelConfig(cycler="smu2", cell="b", chamber="oven", press="press")})

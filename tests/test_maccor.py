@@ -168,7 +168,7 @@ def test_three_channels_of_one_box_run_a_profile_on_the_bench(tmp_path: object) 
         async with MaccorServer(sim) as server:
             bench = BenchConfig.model_validate({
                 "name": "pilot", "instruments": {"box1": {"driver": "maccor", "resource": server.resource,
-                                                          "address": server.bin_port}},
+                                                          "binary_port": server.bin_port}},
                 "cells": {f"P-{k}": {"capacity": "3.5 mAh", "voltage_min": "2.5 V", "voltage_max": "4.3 V"}
                           for k in range(3)},
                 "channels": {f"ch{k}": {"cycler": "box1", "cycler_channel": k + 2, "cell": f"P-{k}"} for k in range(3)},
@@ -301,7 +301,7 @@ def test_a_box_dropping_off_the_network_fails_its_channels_and_the_other_box_fin
                    for _ in range(2)]
         bench = BenchConfig.model_validate({
             "name": "two-boxes",
-            "instruments": {f"box{b}": {"driver": "maccor", "resource": s.resource, "address": s.bin_port,
+            "instruments": {f"box{b}": {"driver": "maccor", "resource": s.resource, "binary_port": s.bin_port,
                                         "reconnect_grace": "30 s", "timeout": "2 s"}
                             for b, s in enumerate(servers)},
             "cells": {f"c{b}{k}": {"capacity": "3.5 mAh", "voltage_min": "2.5 V", "voltage_max": "4.3 V"}
@@ -356,7 +356,7 @@ def test_a_channel_left_sourcing_by_a_dead_controller_is_rested_on_connect(tmp_p
         async with MaccorServer(sim) as server:
             bench = BenchConfig.model_validate({
                 "name": "b", "instruments": {"box1": {"driver": "maccor", "resource": server.resource,
-                                                      "address": server.bin_port}},
+                                                      "binary_port": server.bin_port}},
                 "cells": {"c": {"capacity": "3.5 mAh", "voltage_min": "2.5 V", "voltage_max": "4.3 V"}},
                 "channels": {"ch": {"cycler": "box1", "cycler_channel": 0, "cell": "c"}}})
             (result,) = await run_bench(bench, parse_profile(text), text, clock, runs_dir=Path(str(tmp_path)),

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from cellbench.bench.faces.simbench import cell_config
-from cellbench.bench.runner.config import BenchConfig, ChannelConfig, InstrumentConfig
+from cellbench.bench.runner.config import BenchConfig, ChannelConfig, instrument
 from cellbench.bench.runner.run import ChannelResult, run_bench
 from cellbench.bench.runtime.clock import RealClock
 from cellbench.bench.runtime.store import open_run
@@ -30,7 +30,7 @@ PROFILE = "name: five seconds\nsample_period: 0.25 s\nsteps:\n  - charge: {curre
 
 def bench_of(servers: dict[str, SimServer], grace: str) -> BenchConfig:
     return BenchConfig(
-        instruments={n: InstrumentConfig(driver="keithley2450", resource=s.resource, timeout="0.4 s",
+        instruments={n: instrument(driver="keithley2450", resource=s.resource, timeout="0.4 s",
                                          reconnect_grace=grace) for n, s in servers.items()},
         cells={"pellet": cell_config(PELLET)},
         channels={f"ch{k}": ChannelConfig(cycler=n, cell="pellet") for k, n in enumerate(servers, 1)},

@@ -11,7 +11,8 @@ from typing import Any
 
 import pytest
 
-from cellbench.drivers.registry import DriverSpec, OpenRequest, drivers, rehearsal
+from cellbench.bench.runner.config import instrument
+from cellbench.drivers.registry import DriverSpec, drivers, rehearsal
 from cellbench.roles import Chamber, Cycler, OnBoard, Potentiostat, Press
 from cellbench.simulators.cell import SolidStateCell
 from cellbench.simulators.rehearsal import Rehearsal
@@ -35,8 +36,8 @@ def test_a_driver_opened_on_its_rehearsal_fills_the_roles_it_claims(name: str) -
         cells = [SolidStateCell(soc=0.5), SolidStateCell(soc=0.5)]
         async with contextlib.AsyncExitStack() as stack:
             served = await rehearsal(spec)(Rehearsal(cells, loop.time, stack))
-            request = OpenRequest(name=f"{name}-1", resource=served.resource, timeout=3.0, address=served.address,
-                                  login_file=None if served.login_file is None else str(served.login_file))
+            settings = instrument(driver=name, resource=served.resource, timeout="3 s", **served.settings)
+            request = settings.request(f"{name}-1", 1.0)
             opened = await spec.open(request)
             try:
                 assert opened.identity, "an instrument says what it is"

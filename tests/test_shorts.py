@@ -154,7 +154,7 @@ def test_healthy_cells_in_a_shared_chamber_never_trip_while_its_owner_heats_it(t
     from cellbench.bench.faces.cli import app
 
     lines = ["name: shared-box", "instruments:",
-             '  box: {driver: maccor, resource: "TCPIP::192.0.2.21::57570::SOCKET", address: 57560}',
+             '  box: {driver: maccor, resource: "TCPIP::192.0.2.21::57570::SOCKET", binary_port: 57560}',
              '  smu1: {driver: keithley2450, resource: "TCPIP::192.0.2.30::5025::SOCKET"}',
              '  oven: {driver: espec, resource: "TCPIP::192.0.2.31::57732::SOCKET", owner: desk}', "cells:"]
     lines += [f"  P-{i}: {{capacity: 3.5 mAh, voltage_min: 2.5 V, voltage_max: 4.3 V, area: 1 cm^2}}"

@@ -19,9 +19,10 @@ import asyncio
 import os
 import struct
 from dataclasses import dataclass
+from typing import Literal
 
 from cellbench.drivers.errors import ConnectionLost, InstrumentError, InstrumentTimeout, ProtocolError
-from cellbench.drivers.registry import DriverSpec, Opened, OpenRequest, read_login
+from cellbench.drivers.registry import DriverSpec, LoginSettings, Opened, OpenRequest, read_login
 from cellbench.drivers.transport import parse_resource
 from cellbench.roles import Reading
 
@@ -263,9 +264,15 @@ async def _open(req: OpenRequest) -> Opened:
         raise
 
 
+class ArbinSettings(LoginSettings):
+    """An Arbin cycler over CTI (MITS Pro's console port)."""
+
+    driver: Literal["arbin"]
+
+
 DRIVERS = [
     DriverSpec("arbin", ("cycler",), _open, "Arbin cycler over CTI (TCP 9031): reads, schedules, meta variables",
                simulator="cellbench.simulators.arbin:serve",
                rehearsal="cellbench.simulators.arbin:rehearse", extra={"port": 9031}, multi_channel=True,
-               runs_schedules=True, host_driven=False),
+               runs_schedules=True, host_driven=False, settings=ArbinSettings),
 ]

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any, Literal
+
+from pydantic import Field
+
 from cellbench.drivers.errors import InstrumentError, ProtocolError
-from cellbench.drivers.registry import DriverSpec, Opened, OpenRequest
+from cellbench.drivers.registry import DriverSpec, Opened, OpenRequest, SerialSettings, SharedSettings
 from cellbench.drivers.transport import Transport, open_line_driver
 from cellbench.roles import ChamberTemperature
 
@@ -83,8 +87,18 @@ async def _open(req: OpenRequest) -> Opened:
                                   termination="\r\n")
 
 
+class EspecSettings(SerialSettings, SharedSettings):
+    """An ESPEC chamber on RS-232C, RS-485 (with its address) or the network."""
+
+    driver: Literal["espec"]
+    address: int | None = Field(default=None, ge=0, description="its RS-485 address (none on RS-232C and LAN)")
+
+    def _own(self) -> dict[str, Any]:
+        return {**super()._own(), "address": self.address}
+
+
 DRIVERS = [
     DriverSpec("espec", ("chamber",), _open, "ESPEC temperature chamber, its text protocol (RS-232C/485, LAN)",
                baud_rate=9600, simulator="cellbench.simulators.espec:serve",
-               rehearsal="cellbench.simulators.espec:rehearse"),
+               rehearsal="cellbench.simulators.espec:rehearse", settings=EspecSettings),
 ]

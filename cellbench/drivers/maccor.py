@@ -26,11 +26,14 @@ import logging
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar, Literal
+
+from pydantic import Field
 
 from cellbench.drivers.errors import ConnectionLost, InstrumentError, InstrumentTimeout, ProtocolError
-from cellbench.drivers.registry import DriverSpec, Opened, OpenRequest, read_login
+from cellbench.drivers.registry import DriverSpec, LoginSettings, Opened, OpenRequest, read_login
 from cellbench.drivers.transport import parse_resource
+from cellbench.profiles.units import Duration
 from cellbench.roles import Reading
 
 log = logging.getLogger(__name__)
@@ -426,7 +429,7 @@ async def _open(req: OpenRequest) -> Opened:
         user, _, password = read_login(req.login_file, req.name).partition(":")
         login = (user, password)
     box = await MacNetBox.open(req.resource, name=req.name, timeout=req.timeout,
-                               bin_port=req.address if req.address else None, login=login, watchdog=req.watchdog)
+                               bin_port=req.binary_port, login=login, watchdog=req.watchdog)
     try:
         return Opened(box, await box.identify(), box.close)
     except BaseException:
@@ -434,8 +437,24 @@ async def _open(req: OpenRequest) -> Opened:
         raise
 
 
+class MaccorSettings(LoginSettings):
+    """A Maccor box over MacNet: its JSON port in `resource`, its binary port beside it."""
+
+    durations: ClassVar[tuple[str, ...]] = (*LoginSettings.durations, "watchdog")
+    driver: Literal["maccor"]
+    binary_port: int | None = Field(default=None, gt=0, lt=65536, description="its binary MacNet port (by default "
+                                                                              "57560, as on a box)")
+    watchdog: Duration | None = Field(
+        default=None, gt=0, description="the box's own watchdog on its setpoints (MacNetDirectModeWD): the driver "
+                                        "refreshes them every third of it")
+
+    def _own(self) -> dict[str, Any]:
+        return {**super()._own(), "binary_port": self.binary_port, "watchdog": self.watchdog}
+
+
 DRIVERS = [
     DriverSpec("maccor", ("cycler",), _open, "Maccor cycler box over MacNet (JSON on TCP 57570, binary on 57560)",
                simulator="cellbench.simulators.maccor:serve",
-               rehearsal="cellbench.simulators.maccor:rehearse", extra={"port": JSON_PORT}, multi_channel=True),
+               rehearsal="cellbench.simulators.maccor:rehearse", extra={"port": JSON_PORT}, multi_channel=True,
+               settings=MaccorSettings),
 ]

@@ -12,9 +12,10 @@ import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 from cellbench.drivers.errors import InstrumentError, ProtocolError
-from cellbench.drivers.registry import DriverSpec, Opened, OpenRequest
+from cellbench.drivers.registry import DriverSpec, Opened, OpenRequest, SerialSettings
 from cellbench.drivers.transport import LineTransport, open_line_driver
 from cellbench.roles import ImpedancePoint
 
@@ -262,8 +263,14 @@ async def _open(req: OpenRequest) -> Opened:
     return await open_line_driver(req, PalmSens, PalmSens.identify)
 
 
+class PalmSensSettings(SerialSettings):
+    """A PalmSens potentiostat on its serial line (USB or Bluetooth)."""
+
+    driver: Literal["palmsens"]
+
+
 DRIVERS = [
     DriverSpec("palmsens", ("potentiostat",), _open, "PalmSens potentiostat (EmStat, Sensit), MethodSCRIPT on serial",
                baud_rate=230400, simulator="cellbench.simulators.palmsens:serve",
-               rehearsal="cellbench.simulators.palmsens:rehearse"),
+               rehearsal="cellbench.simulators.palmsens:rehearse", settings=PalmSensSettings),
 ]

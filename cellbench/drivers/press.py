@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import math
 from collections.abc import Awaitable
-from typing import Any, Self
+from typing import Any, Literal, Self
 
+from pydantic import Field
 from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
 from pymodbus.exceptions import ModbusException
 
 from cellbench.drivers.errors import ConnectionLost, InstrumentError, InstrumentTimeout
-from cellbench.drivers.registry import DriverSpec, Opened, OpenRequest
+from cellbench.drivers.registry import DriverSpec, Opened, OpenRequest, SerialSettings, SharedSettings
 from cellbench.drivers.transport import parse_resource, serial_device
 from cellbench.roles import PressSnapshot, PressStatus
 
@@ -221,13 +222,33 @@ async def _open(req: OpenRequest) -> Opened:
 # serve press` listens on 5502 unless told --port 502 (docs/protocols/press.md)
 MODBUS_SIM_PORT = 5502
 
+class _ModbusSettings(SerialSettings, SharedSettings):
+    device_id: int = Field(default=1, ge=0, le=247, description="its Modbus unit id")
+
+    def _own(self) -> dict[str, Any]:
+        return {**super()._own(), "device_id": self.device_id}
+
+
+class PressSettings(_ModbusSettings):
+    """A stack-pressure press on Modbus TCP or RTU."""
+
+    driver: Literal["modbus-press"]
+
+
+class LoadCellSettings(_ModbusSettings):
+    """A load-cell indicator on Modbus TCP or RTU."""
+
+    driver: Literal["modbus-load-cell"]
+
+
 DRIVERS = [
     DriverSpec("modbus-press", ("press",), _open, "stack-pressure press on Modbus TCP or RTU (docs/protocols/press.md)",
                baud_rate=19200, simulator="cellbench.simulators.press:serve",
-               rehearsal="cellbench.simulators.press:rehearse", extra={"port": MODBUS_SIM_PORT}),
+               rehearsal="cellbench.simulators.press:rehearse", extra={"port": MODBUS_SIM_PORT},
+               settings=PressSettings),
     DriverSpec("modbus-load-cell", ("press",), _open_load_cell,
                "load-cell indicator on Modbus under a manual or spring fixture: reads the stack pressure, "
                "cannot set it", baud_rate=19200, simulator="cellbench.simulators.press:serve_load_cell",
                rehearsal="cellbench.simulators.press:rehearse_load_cell",
-               sets_pressure=False, extra={"port": MODBUS_SIM_PORT}),
+               sets_pressure=False, extra={"port": MODBUS_SIM_PORT}, settings=LoadCellSettings),
 ]

@@ -14,9 +14,13 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
+
+from pydantic import Field, create_model
 
 from cellbench.drivers.errors import InstrumentError
+from cellbench.profiles.base import Strict
+from cellbench.profiles.units import Duration
 
 Role = Literal["cycler", "chamber", "press", "potentiostat"]
 
@@ -35,6 +39,85 @@ class OpenRequest:
     area_cm2: float = 1.0  # the cell's active area (a press works in force, the lab in pressure)
     login_file: str | None = None  # 'user:password' in a file, for an instrument that asks for a login
     watchdog: float | None = None  # s: an instrument's own watchdog on its setpoints (a Maccor's MacNetDirectModeWD)
+    binary_port: int | None = None  # a second port of the instrument's (a Maccor box's binary MacNet)
+
+
+class InstrumentSettings(Strict):
+    """One instrument by its resource string: VISA-style for all, the wire chosen from it; every driver takes
+    these keys and its own (under Drivers), read by the driver's model that `driver:` names."""
+
+    what: ClassVar[str] = "instrument key"
+    durations: ClassVar[tuple[str, ...]] = ("timeout", "reconnect_grace")  # written back with their unit
+    driver: str = Field(description="a driver of the registry")
+    resource: str = Field(description="where it is, VISA-style: `TCPIP::host::port::SOCKET`, "
+                                      "`ASRL/dev/ttyUSB0::INSTR`, `GPIB0::18::INSTR`, `USB0::...::INSTR`")
+    backend: Literal["auto", "native", "visa"] = Field(
+        default="auto", description="the wire: native asyncio sockets and pyserial, or pyvisa (GPIB, USB-TMC); "
+                                    "auto picks native where it can")
+    timeout: Duration = Field(default=5.0, description="how long a reply may take")
+    reconnect_grace: Duration = Field(
+        default=60.0, ge=0, description="how long a lost, silent or garbling instrument is reconnected before its "
+                                        "channels are made safe and fail (0: at once)")
+
+    @property
+    def spec(self) -> DriverSpec:
+        return driver(self.driver)
+
+    @property
+    def roles(self) -> tuple[str, ...]:
+        return self.spec.roles
+
+    @property
+    def owner_channel(self) -> str | None:
+        """The channel whose profile sets a shared instrument (None: each channel its own, or nobody named)."""
+        return None
+
+    def request(self, name: str, area_cm2: float) -> OpenRequest:
+        """How the driver opens it: these settings, the registry's defaults, and the area of the cells it acts on
+        (a press works in force, the lab in pressure)."""
+        return OpenRequest(name=name, resource=self.resource, timeout=self.timeout, backend=self.backend,
+                           baud_rate=self.spec.baud_rate, area_cm2=area_cm2, **self._own())
+
+    def _own(self) -> dict[str, Any]:
+        """The driver's own settings as the open request carries them."""
+        return {}
+
+    def as_written(self) -> dict[str, Any]:
+        """As a bench file would write it (durations with their unit), so that validating it again gives it."""
+        out = self.model_dump(mode="json", exclude_none=True)
+        return {**out, **{k: f"{getattr(self, k)!r} s" for k in self.durations if getattr(self, k) is not None}}
+
+
+class SerialSettings(InstrumentSettings):
+    """An instrument that may be on a serial line."""
+
+    baud_rate: int | None = Field(default=None, gt=0, description="serial lines only; by default the driver's")
+
+    def _own(self) -> dict[str, Any]:
+        return {**super()._own(), **({"baud_rate": self.baud_rate} if self.baud_rate else {})}
+
+
+class SharedSettings(InstrumentSettings):
+    """An instrument several channels may share (a chamber, a press)."""
+
+    owner: str | None = Field(default=None, description="when several channels share it: the channel whose "
+                                                         "profile sets it (the others only read it)")
+
+    @property
+    def owner_channel(self) -> str | None:
+        return self.owner
+
+
+class LoginSettings(InstrumentSettings):
+    """An instrument that may ask for a login."""
+
+    login_file: Path | None = Field(default=None, description="a file holding 'user:password' for an instrument "
+                                                              "that asks for a login; read when it is opened, "
+                                                              "never recorded")
+
+    def _own(self) -> dict[str, Any]:
+        login = None if self.login_file is None else str(self.login_file.resolve())
+        return {**super()._own(), "login_file": login}
 
 
 @dataclass(frozen=True)
@@ -62,6 +145,9 @@ class DriverSpec:
     multi_channel: bool = False  # a box of channels: bench channels name one with `cycler_channel`
     runs_schedules: bool = False  # a cycler that runs schedules stored on it (a profile's `schedule` step)
     host_driven: bool = True  # False: a cycler that takes no current or voltage from the host, only schedules
+    # its bench-file entry's model (a subclass of InstrumentSettings with `driver: Literal[name]`); none: the
+    # common keys only
+    settings: type[InstrumentSettings] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -80,6 +166,20 @@ def drivers() -> dict[str, DriverSpec]:
                 raise RuntimeError(f"driver '{spec.name}' is declared twice")
             found[spec.name] = spec
     return found
+
+
+@cache
+def settings_models() -> tuple[type[InstrumentSettings], ...]:
+    """Each driver's bench-file model, discriminated on `driver:`."""
+    models = []
+    for name, spec in sorted(drivers().items()):
+        tag: Any = Literal[name]
+        model = spec.settings or create_model(f"{name}_settings", __base__=InstrumentSettings,
+                                              driver=(tag, Field(description="a driver of the registry")))
+        if model.model_fields["driver"].annotation != tag:
+            raise RuntimeError(f"driver '{name}': its settings model's `driver` must be Literal['{name}']")
+        models.append(model)
+    return tuple(models)
 
 
 def driver(name: str) -> DriverSpec:

@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 import math
 import re
+from typing import Literal
 
 from cellbench.drivers.errors import InstrumentError, ProtocolError
-from cellbench.drivers.registry import DriverSpec, Opened, OpenRequest
+from cellbench.drivers.registry import DriverSpec, Opened, OpenRequest, SerialSettings
 from cellbench.drivers.transport import Transport, open_line_driver, open_transport
 from cellbench.roles import Reading
 
@@ -170,9 +171,16 @@ async def _blind_off(req: OpenRequest) -> None:
         await transport.close()
 
 
+class Keithley2450Settings(SerialSettings):
+    """A Keithley 2450 on the network, GPIB, USB or RS-232."""
+
+    driver: Literal["keithley2450"]
+
+
 DRIVERS = [
     DriverSpec("keithley2450", ("cycler",), _open, "Keithley 2450 SourceMeter, SCPI (LAN socket, GPIB, USB, RS-232)",
                baud_rate=9600, simulator="cellbench.simulators.keithley2450:serve",
                rehearsal="cellbench.simulators.keithley2450:rehearse", blind_off=_blind_off,
+               settings=Keithley2450Settings,
                max_current=1.05),  # its 1 A range sources up to 1.05 A (2450 reference manual, ranges)
 ]

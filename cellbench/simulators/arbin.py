@@ -227,4 +227,4 @@ async def rehearse(r: Rehearsal) -> Rehearsed:
     server = ArbinServer(ArbinSim(r.cells, r.time, username="rehearsal", password="rehearsal"))
     await server.start()
     r.stack.push_async_callback(server.close)
-    return Rehearsed(server.resource, host=server.sim, login_file=folder / "login")
+    return Rehearsed(server.resource, host=server.sim, settings={"login_file": folder / "login"})

@@ -393,4 +393,4 @@ async def rehearse(r: Rehearsal) -> Rehearsed:
     """A Maccor box with a channel on each cell it is given; its binary port is the driver's address."""
     server = await MaccorServer(MaccorSim(r.cells, r.time)).start()
     r.stack.push_async_callback(server.close)
-    return Rehearsed(server.resource, host=server.sim, address=server.bin_port)
+    return Rehearsed(server.resource, host=server.sim, settings={"binary_port": server.bin_port})

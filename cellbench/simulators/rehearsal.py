@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any
 
 from cellbench.simulators.cell import SolidStateCell
@@ -35,5 +34,5 @@ class Rehearsed:
     resource: str
     host: Any | None = None  # a cycler's simulator, whose `surroundings` chambers and presses join
     part: Any | None = None  # a chamber or a press, joining the cyclers of the channels it acts on
-    login_file: Path | None = None  # an instrument that asks for a login: the rehearsal's own
-    address: int | None = None  # a second port or an address the driver needs
+    # bench-file keys of the driver's own that reach this stand-in (a second port, the rehearsal's login file)
+    settings: dict[str, Any] = field(default_factory=dict)

@@ -148,13 +148,15 @@ def cellbench_bench(cellbench_serve: Served, tmp_path: Path) -> Callable[[str | 
         import json
 
         from cellbench.bench.runner.config import load_bench
+        from cellbench.drivers.registry import LoginSettings
 
         bench = load_bench(bench_file)
         written = bench.as_written()
         written.pop("mqtt", None)  # a test on simulators never publishes to the lab's own broker
         for name, instrument in bench.instruments.items():
             written["instruments"][name]["resource"] = cellbench_serve(instrument.driver)
-            if instrument.login_file is not None:  # the simulated cycler's own login
+            # the simulated cycler's own login
+            if isinstance(instrument, LoginSettings) and instrument.login_file is not None:
                 login = tmp_path / f"{name}.login"
                 login.write_text("admin:000000\n")
                 written["instruments"][name]["login_file"] = str(login)

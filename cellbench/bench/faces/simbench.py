@@ -13,12 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from cellbench.bench.ops import runs
-from cellbench.bench.runner.config import BenchConfig, ChannelConfig, InstrumentConfig
+from cellbench.bench.runner.config import BenchConfig, ChannelConfig, instrument
 from cellbench.bench.runner.run import ChannelResult, ProfileFile, ProgressCallback, run_bench
 from cellbench.bench.runtime.cells import CellConfig
 from cellbench.bench.runtime.clock import Clock
 from cellbench.bench.runtime.engine import Progress
-from cellbench.drivers.registry import driver, rehearsal
+from cellbench.drivers.registry import InstrumentSettings, driver, rehearsal
 from cellbench.profiles.checks import instrument_problems
 from cellbench.profiles.schema import Profile
 from cellbench.simulators.cell import SolidStateCell
@@ -48,7 +48,7 @@ def simulated_config(params: CellParameters) -> BenchConfig:
     before anything is served."""
     return BenchConfig(
         name="simulated",
-        instruments={"smu1": InstrumentConfig(driver="keithley2450", resource="TCPIP::127.0.0.1::5025::SOCKET")},
+        instruments={"smu1": instrument(driver="keithley2450", resource="TCPIP::127.0.0.1::5025::SOCKET")},
         cells={params.name: cell_config(params)},
         channels={"ch1": ChannelConfig(cycler="smu1", cell=params.name)},
     )
@@ -126,16 +126,16 @@ class SimulatedBench:
     def config(self) -> BenchConfig:
         """The bench as a bench file would name it: the simulated instruments at their served resources."""
         assert self.server is not None, "use the bench inside 'async with'"
-        instruments = {"smu1": InstrumentConfig(driver="keithley2450", resource=self.server.resource)}
+        instruments = {"smu1": instrument(driver="keithley2450", resource=self.server.resource)}
         channel: dict[str, str] = {"cycler": "smu1", "cell": self.params.name}
         if self.chamber_server is not None:
-            instruments["chamber1"] = InstrumentConfig(driver="espec", resource=self.chamber_server.resource)
+            instruments["chamber1"] = instrument(driver="espec", resource=self.chamber_server.resource)
             channel["chamber"] = "chamber1"
         if self.potentiostat_server is not None:
-            instruments["pstat1"] = InstrumentConfig(driver="palmsens", resource=self.potentiostat_server.resource)
+            instruments["pstat1"] = instrument(driver="palmsens", resource=self.potentiostat_server.resource)
             channel["potentiostat"] = "pstat1"
         if self.press_server is not None:
-            instruments["press1"] = InstrumentConfig(driver="modbus-press", resource=self.press_server.resource)
+            instruments["press1"] = instrument(driver="modbus-press", resource=self.press_server.resource)
             channel["press"] = "press1"
         return BenchConfig(
             name="simulated",
@@ -241,7 +241,7 @@ async def rehearse(
         cells[name] = SolidStateCell(params, soc=initial_soc, temperature_c=temperature_c,
                                      pressure_mpa=params.p_ref_mpa)
     async with contextlib.AsyncExitStack() as stack:
-        served: dict[str, InstrumentConfig] = {}
+        served: dict[str, InstrumentSettings] = {}
         hosts: dict[str, Any] = {}  # each cycler simulator by instrument name: what chambers and presses join
         for k, (ref, cfg) in enumerate(bench.instruments.items()):
             users = bench.sharing(ref)
@@ -257,8 +257,7 @@ async def rehearse(
             area = bench.held_area(ref) if "press" in cfg.roles else 1.0
             done: Rehearsed = await rehearsal(spec)(Rehearsal(held, loop.time, stack, seed=seed + k,
                                                               temperature_c=temperature_c, area_cm2=area))
-            served[ref] = InstrumentConfig(driver=cfg.driver, resource=done.resource, owner=cfg.owner,
-                                           login_file=done.login_file, address=done.address)
+            served[ref] = cfg.model_copy(update={"resource": done.resource, **done.settings})
             if done.host is not None:
                 hosts[ref] = done.host
             if done.part is not None:

@@ -12,62 +12,44 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, Union
 
-from pydantic import AfterValidator, Field
+from pydantic import BeforeValidator, Field
 from pydantic_core import PydanticCustomError
 
 from cellbench.bench.ops.mqtt import MqttConfig
 from cellbench.bench.runtime.cells import CellConfig
-from cellbench.drivers.registry import driver, drivers
+from cellbench.drivers.registry import InstrumentSettings, driver, drivers, settings_models
 from cellbench.profiles.base import Strict
 from cellbench.profiles.parse import read_text, validate_yaml
 from cellbench.profiles.units import Duration
 
 
-def _known_driver(name: str) -> str:
-    if name not in drivers():
-        raise PydanticCustomError(
-            "driver", "unknown driver '{name}' (expected one of: {known})",
-            {"name": name, "known": ", ".join(sorted(drivers()))},
-        )
-    return name
+def _known_driver(data: Any) -> Any:
+    """An instrument's entry names a registered driver (said with the known ones), whose model then reads it."""
+    if isinstance(data, dict):
+        known = ", ".join(sorted(drivers()))
+        if "driver" not in data:
+            raise PydanticCustomError("driver", "'driver' is required (one of: {known})", {"known": known})
+        if data["driver"] not in drivers():
+            raise PydanticCustomError("driver", "unknown driver '{name}' (expected one of: {known})",
+                                      {"name": str(data["driver"]), "known": known, "key": "driver"})
+    return data
 
 
+if TYPE_CHECKING:
+    InstrumentConfig = InstrumentSettings
+else:  # each driver's own model of its entry, chosen by `driver:` (registry.settings_models)
+    InstrumentConfig = Annotated[Annotated[Union[settings_models()], Field(discriminator="driver")],  # noqa: UP007
+                                 BeforeValidator(_known_driver)]
 
-class InstrumentConfig(Strict):
-    """One instrument by its resource string: VISA-style for all, the wire chosen from it."""
 
-    what: ClassVar[str] = "instrument key"
-    driver: Annotated[str, AfterValidator(_known_driver)] = Field(description="a driver of the registry")
-    resource: str = Field(description="where it is, VISA-style: `TCPIP::host::port::SOCKET`, "
-                                      "`ASRL/dev/ttyUSB0::INSTR`, `GPIB0::18::INSTR`, `USB0::...::INSTR`")
-    backend: Literal["auto", "native", "visa"] = Field(
-        default="auto", description="the wire: native asyncio sockets and pyserial, or pyvisa (GPIB, USB-TMC); "
-                                    "auto picks native where it can")
-    timeout: Duration = Field(default=5.0, description="how long a reply may take")
-    baud_rate: int | None = Field(default=None, gt=0, description="serial lines only; by default the driver's")
-    address: int | None = Field(default=None, ge=0, description="RS-485 address of an ESPEC chamber")
-    device_id: int = Field(default=1, ge=0, le=247, description="Modbus unit id of a press")
-    owner: str | None = Field(default=None, description="of a chamber or a press several channels share: the "
-                                                         "channel whose profile sets it (the others only read it)")
-    login_file: Path | None = Field(default=None, description="a file holding 'user:password' for an instrument "
-                                                              "that asks for a login (Arbin CTI); read when it is "
-                                                              "opened, never recorded")
-    watchdog: Duration | None = Field(
-        default=None, gt=0, description="the instrument's own watchdog on its setpoints, where it has one (a Maccor "
-                                        "box's MacNetDirectModeWD): the driver refreshes them well within it")
-    reconnect_grace: Duration = Field(
-        default=60.0, ge=0, description="how long a lost, silent or garbling instrument is reconnected before its "
-                                        "channels are made safe and fail (0: at once)")
-
-    @property
-    def roles(self) -> tuple[str, ...]:
-        return driver(self.driver).roles
-
-    @property
-    def baud(self) -> int:
-        return self.baud_rate or driver(self.driver).baud_rate
+def instrument(**settings: Any) -> InstrumentSettings:
+    """An instrument's entry read by its driver's model (`driver=` names it), as from a bench file."""
+    _known_driver(settings)
+    tag: Any = Literal[settings["driver"]]
+    (model,) = [m for m in settings_models() if m.model_fields["driver"].annotation == tag]
+    return model.model_validate(settings)
 
 
 class ChannelConfig(Strict):
@@ -141,10 +123,7 @@ class BenchConfig(Strict):
             **({"on_safety_stop": self.on_safety_stop} if self.on_safety_stop != "end" else {}),
             **({"mqtt": {**self.mqtt.model_dump(mode="json", exclude_none=True),
                          "telemetry_every": f"{self.mqtt.telemetry_every!r} s"}} if self.mqtt else {}),
-            "instruments": {n: {**i.model_dump(mode="json", exclude_none=True), "timeout": f"{i.timeout!r} s",
-                                "reconnect_grace": f"{i.reconnect_grace!r} s",
-                                **({"watchdog": f"{i.watchdog!r} s"} if i.watchdog is not None else {})}
-                            for n, i in self.instruments.items()},
+            "instruments": {n: i.as_written() for n, i in self.instruments.items()},
             "cells": {n: c.as_written() for n, c in self.cells.items()},
             "channels": {n: c.model_dump(mode="json", exclude_none=True) for n, c in self.channels.items()},
         }
@@ -184,8 +163,8 @@ class BenchConfig(Strict):
                     what = " or ".join(inst.roles)
                     problems.append((("channels", name, role), f"'{ref}' is a {what} ({inst.driver}), not a {role}"))
         for ref, inst in self.instruments.items():
-            if inst.owner is not None and inst.owner not in self.sharing(ref):
-                problems.append((("instruments", ref, "owner"), f"'{inst.owner}' is not a channel using '{ref}' "
+            if (owner := inst.owner_channel) is not None and owner not in self.sharing(ref):
+                problems.append((("instruments", ref, "owner"), f"'{owner}' is not a channel using '{ref}' "
                                  f"({', '.join(self.sharing(ref)) or 'none does'})"))
         return problems
 
@@ -215,7 +194,8 @@ def _type_of(annotation: Any) -> str:
     if origin is Literal:
         return " or ".join(f"`{a}`" for a in args)
     if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_of(a) for a in args if a is not type(None)) + " (optional)" * (type(None) in args)
+        kinds = dict.fromkeys(_type_of(a) for a in args if a is not type(None))  # a driver's models: one section
+        return " or ".join(kinds) + " (optional)" * (type(None) in args)
     if origin is Annotated:
         return _type_of(args[0])
     if origin in (list, tuple):
@@ -244,20 +224,16 @@ def _quantity(metadata: list[Any]) -> str | None:
 def reference() -> str:
     """The bench-file reference (docs/bench-file.md): every key of every section from the models themselves, and
     every driver with its roles and settings. Regenerate with `python -m cellbench.bench.runner.config`."""
+    import typing
+
     from pydantic import BaseModel
     from pydantic_core import PydanticUndefined
 
-    sections: list[tuple[str, type[BaseModel]]] = [
-        ("the file", BenchConfig), ("`instruments:` (each)", InstrumentConfig), ("`cells:` (each)", CellConfig),
-        ("`channels:` (each)", ChannelConfig), ("`mqtt:`", MqttConfig)]
-    lines = ["# The bench file: every key", "",
-             "Generated from the models that read it (`python -m cellbench.bench.runner.config > docs/bench-file.md`);",
-             "quantities take units (`5 s`, `3.5 mAh`, `1 cm^2`). An unknown key is refused with its file and line.",
-             ""]
-    for title, model in sections:
-        lines += [f"## {title}", "", (model.__doc__ or "").strip().splitlines()[0], "",
-                  "| key | type | default | what it is |", "|---|---|---|---|"]
+    def keys(model: type[BaseModel], skip: frozenset[str] = frozenset()) -> list[str]:
+        rows = ["| key | type | default | what it is |", "|---|---|---|---|"]
         for name, field in model.model_fields.items():
+            if name in skip:
+                continue
             if field.is_required():
                 default = "**required**"
             elif field.default is PydanticUndefined or field.default is None:
@@ -266,15 +242,32 @@ def reference() -> str:
                 default = f"`{field.default}`".replace("|", "\\|")
             kind = _quantity(field.metadata) or _type_of(field.annotation)
             said = (field.description or "").replace("|", "/").replace("\n", " ")
-            lines.append(f"| `{name}` | {kind} | {default} | {said} |")
-        lines.append("")
-    lines += ["## Drivers", "", "`driver:` of an instrument, with the roles a channel may give it and its settings.",
-              "", "| driver | roles | what it is | serial baud | cycler channels | schedules on board |",
+            rows.append(f"| `{name}` | {kind} | {default} | {said} |")
+        return rows
+
+    sections: list[tuple[str, type[BaseModel]]] = [
+        ("the file", BenchConfig), ("`instruments:` (each)", InstrumentSettings), ("`cells:` (each)", CellConfig),
+        ("`channels:` (each)", ChannelConfig), ("`mqtt:`", MqttConfig)]
+    lines = ["# The bench file: every key", "",
+             "Generated from the models that read it (`python -m cellbench.bench.runner.config > docs/bench-file.md`);",
+             "quantities take units (`5 s`, `3.5 mAh`, `1 cm^2`). An unknown key is refused with its file and line.",
+             ""]
+    for title, model in sections:
+        lines += [f"## {title}", "", (model.__doc__ or "").strip().replace("\n    ", " "), "", *keys(model), ""]
+    lines += ["## Drivers", "", "`driver:` of an instrument, with the roles a channel may give it and its own keys "
+              "(beside the common ones above; a key of another driver is refused).", "",
+              "| driver | roles | what it is | serial baud | cycler channels | schedules on board |",
               "|---|---|---|---|---|---|"]
     for name, spec in sorted(drivers().items()):
         lines.append(f"| `{name}` | {', '.join(spec.roles)} | {spec.description} | {spec.baud_rate} | "
                      f"{'yes (`cycler_channel`)' if spec.multi_channel else '-'} | "
                      f"{'yes' if spec.runs_schedules else '-'} |")
+    common = frozenset(InstrumentSettings.model_fields)
+    for model in settings_models():
+        name = typing.get_args(model.model_fields["driver"].annotation)[0]
+        own = keys(model, common)
+        lines += ["", f"### `{name}`", "", (model.__doc__ or "").strip().splitlines()[0], ""]
+        lines += own if len(own) > 2 else ["No keys of its own."]
     return "\n".join(lines) + "\n"
 
 

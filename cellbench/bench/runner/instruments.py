@@ -43,10 +43,7 @@ class Instruments:
         self._locks.append(lock)
         # a press converts force over the area of every cell it holds, side by side under its platen
         area = self.bench.held_area(name) if "press" in cfg.roles else cell.area
-        request = OpenRequest(name=name, resource=cfg.resource, timeout=cfg.timeout, backend=cfg.backend,
-                              baud_rate=cfg.baud, address=cfg.address, device_id=cfg.device_id, area_cm2=area,
-                              login_file=None if cfg.login_file is None else str(cfg.login_file.resolve()),
-                              watchdog=cfg.watchdog)
+        request = cfg.request(name, area)
         opened = await driver(cfg.driver).open(request)
         self.requests[name] = (cfg.driver, request)
         self._closers[name] = opened.close
@@ -109,7 +106,7 @@ class Instruments:
             cell_id=self.bench.cell_id(name),
             controls=frozenset(role for role, ref in (("chamber", ch.chamber), ("press", ch.press))
                                if ref is not None and (len(self.bench.sharing(ref)) < 2
-                                                       or self.bench.instruments[ref].owner == name)),
+                                                       or self.bench.instruments[ref].owner_channel == name)),
         )
 
     async def __aexit__(self, *exc: object) -> None:

@@ -64,9 +64,9 @@ def channel_problems(bench: BenchConfig, channel: str, profile: Profile) -> list
     if ch.press is not None and not driver(bench.instruments[ch.press].driver).sets_pressure:
         found += pressure_settings(profile)
     for quantity, ref in (("temperature", ch.chamber), ("pressure", ch.press)):
-        if ref is None or len(users := bench.sharing(ref)) < 2 or bench.instruments[ref].owner == channel:
+        if ref is None or len(users := bench.sharing(ref)) < 2 or bench.instruments[ref].owner_channel == channel:
             continue
-        owner = bench.instruments[ref].owner
+        owner = bench.instruments[ref].owner_channel
         found += settings(profile, quantity, f"'{ref}' is shared by {', '.join(users)} and "
                           + (f"set by its owner, channel '{owner}'" if owner else
                              "names no owner: give it 'owner: CHANNEL' in the bench file, the channel whose profile "
