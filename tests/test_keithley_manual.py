@@ -111,10 +111,61 @@ def test_a_simple_loop_of_readings_and_opc_waiting_for_it(smu: tuple[Keithley245
     assert sim.answer(":TRIG:STAT?").startswith("IDLE")
     sim.handle(":INIT")
     sim.handle(":ABOR")
-    assert sim.answer(":TRIG:STAT?").startswith("IDLE")
+    assert sim.answer(":TRIG:STAT?").startswith("ABORTED")  # p. 6-234: stopped by a user request
     sim.handle(":SENS:COUN 5")
     sim.handle(":READ?")  # five readings into defbuffer1
     assert sim.handle(":TRAC:ACT?") == "5"
+
+
+def test_the_manuals_counter_example_takes_fifteen_readings(smu: tuple[Keithley2450Sim, list[float]]) -> None:
+    """Pages 6-186 and 6-195, as written: five readings, a 1 s delay, three rounds: 15 readings in defbuffer1."""
+    sim, clock = smu
+    sim.handle(':SOUR:FUNC CURR;:SOUR:CURR 0;:SENS:FUNC "VOLT";:OUTP ON')
+    for line in ('TRIG:LOAD "EMPTY"', "TRIG:BLOC:BUFF:CLEAR 1", "TRIG:BLOC:MEAS 2", "TRIG:BLOC:BRAN:COUN 3, 5, 2",
+                 "TRIG:BLOC:DEL:CONS 4, 1", "TRIG:BLOC:BRAN:COUN 5, 3, 2"):
+        assert sim.handle(line) is None, line
+    assert sim.answer(":TRIG:STAT?") == "BUILDING;BUILDING;0"
+    sim.handle("INIT")
+    assert sim.answer("TRAC:ACT?") == "5" and sim.answer(":TRIG:STAT?").startswith("RUNNING")
+    clock[0] = 2.5  # the third round's readings taken at 2 s; its delay ends at 3 s, and so does the model
+    assert sim.answer("TRAC:ACT?") == "15" and sim.answer(":TRIG:STAT?").startswith("RUNNING")
+    clock[0] = 3.5
+    assert sim.answer("TRAC:ACT?") == "15" and sim.answer(":TRIG:STAT?") == "IDLE;IDLE;5"
+    assert sim.answer(":SYST:ERR?").startswith("0,")
+
+
+def test_a_limit_branch_ends_a_discharge_at_the_reading_that_crossed(
+        smu: tuple[Keithley2450Sim, list[float]]) -> None:
+    """A constant-current discharge built from the manual's blocks: a reading every 10 s, a constant-limit branch
+    (p. 6-191) to a source-off block when the voltage is below 3.45 V. The instrument stops at the first reading
+    below, with the output off, whenever the client next asks; the readings are stamped at their own moments."""
+    sim, clock = smu
+    sim.handle(':SOUR:FUNC CURR;:SOUR:CURR -0.004;:SOUR:CURR:VLIM 5;:SENS:FUNC "VOLT"')
+    for line in (':TRIG:LOAD "Empty"', ':TRIG:BLOC:BUFF:CLE 1, "defbuffer1"', ":TRIG:BLOC:SOUR:STAT 2, ON",
+                 ":TRIG:BLOC:DEL:CONS 3, 10", ':TRIG:BLOC:MEAS 4, "defbuffer1", 1',
+                 ":TRIG:BLOC:BRAN:LIM:CONS 5, BEL, 3.45, 0, 8, 4", ":TRIG:BLOC:BRAN:COUN 6, 100000, 3",
+                 ":TRIG:BLOC:BRAN:ALW 7, 9", ":TRIG:BLOC:SOUR:STAT 8, OFF", ":TRIG:BLOC:NOP 9", ":INIT"):
+        assert sim.handle(line) is None, line
+    clock[0] = 30 * 86400.0  # the host asks again a month later: the model stopped long before
+    assert sim.answer(":TRIG:STAT?") == "IDLE;IDLE;9" and sim.answer(":OUTP?") == "0"  # off at block 8
+    n = int(sim.answer(":TRAC:ACT?"))
+    rows = sim.answer(f':TRAC:DATA? 1, {n}, "defbuffer1", READ, REL').split(",")
+    volts, times = [float(v) for v in rows[0::2]], [float(t) for t in rows[1::2]]
+    assert volts[-1] < 3.45 <= min(volts[:-1]) and n > 10  # the last reading crossed, none before it
+    assert times == pytest.approx([10.0 * (k + 1) for k in range(n)])  # each at its own moment
+    assert sim.answer(":SYST:ERR?").startswith("0,")
+
+
+def test_a_trigger_model_refuses_what_the_instrument_refuses(smu: tuple[Keithley2450Sim, list[float]]) -> None:
+    sim, _ = smu
+    sim.handle(':TRIG:LOAD "Empty";:TRIG:BLOC:MEAS 1;:TRIG:BLOC:MEAS 3;:INIT')  # block 2 missing
+    assert sim.answer(":SYST:ERR?").startswith("-224") and sim.answer(":TRIG:STAT?").startswith("BUILDING")
+    sim.handle(":TRIG:BLOC:BRAN:LIM:CONS 2, SIDEWAYS, 0, 1, 1")
+    assert sim.answer(":SYST:ERR?").startswith("-224")
+    sim.handle(":TRIG:BLOC:DEL:CONS 2, 20000")  # beyond 10,000 s
+    assert sim.answer(":SYST:ERR?").startswith("-222")
+    sim.handle(":TRIG:BLOC:DEL:CONS 2, 1;:INIT;:INIT")  # started twice
+    assert sim.answer(":SYST:ERR?").startswith("-200") and sim.answer(":TRIG:STAT?").startswith("RUNNING")
 
 
 @pytest.fixture

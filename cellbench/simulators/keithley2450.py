@@ -19,6 +19,7 @@ from cellbench.simulators.cell import TIME_EPS, SolidStateCell
 from cellbench.simulators.rehearsal import Rehearsal, Rehearsed
 from cellbench.simulators.scpi import Handler, ScpiError, ScpiTree, Setting, format_number, unquote
 from cellbench.simulators.server import ServeOptions, SimServer, cell_of, serve_lines
+from cellbench.simulators.trigger_model import BLOCK_COMMANDS, TriggerModel
 
 IDN = "KEITHLEY INSTRUMENTS,MODEL 2450,SIM0001,1.7.12b"
 MAX_CURRENT = 1.05
@@ -63,7 +64,7 @@ class Keithley2450Sim:
         # IEEE 488.2 status: the standard event register and its enables, the service request enable
         self.esr, self.ese, self.sre = 0, 0, 0
         self.buffers: dict[str, Buffer] = {}
-        self.trigger: SimpleLoop | None = None
+        self.trigger: SimpleLoop | TriggerModel | None = None
         self.tree = ScpiTree(self._commands(), on_error=self._event_from_error)
         self._default_buffers()
         self.surroundings: list[Surroundings] = []  # chamber and press acting on the same cell
@@ -100,6 +101,7 @@ class Keithley2450Sim:
             ":TRACe:TRIGger": lambda a: self._store(self._buffer_name(a, 0, must_exist=True)) and None,
             ":TRACe:DATA?": self._trace_data,
             ":TRIGger:LOAD": self._trigger_load,
+            **{command: self._block(command) for command in BLOCK_COMMANDS},
             ":TRIGger:STATe?": lambda a: self._trigger_state(),
             ":INITiate[:IMMediate]": lambda a: self._initiate(),
             ":ABORt": lambda a: self._abort(),
@@ -304,9 +306,15 @@ class Keithley2450Sim:
         return _elements(buffer.row(-1), _checked([a.strip().upper() for a in args[1:]] or ["READ"]))
 
     def _trigger_load(self, args: list[str]) -> None:
-        """``:TRIGger:LOAD "SimpleLoop", count[, delay[, "buffer"]]`` (the other templates are not simulated)."""
+        """``:TRIGger:LOAD "SimpleLoop", count[, delay[, "buffer"]]``, or ``"Empty"`` to build a model block by
+        block (the other templates are not simulated)."""
+        if self.trigger is not None and self.trigger.running:
+            raise ScpiError(-200, "the trigger model is running")
+        if args and unquote(args[0]).upper() == "EMPTY":
+            self.trigger = TriggerModel()
+            return
         if not args or unquote(args[0]).upper() != "SIMPLELOOP":
-            raise ScpiError(-224, "only the SimpleLoop template is simulated")
+            raise ScpiError(-224, "only the SimpleLoop and Empty templates are simulated")
         try:
             count = int(float(args[1])) if len(args) > 1 else 1
             delay = float(args[2]) if len(args) > 2 else 0.0
@@ -316,21 +324,30 @@ class Keithley2450Sim:
             raise ScpiError(-222)
         self.trigger = SimpleLoop(count, delay, self._buffer_name(args, 3, must_exist=True))
 
+    def _block(self, command: str) -> Handler:
+        def define(args: list[str]) -> None:
+            if not isinstance(self.trigger, TriggerModel):  # blocks build on a model of blocks
+                if self.trigger is not None and self.trigger.running:
+                    raise ScpiError(-200, "the trigger model is running")
+                self.trigger = TriggerModel()
+            self.trigger.define(command, args)
+        return define
+
     def _initiate(self) -> None:
         if self.trigger is None:
             raise ScpiError(-224, "no trigger model loaded")
-        self.buffers[self.trigger.buffer].clear()
-        self.trigger.start(self._now())
+        if self.trigger.running:
+            raise ScpiError(-200, "the trigger model is running")
+        self.trigger.start(self._now(), self)
         self._issued = self._answered = 0
-        self.advance()  # the first reading at once
+        self.advance()  # what is due at once (a SimpleLoop's first reading, a model's first blocks)
 
     def _abort(self) -> None:
         if self.trigger is not None:
-            self.trigger.running = False
+            self.trigger.abort()
 
     def _trigger_state(self) -> str:
-        state = "RUNNING" if self.trigger is not None and self.trigger.running else "IDLE"
-        return f"{state};{state};0"
+        return "EMPTY;EMPTY;0" if self.trigger is None else self.trigger.status()
 
     def _trip(self, function: str) -> str:
         return "1" if self.tripped and self.tree.values["source"] == function else "0"
@@ -340,14 +357,27 @@ class Keithley2450Sim:
         """Integrate the cell from the last command to now under the present source state; a running trigger
         model's readings are taken on the way, each at its own time and in the state of that moment."""
         now = self._now()
-        loop = self.trigger
-        while loop is not None and loop.running and loop.taken < loop.count and loop.due(loop.taken) <= now + 1e-9:
-            self._integrate(loop.due(loop.taken))
-            self._store(loop.buffer)
-            loop.taken += 1
-        if loop is not None and loop.running and loop.taken >= loop.count:
-            loop.running = False
+        if self.trigger is not None and self.trigger.running:
+            self.trigger.run(self, now)
         self._integrate(now)
+
+    # --- what a trigger model acts on (trigger_model.Machine) ----------------------------
+    def integrate_to(self, t: float) -> None:
+        self._integrate(t)
+
+    def set_output(self, on: bool) -> None:
+        self.tree.values["output"] = on
+
+    def take_reading(self, buffer: str, t: float) -> float:
+        """A reading into a buffer at the model's time t (the cell integrated to it first): its sense value."""
+        self._integrate(t)
+        return self._store(buffer)[0]
+
+    def clear_buffer(self, buffer: str) -> None:
+        self.buffers[buffer].clear()
+
+    def has_buffer(self, buffer: str) -> bool:
+        return buffer in self.buffers
 
     def _integrate(self, until: float) -> None:
         while until - self._t > TIME_EPS:  # a remainder below it cannot be added to a large time
@@ -484,14 +514,15 @@ class Buffer:
 
 
 class SimpleLoop:
-    """The SimpleLoop trigger template: count readings, delay apart, into a buffer."""
+    """The SimpleLoop trigger template: count readings, delay apart, into a buffer (cleared at the start)."""
 
     def __init__(self, count: int, delay: float, buffer: str) -> None:
         self.count, self.delay, self.buffer = count, delay, buffer
-        self.running, self.taken, self.began = False, 0, 0.0
+        self.running, self.taken, self.began, self.aborted = False, 0, 0.0, False
 
-    def start(self, now: float) -> None:
-        self.running, self.taken, self.began = True, 0, now
+    def start(self, now: float, machine: Keithley2450Sim) -> None:
+        machine.clear_buffer(self.buffer)
+        self.running, self.taken, self.began, self.aborted = True, 0, now, False
 
     def due(self, k: int) -> float:
         return self.began + k * self.delay
@@ -499,6 +530,22 @@ class SimpleLoop:
     @property
     def end(self) -> float:
         return self.due(self.count - 1)
+
+    def run(self, machine: Keithley2450Sim, now: float) -> None:
+        """Every reading due by now, each taken at its own moment."""
+        while self.running and self.taken < self.count and self.due(self.taken) <= now + 1e-9:
+            machine.take_reading(self.buffer, self.due(self.taken))
+            self.taken += 1
+        if self.taken >= self.count:
+            self.running = False
+
+    def abort(self) -> None:
+        if self.running:
+            self.running, self.aborted = False, True
+
+    def status(self) -> str:
+        state = "RUNNING" if self.running else "ABORTED" if self.aborted else "IDLE"
+        return f"{state};{state};0"
 
 
 @contextlib.asynccontextmanager
