@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Literal, Protocol, runtime_checkable
 
 # --- how instruments fail ------------------------------------------------------------------
 
@@ -163,6 +163,65 @@ class OnBoard(Protocol):
     async def schedule_running(self) -> bool:
         """Whether the schedule still runs; raises InstrumentFault when the cycler stopped it on a fault of its
         own (unsafe, error)."""
+        ...
+
+
+LimitType = Literal["above", "below", "inside", "outside"]
+
+
+@dataclass(frozen=True)
+class BlockLimit:
+    """A limit the instrument judges on each of its readings of the measured quantity (a current source measures
+    voltage, a voltage source current): above `high`, below `low`, inside or outside [low, high]."""
+
+    kind: LimitType
+    low: float = 0.0
+    high: float = 0.0
+
+    def met(self, value: float) -> bool:
+        return {"above": value > self.high, "below": value < self.low, "inside": self.low <= value <= self.high,
+                "outside": value < self.low or value > self.high}[self.kind]
+
+
+@dataclass(frozen=True)
+class BlockPlan:
+    """A step the instrument runs itself: a constant current (A; positive into the cell) under a voltage limit,
+    or a constant voltage (V) under a current limit; a reading every `period` s, at most `count` of them; the
+    step's own end (`stop`) and the safety window (`window`, the readings allowed) judged by the instrument at
+    each reading, either of which turns its output off there."""
+
+    source: Literal["current", "voltage"]
+    level: float
+    limit: float  # the compliance: V of a current source, A of a voltage source
+    period: float
+    count: int
+    stop: BlockLimit | None = None
+    window: tuple[float, float] | None = None
+
+
+@dataclass(frozen=True)
+class BlockReading:
+    """One reading the instrument took in a block: its own time (s since the block started), V and A."""
+
+    t: float
+    voltage: float
+    current: float
+
+
+@runtime_checkable
+class Buffered(Protocol):
+    """A cycler channel that runs a step on the instrument (its trigger model) and is read in blocks. While a
+    block runs nothing else is asked of it but `block_readings` and `end_block`."""
+
+    async def start_block(self, plan: BlockPlan) -> None: ...
+
+    async def block_readings(self) -> tuple[list[BlockReading], bool]:
+        """The readings taken since the last call, in order, and whether the block has ended (its count done, or
+        a limit met: then the output is off)."""
+        ...
+
+    async def end_block(self) -> None:
+        """Stop a running block (the output as it stands); nothing if none runs."""
         ...
 
 

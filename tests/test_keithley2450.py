@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 
 import pytest
 
 from cellbench.drivers.errors import InstrumentError, ProtocolError
 from cellbench.drivers.smu import Keithley2450
 from cellbench.drivers.transport import Backend, open_transport
+from cellbench.roles import BlockLimit, BlockPlan, BlockReading
 from cellbench.simulators.server import SimServer
 from tests.conftest import scripted
 
@@ -168,3 +170,63 @@ async def test_a_raw_socket_client_gets_scpi_replies(smu_sim: SimServer) -> None
     line = await asyncio.wait_for(reader.readline(), 2)
     writer.close()
     assert line.decode().strip() == 'KEITHLEY INSTRUMENTS,MODEL 2450,SIM0001,1.7.12b;0,"No error;0;0 0"'
+
+
+async def _block_to_its_end(smu: Keithley2450) -> list[BlockReading]:
+    readings: list[BlockReading] = []
+    for _ in range(400):
+        got, ended = await smu.block_readings()
+        readings += got
+        if ended:
+            return readings
+        await asyncio.sleep(0.05)
+    raise AssertionError("the block did not end")
+
+
+async def test_a_step_run_on_the_instrument_ends_at_the_reading_that_crossed(smu_sim: SimServer) -> None:
+    """Over the wire, on the real clock: a constant-current discharge built as the 2450's trigger model. The
+    instrument judges the cut-off at each of its readings and turns its output off there: the recorded end is the
+    first reading below the cut-off (every earlier one above it), the readings 20 ms apart by the instrument's
+    own times whatever the host's polling; meanwhile a supervisor's reading is the buffer's newest (a :READ?
+    would be refused). The safety window ends a charge the same way, and an abort stops a block mid-way."""
+    io = await open_transport(smu_sim.resource, name="smu", timeout=2.0)
+    smu = Keithley2450(io)
+    try:
+        await smu.setup()
+        cell = smu_sim.instrument.cell  # type: ignore[attr-defined]
+        # a constant voltage 50 mV above the resting cell ends when its current tapers to what the cell's
+        # resistance over 1 s lets through (inside +-that)
+        hold, tapered = cell.ocv() + 0.05, 0.05 / cell.thevenin(1.0)[1]
+        taper = BlockLimit("inside", -tapered, tapered)
+        await smu.start_block(BlockPlan("voltage", hold, 0.1, period=0.02, count=10_000, stop=taper))
+        readings = await _block_to_its_end(smu)
+        assert abs(readings[-1].current) < tapered <= min(abs(r.current) for r in readings[:-1])
+        assert all(r.voltage == pytest.approx(hold) for r in readings) and not await smu.output_is_on()
+        loaded = cell.ocv() - 20e-3 * cell.dc_resistance()  # the voltage at once under 20 mA
+        cut_off = round(loaded - 0.02, 4)
+        plan = BlockPlan("current", -20e-3, 5.0, period=0.02, count=10_000, stop=BlockLimit("below", cut_off),
+                         window=(2.0, 4.5))
+        await smu.start_block(plan)
+        await asyncio.sleep(0.1)
+        mid = await smu.measure()  # the supervisor's read while the block runs: from the buffer
+        assert mid.current == pytest.approx(-20e-3) and mid.voltage > cut_off
+        readings = await _block_to_its_end(smu)
+        volts = [r.voltage for r in readings]
+        assert volts[-1] < cut_off <= min(volts[:-1]) and len(readings) > 5
+        assert [round(b.t - a.t, 6) for a, b in itertools.pairwise(readings)] == [0.02] * (len(readings) - 1)
+        assert not await smu.output_is_on()  # the instrument turned it off at the crossing
+        assert await smu.errors() == []
+        # the safety window (OUTSide) alone ends the same discharge at its lower edge, the output off
+        floor = round(cell.ocv() - 20e-3 * cell.dc_resistance() - 0.02, 4)
+        await smu.start_block(BlockPlan("current", -20e-3, 5.0, period=0.02, count=10_000, window=(floor, 4.5)))
+        readings = await _block_to_its_end(smu)
+        assert readings[-1].voltage < floor <= min(r.voltage for r in readings[:-1])
+        assert not await smu.output_is_on()
+        # an abort mid-block: the model stops, then the output goes off as asked
+        await smu.start_block(BlockPlan("current", -1e-3, 5.0, period=0.02, count=10_000))
+        await asyncio.sleep(0.1)
+        await smu.output(False)
+        assert (await io.query(":TRIG:STAT?")).startswith("ABORTED") and not await smu.output_is_on()
+        assert await smu.errors() == []
+    finally:
+        await io.close()

@@ -10,7 +10,7 @@ from typing import Literal
 from cellbench.drivers.errors import InstrumentError, ProtocolError
 from cellbench.drivers.registry import DriverSpec, Opened, OpenRequest, SerialSettings
 from cellbench.drivers.transport import Transport, open_line_driver, open_transport
-from cellbench.roles import Reading
+from cellbench.roles import BlockPlan, BlockReading, Reading
 
 OVERFLOW = 9.9e37
 _ERROR_RE = re.compile(r'^\s*([+-]?\d+)\s*,\s*"([^"]*)"')
@@ -18,6 +18,9 @@ MAX_QUEUED_ERRORS = 32
 # V: the compliance of the 0 A source an open-circuit reading is taken with: no current flows below it, and
 # no single cell reaches it (the 2450's 20 V range)
 OCV_VOLTAGE_LIMIT = 21.0
+BLOCK_BUFFER = "defbuffer1"  # the buffer a block's readings go to (cleared at its start)
+LIMIT_TYPES = {"above": "ABOV", "below": "BEL", "inside": "INS", "outside": "OUTS"}
+RUNNING_STATES = ("RUNNING", "WAITING", "BUILDING", "ABORTING")  # TRIGger:STATe? of a model not yet ended
 
 
 class Keithley2450:
@@ -35,6 +38,9 @@ class Keithley2450:
         # setting the source or the output, and an open-circuit reading, never interleave (the engine's next step
         # and the supervisor's read at a step's start): one at a time
         self._setting = asyncio.Lock()
+        self._in_block = False  # a trigger model of ours runs: only its buffer is read
+        self._block_read = 0  # readings of the running block read so far
+        self._period = 0.0
 
     @property
     def name(self) -> str:
@@ -72,6 +78,7 @@ class Keithley2450:
             self._sourcing, self._source = command, kind
 
     async def output(self, on: bool) -> None:
+        await self.end_block()  # a block of ours runs: stopped first (the output as the step left it, then this)
         async with self._setting:
             await self._configure(f":OUTP {'ON' if on else 'OFF'}")
             self._on = on
@@ -84,6 +91,10 @@ class Keithley2450:
         high-impedance off state, where the manual says nothing can be measured, page 2-83) the open-circuit
         voltage is read as the manual allows: the output on as a 0 A current source under a voltage limit, one
         reading, the output off again."""
+        if self._in_block:  # the trigger model owns the measurements (a :READ? is refused): its newest reading
+            command = f':FETC? "{BLOCK_BUFFER}", READ, SOUR'
+            measured, sourced = self._parse_floats(command, await self._io.query(command), 2)
+            return Reading(measured, sourced) if self._source == "CURR" else Reading(sourced, measured)
         if self._on is None:
             self._on = await self.output_is_on()
         if not self._on:
@@ -102,6 +113,72 @@ class Keithley2450:
         if self._source == "CURR":
             return Reading(voltage=measured, current=sourced)
         return Reading(voltage=sourced, current=measured)
+
+    # --- a step run on the instrument (roles.Buffered) ------------------------------------
+    async def start_block(self, plan: BlockPlan) -> None:
+        """Build the step as a trigger model (reference manual, section 6: TRIGger:BLOCk) and start it: the buffer
+        cleared, the output on, then a delay of one period, a reading, the safety window's and the step's own
+        limit branches to an output-off block, and a counter back to the delay; when the count is done the model
+        ends with the output on (the host carries on)."""
+        if plan.source == "current":
+            await self.source_current(plan.level, voltage_limit=plan.limit)
+        else:
+            await self.source_voltage(plan.level, current_limit=plan.limit)
+        buf = f'"{BLOCK_BUFFER}"'
+        blocks = [':TRIG:LOAD "Empty"', f":TRIG:BLOC:BUFF:CLE 1, {buf}", ":TRIG:BLOC:SOUR:STAT 2, ON",
+                  f":TRIG:BLOC:DEL:CONS 3, {plan.period:g}", f":TRIG:BLOC:MEAS 4, {buf}, 1"]
+        branches = []
+        if plan.window is not None:
+            branches.append(("OUTS", *plan.window))
+        if plan.stop is not None:
+            branches.append((LIMIT_TYPES[plan.stop.kind], plan.stop.low, plan.stop.high))
+        n = 5
+        off = n + len(branches) + 2  # after the branches, the counter and the branch past the off block
+        for kind, low, high in branches:
+            blocks.append(f":TRIG:BLOC:BRAN:LIM:CONS {n}, {kind}, {low:g}, {high:g}, {off}, 4")
+            n += 1
+        blocks += [f":TRIG:BLOC:BRAN:COUN {n}, {max(plan.count, 1)}, 3", f":TRIG:BLOC:BRAN:ALW {n + 1}, {off + 1}",
+                   f":TRIG:BLOC:SOUR:STAT {off}, OFF", f":TRIG:BLOC:NOP {off + 1}"]
+        async with self._setting:
+            await self._configure(";".join(blocks))
+            await self._configure(":INIT")
+            self._on, self._block_read, self._in_block, self._period = True, 0, True, plan.period
+
+    async def block_readings(self) -> tuple[list[BlockReading], bool]:
+        """The readings taken since the last call (one query for the state and count, one for the data) and
+        whether the model has ended; an instrument whose model failed raises its errors."""
+        if not self._in_block:
+            return [], True
+        command = f':TRIG:STAT?;:TRAC:ACT? "{BLOCK_BUFFER}"'
+        reply = await self._io.query(command)
+        parts = reply.split(";")
+        if len(parts) != 4 or not parts[3].strip().isdigit():
+            raise ProtocolError(self.name, command, reply, "the trigger state, its block and a reading count")
+        state, taken = parts[0].strip().upper(), int(parts[3])
+        if state == "FAILED":
+            self._in_block = False
+            raise InstrumentError(self.name, await self.errors() or ["the trigger model failed"], ":INIT")
+        readings: list[BlockReading] = []
+        if taken > self._block_read:
+            command = f':TRAC:DATA? {self._block_read + 1}, {taken}, "{BLOCK_BUFFER}", READ, SOUR, REL'
+            values = self._parse_floats(command, await self._io.query(command), 3 * (taken - self._block_read))
+            source = self._source
+            for k in range(0, len(values), 3):
+                measured, sourced, rel = values[k:k + 3]
+                v, i = (measured, sourced) if source == "CURR" else (sourced, measured)
+                readings.append(BlockReading(self._period + rel, v, i))  # the first reading after one period
+            self._block_read = taken
+        ended = state not in RUNNING_STATES
+        if ended:
+            self._in_block = False
+            self._on = None  # the model may have turned it off: asked when next needed
+        return readings, ended
+
+    async def end_block(self) -> None:
+        if self._in_block:
+            async with self._setting:
+                await self._configure(":ABOR")
+                self._in_block, self._on = False, None
 
     async def _open_circuit(self) -> Reading:
         """(Under the setting lock.) The output off again afterwards, and the source set up as it was before, so

@@ -297,13 +297,13 @@ class Keithley2450Sim:
         if not 1 <= start <= end <= len(buffer):
             raise ScpiError(-222, f"indexes {start} to {end} of {len(buffer)} readings")
         elements = _checked([a.strip().upper() for a in args[3:]] or ["READ"])
-        return ",".join(_elements(row, elements) for row in buffer.between(start, end))
+        return ",".join(_elements(row, elements, buffer.first) for row in buffer.between(start, end))
 
     def _fetch(self, args: list[str]) -> str:
         buffer = self.buffers[self._buffer_name(args, 0, must_exist=True)]
         if not len(buffer):
             raise ScpiError(-230, "no reading in the buffer")
-        return _elements(buffer.row(-1), _checked([a.strip().upper() for a in args[1:]] or ["READ"]))
+        return _elements(buffer.row(-1), _checked([a.strip().upper() for a in args[1:]] or ["READ"]), buffer.first)
 
     def _trigger_load(self, args: list[str]) -> None:
         """``:TRIGger:LOAD "SimpleLoop", count[, delay[, "buffer"]]``, or ``"Empty"`` to build a model block by
@@ -433,13 +433,20 @@ class Keithley2450Sim:
             return current + self._rng.gauss(0.0, self.noise_i) if self.noise_i else current
         return voltage / current if current else OVERFLOW
 
+    def _not_while_running(self, command: str) -> None:
+        """A measurement asked outside the running trigger model is refused (it owns the measurements)."""
+        if self.trigger is not None and self.trigger.running:
+            raise ScpiError(-200, f"{command} while the trigger model runs")
+
     def _measure(self, function: str) -> str:
+        self._not_while_running(":MEASure?")
         self.tree.values["sense"] = function
         return format_number(self._reading(function))
 
     def _read(self, args: list[str]) -> str:
         """``:READ? ["buffer"[, element, ...]]``: take the sense reading (``:SENSe:COUNt`` of them) into the
         buffer and answer the last one's elements."""
+        self._not_while_running(":READ?")
         if args and not (args[0].startswith(("'", '"')) and unquote(args[0])):
             raise ScpiError(-104, "buffer name must be a quoted string")
         name = self._buffer_name(args, 0, must_exist=True)
@@ -447,7 +454,7 @@ class Keithley2450Sim:
         row = self._store(name)
         for _ in range(int(self.tree.values["count"]) - 1):
             row = self._store(name)
-        return _elements(row, elements)
+        return _elements(row, elements, self.buffers[name].first)
 
 
 # the buffer elements simulated, by their short and long forms; the others (UNIT, TSTamp, DATE, ...) are refused
@@ -461,10 +468,12 @@ def _checked(elements: list[str]) -> list[str]:
     return elements
 
 
-def _elements(row: tuple[float, float, float], elements: list[str]) -> str:
-    reading, source, rel = row
-    return ",".join(format_number(reading if e.startswith("READ") else source if e.startswith("SOUR") else rel)
-                    for e in elements)
+def _elements(row: tuple[float, float, float], elements: list[str], first: float) -> str:
+    """A row's elements: REL is the time since the buffer's first reading (the manual's examples start at 0),
+    SEC the instrument's own seconds (since it was switched on, here)."""
+    reading, source, stamp = row
+    picked = {"READ": reading, "SOUR": source, "REL": stamp - first, "SEC": stamp}
+    return ",".join(format_number(picked[e[:4] if e[:4] in picked else e[:3]]) for e in elements)
 
 
 class Buffer:
@@ -480,6 +489,7 @@ class Buffer:
 
     def __init__(self, size: int) -> None:
         self.size = size
+        self.first = 0.0  # the stamp of the first reading since the buffer was cleared
         self._data: array.array[float] | None = None  # none until the first reading: an unused buffer costs nothing
         self._count, self._next = 0, 0  # readings held; where the next goes
 
@@ -489,6 +499,7 @@ class Buffer:
     def add(self, row: tuple[float, float, float]) -> None:
         if self._data is None:
             self._data = array.array("d", bytes(24 * min(self.size, self.RESERVE)))
+            self.first = row[2]
         j = 3 * self._next
         if j >= len(self._data):  # not full yet, and past the room taken: twice the room, at most the size
             self._data.frombytes(bytes(8 * min(len(self._data), 3 * self.size - len(self._data))))

@@ -121,8 +121,10 @@ class TriggerModel:
 
     @property
     def end(self) -> float:
-        """When something next happens in it (what a client held behind *WAI sleeps until)."""
-        return self.wake
+        """When something next happens in it (what a client held behind *WAI sleeps until): the end of the delay
+        it is held in."""
+        block = self.blocks.get(self._pc)
+        return self.wake + (block.seconds if block is not None and block.kind == "DELAY_CONSTANT" else 0.0)
 
     def define(self, command: str, args: list[str]) -> None:
         least, most, read = BLOCK_COMMANDS[command]
