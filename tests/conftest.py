@@ -105,7 +105,7 @@ class DryRun:
 def dry_run(
     text: str, tmp_path: Path, *, soc: float = 0.5, temperature: float = 25.0, seed: int = 0,
     params: Any = None, noise: bool = True, capacity_factor: float = 1.0, environment: bool = False,
-    pressure: float | None = None,
+    pressure: float | None = None, run_steps: bool = False,
 ) -> DryRun:
     """Run profile text on a simulated bench: the 2450 alone, or with a chamber and a press (environment)."""
     from cellbench.bench.faces.simbench import SimulatedBench, needs_potentiostat
@@ -120,6 +120,7 @@ def dry_run(
     bench = SimulatedBench(
         params or PELLET, initial_soc=soc, seed=seed, noise=noise, temperature_c=temperature,
         chamber=environment, press=environment, pressure_mpa=pressure, potentiostat=needs_potentiostat(profile),
+        run_steps=run_steps,
     )
     bench.cell.state.capacity_ah *= capacity_factor
     runs = tmp_path / f"runs-{len(list(tmp_path.glob('runs-*')))}"

@@ -72,6 +72,11 @@ class InstrumentSettings(Strict):
         """The channel whose profile sets a shared instrument (None: each channel its own, or nobody named)."""
         return None
 
+    @property
+    def steps_on_instrument(self) -> bool:
+        """Whether steps it can run itself are run on it (a cycler with a trigger model, where the bench says so)."""
+        return False
+
     def request(self, name: str, area_cm2: float) -> OpenRequest:
         """How the driver opens it: these settings, the registry's defaults, and the area of the cells it acts on
         (a press works in force, the lab in pressure)."""

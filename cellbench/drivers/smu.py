@@ -7,6 +7,8 @@ import math
 import re
 from typing import Literal
 
+from pydantic import Field
+
 from cellbench.drivers.errors import InstrumentError, ProtocolError
 from cellbench.drivers.registry import DriverSpec, Opened, OpenRequest, SerialSettings
 from cellbench.drivers.transport import Transport, open_line_driver, open_transport
@@ -252,6 +254,14 @@ class Keithley2450Settings(SerialSettings):
     """A Keithley 2450 on the network, GPIB, USB or RS-232."""
 
     driver: Literal["keithley2450"]
+    run_steps: bool = Field(default=False, description="run the steps it can on the instrument (constant current "
+                                                       "or voltage, rests): its trigger model judges the cut-off and "
+                                                       "the safety window at each of its readings, turns the output "
+                                                       "off there whatever the host does, and is read in blocks")
+
+    @property
+    def steps_on_instrument(self) -> bool:
+        return self.run_steps
 
 
 DRIVERS = [

@@ -73,8 +73,10 @@ class SimulatedBench:
         chamber: bool = False,
         press: bool = False,
         potentiostat: bool = False,
+        run_steps: bool = False,
     ) -> None:
         self.params = params
+        self.run_steps = run_steps  # steps the 2450 can run itself run on its trigger model
         self.initial_soc = initial_soc
         self.seed = seed
         self.pressure_mpa = params.p_ref_mpa if pressure_mpa is None else pressure_mpa
@@ -126,7 +128,8 @@ class SimulatedBench:
     def config(self) -> BenchConfig:
         """The bench as a bench file would name it: the simulated instruments at their served resources."""
         assert self.server is not None, "use the bench inside 'async with'"
-        instruments = {"smu1": instrument(driver="keithley2450", resource=self.server.resource)}
+        instruments = {"smu1": instrument(driver="keithley2450", resource=self.server.resource,
+                                          run_steps=self.run_steps)}
         channel: dict[str, str] = {"cycler": "smu1", "cell": self.params.name}
         if self.chamber_server is not None:
             instruments["chamber1"] = instrument(driver="espec", resource=self.chamber_server.resource)
@@ -188,15 +191,18 @@ async def run_simulated(
     environment: bool = False,
     extra_metadata: dict[str, object] | None = None,
     on_start: Callable[[str, Path], None] | None = None,
+    run_steps: bool = False,
 ) -> tuple[ChannelResult, SolidStateCell]:
-    """Run a profile on a fresh simulated bench; return the result and the simulated cell.
+    """Run a profile on a fresh simulated bench; return the result and the simulated cell (`run_steps`: the steps
+    the 2450 can run itself run on its trigger model).
 
     The bench has a chamber and a press when the profile reads or sets temperature or pressure,
     or when `environment` asks for them.
     """
     env = environment or needs_environment(profile)
     bench = SimulatedBench(params, initial_soc=initial_soc, seed=seed, noise=noise, temperature_c=temperature_c,
-                           chamber=env, press=env, potentiostat=environment or needs_potentiostat(profile))
+                           chamber=env, press=env, potentiostat=environment or needs_potentiostat(profile),
+                           run_steps=run_steps)
     async with bench:
         result = await bench.run(
             profile, profile_text, clock, runs_dir=runs_dir, on_progress=on_progress,

@@ -103,6 +103,7 @@ class Instruments:
             reconnect=lambda: self._recycler(name),
             blind_off=lambda: self.blind_off(ch.cycler),
             reconnect_grace=self.bench.instruments[ch.cycler].reconnect_grace,
+            steps_on_instrument=self.bench.instruments[ch.cycler].steps_on_instrument,
             cell_id=self.bench.cell_id(name),
             controls=frozenset(role for role, ref in (("chamber", ch.chamber), ("press", ch.press))
                                if ref is not None and (len(self.bench.sharing(ref)) < 2

@@ -26,6 +26,8 @@ class Channel:
     cell_id: str = ""  # the cell's ID as labelled (the bench file's `id`, or the cell's key)
     # the auxiliary instruments this channel may set ("chamber", "press"): its own, or shared ones it owns
     controls: frozenset[str] = frozenset({"chamber", "press"})
+    # steps its cycler can run itself (roles.Buffered) are run on it, read in blocks (runtime/blocks.py)
+    steps_on_instrument: bool = False
 
     async def conditions(self) -> Conditions:
         """Read the chamber and the press, if the channel has them."""

@@ -12,6 +12,7 @@ output goes off at the end, on any error, and on cancellation.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 from collections.abc import Callable
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cellbench.bench.runtime import policy
+from cellbench.bench.runtime import blocks, policy
 from cellbench.bench.runtime.channel import Channel
 from cellbench.bench.runtime.clock import Clock, utc
 from cellbench.bench.runtime.cycles import CycleBook
@@ -61,6 +62,8 @@ from cellbench.profiles.schema import (
 )
 from cellbench.profiles.units import human_duration
 from cellbench.roles import (
+    BlockReading,
+    Buffered,
     Conditions,
     InstrumentFault,
     OnBoard,
@@ -403,6 +406,8 @@ class Engine:
             case EisStep(eis=body):
                 return await self._run_eis(pc, body)
         run = await self._enter(pc, resumed)
+        if (target := await self._run_on_instrument(pc, run)) is not None:
+            return target
         while True:
             t, reading = await self._wait_and_measure(run)
             if reading is None:
@@ -418,6 +423,69 @@ class Engine:
             if t - self._saved_at >= self.checkpoint_every:
                 self._checkpoint()
             await self._reapply(run, t, reading, at_edge)
+
+    async def _run_on_instrument(self, pc: int, run: _StepRun) -> int | None:
+        """A step the instrument runs itself (blocks.py; a Buffered cycler on a channel that allows it), read in
+        blocks: each reading accounted, judged and recorded in order as the per-reading loop does, stamped with
+        the instrument's own time. Returns where the program goes next, or None for a step it cannot run."""
+        cycler = self.channel.cycler
+        if not (self.channel.steps_on_instrument and isinstance(cycler, Buffered)) or isinstance(
+                run.body, WaitBody | ScheduleBody) or run.approach is not run.limits or self._last is None:
+            return None
+        planned = blocks.plan_for(run.ctl, run.limits, period=run.period, voltage=self._last.voltage,
+                                  cell=self.channel.cell, safety=self.profile.safety)
+        if planned is None:
+            return None
+        every, fine = blocks.read_interval(run.period), planned.plan.period
+        while True:  # one block, or one after another while the count runs out with no end met
+            deadline = policy.next_deadline(run.limits, run.step.start, self.state.budgets)
+            plan = dataclasses.replace(planned.plan, count=blocks.count_for(fine, deadline - self._t()))
+            await cycler.start_block(plan)
+            t0, ended, wake, due = self._t(), False, self._t() + every, self._t()
+            got: list[BlockReading] = []
+            while not ended:
+                await self._sleep_until(min(wake, deadline + fine))
+                got, ended = await cycler.block_readings()
+                if self.channel.chamber or self.channel.press:
+                    self._cond = await self.channel.conditions()
+                for k, b in enumerate(got):
+                    # every reading the instrument judged; the host takes those on the profile's period, the
+                    # last of an ended block, and any at the step's end or outside the window
+                    if t0 + b.t < due - 1e-9 and not (ended and k == len(got) - 1) and not blocks.at_edge(planned, b):
+                        continue
+                    due = t0 + b.t + run.period
+                    if (target := await self._block_reading(pc, run, t0, b)) is not None:
+                        await cycler.end_block()
+                        return target
+                wake = blocks.next_read(planned, self._t(), every, got[-2:], t0)
+                if self._t() - self._saved_at >= self.checkpoint_every:
+                    self._checkpoint()
+            if got and (target := await self._stopped_by_instrument(pc, run, planned, got[-1], t0)) is not None:
+                return target
+
+    async def _block_reading(self, pc: int, run: _StepRun, t0: float, b: BlockReading) -> int | None:
+        t, reading = t0 + b.t, Reading(b.voltage, b.current)
+        self.latest.reading = (t, reading, self._cond)
+        self._take(run.work, run.step.totals, t, reading)
+        verdict = await self._decide(run, t, reading)
+        self._maybe_record(run.work, t, reading, run.ctl.step_type, self.program.instrs[pc].index, run.rule,
+                           force=bool(verdict.ended) or verdict.alarm)
+        return await self._act(pc, run, t, verdict)
+
+    async def _stopped_by_instrument(self, pc: int, run: _StepRun, planned: blocks.Planned, last: BlockReading,
+                                     t0: float) -> int | None:
+        """A block that ended on a limit of the instrument's (its output off) where the host's judgement of the
+        same reading did not end the step: ended as the instrument ended it (its safety window: a safety stop),
+        never carried on with the output switched on again."""
+        plan, value = planned.plan, last.voltage if planned.plan.source == "current" else last.current
+        if plan.window is not None and not plan.window[0] <= value <= plan.window[1]:
+            raise SafetyStop(f"the instrument's safety window {plan.window[0]:g} to {plan.window[1]:g} stopped the "
+                             f"step at {value:.6g}")
+        if plan.stop is not None and plan.stop.met(value) and planned.stop_from is not None:
+            lim = planned.stop_from
+            verdict = _Verdict(None, Ending(EndKind(lim.kind), lim.describe(), lim.then), None)
+            return await self._act(pc, run, t0 + last.t, verdict)
+        return None
 
     async def _enter(self, pc: int, resumed: StepProgress | None) -> _StepRun:
         """Begin a leaf step (or take up the one a saved state was in): its control, the cycle it starts, its
