@@ -283,7 +283,8 @@ class Keithley2450Sim:
         """Take a reading into a buffer: (reading, source value, relative time)."""
         sense = self.tree.values["sense"]
         source = "VOLT:DC" if self.tree.values["source"] == "VOLT" else "CURR:DC"
-        row = (self._reading(sense), self._reading(source), self._t - self._t0)
+        solved = self._solve(0.0)  # one solution of the source on the cell for both (the cell's state is one)
+        row = (self._reading(sense, solved), self._reading(source, solved), self._t - self._t0)
         self.buffers[name].add(row)
         return row
 
@@ -418,7 +419,7 @@ class Keithley2450Sim:
         current, _, self.tripped = self._solve(dt)
         self.cell.apply_current(current, dt)
 
-    def _reading(self, function: str) -> float:
+    def _reading(self, function: str, solved: tuple[float, float, bool] | None = None) -> float:
         """What the meter reads now: the source's present state on the cell, plus noise. With the output off in
         the high-impedance off state the relay is open and nothing is connected to measure (manual, page 2-83):
         an overflow, as a client that reads there must learn on the instrument too."""
@@ -426,7 +427,7 @@ class Keithley2450Sim:
         off_mode = v["off_i"] if v["source"] == "CURR" else v["off_v"]
         if not v["output"] and str(off_mode).upper().startswith("HIMP"):
             return OVERFLOW
-        current, voltage, _ = self._solve(0.0)
+        current, voltage, _ = solved or self._solve(0.0)
         if function.startswith("VOLT"):
             return voltage + self._rng.gauss(0.0, self.noise_v) if self.noise_v else voltage
         if function.startswith("CURR"):
