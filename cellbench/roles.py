@@ -220,8 +220,9 @@ class Buffered(Protocol):
         a limit met: then the output is off)."""
         ...
 
-    async def end_block(self) -> None:
-        """Stop a running block (the output as it stands); nothing if none runs."""
+    async def end_block(self) -> list[BlockReading]:
+        """Stop a running block (the output as it stands) and return the readings it took since the last read;
+        nothing if none runs."""
         ...
 
 

@@ -137,7 +137,7 @@ class Keithley2450:
         n = 5
         off = n + len(branches) + 2  # after the branches, the counter and the branch past the off block
         for kind, low, high in branches:
-            blocks.append(f":TRIG:BLOC:BRAN:LIM:CONS {n}, {kind}, {low:g}, {high:g}, {off}, 4")
+            blocks.append(f":TRIG:BLOC:BRAN:LIM:CONS {n}, {kind}, {low:.10g}, {high:.10g}, {off}, 4")
             n += 1
         blocks += [f":TRIG:BLOC:BRAN:COUN {n}, {max(plan.count, 1)}, 3", f":TRIG:BLOC:BRAN:ALW {n + 1}, {off + 1}",
                    f":TRIG:BLOC:SOUR:STAT {off}, OFF", f":TRIG:BLOC:NOP {off + 1}"]
@@ -160,27 +160,40 @@ class Keithley2450:
         if state == "FAILED":
             self._in_block = False
             raise InstrumentError(self.name, await self.errors() or ["the trigger model failed"], ":INIT")
-        readings: list[BlockReading] = []
-        if taken > self._block_read:
-            command = f':TRAC:DATA? {self._block_read + 1}, {taken}, "{BLOCK_BUFFER}", READ, SOUR, REL'
-            values = self._parse_floats(command, await self._io.query(command), 3 * (taken - self._block_read))
-            source = self._source
-            for k in range(0, len(values), 3):
-                measured, sourced, rel = values[k:k + 3]
-                v, i = (measured, sourced) if source == "CURR" else (sourced, measured)
-                readings.append(BlockReading(self._period + rel, v, i))  # the first reading after one period
-            self._block_read = taken
+        readings = await self._rows(taken)
         ended = state not in RUNNING_STATES
         if ended:
             self._in_block = False
             self._on = None  # the model may have turned it off: asked when next needed
         return readings, ended
 
-    async def end_block(self) -> None:
-        if self._in_block:
-            async with self._setting:
-                await self._configure(":ABOR")
-                self._in_block, self._on = False, None
+    async def _rows(self, taken: int) -> list[BlockReading]:
+        """The buffer's rows after those read so far, up to `taken`."""
+        if taken <= self._block_read:
+            return []
+        command = f':TRAC:DATA? {self._block_read + 1}, {taken}, "{BLOCK_BUFFER}", READ, SOUR, REL'
+        values = self._parse_floats(command, await self._io.query(command), 3 * (taken - self._block_read))
+        readings = []
+        for k in range(0, len(values), 3):
+            measured, sourced, rel = values[k:k + 3]
+            v, i = (measured, sourced) if self._source == "CURR" else (sourced, measured)
+            readings.append(BlockReading(self._period + rel, v, i))  # the first reading after one period
+        self._block_read = taken
+        return readings
+
+    async def end_block(self) -> list[BlockReading]:
+        """Stop a running block (the output as it stands) and return the readings it took since the last read
+        (one may have met a limit, the output then off); nothing if none runs."""
+        if not self._in_block:
+            return []
+        async with self._setting:
+            await self._configure(":ABOR")
+            self._in_block, self._on = False, None
+            command = f':TRAC:ACT? "{BLOCK_BUFFER}"'
+            reply = await self._io.query(command)
+            if not reply.strip().isdigit():
+                raise ProtocolError(self.name, command, reply, "a reading count")
+            return await self._rows(int(reply))
 
     async def _open_circuit(self) -> Reading:
         """(Under the setting lock.) The output off again afterwards, and the source set up as it was before, so

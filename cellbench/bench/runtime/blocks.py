@@ -28,7 +28,10 @@ INSTRUMENT_JUDGED = frozenset({"voltage", "current", "time"})
 MAX_READ_INTERVAL = 60.0  # s: the longest the host leaves a block unread
 READINGS_PER_READ = 20  # a block read every this many readings, when the host judges nothing itself
 MAX_BLOCK_READINGS = 50_000  # readings in one block (the 2450's default buffer holds 100,000)
-FINE_PER_PERIOD, FINE_FLOOR = 10, 1.0  # the instrument reads this many times a sample period, at most once a second
+FINE_PER_PERIOD, FINE_FLOOR = 10, 1.0  # near the end the instrument reads this many times a sample period (<= 1 Hz)
+NEAR = 10  # sample periods from the end (at the readings' slope) from which the instrument reads finely
+NEAR_VOLTS, NEAR_CURRENT = 0.1, 2.0  # ... or this close to a voltage end, or this many times a taper's current
+NEAR_READS = 5  # near the end, the host reads the block at least every this many of its readings
 
 
 @dataclass(frozen=True)
@@ -121,19 +124,49 @@ def count_for(period: float, remaining: float) -> int:
     return max(1, min(MAX_BLOCK_READINGS, math.ceil(remaining / period - 1e-9)))
 
 
-def next_read(planned: Planned, now: float, every: float, last_two: Sequence[BlockReading], t0: float) -> float:
-    """When the host next reads the block: `every` from now, or sooner when the readings head for the step's
-    end (the slope of the instrument's last two readings reaches it before then): halfway to it while it is
-    far, a reading past it once near, so that the next step starts within about a reading of the end."""
-    later, edge, fine = now + every, planned.edge, planned.plan.period
-    if edge is None or len(last_two) < 2:
-        return later
-    first, last = last_two[-2:]
+def time_to_end(edge: Edge, recent: Sequence[BlockReading]) -> float | None:
+    """Seconds from the last reading to the step's end, foreseen from the last readings: at their slope, or,
+    where the slope grows from one interval to the next (a knee), with it growing at that rate; None when they
+    do not head for it."""
+    if len(recent) < 2:
+        return None
+    *_, first, last = recent
     a, b = edge.value(first.voltage, first.current), edge.value(last.voltage, last.current)
-    if last.t <= first.t or a == b:
+    dt, left = last.t - first.t, edge.threshold - b
+    if dt <= 0 or a == b or left * (b - a) <= 0:
+        return None
+    steps = left / (b - a)  # intervals to the end at the present slope
+    if len(recent) >= 3:
+        before = edge.value(recent[-3].voltage, recent[-3].current)
+        growth = (b - a) / (a - before) if a != before else 1.0
+        if 1.0 < growth <= 100.0:  # accelerating: the sum of growing steps reaches the end sooner
+            steps = math.log(1 + steps * (growth - 1) / growth) / math.log(growth)
+    return steps * dt
+
+
+def next_read(planned: Planned, now: float, every: float, recent: Sequence[BlockReading], t0: float) -> float:
+    """When the host next reads the block: `every` from now, or sooner when the readings head for the step's
+    end (time_to_end): halfway to it while it is far, a reading past it once near, so that the next step starts
+    within about a reading of the end."""
+    later, fine = now + every, planned.plan.period
+    ahead = None if planned.edge is None else time_to_end(planned.edge, recent)
+    if ahead is None:
         return later
-    ahead = (edge.threshold - b) * (last.t - first.t) / (b - a)  # at the present slope (a knee steepens it)
-    if ahead <= 0:
-        return later
-    at = t0 + last.t + (ahead / 2 if ahead > 4 * fine else ahead + fine)
+    at = t0 + recent[-1].t + (ahead / 2 if ahead > 4 * fine else ahead + fine)
     return max(now + fine, min(later, at))
+
+
+def near_end(planned: Planned, recent: Sequence[BlockReading], within: float) -> bool:
+    """Whether the step's end is within `within` s of the last reading (time_to_end), or close in value (a knee:
+    a discharge's last tenths of a volt steepen faster than a slope foresees), or met."""
+    edge = planned.edge
+    if edge is None or not recent:
+        return False
+    last = recent[-1]
+    b = edge.value(last.voltage, last.current)
+    if edge.met(last.voltage, last.current):
+        return True
+    if abs(b - edge.threshold) <= NEAR_VOLTS if edge.quantity == "voltage" else b <= NEAR_CURRENT * edge.threshold:
+        return True
+    ahead = time_to_end(edge, recent)
+    return ahead is not None and ahead <= within

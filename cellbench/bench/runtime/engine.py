@@ -437,34 +437,60 @@ class Engine:
         if planned is None:
             return None
         every, fine = blocks.read_interval(run.period), planned.plan.period
-        while True:  # one block, or one after another while the count runs out with no end met
+        # readings on the profile's period while the end is far; every `fine` once the readings near it
+        period = run.period if planned.edge is not None else fine
+        due, soon = self._t(), math.inf  # soon: when the readings before a re-arm said to read next
+        while True:  # one block, or one after another (the count ran out, or the end drew near)
             deadline = policy.next_deadline(run.limits, run.step.start, self.state.budgets)
-            plan = dataclasses.replace(planned.plan, count=blocks.count_for(fine, deadline - self._t()))
+            count = blocks.count_for(period, deadline - self._t())
+            plan = dataclasses.replace(planned.plan, period=period, count=count)
             await cycler.start_block(plan)
-            t0, ended, wake, due = self._t(), False, self._t() + every, self._t()
+            t0, ended, wake = self._t(), False, min(self._t() + every, soon)
             got: list[BlockReading] = []
             while not ended:
-                await self._sleep_until(min(wake, deadline + fine))
+                await self._sleep_until(min(wake, deadline + period))
                 got, ended = await cycler.block_readings()
                 if self.channel.chamber or self.channel.press:
                     self._cond = await self.channel.conditions()
-                for k, b in enumerate(got):
-                    # every reading the instrument judged; the host takes those on the profile's period, the
-                    # last of an ended block, and any at the step's end or outside the window
-                    if t0 + b.t < due - 1e-9 and not (ended and k == len(got) - 1) and not blocks.at_edge(planned, b):
-                        continue
-                    due = t0 + b.t + run.period
-                    if (target := await self._block_reading(pc, run, t0, b)) is not None:
-                        await cycler.end_block()
-                        return target
-                wake = blocks.next_read(planned, self._t(), every, got[-2:], t0)
+                target, due = await self._block_taken(pc, run, planned, t0, got, ended, due)
+                if target is not None:
+                    await cycler.end_block()
+                    return target
                 if self._t() - self._saved_at >= self.checkpoint_every:
                     self._checkpoint()
-            if got and (target := await self._stopped_by_instrument(pc, run, planned, got[-1], t0)) is not None:
+                if not ended and period > fine and blocks.near_end(planned, got[-3:], blocks.NEAR * run.period):
+                    rest = await cycler.end_block()  # re-armed at the fine period from here
+                    target, due = await self._block_taken(pc, run, planned, t0, rest, True, due)
+                    if target is not None:
+                        return target
+                    if rest and blocks.at_edge(planned, rest[-1]):  # the instrument ended it just before
+                        got, ended = rest, True
+                        break
+                    period, every = fine, min(every, blocks.NEAR_READS * fine)  # near the end: read often
+                    soon = blocks.next_read(planned, self._t(), every, got[-3:], t0)
+                    break
+                wake = blocks.next_read(planned, self._t(), every, got[-3:], t0)
+            if ended and got and (target := await self._stopped_by_instrument(pc, run, planned, got[-1],
+                                                                              t0)) is not None:
                 return target
+
+    async def _block_taken(self, pc: int, run: _StepRun, planned: blocks.Planned, t0: float,
+                           got: list[BlockReading], ended: bool, due: float) -> tuple[int | None, float]:
+        """A block's new readings taken in order: those on the profile's period, the last of an ended block, and
+        any at the step's end or outside the window (every one was judged by the instrument). Where the program
+        goes next if one ended the step, and when the next reading is due."""
+        for k, b in enumerate(got):
+            if t0 + b.t < due - 1e-9 and not (ended and k == len(got) - 1) and not blocks.at_edge(planned, b):
+                continue
+            due = t0 + b.t + run.period
+            if (target := await self._block_reading(pc, run, t0, b)) is not None:
+                return target, due
+        return None, due
 
     async def _block_reading(self, pc: int, run: _StepRun, t0: float, b: BlockReading) -> int | None:
         t, reading = t0 + b.t, Reading(b.voltage, b.current)
+        if not run.work.history:  # the step's first reading comes a period in: counted from where it began
+            run.work.history = [(max(run.step.start, min(self.state.accounted_until, t)), reading)]
         self.latest.reading = (t, reading, self._cond)
         self._take(run.work, run.step.totals, t, reading)
         verdict = await self._decide(run, t, reading)
