@@ -5,11 +5,12 @@ A constant current (a rest is one, at 0 A) or a constant voltage with no edges, 
 no limit but its voltage, current and time can: the instrument sources it, takes a reading every sample period
 while the end is far and every tenth of it (at least a second apart) once the readings near it (the block
 re-armed there), and judges at each reading the step's voltage limit (a current source) or current limit (a
-voltage source) and the safety window, turning its output off at the reading that meets one. Its thresholds are the host's own (a voltage limit counts as reached within
-`policy.VOLTAGE_TOLERANCE`, as the host counts it), so that whatever reading the instrument stops on, the host
-ends the step on too. The host reads the block every READINGS_PER_READ sample periods, sooner when the readings
-head for the end (`time_to_end`), and takes the readings on the profile's period, the crossing one and the last. A step with a
-limit the instrument cannot judge (capacity, energy, dV/dt, temperature) runs reading by reading as before.
+voltage source) and the safety window, turning its output off at the reading that meets one. Its thresholds
+are the host's own (a voltage limit counts as reached within `policy.VOLTAGE_TOLERANCE`, as the host counts
+it), so that whatever reading the instrument stops on, the host ends the step on too. The host reads the block
+every READINGS_PER_READ sample periods, sooner when the readings head for the end (`time_to_end`), and takes the
+readings on the profile's period, the crossing one and the last. A step with a limit the instrument cannot
+judge (capacity, energy, dV/dt, temperature) runs reading by reading as before.
 """
 
 from __future__ import annotations
