@@ -220,6 +220,11 @@ class Buffered(Protocol):
         a limit met: then the output is off)."""
         ...
 
+    async def resume_block(self, plan: BlockPlan, read: int) -> None:
+        """Take up a block started on an earlier connection (its model may still run or have ended), `read` of
+        its readings already read: `block_readings` then returns the rest."""
+        ...
+
     async def end_block(self) -> list[BlockReading]:
         """Stop a running block (the output as it stands) and return the readings it took since the last read;
         nothing if none runs."""

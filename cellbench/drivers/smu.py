@@ -127,7 +127,8 @@ class Keithley2450:
         else:
             await self.source_voltage(plan.level, current_limit=plan.limit)
         buf = f'"{BLOCK_BUFFER}"'
-        blocks = [':TRIG:LOAD "Empty"', f":TRIG:BLOC:BUFF:CLE 1, {buf}", ":TRIG:BLOC:SOUR:STAT 2, ON",
+        # a model left running (by a connection that dropped while it ran) is stopped first
+        blocks = [":ABOR", ':TRIG:LOAD "Empty"', f":TRIG:BLOC:BUFF:CLE 1, {buf}", ":TRIG:BLOC:SOUR:STAT 2, ON",
                   f":TRIG:BLOC:DEL:CONS 3, {plan.period:g}", f":TRIG:BLOC:MEAS 4, {buf}, 1"]
         branches = []
         if plan.window is not None:
@@ -180,6 +181,10 @@ class Keithley2450:
             readings.append(BlockReading(self._period + rel, v, i))  # the first reading after one period
         self._block_read = taken
         return readings
+
+    async def resume_block(self, plan: BlockPlan, read: int) -> None:
+        self._source = "CURR" if plan.source == "current" else "VOLT"
+        self._in_block, self._block_read, self._period, self._on = True, read, plan.period, None
 
     async def end_block(self) -> list[BlockReading]:
         """Stop a running block (the output as it stands) and return the readings it took since the last read

@@ -428,10 +428,11 @@ class Engine:
         """A step the instrument runs itself (blocks.py; a Buffered cycler on a channel that allows it), read in
         blocks: each reading accounted, judged and recorded in order as the per-reading loop does, stamped with
         the instrument's own time. Returns where the program goes next, or None for a step it cannot run."""
-        cycler = self.channel.cycler
-        if not (self.channel.steps_on_instrument and isinstance(cycler, Buffered)) or isinstance(
+        found = self.channel.cycler
+        if not (self.channel.steps_on_instrument and isinstance(found, Buffered)) or isinstance(
                 run.body, WaitBody | ScheduleBody) or run.approach is not run.limits or self._last is None:
             return None
+        cycler: Buffered = found
         planned = blocks.plan_for(run.ctl, run.limits, period=run.period, voltage=self._last.voltage,
                                   cell=self.channel.cell, safety=self.profile.safety)
         if planned is None:
@@ -444,12 +445,22 @@ class Engine:
             deadline = policy.next_deadline(run.limits, run.step.start, self.state.budgets)
             count = blocks.count_for(period, deadline - self._t())
             plan = dataclasses.replace(planned.plan, period=period, count=count)
-            await cycler.start_block(plan)
-            t0, ended, wake = self._t(), False, min(self._t() + every, soon)
+            try:
+                await cycler.start_block(plan)
+            except RECOVERABLE as exc:  # reconnected within the grace time: a new block from here
+                cycler = await self._recovered_buffered(exc)
+                continue
+            t0, ended, wake, read = self._t(), False, min(self._t() + every, soon), 0
             got: list[BlockReading] = []
             while not ended:
                 await self._sleep_until(min(wake, deadline + period))
-                got, ended = await cycler.block_readings()
+                try:
+                    got, ended = await cycler.block_readings()
+                except RECOVERABLE as exc:  # reconnected: the block is taken up where it was read to
+                    cycler = await self._recovered_buffered(exc)
+                    await cycler.resume_block(plan, read)
+                    got, ended = await cycler.block_readings()
+                read += len(got)
                 if self.channel.chamber or self.channel.press:
                     self._cond = await self.channel.conditions()
                 target, due = await self._block_taken(pc, run, planned, t0, got, ended, due)
@@ -473,6 +484,14 @@ class Engine:
             if ended and got and (target := await self._stopped_by_instrument(pc, run, planned, got[-1],
                                                                               t0)) is not None:
                 return target
+
+    async def _recovered_buffered(self, exc: InstrumentFault) -> Buffered:
+        """The cycler reconnected within the grace time (or InstrumentFault past it), as a Buffered one."""
+        await self.link.recover(exc)
+        found = self.channel.cycler
+        if not isinstance(found, Buffered):
+            raise InstrumentFault(found.name, "reconnected, it no longer runs steps itself")
+        return found
 
     async def _block_taken(self, pc: int, run: _StepRun, planned: blocks.Planned, t0: float,
                            got: list[BlockReading], ended: bool, due: float) -> tuple[int | None, float]:
