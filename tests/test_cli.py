@@ -427,3 +427,21 @@ def test_runs_and_status_off_a_terminal_are_not_squeezed_into_80_columns(tmp_pat
     assert len(rows) == 1, listed.stdout
     (row,) = rows
     assert str(db) in row  # the whole path on the run's own line
+
+
+def test_status_watch_refreshes_on_the_clock_not_a_blocking_sleep() -> None:
+    """`status --watch` refreshes through the clock abstraction: on a virtual clock three refreshes 2 s apart
+    take 6 s of its time and no wall time, each at its own moment."""
+    from cellbench.bench.faces.cli.watching import watch_status
+    from cellbench.bench.runtime.clock import VirtualClock
+
+    clock = VirtualClock()
+    seen: list[float] = []
+
+    async def main() -> None:
+        start = clock.now()
+        await watch_status(clock, 2.0, lambda: seen.append(clock.now() - start), times=3)
+
+    began = time.perf_counter()
+    clock.run(main())
+    assert seen == pytest.approx([2.0, 4.0, 6.0]) and time.perf_counter() - began < 1.0

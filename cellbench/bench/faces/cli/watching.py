@@ -6,6 +6,7 @@ from __future__ import annotations
 import calendar
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -18,6 +19,7 @@ if TYPE_CHECKING:
     from rich.table import Table
 
     from cellbench.bench.ops import runs
+    from cellbench.bench.runtime.clock import Clock
     from cellbench.drivers.registry import DriverSpec
 
 from cellbench.bench.faces.cli.common import _fail, _Output, app, console
@@ -182,13 +184,23 @@ def status(
         return
     from rich.live import Live
 
+    from cellbench.bench.runtime.clock import RealClock
+
     try:
         with Live(_status_table(now()), console=console, auto_refresh=False) as screen:
-            while True:  # a terminal's refresh in a plain synchronous command: no event loop, no run here to block
-                time.sleep(interval)
-                screen.update(_status_table(now()), refresh=True)
+            RealClock().run(watch_status(RealClock(), interval, lambda: screen.update(_status_table(now()),
+                                                                                      refresh=True)))
     except KeyboardInterrupt:
         pass
+
+
+async def watch_status(clock: Clock, interval: float, refresh: Callable[[], None], times: int | None = None) -> None:
+    """Refresh the status every `interval` s of the clock's time (`times` refreshes, or until interrupted)."""
+    done = 0
+    while times is None or done < times:
+        await clock.sleep(interval)
+        refresh()
+        done += 1
 
 
 PasswordFileOption = Annotated[Path | None, typer.Option(help="a file whose first line is the broker password")]
