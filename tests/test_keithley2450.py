@@ -11,6 +11,7 @@ from cellbench.drivers.errors import InstrumentError, ProtocolError
 from cellbench.drivers.smu import Keithley2450
 from cellbench.drivers.transport import Backend, open_transport
 from cellbench.roles import BlockLimit, BlockPlan, BlockReading
+from cellbench.simulators.keithley2450 import Keithley2450Sim
 from cellbench.simulators.server import SimServer
 from tests.conftest import scripted
 
@@ -230,3 +231,31 @@ async def test_a_step_run_on_the_instrument_ends_at_the_reading_that_crossed(smu
         assert await smu.errors() == []
     finally:
         await io.close()
+
+
+async def test_a_new_connection_stops_a_step_a_dead_controller_left_running_and_turns_it_off(
+        smu_sim: SimServer) -> None:
+    """A controller killed while the 2450 ran a step on its trigger model: the guardian's new connection (setup,
+    then output off, as it does) stops the model and turns the output off; the blind off does the same."""
+    for off in ("connection", "blind"):
+        io = await open_transport(smu_sim.resource, name="smu", timeout=2.0)
+        smu = Keithley2450(io)
+        await smu.setup()
+        await smu.start_block(BlockPlan("current", 1e-3, 5.0, period=0.05, count=10_000))
+        await io.close()  # the controller dies: its connection goes, the model runs on
+        sim = smu_sim.instrument
+        assert isinstance(sim, Keithley2450Sim) and sim.trigger is not None
+        assert sim.trigger.running and sim.tree.values["output"] is True
+        if off == "connection":
+            io = await open_transport(smu_sim.resource, name="guardian", timeout=2.0)
+            guardian = Keithley2450(io)
+            await guardian.setup()
+            await guardian.output(False)
+            assert await guardian.errors() == []
+            await io.close()
+        else:
+            from cellbench.drivers.registry import OpenRequest
+            from cellbench.drivers.smu import _blind_off
+            await _blind_off(OpenRequest(name="smu", resource=smu_sim.resource, timeout=2.0))
+            await asyncio.sleep(0.1)
+        assert not sim.trigger.running and sim.tree.values["output"] is False, off

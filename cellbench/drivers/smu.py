@@ -61,7 +61,9 @@ class Keithley2450:
                 self.name, [f"command set is {language!r}; switch the instrument to SCPI"], "*LANG?"
             )
         await self._io.write("*CLS")
-        await self._configure(":OUTP:CURR:SMOD HIMP;:OUTP:VOLT:SMOD HIMP;:SENS:VOLT:RSEN ON;:SENS:CURR:RSEN ON")
+        # a trigger model a previous connection left running (a controller killed while the instrument ran a step:
+        # the guardian's connection) is stopped first, so the settings and an output-off after it are taken
+        await self._configure(":ABOR;:OUTP:CURR:SMOD HIMP;:OUTP:VOLT:SMOD HIMP;:SENS:VOLT:RSEN ON;:SENS:CURR:RSEN ON")
         return await self.identify()
 
     async def source_current(self, amps: float, *, voltage_limit: float) -> None:
@@ -263,7 +265,7 @@ async def _blind_off(req: OpenRequest) -> None:
     transport = await open_transport(req.resource, name=req.name, timeout=req.timeout, backend=req.backend,
                                      baud_rate=req.baud_rate)
     try:
-        await transport.write(":OUTP OFF")
+        await transport.write(":ABOR;:OUTP OFF")  # a step the instrument runs is stopped with it
     finally:
         await transport.close()
 
